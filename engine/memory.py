@@ -1,0 +1,84 @@
+"""Memory gates: refuse a load that would swap the machine to death, instead of trying it.
+
+psutil reads available memory on Linux and macOS alike. The need is weights (at the dtype they
+will be held in) plus KV-cache headroom for the context we allow.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import psutil
+
+from engine.errors import InsufficientMemory
+from engine.probe import Probe
+
+# Keep this much free for the OS, the server and the request in flight.
+SAFETY_MARGIN = 512 << 20
+
+
+def available_bytes() -> int:
+    """Memory the OS can hand out now without swapping."""
+    return int(psutil.virtual_memory().available)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    kv_cache: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache
+
+
+def dequantized_bytes(probe: Probe) -> int:
+    """Weight bytes once quantized weights are expanded to float32."""
+    if not probe.quantization:
+        return probe.size_bytes
+    bits = int(probe.quantization.get("bits", 4))
+    # Packed weights carry scales and biases (~2 x 16 bit per group of 32-64): approximate
+    # the expansion from the bits per weight.
+    return int(probe.size_bytes * 32 / (bits + 1))
+
+
+def estimate(probe: Probe, weights_bytes: int, context_tokens: int, kv_bytes_per_token: int) -> MemoryEstimate:
+    """Weights plus the KV cache for `context_tokens` tokens."""
+    return MemoryEstimate(weights_bytes, context_tokens * kv_bytes_per_token)
+
+
+class MemoryGate:
+    """Compares an estimate with available memory; the reading can be injected for tests."""
+
+    def __init__(self, read_available: Callable[[], int] = available_bytes,
+                 override: Optional[int] = None) -> None:
+        self._read = (lambda: override) if override is not None else read_available
+
+    def available(self) -> int:
+        return self._read()
+
+    def fits(self, need: int) -> bool:
+        return need + SAFETY_MARGIN <= self.available()
+
+    def check(self, model_id: str, need: MemoryEstimate) -> None:
+        """Raise InsufficientMemory (507) if `need` does not fit."""
+        have = self.available()
+        if need.total + SAFETY_MARGIN > have:
+            raise InsufficientMemory(
+                f"Not enough memory to load '{model_id}': it needs about {need.total / 2**30:.2f} GiB "
+                f"(weights {need.weights / 2**30:.2f} GiB + KV cache {need.kv_cache / 2**30:.2f} GiB) "
+                f"plus {SAFETY_MARGIN / 2**30:.1f} GiB headroom, and {have / 2**30:.2f} GiB is available.",
+                param="model")
+
+    def wait_for_release(self, expected: int, timeout: float = 5.0) -> bool:
+        """After an unload, wait (bounded) until about `expected` bytes are back."""
+        start = self.available()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            gc.collect()
+            if self.available() >= start + expected * 0.8:
+                return True
+            time.sleep(0.1)
+        return False

@@ -1,0 +1,129 @@
+"""Probe a model folder without loading weights: what kind of model it is and whether it can run.
+
+One typed result reused by /v1/models, the CLI and the loader.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+_AUDIO_TYPES = {"whisper"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What a model folder is and whether this server can run it."""
+
+    path: Path
+    type: str  # "text" | "vision" | "audio" | "unknown"
+    architecture: Optional[str]
+    runnable: bool
+    reason: str  # why not runnable ("" when runnable)
+    context_length: Optional[int]
+    size_bytes: int  # weights on disk
+    quantization: Optional[dict[str, Any]] = None
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.quantization)
+
+
+def _safetensors_problem(path: Path) -> Optional[str]:
+    """Check a safetensors file's header against its size (detects truncated downloads)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                return f"{path.name} is truncated"
+            n = struct.unpack("<Q", raw)[0]
+            if n > min(size - 8, 100 << 20):
+                return f"{path.name} has a corrupt header"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return f"{path.name} cannot be read ({e.__class__.__name__})"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        return f"{path.name} is truncated ({size} of {8 + n + end} bytes)"
+    return None
+
+
+def _weights_problem(folder: Path) -> tuple[Optional[str], int]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError) as e:
+            return f"model.safetensors.index.json is invalid ({e.__class__.__name__})", 0
+        files = [folder / n for n in sorted(names)]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            return f"weight files missing: {', '.join(missing[:3])}", 0
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            return "no weight files (*.safetensors)", 0
+    size = sum(f.stat().st_size for f in files)
+    for f in files:
+        problem = _safetensors_problem(f)
+        if problem:
+            return problem, size
+    return None, size
+
+
+def _backend_known(model_type: str, kind: str) -> tuple[bool, str]:
+    package = {"text": "mlx_lm", "vision": "mlx_vlm", "audio": "mlx_audio"}[kind]
+    if importlib.util.find_spec(package) is None:
+        return False, f"{kind} models need the '{package.replace('_', '-')}' package, which is not installed"
+    if kind == "text":
+        from mlx_lm.utils import MODEL_REMAPPING
+
+        name = MODEL_REMAPPING.get(model_type, model_type)
+        if importlib.util.find_spec(f"mlx_lm.models.{name}") is None:
+            return False, f"architecture '{model_type}' is not supported by the installed mlx-lm"
+    return True, ""
+
+
+def probe(folder: Path) -> Probe:
+    """Inspect `folder`'s files (config, weights, tokenizer) and decide type and runnability."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+
+    def broken(reason: str, kind: str = "unknown", arch: Optional[str] = None, size: int = 0) -> Probe:
+        return Probe(folder, kind, arch, False, reason, None, size)
+
+    if not config_path.is_file():
+        return broken("config.json is missing")
+    try:
+        config = json.loads(config_path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        return broken(f"config.json is not valid JSON ({e})")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        return broken("config.json has no model_type")
+    if model_type in _AUDIO_TYPES:
+        kind = "audio"
+    elif "vision_config" in config or (folder / "preprocessor_config.json").is_file():
+        kind = "vision"
+    else:
+        kind = "text"
+    problem, size = _weights_problem(folder)
+    if problem:
+        return broken(problem, kind, model_type, size)
+    if kind != "audio" and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        return broken("no tokenizer files", kind, model_type, size)
+    known, reason = _backend_known(model_type, kind)
+    text_cfg = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
+    context = text_cfg.get("max_position_embeddings") or config.get("n_text_ctx")
+    quant = config.get("quantization") or config.get("quantization_config")
+    return Probe(folder, kind, model_type, known, reason,
+                 int(context) if isinstance(context, int) else None, size,
+                 quant if isinstance(quant, dict) else None)

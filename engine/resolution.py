@@ -1,0 +1,87 @@
+"""The model store: which model folders exist and what id names each.
+
+Three sources, in priority order: explicit local folders given on the CLI, openmlx's own store
+(`$OPENMLX_HOME/models/<id>`, where converted models live), and the Hugging Face cache
+(`models--org--name/snapshots/REV/`, scanned with huggingface_hub). A request's model id is only
+ever *looked up* among these entries, never joined onto a path, so `../`, absolute paths and
+encoded variants cannot reach outside the store.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from engine.errors import ModelNotFound
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model folder the server knows about."""
+
+    id: str
+    path: Path
+    source: str  # "local" | "store" | "hf-cache"
+
+
+def _hf_entries(cache_dir: Optional[Path]) -> list[ModelEntry]:
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir(cache_dir)
+    except (CacheNotFound, OSError, ValueError):
+        return []
+    entries = []
+    for repo in sorted(info.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model" or not repo.revisions:
+            continue
+        main = [r for r in repo.revisions if "main" in r.refs]
+        revision = main[0] if main else max(repo.revisions, key=lambda r: r.last_modified)
+        entries.append(ModelEntry(repo.repo_id, Path(revision.snapshot_path), "hf-cache"))
+    return entries
+
+
+def _store_entries(models_dir: Path) -> list[ModelEntry]:
+    if not models_dir.is_dir():
+        return []
+    return [ModelEntry(d.name, d, "store") for d in sorted(models_dir.iterdir())
+            if d.is_dir() and not d.name.endswith(".partial") and (d / "config.json").is_file()]
+
+
+class ModelStore:
+    """Lists model folders and resolves a model id to exactly one of them."""
+
+    def __init__(self, models_dir: Path, hf_cache: Optional[Path] = None,
+                 local_models: Optional[list[Path]] = None) -> None:
+        self.models_dir = models_dir
+        self.hf_cache = hf_cache
+        self.local_models = [Path(p).expanduser().resolve() for p in (local_models or [])]
+
+    def add_local(self, path: Path) -> ModelEntry:
+        """Register a local folder (CLI only) and return its entry."""
+        path = Path(path).expanduser().resolve()
+        if path not in self.local_models:
+            self.local_models.append(path)
+        return ModelEntry(path.name, path, "local")
+
+    def entries(self) -> list[ModelEntry]:
+        """Every known model folder, first occurrence of an id wins."""
+        seen: dict[str, ModelEntry] = {}
+        local = [ModelEntry(p.name, p, "local") for p in self.local_models if p.is_dir()]
+        for entry in local + _store_entries(self.models_dir) + _hf_entries(self.hf_cache):
+            seen.setdefault(entry.id, entry)
+        return list(seen.values())
+
+    def resolve(self, model_id: str) -> ModelEntry:
+        """The entry named `model_id`, or ModelNotFound (404)."""
+        for entry in self.entries():
+            if entry.id == model_id:
+                return entry
+        # Accept the bare repo name of a cached HF model ("SmolLM2" for "org/SmolLM2") only
+        # when it is unambiguous.
+        if "/" not in model_id:
+            matches = [e for e in self.entries() if e.id.rsplit("/", 1)[-1] == model_id]
+            if len(matches) == 1:
+                return matches[0]
+        raise ModelNotFound(model_id)

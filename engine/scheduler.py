@@ -1,0 +1,201 @@
+"""One worker thread owns all MLX work; requests reach it through a bounded FIFO queue.
+
+Why one thread: MLX streams and the model's state are not meant to be shared across threads, and
+on a 2-core CPU one compute thread (with BLAS threads under it) is the most the machine can use.
+Streams are advanced round-robin, one token each, so concurrent clients share the model fairly and
+none waits for another to finish. A job that must not overlap running streams (loading another
+model) waits for them to drain, and nothing queued after it overtakes it.
+
+The event loop never blocks: results cross back with `loop.call_soon_threadsafe`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterator, Optional
+
+from engine.errors import EngineError, Overloaded, ShuttingDown
+
+log = logging.getLogger("openmlx.scheduler")
+
+_END = object()
+
+
+@dataclass
+class _Job:
+    sink: Callable[[Any], None]  # thread-safe: hands a result, event or exception to the waiter
+    call: Optional[Callable[[], Any]] = None
+    stream: Optional[Callable[[Callable[[], bool]], Iterator[Any]]] = None
+    exclusive: Callable[[], bool] = lambda: False
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    gen: Optional[Iterator[Any]] = None
+
+    def deliver(self, item: Any) -> None:
+        try:
+            self.sink(item)
+        except RuntimeError:  # event loop closed: the client is gone
+            self.cancelled.set()
+
+
+def _async_sink(out: asyncio.Queue) -> Callable[[Any], None]:
+    loop = asyncio.get_running_loop()
+    return lambda item: loop.call_soon_threadsafe(out.put_nowait, item)
+
+
+class Scheduler:
+    """A bounded FIFO of calls and token streams served by one worker thread."""
+
+    def __init__(self, max_queue: int = 64) -> None:
+        self.max_queue = max_queue
+        self._queue: "queue.Queue[_Job]" = queue.Queue()
+        self._active: list[_Job] = []
+        self._closing = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.shutdown_reason = "The server is shutting down."
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="openmlx-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Refuse new work, end running streams with an error, and join the worker."""
+        self._closing.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing.is_set()
+
+    def load(self) -> int:
+        """Streams queued or running."""
+        return self._queue.qsize() + len(self._active)
+
+    def run_sync(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the worker thread from a non-async context (start-up) and wait."""
+        done = threading.Event()
+        box: list[Any] = []
+        self._submit(_Job(sink=lambda item: (box.append(item), done.set()), call=fn))
+        done.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    # --- async API -----------------------------------------------------------------------
+    def _submit(self, job: _Job) -> None:
+        if self._closing.is_set():
+            raise ShuttingDown(self.shutdown_reason, headers={"Retry-After": "5"})
+        if job.stream is not None and self.load() >= self.max_queue:
+            raise Overloaded(f"The server is busy ({self.load()} requests queued or running); retry shortly.",
+                             headers={"Retry-After": "1"})
+        self._queue.put(job)
+
+    async def call(self, fn: Callable[[], Any], exclusive: Callable[[], bool] = lambda: False) -> Any:
+        """Run `fn` on the worker and return its result (its exception is raised here)."""
+        out: asyncio.Queue = asyncio.Queue()
+        job = _Job(sink=_async_sink(out), call=fn, exclusive=exclusive)
+        self._submit(job)
+        try:
+            item = await out.get()
+        finally:
+            job.cancelled.set()  # if we were cancelled while queued, the worker skips it
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def submit_stream(self, fn: Callable[[Callable[[], bool]], Iterator[Any]]) -> "StreamHandle":
+        """Queue a generator factory; it gets a `cancelled()` callable and runs on the worker."""
+        out: asyncio.Queue = asyncio.Queue()
+        job = _Job(sink=_async_sink(out), stream=fn)
+        self._submit(job)
+        return StreamHandle(job, out)
+
+    # --- worker --------------------------------------------------------------------------
+    def _run(self) -> None:
+        blocked: Optional[_Job] = None
+        while True:
+            if self._closing.is_set():
+                self._drain(ShuttingDown(self.shutdown_reason), blocked)
+                return
+            while blocked is None:
+                try:
+                    job = self._queue.get(timeout=0.05) if not self._active else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job.cancelled.is_set():
+                    job.deliver(_END)
+                    continue
+                if job.call is not None:
+                    if self._active and job.exclusive():
+                        blocked = job
+                        break
+                    self._run_call(job)
+                else:
+                    self._active.append(job)
+            if blocked is not None and not self._active:
+                self._run_call(blocked)
+                blocked = None
+            for job in list(self._active):
+                self._step(job)
+
+    def _run_call(self, job: _Job) -> None:
+        try:
+            job.deliver(job.call())
+        except BaseException as e:  # delivered to the awaiting request, never lost
+            job.deliver(e)
+
+    def _step(self, job: _Job) -> None:
+        try:
+            if job.gen is None:
+                job.gen = job.stream(job.cancelled.is_set)
+            item = next(job.gen)
+        except StopIteration:
+            self._active.remove(job)
+            job.deliver(_END)
+            return
+        except BaseException as e:
+            log.exception("generation failed")
+            self._active.remove(job)
+            job.deliver(e)
+            return
+        job.deliver(item)
+
+    def _drain(self, error: EngineError, blocked: Optional[_Job]) -> None:
+        for job in self._active + ([blocked] if blocked else []):
+            if job.gen is not None:
+                job.gen.close()
+            job.deliver(error)
+        self._active.clear()
+        while True:
+            try:
+                self._queue.get_nowait().deliver(error)
+            except queue.Empty:
+                return
+
+
+class StreamHandle:
+    """The async side of a queued stream: iterate events; cancel on client disconnect."""
+
+    def __init__(self, job: _Job, out: asyncio.Queue) -> None:
+        self._job = job
+        self._out = out
+
+    def cancel(self) -> None:
+        self._job.cancelled.set()
+
+    async def __aiter__(self) -> AsyncIterator[Any]:  # type: ignore[override]
+        try:
+            while True:
+                item = await self._out.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self._job.cancelled.set()

@@ -1,0 +1,48 @@
+"""Stop strings over a token stream: end before the stop text, leak no partial stop text.
+
+Text arrives in pieces that may split a stop string across tokens. We hold back the longest
+tail of the pending text that could still begin a stop string and release it only when it can't.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+
+class StopMatcher:
+    """Feed decoded text pieces; get back what is safe to emit and whether a stop string hit."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self._pending = ""
+        self.stopped = False
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+        best = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(text)), best, -1):
+                if text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+    def feed(self, piece: str) -> str:
+        """Add `piece`; return the text that can be sent now (empty once stopped)."""
+        if self.stopped:
+            return ""
+        text = self._pending + piece
+        if not self.stops:
+            return text
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._pending = ""
+            return text[:cut]
+        keep = self._held_back(text)
+        self._pending = text[len(text) - keep:] if keep else ""
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        """At the end of generation, release what was held back (it never became a stop)."""
+        text, self._pending = self._pending, ""
+        return "" if self.stopped else text

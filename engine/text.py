@@ -1,0 +1,270 @@
+"""Text runner: load an mlx-lm model (with the CPU fast path) and generate from token ids.
+
+All functions here run on the engine's worker thread; nothing touches the event loop.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from engine.errors import ContextLengthExceeded, InvalidRequest
+from engine.memory import MemoryEstimate, MemoryGate, dequantized_bytes
+from engine.probe import Probe
+from engine.stopping import StopMatcher
+
+log = logging.getLogger("openmlx.engine")
+
+CPU_DTYPES = ("auto", "keep", "float32", "float16")
+# KV-cache headroom reserved at load time (tokens); the gate checks weights + this much cache.
+KV_HEADROOM_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One chat turn with its text already flattened from content parts."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings for one request (already validated by the API layer)."""
+
+    max_tokens: Optional[int] = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of generated text that is safe to send."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The end of a generation, with honest accounting."""
+
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+GenerationEvent = TextDelta | Finished
+
+
+def on_gpu() -> bool:
+    """True when MLX computes on Metal or CUDA, where quantized kernels are the fast path."""
+    return mx.default_device() == mx.gpu
+
+
+def _kv_bytes_per_token(config: dict) -> int:
+    cfg = config.get("text_config", config)
+    layers = int(cfg.get("num_hidden_layers", 0) or 0)
+    heads = int(cfg.get("num_attention_heads", 1) or 1)
+    kv_heads = int(cfg.get("num_key_value_heads", heads) or heads)
+    head_dim = int(cfg.get("head_dim") or (int(cfg.get("hidden_size", 0) or 0) // heads))
+    return 2 * layers * kv_heads * head_dim * 4  # keys + values, float32 on CPU
+
+
+def choose_cpu_dtype(requested: str, probe: Probe, gate: MemoryGate, kv_bytes: int) -> str:
+    """The load-time CPU policy: which dtype to hold weights in ("keep" = as shipped).
+
+    On CPU only float32 goes through BLAS (quantized/half matmuls are 5-50x slower there), so
+    `auto` expands to float32 when the expanded weights fit in memory. Never on a GPU.
+    """
+    if requested not in CPU_DTYPES:
+        raise ValueError(f"cpu dtype must be one of {CPU_DTYPES}")
+    if on_gpu() or requested == "keep":
+        return "keep"
+    if requested != "auto":
+        return requested
+    expanded = MemoryEstimate(dequantized_bytes(probe), KV_HEADROOM_TOKENS * kv_bytes)
+    return "float32" if gate.fits(expanded.total) else "keep"
+
+
+def _cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
+    model.update(nn.utils.tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+                                   model.parameters()))
+
+
+def _penalty_processor(presence: float, frequency: float, vocab: int) -> Callable[[mx.array, mx.array], mx.array]:
+    """OpenAI's presence/frequency penalties over the tokens generated so far (not the prompt)."""
+    state = {"prompt_len": None, "counts": mx.zeros((vocab,), dtype=mx.float32), "seen": 0}
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        if state["prompt_len"] is None:
+            state["prompt_len"] = tokens.size
+            state["seen"] = tokens.size
+        new = tokens[state["seen"]:]
+        if new.size:
+            state["counts"] = state["counts"].at[new].add(1.0)
+            state["seen"] = tokens.size
+        counts = state["counts"][: logits.shape[-1]]
+        return logits - counts * frequency - (counts > 0).astype(logits.dtype) * presence
+
+    return process
+
+
+def make_sampler(temperature: float, top_p: float, seed: Optional[int]) -> Callable[[mx.array], mx.array]:
+    """Greedy at temperature 0; else top-p + categorical with a per-request random key.
+
+    A key of its own (not MLX's global RNG) keeps `seed` deterministic while other requests'
+    streams are decoded in between.
+    """
+    from mlx_lm.sample_utils import apply_top_p
+
+    if temperature == 0:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+    state = {"key": mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))}
+
+    def sample(logprobs: mx.array) -> mx.array:
+        state["key"], sub = mx.random.split(state["key"])
+        if 0 < top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
+        return mx.random.categorical(logprobs * (1 / temperature), key=sub)
+
+    return sample
+
+
+@dataclass
+class TextRunner:
+    """A loaded text model and what generation needs to know about it."""
+
+    model_id: str
+    model: nn.Module
+    tokenizer: object  # mlx_lm TokenizerWrapper
+    config: dict
+    probe: Probe
+    dtype: str
+    context_length: int
+    memory: MemoryEstimate
+    _cache: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, model_id: str, probe: Probe, cpu_dtype: str, gate: MemoryGate) -> "TextRunner":
+        """Gate memory, load with mlx-lm, then apply the CPU dtype policy."""
+        import json
+
+        from mlx_lm import load as lm_load
+        from mlx_lm.utils import dequantize_model
+
+        config = json.loads((probe.path / "config.json").read_text())
+        kv_bytes = _kv_bytes_per_token(config)
+        dtype = choose_cpu_dtype(cpu_dtype, probe, gate, kv_bytes)
+        weights = probe.size_bytes if dtype == "keep" else dequantized_bytes(probe)
+        if dtype == "float16":
+            weights //= 2
+        need = MemoryEstimate(weights, KV_HEADROOM_TOKENS * kv_bytes)
+        gate.check(model_id, need)
+        model, tokenizer = lm_load(str(probe.path))
+        if dtype != "keep":
+            if probe.quantized:
+                model = dequantize_model(model)
+            _cast_floats(model, mx.float32 if dtype == "float32" else mx.float16)
+            mx.eval(model.parameters())
+        log.info("loaded %s (%s, weights held as %s)", model_id, probe.architecture, dtype)
+        context = probe.context_length or int(getattr(tokenizer, "model_max_length", 0) or 4096)
+        return cls(model_id, model, tokenizer, config, probe, dtype, context, need)
+
+    # --- prompts -------------------------------------------------------------------------
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Token ids of the chat template applied to `messages`, ready for the assistant turn."""
+        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
+                 for m in messages]
+        if getattr(self.tokenizer, "chat_template", None):
+            try:
+                return list(self.tokenizer.apply_chat_template(turns, add_generation_prompt=True))
+            except Exception as e:  # templates raise their own errors for e.g. role order
+                raise InvalidRequest(f"The model's chat template rejected the messages: {e}",
+                                     param="messages") from e
+        text = "\n".join(f"{t['role']}: {t['content']}" for t in turns) + "\nassistant:"
+        return self.encode_text(text)
+
+    def encode_text(self, prompt: str) -> list[int]:
+        """Token ids of a plain completion prompt (with BOS where the tokenizer adds one)."""
+        return list(self.tokenizer.encode(prompt))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.get("vocab_size", 0) or len(self.tokenizer.vocab))
+
+    def check_params(self, params: SamplingParams) -> None:
+        """What only the loaded model can check: logit_bias token ids must exist."""
+        bad = [t for t, _ in params.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise InvalidRequest(f"logit_bias names token ids outside the vocabulary (size {self.vocab_size}): "
+                                 f"{bad[:5]}.", param="logit_bias")
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def max_new_tokens(self, prompt_len: int, requested: Optional[int], default: Optional[int]) -> int:
+        """The max_tokens policy: the request's value, else the server default, else the room
+        the context leaves. A prompt that can't fit, or a request that can't, is a 400."""
+        room = self.context_length - prompt_len
+        if room <= 0:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.context_length} tokens, but the "
+                f"prompt has {prompt_len} tokens. Shorten the messages or the prompt.",
+                param="messages")
+        if requested is not None:
+            if requested > room:
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {self.context_length} tokens. However, "
+                    f"you requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+                    f"{requested} for the completion). Reduce the prompt or max_tokens.",
+                    param="max_tokens")
+            return requested
+        return min(default, room) if default else room
+
+    # --- generation ----------------------------------------------------------------------
+    def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams,
+                 cancelled: Callable[[], bool]) -> Iterator[GenerationEvent]:
+        """Generate up to `max_tokens` tokens; stop strings and cancellation end it early."""
+        from mlx_lm import stream_generate
+
+        sampler = make_sampler(params.temperature, params.top_p, params.seed)
+        processors = []
+        if params.logit_bias:
+            ids = mx.array([t for t, _ in params.logit_bias])
+            biases = mx.array([b for _, b in params.logit_bias], dtype=mx.float32)
+            processors.append(lambda _tokens, logits: logits.at[:, ids].add(biases.astype(logits.dtype)))
+        if params.presence_penalty or params.frequency_penalty:
+            processors.append(_penalty_processor(params.presence_penalty, params.frequency_penalty,
+                                                 self.vocab_size))
+        stops = StopMatcher(params.stop)
+        generated = 0
+        finish = "length"
+        for response in stream_generate(self.model, self.tokenizer, mx.array(prompt),
+                                        max_tokens=max_tokens, sampler=sampler,
+                                        logits_processors=processors or None):
+            generated = response.generation_tokens
+            text = stops.feed(response.text)
+            if text:
+                yield TextDelta(text)
+            if stops.stopped:
+                finish = "stop"
+                break
+            if response.finish_reason:
+                finish = response.finish_reason
+            if cancelled():
+                finish = "cancelled"
+                break
+        tail = stops.flush()
+        if tail:
+            yield TextDelta(tail)
+        yield Finished(finish, len(prompt), generated)

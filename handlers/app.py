@@ -1,0 +1,58 @@
+"""Build the Connexion app: openapi.yaml bound to handlers, the engine in the lifespan."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Optional
+
+import connexion
+from connexion.middleware import MiddlewarePosition
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from handlers import errors
+from handlers.middleware import BodyLimitMiddleware, RequestIdMiddleware
+
+log = logging.getLogger("openmlx.http")
+
+
+def spec_path() -> Path:
+    """openapi.yaml: packaged inside `handlers/` in a wheel, at the repository root in a checkout."""
+    packaged = Path(__file__).with_name("openapi.yaml")
+    return packaged if packaged.is_file() else Path(__file__).resolve().parent.parent / "openapi.yaml"
+
+
+@dataclass
+class ServerConfig:
+    """HTTP-level settings (the engine has its own)."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    max_body_bytes: int = 10 << 20
+    validate_responses: bool = True
+
+
+def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] = None) -> connexion.AsyncApp:
+    """The ASGI app. The engine starts (and preloads its model) in the lifespan."""
+    config = config or ServerConfig()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: object) -> AsyncIterator[dict]:
+        eng = engine or Engine(config.engine)
+        await asyncio.to_thread(eng.start)
+        try:
+            yield {"engine": eng}
+        finally:
+            await asyncio.to_thread(eng.stop)
+
+    spec = spec_path()
+    app = connexion.AsyncApp(__name__, specification_dir=str(spec.parent), lifespan=lifespan,
+                             swagger_ui_options=connexion.options.SwaggerUIOptions(swagger_ui_path="/docs"))
+    app.add_api(spec.name, validate_responses=config.validate_responses, strict_validation=False)
+    errors.register(app)
+    app.add_middleware(BodyLimitMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION,
+                       max_bytes=config.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
+    return app

@@ -1,0 +1,43 @@
+"""POST /v1/chat/completions."""
+from __future__ import annotations
+
+from connexion import request
+
+from engine.errors import InvalidRequest
+from engine.text import Finished
+from handlers import protocol, sse
+
+
+async def create(body: dict):
+    engine = request.state.engine
+    req = protocol.parse_chat(body)
+    if req.newest_has_media:
+        info = engine.model_info(req.model)
+        vision = [m.id for m in engine.list_models() if m.type == "vision"]
+        hint = f"Use a vision model such as '{vision[0]}'." if vision else "No vision model is available on this server."
+        if info.type != "vision":
+            raise InvalidRequest(f"The model '{req.model}' accepts text only, and the newest message has an "
+                                 f"image or audio part. {hint}", param="messages", code="model_not_multimodal")
+    prepared = await engine.prepare_chat(req.model, req.messages, req.params)
+    cid, created = protocol.new_id("chatcmpl"), protocol.now()
+    handle = engine.stream(prepared)
+    if not req.stream:
+        text, done = await sse.collect(handle)
+        return (protocol.chat_completion(cid, created, req.model, text, done.finish_reason,
+                                         done.prompt_tokens, done.completion_tokens),
+                200, {"Content-Type": "application/json"})
+
+    def on_delta(text: str) -> dict:
+        return protocol.chat_chunk(cid, created, req.model, {"content": text}, with_usage_field=req.include_usage)
+
+    def on_finish(done: Finished) -> list[dict]:
+        chunks = [protocol.chat_chunk(cid, created, req.model, {}, done.finish_reason,
+                                      with_usage_field=req.include_usage)]
+        if req.include_usage:
+            chunks.append(protocol.usage_chunk("chat.completion.chunk", cid, created, req.model,
+                                               done.prompt_tokens, done.completion_tokens))
+        return chunks
+
+    first = protocol.chat_chunk(cid, created, req.model, {"role": "assistant", "content": ""},
+                                with_usage_field=req.include_usage)
+    return sse.stream_response(handle, on_delta, on_finish, first)

@@ -1,0 +1,170 @@
+"""The `openmlx` command: serve, list, show."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line (for `--log-json`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _logging(log_json: bool, level: str) -> dict:
+    handler = {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
+               "formatter": "json" if log_json else "plain"}
+    return {
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter},
+                       "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+        "handlers": {"default": handler},
+        "root": {"handlers": ["default"], "level": level.upper()},
+        "loggers": {"uvicorn": {"level": level.upper()}, "uvicorn.access": {"level": level.upper()}},
+    }
+
+
+def _engine_config(args: argparse.Namespace):
+    from engine.config import EngineConfig
+
+    return EngineConfig(model=getattr(args, "model", None),
+                        local_models=[Path(p) for p in getattr(args, "model_dir", None) or []],
+                        default_max_tokens=getattr(args, "max_tokens", None),
+                        cpu_dtype=getattr(args, "cpu_dtype", "auto"),
+                        max_queue=getattr(args, "max_queue", 64))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging.config
+
+    import uvicorn
+
+    from handlers.app import ServerConfig, create_app
+
+    logging.config.dictConfig(_logging(args.log_json, args.log_level))
+    app = create_app(ServerConfig(engine=_engine_config(args), max_body_bytes=args.max_body_bytes))
+    uvicorn.run(app, host=args.host, port=args.port, log_config=_logging(args.log_json, args.log_level),
+                timeout_graceful_shutdown=args.shutdown_timeout)
+    return 0
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from engine.engine import Engine
+
+    infos = Engine(_engine_config(args)).list_models(include_unusable=args.all)
+    if args.json:
+        print(json.dumps([{"id": i.id, "type": i.type, "size_bytes": i.size_bytes,
+                           "context_length": i.context_length, "runnable": i.runnable,
+                           "reason": i.reason, "path": str(i.path)} for i in infos], indent=2))
+        return 0
+    print(f"{'ID':<48} {'TYPE':<7} {'SIZE':>9} {'CONTEXT':>8}  SOURCE")
+    for i in infos:
+        note = "" if i.runnable else f"  (cannot run: {i.reason})"
+        print(f"{i.id:<48} {i.type:<7} {_size(i.size_bytes):>9} {i.context_length or '-':>8}  {i.source}{note}")
+    if not infos:
+        print("(no models yet: `openmlx serve` prepares the default model on first start)")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from engine import blas
+    from engine.engine import Engine
+    from engine.errors import EngineError
+    from engine.probe import probe
+
+    engine = Engine(_engine_config(args))
+    try:
+        path = Path(args.name).expanduser()
+        entry_path = path if path.is_dir() else engine.store.resolve(args.name).path
+    except EngineError as e:
+        print(f"openmlx: {e.message}", file=sys.stderr)
+        return 1
+    p = probe(entry_path)
+    b = blas.active()
+    info = {"id": args.name, "path": str(p.path), "type": p.type, "architecture": p.architecture,
+            "runnable": p.runnable, "reason": p.reason or None, "context_length": p.context_length,
+            "size_bytes": p.size_bytes, "quantization": p.quantization,
+            "blas": b.name, "blas_path": b.path, "blas_threads": b.threads, "blas_note": b.reason}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="openmlx", description="OpenAI-compatible server for MLX models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model-dir", action="append", metavar="DIR",
+                       help="an extra local model folder to serve (repeatable)")
+        p.add_argument("--threads", type=int, default=None,
+                       help="BLAS threads (default: OPENMLX_THREADS or the usable cores)")
+
+    s = sub.add_parser("serve", help="start the server")
+    s.add_argument("--model", default=os.environ.get("OPENMLX_MODEL"),
+                   help="model id or local folder to preload (default: the embedded SmolLM2-135M-Instruct)")
+    s.add_argument("--host", default=os.environ.get("OPENMLX_HOST", "127.0.0.1"))
+    s.add_argument("--port", type=int, default=int(os.environ.get("OPENMLX_PORT", "8000")))
+    s.add_argument("--max-tokens", type=int, default=None, help="default max_tokens when a request sets none")
+    s.add_argument("--cpu-dtype", choices=["auto", "keep", "float32", "float16"],
+                   default=os.environ.get("OPENMLX_CPU_DTYPE", "auto"),
+                   help="CPU weights: auto = float32 when memory allows (fast with OpenBLAS), keep = as shipped")
+    s.add_argument("--max-queue", type=int, default=64, help="requests queued or running before 429")
+    s.add_argument("--max-body-bytes", type=int, default=10 << 20)
+    s.add_argument("--shutdown-timeout", type=float, default=5.0,
+                   help="seconds running requests get to finish on SIGTERM/SIGINT")
+    s.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    s.add_argument("--log-level", default="info")
+    common(s)
+    s.set_defaults(func=cmd_serve)
+
+    ls = sub.add_parser("list", help="list usable models: id, type, size, context length")
+    ls.add_argument("--all", action="store_true", help="also folders that cannot run, with the reason")
+    ls.add_argument("--json", action="store_true")
+    common(ls)
+    ls.set_defaults(func=cmd_list)
+
+    sh = sub.add_parser("show", help="show one model's probe and the active BLAS")
+    sh.add_argument("name", help="model id or folder")
+    common(sh)
+    sh.set_defaults(func=cmd_show)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        os.environ["OPENMLX_THREADS"] = str(args.threads)  # read by engine.blas when it loads
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as e:  # a start-up failure: say why, no traceback wall
+        from engine.errors import EngineError
+
+        message = e.message if isinstance(e, EngineError) else f"{e.__class__.__name__}: {e}"
+        print(f"openmlx: {message}", file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # MLX can abort at interpreter exit after use from a worker thread (ml-explore/mlx#3126);
+    # everything is flushed and released by now, so leave without running static destructors.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""POST /v1/completions (legacy text completions)."""
+from __future__ import annotations
+
+from connexion import request
+
+from engine.text import Finished
+from handlers import protocol, sse
+
+
+async def create(body: dict):
+    engine = request.state.engine
+    req = protocol.parse_completion(body)
+    prepared = await engine.prepare_completion(req.model, req.prompt, req.params)
+    cid, created = protocol.new_id("cmpl"), protocol.now()
+    handle = engine.stream(prepared)
+    if not req.stream:
+        text, done = await sse.collect(handle)
+        return (protocol.text_completion(cid, created, req.model, text, done.finish_reason,
+                                         (done.prompt_tokens, done.completion_tokens)),
+                200, {"Content-Type": "application/json"})
+
+    def on_delta(text: str) -> dict:
+        return protocol.text_completion(cid, created, req.model, text, None)
+
+    def on_finish(done: Finished) -> list[dict]:
+        chunks = [protocol.text_completion(cid, created, req.model, "", done.finish_reason)]
+        if req.include_usage:
+            chunks.append(protocol.usage_chunk("text_completion", cid, created, req.model,
+                                               done.prompt_tokens, done.completion_tokens))
+        return chunks
+
+    return sse.stream_response(handle, on_delta, on_finish)

@@ -1,0 +1,11 @@
+"""GET /health: answered on the event loop from in-memory state, never waits for the engine."""
+from __future__ import annotations
+
+from connexion import request
+
+
+async def get() -> tuple[dict, int]:
+    h = request.state.engine.health()
+    body = {"status": h.status, "model": h.model, "uptime_s": round(h.uptime_s, 3), "device": h.device,
+            "blas": h.blas.name, "blas_threads": h.blas.threads, "queued": h.queued}
+    return body, 200 if h.status == "ok" else 503

@@ -1,0 +1,19 @@
+"""GET /v1/models and /v1/models/{model}: OpenAI Model objects plus type and context length."""
+from __future__ import annotations
+
+from connexion import request
+
+from engine.engine import ModelInfo
+
+
+def model_object(info: ModelInfo) -> dict:
+    return {"id": info.id, "object": "model", "created": info.created, "owned_by": info.owned_by,
+            "type": info.type, "context_length": info.context_length, "loaded": info.loaded}
+
+
+async def list_models() -> dict:
+    return {"object": "list", "data": [model_object(i) for i in request.state.engine.list_models()]}
+
+
+async def retrieve(model: str) -> dict:
+    return model_object(request.state.engine.model_info(model))

@@ -1,0 +1,182 @@
+"""OpenAI request bodies -> engine types, and engine results -> OpenAI response objects.
+
+Connexion has already validated each body against openapi.yaml; what is checked here is what a
+schema can't say (e.g. logit_bias keys must be token ids, images only for vision models).
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from engine.errors import InvalidRequest
+from engine.text import ChatMessage, SamplingParams
+
+SYSTEM_FINGERPRINT = "openmlx-0.1.0"
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: list[ChatMessage]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    newest_has_media: bool  # the last user message carries an image/audio part
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    model: str
+    prompt: str
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def _stops(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _logit_bias(value: Optional[dict[str, float]]) -> tuple[tuple[int, float], ...]:
+    if not value:
+        return ()
+    pairs = []
+    for key, bias in value.items():
+        if not key.isdigit():
+            raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}.", param="logit_bias")
+        pairs.append((int(key), float(bias)))
+    return tuple(pairs)
+
+
+def sampling_params(body: dict[str, Any]) -> SamplingParams:
+    """The decoding fields shared by chat and completions."""
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+
+    def number(name: str, default: float) -> float:
+        value = body.get(name)
+        return default if value is None else float(value)
+
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=number("temperature", 1.0),
+        top_p=number("top_p", 1.0),
+        seed=body.get("seed"),
+        stop=_stops(body.get("stop")),
+        presence_penalty=number("presence_penalty", 0.0),
+        frequency_penalty=number("frequency_penalty", 0.0),
+        logit_bias=_logit_bias(body.get("logit_bias")),
+    )
+
+
+def _media_count(parts: list[dict[str, Any]]) -> int:
+    return sum(1 for p in parts if p.get("type") in ("image_url", "input_audio", "file"))
+
+
+def _flatten(index: int, message: dict[str, Any]) -> ChatMessage:
+    """A message's text: parts joined by newlines; media in *earlier* turns become a marker."""
+    role, content = message["role"], message.get("content")
+    if content is None:
+        if role != "assistant":
+            raise InvalidRequest(f"messages[{index}] ({role}) needs content.", param=f"messages.{index}.content")
+        return ChatMessage(role, "")
+    if isinstance(content, str):
+        return ChatMessage(role, content)
+    texts = [p.get("text") or p.get("refusal") or "" for p in content if p.get("type") in ("text", "refusal")]
+    media = _media_count(content)
+    if media:
+        texts.append(f"[{media} {'attachment was' if media == 1 else 'attachments were'} attached]")
+    return ChatMessage(role, "\n".join(t for t in texts if t))
+
+
+def parse_chat(body: dict[str, Any]) -> ChatRequest:
+    """Validate what the schema can't and build the engine's view of a chat request."""
+    messages = body["messages"]
+    newest_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    newest_media = newest_user is not None and isinstance(messages[newest_user].get("content"), list) \
+        and _media_count(messages[newest_user]["content"]) > 0
+    options = body.get("stream_options") or {}
+    stream = bool(body.get("stream"))
+    return ChatRequest(
+        model=body["model"],
+        messages=[_flatten(i, m) for i, m in enumerate(messages)],
+        params=sampling_params(body),
+        stream=stream,
+        include_usage=stream and bool(options.get("include_usage")),
+        newest_has_media=newest_media,
+    )
+
+
+def parse_completion(body: dict[str, Any]) -> CompletionRequest:
+    prompt = body["prompt"]
+    options = body.get("stream_options") or {}
+    stream = bool(body.get("stream"))
+    return CompletionRequest(
+        model=body["model"],
+        prompt=prompt if isinstance(prompt, str) else prompt[0],
+        params=sampling_params(body),
+        stream=stream,
+        include_usage=stream and bool(options.get("include_usage")),
+    )
+
+
+# --- responses ---------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_completion(cid: str, created: int, model: str, text: str, finish: str,
+                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "id": cid, "object": "chat.completion", "created": created, "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                     "finish_reason": finish, "logprobs": None}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def chat_chunk(cid: str, created: int, model: str, delta: dict[str, Any],
+               finish: Optional[str] = None, with_usage_field: bool = False) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+    }
+    if with_usage_field:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(obj: str, cid: str, created: int, model: str, prompt_tokens: int,
+                completion_tokens: int) -> dict[str, Any]:
+    """The last chunk when stream_options.include_usage is set: empty choices, real usage."""
+    return {"id": cid, "object": obj, "created": created, "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def text_completion(cid: str, created: int, model: str, text: str, finish: Optional[str],
+                    counts: Optional[tuple[int, int]] = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": cid, "object": "text_completion", "created": created, "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+    }
+    if counts is not None:
+        body["usage"] = usage(*counts)
+    return body

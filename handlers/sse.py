@@ -1,0 +1,69 @@
+"""Server-sent events for streamed completions, and collecting a generation into one answer.
+
+Generation runs on the engine's worker; here we only await its events. A client that goes away
+cancels the generation (the await raises CancelledError; the handle's cancel flag stops the
+worker within a token).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, AsyncIterator, Callable, Optional
+
+from starlette.responses import StreamingResponse
+
+from engine.errors import EngineError
+from engine.scheduler import StreamHandle
+from engine.text import Finished, TextDelta
+from handlers.errors import engine_error_body, error_body
+
+log = logging.getLogger("openmlx.http")
+
+
+def event(data: Any) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def collect(handle: StreamHandle) -> tuple[str, Finished]:
+    """Run a generation to its end and return (text, Finished)."""
+    parts: list[str] = []
+    try:
+        async for ev in handle:
+            if isinstance(ev, TextDelta):
+                parts.append(ev.text)
+            elif isinstance(ev, Finished):
+                return "".join(parts), ev
+    finally:
+        handle.cancel()  # no-op when finished; stops the worker if we were cancelled
+    raise RuntimeError("generation ended without a Finished event")
+
+
+def stream_response(handle: StreamHandle, on_delta: Callable[[str], dict[str, Any]],
+                    on_finish: Callable[[Finished], list[dict[str, Any]]],
+                    first: Optional[dict[str, Any]] = None) -> StreamingResponse:
+    """SSE: optional first chunk, one chunk per text delta, the closing chunks, then [DONE].
+
+    A failure after headers were sent becomes an error event (the status can't change anymore).
+    """
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            if first is not None:
+                yield event(first)
+            async for ev in handle:
+                if isinstance(ev, TextDelta):
+                    yield event(on_delta(ev.text))
+                elif isinstance(ev, Finished):
+                    for chunk in on_finish(ev):
+                        yield event(chunk)
+            yield event("[DONE]")
+        except EngineError as e:
+            yield event(engine_error_body(e))
+        except Exception:
+            log.exception("stream failed")
+            yield event(error_body("The server had an error while generating.", "server_error"))
+        finally:
+            handle.cancel()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
