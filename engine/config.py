@@ -23,6 +23,8 @@ class EngineConfig:
     local_models: list[Path] = field(default_factory=list)
     hf_cache: Optional[Path] = None  # None: huggingface_hub's own default (HF_HUB_CACHE / HF_HOME)
     default_max_tokens: Optional[int] = None
+    # Hard ceiling on max_tokens per request (400 above it); bounds fuzzing and shared servers.
+    max_tokens_cap: Optional[int] = None
     cpu_dtype: str = "auto"  # auto | keep | float32 | float16
     max_queue: int = 64
     # Memory gate: override the measured available bytes (for tests and constrained hosts).

@@ -169,7 +169,8 @@ class Engine:
             prompt = encode(runner)
             if not prompt:
                 raise InvalidRequest("The prompt is empty.", param="prompt")
-            max_tokens = runner.max_new_tokens(len(prompt), params.max_tokens, self.config.default_max_tokens)
+            max_tokens = runner.max_new_tokens(len(prompt), params.max_tokens, self.config.default_max_tokens,
+                                               self.config.max_tokens_cap)
             return Prepared(model_id, prompt, max_tokens, params, runner)
 
         return await self.scheduler.call(work, exclusive=lambda: self._needs_switch(model_id))

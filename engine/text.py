@@ -212,9 +212,14 @@ class TextRunner:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def max_new_tokens(self, prompt_len: int, requested: Optional[int], default: Optional[int]) -> int:
+    def max_new_tokens(self, prompt_len: int, requested: Optional[int], default: Optional[int],
+                       cap: Optional[int] = None) -> int:
         """The max_tokens policy: the request's value, else the server default, else the room
-        the context leaves. A prompt that can't fit, or a request that can't, is a 400."""
+        the context leaves (never above the server's cap). A prompt that can't fit, or a request
+        that can't, is a 400."""
+        if cap is not None and requested is not None and requested > cap:
+            raise InvalidRequest(f"max_tokens is {requested}, above this server's limit of {cap} "
+                                 "(--max-tokens-cap).", param="max_tokens")
         room = self.context_length - prompt_len
         if room <= 0:
             raise ContextLengthExceeded(
@@ -229,7 +234,7 @@ class TextRunner:
                     f"{requested} for the completion). Reduce the prompt or max_tokens.",
                     param="max_tokens")
             return requested
-        return min(default, room) if default else room
+        return min(x for x in (default, cap, room) if x)
 
     # --- generation ----------------------------------------------------------------------
     def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams,

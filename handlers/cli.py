@@ -41,8 +41,10 @@ def _engine_config(args: argparse.Namespace):
     return EngineConfig(model=getattr(args, "model", None),
                         local_models=[Path(p) for p in getattr(args, "model_dir", None) or []],
                         default_max_tokens=getattr(args, "max_tokens", None),
+                        max_tokens_cap=getattr(args, "max_tokens_cap", None),
                         cpu_dtype=getattr(args, "cpu_dtype", "auto"),
-                        max_queue=getattr(args, "max_queue", 64))
+                        max_queue=getattr(args, "max_queue", 64),
+                        available_memory_override=getattr(args, "assume_available_memory", None))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -120,10 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=os.environ.get("OPENMLX_HOST", "127.0.0.1"))
     s.add_argument("--port", type=int, default=int(os.environ.get("OPENMLX_PORT", "8000")))
     s.add_argument("--max-tokens", type=int, default=None, help="default max_tokens when a request sets none")
+    s.add_argument("--max-tokens-cap", type=int, default=None,
+                   help="reject requests whose max_tokens is above this (400)")
     s.add_argument("--cpu-dtype", choices=["auto", "keep", "float32", "float16"],
                    default=os.environ.get("OPENMLX_CPU_DTYPE", "auto"),
                    help="CPU weights: auto = float32 when memory allows (fast with OpenBLAS), keep = as shipped")
     s.add_argument("--max-queue", type=int, default=64, help="requests queued or running before 429")
+    s.add_argument("--assume-available-memory", type=int, default=None, metavar="BYTES",
+                   help="use this instead of the measured available memory in the memory gate")
     s.add_argument("--max-body-bytes", type=int, default=10 << 20)
     s.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds running requests get to finish on SIGTERM/SIGINT")

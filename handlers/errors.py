@@ -54,7 +54,7 @@ def _param_from_detail(detail: str) -> tuple[str, Optional[str]]:
     return detail, None
 
 
-def _problem_code(status: int, detail: str) -> Optional[str]:
+def _problem_code(status: int, exc: Exception) -> Optional[str]:
     if status == 404:
         return "unknown_url"
     if status == 405:
@@ -63,7 +63,7 @@ def _problem_code(status: int, detail: str) -> Optional[str]:
         return "request_too_large"
     if status == 415:
         return "unsupported_media_type"
-    if "JSON" in detail or "json" in detail:
+    if isinstance(exc.__context__, json.JSONDecodeError):
         return "invalid_json"
     return None
 
@@ -79,9 +79,11 @@ async def on_problem(request: ConnexionRequest, exc: Exception) -> ConnexionResp
         message, param = f"Unknown request URL: {request.method} {request.url.path}.", None
     elif status == 405:
         message, param = f"Method {request.method} is not allowed for {request.url.path}.", None
+    elif isinstance(exc.__context__, json.JSONDecodeError):
+        message, param = f"The request body is not valid JSON ({detail}).", None
     else:
         message, param = _param_from_detail(detail)
-    return error_response(status, message, param=param, code=_problem_code(status, detail), headers=headers)
+    return error_response(status, message, param=param, code=_problem_code(status, exc), headers=headers)
 
 
 async def on_engine_error(request: ConnexionRequest, exc: EngineError) -> ConnexionResponse:

@@ -1,0 +1,99 @@
+"""Each bad input we thought of gets its OpenAI-shaped 4xx (never a 500) and an X-Request-ID."""
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import MODEL
+
+OK_MSG = [{"role": "user", "content": "hi"}]
+CASES = [
+    # (name, path, body or raw bytes, headers, status, param, code)
+    ("malformed json", "/v1/chat/completions", b'{"model": ', None, 400, None, "invalid_json"),
+    ("invalid utf-8", "/v1/chat/completions", b'{"model": "\xff\xfe"}', None, 400, None, "invalid_json"),
+    ("missing model", "/v1/chat/completions", {"messages": OK_MSG}, None, 400, "model", None),
+    ("missing messages", "/v1/chat/completions", {"model": MODEL}, None, 400, "messages", None),
+    ("empty messages", "/v1/chat/completions", {"model": MODEL, "messages": []}, None, 400, "messages", None),
+    ("messages not a list", "/v1/chat/completions", {"model": MODEL, "messages": "hi"}, None, 400, "messages", None),
+    ("unknown role", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]},
+     None, 400, "messages.0.role", None),
+    ("user without content", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]},
+     None, 400, "messages.0.content", None),
+    ("wrong type temperature", "/v1/chat/completions", {"model": MODEL, "messages": OK_MSG, "temperature": "hot"},
+     None, 400, "temperature", None),
+    ("temperature out of range", "/v1/chat/completions", {"model": MODEL, "messages": OK_MSG, "temperature": 3},
+     None, 400, "temperature", None),
+    ("negative max_tokens", "/v1/chat/completions", {"model": MODEL, "messages": OK_MSG, "max_tokens": -1},
+     None, 400, "max_tokens", None),
+    ("zero max_tokens", "/v1/chat/completions", {"model": MODEL, "messages": OK_MSG, "max_tokens": 0},
+     None, 400, "max_tokens", None),
+    ("huge max_tokens", "/v1/chat/completions", {"model": MODEL, "messages": OK_MSG, "max_tokens": 10**9},
+     None, 400, "max_tokens", "context_length_exceeded"),
+    ("n above 1", "/v1/chat/completions", {"model": MODEL, "messages": OK_MSG, "n": 2}, None, 400, "n", None),
+    ("five stop strings", "/v1/chat/completions", {"model": MODEL, "messages": OK_MSG, "stop": list("abcde")},
+     None, 400, "stop", None),
+    ("tools unsupported", "/v1/chat/completions",
+     {"model": MODEL, "messages": OK_MSG, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     None, 400, "tools", None),
+    ("logprobs unsupported", "/v1/chat/completions", {"model": MODEL, "messages": OK_MSG, "logprobs": True},
+     None, 400, "logprobs", None),
+    ("json mode unsupported", "/v1/chat/completions",
+     {"model": MODEL, "messages": OK_MSG, "response_format": {"type": "json_object"}}, None, 400,
+     "response_format.type", None),
+    ("logit_bias key not a token id", "/v1/chat/completions",
+     {"model": MODEL, "messages": OK_MSG, "logit_bias": {"x": 1}}, None, 400, "logit_bias", None),
+    ("logit_bias token out of vocabulary", "/v1/chat/completions",
+     {"model": MODEL, "messages": OK_MSG, "logit_bias": {"999999": 1}}, None, 400, "logit_bias", None),
+    ("image to a text model", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": [
+         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
+     None, 400, "messages", "model_not_multimodal"),
+    ("unknown model", "/v1/chat/completions", {"model": "no/such-model", "messages": OK_MSG}, None, 404, "model",
+     "model_not_found"),
+    ("model id escaping the store", "/v1/chat/completions", {"model": "../../../etc/passwd", "messages": OK_MSG},
+     None, 404, "model", "model_not_found"),
+    ("absolute model path", "/v1/chat/completions", {"model": "/etc", "messages": OK_MSG}, None, 404, "model",
+     "model_not_found"),
+    ("wrong content type", "/v1/chat/completions", b"hello", {"Content-Type": "text/plain"}, 415, None,
+     "unsupported_media_type"),
+    ("completions prompt list of two", "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, None, 400,
+     "prompt", None),
+    ("completions echo unsupported", "/v1/completions", {"model": MODEL, "prompt": "a", "echo": True}, None, 400,
+     "echo", None),
+    ("completions empty prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, None, 400, None, None),
+    ("unknown route", "/v1/nothing", {"a": 1}, None, 404, None, "unknown_url"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,headers,status,param,code", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(server, name, path, body, headers, status, param, code):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(server.url + path, headers=headers or ({"Content-Type": "application/json"}
+                                                          if isinstance(body, bytes) else None), timeout=60, **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param:
+        assert err["param"] == param
+    if code:
+        assert err["code"] == code
+    assert r.headers.get("x-request-id")
+
+
+def test_oversized_body_gets_413(server):
+    body = b'{"model": "x", "messages": [{"role": "user", "content": "' + b"a" * (11 << 20) + b'"}]}'
+    r = httpx.post(server.url + "/v1/chat/completions", content=body,
+                   headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_method_not_allowed_keeps_allow_header(server):
+    r = httpx.delete(server.url + "/v1/models")
+    assert r.status_code == 405 and "GET" in r.headers["allow"]
+    assert r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_prompt_longer_than_context_is_400(server):
+    long = "word " * 9000
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": long}, timeout=120)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
