@@ -13,6 +13,7 @@ from connexion.middleware import MiddlewarePosition
 
 from engine.config import EngineConfig
 from engine.engine import Engine
+from engine.errors import EngineError
 from handlers import errors
 from handlers.middleware import BodyLimitMiddleware, RequestIdMiddleware
 
@@ -41,7 +42,11 @@ def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] =
     @contextlib.asynccontextmanager
     async def lifespan(_app: object) -> AsyncIterator[dict]:
         eng = engine or Engine(config.engine)
-        await asyncio.to_thread(eng.start)
+        try:
+            await asyncio.to_thread(eng.start)
+        except EngineError as e:
+            log.error("openmlx: cannot start: %s", e.message)
+            raise
         try:
             yield {"engine": eng}
         finally:

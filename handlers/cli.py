@@ -159,6 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         code = args.func(args)
     except KeyboardInterrupt:
         code = 130
+    except SystemExit as e:  # uvicorn exits this way when start-up fails
+        code = e.code if isinstance(e.code, int) else 1
     except Exception as e:  # a start-up failure: say why, no traceback wall
         from engine.errors import EngineError
 
