@@ -4,7 +4,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.conftest import MODEL
+from conftest import MODEL
 
 OK_MSG = [{"role": "user", "content": "hi"}]
 CASES = [

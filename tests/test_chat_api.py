@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL
+from conftest import MODEL
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -5,7 +5,7 @@ import pytest
 
 from engine.errors import InsufficientMemory
 from engine.memory import SAFETY_MARGIN, MemoryEstimate, MemoryGate, available_bytes
-from tests.conftest import Server
+from conftest import Server
 
 
 def test_reads_real_memory():

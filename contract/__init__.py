@@ -1,0 +1,1 @@
+"""Contract checks: responses against our openapi.yaml and OpenAI's official document."""
