@@ -71,6 +71,24 @@ class Server:
         return self.proc.returncode
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run long fuzzing and soak tests")
+
+
+def pytest_configure(config):
+    if config.getoption("--run-slow"):
+        os.environ.setdefault("OPENMLX_FUZZ_EXAMPLES", "500")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: use --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The embedded default model in the store (converted once, fetched once if needed)."""
