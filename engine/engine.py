@@ -92,8 +92,15 @@ class Engine:
             return self.store.add_local(Path(spec)).id
         return self.store.resolve(spec).id
 
-    def stop(self, reason: str = "The server is shutting down.") -> None:
-        self.scheduler.shutdown_reason = reason
+    def begin_shutdown(self, reason: str = "The server is shutting down.") -> None:
+        """Refuse new requests (503) and end running streams with an error event; non-blocking."""
+        if not self.scheduler.closing:
+            log.info("shutting down: %s", reason)
+            self.scheduler.close(reason)
+
+    def stop(self) -> None:
+        """Shut down and wait for the worker to finish."""
+        self.begin_shutdown()
         self.scheduler.stop()
 
     # --- models --------------------------------------------------------------------------

@@ -62,6 +62,11 @@ class Scheduler:
             self._thread = threading.Thread(target=self._run, name="openmlx-worker", daemon=True)
             self._thread.start()
 
+    def close(self, reason: str) -> None:
+        """Refuse new work and end running streams with `reason`; returns at once (signal-safe)."""
+        self.shutdown_reason = reason
+        self._closing.set()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Refuse new work, end running streams with an error, and join the worker."""
         self._closing.set()

@@ -16,6 +16,7 @@ import mlx.nn as nn
 from engine.errors import ContextLengthExceeded, InvalidRequest
 from engine.memory import MemoryEstimate, MemoryGate, dequantized_bytes
 from engine.probe import Probe
+from engine.prompt_cache import PromptCache
 from engine.stopping import StopMatcher
 
 log = logging.getLogger("openmlx.engine")
@@ -152,7 +153,7 @@ class TextRunner:
     dtype: str
     context_length: int
     memory: MemoryEstimate
-    _cache: dict = field(default_factory=dict)
+    prompt_cache: PromptCache = field(default_factory=PromptCache)
 
     @classmethod
     def load(cls, model_id: str, probe: Probe, cpu_dtype: str, gate: MemoryGate) -> "TextRunner":
@@ -241,6 +242,7 @@ class TextRunner:
                  cancelled: Callable[[], bool]) -> Iterator[GenerationEvent]:
         """Generate up to `max_tokens` tokens; stop strings and cancellation end it early."""
         from mlx_lm import stream_generate
+        from mlx_lm.models.cache import make_prompt_cache
 
         sampler = make_sampler(params.temperature, params.top_p, params.seed)
         processors = []
@@ -252,23 +254,31 @@ class TextRunner:
             processors.append(_penalty_processor(params.presence_penalty, params.frequency_penalty,
                                                  self.vocab_size))
         stops = StopMatcher(params.stop)
-        generated = 0
+        cache, reused = self.prompt_cache.take(prompt)
+        if cache is None:
+            cache = make_prompt_cache(self.model)
+        tokens: list[int] = []
         finish = "length"
-        for response in stream_generate(self.model, self.tokenizer, mx.array(prompt),
-                                        max_tokens=max_tokens, sampler=sampler,
-                                        logits_processors=processors or None):
-            generated = response.generation_tokens
-            text = stops.feed(response.text)
-            if text:
-                yield TextDelta(text)
-            if stops.stopped:
-                finish = "stop"
-                break
-            if response.finish_reason:
-                finish = response.finish_reason
-            if cancelled():
-                finish = "cancelled"
-                break
+        try:
+            for response in stream_generate(self.model, self.tokenizer, mx.array(prompt[reused:]),
+                                            max_tokens=max_tokens, sampler=sampler, prompt_cache=cache,
+                                            logits_processors=processors or None):
+                tokens.append(int(response.token))
+                text = stops.feed(response.text)
+                if text:
+                    yield TextDelta(text)
+                if stops.stopped:
+                    finish = "stop"
+                    break
+                if response.finish_reason:
+                    finish = response.finish_reason
+                if cancelled():
+                    finish = "cancelled"
+                    break
+        finally:
+            # The cache now holds the prompt and what was generated (its offset says how much).
+            self.prompt_cache.put(prompt + tokens, cache)
+        generated = len(tokens)
         tail = stops.flush()
         if tail:
             yield TextDelta(tail)

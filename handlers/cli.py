@@ -50,15 +50,29 @@ def _engine_config(args: argparse.Namespace):
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging.config
 
+    import signal
+
     import uvicorn
 
+    from engine.engine import Engine
     from handlers.app import ServerConfig, create_app
 
     logging.config.dictConfig(_logging(args.log_json, args.log_level))
-    app = create_app(ServerConfig(engine=_engine_config(args), max_body_bytes=args.max_body_bytes))
-    uvicorn.run(app, host=args.host, port=args.port, log_config=_logging(args.log_json, args.log_level),
-                timeout_graceful_shutdown=args.shutdown_timeout)
-    return 0
+    config = ServerConfig(engine=_engine_config(args), max_body_bytes=args.max_body_bytes)
+    engine = Engine(config.engine)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            # First tell the engine: running streams end with an error event naming the signal,
+            # queued and new requests get 503; then let uvicorn drain connections.
+            engine.begin_shutdown(f"The server is shutting down ({signal.Signals(sig).name}).")
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(create_app(config, engine=engine), host=args.host, port=args.port,
+                                   log_config=_logging(args.log_json, args.log_level),
+                                   timeout_graceful_shutdown=args.shutdown_timeout))
+    server.run()
+    return 0 if server.started else 1
 
 
 def _size(n: int) -> str:

@@ -18,9 +18,8 @@ def test_chat_non_stream_answers_with_real_usage(client, hf_tokenizer):
     assert choice.message.role == "assistant"
     assert "Paris" in choice.message.content
     assert choice.finish_reason == "stop"
-    prompt_ids = hf_tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True)
-    if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
-        prompt_ids = prompt_ids["input_ids"]
+    prompt_ids = hf_tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False)
     assert r.usage.prompt_tokens == len(prompt_ids)
     # Generated tokens: the answer's tokens plus the end-of-turn token that stopped it.
     answer_ids = hf_tokenizer.encode(choice.message.content, add_special_tokens=False)

@@ -1,0 +1,93 @@
+"""results.json -> a markdown table (with ratios) and PNG plots."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _fmt(x, unit: str = "") -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3g}{unit}" if isinstance(x, float) else f"{x}{unit}"
+
+
+def markdown(r: dict) -> str:
+    servers = {k: v for k, v in r["servers"].items() if "error" not in v}
+    lines = [f"# bench ({r['mode']}): {Path(r['model']).name}", "",
+             f"{r['machine']['platform']}, Python {r['machine']['python']}; greedy, end-of-sequence banned, "
+             f"{r['gen_tokens']} generated tokens; prompt tokens: {r['prompt_tokens']}.", ""]
+    for name, v in r["servers"].items():
+        if "error" in v:
+            lines.append(f"- {name}: failed: {v['error']}")
+    lines += ["## Single stream", "", "| server | prompt | TTFT s | prefill tok/s | decode tok/s |", "|---|---|---|---|---|"]
+    for name, v in servers.items():
+        for n, s in v["single"].items():
+            lines.append(f"| {name} | {n} | {_fmt(s['ttft_s'])} | {_fmt(s['prefill_tps'])} | {_fmt(s['decode_tps'])} |")
+    for kind, raw in r.get("raw", {}).items():
+        if "error" in raw:
+            lines.append(f"| raw mlx-lm {kind} | - | failed | | |")
+            continue
+        for n, s in raw.items():
+            lines.append(f"| raw mlx-lm {kind} | {n} | - | {_fmt(s['prefill_tps'])} | {_fmt(s['decode_tps'])} |")
+    if "openmlx" in servers and len(servers) + len(r.get("raw", {})) > 1:
+        lines += ["", "## openmlx relative to each peer (x faster; >1 is better)", "",
+                  "| peer | prompt | prefill x | decode x | TTFT x |", "|---|---|---|---|---|"]
+        ours = servers["openmlx"]["single"]
+        for name, v in servers.items():
+            if name == "openmlx":
+                continue
+            for n, s in v["single"].items():
+                o = ours[n]
+                lines.append(f"| {name} | {n} | {_fmt(o['prefill_tps'] / s['prefill_tps'] if s['prefill_tps'] else None)} "
+                             f"| {_fmt(o['decode_tps'] / s['decode_tps'] if s['decode_tps'] else None)} "
+                             f"| {_fmt(s['ttft_s'] / o['ttft_s'] if o['ttft_s'] else None)} |")
+        for kind, raw in r.get("raw", {}).items():
+            if "error" in raw:
+                continue
+            for n, s in raw.items():
+                o = ours[n]
+                lines.append(f"| raw mlx-lm {kind} | {n} | {_fmt(o['prefill_tps'] / s['prefill_tps'])} "
+                             f"| {_fmt(o['decode_tps'] / s['decode_tps'])} | - |")
+    lines += ["", "## Concurrency (short prompt)", "", "| server | streams | aggregate tok/s | TTFT p50 s | TTFT p95 s | errors |",
+              "|---|---|---|---|---|---|"]
+    for name, v in servers.items():
+        for c in v["concurrency"]:
+            lines.append(f"| {name} | {c['streams']} | {_fmt(c['aggregate_tps'])} | {_fmt(c['ttft_p50_s'])} "
+                         f"| {_fmt(c['ttft_p95_s'])} | {c['errors']} |")
+    lines += ["", "## Server", "", "| server | startup s | overhead (max_tokens=1) s | health p50 ms under 4 streams "
+              "| p99 ms | peak RSS MiB | next-turn TTFT s (first) |", "|---|---|---|---|---|---|---|"]
+    for name, v in servers.items():
+        mt = v.get("multi_turn")
+        lines.append(f"| {name} | {_fmt(v['startup_s'])} | {_fmt(v['overhead_max_tokens_1_s'])} "
+                     f"| {_fmt(v['health_under_load']['p50_ms'])} | {_fmt(v['health_under_load']['p99_ms'])} "
+                     f"| {v['peak_rss_bytes'] / 2**20:.0f} | "
+                     f"{_fmt(mt['next_ttft_s']) + ' (' + _fmt(mt['first_ttft_s']) + ')' if mt else '-'} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plots(r: dict, out: Path) -> None:
+    """Bar charts of prefill and decode tok/s; skipped when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = []
+    for name, v in r["servers"].items():
+        if "error" not in v:
+            rows += [(name, n, s["prefill_tps"], s["decode_tps"]) for n, s in v["single"].items()]
+    for kind, raw in r.get("raw", {}).items():
+        if "error" not in raw:
+            rows += [(f"raw {kind}", n, s["prefill_tps"], s["decode_tps"]) for n, s in raw.items()]
+    for idx, metric in ((2, "prefill"), (3, "decode")):
+        fig, ax = plt.subplots(figsize=(9, 4))
+        labels = [f"{a}\n{n} tok" for a, n, *_ in rows]
+        ax.bar(range(len(rows)), [row[idx] for row in rows])
+        ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel(f"{metric} tokens/s")
+        ax.set_title(f"{metric} speed, {Path(r['model']).name}")
+        fig.tight_layout()
+        fig.savefig(out / f"{metric}.png", dpi=110)
+        plt.close(fig)
