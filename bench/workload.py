@@ -128,7 +128,7 @@ from mlx_lm import load, stream_generate
 from mlx_lm.utils import dequantize_model
 model, tok = load({model_dir!r})
 if {dequantize}:
-    model = dequantize_model(model); mx.eval(model.parameters())
+    model = dequantize_model(model); model.set_dtype(mx.float32); mx.eval(model.parameters())
 out = {{}}
 prompts = json.loads(sys.stdin.read())
 for n, text in prompts.items():

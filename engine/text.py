@@ -153,6 +153,7 @@ class TextRunner:
     dtype: str
     context_length: int
     memory: MemoryEstimate
+    warnings: tuple[str, ...] = ()
     prompt_cache: PromptCache = field(default_factory=PromptCache)
 
     @classmethod
@@ -170,7 +171,10 @@ class TextRunner:
         if dtype == "float16":
             weights //= 2
         need = MemoryEstimate(weights, KV_HEADROOM_TOKENS * kv_bytes)
-        gate.check(model_id, need)
+        warnings = list(gate.check(model_id, need))
+        if cpu_dtype == "auto" and dtype == "keep" and not on_gpu() and probe.quantized:
+            warnings.append("the CPU fast path (float32 weights) was skipped: not enough memory; "
+                            "generation is several times slower")
         model, tokenizer = lm_load(str(probe.path))
         if dtype != "keep":
             if probe.quantized:
@@ -179,7 +183,9 @@ class TextRunner:
             mx.eval(model.parameters())
         log.info("loaded %s (%s, weights held as %s)", model_id, probe.architecture, dtype)
         context = probe.context_length or int(getattr(tokenizer, "model_max_length", 0) or 4096)
-        return cls(model_id, model, tokenizer, config, probe, dtype, context, need)
+        for w in warnings:
+            log.warning("%s: %s", model_id, w)
+        return cls(model_id, model, tokenizer, config, probe, dtype, context, need, tuple(warnings))
 
     # --- prompts -------------------------------------------------------------------------
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:

@@ -15,7 +15,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import EngineError
 from handlers import errors
-from handlers.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from handlers.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 
 log = logging.getLogger("openmlx.http")
 
@@ -33,6 +33,8 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     max_body_bytes: int = 10 << 20
     validate_responses: bool = True
+    api_keys: list[str] = field(default_factory=list)  # empty: no auth
+    cors_origins: list[str] = field(default_factory=list)  # empty: CORS off
 
 
 def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] = None) -> connexion.AsyncApp:
@@ -57,7 +59,17 @@ def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] =
                              swagger_ui_options=connexion.options.SwaggerUIOptions(swagger_ui_path="/docs"))
     app.add_api(spec.name, validate_responses=config.validate_responses, strict_validation=False)
     errors.register(app)
+    # Connexion runs middleware added at one position in the order added: the request id wraps
+    # everything, CORS answers preflights before auth, auth runs before a body is read.
+    app.add_middleware(RequestIdMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
+    if config.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION,
+                           allow_origins=config.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "X-OpenMLX-Warning"])
+    app.add_middleware(ApiKeyMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION, keys=config.api_keys)
     app.add_middleware(BodyLimitMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION,
                        max_bytes=config.max_body_bytes)
-    app.add_middleware(RequestIdMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
     return app

@@ -25,7 +25,7 @@ async def create(body: dict):
         text, done = await sse.collect(handle)
         return (protocol.chat_completion(cid, created, req.model, text, done.finish_reason,
                                          done.prompt_tokens, done.completion_tokens),
-                200, {"Content-Type": "application/json"})
+                200, {"Content-Type": "application/json", **protocol.warning_headers(prepared.warnings)})
 
     def on_delta(text: str) -> dict:
         return protocol.chat_chunk(cid, created, req.model, {"content": text}, with_usage_field=req.include_usage)
@@ -40,4 +40,4 @@ async def create(body: dict):
 
     first = protocol.chat_chunk(cid, created, req.model, {"role": "assistant", "content": ""},
                                 with_usage_field=req.include_usage)
-    return sse.stream_response(handle, on_delta, on_finish, first)
+    return sse.stream_response(handle, on_delta, on_finish, first, headers=protocol.warning_headers(prepared.warnings))

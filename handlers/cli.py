@@ -44,7 +44,22 @@ def _engine_config(args: argparse.Namespace):
                         max_tokens_cap=getattr(args, "max_tokens_cap", None),
                         cpu_dtype=getattr(args, "cpu_dtype", "auto"),
                         max_queue=getattr(args, "max_queue", 64),
+                        max_models=getattr(args, "max_models", 1),
+                        idle_unload_s=getattr(args, "idle_unload", None),
                         available_memory_override=getattr(args, "assume_available_memory", None))
+
+
+def _api_keys(args: argparse.Namespace) -> list[str]:
+    """Keys from --api-key, OPENMLX_API_KEY and --api-key-file (one per line, # comments)."""
+    keys = list(args.api_key or [])
+    if os.environ.get("OPENMLX_API_KEY"):
+        keys.append(os.environ["OPENMLX_API_KEY"])
+    if args.api_key_file:
+        for line in Path(args.api_key_file).read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                keys.append(line)
+    return keys
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -58,7 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from handlers.app import ServerConfig, create_app
 
     logging.config.dictConfig(_logging(args.log_json, args.log_level))
-    config = ServerConfig(engine=_engine_config(args), max_body_bytes=args.max_body_bytes)
+    config = ServerConfig(engine=_engine_config(args), max_body_bytes=args.max_body_bytes,
+                          api_keys=_api_keys(args), cors_origins=args.cors_origin or [])
     engine = Engine(config.engine)
 
     class Server(uvicorn.Server):
@@ -142,11 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
                    default=os.environ.get("OPENMLX_CPU_DTYPE", "auto"),
                    help="CPU weights: auto = float32 when memory allows (fast with OpenBLAS), keep = as shipped")
     s.add_argument("--max-queue", type=int, default=64, help="requests queued or running before 429")
+    s.add_argument("--max-models", type=int, default=1, help="models kept loaded (least recently used goes)")
+    s.add_argument("--idle-unload", type=float, default=None, metavar="SECONDS",
+                   help="unload models unused for this long")
     s.add_argument("--assume-available-memory", type=int, default=None, metavar="BYTES",
                    help="use this instead of the measured available memory in the memory gate")
     s.add_argument("--max-body-bytes", type=int, default=10 << 20)
     s.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds running requests get to finish on SIGTERM/SIGINT")
+    s.add_argument("--api-key", action="append", help="require this bearer key on /v1/* (repeatable)")
+    s.add_argument("--api-key-file", help="a file of API keys, one per line")
+    s.add_argument("--cors-origin", action="append",
+                   help="allow browser requests from this origin (repeatable; '*' only if you mean it). Off by default")
     s.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     s.add_argument("--log-level", default="info")
     common(s)

@@ -17,7 +17,7 @@ async def create(body: dict):
         text, done = await sse.collect(handle)
         return (protocol.text_completion(cid, created, req.model, text, done.finish_reason,
                                          (done.prompt_tokens, done.completion_tokens)),
-                200, {"Content-Type": "application/json"})
+                200, {"Content-Type": "application/json", **protocol.warning_headers(prepared.warnings)})
 
     def on_delta(text: str) -> dict:
         return protocol.text_completion(cid, created, req.model, text, None)
@@ -29,4 +29,4 @@ async def create(body: dict):
                                                done.prompt_tokens, done.completion_tokens))
         return chunks
 
-    return sse.stream_response(handle, on_delta, on_finish)
+    return sse.stream_response(handle, on_delta, on_finish, headers=protocol.warning_headers(prepared.warnings))

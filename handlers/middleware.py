@@ -103,3 +103,40 @@ class BodyLimitMiddleware:
         except _TooLarge:
             if not started:
                 await self._reject(send)
+
+
+class ApiKeyMiddleware:
+    """When API keys are configured, `/v1/*` needs `Authorization: Bearer KEY` (401 otherwise).
+
+    `/health`, the spec and the docs stay open. Keys are compared in constant time and never logged.
+    """
+
+    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys if k]
+
+    def _authorized(self, scope: Scope) -> bool:
+        import hmac
+
+        header = _header(scope, b"authorization") or b""
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not token:
+            return False
+        token = token.strip()
+        # Check every key (no early exit) so timing says nothing about which matched.
+        return any([hmac.compare_digest(token, key) for key in self.keys])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or not scope.get("path", "").startswith("/v1/") \
+                or scope.get("method") == "OPTIONS" or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        missing = _header(scope, b"authorization") is None
+        message = ("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'." if missing
+                   else "Incorrect API key provided.")
+        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                     "code": "invalid_api_key"}}).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b'Bearer realm="openmlx"')]})
+        await send({"type": "http.response.body", "body": body})

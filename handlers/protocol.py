@@ -126,6 +126,13 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
 
 
 # --- responses ---------------------------------------------------------------------------
+def warning_headers(warnings: tuple[str, ...]) -> dict[str, str]:
+    """The policy's WARNs for this model, as the documented X-OpenMLX-Warning header."""
+    if not warnings:
+        return {}
+    return {"X-OpenMLX-Warning": "; ".join(warnings).encode("latin-1", "replace").decode("latin-1")}
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

@@ -40,7 +40,8 @@ async def collect(handle: StreamHandle) -> tuple[str, Finished]:
 
 def stream_response(handle: StreamHandle, on_delta: Callable[[str], dict[str, Any]],
                     on_finish: Callable[[Finished], list[dict[str, Any]]],
-                    first: Optional[dict[str, Any]] = None) -> StreamingResponse:
+                    first: Optional[dict[str, Any]] = None,
+                    headers: Optional[dict[str, str]] = None) -> StreamingResponse:
     """SSE: optional first chunk, one chunk per text delta, the closing chunks, then [DONE].
 
     A failure after headers were sent becomes an error event (the status can't change anymore).
@@ -66,4 +67,4 @@ def stream_response(handle: StreamHandle, on_delta: Callable[[str], dict[str, An
             handle.cancel()
 
     return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})

@@ -85,6 +85,7 @@ def test_oversized_body_gets_413(server):
     r = httpx.post(server.url + "/v1/chat/completions", content=body,
                    headers={"Content-Type": "application/json"}, timeout=60)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert r.headers["x-request-id"]
 
 
 def test_method_not_allowed_keeps_allow_header(server):

@@ -1,0 +1,62 @@
+"""Policy: whether a probed model may load and run here, as ALLOW / WARN / BLOCK with a reason
+and the status a client gets. WARNs are logged and sent in the `X-OpenMLX-Warning` header."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from engine.errors import EngineError, InsufficientMemory, Unsupported
+from engine.memory import SAFETY_MARGIN, MemoryEstimate
+from engine.probe import Probe
+
+
+class Action(str, Enum):
+    ALLOW = "allow"
+    WARN = "warn"
+    BLOCK = "block"
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str = ""
+    status: Optional[int] = None  # for BLOCK: what the client gets
+    code: Optional[str] = None
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def raise_if_blocked(self) -> None:
+        if self.action is not Action.BLOCK:
+            return
+        error: EngineError = InsufficientMemory(self.reason, param="model") if self.status == 507 \
+            else Unsupported(self.reason, param="model")
+        raise error
+
+
+def decide_runnable(model_id: str, probe: Probe, serves: tuple[str, ...] = ("text",)) -> Decision:
+    """BLOCK (501) what can't run: unknown architecture, broken files, a kind we don't serve."""
+    if not probe.runnable:
+        return Decision(Action.BLOCK, f"The model '{model_id}' cannot run on this server: {probe.reason}.",
+                        501, "unsupported_model")
+    if probe.type not in serves:
+        return Decision(Action.BLOCK, f"The model '{model_id}' is a {probe.type} model; this server runs "
+                                      f"{', '.join(serves)} models for this endpoint.", 501, "unsupported_model")
+    warnings = []
+    if probe.context_length is None:
+        warnings.append(f"'{model_id}' declares no context length; assuming 4096 tokens.")
+    return Decision(Action.WARN if warnings else Action.ALLOW, warnings=tuple(warnings))
+
+
+def decide_memory(model_id: str, need: MemoryEstimate, available: int) -> Decision:
+    """BLOCK (507) a load that does not fit; WARN when it fits with under 20% to spare."""
+    total = need.total + SAFETY_MARGIN
+    if total > available:
+        return Decision(Action.BLOCK,
+                        f"Not enough memory to load '{model_id}': it needs about {need.total / 2**30:.2f} GiB "
+                        f"(weights {need.weights / 2**30:.2f} GiB + KV cache {need.kv_cache / 2**30:.2f} GiB) "
+                        f"plus {SAFETY_MARGIN / 2**30:.1f} GiB headroom, and {available / 2**30:.2f} GiB is "
+                        "available.", 507, "insufficient_memory")
+    if total > 0.8 * available:
+        return Decision(Action.WARN, warnings=(
+            f"memory is tight: '{model_id}' needs {total / 2**30:.2f} of {available / 2**30:.2f} GiB available.",))
+    return Decision(Action.ALLOW)
