@@ -130,7 +130,9 @@ def make_sampler(temperature: float, top_p: float, seed: Optional[int]) -> Calla
 
     if temperature == 0:
         return lambda logprobs: mx.argmax(logprobs, axis=-1)
-    state = {"key": mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))}
+    # OpenAI accepts any integer seed; MLX keys take an unsigned 64-bit one.
+    seed = seed % 2**64 if seed is not None else int.from_bytes(os.urandom(8), "little")
+    state = {"key": mx.random.key(seed)}
 
     def sample(logprobs: mx.array) -> mx.array:
         state["key"], sub = mx.random.split(state["key"])

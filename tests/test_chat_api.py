@@ -86,6 +86,13 @@ def test_seed_makes_sampling_repeatable(client):
     assert len(others | {a}) > 1, "different seeds should not all give the same sample"
 
 
+@pytest.mark.parametrize("seed", [-3777, 0, 2**63, 2**70])
+def test_any_integer_seed_is_accepted(client, seed):
+    # Regression (found by schemathesis): a negative seed was a 500.
+    r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, temperature=0.7, seed=seed)
+    assert r.choices[0].finish_reason in ("length", "stop")
+
+
 def test_text_parts_developer_role_and_history(client):
     r = client.chat.completions.create(model=MODEL, max_tokens=5, temperature=0, messages=[
         {"role": "developer", "content": "You are terse."},
