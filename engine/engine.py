@@ -145,6 +145,9 @@ class Engine:
                       time.monotonic() - self._started, blas.active(), str(mx.default_device()),
                       self.scheduler.load(), hits)
 
+    def resident_models(self) -> int:
+        return len(self._runners)
+
     # --- loading (worker thread only) -----------------------------------------------------
     def _needs_switch(self, model_id: str) -> bool:
         return model_id not in self._runners and len(self._runners) >= self.max_models

@@ -15,6 +15,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import EngineError
 from handlers import errors
+from handlers.metrics import MetricsMiddleware
 from handlers.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 
 log = logging.getLogger("openmlx.http")
@@ -62,6 +63,7 @@ def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] =
     # Connexion runs middleware added at one position in the order added: the request id wraps
     # everything, CORS answers preflights before auth, auth runs before a body is read.
     app.add_middleware(RequestIdMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
+    app.add_middleware(MetricsMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
     if config.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 

@@ -6,6 +6,7 @@ from connexion import request
 from engine.errors import InvalidRequest
 from engine.text import Finished
 from handlers import protocol, sse
+from handlers.metrics import GenerationObserver
 
 
 async def create(body: dict):
@@ -21,11 +22,11 @@ async def create(body: dict):
     prepared = await engine.prepare_chat(req.model, req.messages, req.params)
     cid, created = protocol.new_id("chatcmpl"), protocol.now()
     handle = engine.stream(prepared)
+    observer = GenerationObserver("chat.completions", req.model)
     if not req.stream:
-        text, done = await sse.collect(handle)
-        return (protocol.chat_completion(cid, created, req.model, text, done.finish_reason,
-                                         done.prompt_tokens, done.completion_tokens),
-                200, {"Content-Type": "application/json", **protocol.warning_headers(prepared.warnings)})
+        text, done = await sse.collect(handle, observer)
+        return protocol.json_ok(protocol.chat_completion(cid, created, req.model, text, done.finish_reason,
+                                              done.prompt_tokens, done.completion_tokens), prepared.warnings)
 
     def on_delta(text: str) -> dict:
         return protocol.chat_chunk(cid, created, req.model, {"content": text}, with_usage_field=req.include_usage)
@@ -40,4 +41,4 @@ async def create(body: dict):
 
     first = protocol.chat_chunk(cid, created, req.model, {"role": "assistant", "content": ""},
                                 with_usage_field=req.include_usage)
-    return sse.stream_response(handle, on_delta, on_finish, first, headers=protocol.warning_headers(prepared.warnings))
+    return sse.stream_response(handle, observer, on_delta, on_finish, first, headers=protocol.warning_headers(prepared.warnings))

@@ -12,11 +12,15 @@ from typing import Optional, Sequence
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per log line (for `--log-json`)."""
+    """One JSON object per log line (for `--log-json`), with a request's fields when it has them."""
+
+    FIELDS = ("request_id", "model", "endpoint", "prompt_tokens", "completion_tokens", "finish_reason",
+              "ttft_s", "duration_s")
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {"ts": round(record.created, 3), "level": record.levelname.lower(),
                  "logger": record.name, "message": record.getMessage()}
+        entry.update({k: getattr(record, k) for k in self.FIELDS if getattr(record, k, None) is not None})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -5,6 +5,7 @@ from connexion import request
 
 from engine.text import Finished
 from handlers import protocol, sse
+from handlers.metrics import GenerationObserver
 
 
 async def create(body: dict):
@@ -13,11 +14,11 @@ async def create(body: dict):
     prepared = await engine.prepare_completion(req.model, req.prompt, req.params)
     cid, created = protocol.new_id("cmpl"), protocol.now()
     handle = engine.stream(prepared)
+    observer = GenerationObserver("completions", req.model)
     if not req.stream:
-        text, done = await sse.collect(handle)
-        return (protocol.text_completion(cid, created, req.model, text, done.finish_reason,
-                                         (done.prompt_tokens, done.completion_tokens)),
-                200, {"Content-Type": "application/json", **protocol.warning_headers(prepared.warnings)})
+        text, done = await sse.collect(handle, observer)
+        return protocol.json_ok(protocol.text_completion(cid, created, req.model, text, done.finish_reason,
+                                              (done.prompt_tokens, done.completion_tokens)), prepared.warnings)
 
     def on_delta(text: str) -> dict:
         return protocol.text_completion(cid, created, req.model, text, None)
@@ -29,4 +30,4 @@ async def create(body: dict):
                                                done.prompt_tokens, done.completion_tokens))
         return chunks
 
-    return sse.stream_response(handle, on_delta, on_finish, headers=protocol.warning_headers(prepared.warnings))
+    return sse.stream_response(handle, observer, on_delta, on_finish, headers=protocol.warning_headers(prepared.warnings))

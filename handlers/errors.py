@@ -96,6 +96,8 @@ async def on_exception(request: ConnexionRequest, exc: Exception) -> ConnexionRe
         return await on_engine_error(request, exc)
     if isinstance(exc, (UnicodeDecodeError, json.JSONDecodeError)):
         return error_response(400, "The request body is not valid UTF-8 JSON.", code="invalid_json")
+    if isinstance(exc, RecursionError):  # the parser or the validator gave up on the nesting
+        return error_response(400, "The request body's JSON is nested too deeply.", code="invalid_json")
     if type(exc).__name__ == "MultiPartException":
         return error_response(400, f"The multipart body is malformed: {exc}", code="invalid_multipart")
     log.exception("unhandled error on %s %s", request.method, request.url.path)

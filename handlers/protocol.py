@@ -133,6 +133,11 @@ def warning_headers(warnings: tuple[str, ...]) -> dict[str, str]:
     return {"X-OpenMLX-Warning": "; ".join(warnings).encode("latin-1", "replace").decode("latin-1")}
 
 
+def json_ok(body: dict[str, Any], warnings: tuple[str, ...]) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """A 200 JSON answer (the operation also documents text/event-stream, so say which)."""
+    return body, 200, {"Content-Type": "application/json", **warning_headers(warnings)}
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

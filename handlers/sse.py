@@ -16,6 +16,7 @@ from engine.errors import EngineError
 from engine.scheduler import StreamHandle
 from engine.text import Finished, TextDelta
 from handlers.errors import engine_error_body, error_body
+from handlers.metrics import GenerationObserver
 
 log = logging.getLogger("openmlx.http")
 
@@ -24,21 +25,24 @@ def event(data: Any) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def collect(handle: StreamHandle) -> tuple[str, Finished]:
+async def collect(handle: StreamHandle, observer: GenerationObserver) -> tuple[str, Finished]:
     """Run a generation to its end and return (text, Finished)."""
     parts: list[str] = []
     try:
         async for ev in handle:
             if isinstance(ev, TextDelta):
+                observer.first_text()
                 parts.append(ev.text)
             elif isinstance(ev, Finished):
+                observer.finished(ev)
                 return "".join(parts), ev
     finally:
         handle.cancel()  # no-op when finished; stops the worker if we were cancelled
     raise RuntimeError("generation ended without a Finished event")
 
 
-def stream_response(handle: StreamHandle, on_delta: Callable[[str], dict[str, Any]],
+def stream_response(handle: StreamHandle, observer: GenerationObserver,
+                    on_delta: Callable[[str], dict[str, Any]],
                     on_finish: Callable[[Finished], list[dict[str, Any]]],
                     first: Optional[dict[str, Any]] = None,
                     headers: Optional[dict[str, str]] = None) -> StreamingResponse:
@@ -53,8 +57,10 @@ def stream_response(handle: StreamHandle, on_delta: Callable[[str], dict[str, An
                 yield event(first)
             async for ev in handle:
                 if isinstance(ev, TextDelta):
+                    observer.first_text()
                     yield event(on_delta(ev.text))
                 elif isinstance(ev, Finished):
+                    observer.finished(ev)
                     for chunk in on_finish(ev):
                         yield event(chunk)
             yield event("[DONE]")

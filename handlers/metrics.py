@@ -1,0 +1,105 @@
+"""GET /metrics (Prometheus text format) and what feeds it: HTTP requests by route and status,
+tokens, time to first token, request latency, queue depth and resident models.
+
+One registry per process; the HTTP layer owns it (the engine only reports its state).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Optional
+
+from connexion import request
+from starlette.responses import Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import ProcessCollector
+
+from engine.text import Finished
+
+log = logging.getLogger("openmlx.requests")
+
+# Prometheus' text exposition format (openapi.yaml declares its media type, text/plain).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, cpu seconds, open fds
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+HTTP_REQUESTS = Counter("openmlx_http_requests", "HTTP requests by route and status", ["route", "status"],
+                        registry=REGISTRY)
+HTTP_LATENCY = Histogram("openmlx_http_request_duration_seconds", "Time to the end of the response",
+                         ["route"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+TOKENS = Counter("openmlx_tokens", "Tokens processed", ["model", "kind"], registry=REGISTRY)
+TTFT = Histogram("openmlx_time_to_first_token_seconds", "From request to first generated text",
+                 ["model"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+GENERATIONS = Counter("openmlx_generations", "Finished generations by finish reason", ["model", "finish_reason"],
+                      registry=REGISTRY)
+QUEUE = Gauge("openmlx_queue_depth", "Requests queued or generating", registry=REGISTRY)
+RESIDENT = Gauge("openmlx_resident_models", "Models loaded in memory", registry=REGISTRY)
+
+
+def _route(path: str) -> str:
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    return path if path in ROUTES else "other"
+
+
+class MetricsMiddleware:
+    """Counts every response by route and status, and times it to its last byte."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def recording_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = _route(scope.get("path", ""))
+            HTTP_REQUESTS.labels(route, str(status["code"])).inc()
+            HTTP_LATENCY.labels(route).observe(time.perf_counter() - start)
+
+
+class GenerationObserver:
+    """Records one generation's tokens, TTFT and a structured log line when it finishes."""
+
+    def __init__(self, endpoint: str, model: str) -> None:
+        self.endpoint = endpoint
+        self.model = model
+        self.start = time.perf_counter()
+        self.ttft: Optional[float] = None
+        state = getattr(request, "state", None)
+        self.request_id = getattr(state, "request_id", None) if state is not None else None
+
+    def first_text(self) -> None:
+        if self.ttft is None:
+            self.ttft = time.perf_counter() - self.start
+            TTFT.labels(self.model).observe(self.ttft)
+
+    def finished(self, done: Finished) -> None:
+        TOKENS.labels(self.model, "prompt").inc(done.prompt_tokens)
+        TOKENS.labels(self.model, "completion").inc(done.completion_tokens)
+        GENERATIONS.labels(self.model, done.finish_reason).inc()
+        log.info("%s %s finished (%s)", self.endpoint, self.model, done.finish_reason, extra={
+            "request_id": self.request_id, "model": self.model, "endpoint": self.endpoint,
+            "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "finish_reason": done.finish_reason, "ttft_s": round(self.ttft, 4) if self.ttft else None,
+            "duration_s": round(time.perf_counter() - self.start, 4)})
+
+
+async def get():
+    engine = request.state.engine
+    QUEUE.set(engine.scheduler.load())
+    RESIDENT.set(engine.resident_models())
+    # A ready Response: Connexion would otherwise insist on the bare media type of the spec.
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE)
