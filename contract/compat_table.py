@@ -17,7 +17,8 @@ from contract.schemas import OUR_SPEC, ROOT, openai_spec_path
 
 TABLE = ROOT / "docs" / "compatibility.md"
 OPERATIONS = [("POST /v1/chat/completions", "CreateChatCompletionRequest"),
-              ("POST /v1/completions", "CreateCompletionRequest")]
+              ("POST /v1/completions", "CreateCompletionRequest"),
+              ("POST /v1/embeddings", "CreateEmbeddingRequest")]
 
 
 def properties(doc: dict[str, Any], name: str) -> dict[str, Any]:

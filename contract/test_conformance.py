@@ -52,6 +52,11 @@ def samples(server) -> dict[str, list]:
                          h.post(f"{u}/v1/chat/completions", content=b"{", headers={"Content-Type": "application/json"}).json(),
                          h.get(f"{u}/v1/models/nope").json(), h.get(f"{u}/nowhere").json()]
         out["health"] = [h.get(f"{u}/health").json()]
+        out["embeddings"] = [h.post(f"{u}/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": ["a", "b"]}).json()]
+        # OpenAI's document types `embedding` as numbers only, though its API answers base64 as
+        # a string: that form is checked against our spec alone.
+        out["embeddings_base64"] = [h.post(f"{u}/v1/embeddings", json={
+            "model": "all-MiniLM-L6-v2", "input": "a", "encoding_format": "base64"}).json()]
     assert all(out.values())
     return out
 
@@ -66,6 +71,8 @@ PAIRS = [
     ("model", "Model", "Model"),
     ("errors", "ErrorResponse", "ErrorResponse"),
     ("health", "Health", None),
+    ("embeddings", "CreateEmbeddingResponse", "CreateEmbeddingResponse"),
+    ("embeddings_base64", "CreateEmbeddingResponse", None),
 ]
 
 # OpenAI's document types a completion choice's finish_reason as a non-null enum, yet its API

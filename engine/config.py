@@ -19,6 +19,8 @@ class EngineConfig:
     home: Path = field(default_factory=openmlx_home)
     # A model id or local folder to preload; None = the embedded default.
     model: Optional[str] = None
+    # The embedding model: None = the embedded default (all-MiniLM-L6-v2), "none" = no embeddings.
+    embedding_model: Optional[str] = None
     # Extra local model folders (from the CLI), served under their folder name.
     local_models: list[Path] = field(default_factory=list)
     hf_cache: Optional[Path] = None  # None: huggingface_hub's own default (HF_HUB_CACHE / HF_HOME)
@@ -27,6 +29,7 @@ class EngineConfig:
     max_tokens_cap: Optional[int] = None
     cpu_dtype: str = "auto"  # auto | keep | float32 | float16
     max_queue: int = 64
+    request_timeout_s: Optional[float] = None  # a generation running longer is cut off (504)
     max_models: int = 1  # resident models; the least recently used is unloaded beyond this
     idle_unload_s: Optional[float] = None  # unload models unused for this long
     # Memory gate: override the measured available bytes (for tests and constrained hosts).

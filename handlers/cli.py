@@ -43,12 +43,14 @@ def _engine_config(args: argparse.Namespace):
     from engine.config import EngineConfig
 
     return EngineConfig(model=getattr(args, "model", None),
+                        embedding_model=getattr(args, "embedding_model", None),
                         local_models=[Path(p) for p in getattr(args, "model_dir", None) or []],
                         default_max_tokens=getattr(args, "max_tokens", None),
                         max_tokens_cap=getattr(args, "max_tokens_cap", None),
                         cpu_dtype=getattr(args, "cpu_dtype", "auto"),
                         max_queue=getattr(args, "max_queue", 64),
                         max_models=getattr(args, "max_models", 1),
+                        request_timeout_s=getattr(args, "request_timeout", None),
                         idle_unload_s=getattr(args, "idle_unload", None),
                         available_memory_override=getattr(args, "assume_available_memory", None))
 
@@ -153,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="start the server")
     s.add_argument("--model", default=os.environ.get("OPENMLX_MODEL"),
                    help="model id or local folder to preload (default: the embedded SmolLM2-135M-Instruct)")
+    s.add_argument("--embedding-model", default=os.environ.get("OPENMLX_EMBEDDING_MODEL"),
+                   help="embedding model id or sentence-transformers BERT folder (default: the embedded "
+                        "all-MiniLM-L6-v2; 'none' to serve no embeddings)")
     s.add_argument("--host", default=os.environ.get("OPENMLX_HOST", "127.0.0.1"))
     s.add_argument("--port", type=int, default=int(os.environ.get("OPENMLX_PORT", "8000")))
     s.add_argument("--max-tokens", type=int, default=None, help="default max_tokens when a request sets none")
@@ -162,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=os.environ.get("OPENMLX_CPU_DTYPE", "auto"),
                    help="CPU weights: auto = float32 when memory allows (fast with OpenBLAS), keep = as shipped")
     s.add_argument("--max-queue", type=int, default=64, help="requests queued or running before 429")
+    s.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="cut off a generation after this long, queue time included (504); 0 = no limit")
     s.add_argument("--max-models", type=int, default=1, help="models kept loaded (least recently used goes)")
     s.add_argument("--idle-unload", type=float, default=None, metavar="SECONDS",
                    help="unload models unused for this long")

@@ -8,7 +8,8 @@ from engine.engine import ModelInfo
 
 def model_object(info: ModelInfo) -> dict:
     return {"id": info.id, "object": "model", "created": info.created, "owned_by": info.owned_by,
-            "type": info.type, "context_length": info.context_length, "loaded": info.loaded}
+            "type": info.type, "context_length": info.context_length, "dimensions": info.embedding_dim,
+            "loaded": info.loaded}
 
 
 async def list_models() -> dict:

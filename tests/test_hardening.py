@@ -105,3 +105,63 @@ def test_slow_reader_does_not_stall_others(server):
                            json={"model": MODEL, "messages": MSG, "max_tokens": 8})
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 8
             assert time.monotonic() - start < 30
+
+
+@pytest.fixture(scope="module")
+def faulty(default_model_dir):
+    s = Server(["--request-timeout", "3"], env={"OPENMLX_FAULT_MAX_TOKENS": "10"})
+    yield s
+    s.stop()
+
+
+def test_exception_in_generation_ends_the_stream_with_an_error_event(faulty):
+    body = {"model": MODEL, "messages": MSG, "max_tokens": 10, "stream": True, "logit_bias": {"2": -100}}
+    with httpx.stream("POST", faulty.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        events = [l[6:] for l in r.iter_lines() if l.startswith("data: ")]
+    assert json.loads(events[-1])["error"]["type"] == "server_error"
+    assert len(events) >= 3  # some text came first
+    r = httpx.post(faulty.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=60)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    # The server keeps serving.
+    ok = httpx.post(faulty.url + "/v1/chat/completions", timeout=60,
+                    json={"model": MODEL, "messages": MSG, "max_tokens": 4})
+    assert ok.status_code == 200
+    assert "injected fault" in faulty.log()
+
+
+def test_request_timeout(faulty):
+    body = {"model": MODEL, "messages": MSG, "max_tokens": 2000, "logit_bias": {"2": -100}}
+    r = httpx.post(faulty.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    with httpx.stream("POST", faulty.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
+        events = [l[6:] for l in s.iter_lines() if l.startswith("data: ")]
+    assert json.loads(events[-1])["error"]["code"] == "timeout"
+    assert httpx.get(faulty.url + "/health").json()["queued"] == 0
+
+
+def test_too_many_messages_is_400(server):
+    r = httpx.post(server.url + "/v1/chat/completions",
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "a"}] * 2049})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_model_that_fails_to_load_leaves_the_server_serving(fixture_models, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken-tokenizer"
+    shutil.copytree(fixture_models["tiny"], broken)
+    (broken / "tokenizer.json").unlink()
+    truncated = tmp_path / "truncated-weights"
+    shutil.copytree(fixture_models["tiny"], truncated)
+    with open(truncated / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    s = Server(["--model-dir", str(broken), "--model-dir", str(truncated)])
+    try:
+        for name, words in (("broken-tokenizer", "tokenizer"), ("truncated-weights", "truncated")):
+            r = httpx.post(s.url + "/v1/chat/completions", json={"model": name, "messages": MSG, "max_tokens": 2})
+            assert r.status_code == 501 and words in r.json()["error"]["message"]
+        ok = httpx.post(s.url + "/v1/chat/completions", json={"model": MODEL, "messages": MSG, "max_tokens": 2},
+                        timeout=60)
+        assert ok.status_code == 200
+    finally:
+        s.stop()
