@@ -31,10 +31,11 @@ class Embeddings:
 class BertEmbedder:
     """A loaded BERT sentence-embedding model."""
 
-    def __init__(self, model_id: str, folder: Path) -> None:
+    def __init__(self, model_id: str, folder: Path, gelu=nn.gelu) -> None:
         from tokenizers import Tokenizer
 
         self.model_id = model_id
+        self.gelu = gelu  # exact (erf); bench/embeddings.py compares the tanh approximation
         self.config = json.loads((folder / "config.json").read_text())
         st = sentence_config(folder)
         self.max_length = int(st["max_seq_length"] or self.config.get("max_position_embeddings", 512))
@@ -85,7 +86,7 @@ class BertEmbedder:
             a = mx.fast.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(head_dim), mask=additive)
             a = a.transpose(0, 2, 1, 3).reshape(b, n, self.dim)
             x = self._norm(x + self._linear(a, f"{p}.attention.output.dense"), f"{p}.attention.output.LayerNorm")
-            h = nn.gelu(self._linear(x, f"{p}.intermediate.dense"))
+            h = self.gelu(self._linear(x, f"{p}.intermediate.dense"))
             x = self._norm(x + self._linear(h, f"{p}.output.dense"), f"{p}.output.LayerNorm")
         if self.pooling == "cls":
             pooled = x[:, 0]

@@ -17,6 +17,8 @@ def test_list_shows_default_model(default_model_dir):
     assert "text" in line and "8192" in line and "MiB" in line
     data = json.loads(run("list", "--json").stdout)
     assert any(m["id"] == "SmolLM2-135M-Instruct" and m["type"] == "text" for m in data)
+    assert any(m["id"] == "all-MiniLM-L6-v2" and m["type"] == "embedding" and m["context_length"] == 256
+               for m in data)
 
 
 def test_show_reports_probe_and_blas(default_model_dir):

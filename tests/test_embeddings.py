@@ -108,3 +108,16 @@ def test_embeddings_do_not_wait_behind_a_long_generation(server):
             assert r.status_code == 200
             assert h.get(server.url + "/health").json()["queued"] == 1  # the stream is still going
     assert took < 10
+
+
+def test_langchain_openai_embeddings(server):
+    from langchain_openai import OpenAIEmbeddings
+
+    # check_embedding_ctx_length=False: LangChain otherwise pre-tokenizes with OpenAI's tiktoken
+    # (downloaded from the internet) and sends token ids, which a non-OpenAI model can't use.
+    lc = OpenAIEmbeddings(model=EMB, base_url=server.url + "/v1", api_key="unused",
+                          check_embedding_ctx_length=False, max_retries=0)
+    docs = lc.embed_documents(["A cat sits on the mat.", "Paris is the capital of France."])
+    query = lc.embed_query("A kitten rests on a rug.")
+    assert len(docs) == 2 and len(query) == 384
+    assert np.dot(query, docs[0]) > np.dot(query, docs[1])

@@ -88,3 +88,12 @@ def test_kind_detection_for_audio_and_vision(tmp_path: Path, default_model_dir: 
     cfg["vision_config"] = {}
     (vision / "config.json").write_text(json.dumps(cfg))
     assert probe(vision).type == "vision"
+
+
+def test_embedding_model_probe():
+    from engine.config import openmlx_home
+    from engine.default_model import ensure_default_embedding_model
+
+    home = openmlx_home()
+    p = probe(ensure_default_embedding_model(home / "models", home))
+    assert (p.type, p.architecture, p.runnable, p.context_length, p.embedding_dim) == ("embedding", "bert", True, 256, 384)
