@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -58,6 +59,21 @@ def measure_server(run: Running, prompts: dict[int, str], args, eos: list[int]) 
     return out
 
 
+def _plot(out: Path) -> None:
+    """PNG plots, drawn by matplotlib in a venv of its own (not an openmlx dependency)."""
+    import subprocess
+
+    from bench.servers import ensure_venv
+
+    try:
+        bin_dir = ensure_venv("plots", ["matplotlib"])
+        root = Path(__file__).resolve().parent.parent
+        subprocess.run([str(bin_dir / "python"), "-m", "bench.report", str(out / "results.json"), str(out)],
+                       check=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    except (subprocess.CalledProcessError, OSError) as e:
+        print(f"bench: no plots ({e})", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,21 +100,29 @@ def main(argv=None) -> int:
         return len(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                            tokenize=True, return_dict=False))
     prompts = {n: workload.prompt_of(n, count) for n in sizes}
+    workload.COUNTER["text"] = lambda text: len(tok.encode(text, add_special_tokens=False))
+    workload.COUNTER["chat"] = lambda msgs: len(tok.apply_chat_template(msgs, add_generation_prompt=True,
+                                                                        tokenize=True, return_dict=False))
 
-    names = args.only or (["openmlx", "openmlx-keep", "mlx_lm.server", "raw"] if args.full
-                          else ["openmlx", "mlx_lm.server", "raw"])
+    names = args.only or (["openmlx", "openmlx-keep", "mlx_lm.server", "mlx-knife", "raw"] if args.full
+                          else ["openmlx", "mlx_lm.server", "mlx-knife", "raw"])
     args.out.mkdir(parents=True, exist_ok=True)
+    import importlib.metadata as md
+
+    versions = {p: md.version(p) for p in ("mlx", "mlx-lm", "openmlx")}
     results: dict = {"machine": {"platform": platform.platform(), "python": sys.version.split()[0],
-                                 "processor": platform.processor()},
+                                 "processor": platform.processor(), "cores": os.cpu_count(),
+                                 "date": time.strftime("%Y-%m-%d")}, "versions": versions,
                      "model": str(model_dir), "mode": "full" if args.full else "quick",
                      "gen_tokens": args.gen_tokens, "prompt_tokens": {str(n): count(t) for n, t in prompts.items()},
                      "servers": {}, "raw": {}}
-    table = peers(model_dir, model_dir.name)
+    table = peers(model_dir, model_dir.name, work=args.out, names=tuple(names))
     for name in names:
         if name == "raw":
             print("bench: raw mlx_lm.stream_generate (4-bit, bundled BLAS; float32 + OpenBLAS)", flush=True)
-            results["raw"]["4bit-bundled"] = workload.raw_mlx_lm(str(model_dir), prompts, args.gen_tokens, False)
-            results["raw"]["float32-openblas"] = workload.raw_mlx_lm(str(model_dir), prompts, args.gen_tokens, True)
+            results["raw"]["4bit-bundled"] = workload.raw_mlx_lm(str(model_dir), prompts, args.gen_tokens, False, eos)
+            results["raw"]["float32-openblas"] = workload.raw_mlx_lm(str(model_dir), prompts, args.gen_tokens, True,
+                                                                     eos)
             continue
         print(f"bench: {name}", flush=True)
         run = Running(table[name], args.out)
@@ -112,7 +136,7 @@ def main(argv=None) -> int:
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     md = report.markdown(results)
     (args.out / "results.md").write_text(md)
-    report.plots(results, args.out)
+    _plot(args.out)
     print(md)
     return 0
 

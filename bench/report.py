@@ -10,11 +10,50 @@ def _fmt(x, unit: str = "") -> str:
     return f"{x:.3g}{unit}" if isinstance(x, float) else f"{x}{unit}"
 
 
+def targets(r: dict) -> list[tuple[str, str, bool]]:
+    """openmlx's speed goals, each with the measured value and whether it is met."""
+    out: list[tuple[str, str, bool]] = []
+    ours = r["servers"].get("openmlx")
+    if not ours or "error" in ours:
+        return out
+    raw = r.get("raw", {}).get("float32-openblas", {})
+    for n, s in ours["single"].items():
+        if n in raw and raw[n].get("decode_tps"):
+            x = s["decode_tps"] / raw[n]["decode_tps"]
+            out.append((f"decode >= 0.95x raw mlx-lm (same weights), {n}-token prompt", f"{x:.2f}x", x >= 0.95))
+    peer = r["servers"].get("mlx_lm.server")
+    if peer and "error" not in peer:
+        theirs = {c["streams"]: c for c in peer["concurrency"]}
+        for c in ours["concurrency"]:
+            t = theirs.get(c["streams"])
+            if c["streams"] < 4 or not t:
+                continue
+            out.append((f"aggregate tok/s at {c['streams']} streams >= mlx_lm.server",
+                        f"{c['aggregate_tps']:.1f} vs {t['aggregate_tps']:.1f}", c["aggregate_tps"] >= t["aggregate_tps"]))
+            out.append((f"TTFT p95 at {c['streams']} streams <= mlx_lm.server",
+                        f"{c['ttft_p95_s']:.2f} s vs {t['ttft_p95_s']:.2f} s", c["ttft_p95_s"] <= t["ttft_p95_s"]))
+    p99 = ours["health_under_load"]["p99_ms"]
+    out.append(("/health p99 < 50 ms under 4 streams", f"{p99:.1f} ms", p99 < 50))
+    mt = ours.get("multi_turn")
+    if mt and mt["next_ttft_s"]:
+        x = mt["first_ttft_s"] / mt["next_ttft_s"]
+        out.append(("next-turn TTFT >= 5x faster than the first turn", f"{x:.1f}x", x >= 5))
+    return out
+
+
 def markdown(r: dict) -> str:
     servers = {k: v for k, v in r["servers"].items() if "error" not in v}
+    m = r["machine"]
     lines = [f"# bench ({r['mode']}): {Path(r['model']).name}", "",
-             f"{r['machine']['platform']}, Python {r['machine']['python']}; greedy, end-of-sequence banned, "
-             f"{r['gen_tokens']} generated tokens; prompt tokens: {r['prompt_tokens']}.", ""]
+             f"{m.get('date', '')}, {m['platform']}, {m.get('cores', '?')} cores, Python {m['python']}, "
+             f"{', '.join(f'{k} {v}' for k, v in r.get('versions', {}).items())}; greedy, end-of-sequence banned, "
+             f"{r['gen_tokens']} generated tokens counted with the model's tokenizer; "
+             f"prompt tokens: {r['prompt_tokens']}.", ""]
+    goals = targets(r)
+    if goals:
+        lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {name} | {value} | {'yes' if met else '**no**'} |" for name, value, met in goals]
+        lines.append("")
     for name, v in r["servers"].items():
         if "error" in v:
             lines.append(f"- {name}: failed: {v['error']}")
@@ -91,3 +130,10 @@ def plots(r: dict, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / f"{metric}.png", dpi=110)
         plt.close(fig)
+
+
+if __name__ == "__main__":  # python -m bench.report results.json OUT_DIR (in a venv with matplotlib)
+    import json
+    import sys
+
+    plots(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]))

@@ -32,17 +32,66 @@ class Peer:
     env: Optional[dict[str, str]] = None
 
 
-def peers(model_dir: Path, model_id: str, python: str = sys.executable) -> dict[str, Peer]:
-    """The servers the bench knows. Each gets `{port}` substituted."""
-    return {
+VENVS = Path(__file__).resolve().parent / ".venvs"
+MLX_CPU = "mlx[cpu]" if sys.platform.startswith("linux") else "mlx"
+PEER_PACKAGES = {"mlx_lm.server": ["mlx-lm", MLX_CPU], "mlx-knife": ["mlx-knife", MLX_CPU]}
+
+
+def ensure_venv(name: str, packages: list[str]) -> Path:
+    """A venv of its own for a peer (created once under bench/.venvs), so peers' dependencies
+    never mix with openmlx's; returns its bin folder."""
+    venv = VENVS / name
+    bin_dir = venv / ("Scripts" if sys.platform == "win32" else "bin")
+    marker = venv / ".installed"
+    if marker.is_file() and marker.read_text() == " ".join(packages):
+        return bin_dir
+    print(f"bench: installing {' '.join(packages)} into {venv}", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                    *packages], check=True)
+    marker.write_text(" ".join(packages))
+    return bin_dir
+
+
+def hf_cache_layout(model_dir: Path, root: Path, repo_id: str) -> Path:
+    """Expose a model folder as a Hugging Face cache snapshot (mlx-knife only reads that layout);
+    returns the HF_HOME to use. Files are symlinked, not copied."""
+    repo = root / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / "0000000000000000000000000000000000000000"
+    snap.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        link = snap / f.name
+        if not link.exists():
+            link.symlink_to(f.resolve())
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(snap.name)
+    return root
+
+
+def peers(model_dir: Path, model_id: str, python: str = sys.executable, work: Path = Path("bench/results"),
+          names: tuple[str, ...] = ()) -> dict[str, Peer]:
+    """The servers the bench knows (peers only for `names`, installed on demand). Each gets
+    `{port}` substituted."""
+    table = {
         "openmlx": Peer("openmlx", [python, "-m", "handlers.cli", "serve", "--model", str(model_dir),
                                     "--port", "{port}", "--log-level", "warning"], model_dir.name, "/health"),
         "openmlx-keep": Peer("openmlx-keep", [python, "-m", "handlers.cli", "serve", "--model", str(model_dir),
                                               "--port", "{port}", "--cpu-dtype", "keep", "--log-level", "warning"],
                              model_dir.name, "/health"),
-        "mlx_lm.server": Peer("mlx_lm.server", [python, "-m", "mlx_lm", "server", "--model", str(model_dir),
-                                                "--port", "{port}", "--log-level", "WARNING"], str(model_dir)),
     }
+    if "mlx_lm.server" in names:
+        bin_dir = ensure_venv("mlx_lm.server", PEER_PACKAGES["mlx_lm.server"])
+        table["mlx_lm.server"] = Peer("mlx_lm.server", [str(bin_dir / "python"), "-m", "mlx_lm", "server", "--model",
+                                                        str(model_dir), "--port", "{port}", "--log-level", "WARNING"],
+                                      str(model_dir))
+    if "mlx-knife" in names:
+        bin_dir = ensure_venv("mlx-knife", PEER_PACKAGES["mlx-knife"])
+        repo_id = f"mlx-community/{model_dir.name}"
+        hf_home = hf_cache_layout(model_dir, work.resolve() / "hf-cache", repo_id)
+        table["mlx-knife"] = Peer("mlx-knife", [str(bin_dir / "mlxk"), "serve", "--model", repo_id, "--port", "{port}",
+                                                "--log-level", "warning"], repo_id,
+                                  env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
+    return table
 
 
 class Running:

@@ -44,6 +44,11 @@ def prompt_of(tokens: int, count) -> str:
     return text
 
 
+# Token counting with the model's own tokenizer (set by the bench before it runs): servers'
+# `usage` is not trusted (one peer estimates it from words).
+COUNTER: dict = {"text": None, "chat": None}
+
+
 def stream_chat(url: str, model: str, content: str, max_tokens: int, eos_ids: list[int],
                 messages: Optional[list] = None) -> StreamResult:
     """One greedy streamed chat request with end-of-sequence banned, so every server produces
@@ -54,7 +59,7 @@ def stream_chat(url: str, model: str, content: str, max_tokens: int, eos_ids: li
     start = time.perf_counter()
     ttft = 0.0
     usage = None
-    pieces = 0
+    pieces: list[str] = []
     try:
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
             if r.status_code != 200:
@@ -67,14 +72,16 @@ def stream_chat(url: str, model: str, content: str, max_tokens: int, eos_ids: li
                     usage = chunk["usage"]
                 for choice in chunk.get("choices", []):
                     if choice.get("delta", {}).get("content"):
-                        pieces += 1
+                        pieces.append(choice["delta"]["content"])
                         if not ttft:
                             ttft = time.perf_counter() - start
     except httpx.HTTPError as e:
         return StreamResult(0, 0, 0, 0, False, repr(e))
     total = time.perf_counter() - start
-    completion = usage["completion_tokens"] if usage else pieces
-    prompt = usage["prompt_tokens"] if usage else 0
+    text = "".join(pieces)
+    completion = COUNTER["text"](text) if COUNTER["text"] else (usage or {}).get("completion_tokens", len(pieces))
+    msgs = messages or [{"role": "user", "content": content}]
+    prompt = COUNTER["chat"](msgs) if COUNTER["chat"] else (usage or {}).get("prompt_tokens", 0)
     return StreamResult(ttft, total, completion, prompt, True)
 
 
@@ -114,7 +121,8 @@ def health_latency(url: str, path: str, samples: int = 50) -> dict:
     return {"p50_ms": 1000 * times[len(times) // 2], "p99_ms": 1000 * times[min(len(times) - 1, int(0.99 * len(times)))]}
 
 
-def raw_mlx_lm(model_dir: str, prompts: dict[int, str], max_tokens: int, dequantize: bool) -> dict:
+def raw_mlx_lm(model_dir: str, prompts: dict[int, str], max_tokens: int, dequantize: bool,
+               eos_ids: list[int]) -> dict:
     """The physical reference: mlx_lm.stream_generate in this process (run in a subprocess so
     BLAS and dtype choices don't leak between runs)."""
     import subprocess
@@ -125,6 +133,7 @@ import json, sys, time
 {"import engine" if dequantize else ""}
 import mlx.core as mx
 from mlx_lm import load, stream_generate
+from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.utils import dequantize_model
 model, tok = load({model_dir!r})
 if {dequantize}:
@@ -134,7 +143,9 @@ prompts = json.loads(sys.stdin.read())
 for n, text in prompts.items():
     ids = tok.apply_chat_template([{{"role": "user", "content": text}}], add_generation_prompt=True)
     last = None
-    for r in stream_generate(model, tok, ids, max_tokens={max_tokens}):
+    # The same end-of-sequence ban the servers get, so the work per token is the same.
+    procs = make_logits_processors(logit_bias={{i: -100.0 for i in {eos_ids!r}}})
+    for r in stream_generate(model, tok, ids, max_tokens={max_tokens}, logits_processors=procs):
         last = r
     out[n] = {{"prefill_tps": last.prompt_tps, "decode_tps": last.generation_tps, "prompt_tokens": last.prompt_tokens}}
 print(json.dumps(out))
