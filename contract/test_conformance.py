@@ -32,7 +32,9 @@ def samples(server) -> dict[str, list]:
     out: dict[str, list] = {}
     with httpx.Client(timeout=120) as h:
         out["chat"] = [h.post(f"{u}/v1/chat/completions", json={"model": MODEL, "messages": MSG, "max_tokens": 12}).json(),
-                       h.post(f"{u}/v1/chat/completions", json={"model": MODEL, "messages": MSG, "max_tokens": 2}).json()]
+                       h.post(f"{u}/v1/chat/completions", json={"model": MODEL, "messages": MSG, "max_tokens": 2}).json(),
+                       h.post(f"{u}/v1/chat/completions", json={"model": MODEL, "messages": MSG, "max_tokens": 4,
+                                                                "logprobs": True, "top_logprobs": 2}).json()]
         with h.stream("POST", f"{u}/v1/chat/completions", json={
                 "model": MODEL, "messages": MSG, "max_tokens": 6, "stream": True,
                 "stream_options": {"include_usage": True}}) as r:
@@ -40,7 +42,13 @@ def samples(server) -> dict[str, list]:
         with h.stream("POST", f"{u}/v1/chat/completions", json={
                 "model": MODEL, "messages": MSG, "max_tokens": 3, "stream": True}) as r:
             out["chat_chunks"] += sse_chunks(r)
-        out["completion"] = [h.post(f"{u}/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 3}).json()]
+        with h.stream("POST", f"{u}/v1/chat/completions", json={
+                "model": MODEL, "messages": MSG, "max_tokens": 3, "stream": True, "logprobs": True,
+                "top_logprobs": 1}) as r:
+            out["chat_chunks"] += sse_chunks(r)
+        out["completion"] = [h.post(f"{u}/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 3}).json(),
+                             h.post(f"{u}/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 3,
+                                                                 "logprobs": 2}).json()]
         with h.stream("POST", f"{u}/v1/completions", json={
                 "model": MODEL, "prompt": "Hello", "max_tokens": 3, "stream": True,
                 "stream_options": {"include_usage": True}}) as r:

@@ -67,6 +67,7 @@ class Prepared:
     max_tokens: int
     params: SamplingParams
     runner: TextRunner
+    raw_text: bool = False  # a text completion (keeps the first token's leading space)
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -105,23 +106,19 @@ class Engine:
             log.warning("no embedding model: %s", getattr(e, "message", e))
 
     def _embedding_id(self) -> Optional[str]:
-        spec = self.config.embedding_model
-        if spec == "none":
+        if self.config.embedding_model == "none":
             return None
-        if spec is None:
-            ensure_default_embedding_model(self.config.models_dir, self.config.home,
-                                           allow_download=self.config.allow_download)
-            return DEFAULT_EMBEDDING_ID
-        if Path(spec).expanduser().is_dir():
-            return self.store.add_local(Path(spec)).id
-        return self.store.resolve(spec).id
+        return self._model_id(self.config.embedding_model, ensure_default_embedding_model, DEFAULT_EMBEDDING_ID)
 
     def _preload_id(self) -> str:
-        spec = self.config.model
+        return self._model_id(self.config.model, ensure_default_model, DEFAULT_MODEL_ID)
+
+    def _model_id(self, spec: Optional[str], ensure_default: Callable[..., Path], default_id: str) -> str:
+        """The id for a CLI model spec: the embedded default (prepared on first use), a local
+        folder (registered under its name), or an id from the store."""
         if spec is None:
-            ensure_default_model(self.config.models_dir, self.config.home,
-                                 allow_download=self.config.allow_download)
-            return DEFAULT_MODEL_ID
+            ensure_default(self.config.models_dir, self.config.home, allow_download=self.config.allow_download)
+            return default_id
         if Path(spec).expanduser().is_dir():
             return self.store.add_local(Path(spec)).id
         return self.store.resolve(spec).id
@@ -257,7 +254,7 @@ class Engine:
 
     # --- generation ----------------------------------------------------------------------
     async def _prepare(self, model_id: str, encode: Callable[[TextRunner], list[int]],
-                       params: SamplingParams) -> Prepared:
+                       params: SamplingParams, raw_text: bool = False) -> Prepared:
         def work() -> Prepared:
             runner = self._ensure_loaded(model_id)
             runner.check_params(params)
@@ -266,7 +263,7 @@ class Engine:
                 raise InvalidRequest("The prompt is empty.", param="prompt")
             max_tokens = runner.max_new_tokens(len(prompt), params.max_tokens, self.config.default_max_tokens,
                                                self.config.max_tokens_cap)
-            return Prepared(model_id, prompt, max_tokens, params, runner)
+            return Prepared(model_id, prompt, max_tokens, params, runner, raw_text)
 
         return await self.scheduler.call(work, exclusive=lambda: self._needs_switch(model_id))
 
@@ -277,13 +274,14 @@ class Engine:
 
     async def prepare_completion(self, model_id: str, prompt: str, params: SamplingParams) -> Prepared:
         """Load the model if needed, tokenize the prompt, check the context budget."""
-        return await self._prepare(model_id, lambda r: r.encode_text(prompt), params)
+        return await self._prepare(model_id, lambda r: r.encode_text(prompt), params, raw_text=True)
 
     def stream(self, prepared: Prepared) -> StreamHandle:
         """Queue the generation; iterate the handle for TextDelta events and one Finished."""
         runner = prepared.runner
         def run(cancelled: Callable[[], bool]):
-            yield from runner.generate(prepared.prompt, prepared.max_tokens, prepared.params, cancelled)
+            yield from runner.generate(prepared.prompt, prepared.max_tokens, prepared.params, cancelled,
+                                       keep_leading_space=prepared.raw_text)
             self._last_used = time.monotonic()
 
         return self.scheduler.submit_stream(run)

@@ -46,13 +46,26 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: bool = False  # report each generated token's log probability
+    top_logprobs: int = 0  # and this many most likely alternatives
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log probability (and the top alternatives when asked)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class TextDelta:
-    """A piece of generated text that is safe to send."""
+    """A piece of generated text that is safe to send, with the logprobs of the tokens that
+    produced it since the last delta (empty unless requested)."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -246,9 +259,24 @@ class TextRunner:
         return min(x for x in (default, cap, room) if x)
 
     # --- generation ----------------------------------------------------------------------
+    def _token_logprob(self, token: int, logprobs: mx.array, top: int) -> TokenLogprob:
+        """The token's log probability (log-softmax after logits processors, before sampling)."""
+        lp = logprobs.reshape(-1)
+        alternatives: tuple[tuple[str, float], ...] = ()
+        if top:
+            ids = mx.argpartition(-lp, top - 1)[:top]
+            values = lp[ids].tolist()
+            order = sorted(zip(ids.tolist(), values), key=lambda x: -x[1])
+            alternatives = tuple((self.tokenizer.decode([i]), float(v)) for i, v in order)
+        return TokenLogprob(self.tokenizer.decode([token]), float(lp[token].item()), alternatives)
+
     def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams,
-                 cancelled: Callable[[], bool]) -> Iterator[GenerationEvent]:
-        """Generate up to `max_tokens` tokens; stop strings and cancellation end it early."""
+                 cancelled: Callable[[], bool], keep_leading_space: bool = False) -> Iterator[GenerationEvent]:
+        """Generate up to `max_tokens` tokens; stop strings and cancellation end it early.
+
+        mlx-lm's streaming detokenizer drops the first token's leading space, right for a chat
+        answer and wrong for a text completion (" Paris" after "The capital is"):
+        `keep_leading_space` puts it back."""
         from mlx_lm import stream_generate
         from mlx_lm.models.cache import make_prompt_cache
 
@@ -269,6 +297,9 @@ class TextRunner:
         if cache is None:
             cache = make_prompt_cache(self.model)
         tokens: list[int] = []
+        pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not sent yet
+        started = False  # has any text come out yet
+        eos = set(getattr(self.tokenizer, "eos_token_ids", ()) or ())
         finish = "length"
         try:
             for response in stream_generate(self.model, self.tokenizer, mx.array(prompt[reused:]),
@@ -277,9 +308,17 @@ class TextRunner:
                 tokens.append(int(response.token))
                 if fault_at is not None and len(tokens) > fault_at:
                     raise RuntimeError("injected fault (OPENMLX_FAULT_MAX_TOKENS)")
-                text = stops.feed(response.text)
+                if params.logprobs and not (response.finish_reason == "stop" and response.token in eos):
+                    pending.append(self._token_logprob(int(response.token), response.logprobs, params.top_logprobs))
+                piece = response.text
+                if keep_leading_space and piece and not started:
+                    started = True
+                    if self.tokenizer.decode(tokens).startswith(" ") and not piece.startswith(" "):
+                        piece = " " + piece
+                text = stops.feed(piece)
                 if text:
-                    yield TextDelta(text)
+                    yield TextDelta(text, tuple(pending))
+                    pending.clear()
                 if stops.stopped:
                     finish = "stop"
                     break
@@ -293,6 +332,6 @@ class TextRunner:
             self.prompt_cache.put(prompt + tokens, cache)
         generated = len(tokens)
         tail = stops.flush()
-        if tail:
-            yield TextDelta(tail)
+        if tail or (pending and not stops.stopped):
+            yield TextDelta(tail, tuple(pending))
         yield Finished(finish, len(prompt), generated)

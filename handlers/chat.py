@@ -4,7 +4,7 @@ from __future__ import annotations
 from connexion import request
 
 from engine.errors import InvalidRequest
-from engine.text import Finished
+from engine.text import Finished, TextDelta
 from handlers import protocol, sse
 from handlers.metrics import GenerationObserver
 
@@ -24,12 +24,15 @@ async def create(body: dict):
     handle = engine.stream(prepared)
     observer = GenerationObserver("chat.completions", req.model)
     if not req.stream:
-        text, done = await sse.collect(handle, observer)
+        text, done, logprobs = await sse.collect(handle, observer)
         return protocol.json_ok(protocol.chat_completion(cid, created, req.model, text, done.finish_reason,
-                                              done.prompt_tokens, done.completion_tokens), prepared.warnings)
+                                                         done.prompt_tokens, done.completion_tokens,
+                                                         logprobs if req.params.logprobs else None),
+                                prepared.warnings)
 
-    def on_delta(text: str) -> dict:
-        return protocol.chat_chunk(cid, created, req.model, {"content": text}, with_usage_field=req.include_usage)
+    def on_delta(delta: TextDelta) -> dict:
+        return protocol.chat_chunk(cid, created, req.model, {"content": delta.text}, with_usage_field=req.include_usage,
+                                   logprobs=delta.logprobs if req.params.logprobs else None)
 
     def on_finish(done: Finished) -> list[dict]:
         chunks = [protocol.chat_chunk(cid, created, req.model, {}, done.finish_reason,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from connexion import request
 
-from engine.text import Finished
+from engine.text import Finished, TextDelta
 from handlers import protocol, sse
 from handlers.metrics import GenerationObserver
 
@@ -16,12 +16,20 @@ async def create(body: dict):
     handle = engine.stream(prepared)
     observer = GenerationObserver("completions", req.model)
     if not req.stream:
-        text, done = await sse.collect(handle, observer)
+        text, done, logprobs = await sse.collect(handle, observer)
         return protocol.json_ok(protocol.text_completion(cid, created, req.model, text, done.finish_reason,
-                                              (done.prompt_tokens, done.completion_tokens)), prepared.warnings)
+                                                         (done.prompt_tokens, done.completion_tokens),
+                                                         logprobs if req.params.logprobs else None),
+                                prepared.warnings)
 
-    def on_delta(text: str) -> dict:
-        return protocol.text_completion(cid, created, req.model, text, None)
+    sent = 0  # characters streamed so far: the text_offset of the next token
+
+    def on_delta(delta: TextDelta) -> dict:
+        nonlocal sent
+        chunk = protocol.text_completion(cid, created, req.model, delta.text, None,
+                                         logprobs=delta.logprobs if req.params.logprobs else None, offset=sent)
+        sent += len(delta.text)
+        return chunk
 
     def on_finish(done: Finished) -> list[dict]:
         chunks = [protocol.text_completion(cid, created, req.model, "", done.finish_reason)]

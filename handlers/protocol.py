@@ -8,10 +8,10 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from engine.errors import InvalidRequest
-from engine.text import ChatMessage, SamplingParams
+from engine.text import ChatMessage, SamplingParams, TokenLogprob
 
 SYSTEM_FINGERPRINT = "openmlx-0.1.0"
 
@@ -62,7 +62,14 @@ def sampling_params(body: dict[str, Any]) -> SamplingParams:
         value = body.get(name)
         return default if value is None else float(value)
 
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if isinstance(logprobs, int) and not isinstance(logprobs, bool):  # legacy completions: top-N
+        logprobs, top = True, logprobs
+    if top and not logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
     return SamplingParams(
+        logprobs=bool(logprobs),
+        top_logprobs=int(top or 0),
         max_tokens=max_tokens,
         temperature=number("temperature", 1.0),
         top_p=number("top_p", 1.0),
@@ -151,23 +158,50 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _token_entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+def chat_logprobs(entries: Optional[Sequence[TokenLogprob]]) -> Optional[dict[str, Any]]:
+    """OpenAI's chat `logprobs` object, or None when not requested."""
+    if entries is None:
+        return None
+    return {"content": [{**_token_entry(e.token, e.logprob),
+                         "top_logprobs": [_token_entry(t, lp) for t, lp in e.top]} for e in entries],
+            "refusal": None}
+
+
+def completion_logprobs(entries: Optional[Sequence[TokenLogprob]], offset: int = 0) -> Optional[dict[str, Any]]:
+    """The legacy completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset)."""
+    if entries is None:
+        return None
+    offsets, at = [], offset
+    for e in entries:
+        offsets.append(at)
+        at += len(e.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+
+
 def chat_completion(cid: str, created: int, model: str, text: str, finish: str,
-                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+                    prompt_tokens: int, completion_tokens: int,
+                    logprobs: Optional[Sequence[TokenLogprob]] = None) -> dict[str, Any]:
     return {
         "id": cid, "object": "chat.completion", "created": created, "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                     "finish_reason": finish, "logprobs": None}],
+                     "finish_reason": finish, "logprobs": chat_logprobs(logprobs)}],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
 def chat_chunk(cid: str, created: int, model: str, delta: dict[str, Any],
-               finish: Optional[str] = None, with_usage_field: bool = False) -> dict[str, Any]:
+               finish: Optional[str] = None, with_usage_field: bool = False,
+               logprobs: Optional[Sequence[TokenLogprob]] = None) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": chat_logprobs(logprobs)}],
     }
     if with_usage_field:
         chunk["usage"] = None
@@ -183,11 +217,13 @@ def usage_chunk(obj: str, cid: str, created: int, model: str, prompt_tokens: int
 
 
 def text_completion(cid: str, created: int, model: str, text: str, finish: Optional[str],
-                    counts: Optional[tuple[int, int]] = None) -> dict[str, Any]:
+                    counts: Optional[tuple[int, int]] = None,
+                    logprobs: Optional[Sequence[TokenLogprob]] = None, offset: int = 0) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": cid, "object": "text_completion", "created": created, "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+        "choices": [{"index": 0, "text": text, "finish_reason": finish,
+                     "logprobs": completion_logprobs(logprobs, offset)}],
     }
     if counts is not None:
         body["usage"] = usage(*counts)

@@ -14,7 +14,7 @@ from starlette.responses import StreamingResponse
 
 from engine.errors import EngineError
 from engine.scheduler import StreamHandle
-from engine.text import Finished, TextDelta
+from engine.text import Finished, TextDelta, TokenLogprob
 from handlers.errors import engine_error_body, error_body
 from handlers.metrics import GenerationObserver
 
@@ -25,24 +25,26 @@ def event(data: Any) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def collect(handle: StreamHandle, observer: GenerationObserver) -> tuple[str, Finished]:
-    """Run a generation to its end and return (text, Finished)."""
+async def collect(handle: StreamHandle, observer: GenerationObserver) -> tuple[str, Finished, list[TokenLogprob]]:
+    """Run a generation to its end and return (text, Finished, token logprobs if requested)."""
     parts: list[str] = []
+    logprobs: list[TokenLogprob] = []
     try:
         async for ev in handle:
             if isinstance(ev, TextDelta):
                 observer.first_text()
                 parts.append(ev.text)
+                logprobs.extend(ev.logprobs)
             elif isinstance(ev, Finished):
                 observer.finished(ev)
-                return "".join(parts), ev
+                return "".join(parts), ev, logprobs
     finally:
         handle.cancel()  # no-op when finished; stops the worker if we were cancelled
     raise RuntimeError("generation ended without a Finished event")
 
 
 def stream_response(handle: StreamHandle, observer: GenerationObserver,
-                    on_delta: Callable[[str], dict[str, Any]],
+                    on_delta: Callable[[TextDelta], dict[str, Any]],
                     on_finish: Callable[[Finished], list[dict[str, Any]]],
                     first: Optional[dict[str, Any]] = None,
                     headers: Optional[dict[str, str]] = None) -> StreamingResponse:
@@ -58,7 +60,7 @@ def stream_response(handle: StreamHandle, observer: GenerationObserver,
             async for ev in handle:
                 if isinstance(ev, TextDelta):
                     observer.first_text()
-                    yield event(on_delta(ev.text))
+                    yield event(on_delta(ev))
                 elif isinstance(ev, Finished):
                     observer.finished(ev)
                     for chunk in on_finish(ev):

@@ -180,3 +180,12 @@ def test_spec_and_docs_are_served(server):
     assert "/v1/chat/completions" in spec["paths"]
     docs = httpx.get(server.url + "/docs/")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_completion_keeps_the_leading_space(client):
+    # "The capital of France is" continues with " Paris": the space is part of the completion.
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=2, temperature=0)
+    assert r.choices[0].text.startswith(" ")
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=2, temperature=0, stream=True) if c.choices)
+    assert streamed == r.choices[0].text
