@@ -48,6 +48,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: bool = False  # report each generated token's log probability
     top_logprobs: int = 0  # and this many most likely alternatives
+    grammar: Optional[str] = None  # llguidance grammar the output must follow (JSON modes)
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,10 @@ class TextRunner:
         if bad:
             raise InvalidRequest(f"logit_bias names token ids outside the vocabulary (size {self.vocab_size}): "
                                  f"{bad[:5]}.", param="logit_bias")
+        if params.grammar:
+            from engine.structured import check_grammar
+
+            check_grammar(params.grammar)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
@@ -289,6 +294,10 @@ class TextRunner:
         if params.presence_penalty or params.frequency_penalty:
             processors.append(_penalty_processor(params.presence_penalty, params.frequency_penalty,
                                                  self.vocab_size))
+        if params.grammar:  # last, after biases and penalties
+            from engine.structured import grammar_processor
+
+            processors.append(grammar_processor(self.tokenizer, params.grammar))
         stops = StopMatcher(params.stop)
         # Fault injection for tests: a request whose max_tokens equals OPENMLX_FAULT_MAX_TOKENS
         # fails half-way through, as a bug in a model or kernel would.

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from engine.errors import InvalidRequest
+from engine.structured import grammar_for
 from engine.text import ChatMessage, SamplingParams, TokenLogprob
 
 SYSTEM_FINGERPRINT = "openmlx-0.1.0"
@@ -67,7 +68,12 @@ def sampling_params(body: dict[str, Any]) -> SamplingParams:
         logprobs, top = True, logprobs
     if top and not logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
+    response_format = body.get("response_format") or {"type": "text"}
+    if response_format.get("type") == "json_schema" and not (response_format.get("json_schema") or {}).get("schema"):
+        raise InvalidRequest("response_format json_schema needs json_schema.schema.",
+                             param="response_format.json_schema.schema")
     return SamplingParams(
+        grammar=grammar_for(response_format),
         logprobs=bool(logprobs),
         top_logprobs=int(top or 0),
         max_tokens=max_tokens,

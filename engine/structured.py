@@ -1,0 +1,81 @@
+"""Grammar-constrained decoding (JSON mode, JSON schema) with llguidance on mlx-lm.
+
+A logits processor per request masks every token the grammar does not allow, so the output
+always parses and matches the schema (unless max_tokens cuts it: then finish_reason is "length").
+llguidance's MLX helper is Metal-only, so the mask is applied by hand with numpy (shared/STRUCTURED.md).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from engine.errors import InvalidRequest
+
+_TOKENIZERS: dict[int, Any] = {}
+
+
+def grammar_for(response_format: dict[str, Any]) -> Optional[str]:
+    """The llguidance grammar for an OpenAI `response_format`, or None for plain text."""
+    from llguidance import LLMatcher
+
+    kind = response_format.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema: dict[str, Any] = {"type": "object"}
+    else:
+        schema = (response_format.get("json_schema") or {}).get("schema") or {}
+    # Compact JSON (no pretty-printing): fewer tokens, same data.
+    return LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults={"whitespace_flexible": False})
+
+
+def check_grammar(grammar: str) -> None:
+    """400 if llguidance can't compile the schema."""
+    from llguidance import LLMatcher
+
+    message = LLMatcher.validate_grammar(grammar)  # "" when the grammar is usable
+    if message:
+        raise InvalidRequest(f"The JSON schema in response_format can't be used: {message}",
+                             param="response_format.json_schema.schema")
+
+
+def _ll_tokenizer(tokenizer: Any) -> Any:
+    key = id(tokenizer)
+    if key not in _TOKENIZERS:  # ~0.5 s once per model
+        import llguidance.hf
+
+        _TOKENIZERS[key] = llguidance.hf.from_tokenizer(tokenizer._tokenizer, n_vocab=None,
+                                                         eos_token=list(tokenizer.eos_token_ids))
+    return _TOKENIZERS[key]
+
+
+def grammar_processor(tokenizer: Any, grammar: str) -> Callable[[mx.array, mx.array], mx.array]:
+    """A fresh mlx-lm logits processor enforcing `grammar` (one per request: it holds state)."""
+    import llguidance
+    import llguidance.numpy as llnp
+
+    lltok = _ll_tokenizer(tokenizer)
+    matcher = llguidance.LLMatcher(lltok, grammar)
+    bitmask = llnp.allocate_token_bitmask(1, lltok.vocab_size)
+    state = {"seen": None}
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        # The first call sees the (uncached part of the) prompt; later calls add one token each.
+        if state["seen"] is None:
+            state["seen"] = tokens.size
+        else:
+            for t in tokens[state["seen"]:].tolist():
+                matcher.consume_token(int(t))
+            state["seen"] = tokens.size
+        llnp.fill_next_token_bitmask(matcher, bitmask, 0)
+        allowed = np.unpackbits(bitmask[0].view(np.uint8), bitorder="little")[: lltok.vocab_size].astype(bool)
+        vocab = logits.shape[-1]
+        mask = np.zeros(vocab, dtype=bool)  # ids past the grammar's vocabulary (padding) stay banned
+        n = min(vocab, allowed.size)
+        mask[:n] = allowed[:n]
+        return mx.where(mx.array(mask)[None], logits, mx.array(-float("inf"), dtype=logits.dtype))
+
+    return process
