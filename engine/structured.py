@@ -7,6 +7,7 @@ llguidance's MLX helper is Metal-only, so the mask is applied by hand with numpy
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from typing import Any, Callable, Optional
 
 import mlx.core as mx
@@ -19,8 +20,6 @@ _TOKENIZERS: dict[int, Any] = {}
 
 def grammar_for(response_format: dict[str, Any]) -> Optional[str]:
     """The llguidance grammar for an OpenAI `response_format`, or None for plain text."""
-    from llguidance import LLMatcher
-
     kind = response_format.get("type", "text")
     if kind == "text":
         return None
@@ -28,8 +27,16 @@ def grammar_for(response_format: dict[str, Any]) -> Optional[str]:
         schema: dict[str, Any] = {"type": "object"}
     else:
         schema = (response_format.get("json_schema") or {}).get("schema") or {}
+    return _compile(json.dumps(schema, sort_keys=True))
+
+
+@lru_cache(maxsize=256)
+def _compile(schema_json: str) -> str:
+    """Compiled once per distinct schema (clients resend the same schema with every request)."""
+    from llguidance import LLMatcher
+
     # Compact JSON (no pretty-printing): fewer tokens, same data.
-    return LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults={"whitespace_flexible": False})
+    return LLMatcher.grammar_from_json_schema(schema_json, defaults={"whitespace_flexible": False})
 
 
 def check_grammar(grammar: str) -> None:
