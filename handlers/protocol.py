@@ -5,13 +5,15 @@ schema can't say (e.g. logit_bias keys must be token ids, images only for vision
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 from engine.errors import InvalidRequest
 from engine.structured import grammar_for
+from engine.tools import ToolCall, ToolSpec, call_grammar, render_call, render_result, tool_prompt
 from engine.text import ChatMessage, SamplingParams, TokenLogprob
 
 SYSTEM_FINGERPRINT = "openmlx-0.1.0"
@@ -25,6 +27,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     newest_has_media: bool  # the last user message carries an image/audio part
+    tools_active: bool = False  # tools offered: the output is parsed for tool calls
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,19 @@ def _media_count(parts: list[dict[str, Any]]) -> int:
 
 
 def _flatten(index: int, message: dict[str, Any]) -> ChatMessage:
-    """A message's text: parts joined by newlines; media in *earlier* turns become a marker."""
+    """A message's text: parts joined by newlines; media in *earlier* turns become a marker.
+    Tool results and earlier calls are rendered the way the model is told to write them."""
     role, content = message["role"], message.get("content")
+    if role == "tool":
+        if not message.get("tool_call_id"):
+            raise InvalidRequest(f"messages[{index}] (tool) needs tool_call_id.", param=f"messages.{index}.tool_call_id")
+        text = content if isinstance(content, str) else _flatten(index, {"role": "user", "content": content}).content
+        return ChatMessage("user", render_result(text or ""))
+    if role == "assistant" and message.get("tool_calls"):
+        calls = "".join(render_call(c["function"]["name"], c["function"].get("arguments") or "{}")
+                        for c in message["tool_calls"])
+        text = _flatten(index, {"role": "assistant", "content": content}).content
+        return ChatMessage("assistant", (text + "\n" if text else "") + calls)
     if content is None:
         if role != "assistant":
             raise InvalidRequest(f"messages[{index}] ({role}) needs content.", param=f"messages.{index}.content")
@@ -115,14 +129,50 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
         and _media_count(messages[newest_user]["content"]) > 0
     options = body.get("stream_options") or {}
     stream = bool(body.get("stream"))
+    flat = [_flatten(i, m) for i, m in enumerate(messages)]
+    params = sampling_params(body)
+    tools, grammar = _tools(body)
+    if tools:
+        prompt = tool_prompt(tools)
+        if flat and flat[0].role in ("system", "developer"):
+            flat[0] = ChatMessage(flat[0].role, flat[0].content + "\n\n" + prompt)
+        else:
+            flat.insert(0, ChatMessage("system", prompt))
+        if grammar:
+            params = replace(params, grammar=grammar)
     return ChatRequest(
         model=body["model"],
-        messages=[_flatten(i, m) for i, m in enumerate(messages)],
-        params=sampling_params(body),
+        messages=flat,
+        params=params,
         stream=stream,
         include_usage=stream and bool(options.get("include_usage")),
         newest_has_media=newest_media,
+        tools_active=bool(tools),
     )
+
+
+def _tools(body: dict[str, Any]) -> tuple[list[ToolSpec], Optional[str]]:
+    """The tools on offer (none when tool_choice is "none") and, for `required` or a named
+    function, the grammar that makes the answer one valid call."""
+    raw = body.get("tools") or []
+    choice = body.get("tool_choice")
+    if choice is not None and not raw and choice != "none":
+        raise InvalidRequest("tool_choice needs tools.", param="tool_choice")
+    names = [t["function"]["name"] for t in raw]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise InvalidRequest(f"Two tools are named '{duplicate}'; tool names must be unique.", param="tools")
+    if not raw or choice == "none":
+        return [], None
+    specs = [ToolSpec(t["function"]["name"], t["function"].get("description", ""),
+                      json.dumps(t["function"].get("parameters") or {"type": "object", "properties": {}}))
+             for t in raw]
+    if isinstance(choice, dict):
+        name = choice["function"]["name"]
+        if name not in names:
+            raise InvalidRequest(f"tool_choice names '{name}', which is not in tools.", param="tool_choice")
+        return specs, call_grammar(specs, only=name)
+    return specs, call_grammar(specs) if choice == "required" else None
 
 
 def parse_completion(body: dict[str, Any]) -> CompletionRequest:
@@ -189,16 +239,36 @@ def completion_logprobs(entries: Optional[Sequence[TokenLogprob]], offset: int =
             "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
 
 
+def tool_call_object(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
 def chat_completion(cid: str, created: int, model: str, text: str, finish: str,
                     prompt_tokens: int, completion_tokens: int,
-                    logprobs: Optional[Sequence[TokenLogprob]] = None) -> dict[str, Any]:
+                    logprobs: Optional[Sequence[TokenLogprob]] = None,
+                    tool_calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text if (text or not tool_calls) else None,
+                               "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = [tool_call_object(c) for c in tool_calls]
     return {
         "id": cid, "object": "chat.completion", "created": created, "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+        "choices": [{"index": 0, "message": message,
                      "finish_reason": finish, "logprobs": chat_logprobs(logprobs)}],
         "usage": usage(prompt_tokens, completion_tokens),
     }
+
+
+def tool_call_deltas(calls: Sequence[ToolCall], piece: int = 24) -> list[dict[str, Any]]:
+    """Streamed calls as OpenAI sends them: index, id, type and name first, then argument pieces."""
+    deltas = []
+    for i, call in enumerate(calls):
+        deltas.append({"tool_calls": [{"index": i, "id": call.id, "type": "function",
+                                       "function": {"name": call.name, "arguments": ""}}]})
+        for start in range(0, len(call.arguments), piece):
+            deltas.append({"tool_calls": [{"index": i, "function": {"arguments": call.arguments[start:start + piece]}}]})
+    return deltas
 
 
 def chat_chunk(cid: str, created: int, model: str, delta: dict[str, Any],

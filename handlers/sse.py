@@ -44,7 +44,7 @@ async def collect(handle: StreamHandle, observer: GenerationObserver) -> tuple[s
 
 
 def stream_response(handle: StreamHandle, observer: GenerationObserver,
-                    on_delta: Callable[[TextDelta], dict[str, Any]],
+                    on_delta: Callable[[TextDelta], Optional[dict[str, Any]]],
                     on_finish: Callable[[Finished], list[dict[str, Any]]],
                     first: Optional[dict[str, Any]] = None,
                     headers: Optional[dict[str, str]] = None) -> StreamingResponse:
@@ -60,7 +60,9 @@ def stream_response(handle: StreamHandle, observer: GenerationObserver,
             async for ev in handle:
                 if isinstance(ev, TextDelta):
                     observer.first_text()
-                    yield event(on_delta(ev))
+                    chunk = on_delta(ev)
+                    if chunk is not None:  # None: the handler holds the text back (tool calls)
+                        yield event(chunk)
                 elif isinstance(ev, Finished):
                     observer.finished(ev)
                     for chunk in on_finish(ev):

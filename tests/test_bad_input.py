@@ -32,9 +32,8 @@ CASES = [
     ("n above 1", "/v1/chat/completions", {"model": MODEL, "messages": OK_MSG, "n": 2}, None, 400, "n", None),
     ("five stop strings", "/v1/chat/completions", {"model": MODEL, "messages": OK_MSG, "stop": list("abcde")},
      None, 400, "stop", None),
-    ("tools unsupported", "/v1/chat/completions",
-     {"model": MODEL, "messages": OK_MSG, "tools": [{"type": "function", "function": {"name": "f"}}]},
-     None, 400, "tools", None),
+    ("function_call unsupported (deprecated)", "/v1/chat/completions",
+     {"model": MODEL, "messages": OK_MSG, "function_call": "auto"}, None, 400, "function_call", None),
     ("top_logprobs above 20", "/v1/chat/completions",
      {"model": MODEL, "messages": OK_MSG, "logprobs": True, "top_logprobs": 21}, None, 400, "top_logprobs", None),
     ("top_logprobs without logprobs", "/v1/chat/completions",
@@ -102,3 +101,11 @@ def test_prompt_longer_than_context_is_400(server):
     long = "word " * 9000
     r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": long}, timeout=120)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("field", ["stop", "temperature", "max_tokens", "seed", "stream_options", "response_format"])
+def test_null_optional_fields_are_accepted(server, field):
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                   json={"model": MODEL, "messages": OK_MSG, "max_tokens": 2, field: None} if field != "max_tokens"
+                   else {"model": MODEL, "messages": OK_MSG, field: None, "max_completion_tokens": 2})
+    assert r.status_code == 200, r.text

@@ -1,0 +1,125 @@
+"""Tool calling on the real default model: grammar-guaranteed calls, streaming deltas, round trips."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import pytest
+
+from conftest import MODEL
+from engine.tools import parse_tool_calls
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "description": "Local time in a city",
+                                         "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                        "required": ["city"]}}}
+MSG = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_required_call_is_valid(client):
+    r = client.chat.completions.create(model=MODEL, messages=MSG, tools=[WEATHER, TIME], tool_choice="required",
+                                       max_tokens=60, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_")
+    params = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]["parameters"]
+    jsonschema.validate(json.loads(call.function.arguments), params)
+
+
+def test_named_call(client):
+    r = client.chat.completions.create(model=MODEL, messages=MSG, tools=[WEATHER, TIME], max_tokens=60,
+                                       tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                       temperature=0.8, seed=5)
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_time"
+    jsonschema.validate(json.loads(call.function.arguments), TIME["function"]["parameters"])
+
+
+def test_stream_reassembles_to_the_non_stream_call(client):
+    kwargs = dict(model=MODEL, messages=MSG, tools=[WEATHER], tool_choice="required", max_tokens=60, temperature=0)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.tool_calls[0]
+    chunks = [c for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]
+    deltas = [d for c in chunks if c.choices[0].delta.tool_calls for d in c.choices[0].delta.tool_calls]
+    assert deltas[0].id and deltas[0].type == "function" and deltas[0].function.name == whole.function.name
+    assert all(d.index == 0 for d in deltas) and all(d.id is None for d in deltas[1:])
+    assert "".join(d.function.arguments or "" for d in deltas) == whole.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_result_round_trip(client):
+    first = client.chat.completions.create(model=MODEL, messages=MSG, tools=[WEATHER], tool_choice="required",
+                                           max_tokens=60, temperature=0).choices[0].message
+    call = first.tool_calls[0]
+    history = MSG + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "sunny"}'}]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], max_tokens=30, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert r.choices[0].message.content or r.choices[0].message.tool_calls
+
+
+def test_auto_and_none(client):
+    auto = client.chat.completions.create(model=MODEL, messages=MSG, tools=[WEATHER], tool_choice="auto",
+                                          max_tokens=40, temperature=0)
+    assert auto.choices[0].message.content or auto.choices[0].message.tool_calls
+    none = client.chat.completions.create(model=MODEL, messages=MSG, tools=[WEATHER], tool_choice="none",
+                                          max_tokens=10, temperature=0)
+    assert not none.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [WEATHER, WEATHER]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
+    ({"messages": MSG + [{"role": "tool", "content": "x"}]}, "messages.1.tool_call_id"),
+])
+def test_bad_tool_input(server, extra, param):
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                   json={"model": MODEL, "messages": MSG, "max_tokens": 5, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_langchain_bind_tools(server):
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        return "sunny"
+
+    llm = ChatOpenAI(model=MODEL, base_url=server.url + "/v1", api_key="unused", temperature=0, max_tokens=60,
+                     max_retries=0)
+    msg = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("Weather in Paris?")
+    assert msg.tool_calls and msg.tool_calls[0]["name"] == "get_weather" and "city" in msg.tool_calls[0]["args"]
+
+
+# --- the parser on recorded outputs ------------------------------------------------------
+def test_parser_one_call_with_text():
+    text, calls = parse_tool_calls('Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>')
+    assert text == "Let me check." and calls[0].name == "get_weather" and json.loads(calls[0].arguments) == {"city": "Paris"}
+
+
+def test_parser_two_calls_and_quoted_arguments():
+    out = ('<tool_call>{"name": "a", "arguments": "{\\"x\\": 1}"}</tool_call>\n'
+           '<tool_call>{"name": "b", "arguments": {}}</tool_call>')
+    text, calls = parse_tool_calls(out)
+    assert text == "" and [c.name for c in calls] == ["a", "b"] and json.loads(calls[0].arguments) == {"x": 1}
+
+
+@pytest.mark.parametrize("broken", [
+    "<tool_call>{not json}</tool_call>",
+    '<tool_call>{"arguments": {}}</tool_call>',
+    '<tool_call>{"name": "a", "arguments": [1, 2]}</tool_call>',
+    '<tool_call>{"name": "a", "arguments": {"x": 1}}',  # never closed
+])
+def test_parser_leaves_broken_calls_as_text(broken):
+    text, calls = parse_tool_calls(broken)
+    assert calls == [] and text == broken.strip()
