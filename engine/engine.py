@@ -23,6 +23,7 @@ from engine.probe import Probe, probe
 from engine.resolution import ModelEntry, ModelStore
 from engine.scheduler import Scheduler, StreamHandle
 from engine.text import ChatMessage, SamplingParams, TextRunner
+from engine.tools import ToolSpec
 
 log = logging.getLogger("openmlx.engine")
 
@@ -268,9 +269,10 @@ class Engine:
         return await self.scheduler.call(work, exclusive=lambda: self._needs_switch(model_id))
 
     async def prepare_chat(self, model_id: str, messages: Sequence[ChatMessage],
-                           params: SamplingParams) -> Prepared:
-        """Load the model if needed, apply its chat template, check the context budget."""
-        return await self._prepare(model_id, lambda r: r.encode_chat(messages), params)
+                           params: SamplingParams, tools: Sequence[ToolSpec] = ()) -> Prepared:
+        """Load the model if needed, apply its chat template (with the tools on offer), check the
+        context budget."""
+        return await self._prepare(model_id, lambda r: r.encode_chat(messages, tools), params)
 
     async def prepare_completion(self, model_id: str, prompt: str, params: SamplingParams) -> Prepared:
         """Load the model if needed, tokenize the prompt, check the context budget."""

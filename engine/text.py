@@ -18,6 +18,7 @@ from engine.memory import MemoryEstimate, MemoryGate, dequantized_bytes
 from engine.probe import Probe
 from engine.prompt_cache import PromptCache
 from engine.stopping import StopMatcher
+from engine.tools import ToolSpec, native_tool_template, tool_prompt, tool_schema
 
 log = logging.getLogger("openmlx.engine")
 
@@ -79,6 +80,17 @@ class Finished:
 
 
 GenerationEvent = TextDelta | Finished
+
+
+def with_tool_prompt(messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]) -> list[ChatMessage]:
+    """Messages with the generic tool instructions in the system turn (added if there is none)."""
+    out = list(messages)
+    prompt = tool_prompt(tools)
+    if out and out[0].role in ("system", "developer"):
+        out[0] = ChatMessage(out[0].role, out[0].content + "\n\n" + prompt)
+    else:
+        out.insert(0, ChatMessage("system", prompt))
+    return out
 
 
 def on_gpu() -> bool:
@@ -204,13 +216,21 @@ class TextRunner:
         return cls(model_id, model, tokenizer, config, probe, dtype, context, need, tuple(warnings))
 
     # --- prompts -------------------------------------------------------------------------
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """Token ids of the chat template applied to `messages`, ready for the assistant turn."""
+    def encode_chat(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> list[int]:
+        """Token ids of the chat template applied to `messages`, ready for the assistant turn.
+
+        Tools go through the template when it renders them in the `<tool_call>` format our parser
+        reads (Hermes/Qwen templates); otherwise the generic tool prompt is added as a system turn."""
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        native = bool(tools) and native_tool_template(template)
+        if tools and not native:
+            messages = with_tool_prompt(messages, tools)
         turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
                  for m in messages]
-        if getattr(self.tokenizer, "chat_template", None):
+        if template:
+            extra = {"tools": [tool_schema(t) for t in tools]} if native else {}
             try:
-                return list(self.tokenizer.apply_chat_template(turns, add_generation_prompt=True))
+                return list(self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, **extra))
             except Exception as e:  # templates raise their own errors for e.g. role order
                 raise InvalidRequest(f"The model's chat template rejected the messages: {e}",
                                      param="messages") from e

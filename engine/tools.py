@@ -40,6 +40,17 @@ def tool_prompt(tools: Sequence[ToolSpec]) -> str:
             "Function results come back inside <tool_response></tool_response>.")
 
 
+def tool_schema(tool: ToolSpec) -> dict[str, Any]:
+    """OpenAI's tool object, as chat templates expect it in `tools=`."""
+    return {"type": "function", "function": {"name": tool.name, "description": tool.description,
+                                             "parameters": json.loads(tool.parameters)}}
+
+
+def native_tool_template(template: str) -> bool:
+    """A chat template that renders `tools` itself in the `<tool_call>` format this module parses."""
+    return "tools" in template and "<tool_call>" in template
+
+
 def render_call(name: str, arguments: str) -> str:
     """An earlier assistant call, as the model would have written it."""
     try:

@@ -27,7 +27,7 @@ async def create(body: dict):
         if info.type != "vision":
             raise InvalidRequest(f"The model '{req.model}' accepts text only, and the newest message has an "
                                  f"image or audio part. {hint}", param="messages", code="model_not_multimodal")
-    prepared = await engine.prepare_chat(req.model, req.messages, req.params)
+    prepared = await engine.prepare_chat(req.model, req.messages, req.params, req.tools)
     cid, created = protocol.new_id("chatcmpl"), protocol.now()
     handle = engine.stream(prepared)
     observer = GenerationObserver("chat.completions", req.model)

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 
 from engine.errors import InvalidRequest
 from engine.structured import grammar_for
-from engine.tools import ToolCall, ToolSpec, call_grammar, render_call, render_result, tool_prompt
+from engine.tools import ToolCall, ToolSpec, call_grammar, render_call, render_result
 from engine.text import ChatMessage, SamplingParams, TokenLogprob
 
 SYSTEM_FINGERPRINT = "openmlx-0.1.0"
@@ -27,7 +27,11 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     newest_has_media: bool  # the last user message carries an image/audio part
-    tools_active: bool = False  # tools offered: the output is parsed for tool calls
+    tools: tuple[ToolSpec, ...] = ()  # tools offered: the output is parsed for tool calls
+
+    @property
+    def tools_active(self) -> bool:
+        return bool(self.tools)
 
 
 @dataclass(frozen=True)
@@ -132,14 +136,8 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
     flat = [_flatten(i, m) for i, m in enumerate(messages)]
     params = sampling_params(body)
     tools, grammar = _tools(body)
-    if tools:
-        prompt = tool_prompt(tools)
-        if flat and flat[0].role in ("system", "developer"):
-            flat[0] = ChatMessage(flat[0].role, flat[0].content + "\n\n" + prompt)
-        else:
-            flat.insert(0, ChatMessage("system", prompt))
-        if grammar:
-            params = replace(params, grammar=grammar)
+    if grammar:
+        params = replace(params, grammar=grammar)
     return ChatRequest(
         model=body["model"],
         messages=flat,
@@ -147,7 +145,7 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
         stream=stream,
         include_usage=stream and bool(options.get("include_usage")),
         newest_has_media=newest_media,
-        tools_active=bool(tools),
+        tools=tuple(tools),
     )
 
 

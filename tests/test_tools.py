@@ -123,3 +123,48 @@ def test_parser_two_calls_and_quoted_arguments():
 def test_parser_leaves_broken_calls_as_text(broken):
     text, calls = parse_tool_calls(broken)
     assert calls == [] and text == broken.strip()
+
+
+# --- prompting: the model's own template when it renders tools, else the generic prompt ---
+HERMES_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nTools:\n{%- for t in tools %}\n{{ t | tojson }}{%- endfor %}\n"
+    "Call one as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n{%- endif %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+
+
+def _runner(folder):
+    from engine.memory import MemoryGate
+    from engine.probe import probe
+    from engine.text import TextRunner
+
+    return TextRunner.load("t", probe(folder), "keep", MemoryGate())
+
+
+def test_native_template_gets_the_tools(fixture_models, tmp_path):
+    import shutil
+
+    from engine.text import ChatMessage
+    from engine.tools import ToolSpec
+
+    folder = tmp_path / "hermes"
+    shutil.copytree(fixture_models["tiny"], folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = HERMES_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    runner = _runner(folder)
+    spec = ToolSpec("get_weather", "Weather", json.dumps(WEATHER["function"]["parameters"]))
+    text = runner.tokenizer.decode(runner.encode_chat([ChatMessage("user", "hi")], [spec]))
+    assert text.startswith("<|im_start|>system\nTools:") and '"name": "get_weather"' in text
+    assert "You can call these functions" not in text  # no generic prompt on top
+
+
+def test_generic_prompt_for_templates_without_tools(default_model_dir):
+    from engine.text import ChatMessage
+    from engine.tools import ToolSpec
+
+    runner = _runner(default_model_dir)
+    spec = ToolSpec("get_weather", "Weather", json.dumps(WEATHER["function"]["parameters"]))
+    text = runner.tokenizer.decode(runner.encode_chat([ChatMessage("system", "Be brief."), ChatMessage("user", "hi")],
+                                                      [spec]))
+    assert "Be brief.\n\nYou can call these functions" in text and "get_weather" in text
