@@ -57,9 +57,6 @@ class BertEmbedder:
     def nbytes(self) -> int:
         return sum(v.nbytes for v in self.w.values())
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(e.ids) for e in self.tokenizer.encode_batch(list(texts))]
-
     def _linear(self, x: mx.array, name: str) -> mx.array:
         return x @ self.w[f"{name}.weight"].T + self.w[f"{name}.bias"]
 

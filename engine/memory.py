@@ -43,11 +43,6 @@ def dequantized_bytes(probe: Probe) -> int:
     return int(probe.size_bytes * 32 / (bits + 1))
 
 
-def estimate(probe: Probe, weights_bytes: int, context_tokens: int, kv_bytes_per_token: int) -> MemoryEstimate:
-    """Weights plus the KV cache for `context_tokens` tokens."""
-    return MemoryEstimate(weights_bytes, context_tokens * kv_bytes_per_token)
-
-
 class MemoryGate:
     """Compares an estimate with available memory; the reading can be injected for tests."""
 

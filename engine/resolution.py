@@ -75,13 +75,14 @@ class ModelStore:
 
     def resolve(self, model_id: str) -> ModelEntry:
         """The entry named `model_id`, or ModelNotFound (404)."""
-        for entry in self.entries():
+        entries = self.entries()  # one scan of the store and the HF cache
+        for entry in entries:
             if entry.id == model_id:
                 return entry
         # Accept the bare repo name of a cached HF model ("SmolLM2" for "org/SmolLM2") only
         # when it is unambiguous.
         if "/" not in model_id:
-            matches = [e for e in self.entries() if e.id.rsplit("/", 1)[-1] == model_id]
+            matches = [e for e in entries if e.id.rsplit("/", 1)[-1] == model_id]
             if len(matches) == 1:
                 return matches[0]
         raise ModelNotFound(model_id)

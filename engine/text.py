@@ -256,9 +256,6 @@ class TextRunner:
 
             check_grammar(params.grammar)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
-
     def max_new_tokens(self, prompt_len: int, requested: Optional[int], default: Optional[int],
                        cap: Optional[int] = None) -> int:
         """The max_tokens policy: the request's value, else the server default, else the room
