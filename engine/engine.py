@@ -269,10 +269,19 @@ class Engine:
         return await self.scheduler.call(work, exclusive=lambda: self._needs_switch(model_id))
 
     async def prepare_chat(self, model_id: str, messages: Sequence[ChatMessage],
-                           params: SamplingParams, tools: Sequence[ToolSpec] = ()) -> Prepared:
+                           params: SamplingParams, tools: Sequence[ToolSpec] = (),
+                           continue_final: bool = False) -> Prepared:
         """Load the model if needed, apply its chat template (with the tools on offer), check the
-        context budget."""
-        return await self._prepare(model_id, lambda r: r.encode_chat(messages, tools), params)
+        context budget. `continue_final`: a last assistant message is continued, not closed."""
+        return await self._prepare(model_id, lambda r: r.encode_chat(messages, tools, continue_final), params)
+
+    async def count_chat_tokens(self, model_id: str, messages: Sequence[ChatMessage],
+                                tools: Sequence[ToolSpec] = ()) -> int:
+        """Prompt tokens a chat would take (the model is loaded to use its own tokenizer)."""
+        def work() -> int:
+            return len(self._ensure_loaded(model_id).encode_chat(messages, tools))
+
+        return await self.scheduler.call(work, exclusive=lambda: self._needs_switch(model_id))
 
     async def prepare_completion(self, model_id: str, prompt: str, params: SamplingParams) -> Prepared:
         """Load the model if needed, tokenize the prompt, check the context budget."""

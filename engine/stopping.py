@@ -15,6 +15,7 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def _held_back(self, text: str) -> int:
         """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
@@ -33,8 +34,10 @@ class StopMatcher:
         text = self._pending + piece
         if not self.stops:
             return text
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        hits = [(i, s) for s in self.stops if (i := text.find(s)) >= 0]
+        cut = min(hits)[0] if hits else -1
         if cut >= 0:
+            self.matched = min(hits)[1]
             self.stopped = True
             self._pending = ""
             return text[:cut]

@@ -42,6 +42,7 @@ class SamplingParams:
     max_tokens: Optional[int] = None
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off (Anthropic's top_k)
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0
@@ -77,9 +78,19 @@ class Finished:
     finish_reason: str  # "stop" | "length" | "cancelled"
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens taken from the prompt cache instead of computed
+    stop_sequence: Optional[str] = None  # the stop string that ended the text, if one did
 
 
-GenerationEvent = TextDelta | Finished
+@dataclass(frozen=True)
+class Started:
+    """The generation got its turn: how much of the prompt the prompt cache covers."""
+
+    prompt_tokens: int
+    cached_tokens: int
+
+
+GenerationEvent = Started | TextDelta | Finished
 
 
 def with_tool_prompt(messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]) -> list[ChatMessage]:
@@ -146,13 +157,13 @@ def _penalty_processor(presence: float, frequency: float, vocab: int) -> Callabl
     return process
 
 
-def make_sampler(temperature: float, top_p: float, seed: Optional[int]) -> Callable[[mx.array], mx.array]:
+def make_sampler(temperature: float, top_p: float, seed: Optional[int], top_k: int = 0) -> Callable[[mx.array], mx.array]:
     """Greedy at temperature 0; else top-p + categorical with a per-request random key.
 
     A key of its own (not MLX's global RNG) keeps `seed` deterministic while other requests'
     streams are decoded in between.
     """
-    from mlx_lm.sample_utils import apply_top_p
+    from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
     if temperature == 0:
         return lambda logprobs: mx.argmax(logprobs, axis=-1)
@@ -162,6 +173,8 @@ def make_sampler(temperature: float, top_p: float, seed: Optional[int]) -> Calla
 
     def sample(logprobs: mx.array) -> mx.array:
         state["key"], sub = mx.random.split(state["key"])
+        if top_k > 0:
+            logprobs = apply_top_k(logprobs, min(top_k, logprobs.shape[-1]))
         if 0 < top_p < 1:
             logprobs = apply_top_p(logprobs, top_p)
         return mx.random.categorical(logprobs * (1 / temperature), key=sub)
@@ -216,7 +229,8 @@ class TextRunner:
         return cls(model_id, model, tokenizer, config, probe, dtype, context, need, tuple(warnings))
 
     # --- prompts -------------------------------------------------------------------------
-    def encode_chat(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> list[int]:
+    def encode_chat(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = (),
+                    continue_final: bool = False) -> list[int]:
         """Token ids of the chat template applied to `messages`, ready for the assistant turn.
 
         Tools go through the template when it renders them in the `<tool_call>` format our parser
@@ -229,8 +243,11 @@ class TextRunner:
                  for m in messages]
         if template:
             extra = {"tools": [tool_schema(t) for t in tools]} if native else {}
+            # continue_final: the last assistant turn is a prefix to go on with (Anthropic's prefill).
+            prefill = {"continue_final_message": True} if continue_final and turns[-1]["role"] == "assistant" \
+                else {"add_generation_prompt": True}
             try:
-                return list(self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, **extra))
+                return list(self.tokenizer.apply_chat_template(turns, **prefill, **extra))
             except Exception as e:  # templates raise their own errors for e.g. role order
                 raise InvalidRequest(f"The model's chat template rejected the messages: {e}",
                                      param="messages") from e
@@ -302,7 +319,7 @@ class TextRunner:
         from mlx_lm import stream_generate
         from mlx_lm.models.cache import make_prompt_cache
 
-        sampler = make_sampler(params.temperature, params.top_p, params.seed)
+        sampler = make_sampler(params.temperature, params.top_p, params.seed, params.top_k)
         processors = []
         if params.logit_bias:
             ids = mx.array([t for t, _ in params.logit_bias])
@@ -322,6 +339,7 @@ class TextRunner:
         cache, reused = self.prompt_cache.take(prompt)
         if cache is None:
             cache = make_prompt_cache(self.model)
+        yield Started(len(prompt), reused)
         tokens: list[int] = []
         pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not sent yet
         started = False  # has any text come out yet
@@ -360,4 +378,4 @@ class TextRunner:
         tail = stops.flush()
         if tail or (pending and not stops.stopped):
             yield TextDelta(tail, tuple(pending))
-        yield Finished(finish, len(prompt), generated)
+        yield Finished(finish, len(prompt), generated, reused, stops.matched)

@@ -16,6 +16,7 @@ from engine.engine import Engine
 from engine.errors import EngineError
 from handlers import errors
 from handlers.metrics import MetricsMiddleware
+from handlers.response_store import ResponseStore
 from handlers.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 
 log = logging.getLogger("openmlx.http")
@@ -36,6 +37,9 @@ class ServerConfig:
     validate_responses: bool = True
     api_keys: list[str] = field(default_factory=list)  # empty: no auth
     cors_origins: list[str] = field(default_factory=list)  # empty: CORS off
+    responses_max: int = 1024  # stored Responses API responses
+    responses_ttl: float = 24 * 3600
+    responses_dir: Optional[Path] = None
 
 
 def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] = None) -> connexion.AsyncApp:
@@ -51,7 +55,8 @@ def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] =
             log.error("openmlx: cannot start: %s", e.message)
             raise
         try:
-            yield {"engine": eng}
+            yield {"engine": eng, "responses": ResponseStore(config.responses_max, config.responses_ttl,
+                                                             config.responses_dir)}
         finally:
             await asyncio.to_thread(eng.stop)
 
@@ -69,7 +74,8 @@ def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] =
 
         app.add_middleware(CORSMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION,
                            allow_origins=config.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID", "x-api-key",
+                                          "anthropic-version", "anthropic-beta"],
                            expose_headers=["X-Request-ID", "X-OpenMLX-Warning"])
     app.add_middleware(ApiKeyMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION, keys=config.api_keys)
     app.add_middleware(BodyLimitMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION,

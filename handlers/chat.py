@@ -5,11 +5,12 @@ from typing import Optional
 
 from connexion import request
 
-from engine.errors import InvalidRequest
 from engine.tools import ToolCall, parse_tool_calls
 from engine.text import Finished, TextDelta
-from handlers import protocol, sse
-from handlers.metrics import GenerationObserver
+from handlers import generation, protocol, sse
+from handlers.generation import Conversation
+
+ROUTE = "chat.completions"
 
 
 def _finish(done: Finished, calls: list[ToolCall]) -> str:
@@ -20,26 +21,18 @@ def _finish(done: Finished, calls: list[ToolCall]) -> str:
 async def create(body: dict):
     engine = request.state.engine
     req = protocol.parse_chat(body)
-    if req.newest_has_media:
-        info = engine.model_info(req.model)
-        vision = [m.id for m in engine.list_models() if m.type == "vision"]
-        hint = f"Use a vision model such as '{vision[0]}'." if vision else "No vision model is available on this server."
-        if info.type != "vision":
-            raise InvalidRequest(f"The model '{req.model}' accepts text only, and the newest message has an "
-                                 f"image or audio part. {hint}", param="messages", code="model_not_multimodal")
-    prepared = await engine.prepare_chat(req.model, req.messages, req.params, req.tools)
+    conv = Conversation(req.model, req.messages, req.params, req.tools, req.newest_has_media)
+    prepared = await generation.prepare(engine, conv)
     cid, created = protocol.new_id("chatcmpl"), protocol.now()
-    handle = engine.stream(prepared)
-    observer = GenerationObserver("chat.completions", req.model)
     if not req.stream:
-        text, done, logprobs = await sse.collect(handle, observer)
-        calls: list[ToolCall] = []
-        if req.tools_active:
-            text, calls = parse_tool_calls(text)
-        return protocol.json_ok(protocol.chat_completion(cid, created, req.model, text, _finish(done, calls),
+        out = await generation.answer(engine, conv, prepared, ROUTE)
+        done = out.done
+        return protocol.json_ok(protocol.chat_completion(cid, created, req.model, out.text, _finish(done, out.calls),
                                                          done.prompt_tokens, done.completion_tokens,
-                                                         logprobs if req.params.logprobs else None, calls),
+                                                         out.logprobs if req.params.logprobs else None, out.calls,
+                                                         done.cached_tokens),
                                 prepared.warnings)
+    handle, observer = generation.start_stream(engine, conv, prepared, ROUTE)
 
     held: list[str] = []  # with tools on offer, text is held until the calls can be parsed
 
@@ -64,9 +57,9 @@ async def create(body: dict):
                                           with_usage_field=req.include_usage))
         if req.include_usage:
             chunks.append(protocol.usage_chunk("chat.completion.chunk", cid, created, req.model,
-                                               done.prompt_tokens, done.completion_tokens))
+                                               done.prompt_tokens, done.completion_tokens, done.cached_tokens))
         return chunks
 
     first = protocol.chat_chunk(cid, created, req.model, {"role": "assistant", "content": ""},
                                 with_usage_field=req.include_usage)
-    return sse.stream_response(handle, observer, on_delta, on_finish, first, headers=protocol.warning_headers(prepared.warnings))
+    return sse.stream_response(handle, observer, on_delta, on_finish, [first], headers=protocol.warning_headers(prepared.warnings))

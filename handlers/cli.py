@@ -80,7 +80,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.config.dictConfig(_logging(args.log_json, args.log_level))
     config = ServerConfig(engine=_engine_config(args), max_body_bytes=args.max_body_bytes,
-                          api_keys=_api_keys(args), cors_origins=args.cors_origin or [])
+                          api_keys=_api_keys(args), cors_origins=args.cors_origin or [],
+                          responses_max=args.responses_max, responses_ttl=args.responses_ttl,
+                          responses_dir=args.responses_dir)
     engine = Engine(config.engine)
 
     class Server(uvicorn.Server):
@@ -181,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key-file", help="a file of API keys, one per line")
     s.add_argument("--cors-origin", action="append",
                    help="allow browser requests from this origin (repeatable; '*' only if you mean it). Off by default")
+    s.add_argument("--responses-max", type=int, default=1024,
+                   help="stored Responses API responses kept (least recently used out first)")
+    s.add_argument("--responses-ttl", type=float, default=24 * 3600, help="seconds a stored response is kept")
+    s.add_argument("--responses-dir", type=Path, default=None,
+                   help="also keep stored responses as JSON files here (they survive a restart)")
     s.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     s.add_argument("--log-level", default="info")
     common(s)

@@ -25,15 +25,43 @@ _PARAM_AT_END = re.compile(r" - '([^']*)'$")
 _REQUIRED = re.compile(r"^'([^']+)' is a required property")
 
 
+# Anthropic's error types by status, for the /v1/messages routes.
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                    503: "overloaded_error", 504: "timeout_error"}
+
+
 def error_body(message: str, type_: str, param: Optional[str] = None, code: Optional[str] = None) -> dict[str, Any]:
     """OpenAI's error object."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, type_: Optional[str] = None, param: Optional[str] = None,
-                   code: Optional[str] = None, headers: Optional[dict[str, str]] = None) -> ConnexionResponse:
-    body = error_body(message, type_ or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+def anthropic_error_body(status: int, message: str, request_id: Optional[str] = None) -> dict[str, Any]:
+    """Anthropic's error object: {"type": "error", "error": {"type", "message"}}."""
+    type_ = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": type_, "message": message}, "request_id": request_id}
+
+
+def is_anthropic_path(path: str) -> bool:
+    """Routes that speak Anthropic's API, and so its error shape."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def error_payload(path: str, status: int, message: str, type_: Optional[str] = None, param: Optional[str] = None,
+                  code: Optional[str] = None, request_id: Optional[str] = None) -> dict[str, Any]:
+    """The error body a client of `path` expects: Anthropic's on /v1/messages, OpenAI's elsewhere."""
+    if is_anthropic_path(path):
+        return anthropic_error_body(status, message, request_id)
+    return error_body(message, type_ or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
                       param, code)
+
+
+def error_response(status: int, message: str, type_: Optional[str] = None, param: Optional[str] = None,
+                   code: Optional[str] = None, headers: Optional[dict[str, str]] = None,
+                   request: Optional[ConnexionRequest] = None) -> ConnexionResponse:
+    path = request.url.path if request is not None else ""
+    rid = (request.scope.get("state") or {}).get("request_id") if request is not None else None
+    body = error_payload(path, status, message, type_, param, code, rid)
     return ConnexionResponse(status_code=status, body=json.dumps(body), content_type="application/json",
                              headers=headers or {})
 
@@ -83,25 +111,27 @@ async def on_problem(request: ConnexionRequest, exc: Exception) -> ConnexionResp
         message, param = f"The request body is not valid JSON ({detail}).", None
     else:
         message, param = _param_from_detail(detail)
-    return error_response(status, message, param=param, code=_problem_code(status, exc), headers=headers)
+    return error_response(status, message, param=param, code=_problem_code(status, exc), headers=headers,
+                          request=request)
 
 
 async def on_engine_error(request: ConnexionRequest, exc: EngineError) -> ConnexionResponse:
-    return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+    return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers, request=request)
 
 
 async def on_exception(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
     """Last resort. Input the parser could not read is the client's fault (400), not a 500."""
     if isinstance(exc, EngineError):
         return await on_engine_error(request, exc)
+    path = request.url.path
     if isinstance(exc, (UnicodeDecodeError, json.JSONDecodeError)):
-        return error_response(400, "The request body is not valid UTF-8 JSON.", code="invalid_json")
+        return error_response(400, "The request body is not valid UTF-8 JSON.", code="invalid_json", request=request)
     if isinstance(exc, RecursionError):  # the parser or the validator gave up on the nesting
-        return error_response(400, "The request body's JSON is nested too deeply.", code="invalid_json")
+        return error_response(400, "The request body's JSON is nested too deeply.", code="invalid_json", request=request)
     if type(exc).__name__ == "MultiPartException":
-        return error_response(400, f"The multipart body is malformed: {exc}", code="invalid_multipart")
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "The server had an error while processing your request.", "server_error")
+        return error_response(400, f"The multipart body is malformed: {exc}", code="invalid_multipart", request=request)
+    log.exception("unhandled error on %s %s", request.method, path)
+    return error_response(500, "The server had an error while processing your request.", "server_error", request=request)
 
 
 def register(app: Any) -> None:

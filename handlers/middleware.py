@@ -5,6 +5,8 @@ import json
 import uuid
 from typing import Any, Awaitable, Callable
 
+from handlers.errors import error_payload
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -58,10 +60,10 @@ class BodyLimitMiddleware:
         self.app = app
         self.max_bytes = max_bytes
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps({"error": {
-            "message": f"The request body is larger than this server accepts ({self.max_bytes} bytes).",
-            "type": "invalid_request_error", "param": None, "code": "request_too_large"}}).encode()
+    async def _reject(self, scope: Scope, send: Send) -> None:
+        body = json.dumps(error_payload(
+            scope.get("path", ""), 413, f"The request body is larger than this server accepts ({self.max_bytes} bytes).",
+            code="request_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
@@ -78,7 +80,7 @@ class BodyLimitMiddleware:
             except ValueError:
                 too_large = False
             if too_large:
-                await self._reject(send)
+                await self._reject(scope, send)
                 return
         seen = 0
         started = False
@@ -102,11 +104,12 @@ class BodyLimitMiddleware:
             await self.app(scope, counting_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await self._reject(send)
+                await self._reject(scope, send)
 
 
 class ApiKeyMiddleware:
-    """When API keys are configured, `/v1/*` needs `Authorization: Bearer KEY` (401 otherwise).
+    """When API keys are configured, `/v1/*` needs `Authorization: Bearer KEY` or (as Anthropic's
+    clients send it) `x-api-key: KEY`; 401 otherwise.
 
     `/health`, the spec and the docs stay open. Keys are compared in constant time and never logged.
     """
@@ -121,7 +124,9 @@ class ApiKeyMiddleware:
         header = _header(scope, b"authorization") or b""
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer" or not token:
-            return False
+            token = _header(scope, b"x-api-key") or b""
+            if not token:
+                return False
         token = token.strip()
         # Check every key (no early exit) so timing says nothing about which matched.
         return any([hmac.compare_digest(token, key) for key in self.keys])
@@ -131,11 +136,11 @@ class ApiKeyMiddleware:
                 or scope.get("method") == "OPTIONS" or self._authorized(scope):
             await self.app(scope, receive, send)
             return
-        missing = _header(scope, b"authorization") is None
+        missing = _header(scope, b"authorization") is None and _header(scope, b"x-api-key") is None
         message = ("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'." if missing
                    else "Incorrect API key provided.")
-        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                     "code": "invalid_api_key"}}).encode()
+        body = json.dumps(error_payload(scope.get("path", ""), 401, message, "invalid_request_error",
+                                        code="invalid_api_key")).encode()
         await send({"type": "http.response.start", "status": 401,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"www-authenticate", b'Bearer realm="openmlx"')]})

@@ -15,6 +15,7 @@ from engine.errors import InvalidRequest
 from engine.structured import grammar_for
 from engine.tools import ToolCall, ToolSpec, call_grammar, render_call, render_result
 from engine.text import ChatMessage, SamplingParams, TokenLogprob
+from handlers.generation import media_marker
 
 SYSTEM_FINGERPRINT = "openmlx-0.1.0"
 
@@ -121,7 +122,7 @@ def _flatten(index: int, message: dict[str, Any]) -> ChatMessage:
     texts = [p.get("text") or p.get("refusal") or "" for p in content if p.get("type") in ("text", "refusal")]
     media = _media_count(content)
     if media:
-        texts.append(f"[{media} {'attachment was' if media == 1 else 'attachments were'} attached]")
+        texts.append(media_marker(media))
     return ChatMessage(role, "\n".join(t for t in texts if t))
 
 
@@ -150,25 +151,32 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
 
 
 def _tools(body: dict[str, Any]) -> tuple[list[ToolSpec], Optional[str]]:
-    """The tools on offer (none when tool_choice is "none") and, for `required` or a named
-    function, the grammar that makes the answer one valid call."""
+    """Chat completions' tools and tool_choice -> what the engine gets (see `offer_tools`)."""
     raw = body.get("tools") or []
-    choice = body.get("tool_choice")
-    if choice is not None and not raw and choice != "none":
-        raise InvalidRequest("tool_choice needs tools.", param="tool_choice")
-    names = [t["function"]["name"] for t in raw]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate:
-        raise InvalidRequest(f"Two tools are named '{duplicate}'; tool names must be unique.", param="tools")
-    if not raw or choice == "none":
-        return [], None
     specs = [ToolSpec(t["function"]["name"], t["function"].get("description", ""),
                       json.dumps(t["function"].get("parameters") or {"type": "object", "properties": {}}))
              for t in raw]
+    choice = body.get("tool_choice")
     if isinstance(choice, dict):
-        name = choice["function"]["name"]
+        return offer_tools(specs, "named", choice["function"]["name"])
+    return offer_tools(specs, choice)
+
+
+def offer_tools(specs: list[ToolSpec], choice: Optional[str], name: Optional[str] = None,
+                param: str = "tool_choice") -> tuple[list[ToolSpec], Optional[str]]:
+    """The tools on offer (none when the choice is "none") and, for "required" or "named", the
+    grammar that makes the answer one valid call. Shared by chat, responses and messages."""
+    if choice is not None and not specs and choice != "none":
+        raise InvalidRequest(f"{param} needs tools.", param=param)
+    names = [t.name for t in specs]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise InvalidRequest(f"Two tools are named '{duplicate}'; tool names must be unique.", param="tools")
+    if not specs or choice == "none":
+        return [], None
+    if choice == "named":
         if name not in names:
-            raise InvalidRequest(f"tool_choice names '{name}', which is not in tools.", param="tool_choice")
+            raise InvalidRequest(f"{param} names '{name}', which is not in tools.", param=param)
         return specs, call_grammar(specs, only=name)
     return specs, call_grammar(specs) if choice == "required" else None
 
@@ -207,9 +215,10 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _token_entry(token: str, logprob: float) -> dict[str, Any]:
@@ -244,7 +253,7 @@ def tool_call_object(call: ToolCall) -> dict[str, Any]:
 def chat_completion(cid: str, created: int, model: str, text: str, finish: str,
                     prompt_tokens: int, completion_tokens: int,
                     logprobs: Optional[Sequence[TokenLogprob]] = None,
-                    tool_calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
+                    tool_calls: Sequence[ToolCall] = (), cached_tokens: int = 0) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text if (text or not tool_calls) else None,
                                "refusal": None}
     if tool_calls:
@@ -254,7 +263,7 @@ def chat_completion(cid: str, created: int, model: str, text: str, finish: str,
         "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": [{"index": 0, "message": message,
                      "finish_reason": finish, "logprobs": chat_logprobs(logprobs)}],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 
@@ -283,11 +292,11 @@ def chat_chunk(cid: str, created: int, model: str, delta: dict[str, Any],
 
 
 def usage_chunk(obj: str, cid: str, created: int, model: str, prompt_tokens: int,
-                completion_tokens: int) -> dict[str, Any]:
+                completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     """The last chunk when stream_options.include_usage is set: empty choices, real usage."""
     return {"id": cid, "object": obj, "created": created, "model": model,
             "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def text_completion(cid: str, created: int, model: str, text: str, finish: Optional[str],

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 from starlette.responses import StreamingResponse
 
 from engine.errors import EngineError
 from engine.scheduler import StreamHandle
-from engine.text import Finished, TextDelta, TokenLogprob
+from engine.text import Finished, Started, TextDelta, TokenLogprob
 from handlers.errors import engine_error_body, error_body
 from handlers.metrics import GenerationObserver
 
@@ -22,7 +22,19 @@ log = logging.getLogger("openmlx.http")
 
 
 def event(data: Any) -> str:
+    """One OpenAI chat/completions event: `data:` only."""
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def named_event(data: dict[str, Any]) -> str:
+    """One event named by its `type` (the Responses and Messages APIs' streams)."""
+    return f"event: {data['type']}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def openai_error_event(exc: Optional[EngineError]) -> dict[str, Any]:
+    if exc is None:
+        return error_body("The server had an error while generating.", "server_error")
+    return engine_error_body(exc)
 
 
 async def collect(handle: StreamHandle, observer: GenerationObserver) -> tuple[str, Finished, list[TokenLogprob]]:
@@ -46,33 +58,42 @@ async def collect(handle: StreamHandle, observer: GenerationObserver) -> tuple[s
 def stream_response(handle: StreamHandle, observer: GenerationObserver,
                     on_delta: Callable[[TextDelta], Optional[dict[str, Any]]],
                     on_finish: Callable[[Finished], list[dict[str, Any]]],
-                    first: Optional[dict[str, Any]] = None,
-                    headers: Optional[dict[str, str]] = None) -> StreamingResponse:
-    """SSE: optional first chunk, one chunk per text delta, the closing chunks, then [DONE].
+                    first: Sequence[dict[str, Any]] = (),
+                    headers: Optional[dict[str, str]] = None,
+                    *, on_start: Optional[Callable[[Started], list[dict[str, Any]]]] = None,
+                    encode: Callable[[Any], str] = event, done: Optional[str] = "[DONE]",
+                    on_error: Callable[[Optional[EngineError]], dict[str, Any]] = openai_error_event,
+                    ) -> StreamingResponse:
+    """SSE: the `first` chunks, the start events, one chunk per text delta, the closing chunks,
+    then the `done` marker (OpenAI's `[DONE]`; None for APIs without one).
 
     A failure after headers were sent becomes an error event (the status can't change anymore).
     """
 
     async def body() -> AsyncIterator[str]:
         try:
-            if first is not None:
-                yield event(first)
+            for chunk in first:
+                yield encode(chunk)
             async for ev in handle:
                 if isinstance(ev, TextDelta):
                     observer.first_text()
                     chunk = on_delta(ev)
                     if chunk is not None:  # None: the handler holds the text back (tool calls)
-                        yield event(chunk)
+                        yield encode(chunk)
+                elif isinstance(ev, Started):
+                    for chunk in on_start(ev) if on_start else ():
+                        yield encode(chunk)
                 elif isinstance(ev, Finished):
                     observer.finished(ev)
                     for chunk in on_finish(ev):
-                        yield event(chunk)
-            yield event("[DONE]")
+                        yield encode(chunk)
+            if done is not None:
+                yield encode(done)
         except EngineError as e:
-            yield event(engine_error_body(e))
+            yield encode(on_error(e))
         except Exception:
             log.exception("stream failed")
-            yield event(error_body("The server had an error while generating.", "server_error"))
+            yield encode(on_error(None))
         finally:
             handle.cancel()
 

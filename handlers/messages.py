@@ -1,0 +1,84 @@
+"""/v1/messages and /v1/messages/count_tokens (Anthropic's Messages API)."""
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from connexion import request
+
+from engine.errors import EngineError
+from engine.text import Finished, Started, TextDelta
+from handlers import generation, sse
+from handlers import messages_protocol as mp
+from handlers.errors import anthropic_error_body
+from handlers.protocol import json_ok, warning_headers
+
+ROUTE = "messages"
+
+
+async def create(body: dict):
+    engine = request.state.engine
+    conv = mp.conversation(body, body["max_tokens"])
+    prepared = await generation.prepare(engine, conv)
+    mid = mp.new_id("msg")
+    model = body["model"]
+    if not body.get("stream"):
+        out = await generation.answer(engine, conv, prepared, ROUTE)
+        content = ([mp.text_block(out.text)] if out.text or not out.calls else []) \
+            + [mp.tool_use_block(c) for c in out.calls]
+        return json_ok(mp.message(mid, model, content, out.done, out.calls), prepared.warnings)
+
+    handle, observer = generation.start_stream(engine, conv, prepared, ROUTE)
+    parts: list[str] = []
+
+    def on_start(started: Started) -> list[dict[str, Any]]:
+        events = [{"type": "message_start",
+                   "message": mp.message(mid, model, [], None, (), started.prompt_tokens, started.cached_tokens)}]
+        if not conv.tools:  # with tools on offer the text is held until calls can be parsed
+            events.append({"type": "content_block_start", "index": 0, "content_block": mp.text_block("")})
+        return events + [{"type": "ping"}]
+
+    def on_delta(delta: TextDelta) -> Optional[dict[str, Any]]:
+        parts.append(delta.text)
+        if conv.tools or not delta.text:
+            return None
+        return {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": delta.text}}
+
+    def on_finish(done: Finished) -> list[dict[str, Any]]:
+        text, calls = generation.split_calls(conv, "".join(parts))
+        events: list[dict[str, Any]] = []
+        index = 0
+        if not conv.tools:
+            events.append({"type": "content_block_stop", "index": 0})
+            index = 1
+        elif text or not calls:
+            events += [{"type": "content_block_start", "index": 0, "content_block": mp.text_block("")},
+                       {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
+                       {"type": "content_block_stop", "index": 0}]
+            index = 1
+        for i, call in enumerate(calls, start=index):
+            block = mp.tool_use_block(call)
+            events += [{"type": "content_block_start", "index": i, "content_block": {**block, "input": {}}},
+                       {"type": "content_block_delta", "index": i,
+                        "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}},
+                       {"type": "content_block_stop", "index": i}]
+        events += [{"type": "message_delta",
+                    "delta": {"stop_reason": mp.stop_reason(done, calls), "stop_sequence": done.stop_sequence,
+                              "stop_details": None, "container": None},
+                    "usage": mp.delta_usage(done)},
+                   {"type": "message_stop"}]
+        return events
+
+    def on_error(exc: Optional[EngineError]) -> dict[str, Any]:
+        if exc is None:
+            return anthropic_error_body(500, "The server had an error while generating.")
+        return anthropic_error_body(exc.status, exc.message)
+
+    return sse.stream_response(handle, observer, on_delta, on_finish, (), warning_headers(prepared.warnings),
+                               on_start=on_start, encode=sse.named_event, done=None, on_error=on_error)
+
+
+async def count_tokens(body: dict):
+    engine = request.state.engine
+    conv = mp.conversation(body, None)
+    return {"input_tokens": await generation.count_tokens(engine, conv)}

@@ -1,0 +1,165 @@
+"""Anthropic Messages API: request bodies -> a Conversation, engine results -> Message objects
+and Anthropic's stream events.
+
+Connexion has validated the body against openapi.yaml; what is checked here is what a schema
+can't say (the first turn is the user's, a tool_result answers a tool_use of the turn before…).
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Optional, Sequence
+
+from engine.errors import InvalidRequest
+from engine.structured import grammar_for
+from engine.text import ChatMessage, Finished, SamplingParams
+from engine.tools import ToolCall, ToolSpec, render_call, render_result
+from handlers.generation import Conversation, media_marker, newest_user_index
+from handlers.protocol import offer_tools
+
+_CHOICES = {"auto": "auto", "any": "required", "none": "none", "tool": "named"}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+def _system(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else "\n".join(b["text"] for b in value)
+
+
+def _result_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = [b.get("text") or "" for b in content if b.get("type") == "text"]
+    images = sum(1 for b in content if b.get("type") == "image")
+    return "\n".join(texts + ([media_marker(images)] if images else []))
+
+
+def _message(index: int, message: dict[str, Any], newest_user: bool, open_calls: set[str]) -> tuple[ChatMessage, int]:
+    """One message as an engine turn and the number of images in it (only kept for the newest user turn)."""
+    role, content = message["role"], message["content"]
+    if isinstance(content, str):
+        return ChatMessage(role, content), 0
+    texts: list[str] = []
+    images = 0
+    answered: set[str] = set()
+    for j, block in enumerate(content):
+        kind, where = block["type"], f"messages.{index}.content.{j}"
+        if kind == "text":
+            texts.append(block.get("text") or "")
+        elif kind == "image":
+            if role != "user":
+                raise InvalidRequest("Only user messages can carry images.", param=where)
+            images += 1
+        elif kind == "tool_use":
+            if role != "assistant":
+                raise InvalidRequest("tool_use blocks belong in assistant messages.", param=where)
+            for name in ("id", "name"):
+                if not block.get(name):
+                    raise InvalidRequest(f"A tool_use block needs '{name}'.", param=f"{where}.{name}")
+            texts.append(render_call(block["name"], json.dumps(block.get("input") or {})))
+            open_calls.add(block["id"])
+        elif kind == "tool_result":
+            use_id = block.get("tool_use_id")
+            if role != "user":
+                raise InvalidRequest("tool_result blocks belong in user messages.", param=where)
+            if not use_id or use_id not in open_calls:
+                raise InvalidRequest(f"tool_result block(s) with tool_use_id '{use_id}' have no matching tool_use "
+                                     "block in the previous assistant message.", param=f"{where}.tool_use_id")
+            answered.add(use_id)
+            text = _result_text(block.get("content"))
+            texts.append(render_result(("Error: " + text) if block.get("is_error") else text))
+        elif kind in ("thinking", "redacted_thinking"):
+            continue  # earlier reasoning is not shown to the model again
+        else:
+            raise InvalidRequest(f"Content blocks of type '{kind}' are not supported.", param=f"{where}.type")
+    if role == "user":
+        open_calls.clear()  # a tool_use must be answered in the very next user turn
+    if images and not newest_user:
+        texts.append(media_marker(images))
+    return ChatMessage(role, "\n".join(t for t in texts if t)), images if newest_user else 0
+
+
+def conversation(body: dict[str, Any], max_tokens: Optional[int]) -> Conversation:
+    """A messages (or count_tokens) body -> a Conversation."""
+    messages = body["messages"]
+    if not messages:
+        raise InvalidRequest("messages: at least one message is required.", param="messages")
+    if messages[0]["role"] != "user":
+        raise InvalidRequest("The first message must use the 'user' role.", param="messages.0.role")
+    newest = newest_user_index([m["role"] for m in messages])
+    turns: list[ChatMessage] = []
+    system = _system(body.get("system"))
+    if system:
+        turns.append(ChatMessage("system", system))
+    open_calls: set[str] = set()
+    newest_media = False
+    for i, m in enumerate(messages):
+        turn, images = _message(i, m, i == newest, open_calls)
+        newest_media = newest_media or images > 0
+        turns.append(turn)
+    specs = [ToolSpec(t["name"], t.get("description") or "", json.dumps(t.get("input_schema") or {}))
+             for t in body.get("tools") or []]
+    choice = body.get("tool_choice") or {}
+    tools, grammar = offer_tools(specs, _CHOICES[choice["type"]] if choice else None, choice.get("name"))
+    fmt = (body.get("output_config") or {}).get("format")
+    if fmt and not grammar:
+        grammar = grammar_for({"type": "json_schema", "json_schema": {"schema": fmt["schema"]}})
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=float(body.get("temperature", 1.0)),
+        top_p=float(body.get("top_p", 1.0)),
+        top_k=int(body.get("top_k", 0)),
+        stop=tuple(body.get("stop_sequences") or ()),
+        grammar=grammar,
+    )
+    return Conversation(body["model"], turns, params, tuple(tools), newest_media,
+                        continue_final=messages[-1]["role"] == "assistant")
+
+
+# --- shaping ---------------------------------------------------------------------------
+def stop_reason(done: Finished, calls: Sequence[ToolCall]) -> str:
+    if done.finish_reason == "length":
+        return "max_tokens"
+    if calls:
+        return "tool_use"
+    return "stop_sequence" if done.stop_sequence else "end_turn"
+
+
+def usage(prompt_tokens: int, cached_tokens: int, output_tokens: int) -> dict[str, Any]:
+    """Anthropic counts cached prompt tokens apart: input + cache_read is the whole prompt."""
+    return {"input_tokens": prompt_tokens - cached_tokens, "output_tokens": output_tokens,
+            "cache_read_input_tokens": cached_tokens, "cache_creation_input_tokens": 0,
+            "cache_creation": None, "server_tool_use": None, "service_tier": "standard",
+            "inference_geo": None, "output_tokens_details": None}
+
+
+def delta_usage(done: Finished) -> dict[str, Any]:
+    return {"input_tokens": done.prompt_tokens - done.cached_tokens, "output_tokens": done.completion_tokens,
+            "cache_read_input_tokens": done.cached_tokens, "cache_creation_input_tokens": 0,
+            "server_tool_use": None, "output_tokens_details": None}
+
+
+def tool_use_block(call: ToolCall) -> dict[str, Any]:
+    return {"type": "tool_use", "id": "toolu_" + call.id.removeprefix("call_"), "name": call.name,
+            "input": json.loads(call.arguments), "caller": {"type": "direct"}}
+
+
+def text_block(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text, "citations": None}
+
+
+def message(mid: str, model: str, content: list[dict[str, Any]], done: Optional[Finished],
+            calls: Sequence[ToolCall] = (), prompt_tokens: int = 0, cached_tokens: int = 0) -> dict[str, Any]:
+    """The Message object (with `done` None: the empty one message_start carries)."""
+    if done is not None:
+        prompt_tokens, cached_tokens = done.prompt_tokens, done.cached_tokens
+    return {"id": mid, "type": "message", "role": "assistant", "content": content, "model": model,
+            "stop_reason": stop_reason(done, calls) if done else None,
+            "stop_sequence": done.stop_sequence if done else None, "stop_details": None, "container": None,
+            "usage": usage(prompt_tokens, cached_tokens, done.completion_tokens if done else 0)}

@@ -1,0 +1,223 @@
+"""OpenAI Responses API: request bodies -> a Conversation, engine results -> Response objects
+and the semantic stream events.
+
+Connexion has validated the body against openapi.yaml; what is checked here is what a schema
+can't say (a function_call_output must answer a call, item references can't be resolved…).
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from engine.errors import InvalidRequest
+from engine.structured import grammar_for
+from engine.text import ChatMessage, Finished, SamplingParams
+from engine.tools import ToolCall, ToolSpec, render_call, render_result
+from handlers.generation import Conversation, media_count, media_marker, newest_user_index
+from handlers.protocol import now, offer_tools
+
+_IMAGE_PARTS = ("input_image",)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+@dataclass
+class ParsedResponseRequest:
+    conv: Conversation
+    input_items: list[dict[str, Any]]  # this request's input as items with ids (for input_items)
+    new_messages: list[ChatMessage]  # the turns this request adds to the stored history
+    history: list[ChatMessage]  # from previous_response_id
+    call_ids: set[str]  # function calls the conversation has made so far
+
+
+def _part_text(part: dict[str, Any]) -> str:
+    return part.get("text") or part.get("refusal") or ""
+
+
+def _content_text(content: Any, where: str, newest: bool) -> tuple[str, int]:
+    """(text, media parts) of a message's content; earlier turns' images become a marker."""
+    if isinstance(content, str):
+        return content, 0
+    for i, part in enumerate(content or []):
+        if part["type"] in ("input_file", "input_audio"):
+            raise InvalidRequest(f"{part['type']} content is not supported.", param=f"{where}.content.{i}.type")
+    texts = [_part_text(p) for p in content or [] if p["type"] in ("input_text", "output_text", "refusal")]
+    media = media_count(content or [], _IMAGE_PARTS)
+    if media and not newest:
+        texts.append(media_marker(media))
+    return "\n".join(t for t in texts if t), media
+
+
+def _item_with_id(item: dict[str, Any]) -> dict[str, Any]:
+    """The input item as input_items lists it."""
+    kind = item.get("type") or "message"
+    if kind == "message":
+        content = item["content"]
+        if isinstance(content, str):
+            content = [{"type": "input_text" if item["role"] != "assistant" else "output_text", "text": content}]
+        out = {"id": item.get("id") or new_id("msg"), "type": "message", "role": item["role"],
+               "status": "completed", "content": content}
+        return out
+    if kind == "function_call":
+        return {"id": item.get("id") or new_id("fc"), "type": "function_call", "status": "completed",
+                "call_id": item["call_id"], "name": item["name"], "arguments": item.get("arguments") or "{}"}
+    return {"id": item.get("id") or new_id("fco"), "type": "function_call_output", "status": "completed",
+            "call_id": item["call_id"], "output": item["output"]}
+
+
+def _required(item: dict[str, Any], index: int, *names: str) -> None:
+    for name in names:
+        if item.get(name) is None:
+            raise InvalidRequest(f"input[{index}] ({item.get('type') or 'message'}) needs '{name}'.",
+                                 param=f"input.{index}.{name}")
+
+
+def input_messages(raw: Any, call_ids: set[str]) -> tuple[list[ChatMessage], list[dict[str, Any]], bool]:
+    """The input's turns as engine messages, its items with ids, and whether the newest user turn
+    has an image. `call_ids` (calls made so far) grows with the input's own function calls."""
+    if isinstance(raw, str):
+        return [ChatMessage("user", raw)], [_item_with_id({"role": "user", "content": raw})], False
+    items = list(raw or [])
+    roles = [i.get("role") if (i.get("type") or "message") == "message" else "" for i in items]
+    newest = newest_user_index(roles)
+    messages: list[ChatMessage] = []
+    newest_media = False
+    for index, item in enumerate(items):
+        kind = item.get("type") or "message"
+        where = f"input.{index}"
+        if kind == "message":
+            _required(item, index, "role", "content")
+            text, media = _content_text(item["content"], where, index == newest)
+            if media and index != newest and item["role"] != "user":
+                raise InvalidRequest("Only user messages can carry images.", param=f"{where}.content")
+            newest_media = newest_media or (index == newest and media > 0)
+            messages.append(ChatMessage(item["role"], text))
+        elif kind == "function_call":
+            _required(item, index, "call_id", "name")
+            call = render_call(item["name"], item.get("arguments") or "{}")
+            call_ids.add(item["call_id"])
+            if messages and messages[-1].role == "assistant":  # calls join the assistant turn they belong to
+                last = messages.pop()
+                messages.append(ChatMessage("assistant", (last.content + "\n" if last.content else "") + call))
+            else:
+                messages.append(ChatMessage("assistant", call))
+        elif kind == "function_call_output":
+            _required(item, index, "call_id", "output")
+            if item["call_id"] not in call_ids:
+                raise InvalidRequest(f"No function call with call_id '{item['call_id']}' precedes this output.",
+                                     param=f"{where}.call_id")
+            output = item["output"]
+            text = output if isinstance(output, str) else _content_text(output, where, False)[0]
+            messages.append(ChatMessage("user", render_result(text)))
+        elif kind == "reasoning":
+            continue  # nothing to show the model
+        else:
+            raise InvalidRequest(f"Input items of type '{kind}' are not supported.", param=f"{where}.type")
+    return messages, [_item_with_id(i) for i in items if (i.get("type") or "message") != "reasoning"], newest_media
+
+
+def _format(text: Optional[dict[str, Any]]) -> dict[str, Any]:
+    fmt = (text or {}).get("format") or {"type": "text"}
+    if fmt["type"] == "json_schema":
+        if not fmt.get("schema"):
+            raise InvalidRequest("text.format json_schema needs schema.", param="text.format.schema")
+        return {"type": "json_schema", "json_schema": {"name": fmt.get("name", "response"), "schema": fmt["schema"],
+                                                        "strict": fmt.get("strict")}}
+    return {"type": fmt["type"]}
+
+
+def _tools(body: dict[str, Any]) -> tuple[list[ToolSpec], Optional[str]]:
+    specs = [ToolSpec(t["name"], t.get("description") or "",
+                      json.dumps(t.get("parameters") or {"type": "object", "properties": {}}))
+             for t in body.get("tools") or []]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        return offer_tools(specs, "named", choice["name"])
+    return offer_tools(specs, choice)
+
+
+def parse(body: dict[str, Any], history: Sequence[ChatMessage] = (), call_ids: Optional[set[str]] = None) -> ParsedResponseRequest:
+    """A create-response body (with the stored history of `previous_response_id`) -> a Conversation."""
+    call_ids = set(call_ids or ())
+    new, items, newest_media = input_messages(body.get("input", ""), call_ids)
+    instructions = body.get("instructions")
+    messages = ([ChatMessage("system", instructions)] if instructions else []) + list(history) + new
+    tools, grammar = _tools(body)
+    params = SamplingParams(
+        max_tokens=body.get("max_output_tokens"),
+        temperature=1.0 if body.get("temperature") is None else float(body["temperature"]),
+        top_p=1.0 if body.get("top_p") is None else float(body["top_p"]),
+        grammar=grammar or grammar_for(_format(body.get("text"))),
+    )
+    conv = Conversation(body["model"], messages, params, tuple(tools), newest_media, media_param="input")
+    return ParsedResponseRequest(conv, items, new, list(history), call_ids)
+
+
+# --- shaping ---------------------------------------------------------------------------
+def usage(done: Optional[Finished]) -> Optional[dict[str, Any]]:
+    if done is None:
+        return None
+    return {"input_tokens": done.prompt_tokens, "input_tokens_details": {"cached_tokens": done.cached_tokens},
+            "output_tokens": done.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    return {"id": item_id, "type": "message", "status": status, "role": "assistant",
+            "content": [output_text(text)]}
+
+
+def output_text(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def call_item(call: ToolCall, status: str = "completed") -> dict[str, Any]:
+    return {"id": "fc_" + call.id.removeprefix("call_"), "type": "function_call", "status": status,
+            "call_id": call.id, "name": call.name, "arguments": call.arguments}
+
+
+def status_of(done: Finished) -> tuple[str, Optional[dict[str, str]]]:
+    if done.finish_reason == "length":
+        return "incomplete", {"reason": "max_output_tokens"}
+    return "completed", None
+
+
+def response_object(rid: str, created: int, body: dict[str, Any], output: list[dict[str, Any]],
+                    done: Optional[Finished], status: str = "in_progress") -> dict[str, Any]:
+    """The Response object, echoing the request's settings as OpenAI does."""
+    incomplete = None
+    if done is not None:
+        status, incomplete = status_of(done)
+    text = body.get("text") or {}
+    return {
+        "id": rid, "object": "response", "created_at": created,
+        "completed_at": now() if status == "completed" else None,
+        "status": status, "error": None, "incomplete_details": incomplete,
+        "instructions": body.get("instructions"), "model": body["model"], "output": output,
+        "output_text": "".join(c["text"] for o in output if o["type"] == "message" for c in o["content"]),
+        "parallel_tool_calls": body.get("parallel_tool_calls", True) is not False,
+        "previous_response_id": body.get("previous_response_id"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "temperature": body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0,
+        "top_p": body.get("top_p") if body.get("top_p") is not None else 1.0,
+        "tool_choice": body.get("tool_choice") or "auto",
+        "tools": [{"type": "function", "name": t["name"], "description": t.get("description"),
+                   "parameters": t.get("parameters") or {"type": "object", "properties": {}},
+                   "strict": t.get("strict", True) if t.get("strict") is not None else True}
+                  for t in body.get("tools") or []],
+        "text": {"format": text.get("format") or {"type": "text"}},
+        "truncation": "disabled", "store": body.get("store") is not False,
+        "metadata": body.get("metadata") or {}, "reasoning": None, "service_tier": "default",
+        "usage": usage(done),
+    }
+
+
+def history_after(parsed: ParsedResponseRequest, text: str, calls: Sequence[ToolCall]) -> list[ChatMessage]:
+    """The conversation a follow-up (`previous_response_id`) continues: without instructions."""
+    rendered = "".join(render_call(c.name, c.arguments) for c in calls)
+    reply = (text + "\n" if text and rendered else text) + rendered
+    return parsed.history + parsed.new_messages + [ChatMessage("assistant", reply)]
