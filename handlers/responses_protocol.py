@@ -212,7 +212,7 @@ def response_object(rid: str, created: int, body: dict[str, Any], output: list[d
         "text": {"format": text.get("format") or {"type": "text"}},
         "truncation": "disabled", "store": body.get("store") is not False,
         "metadata": body.get("metadata") or {}, "reasoning": None, "service_tier": "default",
-        "usage": usage(done),
+        **({"usage": usage(done)} if done is not None else {}),  # absent (not null) until the end
     }
 
 
