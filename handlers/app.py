@@ -16,6 +16,7 @@ from engine.engine import Engine
 from engine.errors import EngineError
 from handlers import errors
 from handlers.metrics import MetricsMiddleware
+from handlers.images import ImageSources
 from handlers.response_store import ResponseStore
 from handlers.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 
@@ -40,6 +41,7 @@ class ServerConfig:
     responses_max: int = 1024  # stored Responses API responses
     responses_ttl: float = 24 * 3600
     responses_dir: Optional[Path] = None
+    image_sources: ImageSources = field(default_factory=ImageSources)  # what image URLs may point at
 
 
 def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] = None) -> connexion.AsyncApp:
@@ -56,7 +58,8 @@ def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] =
             raise
         try:
             yield {"engine": eng, "responses": ResponseStore(config.responses_max, config.responses_ttl,
-                                                             config.responses_dir)}
+                                                             config.responses_dir),
+                   "image_sources": config.image_sources}
         finally:
             await asyncio.to_thread(eng.stop)
 

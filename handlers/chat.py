@@ -21,8 +21,9 @@ def _finish(done: Finished, calls: list[ToolCall]) -> str:
 async def create(body: dict):
     engine = request.state.engine
     req = protocol.parse_chat(body)
-    conv = Conversation(req.model, req.messages, req.params, req.tools, req.newest_has_media)
-    prepared = await generation.prepare(engine, conv)
+    conv = Conversation(req.model, req.messages, req.params, req.tools, req.newest_media,
+                        image_chunk_size=req.image_chunk_size)
+    prepared = await generation.prepare(engine, conv, request.state.image_sources)
     cid, created = protocol.new_id("chatcmpl"), protocol.now()
     if not req.stream:
         out = await generation.answer(engine, conv, prepared, ROUTE)

@@ -52,7 +52,19 @@ def _engine_config(args: argparse.Namespace):
                         max_models=getattr(args, "max_models", 1),
                         request_timeout_s=getattr(args, "request_timeout", None),
                         idle_unload_s=getattr(args, "idle_unload", None),
-                        available_memory_override=getattr(args, "assume_available_memory", None))
+                        available_memory_override=getattr(args, "assume_available_memory", None),
+                        image_limits=_image_limits(args))
+
+
+def _image_limits(args: argparse.Namespace):
+    from engine.images import ImageLimits
+
+    default = ImageLimits()
+    chunk = getattr(args, "image_chunk_size", None) or int(os.environ.get("OPENMLX_IMAGE_CHUNK_SIZE", default.chunk_size))
+    return ImageLimits(max_bytes=getattr(args, "max_image_bytes", default.max_bytes),
+                       max_pixels=getattr(args, "max_image_pixels", default.max_pixels),
+                       max_images=getattr(args, "max_images", default.max_images),
+                       chunk_size=min(max(1, chunk), default.max_chunk_size))
 
 
 def _api_keys(args: argparse.Namespace) -> list[str]:
@@ -77,12 +89,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from engine.engine import Engine
     from handlers.app import ServerConfig, create_app
+    from handlers.images import ImageSources
 
     logging.config.dictConfig(_logging(args.log_json, args.log_level))
     config = ServerConfig(engine=_engine_config(args), max_body_bytes=args.max_body_bytes,
                           api_keys=_api_keys(args), cors_origins=args.cors_origin or [],
                           responses_max=args.responses_max, responses_ttl=args.responses_ttl,
-                          responses_dir=args.responses_dir)
+                          responses_dir=args.responses_dir,
+                          image_sources=ImageSources(args.allow_image_urls, args.image_dir, args.max_image_bytes))
     engine = Engine(config.engine)
 
     class Server(uvicorn.Server):
@@ -188,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--responses-ttl", type=float, default=24 * 3600, help="seconds a stored response is kept")
     s.add_argument("--responses-dir", type=Path, default=None,
                    help="also keep stored responses as JSON files here (they survive a restart)")
+    s.add_argument("--allow-image-urls", action="store_true",
+                   help="let vision requests name http(s) image URLs, which the server fetches (off: data: URLs only)")
+    s.add_argument("--image-dir", type=Path, default=None,
+                   help="let vision requests name local image files under this directory")
+    s.add_argument("--max-image-bytes", type=int, default=20 << 20)
+    s.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
+    s.add_argument("--max-images", type=int, default=32, help="images per request")
+    s.add_argument("--image-chunk-size", type=int, default=None,
+                   help="images per vision generation pass (default: $OPENMLX_IMAGE_CHUNK_SIZE or 4; at most 8)")
     s.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     s.add_argument("--log-level", default="info")
     common(s)

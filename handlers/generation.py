@@ -8,7 +8,7 @@ to all three alike.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from engine.engine import Engine, Prepared
 from engine.errors import InvalidRequest
@@ -16,6 +16,7 @@ from engine.scheduler import StreamHandle
 from engine.text import ChatMessage, Finished, SamplingParams, TokenLogprob
 from engine.tools import ToolCall, ToolSpec, parse_tool_calls
 from handlers import sse
+from handlers.images import ImageSources, load_all
 from handlers.metrics import GenerationObserver
 
 
@@ -27,9 +28,10 @@ class Conversation:
     messages: list[ChatMessage]
     params: SamplingParams
     tools: tuple[ToolSpec, ...] = ()  # tools on offer: the output is parsed for calls
-    newest_has_media: bool = False  # the newest user turn carries an image/audio part
+    newest_media: frozenset[str] = frozenset()  # "image" / "audio": what the newest user turn carries
     continue_final: bool = False  # a last assistant message is continued (Anthropic's prefill)
     media_param: str = "messages"
+    image_chunk_size: Optional[int] = None  # images per vision pass (None: the server's default)
 
 
 @dataclass
@@ -42,23 +44,28 @@ class Answer:
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
-def check_modality(engine: Engine, conv: Conversation) -> None:
-    """An image or audio part in the newest user turn needs a model that reads it (400 naming one)."""
-    if not conv.newest_has_media:
-        return
+def check_modality(engine: Engine, conv: Conversation) -> str:
+    """The model's type; an image (audio) part in the newest user turn needs a vision (audio)
+    model: a 400 naming one otherwise."""
     info = engine.model_info(conv.model)
-    if info.type == "vision":
-        return
-    vision = [m.id for m in engine.list_models() if m.type == "vision"]
-    hint = f"Use a vision model such as '{vision[0]}'." if vision else "No vision model is available on this server."
-    raise InvalidRequest(f"The model '{conv.model}' accepts text only, and the newest message has an "
-                         f"image or audio part. {hint}", param=conv.media_param, code="model_not_multimodal")
+    for media, kind in (("image", "vision"), ("audio", "audio")):
+        if media in conv.newest_media and info.type != kind:
+            others = [m.id for m in engine.list_models() if m.type == kind]
+            hint = f"Use a {kind} model such as '{others[0]}'." if others else f"No {kind} model is available on this server."
+            raise InvalidRequest(f"The model '{conv.model}' is a {info.type} model and the newest message has "
+                                 f"an {media} part. {hint}", param=conv.media_param, code="model_not_multimodal")
+    return info.type
 
 
-async def prepare(engine: Engine, conv: Conversation) -> Prepared:
-    """Check the modality, load the model, apply the chat template, check the context budget."""
-    check_modality(engine, conv)
-    return await engine.prepare_chat(conv.model, conv.messages, conv.params, conv.tools, conv.continue_final)
+async def prepare(engine: Engine, conv: Conversation, sources: Optional[ImageSources] = None) -> Prepared:
+    """Check the modality, load the images a vision model will see, load the model, apply the
+    chat template, check the context budget."""
+    kind = check_modality(engine, conv)
+    messages = conv.messages
+    if kind == "vision" and any(m.images for m in messages):
+        messages = await load_all(messages, sources or ImageSources())
+    return await engine.prepare_chat(conv.model, messages, conv.params, conv.tools, conv.continue_final,
+                                     conv.image_chunk_size)
 
 
 def split_calls(conv: Conversation, text: str) -> tuple[str, list[ToolCall]]:
@@ -83,15 +90,6 @@ async def count_tokens(engine: Engine, conv: Conversation) -> int:
     """Prompt tokens the conversation takes with this model's tokenizer and template."""
     check_modality(engine, conv)
     return await engine.count_chat_tokens(conv.model, conv.messages, conv.tools)
-
-
-def media_count(parts: Sequence[dict[str, Any]], kinds: tuple[str, ...]) -> int:
-    return sum(1 for p in parts if p.get("type") in kinds)
-
-
-def media_marker(count: int) -> str:
-    """What an earlier turn's images become for a text model (as the seed does)."""
-    return f"[{count} {'attachment was' if count == 1 else 'attachments were'} attached]"
 
 
 def newest_user_index(roles: Sequence[str]) -> Optional[int]:

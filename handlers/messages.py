@@ -19,7 +19,7 @@ ROUTE = "messages"
 async def create(body: dict):
     engine = request.state.engine
     conv = mp.conversation(body, body["max_tokens"])
-    prepared = await generation.prepare(engine, conv)
+    prepared = await generation.prepare(engine, conv, request.state.image_sources)
     mid = mp.new_id("msg")
     model = body["model"]
     if not body.get("stream"):

@@ -14,7 +14,8 @@ from engine.errors import InvalidRequest
 from engine.structured import grammar_for
 from engine.text import ChatMessage, Finished, SamplingParams
 from engine.tools import ToolCall, ToolSpec, render_call, render_result
-from handlers.generation import Conversation, media_marker, newest_user_index
+from engine.images import ImageInput, attachment_marker
+from handlers.generation import Conversation, newest_user_index
 from handlers.protocol import offer_tools
 
 _CHOICES = {"auto": "auto", "any": "required", "none": "none", "tool": "named"}
@@ -37,16 +38,25 @@ def _result_text(content: Any) -> str:
         return content
     texts = [b.get("text") or "" for b in content if b.get("type") == "text"]
     images = sum(1 for b in content if b.get("type") == "image")
-    return "\n".join(texts + ([media_marker(images)] if images else []))
+    return "\n".join(texts + ([attachment_marker(images)] if images else []))
 
 
-def _message(index: int, message: dict[str, Any], newest_user: bool, open_calls: set[str]) -> tuple[ChatMessage, int]:
-    """One message as an engine turn and the number of images in it (only kept for the newest user turn)."""
+def _image(block: dict[str, Any], where: str) -> ImageInput:
+    source = block.get("source") or {}
+    if source.get("type") == "base64" and source.get("data"):
+        return ImageInput(f"data:{source.get('media_type') or 'image/png'};base64,{source['data']}", f"{where}.source")
+    if source.get("type") == "url" and source.get("url"):
+        return ImageInput(source["url"], f"{where}.source.url")
+    raise InvalidRequest("An image block needs a base64 or url source.", param=f"{where}.source")
+
+
+def _message(index: int, message: dict[str, Any], open_calls: set[str]) -> ChatMessage:
+    """One message as an engine turn."""
     role, content = message["role"], message["content"]
     if isinstance(content, str):
-        return ChatMessage(role, content), 0
+        return ChatMessage(role, content)
     texts: list[str] = []
-    images = 0
+    images: list[ImageInput] = []
     answered: set[str] = set()
     for j, block in enumerate(content):
         kind, where = block["type"], f"messages.{index}.content.{j}"
@@ -55,7 +65,7 @@ def _message(index: int, message: dict[str, Any], newest_user: bool, open_calls:
         elif kind == "image":
             if role != "user":
                 raise InvalidRequest("Only user messages can carry images.", param=where)
-            images += 1
+            images.append(_image(block, where))
         elif kind == "tool_use":
             if role != "assistant":
                 raise InvalidRequest("tool_use blocks belong in assistant messages.", param=where)
@@ -80,9 +90,7 @@ def _message(index: int, message: dict[str, Any], newest_user: bool, open_calls:
             raise InvalidRequest(f"Content blocks of type '{kind}' are not supported.", param=f"{where}.type")
     if role == "user":
         open_calls.clear()  # a tool_use must be answered in the very next user turn
-    if images and not newest_user:
-        texts.append(media_marker(images))
-    return ChatMessage(role, "\n".join(t for t in texts if t)), images if newest_user else 0
+    return ChatMessage(role, "\n".join(t for t in texts if t), tuple(images))
 
 
 def conversation(body: dict[str, Any], max_tokens: Optional[int]) -> Conversation:
@@ -100,8 +108,8 @@ def conversation(body: dict[str, Any], max_tokens: Optional[int]) -> Conversatio
     open_calls: set[str] = set()
     newest_media = False
     for i, m in enumerate(messages):
-        turn, images = _message(i, m, i == newest, open_calls)
-        newest_media = newest_media or images > 0
+        turn = _message(i, m, open_calls)
+        newest_media = newest_media or (i == newest and bool(turn.images))
         turns.append(turn)
     specs = [ToolSpec(t["name"], t.get("description") or "", json.dumps(t.get("input_schema") or {}))
              for t in body.get("tools") or []]
@@ -118,7 +126,7 @@ def conversation(body: dict[str, Any], max_tokens: Optional[int]) -> Conversatio
         stop=tuple(body.get("stop_sequences") or ()),
         grammar=grammar,
     )
-    return Conversation(body["model"], turns, params, tuple(tools), newest_media,
+    return Conversation(body["model"], turns, params, tuple(tools), frozenset({"image"} if newest_media else ()),
                         continue_final=messages[-1]["role"] == "assistant")
 
 

@@ -15,7 +15,7 @@ from engine.errors import InvalidRequest
 from engine.structured import grammar_for
 from engine.tools import ToolCall, ToolSpec, call_grammar, render_call, render_result
 from engine.text import ChatMessage, SamplingParams, TokenLogprob
-from handlers.generation import media_marker
+from engine.images import ImageInput, attachment_marker
 
 SYSTEM_FINGERPRINT = "openmlx-0.1.0"
 
@@ -27,8 +27,9 @@ class ChatRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
-    newest_has_media: bool  # the last user message carries an image/audio part
+    newest_media: frozenset[str]  # "image" / "audio": what the last user message carries
     tools: tuple[ToolSpec, ...] = ()  # tools offered: the output is parsed for tool calls
+    image_chunk_size: Optional[int] = None
 
     @property
     def tools_active(self) -> bool:
@@ -95,8 +96,9 @@ def sampling_params(body: dict[str, Any]) -> SamplingParams:
     )
 
 
-def _media_count(parts: list[dict[str, Any]]) -> int:
-    return sum(1 for p in parts if p.get("type") in ("image_url", "input_audio", "file"))
+def _media_kinds(parts: list[dict[str, Any]]) -> frozenset[str]:
+    kinds = {"image_url": "image", "input_audio": "audio", "file": "file"}
+    return frozenset(kinds[p["type"]] for p in parts if p.get("type") in kinds)
 
 
 def _flatten(index: int, message: dict[str, Any]) -> ChatMessage:
@@ -120,18 +122,20 @@ def _flatten(index: int, message: dict[str, Any]) -> ChatMessage:
     if isinstance(content, str):
         return ChatMessage(role, content)
     texts = [p.get("text") or p.get("refusal") or "" for p in content if p.get("type") in ("text", "refusal")]
-    media = _media_count(content)
-    if media:
-        texts.append(media_marker(media))
-    return ChatMessage(role, "\n".join(t for t in texts if t))
+    images = tuple(ImageInput(p["image_url"]["url"], f"messages.{index}.content.{j}.image_url.url")
+                   for j, p in enumerate(content) if p.get("type") == "image_url")
+    others = sum(1 for p in content if p.get("type") in ("input_audio", "file"))
+    if others:  # no model here reads these yet: a marker, as for images in a text model's history
+        texts.append(attachment_marker(others))
+    return ChatMessage(role, "\n".join(t for t in texts if t), images)
 
 
 def parse_chat(body: dict[str, Any]) -> ChatRequest:
     """Validate what the schema can't and build the engine's view of a chat request."""
     messages = body["messages"]
     newest_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-    newest_media = newest_user is not None and isinstance(messages[newest_user].get("content"), list) \
-        and _media_count(messages[newest_user]["content"]) > 0
+    newest_media = _media_kinds(messages[newest_user]["content"]) \
+        if newest_user is not None and isinstance(messages[newest_user].get("content"), list) else frozenset()
     options = body.get("stream_options") or {}
     stream = bool(body.get("stream"))
     flat = [_flatten(i, m) for i, m in enumerate(messages)]
@@ -145,8 +149,9 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
         params=params,
         stream=stream,
         include_usage=stream and bool(options.get("include_usage")),
-        newest_has_media=newest_media,
+        newest_media=newest_media,
         tools=tuple(tools),
+        image_chunk_size=body.get("image_chunk_size"),
     )
 
 

@@ -54,7 +54,7 @@ async def create(body: dict):
     engine = request.state.engine
     parsed = _parse(body)
     conv = parsed.conv
-    prepared = await generation.prepare(engine, conv)
+    prepared = await generation.prepare(engine, conv, request.state.image_sources)
     rid, created = rp.new_id("resp"), now()
     if not body.get("stream"):
         out = await generation.answer(engine, conv, prepared, ROUTE)

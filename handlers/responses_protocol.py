@@ -15,11 +15,9 @@ from engine.errors import InvalidRequest
 from engine.structured import grammar_for
 from engine.text import ChatMessage, Finished, SamplingParams
 from engine.tools import ToolCall, ToolSpec, render_call, render_result
-from handlers.generation import Conversation, media_count, media_marker, newest_user_index
+from engine.images import ImageInput
+from handlers.generation import Conversation, newest_user_index
 from handlers.protocol import now, offer_tools
-
-_IMAGE_PARTS = ("input_image",)
-
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
@@ -38,18 +36,21 @@ def _part_text(part: dict[str, Any]) -> str:
     return part.get("text") or part.get("refusal") or ""
 
 
-def _content_text(content: Any, where: str, newest: bool) -> tuple[str, int]:
-    """(text, media parts) of a message's content; earlier turns' images become a marker."""
+def _content(content: Any, where: str) -> tuple[str, tuple[ImageInput, ...]]:
+    """(text, images) of a message's content."""
     if isinstance(content, str):
-        return content, 0
+        return content, ()
+    images = []
     for i, part in enumerate(content or []):
         if part["type"] in ("input_file", "input_audio"):
             raise InvalidRequest(f"{part['type']} content is not supported.", param=f"{where}.content.{i}.type")
+        if part["type"] == "input_image":
+            if not part.get("image_url"):
+                raise InvalidRequest("input_image needs image_url (file_id is not supported).",
+                                     param=f"{where}.content.{i}.image_url")
+            images.append(ImageInput(part["image_url"], f"{where}.content.{i}.image_url"))
     texts = [_part_text(p) for p in content or [] if p["type"] in ("input_text", "output_text", "refusal")]
-    media = media_count(content or [], _IMAGE_PARTS)
-    if media and not newest:
-        texts.append(media_marker(media))
-    return "\n".join(t for t in texts if t), media
+    return "\n".join(t for t in texts if t), tuple(images)
 
 
 def _item_with_id(item: dict[str, Any]) -> dict[str, Any]:
@@ -91,11 +92,11 @@ def input_messages(raw: Any, call_ids: set[str]) -> tuple[list[ChatMessage], lis
         where = f"input.{index}"
         if kind == "message":
             _required(item, index, "role", "content")
-            text, media = _content_text(item["content"], where, index == newest)
-            if media and index != newest and item["role"] != "user":
+            text, images = _content(item["content"], where)
+            if images and item["role"] != "user":
                 raise InvalidRequest("Only user messages can carry images.", param=f"{where}.content")
-            newest_media = newest_media or (index == newest and media > 0)
-            messages.append(ChatMessage(item["role"], text))
+            newest_media = newest_media or (index == newest and bool(images))
+            messages.append(ChatMessage(item["role"], text, images))
         elif kind == "function_call":
             _required(item, index, "call_id", "name")
             call = render_call(item["name"], item.get("arguments") or "{}")
@@ -111,7 +112,7 @@ def input_messages(raw: Any, call_ids: set[str]) -> tuple[list[ChatMessage], lis
                 raise InvalidRequest(f"No function call with call_id '{item['call_id']}' precedes this output.",
                                      param=f"{where}.call_id")
             output = item["output"]
-            text = output if isinstance(output, str) else _content_text(output, where, False)[0]
+            text = output if isinstance(output, str) else _content(output, where)[0]
             messages.append(ChatMessage("user", render_result(text)))
         elif kind == "reasoning":
             continue  # nothing to show the model
@@ -153,7 +154,8 @@ def parse(body: dict[str, Any], history: Sequence[ChatMessage] = (), call_ids: O
         top_p=1.0 if body.get("top_p") is None else float(body["top_p"]),
         grammar=grammar or grammar_for(_format(body.get("text"))),
     )
-    conv = Conversation(body["model"], messages, params, tuple(tools), newest_media, media_param="input")
+    conv = Conversation(body["model"], messages, params, tuple(tools), frozenset({"image"} if newest_media else ()),
+                        media_param="input")
     return ParsedResponseRequest(conv, items, new, list(history), call_ids)
 
 

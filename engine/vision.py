@@ -1,0 +1,219 @@
+"""Vision-language models through mlx-vlm: the conversation with its images -> one or more
+generation passes ("chunks"), each streamed as it is produced.
+
+Images are numbered across the whole conversation ("Image 1", "Image 2" …, a picture sent again
+keeps its number). When the conversation holds no more images than one pass may take, every
+image stays where it was sent. Otherwise the newest user turn's images are processed in chunks
+of `chunk_size`: each pass sees the conversation (earlier images as a marker) and its own
+images, so memory stays bounded; the passes' answers are joined with a blank line and their
+token counts summed. `max_tokens` is the whole answer's budget, shared evenly by the passes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import mlx.core as mx
+
+from engine.errors import InvalidRequest
+from engine.images import ImageLimits, decode, numbering
+from engine.memory import MemoryEstimate, MemoryGate
+from engine.probe import Probe
+from engine.prompt_cache import PromptCache
+from engine.text import (KV_HEADROOM_TOKENS, ChatMessage, Finished, GenerationEvent, SamplingParams, Started,
+                         TextDelta, TextRunner, _kv_bytes_per_token, decode_steps, with_tool_prompt)
+from engine.tools import ToolSpec
+
+log = logging.getLogger("openmlx.engine")
+SEPARATOR = "\n\n"  # between the answers of two chunks
+
+
+@dataclass
+class VisionPass:
+    """One generation pass: the processed inputs mlx-vlm generates from."""
+
+    inputs: dict[str, Any]
+    prompt_tokens: int
+    images: tuple[int, ...]  # the image numbers it sees
+
+
+@dataclass
+class VisionPlan:
+    passes: list[VisionPass]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return max(p.prompt_tokens for p in self.passes)
+
+
+def template_turns(messages: Sequence[ChatMessage], numbers: dict[str, int],
+                   shown: set[str]) -> tuple[list[dict], list[str]]:
+    """Template turns, and the images they show in placeholder order: a picture in `shown`
+    is a labelled image part where it first appears ("Image N (again)" later), every other
+    picture a marker."""
+    turns, order = [], []
+    for m in messages:
+        role = "system" if m.role == "developer" else m.role
+        if not m.images:
+            turns.append({"role": role, "content": m.content})
+            continue
+        parts: list[dict] = []
+        hidden: list[str] = []
+        for image in m.images:
+            label = f"Image {numbers[image.digest]}"
+            if image.digest not in shown:
+                hidden.append(label)
+            elif image.digest in order:
+                parts.append({"type": "text", "text": f"{label} (again)."})
+            else:
+                order.append(image.digest)
+                parts += [{"type": "text", "text": f"{label}:"}, {"type": "image"}]
+        if hidden:  # numbered, so the answer can still refer to them
+            marker = f"[{', '.join(hidden)} {'was' if len(hidden) == 1 else 'were'} attached]"
+            text = m.content + ("\n" if m.content else "") + marker
+        else:
+            text = m.content
+        parts.append({"type": "text", "text": text})
+        turns.append({"role": role, "content": parts})
+    return turns, order
+
+
+@dataclass
+class VisionRunner(TextRunner):
+    """A loaded mlx-vlm model. Shares sampling, stop strings and accounting with TextRunner."""
+
+    processor: Any = None
+    limits: ImageLimits = field(default_factory=ImageLimits)
+
+    @classmethod
+    def load(cls, model_id: str, probe: Probe, cpu_dtype: str, gate: MemoryGate,
+             limits: Optional[ImageLimits] = None) -> "VisionRunner":  # type: ignore[override]
+        """Gate memory, then load with mlx-vlm (weights as shipped)."""
+        from mlx_vlm import load as vlm_load
+
+        config = json.loads((probe.path / "config.json").read_text())
+        text_cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        kv_bytes = _kv_bytes_per_token({**config, **text_cfg})
+        need = MemoryEstimate(probe.size_bytes, KV_HEADROOM_TOKENS * kv_bytes)
+        warnings = tuple(gate.check(model_id, need))
+        model, processor = vlm_load(str(probe.path))
+        log.info("loaded %s (%s, vision, mlx-vlm)", model_id, probe.architecture)
+        context = probe.context_length or 4096
+        tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
+        return cls(model_id, model, tokenizer, config, probe, "keep", context, need, warnings,
+                   PromptCache(max_entries=0), processor, limits or ImageLimits())
+
+    @property
+    def vocab_size(self) -> int:
+        cfg = self.config.get("text_config") if isinstance(self.config.get("text_config"), dict) else self.config
+        return int(cfg.get("vocab_size") or self.config.get("vocab_size") or len(self.tokenizer))
+
+    # --- prompts -------------------------------------------------------------------------
+    def _pass(self, turns: list[dict], images: list[Any], numbers: tuple[int, ...], continue_final: bool) -> VisionPass:
+        from mlx_vlm.utils import prepare_inputs
+
+        try:
+            prompt = self.processor.apply_chat_template(
+                turns, **({"continue_final_message": True} if continue_final else {"add_generation_prompt": True}))
+        except Exception as e:  # templates raise their own errors for e.g. role order
+            raise InvalidRequest(f"The model's chat template rejected the messages: {e}", param="messages") from e
+        # mlx-vlm does not check placeholders against images (one placeholder and two images
+        # silently drops one): count them ourselves.
+        placeholders = prompt.count("<|image_pad|>") if "<|image_pad|>" in self.tokenizer.get_vocab() else len(images)
+        if placeholders != len(images):
+            raise InvalidRequest(f"The model's chat template placed {placeholders} image(s) for {len(images)} "
+                                 "image(s) sent.", param="messages")
+        try:
+            inputs = prepare_inputs(self.processor, images=images or None, prompts=prompt,
+                                    image_token_index=getattr(self.model.config, "image_token_index", None))
+        except Exception as e:  # the processor's own complaint about an image it can't take
+            raise InvalidRequest(f"The model's processor could not take the images: {e}", param="messages") from e
+        return VisionPass(dict(inputs), int(inputs["input_ids"].shape[-1]), numbers)
+
+    def plan(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = (), continue_final: bool = False,
+             chunk_size: Optional[int] = None) -> VisionPlan:
+        """The passes for a conversation (see the module docstring)."""
+        if tools:
+            messages = with_tool_prompt(messages, tools)
+        every = [image for m in messages for image in m.images]
+        if len(every) > self.limits.max_images:
+            raise InvalidRequest(f"The conversation has {len(every)} images; this server takes at most "
+                                 f"{self.limits.max_images} per request.", param="messages", code="too_many_images")
+        size = chunk_size or self.limits.chunk_size
+        if not 1 <= size <= self.limits.max_chunk_size:
+            raise InvalidRequest(f"image_chunk_size must be between 1 and {self.limits.max_chunk_size}.",
+                                 param="image_chunk_size")
+        decoded = {image.digest: decode(image, self.limits) for image in every}
+        numbers = numbering(every)
+        if len(numbers) <= size:
+            turns, order = template_turns(messages, numbers, set(numbers))
+            return VisionPlan([self._pass(turns, [decoded[d] for d in order], tuple(numbers[d] for d in order),
+                                          continue_final)])
+        newest = max(i for i, m in enumerate(messages) if m.role == "user")
+        own = list(dict.fromkeys(image.digest for image in messages[newest].images))
+        passes = []
+        for start in range(0, len(own), size):
+            group = own[start:start + size]
+            turns, order = template_turns(messages, numbers, set(group))
+            first, last = numbers[group[0]], numbers[group[-1]]
+            span = f"Images {first}-{last}" if first != last else f"Image {first}"
+            turns[newest]["content"][-1]["text"] += f"\n({span} of {len(numbers)}.)"
+            passes.append(self._pass(turns, [decoded[d] for d in order], tuple(numbers[d] for d in order),
+                                     continue_final))
+        return VisionPlan(passes)
+
+    # --- generation ----------------------------------------------------------------------
+    def generate_plan(self, plan: VisionPlan, max_tokens: int, params: SamplingParams,
+                      cancelled: Callable[[], bool]) -> Iterator[GenerationEvent]:
+        """Run the passes one after another as one answer: a Started, text deltas (a blank line
+        between passes), one Finished with the passes' summed counts."""
+        from mlx_vlm import stream_generate
+
+        sampler, processors = self.sampling(params)
+        share = max(1, max_tokens // len(plan.passes))
+        prompt_total = sum(p.prompt_tokens for p in plan.passes)
+        yield Started(prompt_total, 0)
+        generated, finish, stop_sequence = 0, "stop", None
+        for i, vision_pass in enumerate(plan.passes):
+            if i:
+                yield TextDelta(SEPARATOR)
+            inputs = dict(vision_pass.inputs)
+            kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
+            steps = stream_generate(self.model, self.processor, "", input_ids=inputs["input_ids"],
+                                    pixel_values=inputs.get("pixel_values"), mask=inputs.get("attention_mask"),
+                                    max_tokens=share, sampler=sampler, logits_processors=processors or None,
+                                    **kwargs)
+            tokens: list[int] = []
+            for event in decode_steps(self, _vlm_steps(steps), tokens, vision_pass.prompt_tokens, 0, share, params,
+                                      cancelled):
+                if isinstance(event, Finished):
+                    generated += event.completion_tokens
+                    stop_sequence = event.stop_sequence
+                    if event.finish_reason in ("length", "cancelled") and finish != "cancelled":
+                        finish = event.finish_reason
+                elif not isinstance(event, Started):
+                    yield event
+            if finish == "cancelled" or stop_sequence:  # a stop string ends the whole answer
+                break
+        yield Finished(finish, prompt_total, generated, 0, stop_sequence)
+
+
+@dataclass
+class _Step:
+    token: Optional[int]
+    text: str
+    logprobs: Any
+    finish_reason: Optional[str]
+
+
+def _vlm_steps(results: Iterator[Any]) -> Iterator[_Step]:
+    """mlx-vlm's results as decode_steps expects them. Its last result repeats the last token
+    to flush the detokenizer's text: that one carries text only."""
+    count = 0
+    for r in results:
+        fresh = r.generation_tokens > count
+        count = r.generation_tokens
+        yield _Step(int(r.token) if fresh and r.token is not None else None, r.text,
+                    r.logprobs if fresh else None, r.finish_reason)
