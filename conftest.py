@@ -162,3 +162,11 @@ def fixture_models(tmp_path_factory, default_model_dir: Path) -> dict[str, Path]
         f.write(struct.pack("<Q", len(header)) + header)
         f.truncate(8 + len(header) + size)
     return {"tiny": tiny, "unknown": unknown, "huge": huge}
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory, default_model_dir: Path) -> Path:
+    """A tiny random Qwen2-VL folder (tests/tiny_vlm.py) that the real mlx-vlm pipeline runs."""
+    from tests.tiny_vlm import write_tiny_qwen2_vl
+
+    return write_tiny_qwen2_vl(tmp_path_factory.mktemp("vlm") / "tiny-vlm", default_model_dir)
