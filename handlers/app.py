@@ -35,6 +35,7 @@ class ServerConfig:
 
     engine: EngineConfig = field(default_factory=EngineConfig)
     max_body_bytes: int = 10 << 20
+    max_audio_bytes: int = 25 << 20  # uploads to /v1/audio/*
     validate_responses: bool = True
     api_keys: list[str] = field(default_factory=list)  # empty: no auth
     cors_origins: list[str] = field(default_factory=list)  # empty: CORS off
@@ -82,5 +83,5 @@ def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] =
                            expose_headers=["X-Request-ID", "X-OpenMLX-Warning"])
     app.add_middleware(ApiKeyMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION, keys=config.api_keys)
     app.add_middleware(BodyLimitMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION,
-                       max_bytes=config.max_body_bytes)
+                       max_bytes=config.max_body_bytes, audio_max_bytes=config.max_audio_bytes)
     return app

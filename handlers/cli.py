@@ -44,6 +44,7 @@ def _engine_config(args: argparse.Namespace):
 
     return EngineConfig(model=getattr(args, "model", None),
                         embedding_model=getattr(args, "embedding_model", None),
+                        audio_model=getattr(args, "audio_model", None),
                         local_models=[Path(p) for p in getattr(args, "model_dir", None) or []],
                         default_max_tokens=getattr(args, "max_tokens", None),
                         max_tokens_cap=getattr(args, "max_tokens_cap", None),
@@ -93,6 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.config.dictConfig(_logging(args.log_json, args.log_level))
     config = ServerConfig(engine=_engine_config(args), max_body_bytes=args.max_body_bytes,
+                          max_audio_bytes=args.max_audio_bytes,
                           api_keys=_api_keys(args), cors_origins=args.cors_origin or [],
                           responses_max=args.responses_max, responses_ttl=args.responses_ttl,
                           responses_dir=args.responses_dir,
@@ -174,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--embedding-model", default=os.environ.get("OPENMLX_EMBEDDING_MODEL"),
                    help="embedding model id or sentence-transformers BERT folder (default: the embedded "
                         "all-MiniLM-L6-v2; 'none' to serve no embeddings)")
+    s.add_argument("--audio-model", default=os.environ.get("OPENMLX_AUDIO_MODEL"),
+                   help="speech-to-text model id or Whisper folder (default: the embedded whisper-tiny.en; "
+                        "'none' to serve no transcriptions)")
+    s.add_argument("--max-audio-bytes", type=int, default=25 << 20,
+                   help="largest audio upload (413 beyond it, enforced while reading)")
     s.add_argument("--host", default=os.environ.get("OPENMLX_HOST", "127.0.0.1"))
     s.add_argument("--port", type=int, default=int(os.environ.get("OPENMLX_PORT", "8000")))
     s.add_argument("--max-tokens", type=int, default=None, help="default max_tokens when a request sets none")

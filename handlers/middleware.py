@@ -56,13 +56,17 @@ class BodyLimitMiddleware:
     Content-Length is checked up front; a chunked body is counted as it arrives.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, audio_max_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.audio_max_bytes = audio_max_bytes or max_bytes  # uploads to /v1/audio/* have their own
+
+    def _limit(self, scope: Scope) -> int:
+        return self.audio_max_bytes if scope.get("path", "").startswith("/v1/audio/") else self.max_bytes
 
     async def _reject(self, scope: Scope, send: Send) -> None:
         body = json.dumps(error_payload(
-            scope.get("path", ""), 413, f"The request body is larger than this server accepts ({self.max_bytes} bytes).",
+            scope.get("path", ""), 413, f"The request body is larger than this server accepts ({self._limit(scope)} bytes).",
             code="request_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
@@ -76,7 +80,7 @@ class BodyLimitMiddleware:
         length = _header(scope, b"content-length")
         if length is not None:
             try:
-                too_large = int(length) > self.max_bytes
+                too_large = int(length) > self._limit(scope)
             except ValueError:
                 too_large = False
             if too_large:
@@ -84,13 +88,14 @@ class BodyLimitMiddleware:
                 return
         seen = 0
         started = False
+        limit = self._limit(scope)
 
         async def counting_receive() -> Message:
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     raise _TooLarge()
             return message
 

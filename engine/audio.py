@@ -1,0 +1,181 @@
+"""Speech to text with Whisper through mlx-audio, window by window.
+
+Audio is decoded to 16 kHz mono (the upload limit bounds it) and transcribed in 30-second
+windows, so memory stays bounded however long the recording and each window's text can be sent
+as soon as it is done. A window that is full and ends mid-speech hands its last (possibly cut)
+segment to the next window, which starts where that segment started, as Whisper's own seek does;
+the text so far conditions the next window (Whisper's `initial_prompt`).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+
+from engine.errors import InvalidRequest
+from engine.memory import MemoryEstimate, MemoryGate
+from engine.probe import Probe
+
+log = logging.getLogger("openmlx.engine")
+SAMPLE_RATE = 16000
+WINDOW_S = 30
+PROMPT_CHARS = 200  # how much earlier text conditions the next window
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    language: Optional[str] = None
+    prompt: Optional[str] = None
+    temperature: float = 0.0
+    task: str = "transcribe"  # or "translate" (to English)
+    word_timestamps: bool = False
+
+
+@dataclass(frozen=True)
+class Word:
+    word: str
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class Segment:
+    id: int
+    start: float
+    end: float
+    text: str
+    tokens: tuple[int, ...]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+    words: tuple[Word, ...] = ()
+
+
+@dataclass(frozen=True)
+class TranscriptDelta:
+    """The text of one finished window."""
+
+    text: str
+    segments: tuple[Segment, ...]
+
+
+@dataclass(frozen=True)
+class TranscriptDone:
+    text: str
+    language: str
+    duration: float
+    segments: tuple[Segment, ...]
+    cancelled: bool = False
+
+    @property
+    def words(self) -> tuple[Word, ...]:
+        return tuple(w for s in self.segments for w in s.words)
+
+
+TranscriptEvent = TranscriptDelta | TranscriptDone
+
+
+def decode_audio(data: bytes, filename: str = "", param: str = "file") -> np.ndarray:
+    """Bytes of wav/mp3/flac/ogg/m4a -> 16 kHz mono float32 samples, or a 400."""
+    from mlx_audio.audio_io import read
+
+    if not data:
+        raise InvalidRequest("The audio file is empty.", param=param, code="invalid_audio")
+    buffer = io.BytesIO(data)
+    buffer.name = filename or "audio"  # the decoder falls back on the extension
+    try:
+        samples, _ = read(buffer, dtype="float32", sample_rate=SAMPLE_RATE, nchannels=1)
+    except Exception as e:  # each decoder raises its own types
+        raise InvalidRequest(f"The audio could not be decoded ({type(e).__name__}: {e}). Send wav, mp3, flac, "
+                             "ogg or m4a.", param=param, code="invalid_audio") from e
+    samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+    if samples.size == 0:
+        raise InvalidRequest("The audio has no samples.", param=param, code="invalid_audio")
+    return samples
+
+
+@dataclass
+class AudioRunner:
+    """A loaded Whisper model."""
+
+    model_id: str
+    model: Any
+    probe: Probe
+    memory: MemoryEstimate
+    warnings: tuple[str, ...] = ()
+    multilingual: bool = field(default=False)
+
+    @classmethod
+    def load(cls, model_id: str, probe: Probe, gate: MemoryGate) -> "AudioRunner":
+        """Gate memory and load with mlx-audio. On the CPU the float16 weights are held as
+        float32: MLX's CPU matmuls are several times faster in float32 (with OpenBLAS)."""
+        import mlx.core as mx
+        from mlx.utils import tree_map
+        from mlx_audio.stt import load as stt_load
+
+        from engine.text import on_gpu
+
+        need = MemoryEstimate(probe.size_bytes * (1 if on_gpu() else 2), 64 << 20)
+        warnings = tuple(gate.check(model_id, need))
+        model = stt_load(str(probe.path))
+        if not on_gpu():
+            model.update(tree_map(lambda a: a.astype(mx.float32) if a.dtype == mx.float16 else a, model.parameters()))
+            model.dtype = mx.float32
+            mx.eval(model.parameters())
+        config = json.loads((probe.path / "config.json").read_text())
+        log.info("loaded %s (whisper, speech to text)", model_id)
+        return cls(model_id, model, probe, need, warnings, int(config.get("n_vocab", 0)) >= 51865)
+
+    def transcribe(self, samples: np.ndarray, options: TranscribeOptions,
+                   cancelled: Callable[[], bool]) -> Iterator[TranscriptEvent]:
+        """Window by window: a TranscriptDelta per window with text, then a TranscriptDone."""
+        import mlx.core as mx
+
+        if options.task == "translate" and not self.multilingual:
+            raise InvalidRequest(f"The model '{self.model_id}' is English-only and can't translate; "
+                                 "use a multilingual Whisper model.", param="model")
+        language = options.language or ("en" if not self.multilingual else None)
+        if language and not self.multilingual and language != "en":
+            raise InvalidRequest(f"The model '{self.model_id}' is English-only; language '{language}' "
+                                 "is not supported.", param="language")
+        window = WINDOW_S * SAMPLE_RATE
+        start, segments, texts = 0, [], []
+        fp16 = self.model.dtype == mx.float16
+        while start < len(samples) and not cancelled():
+            chunk = samples[start:start + window]
+            earlier = "".join(texts)[-PROMPT_CHARS:]
+            prompt = " ".join(p for p in (options.prompt, earlier) if p) or None
+            result = self.model.generate(mx.array(chunk), language=language, task=options.task,
+                                         temperature=options.temperature, initial_prompt=prompt, fp16=fp16,
+                                         word_timestamps=options.word_timestamps, verbose=None)
+            language = language or result.language
+            found = list(result.segments)
+            full = start + window < len(samples)
+            following = start + window
+            if full and len(found) > 1 and found[-1]["start"] > 0:  # the last one may be cut: redo it
+                following = start + int(found[-1]["start"] * SAMPLE_RATE)
+                found = found[:-1]
+            offset = start / SAMPLE_RATE
+            new = tuple(_segment(len(segments) + i, s, offset) for i, s in enumerate(found) if s["text"].strip())
+            segments.extend(new)
+            text = "".join(s.text for s in new)
+            texts.append(text)
+            if text:
+                yield TranscriptDelta(text, new)
+            start = max(following, start + SAMPLE_RATE)  # always move on
+        yield TranscriptDone("".join(texts).strip(), language or "en", len(samples) / SAMPLE_RATE,
+                             tuple(segments), cancelled())
+
+
+def _segment(index: int, s: dict, offset: float) -> Segment:
+    words = tuple(Word(w["word"], round(w["start"] + offset, 2), round(w["end"] + offset, 2))
+                  for w in s.get("words") or [])
+    return Segment(index, round(s["start"] + offset, 2), round(s["end"] + offset, 2), s["text"],
+                   tuple(int(t) for t in s.get("tokens", [])), float(s.get("temperature", 0.0)),
+                   float(s.get("avg_logprob", 0.0)), float(s.get("compression_ratio", 0.0)),
+                   float(s.get("no_speech_prob", 0.0)), words)
