@@ -11,10 +11,11 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from engine.images import ImageInput
 from engine.text import ChatMessage
 
 log = logging.getLogger("openmlx.http")
@@ -27,6 +28,15 @@ class StoredResponse:
     input_items: list[dict[str, Any]]  # this request's input, as items with ids
     history: list[ChatMessage]  # the conversation through this response's output (no instructions)
     stored_at: float
+
+
+def _message_json(m: ChatMessage) -> dict[str, Any]:
+    # Images are kept by source (a data: URL holds the picture itself), not as fetched bytes.
+    return {"role": m.role, "content": m.content, "images": [{"source": i.source, "param": i.param} for i in m.images]}
+
+
+def _message_from_json(d: dict[str, Any]) -> ChatMessage:
+    return ChatMessage(d["role"], d["content"], tuple(ImageInput(i["source"], i["param"]) for i in d.get("images", [])))
 
 
 class ResponseStore:
@@ -55,7 +65,8 @@ class ResponseStore:
                 self._remove_file(old)
         path = self._path(rid)
         if path:
-            data = {**asdict(entry), "history": [asdict(m) for m in entry.history]}
+            data = {"response": entry.response, "input_items": entry.input_items, "stored_at": entry.stored_at,
+                    "history": [_message_json(m) for m in entry.history]}
             path.write_text(json.dumps(data))
 
     def get(self, response_id: str) -> Optional[StoredResponse]:
@@ -82,7 +93,7 @@ class ResponseStore:
         try:
             data = json.loads(path.read_text())
             entry = StoredResponse(data["response"], data["input_items"],
-                                   [ChatMessage(**m) for m in data["history"]], data["stored_at"])
+                                   [_message_from_json(m) for m in data["history"]], data["stored_at"])
         except (ValueError, KeyError, TypeError) as e:
             log.warning("unreadable stored response %s: %s", path, e)
             return None

@@ -189,3 +189,13 @@ def test_completion_keeps_the_leading_space(client):
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model=MODEL, prompt="The capital of France is", max_tokens=2, temperature=0, stream=True) if c.choices)
     assert streamed == r.choices[0].text
+
+
+def test_next_turn_reports_cached_prompt_tokens(client):
+    """The prompt cache shows in usage (prompt_tokens_details.cached_tokens), not only in speed."""
+    first = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20, temperature=0)
+    turns = QUESTION + [{"role": "assistant", "content": first.choices[0].message.content},
+                        {"role": "user", "content": "And of Germany?"}]
+    second = client.chat.completions.create(model=MODEL, messages=turns, max_tokens=5, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.total_tokens - 1
+    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens

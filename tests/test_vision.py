@@ -236,3 +236,31 @@ def test_image_to_a_text_model_names_the_vision_model(vserver):
 def test_completions_refuse_a_vision_model(vserver):
     r = httpx.post(vserver.url + "/v1/completions", json={"model": VLM, "prompt": "Hi", "max_tokens": 2}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+
+
+def test_http_image_urls_when_allowed(tiny_vlm, image_dir):
+    """--allow-image-urls: fetched with a size limit; a missing file is a clear 400."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(image_dir))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    (image_dir / "big.png").write_bytes(image_bytes(size=(300, 300)) + b"\0" * 300_000)
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    s = Server(["--model-dir", str(tiny_vlm), "--max-models", "2", "--allow-image-urls",
+                "--max-image-bytes", "200000"], env={"HF_HUB_OFFLINE": "1"})
+    try:
+        def post(url):
+            return httpx.post(s.url + "/v1/chat/completions", timeout=60,
+                              json={"model": VLM, "messages": ask(url), "max_tokens": 2})
+        ok = post(f"{base}/cat.png")
+        assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] > 20
+        missing = post(f"{base}/nope.png")
+        assert missing.status_code == 400 and missing.json()["error"]["code"] == "image_fetch_failed"
+        big = post(f"{base}/big.png")
+        assert big.status_code == 400 and big.json()["error"]["code"] == "image_too_large"
+    finally:
+        s.stop()
+        httpd.shutdown()

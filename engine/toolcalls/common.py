@@ -1,0 +1,60 @@
+"""What the tool-call formats share: the call schema, grammar compilation, reading a payload."""
+from __future__ import annotations
+
+import json
+import uuid
+from functools import lru_cache
+from typing import Any, Optional, Sequence
+
+from engine.tools import ToolCall, ToolSpec, closed
+
+
+def parameters(tool: ToolSpec) -> Any:
+    return closed(json.loads(tool.parameters)) or {"type": "object"}
+
+
+def arguments_schema(tools: Sequence[ToolSpec], only: Optional[str], key: str) -> str:
+    """JSON schema (as text) of one call object: a tool's name and its arguments under `key`."""
+    options = [{"type": "object", "additionalProperties": False, "required": ["name", key],
+                "properties": {"name": {"const": t.name}, key: parameters(t)}}
+               for t in tools if only is None or t.name == only]
+    return json.dumps({"anyOf": options, "x-guidance": {"whitespace_flexible": False}}, sort_keys=True)
+
+
+@lru_cache(maxsize=128)
+def lark(grammar: str) -> str:
+    """A Lark grammar compiled once (clients resend the same tools with every request)."""
+    from llguidance import LLMatcher
+
+    return LLMatcher.grammar_from_lark(grammar)
+
+
+def struct_tag_grammar(tools: Sequence[ToolSpec], trigger: str, begin: str, end: str) -> str:
+    """Free text; once `trigger` appears, a call to one of the tools with valid arguments
+    (llguidance's lazy structural tags). `begin` has a `{name}` placeholder."""
+    from llguidance import StructTag
+
+    tags = [StructTag(trigger=trigger, begin=begin.replace("{name}", t.name),
+                      grammar=json.dumps({**parameters(t), "x-guidance": {"whitespace_flexible": False}}), end=end)
+            for t in tools]
+    return lark(StructTag.to_grammar(tags, assume_special=False))
+
+
+def make_call(payload_json: str, *keys: str) -> Optional[ToolCall]:
+    """A ToolCall from a JSON object with "name" and its arguments under one of `keys`; None if
+    it isn't one (the text then stays text)."""
+    try:
+        payload = json.loads(payload_json)
+    except ValueError:
+        return None
+    if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
+        return None
+    args: Any = next((payload[k] for k in keys if k in payload), {})
+    if isinstance(args, str):  # some models quote the arguments object
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(f"call_{uuid.uuid4().hex[:24]}", payload["name"], json.dumps(args, ensure_ascii=False))

@@ -1,0 +1,49 @@
+"""Hermes / Qwen: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (also the generic
+prompt's format)."""
+from __future__ import annotations
+
+import json
+import re
+from typing import Sequence
+
+from engine.toolcalls.common import arguments_schema, lark, make_call, struct_tag_grammar
+from engine.tools import ToolCall, ToolSpec
+
+_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+class Hermes:
+    name = "hermes"
+    trigger = "<tool_call>"
+
+    def detect(self, template: str) -> bool:
+        return "<tool_call>" in template
+
+    def render_call(self, name: str, arguments: str) -> str:
+        try:
+            args = json.loads(arguments)
+        except ValueError:
+            args = arguments
+        return "<tool_call>" + json.dumps({"name": name, "arguments": args}) + "</tool_call>"
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        calls: list[ToolCall] = []
+
+        def take(match: re.Match) -> str:
+            call = make_call(match.group(1), "arguments")
+            if call is None:
+                return match.group(0)
+            calls.append(call)
+            return ""
+
+        rest = _CALL.sub(take, text)
+        return rest.strip(), calls
+
+    def call_grammar(self, tools: Sequence[ToolSpec], only: str | None = None) -> str:
+        return lark('start: "<tool_call>" %json ' + arguments_schema(tools, only, "arguments") + ' "</tool_call>"')
+
+    def auto_grammar(self, tools: Sequence[ToolSpec]) -> str:
+        return struct_tag_grammar(tools, "<tool_call>", '<tool_call>{"name": "{name}", "arguments": ', "}</tool_call>")
+
+
+FORMAT = Hermes()

@@ -1,0 +1,71 @@
+"""Mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (v3 templates) and the newer
+`[TOOL_CALLS]name[ARGS]{...}`."""
+from __future__ import annotations
+
+import json
+import re
+from typing import Sequence
+
+from engine.toolcalls.common import arguments_schema, lark, make_call, struct_tag_grammar
+from engine.tools import ToolCall, ToolSpec
+
+TAG = "[TOOL_CALLS]"
+_NEW_STYLE = re.compile(r"\[TOOL_CALLS\]\s*([A-Za-z0-9_-]+)\s*\[ARGS\]\s*")
+
+
+class Mistral:
+    name = "mistral"
+    trigger = TAG
+
+    def detect(self, template: str) -> bool:
+        return TAG in template
+
+    def render_call(self, name: str, arguments: str) -> str:
+        try:
+            args = json.loads(arguments)
+        except ValueError:
+            args = arguments
+        return TAG + json.dumps([{"name": name, "arguments": args}])
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        at = text.find(TAG)
+        if at < 0:
+            return text.strip(), []
+        head, body = text[:at], text[at:]
+        calls: list[ToolCall] = []
+        decoder = json.JSONDecoder()
+        if _NEW_STYLE.match(body):
+            pos = 0
+            while (m := _NEW_STYLE.match(body, pos)):
+                try:
+                    args, end = decoder.raw_decode(body, m.end())
+                except ValueError:
+                    return text.strip(), []
+                call = make_call(json.dumps({"name": m.group(1), "arguments": args}), "arguments")
+                if call is None:
+                    return text.strip(), []
+                calls.append(call)
+                pos = end
+                while pos < len(body) and body[pos].isspace():
+                    pos += 1
+            return (head + body[pos:]).strip(), calls
+        try:
+            payload, end = decoder.raw_decode(body, len(TAG))
+        except ValueError:
+            return text.strip(), []
+        items = payload if isinstance(payload, list) else [payload]
+        for item in items:
+            call = make_call(json.dumps(item), "arguments", "parameters")
+            if call is None:
+                return text.strip(), []
+            calls.append(call)
+        return (head + body[end:]).strip(), calls
+
+    def call_grammar(self, tools: Sequence[ToolSpec], only: str | None = None) -> str:
+        return lark('start: "[TOOL_CALLS][" %json ' + arguments_schema(tools, only, "arguments") + ' "]"')
+
+    def auto_grammar(self, tools: Sequence[ToolSpec]) -> str:
+        return struct_tag_grammar(tools, TAG, TAG + '[{"name": "{name}", "arguments": ', "}]")
+
+
+FORMAT = Mistral()
