@@ -5,7 +5,7 @@ import gc
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -25,7 +25,8 @@ from engine.probe import Probe, probe
 from engine.resolution import ModelEntry, ModelStore
 from engine.scheduler import Scheduler, StreamHandle
 from engine.text import ChatMessage, SamplingParams, TextRunner
-from engine.tools import ToolSpec
+from engine.toolcalls import ToolFormat
+from engine.tools import ToolCall, ToolChoice, ToolSpec
 from engine.vision import VisionPlan, VisionRunner
 
 log = logging.getLogger("openmlx.engine")
@@ -77,6 +78,14 @@ class Prepared:
     @property
     def warnings(self) -> tuple[str, ...]:
         return self.runner.warnings
+
+    def split_calls(self, text: str) -> tuple[str, list[ToolCall]]:
+        """The text and the tool calls in it, in this model's format."""
+        return self.runner.split_calls(text)
+
+    @property
+    def tool_format(self) -> ToolFormat:
+        return self.runner.tool_format[0]
 
 
 class Engine:
@@ -331,14 +340,24 @@ class Engine:
 
     async def prepare_chat(self, model_id: str, messages: Sequence[ChatMessage],
                            params: SamplingParams, tools: Sequence[ToolSpec] = (),
-                           continue_final: bool = False, image_chunk_size: Optional[int] = None) -> Prepared:
+                           continue_final: bool = False, image_chunk_size: Optional[int] = None,
+                           tool_choice: Optional[ToolChoice] = None) -> Prepared:
         """Load the model if needed, apply its chat template (with the tools on offer), check the
         context budget. `continue_final`: a last assistant message is continued, not closed.
-        A vision model gets the images (decoded and checked here, on the worker)."""
+        With tools, `tool_choice` adds the model's call grammar (auto: only once a call starts;
+        a response_format grammar then stays). A vision model gets the images (decoded and
+        checked here, on the worker)."""
         def work() -> Prepared:
             runner = self._ensure_loaded(model_id)
+            choice = tool_choice or ToolChoice()
+            params_ = params
+            if tools and not isinstance(runner, VisionRunner) and not (choice.mode == "auto" and params.grammar):
+                params_ = replace(params, grammar=runner.tool_grammar(tools, choice) or params.grammar)
             if not isinstance(runner, VisionRunner):
-                return self._checked(model_id, runner, runner.encode_chat(messages, tools, continue_final), params)
+                return self._checked(model_id, runner, runner.encode_chat(messages, tools, continue_final), params_)
+            if tools and choice.mode != "auto":
+                raise InvalidRequest("tool_choice required or a named function needs constrained decoding, which "
+                                     "vision models don't support here; use tool_choice auto.", param="tool_choice")
             runner.check_params(params)
             plan = runner.plan(messages, tools, continue_final, image_chunk_size)
             budget = runner.max_new_tokens(plan.prompt_tokens, params.max_tokens, self.config.default_max_tokens,

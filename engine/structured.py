@@ -86,3 +86,14 @@ def grammar_processor(tokenizer: Any, grammar: str) -> Callable[[mx.array, mx.ar
         return mx.where(mx.array(mask)[None], logits, mx.array(-float("inf"), dtype=logits.dtype))
 
     return process
+
+
+def schema_problem(schema: Any) -> Optional[str]:
+    """Why llguidance can't enforce `schema` (e.g. an unsupported keyword), or None."""
+    from llguidance import LLMatcher
+
+    try:
+        grammar = _compile(json.dumps(schema, sort_keys=True))
+    except (ValueError, RuntimeError, TypeError) as e:
+        return str(e)
+    return LLMatcher.validate_grammar(grammar) or None

@@ -4,9 +4,11 @@ All functions here run on the engine's worker thread; nothing touches the event 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -19,7 +21,8 @@ from engine.probe import Probe
 from engine.prompt_cache import PromptCache
 from engine.images import ImageInput, attachment_marker
 from engine.stopping import StopMatcher
-from engine.tools import ToolSpec, native_tool_template, tool_prompt, tool_schema
+from engine.toolcalls import ToolFormat, for_template
+from engine.tools import ToolCall, ToolChoice, ToolSpec, render_result, tool_prompt, tool_schema
 
 log = logging.getLogger("openmlx.engine")
 
@@ -36,6 +39,8 @@ class ChatMessage:
     role: str
     content: str
     images: tuple[ImageInput, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: Optional[str] = None  # a "tool" turn: the call it answers
 
     @property
     def text_only(self) -> str:
@@ -103,12 +108,38 @@ class Started:
 GenerationEvent = Started | TextDelta | Finished
 
 
+def render_turn(m: ChatMessage, fmt: ToolFormat, native: bool) -> dict[str, Any]:
+    """One message as a chat-template turn. Templates with tool support get calls and results
+    as structured fields; others get them as text in the generic prompt's format."""
+    role = "system" if m.role == "developer" else m.role
+    if m.role == "tool":
+        if native:
+            return {"role": "tool", "content": m.text_only, "tool_call_id": m.tool_call_id}
+        return {"role": "user", "content": render_result(m.text_only)}
+    if m.tool_calls:
+        if native:
+            return {"role": "assistant", "content": m.content,
+                    "tool_calls": [{"id": c.id, "type": "function",
+                                    "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+                                   for c in m.tool_calls]}
+        calls = "".join(fmt.render_call(c.name, c.arguments) for c in m.tool_calls)
+        return {"role": role, "content": (m.content + "\n" if m.content else "") + calls}
+    return {"role": role, "content": m.text_only}
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def with_tool_prompt(messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]) -> list[ChatMessage]:
     """Messages with the generic tool instructions in the system turn (added if there is none)."""
     out = list(messages)
     prompt = tool_prompt(tools)
     if out and out[0].role in ("system", "developer"):
-        out[0] = ChatMessage(out[0].role, out[0].content + "\n\n" + prompt, out[0].images)
+        out[0] = replace(out[0], content=out[0].content + "\n\n" + prompt)
     else:
         out.insert(0, ChatMessage("system", prompt))
     return out
@@ -210,7 +241,6 @@ class TextRunner:
     @classmethod
     def load(cls, model_id: str, probe: Probe, cpu_dtype: str, gate: MemoryGate) -> "TextRunner":
         """Gate memory, load with mlx-lm, then apply the CPU dtype policy."""
-        import json
 
         from mlx_lm import load as lm_load
         from mlx_lm.utils import dequantize_model
@@ -246,13 +276,12 @@ class TextRunner:
         Tools go through the template when it renders them in the `<tool_call>` format our parser
         reads (Hermes/Qwen templates); otherwise the generic tool prompt is added as a system turn."""
         template = getattr(self.tokenizer, "chat_template", None) or ""
-        native = bool(tools) and native_tool_template(template)
+        fmt, native = self.tool_format
         if tools and not native:
             messages = with_tool_prompt(messages, tools)
-        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text_only}
-                 for m in messages]
+        turns = [render_turn(m, fmt, native) for m in messages]
         if template:
-            extra = {"tools": [tool_schema(t) for t in tools]} if native else {}
+            extra = {"tools": [tool_schema(t) for t in tools]} if native and tools else {}
             # continue_final: the last assistant turn is a prefix to go on with (Anthropic's prefill).
             prefill = {"continue_final_message": True} if continue_final and turns[-1]["role"] == "assistant" \
                 else {"add_generation_prompt": True}
@@ -263,6 +292,36 @@ class TextRunner:
                                      param="messages") from e
         text = "\n".join(f"{t['role']}: {t['content']}" for t in turns) + "\nassistant:"
         return self.encode_text(text)
+
+    @cached_property
+    def tool_format(self) -> tuple[ToolFormat, bool]:
+        """How this model writes tool calls, and whether its template renders tools itself."""
+        return for_template(getattr(self.tokenizer, "chat_template", None) or "")
+
+    def tool_grammar(self, tools: Sequence[ToolSpec], choice: ToolChoice) -> Optional[str]:
+        """The grammar for a tool choice: one valid call (required/named) or, for auto, free
+        text where a started call must be valid. Compiled once per tool set. A schema the
+        compiler can't take is a 400 naming `tools` when a call is required; under auto the
+        call is then only parsed (strict tools were refused at the API already)."""
+        from llguidance import LLMatcher
+
+        fmt, _ = self.tool_format
+        try:
+            grammar = fmt.auto_grammar(tools) if choice.mode == "auto" else \
+                fmt.call_grammar(tools, choice.name if choice.mode == "named" else None)
+            problem = LLMatcher.validate_grammar(grammar)
+        except (ValueError, RuntimeError) as e:
+            grammar, problem = None, str(e)
+        if problem and choice.mode == "auto":
+            log.info("%s: tool calls under auto are parsed, not constrained: %s", self.model_id, problem)
+            return None
+        if problem:
+            raise InvalidRequest(f"A tool's parameters schema can't be used: {problem}", param="tools")
+        return grammar
+
+    def split_calls(self, text: str) -> tuple[str, list[ToolCall]]:
+        """The text and the tool calls in it, read in this model's format."""
+        return self.tool_format[0].parse(text)
 
     def encode_text(self, prompt: str) -> list[int]:
         """Token ids of a plain completion prompt (with BOS where the tokenizer adds one)."""

@@ -1,20 +1,14 @@
-"""Tool calling: the prompt that offers tools, the grammar that guarantees a valid call, and the
-parser that turns model output back into OpenAI tool calls.
+"""Tool calling's shared pieces: what a tool and a call are, what the client chose, the generic
+prompt for chat templates without tool support, and strict-mode schemas.
 
-Format: Hermes/Qwen style `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. Models whose
-chat template takes `tools=` get them through it; others (the default SmolLM2) get the generic
-system prompt below. A broken call is left as text, never an error.
+How a model writes calls (and how they are read back and constrained) is per format:
+engine/toolcalls/. A broken call is left as text, never an error.
 """
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Optional, Sequence
-
-_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -31,8 +25,17 @@ class ToolCall:
     arguments: str  # a JSON object, as JSON text (OpenAI's shape)
 
 
+@dataclass(frozen=True)
+class ToolChoice:
+    """What the client asked for: "auto" (text or a call; a started call is constrained),
+    "required" (one valid call) or "named" (one valid call of `name`)."""
+
+    mode: str = "auto"
+    name: Optional[str] = None
+
+
 def tool_prompt(tools: Sequence[ToolSpec]) -> str:
-    """The generic instructions for templates without tool support."""
+    """The generic instructions for templates without tool support (Hermes format)."""
     listing = "\n".join(json.dumps({"name": t.name, "description": t.description,
                                     "parameters": json.loads(t.parameters)}) for t in tools)
     return ("You can call these functions:\n" + listing + "\nTo call one, answer with exactly "
@@ -46,21 +49,8 @@ def tool_schema(tool: ToolSpec) -> dict[str, Any]:
                                              "parameters": json.loads(tool.parameters)}}
 
 
-def native_tool_template(template: str) -> bool:
-    """A chat template that renders `tools` itself in the `<tool_call>` format this module parses."""
-    return "tools" in template and "<tool_call>" in template
-
-
-def render_call(name: str, arguments: str) -> str:
-    """An earlier assistant call, as the model would have written it."""
-    try:
-        args: Any = json.loads(arguments)
-    except ValueError:
-        args = arguments
-    return "<tool_call>" + json.dumps({"name": name, "arguments": args}) + "</tool_call>"
-
-
 def render_result(content: str) -> str:
+    """A tool's result in a template without tool support (the generic prompt's format)."""
     return f"<tool_response>\n{content}\n</tool_response>"
 
 
@@ -77,44 +67,8 @@ def closed(schema: Any) -> Any:
     return out
 
 
-def call_grammar(tools: Sequence[ToolSpec], only: Optional[str] = None) -> str:
-    """llguidance grammar: exactly one `<tool_call>` whose JSON names a tool (or `only`) and whose
-    arguments match that tool's parameters."""
-    options = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-                "properties": {"name": {"const": t.name},
-                               "arguments": closed(json.loads(t.parameters)) or {"type": "object"}}}
-               for t in tools if only is None or t.name == only]
-    return _lark(json.dumps({"anyOf": options, "x-guidance": {"whitespace_flexible": False}}, sort_keys=True))
-
-
-@lru_cache(maxsize=128)
-def _lark(schema_json: str) -> str:
-    from llguidance import LLMatcher
-
-    return LLMatcher.grammar_from_lark(f'start: "<tool_call>" %json {schema_json} "</tool_call>"')
-
-
 def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
-    """Split model output into (remaining text, calls). Malformed calls stay in the text."""
-    calls: list[ToolCall] = []
+    """Hermes-format calls (the generic prompt's), for callers without a model at hand."""
+    from engine.toolcalls import hermes
 
-    def take(match: re.Match) -> str:
-        try:
-            payload = json.loads(match.group(1))
-        except ValueError:
-            return match.group(0)
-        if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
-            return match.group(0)
-        args = payload.get("arguments", {})
-        if isinstance(args, str):  # some models quote the arguments object
-            try:
-                args = json.loads(args)
-            except ValueError:
-                return match.group(0)
-        if not isinstance(args, dict):
-            return match.group(0)
-        calls.append(ToolCall(f"call_{uuid.uuid4().hex[:24]}", payload["name"], json.dumps(args, ensure_ascii=False)))
-        return ""
-
-    rest = _CALL.sub(take, text)
-    return rest.strip(), calls
+    return hermes.FORMAT.parse(text)

@@ -23,7 +23,8 @@ from engine.memory import MemoryEstimate, MemoryGate
 from engine.probe import Probe
 from engine.prompt_cache import PromptCache
 from engine.text import (KV_HEADROOM_TOKENS, ChatMessage, Finished, GenerationEvent, SamplingParams, Started,
-                         TextDelta, TextRunner, _kv_bytes_per_token, decode_steps, with_tool_prompt)
+                         TextDelta, TextRunner, _kv_bytes_per_token, decode_steps, render_turn, with_tool_prompt)
+from engine.toolcalls import hermes
 from engine.tools import ToolSpec
 
 log = logging.getLogger("openmlx.engine")
@@ -56,8 +57,8 @@ def template_turns(messages: Sequence[ChatMessage], numbers: dict[str, int],
     turns, order = [], []
     for m in messages:
         role = "system" if m.role == "developer" else m.role
-        if not m.images:
-            turns.append({"role": role, "content": m.content})
+        if not m.images:  # tool calls and results as text, in the generic prompt's format
+            turns.append(render_turn(m, hermes.FORMAT, native=False))
             continue
         parts: list[dict] = []
         hidden: list[str] = []
@@ -104,6 +105,13 @@ class VisionRunner(TextRunner):
         tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
         return cls(model_id, model, tokenizer, config, probe, "keep", context, need, warnings,
                    PromptCache(max_entries=0), processor, limits or ImageLimits())
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Grammar-constrained decoding (JSON modes) needs mlx-lm's tokenizer: not for vision."""
+        if params.grammar:
+            raise InvalidRequest("response_format json_object/json_schema is not supported for vision models.",
+                                 param="response_format")
+        super().check_params(params)
 
     @property
     def vocab_size(self) -> int:

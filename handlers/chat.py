@@ -5,7 +5,7 @@ from typing import Optional
 
 from connexion import request
 
-from engine.tools import ToolCall, parse_tool_calls
+from engine.tools import ToolCall
 from engine.text import Finished, TextDelta
 from handlers import generation, protocol, sse
 from handlers.generation import Conversation
@@ -22,7 +22,7 @@ async def create(body: dict):
     engine = request.state.engine
     req = protocol.parse_chat(body)
     conv = Conversation(req.model, req.messages, req.params, req.tools, req.newest_media,
-                        image_chunk_size=req.image_chunk_size)
+                        image_chunk_size=req.image_chunk_size, tool_choice=req.tool_choice)
     prepared = await generation.prepare(engine, conv, request.state.image_sources)
     cid, created = protocol.new_id("chatcmpl"), protocol.now()
     if not req.stream:
@@ -35,20 +35,20 @@ async def create(body: dict):
                                 prepared.warnings)
     handle, observer = generation.start_stream(engine, conv, prepared, ROUTE)
 
-    held: list[str] = []  # with tools on offer, text is held until the calls can be parsed
+    out = generation.ToolTextStream(conv, prepared)  # with tools, a call is held until it can be parsed
 
     def on_delta(delta: TextDelta) -> Optional[dict]:
-        if req.tools_active:
-            held.append(delta.text)
+        text = out.feed(delta.text)
+        if not text and (req.tools_active or not delta.logprobs):
             return None
-        return protocol.chat_chunk(cid, created, req.model, {"content": delta.text}, with_usage_field=req.include_usage,
+        return protocol.chat_chunk(cid, created, req.model, {"content": text}, with_usage_field=req.include_usage,
                                    logprobs=delta.logprobs if req.params.logprobs else None)
 
     def on_finish(done: Finished) -> list[dict]:
         chunks = []
         calls: list[ToolCall] = []
         if req.tools_active:
-            text, calls = parse_tool_calls("".join(held))
+            text, calls = out.finish()
             if text:
                 chunks.append(protocol.chat_chunk(cid, created, req.model, {"content": text},
                                                   with_usage_field=req.include_usage))

@@ -14,7 +14,8 @@ from engine.engine import Engine, Prepared
 from engine.errors import InvalidRequest
 from engine.scheduler import StreamHandle
 from engine.text import ChatMessage, Finished, SamplingParams, TokenLogprob
-from engine.tools import ToolCall, ToolSpec, parse_tool_calls
+from engine.toolcalls import CallWatcher
+from engine.tools import ToolCall, ToolChoice, ToolSpec
 from handlers import sse
 from handlers.images import ImageSources, load_all
 from handlers.metrics import GenerationObserver
@@ -32,6 +33,7 @@ class Conversation:
     continue_final: bool = False  # a last assistant message is continued (Anthropic's prefill)
     media_param: str = "messages"
     image_chunk_size: Optional[int] = None  # images per vision pass (None: the server's default)
+    tool_choice: Optional[ToolChoice] = None  # with tools: auto (default), required or named
 
 
 @dataclass
@@ -65,18 +67,44 @@ async def prepare(engine: Engine, conv: Conversation, sources: Optional[ImageSou
     if kind == "vision" and any(m.images for m in messages):
         messages = await load_all(messages, sources or ImageSources())
     return await engine.prepare_chat(conv.model, messages, conv.params, conv.tools, conv.continue_final,
-                                     conv.image_chunk_size)
+                                     conv.image_chunk_size, conv.tool_choice)
 
 
-def split_calls(conv: Conversation, text: str) -> tuple[str, list[ToolCall]]:
-    """With tools on offer, the text and the calls in it; else the text unchanged."""
-    return parse_tool_calls(text) if conv.tools else (text, [])
+def split_calls(conv: Conversation, prepared: Prepared, text: str) -> tuple[str, list[ToolCall]]:
+    """With tools on offer, the text and the calls in it (in the model's format); else the text."""
+    return prepared.split_calls(text) if conv.tools else (text, [])
+
+
+class ToolTextStream:
+    """Streaming with tools on offer: text goes out as it comes until a call may be starting
+    (the model's call trigger); the rest is held and parsed at the end."""
+
+    def __init__(self, conv: Conversation, prepared: Prepared) -> None:
+        self.conv, self.prepared = conv, prepared
+        self.watcher = CallWatcher(prepared.tool_format) if conv.tools else None
+        self.parts: list[str] = []
+
+    def feed(self, text: str) -> str:
+        self.parts.append(text)
+        return self.watcher.feed(text) if self.watcher else text
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """(text not sent yet, calls)."""
+        if self.watcher is None:
+            return "", []
+        _, calls = split_calls(self.conv, self.prepared, "".join(self.parts))
+        return ("" if calls else self.watcher.unsent()), calls
+
+    @property
+    def text(self) -> str:
+        """Everything generated, with calls taken out (what the non-stream answer's text is)."""
+        return split_calls(self.conv, self.prepared, "".join(self.parts))[0]
 
 
 async def answer(engine: Engine, conv: Conversation, prepared: Prepared, route: str) -> Answer:
     """Run the generation to its end (non-streaming)."""
     text, done, logprobs = await sse.collect(engine.stream(prepared), GenerationObserver(route, conv.model))
-    text, calls = split_calls(conv, text)
+    text, calls = split_calls(conv, prepared, text)
     return Answer(text, calls, done, logprobs)
 
 

@@ -29,32 +29,41 @@ async def create(body: dict):
         return json_ok(mp.message(mid, model, content, out.done, out.calls), prepared.warnings)
 
     handle, observer = generation.start_stream(engine, conv, prepared, ROUTE)
-    parts: list[str] = []
+    out = generation.ToolTextStream(conv, prepared)  # with tools, a call is held until it can be parsed
+    opened: list[bool] = []  # the text block has started
+
+    def open_text() -> list[dict[str, Any]]:
+        opened.append(True)
+        return [{"type": "content_block_start", "index": 0, "content_block": mp.text_block("")}]
 
     def on_start(started: Started) -> list[dict[str, Any]]:
         events = [{"type": "message_start",
                    "message": mp.message(mid, model, [], None, (), started.prompt_tokens, started.cached_tokens)}]
-        if not conv.tools:  # with tools on offer the text is held until calls can be parsed
-            events.append({"type": "content_block_start", "index": 0, "content_block": mp.text_block("")})
+        if not conv.tools:
+            events += open_text()
         return events + [{"type": "ping"}]
 
-    def on_delta(delta: TextDelta) -> Optional[dict[str, Any]]:
-        parts.append(delta.text)
-        if conv.tools or not delta.text:
+    def text_delta(text: str) -> dict[str, Any]:
+        return {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
+
+    def on_delta(delta: TextDelta) -> Optional[list[dict[str, Any]]]:
+        text = out.feed(delta.text)
+        if not text:
             return None
-        return {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": delta.text}}
+        return ([] if opened else open_text()) + [text_delta(text)]
 
     def on_finish(done: Finished) -> list[dict[str, Any]]:
-        text, calls = generation.split_calls(conv, "".join(parts))
+        unsent, calls = out.finish()
+        text = out.text
         events: list[dict[str, Any]] = []
         index = 0
-        if not conv.tools:
+        if opened or text or not calls:
+            if not opened:
+                events += open_text()
+                unsent = text
+            if unsent:
+                events.append(text_delta(unsent))
             events.append({"type": "content_block_stop", "index": 0})
-            index = 1
-        elif text or not calls:
-            events += [{"type": "content_block_start", "index": 0, "content_block": mp.text_block("")},
-                       {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
-                       {"type": "content_block_stop", "index": 0}]
             index = 1
         for i, call in enumerate(calls, start=index):
             block = mp.tool_use_block(call)

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 from engine.errors import InvalidRequest
 from engine.structured import grammar_for
 from engine.text import ChatMessage, Finished, SamplingParams
-from engine.tools import ToolCall, ToolSpec, render_call, render_result
+from engine.tools import ToolCall, ToolSpec
 from engine.images import ImageInput, attachment_marker
 from handlers.generation import Conversation, newest_user_index
 from handlers.protocol import offer_tools
@@ -50,14 +50,16 @@ def _image(block: dict[str, Any], where: str) -> ImageInput:
     raise InvalidRequest("An image block needs a base64 or url source.", param=f"{where}.source")
 
 
-def _message(index: int, message: dict[str, Any], open_calls: set[str]) -> ChatMessage:
-    """One message as an engine turn."""
+def _message(index: int, message: dict[str, Any], open_calls: set[str]) -> list[ChatMessage]:
+    """One message as engine turns: a user message's tool results become tool turns (before
+    the text it carries), an assistant message's tool_use blocks its calls."""
     role, content = message["role"], message["content"]
     if isinstance(content, str):
-        return ChatMessage(role, content)
+        return [ChatMessage(role, content)]
     texts: list[str] = []
     images: list[ImageInput] = []
-    answered: set[str] = set()
+    calls: list[ToolCall] = []
+    results: list[ChatMessage] = []
     for j, block in enumerate(content):
         kind, where = block["type"], f"messages.{index}.content.{j}"
         if kind == "text":
@@ -72,7 +74,7 @@ def _message(index: int, message: dict[str, Any], open_calls: set[str]) -> ChatM
             for name in ("id", "name"):
                 if not block.get(name):
                     raise InvalidRequest(f"A tool_use block needs '{name}'.", param=f"{where}.{name}")
-            texts.append(render_call(block["name"], json.dumps(block.get("input") or {})))
+            calls.append(ToolCall(block["id"], block["name"], json.dumps(block.get("input") or {})))
             open_calls.add(block["id"])
         elif kind == "tool_result":
             use_id = block.get("tool_use_id")
@@ -81,16 +83,19 @@ def _message(index: int, message: dict[str, Any], open_calls: set[str]) -> ChatM
             if not use_id or use_id not in open_calls:
                 raise InvalidRequest(f"tool_result block(s) with tool_use_id '{use_id}' have no matching tool_use "
                                      "block in the previous assistant message.", param=f"{where}.tool_use_id")
-            answered.add(use_id)
             text = _result_text(block.get("content"))
-            texts.append(render_result(("Error: " + text) if block.get("is_error") else text))
+            results.append(ChatMessage("tool", ("Error: " + text) if block.get("is_error") else text,
+                                       tool_call_id=use_id))
         elif kind in ("thinking", "redacted_thinking"):
             continue  # earlier reasoning is not shown to the model again
         else:
             raise InvalidRequest(f"Content blocks of type '{kind}' are not supported.", param=f"{where}.type")
     if role == "user":
         open_calls.clear()  # a tool_use must be answered in the very next user turn
-    return ChatMessage(role, "\n".join(t for t in texts if t), tuple(images))
+    text = "\n".join(t for t in texts if t)
+    if results:
+        return results + ([ChatMessage(role, text, tuple(images))] if text or images else [])
+    return [ChatMessage(role, text, tuple(images), tool_calls=tuple(calls))]
 
 
 def conversation(body: dict[str, Any], max_tokens: Optional[int]) -> Conversation:
@@ -108,16 +113,15 @@ def conversation(body: dict[str, Any], max_tokens: Optional[int]) -> Conversatio
     open_calls: set[str] = set()
     newest_media = False
     for i, m in enumerate(messages):
-        turn = _message(i, m, open_calls)
-        newest_media = newest_media or (i == newest and bool(turn.images))
-        turns.append(turn)
+        for turn in _message(i, m, open_calls):
+            newest_media = newest_media or (i == newest and bool(turn.images))
+            turns.append(turn)
     specs = [ToolSpec(t["name"], t.get("description") or "", json.dumps(t.get("input_schema") or {}))
              for t in body.get("tools") or []]
     choice = body.get("tool_choice") or {}
-    tools, grammar = offer_tools(specs, _CHOICES[choice["type"]] if choice else None, choice.get("name"))
+    tools, tool_choice = offer_tools(specs, _CHOICES[choice["type"]] if choice else None, choice.get("name"))
     fmt = (body.get("output_config") or {}).get("format")
-    if fmt and not grammar:
-        grammar = grammar_for({"type": "json_schema", "json_schema": {"schema": fmt["schema"]}})
+    grammar = grammar_for({"type": "json_schema", "json_schema": {"schema": fmt["schema"]}}) if fmt else None
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=float(body.get("temperature", 1.0)),
@@ -127,7 +131,7 @@ def conversation(body: dict[str, Any], max_tokens: Optional[int]) -> Conversatio
         grammar=grammar,
     )
     return Conversation(body["model"], turns, params, tuple(tools), frozenset({"image"} if newest_media else ()),
-                        continue_final=messages[-1]["role"] == "assistant")
+                        continue_final=messages[-1]["role"] == "assistant", tool_choice=tool_choice)
 
 
 # --- shaping ---------------------------------------------------------------------------

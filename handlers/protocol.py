@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from engine.errors import InvalidRequest
 from engine.structured import grammar_for
-from engine.tools import ToolCall, ToolSpec, call_grammar, render_call, render_result
+from engine.tools import ToolCall, ToolChoice, ToolSpec
 from engine.text import ChatMessage, SamplingParams, TokenLogprob
 from engine.images import ImageInput, attachment_marker
 
@@ -30,6 +30,7 @@ class ChatRequest:
     newest_media: frozenset[str]  # "image" / "audio": what the last user message carries
     tools: tuple[ToolSpec, ...] = ()  # tools offered: the output is parsed for tool calls
     image_chunk_size: Optional[int] = None
+    tool_choice: Optional[ToolChoice] = None
 
     @property
     def tools_active(self) -> bool:
@@ -109,12 +110,12 @@ def _flatten(index: int, message: dict[str, Any]) -> ChatMessage:
         if not message.get("tool_call_id"):
             raise InvalidRequest(f"messages[{index}] (tool) needs tool_call_id.", param=f"messages.{index}.tool_call_id")
         text = content if isinstance(content, str) else _flatten(index, {"role": "user", "content": content}).content
-        return ChatMessage("user", render_result(text or ""))
+        return ChatMessage("tool", text or "", tool_call_id=message["tool_call_id"])
     if role == "assistant" and message.get("tool_calls"):
-        calls = "".join(render_call(c["function"]["name"], c["function"].get("arguments") or "{}")
-                        for c in message["tool_calls"])
+        calls = tuple(ToolCall(c.get("id") or f"call_{i}", c["function"]["name"], c["function"].get("arguments") or "{}")
+                      for i, c in enumerate(message["tool_calls"]))
         text = _flatten(index, {"role": "assistant", "content": content}).content
-        return ChatMessage("assistant", (text + "\n" if text else "") + calls)
+        return ChatMessage("assistant", text, tool_calls=calls)
     if content is None:
         if role != "assistant":
             raise InvalidRequest(f"messages[{index}] ({role}) needs content.", param=f"messages.{index}.content")
@@ -140,9 +141,7 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
     stream = bool(body.get("stream"))
     flat = [_flatten(i, m) for i, m in enumerate(messages)]
     params = sampling_params(body)
-    tools, grammar = _tools(body)
-    if grammar:
-        params = replace(params, grammar=grammar)
+    tools, choice = _tools(body)
     return ChatRequest(
         model=body["model"],
         messages=flat,
@@ -152,15 +151,17 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
         newest_media=newest_media,
         tools=tuple(tools),
         image_chunk_size=body.get("image_chunk_size"),
+        tool_choice=choice,
     )
 
 
-def _tools(body: dict[str, Any]) -> tuple[list[ToolSpec], Optional[str]]:
+def _tools(body: dict[str, Any]) -> tuple[list[ToolSpec], Optional[ToolChoice]]:
     """Chat completions' tools and tool_choice -> what the engine gets (see `offer_tools`)."""
     raw = body.get("tools") or []
     specs = [ToolSpec(t["function"]["name"], t["function"].get("description", ""),
                       json.dumps(t["function"].get("parameters") or {"type": "object", "properties": {}}))
              for t in raw]
+    check_strict([(i, t["function"]) for i, t in enumerate(raw)], "tools.{i}.function.parameters")
     choice = body.get("tool_choice")
     if isinstance(choice, dict):
         return offer_tools(specs, "named", choice["function"]["name"])
@@ -168,9 +169,9 @@ def _tools(body: dict[str, Any]) -> tuple[list[ToolSpec], Optional[str]]:
 
 
 def offer_tools(specs: list[ToolSpec], choice: Optional[str], name: Optional[str] = None,
-                param: str = "tool_choice") -> tuple[list[ToolSpec], Optional[str]]:
-    """The tools on offer (none when the choice is "none") and, for "required" or "named", the
-    grammar that makes the answer one valid call. Shared by chat, responses and messages."""
+                param: str = "tool_choice") -> tuple[list[ToolSpec], Optional[ToolChoice]]:
+    """The tools on offer (none when the choice is "none") and what the client chose: the engine
+    turns it into the model's call grammar. Shared by chat, responses and messages."""
     if choice is not None and not specs and choice != "none":
         raise InvalidRequest(f"{param} needs tools.", param=param)
     names = [t.name for t in specs]
@@ -179,11 +180,22 @@ def offer_tools(specs: list[ToolSpec], choice: Optional[str], name: Optional[str
         raise InvalidRequest(f"Two tools are named '{duplicate}'; tool names must be unique.", param="tools")
     if not specs or choice == "none":
         return [], None
-    if choice == "named":
-        if name not in names:
-            raise InvalidRequest(f"{param} names '{name}', which is not in tools.", param=param)
-        return specs, call_grammar(specs, only=name)
-    return specs, call_grammar(specs) if choice == "required" else None
+    if choice == "named" and name not in names:
+        raise InvalidRequest(f"{param} names '{name}', which is not in tools.", param=param)
+    return specs, ToolChoice(choice or "auto", name if choice == "named" else None)
+
+
+def check_strict(tools: list[tuple[int, dict[str, Any]]], param: str) -> None:
+    """`strict: true` promises the arguments match the schema: a schema the grammar compiler
+    can't take (unsupported keywords) is a 400 naming it, before anything runs."""
+    from engine.structured import schema_problem
+
+    for i, tool in tools:
+        if tool.get("strict"):
+            problem = schema_problem(tool.get("parameters") or {"type": "object"})
+            if problem:
+                raise InvalidRequest(f"Tool '{tool.get('name')}' is strict, and its parameters schema can't be "
+                                     f"enforced: {problem}", param=param.format(i=i))
 
 
 def parse_completion(body: dict[str, Any]) -> CompletionRequest:

@@ -70,7 +70,6 @@ async def create(body: dict):
     handle, observer = generation.start_stream(engine, conv, prepared, ROUTE)
     seq = iter(range(1 << 62))
     msg_id = rp.new_id("msg")
-    held: list[str] = []
 
     def ev(type_: str, **fields: Any) -> dict[str, Any]:
         return {"type": type_, "sequence_number": next(seq), **fields}
@@ -96,26 +95,31 @@ async def create(body: dict):
 
     start = rp.response_object(rid, created, body, [], None)
     first_events = [ev("response.created", response=start), ev("response.in_progress", response=start)]
-    if not conv.tools:  # with tools on offer the text is held until calls can be parsed
-        first_events += open_text()
-    parts: list[str] = []
+    out = generation.ToolTextStream(conv, prepared)  # with tools, a call is held until it can be parsed
+    opened: list[bool] = []  # the message item has been announced
 
     def on_delta(delta: TextDelta) -> Optional[dict[str, Any]]:
-        parts.append(delta.text)
-        if conv.tools:
-            held.append(delta.text)
+        text = out.feed(delta.text)
+        if not text:
             return None
-        return ev("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
-                  delta=delta.text, logprobs=[])
+        events = [] if opened else open_text()
+        opened.append(True)
+        events.append(ev("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
+                         delta=text, logprobs=[]))
+        return events  # type: ignore[return-value]
 
     def on_finish(done: Finished) -> list[dict[str, Any]]:
-        text, calls = generation.split_calls(conv, "".join(parts))
+        unsent, calls = out.finish()
+        text = out.text
         status, _ = rp.status_of(done)
         events: list[dict[str, Any]] = []
         output = []
         index = 0
-        if not conv.tools or text or not calls:
-            events += text_part_events(text, status, opened=not conv.tools)
+        if opened or text or not calls:
+            if opened and unsent:
+                events.append(ev("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
+                                 delta=unsent, logprobs=[]))
+            events += text_part_events(text, status, opened=bool(opened))
             output.append(rp.message_item(msg_id, text, status))
             index = 1
         for i, call in enumerate(calls, start=index):

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 from engine.errors import InvalidRequest
 from engine.structured import grammar_for
 from engine.text import ChatMessage, Finished, SamplingParams
-from engine.tools import ToolCall, ToolSpec, render_call, render_result
+from engine.tools import ToolCall, ToolChoice, ToolSpec
 from engine.images import ImageInput
 from handlers.generation import Conversation, newest_user_index
-from handlers.protocol import now, offer_tools
+from handlers.protocol import check_strict, now, offer_tools
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
@@ -99,13 +99,13 @@ def input_messages(raw: Any, call_ids: set[str]) -> tuple[list[ChatMessage], lis
             messages.append(ChatMessage(item["role"], text, images))
         elif kind == "function_call":
             _required(item, index, "call_id", "name")
-            call = render_call(item["name"], item.get("arguments") or "{}")
+            call = ToolCall(item["call_id"], item["name"], item.get("arguments") or "{}")
             call_ids.add(item["call_id"])
             if messages and messages[-1].role == "assistant":  # calls join the assistant turn they belong to
                 last = messages.pop()
-                messages.append(ChatMessage("assistant", (last.content + "\n" if last.content else "") + call))
+                messages.append(replace(last, tool_calls=last.tool_calls + (call,)))
             else:
-                messages.append(ChatMessage("assistant", call))
+                messages.append(ChatMessage("assistant", "", tool_calls=(call,)))
         elif kind == "function_call_output":
             _required(item, index, "call_id", "output")
             if item["call_id"] not in call_ids:
@@ -113,7 +113,7 @@ def input_messages(raw: Any, call_ids: set[str]) -> tuple[list[ChatMessage], lis
                                      param=f"{where}.call_id")
             output = item["output"]
             text = output if isinstance(output, str) else _content(output, where)[0]
-            messages.append(ChatMessage("user", render_result(text)))
+            messages.append(ChatMessage("tool", text, tool_call_id=item["call_id"]))
         elif kind == "reasoning":
             continue  # nothing to show the model
         else:
@@ -131,10 +131,11 @@ def _format(text: Optional[dict[str, Any]]) -> dict[str, Any]:
     return {"type": fmt["type"]}
 
 
-def _tools(body: dict[str, Any]) -> tuple[list[ToolSpec], Optional[str]]:
+def _tools(body: dict[str, Any]) -> tuple[list[ToolSpec], Optional[ToolChoice]]:
     specs = [ToolSpec(t["name"], t.get("description") or "",
                       json.dumps(t.get("parameters") or {"type": "object", "properties": {}}))
              for t in body.get("tools") or []]
+    check_strict(list(enumerate(body.get("tools") or [])), "tools.{i}.parameters")
     choice = body.get("tool_choice")
     if isinstance(choice, dict):
         return offer_tools(specs, "named", choice["name"])
@@ -147,15 +148,15 @@ def parse(body: dict[str, Any], history: Sequence[ChatMessage] = (), call_ids: O
     new, items, newest_media = input_messages(body.get("input", ""), call_ids)
     instructions = body.get("instructions")
     messages = ([ChatMessage("system", instructions)] if instructions else []) + list(history) + new
-    tools, grammar = _tools(body)
+    tools, choice = _tools(body)
     params = SamplingParams(
         max_tokens=body.get("max_output_tokens"),
         temperature=1.0 if body.get("temperature") is None else float(body["temperature"]),
         top_p=1.0 if body.get("top_p") is None else float(body["top_p"]),
-        grammar=grammar or grammar_for(_format(body.get("text"))),
+        grammar=grammar_for(_format(body.get("text"))),
     )
     conv = Conversation(body["model"], messages, params, tuple(tools), frozenset({"image"} if newest_media else ()),
-                        media_param="input")
+                        media_param="input", tool_choice=choice)
     return ParsedResponseRequest(conv, items, new, list(history), call_ids)
 
 
@@ -220,6 +221,4 @@ def response_object(rid: str, created: int, body: dict[str, Any], output: list[d
 
 def history_after(parsed: ParsedResponseRequest, text: str, calls: Sequence[ToolCall]) -> list[ChatMessage]:
     """The conversation a follow-up (`previous_response_id`) continues: without instructions."""
-    rendered = "".join(render_call(c.name, c.arguments) for c in calls)
-    reply = (text + "\n" if text and rendered else text) + rendered
-    return parsed.history + parsed.new_messages + [ChatMessage("assistant", reply)]
+    return parsed.history + parsed.new_messages + [ChatMessage("assistant", text, tool_calls=tuple(calls))]

@@ -56,7 +56,7 @@ async def collect(handle: StreamHandle, observer: GenerationObserver) -> tuple[s
 
 
 def stream_response(handle: StreamHandle, observer: GenerationObserver,
-                    on_delta: Callable[[TextDelta], Optional[dict[str, Any]]],
+                    on_delta: Callable[[TextDelta], Optional[dict[str, Any] | list[dict[str, Any]]]],
                     on_finish: Callable[[Finished], list[dict[str, Any]]],
                     first: Sequence[dict[str, Any]] = (),
                     headers: Optional[dict[str, str]] = None,
@@ -78,8 +78,9 @@ def stream_response(handle: StreamHandle, observer: GenerationObserver,
                 if isinstance(ev, TextDelta):
                     observer.first_text()
                     chunk = on_delta(ev)
-                    if chunk is not None:  # None: the handler holds the text back (tool calls)
-                        yield encode(chunk)
+                    # None: the handler holds the text back (tool calls); a list: several events
+                    for c in chunk if isinstance(chunk, list) else [] if chunk is None else [chunk]:
+                        yield encode(c)
                 elif isinstance(ev, Started):
                     for chunk in on_start(ev) if on_start else ():
                         yield encode(chunk)

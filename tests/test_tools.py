@@ -168,3 +168,29 @@ def test_generic_prompt_for_templates_without_tools(default_model_dir):
     text = runner.tokenizer.decode(runner.encode_chat([ChatMessage("system", "Be brief."), ChatMessage("user", "hi")],
                                                       [spec]))
     assert "Be brief.\n\nYou can call these functions" in text and "get_weather" in text
+
+
+def test_auto_streams_text_as_it_comes(client):
+    """With tools on offer, text that is not a call is streamed piece by piece, not held to the end."""
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Say hello to me in one friendly sentence."}],
+                  tools=[WEATHER], max_tokens=24, temperature=0)
+    plain = client.chat.completions.create(**kwargs)
+    assert not plain.choices[0].message.tool_calls
+    chunks = [c for c in client.chat.completions.create(**kwargs, stream=True)
+              if c.choices and c.choices[0].delta.content]
+    assert len(chunks) > 2
+    assert "".join(c.choices[0].delta.content for c in chunks).strip() == plain.choices[0].message.content
+
+
+def test_strict_tool_with_unsupported_keyword_is_400(server):
+    tool = {"type": "function", "function": {"name": "tag", "strict": True, "parameters": {
+        "type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}}}
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                   json={"model": MODEL, "messages": MSG, "tools": [tool]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools.0.function.parameters"
+    assert "uniqueItems" in r.json()["error"]["message"]
+    # Not strict, under auto: accepted (a started call is then parsed, not constrained).
+    tool["function"]["strict"] = False
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                   json={"model": MODEL, "messages": MSG, "tools": [tool], "max_tokens": 4})
+    assert r.status_code == 200, r.text

@@ -14,7 +14,8 @@ from engine.tools import ToolCall, ToolSpec
 
 class ToolFormat(Protocol):
     name: str
-    trigger: str  # text that starts a call in the output (held back while streaming)
+    triggers: tuple[str, ...]  # text that starts a call in the output (held back while streaming)
+    anywhere: bool  # calls may follow text (else only at the start of the answer)
 
     def detect(self, template: str) -> bool:
         """Does this chat template render tools in this format?"""
@@ -48,3 +49,55 @@ def for_template(template: str) -> tuple[ToolFormat, bool]:
             if fmt.detect(template):
                 return fmt, True
     return hermes.FORMAT, False
+
+
+class CallWatcher:
+    """While streaming with tools on offer: text is sent as it comes until a call may be
+    starting; from the format's trigger on, it is held so the call can be parsed whole."""
+
+    def __init__(self, fmt: ToolFormat) -> None:
+        self.triggers = fmt.triggers
+        self.anywhere = fmt.anywhere
+        self.pending = ""
+        self.sent = ""
+        self.capturing = False
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest suffix of `text` that could begin a trigger."""
+        best = 0
+        for trigger in self.triggers:
+            for n in range(min(len(trigger) - 1, len(text)), best, -1):
+                if text.endswith(trigger[:n]):
+                    best = n
+                    break
+        return best
+
+    def feed(self, piece: str) -> str:
+        """Add generated text; return what can be sent now."""
+        if self.capturing:
+            self.pending += piece
+            return ""
+        text = self.pending + piece
+        if self.anywhere:
+            hits = [i for i in (text.find(t) for t in self.triggers) if i >= 0]
+            if hits:
+                self.capturing, cut = True, min(hits)
+                self.pending, out = text[cut:], text[:cut]
+            else:
+                keep = self._held_back(text)
+                self.pending, out = text[len(text) - keep:], text[:len(text) - keep]
+        elif self.sent:  # calls come only at the start of the answer: past it, all is text
+            self.pending, out = "", text
+        else:
+            head = text.lstrip()
+            if any(head.startswith(t) for t in self.triggers):
+                self.capturing, self.pending, out = True, text, ""
+            elif not head or any(t.startswith(head) for t in self.triggers):
+                self.pending, out = text, ""
+            else:
+                self.pending, out = "", text
+        self.sent += out
+        return out
+
+    def unsent(self) -> str:
+        return self.pending

@@ -9,6 +9,11 @@ from typing import Any, Optional, Sequence
 from engine.tools import ToolCall, ToolSpec, closed
 
 
+# Calls are written compactly, as the grammars make the model write them, so an earlier call
+# renders into the next prompt exactly as it was generated (and the prompt cache still matches).
+COMPACT = (",", ":")
+
+
 def parameters(tool: ToolSpec) -> Any:
     return closed(json.loads(tool.parameters)) or {"type": "object"}
 
@@ -18,7 +23,8 @@ def arguments_schema(tools: Sequence[ToolSpec], only: Optional[str], key: str) -
     options = [{"type": "object", "additionalProperties": False, "required": ["name", key],
                 "properties": {"name": {"const": t.name}, key: parameters(t)}}
                for t in tools if only is None or t.name == only]
-    return json.dumps({"anyOf": options, "x-guidance": {"whitespace_flexible": False}}, sort_keys=True)
+    # Not key-sorted: the grammar writes keys in schema order, "name" first as models and render_call do.
+    return json.dumps({"anyOf": options, "x-guidance": {"whitespace_flexible": False}})
 
 
 @lru_cache(maxsize=128)

@@ -6,7 +6,7 @@ import json
 import re
 from typing import Sequence
 
-from engine.toolcalls.common import arguments_schema, lark, make_call, struct_tag_grammar
+from engine.toolcalls.common import COMPACT, arguments_schema, lark, make_call, struct_tag_grammar
 from engine.tools import ToolCall, ToolSpec
 
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
@@ -14,7 +14,8 @@ _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 class Hermes:
     name = "hermes"
-    trigger = "<tool_call>"
+    triggers = ("<tool_call>",)  # text that starts a call
+    anywhere = True  # calls may follow text (else only at the start of the answer)
 
     def detect(self, template: str) -> bool:
         return "<tool_call>" in template
@@ -24,7 +25,7 @@ class Hermes:
             args = json.loads(arguments)
         except ValueError:
             args = arguments
-        return "<tool_call>" + json.dumps({"name": name, "arguments": args}) + "</tool_call>"
+        return "<tool_call>" + json.dumps({"name": name, "arguments": args}, separators=COMPACT) + "</tool_call>"
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         calls: list[ToolCall] = []
@@ -43,7 +44,7 @@ class Hermes:
         return lark('start: "<tool_call>" %json ' + arguments_schema(tools, only, "arguments") + ' "</tool_call>"')
 
     def auto_grammar(self, tools: Sequence[ToolSpec]) -> str:
-        return struct_tag_grammar(tools, "<tool_call>", '<tool_call>{"name": "{name}", "arguments": ', "}</tool_call>")
+        return struct_tag_grammar(tools, "<tool_call>", '<tool_call>{"name":"{name}","arguments":', "}</tool_call>")
 
 
 FORMAT = Hermes()

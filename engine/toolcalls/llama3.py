@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from engine.toolcalls.common import arguments_schema, lark, make_call, struct_tag_grammar
+from engine.toolcalls.common import COMPACT, arguments_schema, lark, make_call, struct_tag_grammar
 from engine.tools import ToolCall, ToolSpec
 
 TAG = "<|python_tag|>"
@@ -13,7 +13,8 @@ TAG = "<|python_tag|>"
 
 class Llama3:
     name = "llama3"
-    trigger = "{"  # a call is the whole answer, so it starts with "{" (or the tag)
+    triggers = ("{", TAG)  # text that starts a call
+    anywhere = False  # calls may follow text (else only at the start of the answer)
 
     def detect(self, template: str) -> bool:
         return TAG in template or ("<|start_header_id|>" in template and '"parameters"' in template)
@@ -23,7 +24,7 @@ class Llama3:
             args = json.loads(arguments)
         except ValueError:
             args = arguments
-        return json.dumps({"name": name, "parameters": args})
+        return json.dumps({"name": name, "parameters": args}, separators=COMPACT)
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         body = text.strip()
@@ -52,7 +53,7 @@ class Llama3:
         return lark("start: %json " + arguments_schema(tools, only, "parameters"))
 
     def auto_grammar(self, tools: Sequence[ToolSpec]) -> str:
-        return struct_tag_grammar(tools, "{", '{"name": "{name}", "parameters": ', "}")
+        return struct_tag_grammar(tools, "{", '{"name":"{name}","parameters":', "}")
 
 
 FORMAT = Llama3()

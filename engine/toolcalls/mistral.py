@@ -6,7 +6,7 @@ import json
 import re
 from typing import Sequence
 
-from engine.toolcalls.common import arguments_schema, lark, make_call, struct_tag_grammar
+from engine.toolcalls.common import COMPACT, arguments_schema, lark, make_call, struct_tag_grammar
 from engine.tools import ToolCall, ToolSpec
 
 TAG = "[TOOL_CALLS]"
@@ -15,7 +15,8 @@ _NEW_STYLE = re.compile(r"\[TOOL_CALLS\]\s*([A-Za-z0-9_-]+)\s*\[ARGS\]\s*")
 
 class Mistral:
     name = "mistral"
-    trigger = TAG
+    triggers = (TAG,)  # text that starts a call
+    anywhere = True  # calls may follow text (else only at the start of the answer)
 
     def detect(self, template: str) -> bool:
         return TAG in template
@@ -25,7 +26,7 @@ class Mistral:
             args = json.loads(arguments)
         except ValueError:
             args = arguments
-        return TAG + json.dumps([{"name": name, "arguments": args}])
+        return TAG + json.dumps([{"name": name, "arguments": args}], separators=COMPACT)
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         at = text.find(TAG)
@@ -65,7 +66,7 @@ class Mistral:
         return lark('start: "[TOOL_CALLS][" %json ' + arguments_schema(tools, only, "arguments") + ' "]"')
 
     def auto_grammar(self, tools: Sequence[ToolSpec]) -> str:
-        return struct_tag_grammar(tools, TAG, TAG + '[{"name": "{name}", "arguments": ', "}]")
+        return struct_tag_grammar(tools, TAG, TAG + '[{"name":"{name}","arguments":', "}]")
 
 
 FORMAT = Mistral()
