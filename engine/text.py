@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from engine.batching import BatchDecoder, batched_steps
 from engine.errors import ContextLengthExceeded, InvalidRequest
 from engine.memory import MemoryEstimate, MemoryGate, dequantized_bytes
 from engine.probe import Probe
@@ -237,6 +238,7 @@ class TextRunner:
     memory: MemoryEstimate
     warnings: tuple[str, ...] = ()
     prompt_cache: PromptCache = field(default_factory=PromptCache)
+    decoder: Optional[BatchDecoder] = None  # set: concurrent streams decode together (engine/batching.py)
 
     @classmethod
     def load(cls, model_id: str, probe: Probe, cpu_dtype: str, gate: MemoryGate) -> "TextRunner":
@@ -410,6 +412,7 @@ class TextRunner:
         if cache is None:
             cache = make_prompt_cache(self.model)
         tokens: list[int] = []
+        batch: dict[str, Any] = {}  # the batch hands this request's KV cache back here
         kept = False
 
         def keep() -> None:
@@ -418,17 +421,25 @@ class TextRunner:
             nonlocal kept
             if not kept:
                 kept = True
-                self.prompt_cache.put(prompt + tokens, cache)
+                held = batch.get("cache", cache) if self.decoder is not None else cache
+                if held is not None:
+                    self.prompt_cache.put(prompt + tokens, held)
 
-        try:
+        if self.decoder is not None:
+            steps = batched_steps(self.decoder, self.tokenizer, prompt[reused:], cache, max_tokens, sampler,
+                                  processors, _eos_ids(self.tokenizer), batch)
+        else:
             steps = stream_generate(self.model, self.tokenizer, mx.array(prompt[reused:]), max_tokens=max_tokens,
                                     sampler=sampler, prompt_cache=cache, logits_processors=processors or None)
+        try:
             for event in decode_steps(self, steps, tokens, len(prompt), reused, max_tokens, params, cancelled,
                                       keep_leading_space):
                 if isinstance(event, Finished):
+                    steps.close()  # leaves the batch (a stop string ends it early) and frees the cache
                     keep()
                 yield event
         finally:
+            steps.close()
             keep()
 
 

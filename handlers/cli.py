@@ -45,6 +45,7 @@ def _engine_config(args: argparse.Namespace):
     return EngineConfig(model=getattr(args, "model", None),
                         embedding_model=getattr(args, "embedding_model", None),
                         audio_model=getattr(args, "audio_model", None),
+                        batch=getattr(args, "batch", "auto"),
                         local_models=[Path(p) for p in getattr(args, "model_dir", None) or []],
                         default_max_tokens=getattr(args, "max_tokens", None),
                         max_tokens_cap=getattr(args, "max_tokens_cap", None),
@@ -209,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--responses-ttl", type=float, default=24 * 3600, help="seconds a stored response is kept")
     s.add_argument("--responses-dir", type=Path, default=None,
                    help="also keep stored responses as JSON files here (they survive a restart)")
+    s.add_argument("--batch", choices=["auto", "on", "off"], default=os.environ.get("OPENMLX_BATCH", "auto"),
+                   help="decode concurrent streams together with mlx-lm's BatchGenerator (auto: on a GPU only; "
+                        "on this kind of CPU it brings no gain)")
     s.add_argument("--allow-image-urls", action="store_true",
                    help="let vision requests name http(s) image URLs, which the server fetches (off: data: URLs only)")
     s.add_argument("--image-dir", type=Path, default=None,

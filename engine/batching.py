@@ -1,0 +1,107 @@
+"""Batched decoding: concurrent streams of one model advance together through mlx-lm's
+`BatchGenerator`, one forward pass per step for all of them.
+
+The scheduler still visits streams round-robin, one token each. With a batch, the first stream
+visited in a round runs the batch step and the others find their token already made. Each
+request keeps its own sampler (seeded key), logits processors (bias, penalties, grammar) and
+prompt-cache entry; stop strings, logprobs and accounting are handled per stream as in the
+unbatched path (engine/text.py `decode_steps`).
+
+It pays off where a forward pass is bound by fixed costs (GPU); on this CPU it gave no aggregate
+gain (shared/MODELS.md), so `--batch auto` turns it on only on a GPU.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import mlx.nn as nn
+
+
+@dataclass
+class BatchStep:
+    """One stream's token from a batch step, shaped like mlx-lm's stream responses."""
+
+    token: Optional[int]
+    text: str
+    logprobs: Any
+    finish_reason: Optional[str]
+
+
+class BatchDecoder:
+    """One BatchGenerator per loaded model."""
+
+    def __init__(self, model: nn.Module, eos_ids: set[int], max_batch: int = 32) -> None:
+        from mlx_lm.generate import BatchGenerator
+
+        self.generator = BatchGenerator(model, stop_tokens=[[e] for e in sorted(eos_ids)],
+                                        completion_batch_size=max_batch, prefill_batch_size=min(8, max_batch))
+        self._queues: dict[int, deque] = {}
+        self.steps = 0  # batch forward steps run (for tests and stats)
+        self.peak = 0  # the most sequences decoded in one step
+
+    def insert(self, prompt: list[int], cache: list[Any], max_tokens: int, sampler: Callable,
+               processors: list[Callable]) -> int:
+        uid = self.generator.insert([prompt], max_tokens=[max_tokens], caches=[cache], samplers=[sampler],
+                                    logits_processors=[processors])[0]
+        self._queues[uid] = deque()
+        return uid
+
+    def next_for(self, uid: int) -> Any:
+        """The next response for `uid`, running batch steps until there is one."""
+        queue = self._queues[uid]
+        while not queue:
+            if not self.generator._find_uids([uid]):  # gone (finished or removed): nothing will come
+                raise RuntimeError(f"sequence {uid} left the batch")
+            _, responses = self.generator.next()
+            if responses:
+                self.steps += 1
+                self.peak = max(self.peak, len(responses))
+            for r in responses:
+                if r.uid in self._queues:
+                    self._queues[r.uid].append(r)
+        return queue.popleft()
+
+    def remove(self, uid: int) -> Optional[list[Any]]:
+        """Take a sequence out early (cancelled, stop string); returns its KV cache."""
+        self._queues.pop(uid, None)
+        caches = self.generator.remove([uid], return_prompt_caches=True)
+        entry = caches.get(uid)
+        return entry[0] if entry else None
+
+    def done(self, uid: int) -> None:
+        self._queues.pop(uid, None)
+
+    def close(self) -> None:
+        self.generator.close()
+
+
+def batched_steps(decoder: BatchDecoder, tokenizer: Any, prompt: list[int], cache: list[Any], max_tokens: int,
+                  sampler: Callable, processors: list[Callable], eos_ids: set[int],
+                  result: dict[str, Any]) -> Iterator[BatchStep]:
+    """A request's steps through the shared batch, detokenized as mlx-lm's stream_generate does.
+    `result["cache"]` gets the request's KV cache when it leaves the batch."""
+    uid = decoder.insert(prompt, cache, max_tokens, sampler, processors)
+    detokenizer = tokenizer.detokenizer
+    finished = False
+    try:
+        while True:
+            r = decoder.next_for(uid)
+            token = int(r.token)
+            if r.finish_reason == "stop" and token in eos_ids:
+                detokenizer.finalize()  # the end-of-sequence token has no text
+            else:
+                detokenizer.add_token(token)
+                if r.finish_reason:
+                    detokenizer.finalize()
+            if r.finish_reason:
+                finished = True
+                result["cache"] = r.prompt_cache
+                decoder.done(uid)
+            yield BatchStep(token, detokenizer.last_segment, r.logprobs, r.finish_reason)
+            if finished:
+                return
+    finally:
+        if not finished:
+            result["cache"] = decoder.remove(uid)
