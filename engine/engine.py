@@ -7,7 +7,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -262,22 +262,30 @@ class Engine:
         log.info("unloaded %s", model_id)
 
     # --- embeddings ----------------------------------------------------------------------
-    def _embedder(self, model_id: str) -> BertEmbedder:
-        """Worker thread: the loaded embedder for `model_id` (gated, loaded on first use)."""
-        embedder = self._embedders.get(model_id)
-        if embedder is not None:
-            return embedder
+    def _side_model(self, model_id: str, kind: str, loaded: dict, default_id: Optional[str], label: str,
+                    code: str, load: Callable[[ModelEntry, Probe], Any]) -> Any:
+        """Worker thread: the loaded embedding or speech-to-text model for `model_id` (probed,
+        policy-checked and memory-gated by `load`, loaded on first use, kept)."""
+        found = loaded.get(model_id)
+        if found is not None:
+            return found
         entry = self.store.resolve(model_id)
         p = probe(entry.path)
-        if p.type != "embedding":
-            hint = f" such as '{self.default_embedding_id}'" if self.default_embedding_id else ""
-            raise InvalidRequest(f"The model '{model_id}' is a {p.type} model, not an embedding model; use an "
-                                 f"embedding model{hint}.", param="model", code="model_not_embedding")
-        decide_runnable(model_id, p, serves=("embedding",)).raise_if_blocked()
-        self.gate.check(model_id, MemoryEstimate(p.size_bytes, 64 << 20))  # + activations of a batch
-        embedder = BertEmbedder(model_id, entry.path)
-        self._embedders[model_id] = embedder
-        return embedder
+        if p.type != kind:
+            hint = f" such as '{default_id}'" if default_id else ""
+            raise InvalidRequest(f"The model '{model_id}' is a {p.type} model, not {label}; use {label}{hint}.",
+                                 param="model", code=code)
+        decide_runnable(model_id, p, serves=(kind,)).raise_if_blocked()
+        loaded[model_id] = load(entry, p)
+        return loaded[model_id]
+
+    def _embedder(self, model_id: str) -> BertEmbedder:
+        def load(entry: ModelEntry, p: Probe) -> BertEmbedder:
+            self.gate.check(model_id, MemoryEstimate(p.size_bytes, 64 << 20))  # + activations of a batch
+            return BertEmbedder(model_id, entry.path)
+
+        return self._side_model(model_id, "embedding", self._embedders, self.default_embedding_id,
+                                "an embedding model", "model_not_embedding", load)
 
     async def embed(self, model_id: str, texts: list[str], dimensions: Optional[int] = None) -> Embeddings:
         """Embed `texts`, BATCH at a time, each batch its own short job on the worker, so
@@ -294,20 +302,9 @@ class Engine:
 
     # --- speech to text ------------------------------------------------------------------
     def _transcriber(self, model_id: str) -> AudioRunner:
-        """Worker thread: the loaded Whisper for `model_id` (gated, loaded on first use)."""
-        runner = self._transcribers.get(model_id)
-        if runner is not None:
-            return runner
-        entry = self.store.resolve(model_id)
-        p = probe(entry.path)
-        if p.type != "audio":
-            hint = f" such as '{self.default_audio_id}'" if self.default_audio_id else ""
-            raise InvalidRequest(f"The model '{model_id}' is a {p.type} model, not a speech-to-text model; use "
-                                 f"a speech-to-text model{hint}.", param="model", code="model_not_audio")
-        decide_runnable(model_id, p, serves=("audio",)).raise_if_blocked()
-        runner = AudioRunner.load(model_id, p, self.gate)
-        self._transcribers[model_id] = runner
-        return runner
+        return self._side_model(model_id, "audio", self._transcribers, self.default_audio_id,
+                                "a speech-to-text model", "model_not_audio",
+                                lambda _entry, p: AudioRunner.load(model_id, p, self.gate))
 
     async def transcribe(self, model_id: str, audio: bytes, filename: str,
                          options: TranscribeOptions) -> StreamHandle:

@@ -8,6 +8,18 @@ from __future__ import annotations
 from typing import Sequence
 
 
+def held_back(text: str, candidates: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of one of `candidates`:
+    what must be held back because it may still become one of them."""
+    best = 0
+    for candidate in candidates:
+        for n in range(min(len(candidate) - 1, len(text)), best, -1):
+            if text.endswith(candidate[:n]):
+                best = n
+                break
+    return best
+
+
 class StopMatcher:
     """Feed decoded text pieces; get back what is safe to emit and whether a stop string hit."""
 
@@ -16,16 +28,6 @@ class StopMatcher:
         self._pending = ""
         self.stopped = False
         self.matched: str | None = None  # the stop string that ended the text
-
-    def _held_back(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-        best = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(text)), best, -1):
-                if text.endswith(stop[:n]):
-                    best = n
-                    break
-        return best
 
     def feed(self, piece: str) -> str:
         """Add `piece`; return the text that can be sent now (empty once stopped)."""
@@ -41,7 +43,7 @@ class StopMatcher:
             self.stopped = True
             self._pending = ""
             return text[:cut]
-        keep = self._held_back(text)
+        keep = held_back(text, self.stops)
         self._pending = text[len(text) - keep:] if keep else ""
         return text[: len(text) - keep]
 

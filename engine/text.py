@@ -28,6 +28,13 @@ from engine.tools import ToolCall, ToolChoice, ToolSpec, render_result, tool_pro
 log = logging.getLogger("openmlx.engine")
 
 CPU_DTYPES = ("auto", "keep", "float32", "float16")
+# What a chat template raises for messages it won't render (role order, missing fields); anything
+# else from a template call is a bug, not the client's fault.
+try:
+    from jinja2 import TemplateError as _TemplateError
+except ImportError:  # pragma: no cover - transformers brings jinja2
+    _TemplateError = ValueError
+TEMPLATE_ERRORS = (_TemplateError, ValueError, TypeError, KeyError, IndexError)
 # KV-cache headroom reserved at load time (tokens); the gate checks weights + this much cache.
 KV_HEADROOM_TOKENS = 4096
 
@@ -289,7 +296,7 @@ class TextRunner:
                 else {"add_generation_prompt": True}
             try:
                 return list(self.tokenizer.apply_chat_template(turns, **prefill, **extra))
-            except Exception as e:  # templates raise their own errors for e.g. role order
+            except TEMPLATE_ERRORS as e:  # templates raise their own errors for e.g. role order
                 raise InvalidRequest(f"The model's chat template rejected the messages: {e}",
                                      param="messages") from e
         text = "\n".join(f"{t['role']}: {t['content']}" for t in turns) + "\nassistant:"

@@ -23,7 +23,7 @@ from engine.memory import MemoryEstimate, MemoryGate
 from engine.probe import Probe
 from engine.prompt_cache import PromptCache
 from engine.text import (KV_HEADROOM_TOKENS, ChatMessage, Finished, GenerationEvent, SamplingParams, Started,
-                         TextDelta, TextRunner, _kv_bytes_per_token, decode_steps, render_turn, with_tool_prompt)
+                         TEMPLATE_ERRORS, TextDelta, TextRunner, _kv_bytes_per_token, decode_steps, render_turn, with_tool_prompt)
 from engine.toolcalls import hermes
 from engine.tools import ToolSpec
 
@@ -104,7 +104,7 @@ class VisionRunner(TextRunner):
         context = probe.context_length or 4096
         tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
         return cls(model_id, model, tokenizer, config, probe, "keep", context, need, warnings,
-                   PromptCache(max_entries=0), processor, limits or ImageLimits())
+                   prompt_cache=PromptCache(max_entries=0), processor=processor, limits=limits or ImageLimits())
 
     def check_params(self, params: SamplingParams) -> None:
         """Grammar-constrained decoding (JSON modes) needs mlx-lm's tokenizer: not for vision."""
@@ -125,7 +125,7 @@ class VisionRunner(TextRunner):
         try:
             prompt = self.processor.apply_chat_template(
                 turns, **({"continue_final_message": True} if continue_final else {"add_generation_prompt": True}))
-        except Exception as e:  # templates raise their own errors for e.g. role order
+        except TEMPLATE_ERRORS as e:  # templates raise their own errors for e.g. role order
             raise InvalidRequest(f"The model's chat template rejected the messages: {e}", param="messages") from e
         # mlx-vlm does not check placeholders against images (one placeholder and two images
         # silently drops one): count them ourselves.

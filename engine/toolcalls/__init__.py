@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence
 
+from engine.stopping import held_back
 from engine.tools import ToolCall, ToolSpec
 
 
@@ -62,16 +63,6 @@ class CallWatcher:
         self.sent = ""
         self.capturing = False
 
-    def _held_back(self, text: str) -> int:
-        """Length of the longest suffix of `text` that could begin a trigger."""
-        best = 0
-        for trigger in self.triggers:
-            for n in range(min(len(trigger) - 1, len(text)), best, -1):
-                if text.endswith(trigger[:n]):
-                    best = n
-                    break
-        return best
-
     def feed(self, piece: str) -> str:
         """Add generated text; return what can be sent now."""
         if self.capturing:
@@ -84,7 +75,7 @@ class CallWatcher:
                 self.capturing, cut = True, min(hits)
                 self.pending, out = text[cut:], text[:cut]
             else:
-                keep = self._held_back(text)
+                keep = held_back(text, self.triggers)
                 self.pending, out = text[len(text) - keep:], text[:len(text) - keep]
         elif self.sent:  # calls come only at the start of the answer: past it, all is text
             self.pending, out = "", text
