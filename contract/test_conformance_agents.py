@@ -49,15 +49,17 @@ def samples(server) -> dict[str, list]:
             plain,
             post("/v1/responses", {"model": MODEL, "input": Q, "max_output_tokens": 2}),
             post("/v1/responses", {"model": MODEL, "input": "Weather in Paris?", "tools": [WEATHER_FN],
-                                   "tool_choice": "required", "max_output_tokens": 40, "instructions": "Be brief."}),
+                                   "tool_choice": "required", "max_output_tokens": 60, "temperature": 0,
+                                   "instructions": "Be brief."}),
             post("/v1/responses", {"model": MODEL, "input": "And Germany?", "previous_response_id": plain["id"],
                                    "max_output_tokens": 4}),
             h.get(f"{u}/v1/responses/{plain['id']}").json(),
         ]
         stream("/v1/responses", {"model": MODEL, "input": Q, "max_output_tokens": 2}, "response_events")
         stream("/v1/responses", {"model": MODEL, "input": Q, "max_output_tokens": 12, "temperature": 0}, "response_events")
-        stream("/v1/responses", {"model": MODEL, "input": Q, "max_output_tokens": 40, "tools": [WEATHER_FN],
-                                 "tool_choice": "required"}, "response_events")
+        stream("/v1/responses", {"model": MODEL, "input": "Weather in Paris?", "max_output_tokens": 60,
+                                 "temperature": 0, "tools": [WEATHER_FN], "tool_choice": "required"},
+               "response_events")
         out["input_items"] = [h.get(f"{u}/v1/responses/{plain['id']}/input_items").json()]
         out["input_tokens"] = [post("/v1/responses/input_tokens", {"model": MODEL, "input": Q})]
         out["openai_errors"] = [post("/v1/responses", {"model": MODEL, "input": Q, "previous_response_id": "resp_x"}),
@@ -70,12 +72,12 @@ def samples(server) -> dict[str, list]:
             post("/v1/messages", {"model": MODEL, "max_tokens": 2, "messages": MSG}),
             post("/v1/messages", {"model": MODEL, "max_tokens": 20, "messages": MSG, "stop_sequences": ["France"],
                                   "top_k": 1}),
-            post("/v1/messages", {"model": MODEL, "max_tokens": 40, "messages": MSG, "tools": [WEATHER_TOOL],
-                                  "tool_choice": {"type": "any"}}),
+            post("/v1/messages", {"model": MODEL, "max_tokens": 60, "messages": MSG, "tools": [WEATHER_TOOL],
+                                  "tool_choice": {"type": "any"}, "top_k": 1}),
         ]
         stream("/v1/messages", {"model": MODEL, "max_tokens": 6, "messages": MSG}, "message_events")
-        stream("/v1/messages", {"model": MODEL, "max_tokens": 40, "messages": MSG, "tools": [WEATHER_TOOL],
-                                "tool_choice": {"type": "any"}}, "message_events")
+        stream("/v1/messages", {"model": MODEL, "max_tokens": 60, "messages": MSG, "tools": [WEATHER_TOOL],
+                                "tool_choice": {"type": "any"}, "top_k": 1}, "message_events")
         out["count_tokens"] = [post("/v1/messages/count_tokens", {"model": MODEL, "messages": MSG})]
         out["anthropic_errors"] = [post("/v1/messages", {"model": MODEL, "messages": MSG}),
                                    post("/v1/messages", {"model": "nope", "max_tokens": 2, "messages": MSG}),

@@ -41,6 +41,10 @@ class EngineConfig:
     image_limits: ImageLimits = field(default_factory=ImageLimits)
     # Decode concurrent streams together (mlx-lm BatchGenerator): auto = on a GPU only.
     batch: str = "auto"  # auto | on | off
+    # Distributed serving (engine/distributed.py): this process is rank 0 of `world_size` ranks.
+    world_size: int = 1
+    shard: str = "auto"  # auto | tensor | pipeline
+    backend: str = "ring"  # ring | mpi
 
     @property
     def models_dir(self) -> Path:

@@ -18,6 +18,8 @@ from engine.config import EngineConfig
 from engine.default_model import (DEFAULT_AUDIO_ID, DEFAULT_EMBEDDING_ID, DEFAULT_MODEL_ID, DefaultModelUnavailable,
                                   ensure_default_audio_model,
                                   ensure_default_embedding_model, ensure_default_model)
+from engine.distributed import (GroupFailed, Lockstep, ShardPlan, init_group, lockstep_stream, plan_shards,
+                                sharded_runner, with_seed)
 from engine.embeddings import BATCH, BertEmbedder, Embeddings
 from engine.errors import EngineError, InvalidRequest
 from engine.memory import MemoryEstimate, MemoryGate
@@ -51,6 +53,8 @@ class ModelInfo:
     architecture: Optional[str]
     dtype: Optional[str] = None  # how a loaded model's weights are held
     embedding_dim: Optional[int] = None
+    world_size: int = 1  # ranks the loaded model is split over
+    sharding: Optional[str] = None  # "tensor" | "pipeline" when split
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ class Health:
     queued: int
     prompt_cache_hits: int
     batch_peak: Optional[int] = None  # with batched decoding: the most streams decoded in one step
+    world_size: int = 1
+    sharding: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,12 @@ class Engine:
         self._current: Optional[TextRunner] = None
         self._started = time.monotonic()
         self.default_model_id: Optional[str] = None
+        self.lockstep: Optional[Lockstep] = None  # set when this is rank 0 of a distributed group
+        self.shard_plan: Optional[ShardPlan] = None
+        self._stream_ids = 0
+        import mlx.core as mx
+
+        self._device = str(mx.default_device())
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -117,6 +129,8 @@ class Engine:
         server still starts and says why."""
         self.scheduler.start()
         self.default_model_id = self._preload_id()
+        if self.config.world_size > 1:
+            self.scheduler.run_sync(self._load_sharded)
         self.scheduler.run_sync(lambda: self._ensure_loaded(self.default_model_id))
         try:
             self.default_embedding_id = self._embedding_id()
@@ -131,6 +145,29 @@ class Engine:
         if self.config.audio_model == "none":
             return None
         return self._model_id(self.config.audio_model, ensure_default_audio_model, DEFAULT_AUDIO_ID)
+
+    def _load_sharded(self) -> None:
+        """Rank 0: join the group and load this rank's shard (the other ranks do the same)."""
+        entry = self.store.resolve(self.default_model_id)
+        p = probe(entry.path)
+        decide_runnable(entry.id, p).raise_if_blocked()
+        self.shard_plan = plan_shards(entry.path, self.config.world_size, self.config.shard)
+        group = init_group(self.config.backend)
+        runner = sharded_runner(entry.id, p, self.shard_plan, group, self.gate)
+        self._runners[entry.id] = runner
+        self._current = runner
+        self.lockstep = Lockstep(group)
+        log.info("rank 0 of %d: %s split by %s parallelism", group.size(), entry.id, self.shard_plan.mode)
+
+    def mark_failed(self, reason: str) -> None:
+        """A rank died (the supervisor says so, or a collective did): 503 until restarted."""
+        if self.lockstep is not None:
+            self.lockstep.fail(reason)
+            self.scheduler.abort(GroupFailed(reason))
+
+    def _check_group(self) -> None:
+        if self.lockstep is not None and self.lockstep.failed:
+            raise GroupFailed(self.lockstep.failed)
 
     def _embedding_id(self) -> Optional[str]:
         if self.config.embedding_model == "none":
@@ -157,9 +194,14 @@ class Engine:
             self.scheduler.close(reason)
 
     def stop(self) -> None:
-        """Shut down and wait for the worker to finish."""
+        """Shut down and wait for the worker to finish (and tell the other ranks to stop)."""
         self.begin_shutdown()
         self.scheduler.stop()
+        if self.lockstep is not None and not self.lockstep.failed:
+            try:  # the worker thread is gone: nothing else issues collectives now
+                self.lockstep.command("shutdown")
+            except EngineError:
+                pass
 
     # --- models --------------------------------------------------------------------------
     def _info(self, entry: ModelEntry, p: Probe) -> ModelInfo:
@@ -170,9 +212,11 @@ class Engine:
         except OSError:
             created = 0
         loaded = runner is not None or entry.id in self._embedders or entry.id in self._transcribers
+        split = self.shard_plan if runner is not None and self.lockstep is not None else None
         return ModelInfo(entry.id, created, owner, p.type, p.context_length, p.size_bytes,
                          p.runnable, p.reason, loaded, entry.path, entry.source,
-                         p.architecture, runner.dtype if runner else None, p.embedding_dim)
+                         p.architecture, runner.dtype if runner else None, p.embedding_dim,
+                         split.world_size if split else 1, split.mode if split else None)
 
     def list_models(self, include_unusable: bool = False) -> list[ModelInfo]:
         """Known models, loaded ones first; folders that can't run only when asked for."""
@@ -186,15 +230,16 @@ class Engine:
         return self._info(entry, probe(entry.path))
 
     def health(self) -> Health:
-        import mlx.core as mx
-
+        """From the event loop: in-memory state only, no MLX call (the worker may hold MLX)."""
         current = self._current  # one read: the worker may replace it meanwhile
         loaded = current.model_id if current else None
         hits = current.prompt_cache.hits if current else 0
         peak = current.decoder.peak if current is not None and current.decoder is not None else None
-        return Health("shutting_down" if self.scheduler.closing else "ok", loaded,
-                      time.monotonic() - self._started, blas.active(), str(mx.default_device()),
-                      self.scheduler.load(), hits, peak)
+        status = "rank_failed" if self.lockstep is not None and self.lockstep.failed else \
+            "shutting_down" if self.scheduler.closing else "ok"
+        plan = self.shard_plan
+        return Health(status, loaded, time.monotonic() - self._started, blas.active(), self._device,
+                      self.scheduler.load(), hits, peak, plan.world_size if plan else 1, plan.mode if plan else None)
 
     def resident_models(self) -> int:
         return len(self._runners) + len(self._embedders) + len(self._transcribers)
@@ -218,6 +263,9 @@ class Engine:
             self._current = runner
             return runner
         entry = self.store.resolve(model_id)
+        if self.lockstep is not None:
+            raise InvalidRequest(f"This server runs '{self.default_model_id}' split over {self.config.world_size} "
+                                 f"ranks and serves no other text model.", param="model")
         p = probe(entry.path)
         if p.type == "embedding":
             hint = f" such as '{self.default_model_id}'" if self.default_model_id else ""
@@ -237,7 +285,7 @@ class Engine:
                                                    self.config.image_limits)
         else:
             runner = TextRunner.load(model_id, p, self.config.cpu_dtype, self.gate)
-            if self.config.batch == "on" or (self.config.batch == "auto" and on_gpu()):
+            if self.config.world_size == 1 and (self.config.batch == "on" or (self.config.batch == "auto" and on_gpu())):
                 runner.decoder = BatchDecoder(runner.model, _eos_ids(runner.tokenizer))
         runner.warnings = decision.warnings + runner.warnings
         self._runners[model_id] = runner
@@ -300,6 +348,21 @@ class Engine:
             parts.append(await self.scheduler.call(lambda chunk=chunk: embedder.embed(chunk)))
         return Embeddings(np.concatenate([p.vectors for p in parts]), [n for p in parts for n in p.token_counts])
 
+    def _lockstep_stream(self, prepared: Prepared) -> StreamHandle:
+        lock, runner = self.lockstep, prepared.runner
+        params = with_seed(prepared.params)  # sampling must agree on every rank
+        self._stream_ids += 1
+        uid = self._stream_ids
+        start = (prepared.prompt, prepared.max_tokens, params, prepared.raw_text)
+
+        def run(cancelled: Callable[[], bool]):
+            yield from lockstep_stream(lock, uid, start, lambda: runner.generate(
+                prepared.prompt, prepared.max_tokens, params, lambda: False, keep_leading_space=prepared.raw_text),
+                cancelled)
+            self._last_used = time.monotonic()
+
+        return self.scheduler.submit_stream(run)
+
     # --- speech to text ------------------------------------------------------------------
     def _transcriber(self, model_id: str) -> AudioRunner:
         return self._side_model(model_id, "audio", self._transcribers, self.default_audio_id,
@@ -325,6 +388,7 @@ class Engine:
     async def _prepare(self, model_id: str, encode: Callable[[TextRunner], list[int]],
                        params: SamplingParams, raw_text: bool = False) -> Prepared:
         def work() -> Prepared:
+            self._check_group()
             runner = self._ensure_loaded(model_id)
             if isinstance(runner, VisionRunner) and raw_text:
                 raise InvalidRequest(f"The model '{model_id}' is a vision model: use /v1/chat/completions.",
@@ -352,6 +416,7 @@ class Engine:
         a response_format grammar then stays). A vision model gets the images (decoded and
         checked here, on the worker)."""
         def work() -> Prepared:
+            self._check_group()
             runner = self._ensure_loaded(model_id)
             choice = tool_choice or ToolChoice()
             params_ = params
@@ -386,7 +451,11 @@ class Engine:
         return await self._prepare(model_id, lambda r: r.encode_text(prompt), params, raw_text=True)
 
     def stream(self, prepared: Prepared) -> StreamHandle:
-        """Queue the generation; iterate the handle for TextDelta events and one Finished."""
+        """Queue the generation; iterate the handle for TextDelta events and one Finished.
+        On rank 0 of a group, every step is announced to the other ranks first."""
+        self._check_group()
+        if self.lockstep is not None:
+            return self._lockstep_stream(prepared)
         runner = prepared.runner
         def run(cancelled: Callable[[], bool]):
             if prepared.vision is not None:

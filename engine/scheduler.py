@@ -63,6 +63,7 @@ class Scheduler:
         self._closing = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.shutdown_reason = "The server is shutting down."
+        self._aborted: Optional[Exception] = None
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -74,6 +75,19 @@ class Scheduler:
         """Refuse new work and end running streams with `reason`; returns at once (signal-safe)."""
         self.shutdown_reason = reason
         self._closing.set()
+
+    def abort(self, error: Exception) -> None:
+        """From any thread: hand `error` to every running and queued request now, without the
+        worker (which may be stuck in a collective whose peer died)."""
+        self._aborted = error  # and refuse new work: the worker may never come back
+        for job in list(self._active):
+            job.deliver(error)
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            job.deliver(error)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Refuse new work, end running streams with an error, and join the worker."""
@@ -105,6 +119,8 @@ class Scheduler:
 
     # --- async API -----------------------------------------------------------------------
     def _submit(self, job: _Job) -> None:
+        if self._aborted is not None:
+            raise self._aborted
         if self._closing.is_set():
             raise ShuttingDown(self.shutdown_reason, headers={"Retry-After": "5"})
         if job.stream is not None:

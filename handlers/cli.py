@@ -55,7 +55,10 @@ def _engine_config(args: argparse.Namespace):
                         request_timeout_s=getattr(args, "request_timeout", None),
                         idle_unload_s=getattr(args, "idle_unload", None),
                         available_memory_override=getattr(args, "assume_available_memory", None),
-                        image_limits=_image_limits(args))
+                        image_limits=_image_limits(args),
+                        world_size=getattr(args, "ranks", 1),
+                        shard=getattr(args, "shard", "auto"),
+                        backend=getattr(args, "backend", "ring"))
 
 
 def _image_limits(args: argparse.Namespace):
@@ -87,6 +90,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import signal
 
+    if args.ranks > 1 and os.environ.get("OPENMLX_RANK_ROLE") != "serve":
+        from handlers.supervisor import supervise
+
+        logging.config.dictConfig(_logging(args.log_json, args.log_level))
+        return supervise(args, list(sys.argv[2:]) if argv_is_cli() else [])
+
     import uvicorn
 
     from engine.engine import Engine
@@ -101,6 +110,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           responses_dir=args.responses_dir,
                           image_sources=ImageSources(args.allow_image_urls, args.image_dir, args.max_image_bytes))
     engine = Engine(config.engine)
+    if config.engine.world_size > 1:  # the supervisor says a worker rank died: 503 until restarted
+        signal.signal(signal.SIGUSR1, lambda *_: engine.mark_failed("a worker rank exited"))
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame) -> None:
@@ -114,6 +125,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                    timeout_graceful_shutdown=args.shutdown_timeout))
     server.run()
     return 0 if server.started else 1
+
+
+def argv_is_cli() -> bool:
+    return len(sys.argv) > 1 and sys.argv[1] == "serve"
+
+
+def cmd_follow(args: argparse.Namespace) -> int:
+    """A worker rank (started by the supervisor): load this rank's shard and repeat rank 0's steps."""
+    import logging.config
+
+    import engine  # noqa: F401  (OpenBLAS before MLX)
+    from engine.config import EngineConfig
+    from engine.distributed import Lockstep, follow, init_group, plan_shards, sharded_runner
+    from engine.memory import MemoryGate
+    from engine.probe import probe
+    from engine.resolution import ModelStore
+
+    logging.config.dictConfig(_logging(False, args.log_level))
+    config = EngineConfig()
+    folder = Path(args.model)
+    if not folder.is_dir():
+        folder = ModelStore(config.models_dir, config.hf_cache, []).resolve(args.model).path
+    p = probe(folder)
+    plan = plan_shards(folder, args.world_size, args.shard)
+    group = init_group(args.backend)
+    runner = sharded_runner(args.model, p, plan, group, MemoryGate())
+    return follow(Lockstep(group), runner)
 
 
 def _size(n: int) -> str:
@@ -225,7 +263,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     s.add_argument("--log-level", default="info")
     common(s)
+
+    s.add_argument("--ranks", type=int, default=int(os.environ.get("OPENMLX_RANKS", "1")),
+                   help="split the model over this many processes with MLX's distributed runtime "
+                        "(rank 0 serves HTTP; default 1)")
+    s.add_argument("--hostfile", type=Path, default=None,
+                   help="an MLX hostfile to spread ranks over hosts (through mlx.launch); default: this machine")
+    s.add_argument("--shard", choices=["auto", "tensor", "pipeline"], default="auto",
+                   help="how to split the model (auto: tensor parallel where possible, else pipeline)")
+    s.add_argument("--backend", choices=["ring", "mpi"], default="ring",
+                   help="MLX's distributed backend (ring stays on 127.0.0.1 here; MPI's launcher listens "
+                        "on all interfaces)")
+    s.add_argument("--ring-port", type=int, default=None,
+                   help="first port of the ring (one per rank; default: free ports)")
     s.set_defaults(func=cmd_serve)
+
+    fw = sub.add_parser("follow", help=argparse.SUPPRESS)  # a worker rank, started by the supervisor
+    fw.add_argument("--model", required=True)
+    fw.add_argument("--world-size", type=int, required=True)
+    fw.add_argument("--shard", default="auto")
+    fw.add_argument("--backend", default="ring")
+    fw.add_argument("--log-level", default="info")
+    fw.set_defaults(func=cmd_follow)
 
     ls = sub.add_parser("list", help="list usable models: id, type, size, context length")
     ls.add_argument("--all", action="store_true", help="also folders that cannot run, with the reason")
@@ -242,13 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.threads:
+    if getattr(args, "threads", None):
         os.environ["OPENMLX_THREADS"] = str(args.threads)  # read by engine.blas when it loads
     try:
         code = args.func(args)
     except KeyboardInterrupt:
         code = 130
     except SystemExit as e:  # uvicorn exits this way when start-up fails
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
         code = e.code if isinstance(e.code, int) else 1
     except Exception as e:  # a start-up failure: say why, no traceback wall
         from engine.errors import EngineError

@@ -123,12 +123,17 @@ def _flatten(index: int, message: dict[str, Any]) -> ChatMessage:
     if isinstance(content, str):
         return ChatMessage(role, content)
     texts = [p.get("text") or p.get("refusal") or "" for p in content if p.get("type") in ("text", "refusal")]
-    images = tuple(ImageInput(p["image_url"]["url"], f"messages.{index}.content.{j}.image_url.url")
-                   for j, p in enumerate(content) if p.get("type") == "image_url")
+    images = []
+    for j, p in enumerate(content):
+        if p.get("type") == "image_url":
+            if not isinstance(p.get("image_url"), dict) or not p["image_url"].get("url"):
+                raise InvalidRequest("An image_url part needs image_url.url.",
+                                     param=f"messages.{index}.content.{j}.image_url")
+            images.append(ImageInput(p["image_url"]["url"], f"messages.{index}.content.{j}.image_url.url"))
     others = sum(1 for p in content if p.get("type") in ("input_audio", "file"))
     if others:  # no model here reads these yet: a marker, as for images in a text model's history
         texts.append(attachment_marker(others))
-    return ChatMessage(role, "\n".join(t for t in texts if t), images)
+    return ChatMessage(role, "\n".join(t for t in texts if t), tuple(images))
 
 
 def parse_chat(body: dict[str, Any]) -> ChatRequest:

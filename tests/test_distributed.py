@@ -1,0 +1,160 @@
+"""Distributed serving on one machine (loopback): tiny random models split over 2 ranks give the
+same greedy answers as one process; the default model is refused; a dead worker rank gives an
+error event and 503, then the supervisor restarts the group; stopping leaves no rank behind."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import Server
+from tests.tiny_sharded import write_tiny_sharded
+
+PROMPTS = ["Hello there", "Tell me a story", "What is two plus two?"]
+NO_SIDE_MODELS = ["--embedding-model", "none", "--audio-model", "none"]
+
+
+@pytest.fixture(scope="module")
+def sharded_models(tmp_path_factory, default_model_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sharded")
+    return {t: write_tiny_sharded(root / f"tiny-{t}", t, default_model_dir) for t in ("llama", "qwen2")}
+
+
+def ask(url: str, model: str, prompt: str, stream: bool = False, max_tokens: int = 12) -> str:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0}
+    if not stream:
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+    text = ""
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                text += chunk["choices"][0]["delta"].get("content") or "" if chunk["choices"] else ""
+    return text
+
+
+def rank_pids(port: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "handlers.cli (serve|follow)"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.parametrize("kind, shard", [("llama", "tensor"), ("qwen2", "pipeline")])
+def test_two_ranks_answer_like_one_process(sharded_models, kind, shard):
+    folder = sharded_models[kind]
+    model = folder.name
+    single = Server(["--model", str(folder), *NO_SIDE_MODELS])
+    try:
+        want = [ask(single.url, model, p) for p in PROMPTS]
+    finally:
+        single.stop()
+    group = Server(["--model", str(folder), "--ranks", "2", "--shard", shard, *NO_SIDE_MODELS])
+    try:
+        health = httpx.get(group.url + "/health").json()
+        assert (health["world_size"], health["sharding"]) == (2, shard)
+        listed = {m["id"]: m for m in httpx.get(group.url + "/v1/models").json()["data"]}
+        assert (listed[model]["world_size"], listed[model]["sharding"]) == (2, shard)
+        assert [ask(group.url, model, p) for p in PROMPTS] == want
+        assert [ask(group.url, model, p, stream=True) for p in PROMPTS] == want
+        with ThreadPoolExecutor(3) as pool:  # concurrent streams interleave in lockstep
+            assert list(pool.map(lambda p: ask(group.url, model, p, stream=True), PROMPTS)) == want
+        # A client that leaves mid-stream: every rank drops the stream at the same step.
+        body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 500,
+                "stream": True}
+        with httpx.stream("POST", group.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            for n, line in enumerate(r.iter_lines()):
+                if n > 4:
+                    break
+        assert ask(group.url, model, PROMPTS[0]) == want[0]
+        # Seeded sampling agrees on every rank (rank 0 also seeds unseeded requests for all).
+        seeded = [httpx.post(group.url + "/v1/chat/completions", timeout=60, json={
+            "model": model, "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 8,
+            "temperature": 0.9, "seed": 11}).json()["choices"][0]["message"]["content"] for _ in range(2)]
+        assert seeded[0] == seeded[1]
+        assert httpx.post(group.url + "/v1/chat/completions", timeout=60, json={
+            "model": model, "messages": [{"role": "user", "content": PROMPTS[2]}], "max_tokens": 8,
+            "temperature": 0.9}).status_code == 200
+    finally:
+        status = group.stop()
+    assert status in (0, -15)
+
+
+def test_default_model_is_refused_on_two_ranks(default_model_dir):
+    out = subprocess.run([sys.executable, "-m", "handlers.cli", "serve", "--ranks", "2", "--port", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "9 attention heads" in out.stderr and "2 ranks" in out.stderr
+
+
+def test_a_busy_ring_port_is_a_clear_error(sharded_models):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "handlers.cli", "serve", "--ranks", "2", "--port", "1",
+                              "--model", str(sharded_models["llama"]), "--ring-port", str(port)],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and f"ring port {port} is busy" in out.stderr
+
+
+def test_a_dead_worker_fails_streams_then_the_group_recovers(sharded_models):
+    folder = sharded_models["llama"]
+    model = folder.name
+    group = Server(["--model", str(folder), "--ranks", "2", *NO_SIDE_MODELS])
+    try:
+        follower = int(subprocess.run(["pgrep", "-f", f"handlers.cli follow --model {folder}"],
+                                      capture_output=True, text=True).stdout.split()[0])
+        events = []
+        body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 2000,
+                "temperature": 0, "stream": True}
+        with httpx.stream("POST", group.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 5:
+                        os.kill(follower, signal.SIGKILL)
+        assert any('"error"' in e for e in events), events[-3:]  # the stream ended with an error event
+        assert events[-1] != "[DONE]" or any('"rank_failed"' in e for e in events)
+        health = httpx.get(group.url + "/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "rank_failed"
+        r = httpx.post(group.url + "/v1/chat/completions", timeout=10, json={**body, "stream": False})
+        assert r.status_code == 503 and r.headers["Retry-After"]
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # the supervisor restarts every rank
+            try:
+                if httpx.get(group.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        assert httpx.get(group.url + "/health", timeout=5).json()["world_size"] == 2
+        assert ask(group.url, model, PROMPTS[1])
+    finally:
+        group.stop()
+
+
+def test_stopping_leaves_no_rank_and_no_temp_files(sharded_models, tmp_path):
+    folder = sharded_models["llama"]
+    env = {"TMPDIR": str(tmp_path)}
+    group = Server(["--model", str(folder), "--ranks", "2", *NO_SIDE_MODELS], env=env)
+    before = subprocess.run(["pgrep", "-f", "--", f"--model {folder}"], capture_output=True, text=True).stdout.split()
+    assert len(before) >= 3  # supervisor, rank 0, rank 1
+    assert list(tmp_path.glob("openmlx-ranks-*"))
+    assert group.stop() in (0, -15)
+    time.sleep(1)
+    after = subprocess.run(["pgrep", "-f", "--", f"--model {folder}"], capture_output=True, text=True).stdout.split()
+    assert after == []
+    assert not list(tmp_path.glob("openmlx-ranks-*"))
