@@ -5,7 +5,8 @@ windows, so memory stays bounded however long the recording and each window's te
 as soon as it is done. A window that is full and ends mid-speech hands its last (possibly cut)
 segment to the next window, which starts where that segment started, as Whisper's own seek does.
 Earlier windows' text is not fed back as a prompt: with tiny models that made windows loop on a
-sentence (measured on a 97-second recording: word error rate 52% with it, under 15% without).
+sentence (measured on a 97-second recording: word error rate 52% with it, 14% without; mlx-audio's own
+whole-file loop: 33%).
 """
 from __future__ import annotations
 

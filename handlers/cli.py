@@ -249,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--responses-dir", type=Path, default=None,
                    help="also keep stored responses as JSON files here (they survive a restart)")
     s.add_argument("--batch", choices=["auto", "on", "off"], default=os.environ.get("OPENMLX_BATCH", "auto"),
-                   help="decode concurrent streams together with mlx-lm's BatchGenerator (auto: on a GPU only; "
-                        "on this kind of CPU it brings no gain)")
+                   help="decode concurrent streams of a text model together with mlx-lm's BatchGenerator "
+                        "(auto = on; off: one stream per step, round-robin)")
     s.add_argument("--allow-image-urls", action="store_true",
                    help="let vision requests name http(s) image URLs, which the server fetches (off: data: URLs only)")
     s.add_argument("--image-dir", type=Path, default=None,

@@ -83,7 +83,9 @@ class Group:
         if args.hostfile or args.backend == "mpi":
             self.launcher = True
             script = Path(__file__).with_name("rank_main.py")
-            cmd = ["mlx.launch", "--backend", args.backend, "--python", sys.executable]
+            launcher = Path(sys.executable).with_name("mlx.launch")  # installed with mlx, beside python
+            cmd = [str(launcher) if launcher.exists() else "mlx.launch", "--backend", args.backend,
+                   "--python", sys.executable]
             cmd += ["--hostfile", str(args.hostfile)] if args.hostfile else ["-n", str(n)]
             env["OPENMLX_SERVE_ARGV"] = json.dumps(serve_argv)
             env["OPENMLX_FOLLOW_ARGV"] = json.dumps(follow[3:])

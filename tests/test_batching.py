@@ -1,5 +1,5 @@
-"""Batched decoding (--batch on): concurrent streams decode together through mlx-lm's
-BatchGenerator and give the same answers as the one-at-a-time path (the `server` fixture)."""
+"""Batched decoding (--batch on, the default): concurrent streams decode together through mlx-lm's
+BatchGenerator and give the same answers as the one-at-a-time path (--batch off)."""
 from __future__ import annotations
 
 import json
@@ -29,6 +29,13 @@ def batch_server(default_model_dir):
     s.stop()
 
 
+@pytest.fixture(scope="module")
+def unbatched(default_model_dir):
+    s = Server(["--batch", "off"])
+    yield s
+    s.stop()
+
+
 def _ask(url: str, body: dict, stream: bool = False) -> dict:
     payload = {"model": MODEL, "temperature": 0, **body}
     if not stream:
@@ -43,8 +50,9 @@ def _ask(url: str, body: dict, stream: bool = False) -> dict:
     return {"text": text}
 
 
-def test_concurrent_streams_match_one_at_a_time(server, batch_server):
-    expected = [_ask(server.url, b) for b in REQUESTS]
+def test_concurrent_streams_match_one_at_a_time(unbatched, batch_server):
+    expected = [_ask(unbatched.url, b) for b in REQUESTS]
+    assert httpx.get(unbatched.url + "/health").json()["batch_peak"] is None
     with ThreadPoolExecutor(len(REQUESTS) * 2) as pool:
         plain = list(pool.map(lambda b: _ask(batch_server.url, b), REQUESTS))
     for want, got in zip(expected, plain):

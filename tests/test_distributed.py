@@ -45,9 +45,16 @@ def ask(url: str, model: str, prompt: str, stream: bool = False, max_tokens: int
     return text
 
 
-def rank_pids(port: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "handlers.cli (serve|follow)"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+def pids(*needles: str) -> list[int]:
+    """Processes whose command line contains every needle (psutil: no pgrep needed)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        if all(n in line for n in needles):
+            found.append(proc.info["pid"])
+    return found
 
 
 @pytest.mark.parametrize("kind, shard", [("llama", "tensor"), ("qwen2", "pipeline")])
@@ -115,8 +122,7 @@ def test_a_dead_worker_fails_streams_then_the_group_recovers(sharded_models):
     model = folder.name
     group = Server(["--model", str(folder), "--ranks", "2", *NO_SIDE_MODELS])
     try:
-        follower = int(subprocess.run(["pgrep", "-f", f"handlers.cli follow --model {folder}"],
-                                      capture_output=True, text=True).stdout.split()[0])
+        follower = pids("handlers.cli", "follow", f"--model {folder}")[0]
         events = []
         body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 2000,
                 "temperature": 0, "stream": True}
@@ -150,11 +156,11 @@ def test_stopping_leaves_no_rank_and_no_temp_files(sharded_models, tmp_path):
     folder = sharded_models["llama"]
     env = {"TMPDIR": str(tmp_path)}
     group = Server(["--model", str(folder), "--ranks", "2", *NO_SIDE_MODELS], env=env)
-    before = subprocess.run(["pgrep", "-f", "--", f"--model {folder}"], capture_output=True, text=True).stdout.split()
+    before = pids("handlers.cli", f"--model {folder}")
     assert len(before) >= 3  # supervisor, rank 0, rank 1
     assert list(tmp_path.glob("openmlx-ranks-*"))
     assert group.stop() in (0, -15)
     time.sleep(1)
-    after = subprocess.run(["pgrep", "-f", "--", f"--model {folder}"], capture_output=True, text=True).stdout.split()
+    after = pids("handlers.cli", f"--model {folder}")
     assert after == []
     assert not list(tmp_path.glob("openmlx-ranks-*"))
