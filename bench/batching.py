@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.report import save_table  # noqa: E402
 from conftest import MODEL, Server  # noqa: E402  (the same subprocess helper the tests use)
 
 PROMPTS = ["Tell me about rivers.", "Describe a city at night.", "Explain how rain forms.", "Write about the sea.",
@@ -62,11 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"batch {mode}: /health batch_peak={row_health.get('batch_peak')}", flush=True)
         finally:
             server.stop()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "batching.json").write_text(json.dumps(rows, indent=1))
-    print("\n| batch | streams | aggregate tok/s | median stream s |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['batch']} | {r['streams']} | {r['aggregate_tok_s']} | {r['median_stream_s']} |")
+    save_table(rows, args.out, "batching", {"batch": "batch", "streams": "streams",
+                                            "aggregate tok/s": "aggregate_tok_s", "median stream s": "median_stream_s"})
     return 0
 
 

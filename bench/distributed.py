@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.report import save_table  # noqa: E402
 from conftest import Server  # noqa: E402
 from engine.config import openmlx_home  # noqa: E402
 from engine.default_model import ensure_default_model  # noqa: E402
@@ -69,11 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                     server.stop()
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "distributed.json").write_text(json.dumps(rows, indent=1))
-    print("\n| model | ranks | sharding | start-up s | TTFT s | decode tok/s |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['ranks']} | {r['sharding']} | {r['startup_s']} | {r['ttft_s']} | {r['decode_tok_s']} |")
+    save_table(rows, args.out, "distributed", {"model": "model", "ranks": "ranks", "sharding": "sharding",
+                                               "start-up s": "startup_s", "TTFT s": "ttft_s",
+                                               "decode tok/s": "decode_tok_s"})
     return 0
 
 

@@ -137,3 +137,14 @@ if __name__ == "__main__":  # python -m bench.report results.json OUT_DIR (in a 
     import sys
 
     plots(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]))
+
+
+def save_table(rows: list[dict], out: Path, name: str, columns: dict[str, str]) -> None:
+    """Write rows to OUT/NAME.json and print them as a markdown table (header -> row key)."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for r in rows:
+        print("| " + " | ".join(str(r[key]) for key in columns.values()) + " |")

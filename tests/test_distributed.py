@@ -138,14 +138,7 @@ def test_a_dead_worker_fails_streams_then_the_group_recovers(sharded_models):
         assert health.status_code == 503 and health.json()["status"] == "rank_failed"
         r = httpx.post(group.url + "/v1/chat/completions", timeout=10, json={**body, "stream": False})
         assert r.status_code == 503 and r.headers["Retry-After"]
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:  # the supervisor restarts every rank
-            try:
-                if httpx.get(group.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        group.wait_ready(timeout=90)  # the supervisor restarts every rank
         assert httpx.get(group.url + "/health", timeout=5).json()["world_size"] == 2
         assert ask(group.url, model, PROMPTS[1])
     finally:
