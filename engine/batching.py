@@ -80,12 +80,11 @@ class BatchDecoder:
         self.generator.close()
 
 
-def batched_steps(decoder: BatchDecoder, tokenizer: Any, prompt: list[int], cache: list[Any], max_tokens: int,
-                  sampler: Callable, processors: list[Callable], eos_ids: set[int],
+def batched_steps(decoder: BatchDecoder, uid: int, tokenizer: Any, eos_ids: set[int],
                   result: dict[str, Any]) -> Iterator[BatchStep]:
-    """A request's steps through the shared batch, detokenized as mlx-lm's stream_generate does.
-    `result["cache"]` gets the request's KV cache when it leaves the batch."""
-    uid = decoder.insert(prompt, cache, max_tokens, sampler, processors)
+    """The steps of sequence `uid` (already inserted: requests that arrive together are inserted
+    before any of them runs a step, so their prompts are processed in one batch), detokenized as
+    mlx-lm's stream_generate does. `result["cache"]` gets the KV cache when it leaves the batch."""
     detokenizer = tokenizer.detokenizer
     finished = False
     try:

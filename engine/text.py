@@ -420,21 +420,27 @@ class TextRunner:
             cache = make_prompt_cache(self.model)
         tokens: list[int] = []
         batch: dict[str, Any] = {}  # the batch hands this request's KV cache back here
+        uid = -1
         kept = False
 
         def keep() -> None:
             # The cache now holds the prompt and what was generated (its offset says how much).
             # Put back before Finished goes out, so the client's next turn finds it.
             nonlocal kept
-            if not kept:
-                kept = True
-                held = batch.get("cache", cache) if self.decoder is not None else cache
-                if held is not None:
-                    self.prompt_cache.put(prompt + tokens, held)
+            if kept:
+                return
+            kept = True
+            held = cache
+            if self.decoder is not None:
+                if "cache" not in batch:  # closed before its first step: still in the batch
+                    batch["cache"] = self.decoder.remove(uid)
+                held = batch["cache"]
+            if held is not None:
+                self.prompt_cache.put(prompt + tokens, held)
 
         if self.decoder is not None:
-            steps = batched_steps(self.decoder, self.tokenizer, prompt[reused:], cache, max_tokens, sampler,
-                                  processors, _eos_ids(self.tokenizer), batch)
+            uid = self.decoder.insert(prompt[reused:], cache, max_tokens, sampler, processors)
+            steps = batched_steps(self.decoder, uid, self.tokenizer, _eos_ids(self.tokenizer), batch)
         else:
             steps = stream_generate(self.model, self.tokenizer, mx.array(prompt[reused:]), max_tokens=max_tokens,
                                     sampler=sampler, prompt_cache=cache, logits_processors=processors or None)
