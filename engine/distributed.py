@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import random
 from dataclasses import dataclass, replace
@@ -145,6 +144,11 @@ class Lockstep:
         return pickle.loads(self._exchange(None))
 
 
+def peer_lost(error: Exception) -> bool:
+    """A collective failed because another rank is gone (the ring backend says so)."""
+    return "[ring]" in str(error) or "peer" in str(error)
+
+
 def with_seed(params: Any) -> Any:
     """Sampling must agree on every rank: an unseeded request gets a seed rank 0 chose."""
     return params if params.seed is not None else replace(params, seed=random.getrandbits(63))
@@ -165,7 +169,7 @@ def lockstep_stream(lock: Lockstep, uid: int, start: tuple, make: Callable[[], I
             except StopIteration:
                 return
             except RuntimeError as e:
-                if "[ring]" in str(e) or "peer" in str(e):
+                if peer_lost(e):
                     lock.fail(str(e))
                     raise GroupFailed(str(e)) from e
                 raise
@@ -202,7 +206,7 @@ def follow(lock: Lockstep, runner: Any) -> int:
                 except GroupFailed:
                     return 3
                 except RuntimeError as e:
-                    if "[ring]" in str(e) or "peer" in str(e):
+                    if peer_lost(e):
                         return 3
                     log.exception("step failed on rank %d", lock.rank)  # rank 0 fails the same way
                     streams.pop(cmd[1], None)
@@ -228,10 +232,3 @@ def sharded_runner(model_id: str, probe: Any, plan: ShardPlan, group: Any, gate:
     model, tokenizer = sharded_load(probe.path, plan, group)
     context = probe.context_length or int(getattr(tokenizer, "model_max_length", 0) or 4096)
     return TextRunner(model_id, model, tokenizer, config, probe, "keep", context, need, warnings)
-
-
-def rank_env() -> tuple[int, int]:
-    """(rank, world size) from the environment the launcher set; (0, 1) when alone."""
-    rank = int(os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
-    size = int(os.environ.get("OPENMLX_WORLD_SIZE", "1"))
-    return rank, size

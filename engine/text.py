@@ -9,7 +9,6 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx

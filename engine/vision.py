@@ -15,7 +15,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-import mlx.core as mx
 
 from engine.errors import InvalidRequest
 from engine.images import ImageLimits, decode, numbering

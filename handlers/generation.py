@@ -88,17 +88,13 @@ class ToolTextStream:
         self.parts.append(text)
         return self.watcher.feed(text) if self.watcher else text
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """(text not sent yet, calls)."""
+    def finish(self) -> tuple[str, str, list[ToolCall]]:
+        """(everything generated with the calls taken out, as the non-stream answer's text is;
+        the part of the text not sent yet; the calls), parsed once."""
+        text, calls = split_calls(self.conv, self.prepared, "".join(self.parts))
         if self.watcher is None:
-            return "", []
-        _, calls = split_calls(self.conv, self.prepared, "".join(self.parts))
-        return ("" if calls else self.watcher.unsent()), calls
-
-    @property
-    def text(self) -> str:
-        """Everything generated, with calls taken out (what the non-stream answer's text is)."""
-        return split_calls(self.conv, self.prepared, "".join(self.parts))[0]
+            return text, "", []
+        return text, ("" if calls else self.watcher.unsent()), calls
 
 
 async def answer(engine: Engine, conv: Conversation, prepared: Prepared, route: str) -> Answer:

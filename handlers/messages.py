@@ -53,8 +53,7 @@ async def create(body: dict):
         return ([] if opened else open_text()) + [text_delta(text)]
 
     def on_finish(done: Finished) -> list[dict[str, Any]]:
-        unsent, calls = out.finish()
-        text = out.text
+        text, unsent, calls = out.finish()
         events: list[dict[str, Any]] = []
         index = 0
         if opened or text or not calls:

@@ -152,9 +152,9 @@ def usage(prompt_tokens: int, cached_tokens: int, output_tokens: int) -> dict[st
 
 
 def delta_usage(done: Finished) -> dict[str, Any]:
-    return {"input_tokens": done.prompt_tokens - done.cached_tokens, "output_tokens": done.completion_tokens,
-            "cache_read_input_tokens": done.cached_tokens, "cache_creation_input_tokens": 0,
-            "server_tool_use": None, "output_tokens_details": None}
+    """The final counts message_delta carries: Message usage without the per-message fields."""
+    full = usage(done.prompt_tokens, done.cached_tokens, done.completion_tokens)
+    return {k: v for k, v in full.items() if k not in ("cache_creation", "service_tier", "inference_geo")}
 
 
 def tool_use_block(call: ToolCall) -> dict[str, Any]:

@@ -3,7 +3,6 @@ on speech synthesized with espeak-ng from known sentences, through the official 
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
