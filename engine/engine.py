@@ -1,6 +1,7 @@
 """The engine facade handlers talk to: models, health, prepare and stream generations."""
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import time
@@ -12,7 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from engine import blas
-from engine.audio import AudioRunner, TranscribeOptions, decode_audio
+from engine.audio import AudioRunner, TranscribeOptions, check_audio_header, decode_audio
 from engine.batching import BatchDecoder
 from engine.config import EngineConfig
 from engine.default_model import (DEFAULT_AUDIO_ID, DEFAULT_EMBEDDING_ID, DEFAULT_MODEL_ID, DefaultModelUnavailable,
@@ -118,6 +119,7 @@ class Engine:
         self.lockstep: Optional[Lockstep] = None  # set when this is rank 0 of a distributed group
         self.shard_plan: Optional[ShardPlan] = None
         self._stream_ids = 0
+        self._decoding = asyncio.Semaphore(1)  # audio uploads decoded one at a time, off the worker
         import mlx.core as mx
 
         self._device = str(mx.default_device())
@@ -371,12 +373,16 @@ class Engine:
 
     async def transcribe(self, model_id: str, audio: bytes, filename: str,
                          options: TranscribeOptions) -> StreamHandle:
-        """Load the model, decode the audio (both on the worker), then queue the transcription:
-        iterate the handle for TranscriptDelta events and one TranscriptDone."""
-        def prepare() -> tuple[AudioRunner, np.ndarray]:
-            return self._transcriber(model_id), decode_audio(audio, filename)
-
-        runner, samples = await self.scheduler.call(prepare)
+        """Check the header and decode the audio off the worker (one upload at a time, so
+        decoding never delays generation and concurrent uploads don't multiply memory), load the
+        model on the worker, then queue the transcription: iterate the handle for
+        TranscriptDelta events and one TranscriptDone."""
+        limit = self.config.max_audio_seconds
+        # The header first (a bomb is refused before it waits its turn), then the bounded decode.
+        await asyncio.to_thread(check_audio_header, audio, limit)
+        async with self._decoding:
+            samples = await asyncio.to_thread(decode_audio, audio, filename, "file", limit)
+        runner = await self.scheduler.call(lambda: self._transcriber(model_id))
 
         def run(cancelled: Callable[[], bool]):
             yield from runner.transcribe(samples, options, cancelled)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -110,9 +112,37 @@ def _backend_known(model_type: str, kind: str) -> tuple[bool, str]:
     return True, ""
 
 
+_CACHE: dict[Path, tuple[tuple, Probe]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _signature(folder: Path) -> tuple:
+    """What a probe depends on, read with one directory listing: each file's name, size and
+    modification time (a download, conversion or edit changes it)."""
+    try:
+        with os.scandir(folder) as it:
+            return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in it))
+    except OSError:
+        return ()
+
+
 def probe(folder: Path) -> Probe:
-    """Inspect `folder`'s files (config, weights, tokenizer) and decide type and runnability."""
+    """Inspect `folder`'s files (config, weights, tokenizer) and decide type and runnability.
+    Cached by folder and its files' sizes and modification times, so listing models or checking a
+    request's model costs one directory listing, not re-reading configs and weight headers."""
     folder = Path(folder)
+    key = _signature(folder)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(folder)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    result = _probe(folder)
+    with _CACHE_LOCK:
+        _CACHE[folder] = (key, result)
+    return result
+
+
+def _probe(folder: Path) -> Probe:
     config_path = folder / "config.json"
 
     def broken(reason: str, kind: str = "unknown", arch: Optional[str] = None, size: int = 0) -> Probe:

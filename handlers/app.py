@@ -42,6 +42,7 @@ class ServerConfig:
     responses_max: int = 1024  # stored Responses API responses
     responses_ttl: float = 24 * 3600
     responses_dir: Optional[Path] = None
+    responses_max_bytes: int = 256 << 20  # stored responses' bytes (each inline image counted once)
     image_sources: ImageSources = field(default_factory=ImageSources)  # what image URLs may point at
 
 
@@ -59,7 +60,7 @@ def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] =
             raise
         try:
             yield {"engine": eng, "responses": ResponseStore(config.responses_max, config.responses_ttl,
-                                                             config.responses_dir),
+                                                             config.responses_dir, config.responses_max_bytes),
                    "image_sources": config.image_sources}
         finally:
             await asyncio.to_thread(eng.stop)

@@ -55,6 +55,7 @@ def _engine_config(args: argparse.Namespace):
                         idle_unload_s=getattr(args, "idle_unload", None),
                         available_memory_override=getattr(args, "assume_available_memory", None),
                         image_limits=_image_limits(args),
+                        max_audio_seconds=getattr(args, "max_audio_seconds", 2 * 3600.0),
                         world_size=getattr(args, "ranks", 1),
                         shard=getattr(args, "shard", "auto"),
                         backend=getattr(args, "backend", "ring"))
@@ -106,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_audio_bytes=args.max_audio_bytes,
                           api_keys=_api_keys(args), cors_origins=args.cors_origin or [],
                           responses_max=args.responses_max, responses_ttl=args.responses_ttl,
-                          responses_dir=args.responses_dir,
+                          responses_dir=args.responses_dir, responses_max_bytes=args.responses_max_bytes,
                           image_sources=ImageSources(args.allow_image_urls, args.image_dir, args.max_image_bytes))
     engine = Engine(config.engine)
     if config.engine.world_size > 1:  # the supervisor says a worker rank died: 503 until restarted
@@ -219,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'none' to serve no transcriptions)")
     s.add_argument("--max-audio-bytes", type=int, default=25 << 20,
                    help="largest audio upload (413 beyond it, enforced while reading)")
+    s.add_argument("--max-audio-seconds", type=float, default=2 * 3600.0,
+                   help="longest audio transcribed, decided from the file's header before decoding (413 beyond)")
     s.add_argument("--host", default=os.environ.get("OPENMLX_HOST", "127.0.0.1"))
     s.add_argument("--port", type=int, default=int(os.environ.get("OPENMLX_PORT", "8000")))
     s.add_argument("--max-tokens", type=int, default=None, help="default max_tokens when a request sets none")
@@ -244,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow browser requests from this origin (repeatable; '*' only if you mean it). Off by default")
     s.add_argument("--responses-max", type=int, default=1024,
                    help="stored Responses API responses kept (least recently used out first)")
+    s.add_argument("--responses-max-bytes", type=int, default=256 << 20,
+                   help="bytes of stored responses kept, in memory and in --responses-dir (least recently used "
+                        "out first; an image carried by many turns counts once)")
     s.add_argument("--responses-ttl", type=float, default=24 * 3600, help="seconds a stored response is kept")
     s.add_argument("--responses-dir", type=Path, default=None,
                    help="also keep stored responses as JSON files here (they survive a restart)")

@@ -7,6 +7,7 @@ to all three alike.
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -46,9 +47,13 @@ class Answer:
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
-def check_modality(engine: Engine, conv: Conversation) -> str:
+async def check_modality(engine: Engine, conv: Conversation) -> str:
     """The model's type; an image (audio) part in the newest user turn needs a vision (audio)
-    model: a 400 naming one otherwise."""
+    model: a 400 naming one otherwise. The store is read off the event loop."""
+    return await asyncio.to_thread(_check_modality, engine, conv)
+
+
+def _check_modality(engine: Engine, conv: Conversation) -> str:
     info = engine.model_info(conv.model)
     for media, kind in (("image", "vision"), ("audio", "audio")):
         if media in conv.newest_media and info.type != kind:
@@ -62,7 +67,7 @@ def check_modality(engine: Engine, conv: Conversation) -> str:
 async def prepare(engine: Engine, conv: Conversation, sources: Optional[ImageSources] = None) -> Prepared:
     """Check the modality, load the images a vision model will see, load the model, apply the
     chat template, check the context budget."""
-    kind = check_modality(engine, conv)
+    kind = await check_modality(engine, conv)
     messages = conv.messages
     if kind == "vision" and any(m.images for m in messages):
         messages = await load_all(messages, sources or ImageSources())
@@ -112,7 +117,7 @@ def start_stream(engine: Engine, conv: Conversation, prepared: Prepared,
 
 async def count_tokens(engine: Engine, conv: Conversation) -> int:
     """Prompt tokens the conversation takes with this model's tokenizer and template."""
-    check_modality(engine, conv)
+    await check_modality(engine, conv)
     return await engine.count_chat_tokens(conv.model, conv.messages, conv.tools)
 
 

@@ -1,6 +1,8 @@
 """GET /v1/models and /v1/models/{model}: OpenAI Model objects plus type and context length."""
 from __future__ import annotations
 
+import asyncio
+
 from connexion import request
 
 from engine.engine import ModelInfo
@@ -14,8 +16,10 @@ def model_object(info: ModelInfo) -> dict:
 
 
 async def list_models() -> dict:
-    return {"object": "list", "data": [model_object(i) for i in request.state.engine.list_models()]}
+    # The store is scanned off the event loop (disk reads).
+    infos = await asyncio.to_thread(request.state.engine.list_models)
+    return {"object": "list", "data": [model_object(i) for i in infos]}
 
 
 async def retrieve(model: str) -> dict:
-    return model_object(request.state.engine.model_info(model))
+    return model_object(await asyncio.to_thread(request.state.engine.model_info, model))
