@@ -50,8 +50,9 @@ def attachment_marker(count: int) -> str:
     return f"[{count} {'attachment was' if count == 1 else 'attachments were'} attached]"
 
 
-def decode(image: ImageInput, limits: ImageLimits) -> "PILImage.Image":
-    """Bytes -> an RGB image, or a 400 naming the part: unknown format, too large, undecodable."""
+def _opened(image: ImageInput, limits: ImageLimits) -> "PILImage.Image":
+    """The image opened from its header (no pixel buffer yet), or a 400 naming the part:
+    empty, too many bytes, unknown format, too many pixels (a decompression bomb included)."""
     from PIL import Image, UnidentifiedImageError
 
     data = image.data or b""
@@ -62,7 +63,10 @@ def decode(image: ImageInput, limits: ImageLimits) -> "PILImage.Image":
                              param=image.param, code="image_too_large")
     try:
         img = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except Image.DecompressionBombError as e:  # Pillow's own guard, from the header
+        raise InvalidRequest(f"The image is too large to decode ({e}); the limit is {limits.max_pixels} pixels.",
+                             param=image.param, code="image_too_large") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise InvalidRequest(f"The image could not be decoded ({e}).", param=image.param, code="invalid_image") from e
     if img.format not in FORMATS:
         raise InvalidRequest(f"Image format {img.format} is not supported; send PNG, JPEG, WebP or GIF.",
@@ -71,6 +75,19 @@ def decode(image: ImageInput, limits: ImageLimits) -> "PILImage.Image":
     if width * height > limits.max_pixels:  # checked from the header, before decoding
         raise InvalidRequest(f"The image is {width}x{height} pixels; the limit is {limits.max_pixels} pixels.",
                              param=image.param, code="image_too_large")
+    return img
+
+
+def check(image: ImageInput, limits: ImageLimits) -> None:
+    """Everything decode() checks that the header tells, without decoding a pixel."""
+    _opened(image, limits)
+
+
+def decode(image: ImageInput, limits: ImageLimits) -> "PILImage.Image":
+    """Bytes -> an RGB image, or a 400 naming the part: unknown format, too large, undecodable."""
+    from PIL import Image
+
+    img = _opened(image, limits)
     try:
         img.seek(0)  # an animated GIF: its first frame
         return img.convert("RGB")

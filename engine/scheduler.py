@@ -57,9 +57,10 @@ class Scheduler:
         self._on_idle = on_idle  # called on the worker about every 50 ms while nothing runs
         self._queue: "queue.Queue[_Job]" = queue.Queue()
         self._active: list[_Job] = []
-        # Streams admitted and not yet finished (queued or running): the queue bound and /health.
-        self._streams = 0
-        self._streams_lock = threading.Lock()
+        # Jobs admitted and not yet finished (queued or running), calls and streams alike (an
+        # embedding batch or a token count occupies the worker too): the queue bound and /health.
+        self._jobs = 0
+        self._jobs_lock = threading.Lock()
         self._closing = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.shutdown_reason = "The server is shutting down."
@@ -100,12 +101,12 @@ class Scheduler:
         return self._closing.is_set()
 
     def load(self) -> int:
-        """Streams queued or running."""
-        return self._streams
+        """Jobs (calls and streams) queued or running."""
+        return self._jobs
 
-    def _stream_done(self) -> None:
-        with self._streams_lock:
-            self._streams -= 1
+    def _job_done(self) -> None:
+        with self._jobs_lock:
+            self._jobs -= 1
 
     def run_sync(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the worker thread from a non-async context (start-up) and wait."""
@@ -123,12 +124,11 @@ class Scheduler:
             raise self._aborted
         if self._closing.is_set():
             raise ShuttingDown(self.shutdown_reason, headers={"Retry-After": "5"})
-        if job.stream is not None:
-            with self._streams_lock:
-                if self._streams >= self.max_queue:
-                    raise Overloaded(f"The server is busy ({self._streams} requests queued or running); "
-                                     "retry shortly.", headers={"Retry-After": "1"})
-                self._streams += 1
+        with self._jobs_lock:
+            if self._jobs >= self.max_queue:
+                raise Overloaded(f"The server is busy ({self._jobs} requests queued or running); "
+                                 "retry shortly.", headers={"Retry-After": "1"})
+            self._jobs += 1
         self._queue.put(job)
 
     async def call(self, fn: Callable[[], Any], exclusive: Callable[[], bool] = lambda: False) -> Any:
@@ -167,8 +167,7 @@ class Scheduler:
                         self._safe_idle()
                     break
                 if job.cancelled.is_set():
-                    if job.stream is not None:
-                        self._stream_done()
+                    self._job_done()
                     job.deliver(_END)
                     continue
                 if job.call is not None:
@@ -192,16 +191,18 @@ class Scheduler:
 
     def _run_call(self, job: _Job) -> None:
         try:
-            job.deliver(job.call())
+            result: Any = job.call()
         except BaseException as e:  # delivered to the awaiting request, never lost
-            job.deliver(e)
+            result = e
+        self._job_done()  # before delivery: the waiter may submit its stream at once
+        job.deliver(result)
 
     def _step(self, job: _Job) -> None:
         if job.deadline is not None and time.monotonic() > job.deadline:
             if job.gen is not None:
                 job.gen.close()
             self._active.remove(job)
-            self._stream_done()
+            self._job_done()
             job.deliver(RequestTimeout(f"The request took longer than this server's limit of {self.timeout_s:g} s "
                                        "(--request-timeout).", headers={"Retry-After": "1"}))
             return
@@ -211,13 +212,13 @@ class Scheduler:
             item = next(job.gen)
         except StopIteration:
             self._active.remove(job)
-            self._stream_done()
+            self._job_done()
             job.deliver(_END)
             return
         except BaseException as e:
             log.exception("generation failed")
             self._active.remove(job)
-            self._stream_done()
+            self._job_done()
             job.deliver(e)
             return
         job.deliver(item)
@@ -233,8 +234,8 @@ class Scheduler:
                 self._queue.get_nowait().deliver(error)
             except queue.Empty:
                 break
-        with self._streams_lock:
-            self._streams = 0
+        with self._jobs_lock:
+            self._jobs = 0
 
 
 class StreamHandle:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 
 from engine.errors import InvalidRequest
-from engine.images import ImageLimits, decode, numbering
+from engine.images import ImageLimits, check, decode, numbering
 from engine.memory import MemoryEstimate, MemoryGate
 from engine.probe import Probe
 from engine.prompt_cache import PromptCache
@@ -152,11 +152,18 @@ class VisionRunner(TextRunner):
         if not 1 <= size <= self.limits.max_chunk_size:
             raise InvalidRequest(f"image_chunk_size must be between 1 and {self.limits.max_chunk_size}.",
                                  param="image_chunk_size")
-        decoded = {image.digest: decode(image, self.limits) for image in every}
+        for image in every:  # every header first: a bad or oversized image fails before any decoding
+            check(image, self.limits)
+        by_digest = {image.digest: image for image in every}
+
+        def decoded(order: list[str]) -> list[Any]:
+            # Only one pass's images are decoded at a time (at most max_chunk_size of them).
+            return [decode(by_digest[d], self.limits) for d in order]
+
         numbers = numbering(every)
         if len(numbers) <= size:
             turns, order = template_turns(messages, numbers, set(numbers))
-            return VisionPlan([self._pass(turns, [decoded[d] for d in order], tuple(numbers[d] for d in order),
+            return VisionPlan([self._pass(turns, decoded(order), tuple(numbers[d] for d in order),
                                           continue_final)])
         newest = max(i for i, m in enumerate(messages) if m.role == "user")
         own = list(dict.fromkeys(image.digest for image in messages[newest].images))
@@ -167,8 +174,7 @@ class VisionRunner(TextRunner):
             first, last = numbers[group[0]], numbers[group[-1]]
             span = f"Images {first}-{last}" if first != last else f"Image {first}"
             turns[newest]["content"][-1]["text"] += f"\n({span} of {len(numbers)}.)"
-            passes.append(self._pass(turns, [decoded[d] for d in order], tuple(numbers[d] for d in order),
-                                     continue_final))
+            passes.append(self._pass(turns, decoded(order), tuple(numbers[d] for d in order), continue_final))
         return VisionPlan(passes)
 
     # --- generation ----------------------------------------------------------------------

@@ -25,11 +25,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class RedactQuery(logging.Filter):
+    """Access-log lines without their query strings: a client may put a key there
+    (`?api_key=...`), and keys are never logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("uvicorn.access") and isinstance(record.args, tuple) and len(record.args) >= 3:
+            args = list(record.args)
+            if isinstance(args[2], str) and "?" in args[2]:
+                args[2] = args[2].split("?", 1)[0] + "?[redacted]"
+                record.args = tuple(args)
+        return True
+
+
 def _logging(log_json: bool, level: str) -> dict:
     handler = {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
-               "formatter": "json" if log_json else "plain"}
+               "formatter": "json" if log_json else "plain", "filters": ["redact_query"]}
     return {
         "version": 1, "disable_existing_loggers": False,
+        "filters": {"redact_query": {"()": RedactQuery}},
         "formatters": {"json": {"()": JsonFormatter},
                        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
         "handlers": {"default": handler},
@@ -72,6 +86,22 @@ def _image_limits(args: argparse.Namespace):
                        chunk_size=min(max(1, chunk), default.max_chunk_size))
 
 
+def _image_sources(args: argparse.Namespace):
+    """What image URLs and files requests may name; one fetch deadline inside --request-timeout."""
+    import ipaddress
+
+    from handlers.images import PRIVATE_NETWORKS, ImageSources
+
+    networks = [ipaddress.ip_network(n, strict=False) for n in args.image_url_allow_network or []]
+    if args.image_url_allow_private:
+        networks += PRIVATE_NETWORKS
+    timeout = args.image_fetch_timeout
+    if args.request_timeout:
+        timeout = min(timeout, args.request_timeout)
+    return ImageSources(args.allow_image_urls, args.image_dir, args.max_image_bytes, timeout, args.max_images,
+                        tuple(networks))
+
+
 def _api_keys(args: argparse.Namespace) -> list[str]:
     """Keys from --api-key, OPENMLX_API_KEY and --api-key-file (one per line, # comments)."""
     keys = list(args.api_key or [])
@@ -87,8 +117,9 @@ def _api_keys(args: argparse.Namespace) -> list[str]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging.config
-
     import signal
+    import threading
+    import time
 
     if args.ranks > 1 and os.environ.get("OPENMLX_RANK_ROLE") != "serve":
         from handlers.supervisor import supervise
@@ -100,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from engine.engine import Engine
     from handlers.app import ServerConfig, create_app
-    from handlers.images import ImageSources
+    from handlers.connections import guarded_protocol, raise_file_limit
 
     logging.config.dictConfig(_logging(args.log_json, args.log_level))
     config = ServerConfig(engine=_engine_config(args), max_body_bytes=args.max_body_bytes,
@@ -108,20 +139,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           api_keys=_api_keys(args), cors_origins=args.cors_origin or [],
                           responses_max=args.responses_max, responses_ttl=args.responses_ttl,
                           responses_dir=args.responses_dir, responses_max_bytes=args.responses_max_bytes,
-                          image_sources=ImageSources(args.allow_image_urls, args.image_dir, args.max_image_bytes))
+                          image_sources=_image_sources(args))
     engine = Engine(config.engine)
     if config.engine.world_size > 1:  # the supervisor says a worker rank died: 503 until restarted
         signal.signal(signal.SIGUSR1, lambda *_: engine.mark_failed("a worker rank exited"))
 
     class Server(uvicorn.Server):
+        draining = False
+
         def handle_exit(self, sig: int, frame) -> None:
             # First tell the engine: running streams end with an error event naming the signal,
-            # queued and new requests get 503; then let uvicorn drain connections.
+            # queued and new requests get 503. The listener stays open while clients are still
+            # connected (up to --shutdown-timeout), so a new request gets that 503 rather than a
+            # refused connection, as load balancers expect; a second signal stops at once.
             engine.begin_shutdown(f"The server is shutting down ({signal.Signals(sig).name}).")
-            super().handle_exit(sig, frame)
+            if self.draining:
+                super().handle_exit(sig, frame)
+                return
+            self.draining = True
+            deadline = time.monotonic() + args.shutdown_timeout
 
+            def drain() -> None:
+                while time.monotonic() < deadline and self.server_state.connections:
+                    time.sleep(0.05)
+                uvicorn.Server.handle_exit(self, sig, None)
+
+            threading.Thread(target=drain, name="openmlx-drain", daemon=True).start()
+
+    soft_limit = raise_file_limit()
+    max_connections = min(args.max_connections, max(16, soft_limit - 64))  # room for models, logs, pipes
     server = Server(uvicorn.Config(create_app(config, engine=engine), host=args.host, port=args.port,
                                    log_config=_logging(args.log_json, args.log_level),
+                                   http=guarded_protocol(max_connections, args.header_timeout),
                                    timeout_graceful_shutdown=args.shutdown_timeout))
     server.run()
     return 0 if server.started else 1
@@ -239,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--assume-available-memory", type=int, default=None, metavar="BYTES",
                    help="use this instead of the measured available memory in the memory gate")
     s.add_argument("--max-body-bytes", type=int, default=10 << 20)
+    s.add_argument("--max-connections", type=int, default=1000,
+                   help="open connections at most (a new one past it gets 503 and is closed)")
+    s.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close a connection that has not sent a whole request head within this long")
     s.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds running requests get to finish on SIGTERM/SIGINT")
     s.add_argument("--api-key", action="append", help="require this bearer key on /v1/* (repeatable)")
@@ -258,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(auto = on; off: one stream per step, round-robin)")
     s.add_argument("--allow-image-urls", action="store_true",
                    help="let vision requests name http(s) image URLs, which the server fetches (off: data: URLs only)")
+    s.add_argument("--image-url-allow-private", action="store_true",
+                   help="with --allow-image-urls: also fetch from private networks (10/8, 172.16/12, 192.168/16, "
+                        "fc00::/7), for a trusted LAN; loopback and link-local stay refused")
+    s.add_argument("--image-url-allow-network", action="append", metavar="CIDR",
+                   help="with --allow-image-urls: also fetch from this non-public network (repeatable)")
+    s.add_argument("--image-fetch-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="one deadline for all of a request's image fetches (within --request-timeout)")
     s.add_argument("--image-dir", type=Path, default=None,
                    help="let vision requests name local image files under this directory")
     s.add_argument("--max-image-bytes", type=int, default=20 << 20)

@@ -70,7 +70,7 @@ async def prepare(engine: Engine, conv: Conversation, sources: Optional[ImageSou
     kind = await check_modality(engine, conv)
     messages = conv.messages
     if kind == "vision" and any(m.images for m in messages):
-        messages = await load_all(messages, sources or ImageSources())
+        messages = await load_all(messages, sources or ImageSources(), conv.media_param)
     return await engine.prepare_chat(conv.model, messages, conv.params, conv.tools, conv.continue_final,
                                      conv.image_chunk_size, conv.tool_choice)
 

@@ -53,7 +53,10 @@ class _TooLarge(Exception):
 class BodyLimitMiddleware:
     """413 before Connexion buffers a body larger than `max_bytes`.
 
-    Content-Length is checked up front; a chunked body is counted as it arrives.
+    Content-Length is checked up front. A chunked body (`Transfer-Encoding: chunked`, no
+    Content-Length, as streaming clients and proxies send) is read here, counted as it arrives,
+    and handed on with its Content-Length: Connexion decides from that header alone whether a
+    request has a body.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, audio_max_bytes: int | None = None) -> None:
@@ -86,9 +89,24 @@ class BodyLimitMiddleware:
             if too_large:
                 await self._reject(scope, send)
                 return
+        limit = self._limit(scope)
+        if length is None and _header(scope, b"transfer-encoding") is not None:
+            body = bytearray()
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # the client went away
+                    return
+                body += message.get("body", b"")
+                if len(body) > limit:
+                    await self._reject(scope, send)
+                    return
+                if not message.get("more_body"):
+                    break
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"transfer-encoding"]
+            scope = {**scope, "headers": headers + [(b"content-length", str(len(body)).encode())]}
+            receive = _replay(bytes(body), receive)
         seen = 0
         started = False
-        limit = self._limit(scope)
 
         async def counting_receive() -> Message:
             nonlocal seen
@@ -110,6 +128,40 @@ class BodyLimitMiddleware:
         except _TooLarge:
             if not started:
                 await self._reject(scope, send)
+
+
+class DrainMiddleware:
+    """While the server shuts down, every new API request gets 503 with Retry-After (the
+    engine refuses generations itself; this covers the rest, e.g. /v1/models)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        engine = scope.get("state", {}).get("engine") if scope["type"] == "http" else None
+        if engine is None or not engine.scheduler.closing or not scope.get("path", "").startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps(error_payload(scope.get("path", ""), 503, engine.scheduler.shutdown_reason,
+                                        code="shutting_down")).encode()
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"retry-after", b"5"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that hands over `body` once, then waits on the client (for disconnects)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 class ApiKeyMiddleware:
