@@ -216,7 +216,10 @@ class Scheduler:
             job.deliver(_END)
             return
         except BaseException as e:
-            log.exception("generation failed")
+            if isinstance(e, EngineError) and e.status < 500:  # the client's mistake: one line, no traceback
+                log.info("request refused: %s", e.message)
+            else:
+                log.exception("generation failed")
             self._active.remove(job)
             self._job_done()
             job.deliver(e)

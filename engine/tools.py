@@ -23,6 +23,7 @@ class ToolCall:
     id: str
     name: str
     arguments: str  # a JSON object, as JSON text (OpenAI's shape)
+    complete: bool = True  # False: cut off by max_tokens, `arguments` is what was written of them
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ async def create(body: dict):
         chunks = []
         calls: list[ToolCall] = []
         if req.tools_active:
-            _, text, calls = out.finish()
+            _, text, calls = out.finish(done)
             if text:
                 chunks.append(protocol.chat_chunk(cid, created, req.model, {"content": text},
                                                   with_usage_field=req.include_usage))

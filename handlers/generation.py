@@ -15,7 +15,7 @@ from engine.engine import Engine, Prepared
 from engine.errors import InvalidRequest
 from engine.scheduler import StreamHandle
 from engine.text import ChatMessage, Finished, SamplingParams, TokenLogprob
-from engine.toolcalls import CallWatcher
+from engine.toolcalls import CallWatcher, cut_call
 from engine.tools import ToolCall, ToolChoice, ToolSpec
 from handlers import sse
 from handlers.images import ImageSources, load_all
@@ -75,9 +75,17 @@ async def prepare(engine: Engine, conv: Conversation, sources: Optional[ImageSou
                                      conv.image_chunk_size, conv.tool_choice)
 
 
-def split_calls(conv: Conversation, prepared: Prepared, text: str) -> tuple[str, list[ToolCall]]:
-    """With tools on offer, the text and the calls in it (in the model's format); else the text."""
-    return prepared.split_calls(text) if conv.tools else (text, [])
+def split_calls(conv: Conversation, prepared: Prepared, text: str, done: Finished) -> tuple[str, list[ToolCall]]:
+    """With tools on offer, the text and the calls in it (in the model's format); else the text.
+    A call that max_tokens cut off comes back as a call with the arguments written so far
+    (`complete=False`), never as markup in the text."""
+    if not conv.tools:
+        return text, []
+    text, calls = prepared.split_calls(text)
+    if done.finish_reason == "length":
+        text, cut = cut_call(prepared.tool_format, text, conv.tools)
+        calls += [cut] if cut else []
+    return text, calls
 
 
 class ToolTextStream:
@@ -93,10 +101,10 @@ class ToolTextStream:
         self.parts.append(text)
         return self.watcher.feed(text) if self.watcher else text
 
-    def finish(self) -> tuple[str, str, list[ToolCall]]:
+    def finish(self, done: Finished) -> tuple[str, str, list[ToolCall]]:
         """(everything generated with the calls taken out, as the non-stream answer's text is;
         the part of the text not sent yet; the calls), parsed once."""
-        text, calls = split_calls(self.conv, self.prepared, "".join(self.parts))
+        text, calls = split_calls(self.conv, self.prepared, "".join(self.parts), done)
         if self.watcher is None:
             return text, "", []
         return text, ("" if calls else self.watcher.unsent()), calls
@@ -105,7 +113,7 @@ class ToolTextStream:
 async def answer(engine: Engine, conv: Conversation, prepared: Prepared, route: str) -> Answer:
     """Run the generation to its end (non-streaming)."""
     text, done, logprobs = await sse.collect(engine.stream(prepared), GenerationObserver(route, conv.model))
-    text, calls = split_calls(conv, prepared, text)
+    text, calls = split_calls(conv, prepared, text, done)
     return Answer(text, calls, done, logprobs)
 
 

@@ -53,7 +53,7 @@ async def create(body: dict):
         return ([] if opened else open_text()) + [text_delta(text)]
 
     def on_finish(done: Finished) -> list[dict[str, Any]]:
-        text, unsent, calls = out.finish()
+        text, unsent, calls = out.finish(done)
         events: list[dict[str, Any]] = []
         index = 0
         if opened or text or not calls:
@@ -68,7 +68,8 @@ async def create(body: dict):
             block = mp.tool_use_block(call)
             events += [{"type": "content_block_start", "index": i, "content_block": {**block, "input": {}}},
                        {"type": "content_block_delta", "index": i,
-                        "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}},
+                        "delta": {"type": "input_json_delta",  # a cut-off call: what was written
+                                  "partial_json": json.dumps(block["input"]) if call.complete else call.arguments}},
                        {"type": "content_block_stop", "index": i}]
         events += [{"type": "message_delta",
                     "delta": {"stop_reason": mp.stop_reason(done, calls), "stop_sequence": done.stop_sequence,

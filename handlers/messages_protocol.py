@@ -158,8 +158,17 @@ def delta_usage(done: Finished) -> dict[str, Any]:
 
 
 def tool_use_block(call: ToolCall) -> dict[str, Any]:
+    """A tool_use block; a call cut off by max_tokens has the input that parses so far ({} if none)."""
     return {"type": "tool_use", "id": "toolu_" + call.id.removeprefix("call_"), "name": call.name,
-            "input": json.loads(call.arguments), "caller": {"type": "direct"}}
+            "input": call_input(call), "caller": {"type": "direct"}}
+
+
+def call_input(call: ToolCall) -> dict[str, Any]:
+    try:
+        value = json.loads(call.arguments)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def text_block(text: str) -> dict[str, Any]:

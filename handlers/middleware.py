@@ -130,6 +130,40 @@ class BodyLimitMiddleware:
                 await self._reject(scope, send)
 
 
+class SpecServersMiddleware:
+    """`/openapi.json` with a usable server URL: Connexion writes the mount path there, which is
+    "" at the root and leaves Swagger UI's "Servers" list blank."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") != "/openapi.json":
+            await self.app(scope, receive, send)
+            return
+        start: Message = {}
+        body = bytearray()
+
+        async def collect(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+                return
+            body.extend(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            content = bytes(body)
+            if start.get("status") == 200:
+                spec = json.loads(content)
+                spec["servers"] = [{"url": s.get("url") or "/"} for s in spec.get("servers") or [{}]]
+                content = json.dumps(spec).encode()
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            await send({**start, "headers": headers + [(b"content-length", str(len(content)).encode())]})
+            await send({"type": "http.response.body", "body": content})
+
+        await self.app(scope, receive, collect)
+
+
 class DrainMiddleware:
     """While the server shuts down, every new API request gets 503 with Retry-After (the
     engine refuses generations itself; this covers the rest, e.g. /v1/models)."""

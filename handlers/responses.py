@@ -109,7 +109,7 @@ async def create(body: dict):
         return events  # type: ignore[return-value]
 
     def on_finish(done: Finished) -> list[dict[str, Any]]:
-        text, unsent, calls = out.finish()
+        text, unsent, calls = out.finish(done)
         status, _ = rp.status_of(done)
         events: list[dict[str, Any]] = []
         output = []

@@ -178,7 +178,9 @@ def output_text(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def call_item(call: ToolCall, status: str = "completed") -> dict[str, Any]:
+def call_item(call: ToolCall) -> dict[str, Any]:
+    """A function_call output item; one cut off by max_output_tokens is "incomplete"."""
+    status = "completed" if call.complete else "incomplete"
     return {"id": "fc_" + call.id.removeprefix("call_"), "type": "function_call", "status": status,
             "call_id": call.id, "name": call.name, "arguments": call.arguments}
 

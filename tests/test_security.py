@@ -63,3 +63,12 @@ def test_binds_loopback_by_default():
     from handlers.cli import build_parser
 
     assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
+
+
+def test_keys_in_query_strings_are_not_logged(keyed):
+    r = httpx.get(keyed.url + "/v1/models?api_key=sk-query-secret&x=1")
+    assert r.status_code == 401
+    import time
+
+    time.sleep(0.2)
+    assert "sk-query-secret" not in keyed.log() and "/v1/models?[redacted]" in keyed.log()

@@ -194,3 +194,74 @@ def test_strict_tool_with_unsupported_keyword_is_400(server):
     r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
                    json={"model": MODEL, "messages": MSG, "tools": [tool], "max_tokens": 4})
     assert r.status_code == 200, r.text
+
+
+CUT = {"model": MODEL, "messages": MSG, "tools": [WEATHER], "tool_choice": "required", "max_tokens": 6,
+       "temperature": 0}
+
+
+def _no_markup(text):
+    assert "<tool_call>" not in (text or "") and '"name"' not in (text or "")
+
+
+def test_forced_call_cut_by_max_tokens_is_a_partial_call_in_every_api(server, client):
+    """A limit hit mid-call returns the call with its cut-off arguments (as OpenAI does), never
+    the template's markup as the answer."""
+    r = client.chat.completions.create(**CUT)
+    choice = r.choices[0]
+    assert choice.finish_reason == "length"
+    _no_markup(choice.message.content)
+    assert choice.message.tool_calls and choice.message.tool_calls[0].function.name == "get_weather"
+    arguments = choice.message.tool_calls[0].function.arguments
+    assert '{"city":"Paris","unit":"celsius"}'.startswith(arguments) or arguments.startswith("{")
+
+    stream = client.chat.completions.create(**CUT, stream=True)
+    content, names, finish = "", [], None
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        names += [c.function.name for c in delta.tool_calls or [] if c.function and c.function.name]
+        finish = chunk.choices[0].finish_reason or finish
+    _no_markup(content)
+    assert names == ["get_weather"] and finish == "length"
+
+    resp = httpx.post(server.url + "/v1/responses", timeout=60, json={
+        "model": MODEL, "input": MSG[0]["content"], "max_output_tokens": 6, "temperature": 0,
+        "tool_choice": "required", "tools": [{"type": "function", **WEATHER["function"]}]}).json()
+    assert resp["status"] == "incomplete"
+    assert [o["type"] for o in resp["output"]] == ["function_call"] and resp["output"][0]["status"] == "incomplete"
+    _no_markup(resp["output_text"])
+
+    msg = httpx.post(server.url + "/v1/messages", timeout=60, json={
+        "model": MODEL, "messages": MSG, "max_tokens": 6, "temperature": 0, "tool_choice": {"type": "any"},
+        "tools": [{"name": "get_weather", "description": "Current weather",
+                   "input_schema": WEATHER["function"]["parameters"]}]}).json()
+    assert msg["stop_reason"] == "max_tokens"
+    assert [b["type"] for b in msg["content"]] == ["tool_use"] and msg["content"][0]["name"] == "get_weather"
+    with httpx.stream("POST", server.url + "/v1/messages", timeout=60, json={
+            "model": MODEL, "messages": MSG, "max_tokens": 6, "temperature": 0, "stream": True,
+            "tool_choice": {"type": "any"}, "tools": [{"name": "get_weather", "description": "Current weather",
+                                                       "input_schema": WEATHER["function"]["parameters"]}]}) as s:
+        events = [json.loads(l[6:]) for l in s.iter_lines() if l.startswith("data: ")]
+    texts = [e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta"]
+    _no_markup("".join(texts))
+    assert any(e["type"] == "content_block_start" and e["content_block"]["type"] == "tool_use" for e in events)
+
+
+def test_cut_call_parser_per_format():
+    from engine.toolcalls import cut_call, hermes, llama3, mistral
+    from engine.tools import ToolSpec
+
+    tools = [ToolSpec("final_answer", "", "{}"), ToolSpec("get_weather", "", "{}")]
+    text, call = cut_call(hermes.FORMAT, 'Sure. <tool_call>{"name":"final_', tools)
+    assert text == "Sure." and call.name == "final_answer" and call.arguments == "" and not call.complete
+    text, call = cut_call(hermes.FORMAT, '<tool_call>{"name":"get_weather","arguments":{"city":"Par', tools)
+    assert text == "" and call.arguments == '{"city":"Par'
+    _, call = cut_call(hermes.FORMAT, '<tool_call>{"name":"get_weather","arguments":{"city":"P"}}</tool', tools)
+    assert call.arguments == '{"city":"P"}'
+    assert cut_call(hermes.FORMAT, "no call here", tools) == ("no call here", None)
+    _, call = cut_call(mistral.FORMAT, '[TOOL_CALLS][{"name": "get_weather", "arguments": {"ci', tools)
+    assert call.name == "get_weather" and call.arguments == '{"ci'
+    _, call = cut_call(llama3.FORMAT, '{"name": "get_weather", "parameters": {"city": "Pa', tools)
+    assert call.name == "get_weather" and call.arguments == '{"city": "Pa'
+    assert cut_call(llama3.FORMAT, '{"answer": 42, "more', tools)[1] is None  # plain JSON text

@@ -7,7 +7,10 @@ generic prompt (engine/tools.py) and the Hermes format.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import json
+import re
+import uuid
+from typing import Optional, Protocol, Sequence
 
 from engine.stopping import held_back
 from engine.tools import ToolCall, ToolSpec
@@ -50,6 +53,40 @@ def for_template(template: str) -> tuple[ToolFormat, bool]:
             if fmt.detect(template):
                 return fmt, True
     return hermes.FORMAT, False
+
+
+_NAME = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)(")?')
+_ARGUMENTS = re.compile(r'"(?:arguments|parameters)"\s*:\s*')
+
+
+def cut_call(fmt: ToolFormat, text: str, tools: Sequence[ToolSpec]) -> tuple[str, Optional[ToolCall]]:
+    """A call that max_tokens cut off, as OpenAI returns one: (the text before it, the call with
+    the arguments written so far). The format's markup never becomes answer text. (text, None)
+    when no call was started."""
+    hits = [i for i in (text.find(t) for t in fmt.triggers) if i >= 0]
+    if not hits:
+        return text, None
+    start = min(hits)
+    if not fmt.anywhere and text[:start].strip():
+        return text, None  # this format's calls only open an answer: this is text
+    payload = text[start:]
+    opened = payload[payload.find("{"):] if "{" in payload else ""
+    named = _NAME.search(payload)
+    if named is None and not '{"name"'.startswith("".join(opened.split())[:7]):
+        return text, None  # a brace that opens plain JSON text, not a call
+    name = named.group(1) if named else ""
+    if named is None or named.group(2) is None:  # the name itself was cut: complete it if only one fits
+        fits = [t.name for t in tools if t.name.startswith(name)]
+        name = fits[0] if len(fits) == 1 else name
+    found = _ARGUMENTS.search(payload)
+    arguments = payload[found.end():] if found else ""
+    try:  # arguments complete, the closing markup cut: keep just the object
+        value, end = json.JSONDecoder().raw_decode(arguments)
+        if isinstance(value, dict):
+            arguments = arguments[:end]
+    except ValueError:
+        pass
+    return text[:start].strip(), ToolCall(f"call_{uuid.uuid4().hex[:24]}", name, arguments, complete=False)
 
 
 class CallWatcher:
