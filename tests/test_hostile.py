@@ -103,14 +103,17 @@ def transcribe(server: Server, data: bytes, name: str = "a.wav", timeout: float 
                       data={"model": "whisper-tiny.en"}, timeout=timeout)
 
 
-@pytest.mark.parametrize("name, data, status, code", [
-    ("1 Hz rate", wav(1, bytes(range(256)) * 47), 400, "invalid_audio"),  # 12 KB: 3.3 hours at 1 Hz
-    ("4 kHz rate", wav(4000, b"\x80" * 8000), 400, "invalid_audio"),
-    ("a billion Hz", wav(1_000_000_000, b"\x80" * 2000), 400, "invalid_audio"),
-    ("header claims 2 hours", wav(8000, b"\x80" * 2000, declared_frames=8000 * 7200), 400, "invalid_audio"),
-    ("10 s, the limit is 5", wav(8000, b"\x80" * 80000), 413, "audio_too_long"),
-])
-def test_audio_is_judged_by_its_header(limits, name, data, status, code):
+AUDIO_BOMBS = {
+    "1 Hz rate": (wav(1, bytes(range(256)) * 47), 400, "invalid_audio"),  # 12 KB: 3.3 hours at 1 Hz
+    "4 kHz rate": (wav(4000, b"\x80" * 8000), 400, "invalid_audio"),
+    "a billion Hz": (wav(1_000_000_000, b"\x80" * 2000), 400, "invalid_audio"),
+    "10 s, the limit is 5": (wav(8000, b"\x80" * 80000), 413, "audio_too_long"),
+}
+
+
+@pytest.mark.parametrize("name", list(AUDIO_BOMBS))
+def test_audio_is_judged_by_its_header(limits, name):
+    data, status, code = AUDIO_BOMBS[name]
     before = rss_mb(limits)
     start = time.monotonic()
     r = transcribe(limits, data)
@@ -126,6 +129,11 @@ def test_audio_is_judged_by_its_header(limits, name, data, status, code):
 def test_audio_within_the_limits_still_transcribes(limits):
     r = transcribe(limits, wav(16000, b"\x80" * 16000 * 2))  # 2 s of silence
     assert r.status_code == 200, r.text
+    # A header that claims 2 hours over 2,000 bytes: only what the file holds is decoded.
+    r = httpx.post(limits.url + "/v1/audio/transcriptions", timeout=60,
+                   files={"file": ("a.wav", wav(8000, b"\x80" * 2000, declared_frames=8000 * 7200), "audio/wav")},
+                   data={"model": "whisper-tiny.en", "response_format": "verbose_json"})
+    assert r.status_code == 200 and r.json()["duration"] <= 1
 
 
 def test_audio_bomb_does_not_hold_up_a_chat(server):
@@ -215,7 +223,7 @@ def post_vision(server: Server, *urls: str) -> httpx.Response:
                                         ("webp 16384x16384", webp_bomb)])
 def test_image_decompression_bombs_are_400_before_any_pixels(vision, name, make):
     raw = make()
-    assert len(raw) < 100_000
+    assert len(raw) < 500_000  # deflate tops out near 1:1000
     before = rss_mb(vision)
     start = time.monotonic()
     r = post_vision(vision, data_url(raw, "image/" + name.split()[0]))
@@ -225,9 +233,10 @@ def test_image_decompression_bombs_are_400_before_any_pixels(vision, name, make)
 
 
 def test_a_bad_image_among_many_fails_before_any_is_decoded(vision):
-    good = data_url(png_bytes((2000, 2000)))
-    r = post_vision(vision, good, good.replace("A", "B", 1), data_url(gif_bomb(), "image/gif"))
+    good = [data_url(png_bytes((2000, 2000), (i, 0, 0))) for i in range(2)]
+    r = post_vision(vision, *good, data_url(gif_bomb(), "image/gif"))
     assert r.status_code == 400 and r.json()["error"]["code"] == "image_too_large"
+    assert r.json()["error"]["param"] == "messages.0.content.2.image_url.url"
 
 
 def test_nul_byte_in_an_image_path(vision):
@@ -245,9 +254,10 @@ def test_non_public_addresses_are_refused(address):
 
     ip = ipaddress.ip_address(address)
     assert not address_allowed(ip)
-    assert address_allowed(ip, [ipaddress.ip_network(address)])
+    judged = getattr(ip, "ipv4_mapped", None) or ip  # a mapped address is judged as the IPv4 it carries
+    assert address_allowed(ip, [ipaddress.ip_network(judged)])
     assert address_allowed(ipaddress.ip_address("93.184.216.34")) and address_allowed(ipaddress.ip_address("2606:4700::1"))
-    private = address.startswith(("10.", "172.16", "192.168", "fc00"))
+    private = str(judged).startswith(("10.", "172.16", "192.168", "fc00"))
     assert address_allowed(ip, PRIVATE_NETWORKS) == private
 
 
