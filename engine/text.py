@@ -404,17 +404,22 @@ class TextRunner:
         return sampler, processors
 
     def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams,
-                 cancelled: Callable[[], bool], keep_leading_space: bool = False) -> Iterator[GenerationEvent]:
+                 cancelled: Callable[[], bool], keep_leading_space: bool = False,
+                 start: Optional[list[Any]] = None) -> Iterator[GenerationEvent]:
         """Generate up to `max_tokens` tokens; stop strings and cancellation end it early.
 
         mlx-lm's streaming detokenizer drops the first token's leading space, right for a chat
         answer and wrong for a text completion (" Paris" after "The capital is"):
-        `keep_leading_space` puts it back."""
+        `keep_leading_space` puts it back. `start`: a KV cache already holding all of the prompt
+        but its last token (a shared prefill, engine/scoring.py), used instead of the prompt cache."""
         from mlx_lm import stream_generate
         from mlx_lm.models.cache import make_prompt_cache
 
         sampler, processors = self.sampling(params)
-        cache, reused = self.prompt_cache.take(prompt)
+        if start is not None:
+            cache, reused = start, len(prompt) - 1
+        else:
+            cache, reused = self.prompt_cache.take(prompt)
         if cache is None:
             cache = make_prompt_cache(self.model)
         tokens: list[int] = []

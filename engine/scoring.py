@@ -1,0 +1,69 @@
+"""One pass over a prompt that several answers share: the KV cache of the prompt (so `n` choices
+prefill it once) and, when asked, each prompt token's log probability (`echo` with `logprobs`,
+what evaluation harnesses score multiple-choice answers with).
+
+The pass covers the prompt without its last token: position i's logits score token i + 1, so
+every prompt token but the first gets a log probability (the first has none, as OpenAI and vLLM
+report it), and each choice then starts from a copy of the cache with just the last token to
+process. Prompt log probabilities are the model's own (log-softmax of its logits): logit_bias,
+penalties and grammars shape sampling only.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+from engine.text import TokenLogprob
+
+if TYPE_CHECKING:
+    from engine.text import TextRunner
+
+CHUNK = 256  # prompt tokens per forward pass: bounds the logits held at once (256 x vocab floats)
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """A prompt's shared prefill: its KV cache up to the last token, and its tokens' logprobs."""
+
+    tokens: tuple[int, ...]
+    cache: list[Any]  # holds tokens[:-1]; never used directly, each answer gets a copy
+    logprobs: tuple[Optional[TokenLogprob], ...] = ()  # one per prompt token when scored; None first
+
+    def fork(self) -> list[Any]:
+        """A copy of the cache for one answer to extend (KV caches are updated in place)."""
+        return copy.deepcopy(self.cache)
+
+
+def prefill(runner: "TextRunner", prompt: list[int], top: Optional[int] = None) -> Prefix:
+    """Run the prompt (without its last token) through the model in chunks; with `top` not None,
+    also score each prompt token with `top` alternatives."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(runner.model)
+    body = prompt[:-1]
+    scored: list[Optional[TokenLogprob]] = [None] if top is not None else []
+    for start in range(0, len(body), CHUNK):
+        piece = body[start:start + CHUNK]
+        logits = runner.model(mx.array(piece)[None], cache=cache)
+        if top is None:
+            mx.eval([c.state for c in cache])
+            continue
+        logits = logits[0].astype(mx.float32)
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        following = prompt[start + 1:start + 1 + len(piece)]
+        chosen = mx.take_along_axis(logp, mx.array(following)[:, None], axis=1)[:, 0]
+        if top:
+            ids = mx.argpartition(-logp, top - 1, axis=-1)[:, :top]
+            values = mx.take_along_axis(logp, ids, axis=1)
+            mx.eval(chosen, ids, values)
+            alternatives = [sorted(zip(i, v), key=lambda x: -x[1]) for i, v in zip(ids.tolist(), values.tolist())]
+        else:
+            mx.eval(chosen)
+            alternatives = [[] for _ in following]
+        decode = runner.tokenizer.decode
+        for token, value, alts in zip(following, chosen.tolist(), alternatives):
+            scored.append(TokenLogprob(decode([token]), float(value),
+                                       tuple((decode([int(i)]), float(v)) for i, v in alts)))
+    return Prefix(tuple(prompt), cache, tuple(scored))
