@@ -28,7 +28,9 @@ from engine.policy import decide_runnable
 from engine.probe import Probe, probe
 from engine.resolution import ModelEntry, ModelStore
 from engine.scheduler import Scheduler, StreamHandle
-from engine.text import ChatMessage, SamplingParams, TextRunner, _eos_ids
+from engine.scoring import Prefix, prefill
+from engine.text import (ChatMessage, Finished, SamplingParams, Started, TextRunner, TokenLogprob,
+                         _eos_ids)
 from engine.toolcalls import ToolFormat
 from engine.tools import ToolCall, ToolChoice, ToolSpec
 from engine.vision import VisionPlan, VisionRunner
@@ -83,6 +85,16 @@ class Prepared:
     runner: TextRunner
     raw_text: bool = False  # a text completion (keeps the first token's leading space)
     vision: Optional[VisionPlan] = None  # a vision model's passes (prompt is then unused)
+    prefix: Optional[Prefix] = None  # a shared prefill of the prompt (n choices, echoed logprobs)
+
+    @property
+    def prompt_logprobs(self) -> tuple[TokenLogprob, ...]:
+        """Each prompt token's log probability (after `Engine.share_prefill` with scoring)."""
+        return self.prefix.logprobs if self.prefix is not None else ()
+
+    def prompt_text(self) -> str:
+        """The prompt as text (what `echo` puts before a completion)."""
+        return self.runner.tokenizer.decode(self.prompt)
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -392,24 +404,30 @@ class Engine:
 
     # --- generation ----------------------------------------------------------------------
     async def _prepare(self, model_id: str, encode: Callable[[TextRunner], list[int]],
-                       params: SamplingParams, raw_text: bool = False) -> Prepared:
+                       params: SamplingParams, raw_text: bool = False, score_only: bool = False) -> Prepared:
         def work() -> Prepared:
             self._check_group()
             runner = self._ensure_loaded(model_id)
             if isinstance(runner, VisionRunner) and raw_text:
                 raise InvalidRequest(f"The model '{model_id}' is a vision model: use /v1/chat/completions.",
                                      param="model")
-            return self._checked(model_id, runner, encode(runner), params, raw_text)
+            return self._checked(model_id, runner, encode(runner), params, raw_text, score_only)
 
         return await self.scheduler.call(work, exclusive=lambda: self._needs_switch(model_id))
 
     def _checked(self, model_id: str, runner: TextRunner, prompt: list[int], params: SamplingParams,
-                 raw_text: bool = False) -> Prepared:
+                 raw_text: bool = False, score_only: bool = False) -> Prepared:
         runner.check_params(params)
+        prompt_param = "prompt" if raw_text else "messages"
         if not prompt:
-            raise InvalidRequest("The prompt is empty.", param="prompt")
-        max_tokens = runner.max_new_tokens(len(prompt), params.max_tokens, self.config.default_max_tokens,
-                                           self.config.max_tokens_cap)
+            raise InvalidRequest("The prompt is empty.", param=prompt_param)
+        if params.max_tokens == 0 and not score_only:
+            raise InvalidRequest("max_tokens 0 (score the prompt, generate nothing) needs echo: true on "
+                                 "/v1/completions.", param="max_tokens")
+        max_tokens = runner.max_new_tokens(len(prompt), params.max_tokens or None, self.config.default_max_tokens,
+                                           self.config.max_tokens_cap, prompt_param)
+        if params.max_tokens == 0:
+            max_tokens = 0
         return Prepared(model_id, prompt, max_tokens, params, runner, raw_text)
 
     async def prepare_chat(self, model_id: str, messages: Sequence[ChatMessage],
@@ -452,23 +470,53 @@ class Engine:
 
         return await self.scheduler.call(work, exclusive=lambda: self._needs_switch(model_id))
 
-    async def prepare_completion(self, model_id: str, prompt: str, params: SamplingParams) -> Prepared:
-        """Load the model if needed, tokenize the prompt, check the context budget."""
-        return await self._prepare(model_id, lambda r: r.encode_text(prompt), params, raw_text=True)
+    async def prepare_completion(self, model_id: str, prompt: str | Sequence[int], params: SamplingParams,
+                                 echo: bool = False) -> Prepared:
+        """Load the model if needed, tokenize the prompt (or check its token ids against the
+        vocabulary), check the context budget. With `echo`, max_tokens 0 (score only) is allowed."""
+        def encode(runner: TextRunner) -> list[int]:
+            if isinstance(prompt, str):
+                return runner.encode_text(prompt)
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < runner.vocab_size]
+            if bad:
+                raise InvalidRequest(f"The prompt holds token ids outside the model's vocabulary (size "
+                                     f"{runner.vocab_size}): {bad[:5]}.", param="prompt")
+            return ids
+
+        return await self._prepare(model_id, encode, params, raw_text=True, score_only=echo)
+
+    async def share_prefill(self, prepared: Prepared, score_top: Optional[int] = None) -> Prepared:
+        """Prefill the prompt once on the worker (every stream of the result starts from a copy:
+        `n` choices process the prompt once); with `score_top` not None, also score each prompt
+        token with that many alternatives (`echo` with `logprobs`)."""
+        if isinstance(prepared.runner, VisionRunner) or self.lockstep is not None:
+            if score_top is not None:
+                raise InvalidRequest("Prompt log probabilities (echo with logprobs) are not supported for this "
+                                     "model.", param="echo")
+            return prepared  # each choice prefills on its own
+        runner = prepared.runner
+        prefix = await self.scheduler.call(lambda: prefill(runner, prepared.prompt, score_top))
+        return replace(prepared, prefix=prefix)
 
     def stream(self, prepared: Prepared) -> StreamHandle:
         """Queue the generation; iterate the handle for TextDelta events and one Finished.
         On rank 0 of a group, every step is announced to the other ranks first."""
         self._check_group()
-        if self.lockstep is not None:
+        if self.lockstep is not None and prepared.max_tokens:
             return self._lockstep_stream(prepared)
         runner = prepared.runner
+
         def run(cancelled: Callable[[], bool]):
-            if prepared.vision is not None:
+            if prepared.max_tokens == 0:  # score only: nothing to generate
+                yield Started(len(prepared.prompt), 0)
+                yield Finished("length", len(prepared.prompt), 0, 0, None)
+            elif prepared.vision is not None:
                 yield from runner.generate_plan(prepared.vision, prepared.max_tokens, prepared.params, cancelled)
             else:
+                start = prepared.prefix.fork() if prepared.prefix is not None else None
                 yield from runner.generate(prepared.prompt, prepared.max_tokens, prepared.params, cancelled,
-                                           keep_leading_space=prepared.raw_text)
+                                           keep_leading_space=prepared.raw_text, start=start)
             self._last_used = time.monotonic()
 
         return self.scheduler.submit_stream(run)

@@ -28,11 +28,13 @@ class Prefix:
 
     tokens: tuple[int, ...]
     cache: list[Any]  # holds tokens[:-1]; never used directly, each answer gets a copy
-    logprobs: tuple[Optional[TokenLogprob], ...] = ()  # one per prompt token when scored; None first
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per prompt token when scored (the first: logprob None)
+    reused: int = 0  # prompt tokens the prompt cache already held (reported as cached)
 
-    def fork(self) -> list[Any]:
-        """A copy of the cache for one answer to extend (KV caches are updated in place)."""
-        return copy.deepcopy(self.cache)
+    def fork(self) -> tuple[list[Any], int]:
+        """A copy of the cache for one answer to extend (KV caches are updated in place), and
+        the cached count to report."""
+        return copy.deepcopy(self.cache), self.reused
 
 
 def prefill(runner: "TextRunner", prompt: list[int], top: Optional[int] = None) -> Prefix:
@@ -41,10 +43,16 @@ def prefill(runner: "TextRunner", prompt: list[int], top: Optional[int] = None) 
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    cache = make_prompt_cache(runner.model)
+    reused = 0
+    cache = None
+    if top is None:  # scores need the logits of every position: only a plain prefill reuses a cache
+        cache, reused = runner.prompt_cache.take(prompt)
+    if cache is None:
+        cache, reused = make_prompt_cache(runner.model), 0
     body = prompt[:-1]
-    scored: list[Optional[TokenLogprob]] = [None] if top is not None else []
-    for start in range(0, len(body), CHUNK):
+    decode = runner.tokenizer.decode
+    scored = [TokenLogprob(decode([prompt[0]]), None)] if top is not None else []
+    for start in range(reused, len(body), CHUNK):
         piece = body[start:start + CHUNK]
         logits = runner.model(mx.array(piece)[None], cache=cache)
         if top is None:
@@ -62,8 +70,7 @@ def prefill(runner: "TextRunner", prompt: list[int], top: Optional[int] = None) 
         else:
             mx.eval(chosen)
             alternatives = [[] for _ in following]
-        decode = runner.tokenizer.decode
         for token, value, alts in zip(following, chosen.tolist(), alternatives):
             scored.append(TokenLogprob(decode([token]), float(value),
                                        tuple((decode([int(i)]), float(v)) for i, v in alts)))
-    return Prefix(tuple(prompt), cache, tuple(scored))
+    return Prefix(tuple(prompt), cache, tuple(scored), reused)

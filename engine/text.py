@@ -80,7 +80,7 @@ class TokenLogprob:
     """One generated token with its log probability (and the top alternatives when asked)."""
 
     token: str
-    logprob: float
+    logprob: Optional[float]  # None only for a prompt's first token (nothing scores it)
     top: tuple[tuple[str, float], ...] = ()
 
 
@@ -351,10 +351,10 @@ class TextRunner:
             check_grammar(params.grammar)
 
     def max_new_tokens(self, prompt_len: int, requested: Optional[int], default: Optional[int],
-                       cap: Optional[int] = None) -> int:
+                       cap: Optional[int] = None, prompt_param: str = "messages") -> int:
         """The max_tokens policy: the request's value, else the server default, else the room
         the context leaves (never above the server's cap). A prompt that can't fit, or a request
-        that can't, is a 400."""
+        that can't, is a 400 (naming `prompt_param` when it is the prompt)."""
         if cap is not None and requested is not None and requested > cap:
             raise InvalidRequest(f"max_tokens is {requested}, above this server's limit of {cap} "
                                  "(--max-tokens-cap).", param="max_tokens")
@@ -363,7 +363,7 @@ class TextRunner:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.context_length} tokens, but the "
                 f"prompt has {prompt_len} tokens. Shorten the messages or the prompt.",
-                param="messages")
+                param=prompt_param)
         if requested is not None:
             if requested > room:
                 raise ContextLengthExceeded(
@@ -405,21 +405,24 @@ class TextRunner:
 
     def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams,
                  cancelled: Callable[[], bool], keep_leading_space: bool = False,
-                 start: Optional[list[Any]] = None) -> Iterator[GenerationEvent]:
+                 start: Optional[tuple[list[Any], int]] = None) -> Iterator[GenerationEvent]:
         """Generate up to `max_tokens` tokens; stop strings and cancellation end it early.
 
         mlx-lm's streaming detokenizer drops the first token's leading space, right for a chat
         answer and wrong for a text completion (" Paris" after "The capital is"):
         `keep_leading_space` puts it back. `start`: a KV cache already holding all of the prompt
-        but its last token (a shared prefill, engine/scoring.py), used instead of the prompt cache."""
+        but its last token (a shared prefill, engine/scoring.py) and how many of those tokens it
+        took from the prompt cache (reported as cached), used instead of the prompt cache."""
         from mlx_lm import stream_generate
         from mlx_lm.models.cache import make_prompt_cache
 
         sampler, processors = self.sampling(params)
-        if start is not None:
-            cache, reused = start, len(prompt) - 1
+        if start is not None:  # the shared prefill's cache, and what it took from the prompt cache
+            cache, cached = start
+            reused = len(prompt) - 1
         else:
             cache, reused = self.prompt_cache.take(prompt)
+            cached = reused
         if cache is None:
             cache = make_prompt_cache(self.model)
         tokens: list[int] = []
@@ -449,7 +452,7 @@ class TextRunner:
             steps = stream_generate(self.model, self.tokenizer, mx.array(prompt[reused:]), max_tokens=max_tokens,
                                     sampler=sampler, prompt_cache=cache, logits_processors=processors or None)
         try:
-            for event in decode_steps(self, steps, tokens, len(prompt), reused, max_tokens, params, cancelled,
+            for event in decode_steps(self, steps, tokens, len(prompt), cached, max_tokens, params, cancelled,
                                       keep_leading_space):
                 if isinstance(event, Finished):
                     steps.close()  # leaves the batch (a stop string ends it early) and frees the cache

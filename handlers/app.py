@@ -45,6 +45,7 @@ class ServerConfig:
     responses_dir: Optional[Path] = None
     responses_max_bytes: int = 256 << 20  # stored responses' bytes (each inline image counted once)
     image_sources: ImageSources = field(default_factory=ImageSources)  # what image URLs may point at
+    max_batch_tokens: int = 65536  # prompts plus max_tokens, times n/best_of, in one request
 
 
 def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] = None) -> connexion.AsyncApp:
@@ -62,7 +63,7 @@ def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] =
         try:
             yield {"engine": eng, "responses": ResponseStore(config.responses_max, config.responses_ttl,
                                                              config.responses_dir, config.responses_max_bytes),
-                   "image_sources": config.image_sources}
+                   "image_sources": config.image_sources, "max_batch_tokens": config.max_batch_tokens}
         finally:
             await asyncio.to_thread(eng.stop)
 

@@ -1,13 +1,14 @@
-"""POST /v1/chat/completions."""
+"""POST /v1/chat/completions: one answer, or `n` independent choices (one shared prefill, each
+sampled with its own seed, streamed interleaved by index)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from connexion import request
 
-from engine.tools import ToolCall
 from engine.text import Finished, TextDelta
-from handlers import generation, protocol, sse
+from engine.tools import ToolCall
+from handlers import choices, generation, protocol, sse
 from handlers.generation import Conversation
 
 ROUTE = "chat.completions"
@@ -24,43 +25,57 @@ async def create(body: dict):
     conv = Conversation(req.model, req.messages, req.params, req.tools, req.newest_media,
                         image_chunk_size=req.image_chunk_size, tool_choice=req.tool_choice)
     prepared = await generation.prepare(engine, conv, request.state.image_sources)
+    if req.n > 1:
+        choices.check_batch([prepared], req.n, request.state.max_batch_tokens, param="n")
+        prepared = await engine.share_prefill(prepared)
+    starts = [lambda i=i: engine.stream(choices.seeded(prepared, i)) for i in range(req.n)]
     cid, created = protocol.new_id("chatcmpl"), protocol.now()
     if not req.stream:
-        out = await generation.answer(engine, conv, prepared, ROUTE)
-        done = out.done
-        return protocol.json_ok(protocol.chat_completion(cid, created, req.model, out.text, _finish(done, out.calls),
-                                                         done.prompt_tokens, done.completion_tokens,
-                                                         out.logprobs if req.params.logprobs else None, out.calls,
+        results = await choices.collect(starts, ROUTE, req.model)
+        out = []
+        for c in results:
+            text, calls = generation.split_calls(conv, prepared, c.text, c.done)
+            out.append(protocol.chat_choice(c.index, text, _finish(c.done, calls),
+                                            c.logprobs if req.params.logprobs else None, calls))
+        done = results[0].done
+        return protocol.json_ok(protocol.chat_completion(cid, created, req.model, out, done.prompt_tokens,
+                                                         sum(c.done.completion_tokens for c in results),
                                                          done.cached_tokens),
                                 prepared.warnings)
-    handle, observer = generation.start_stream(engine, conv, prepared, ROUTE)
 
-    out = generation.ToolTextStream(conv, prepared)  # with tools, a call is held until it can be parsed
+    # With tools, each choice holds a call back until it can be parsed.
+    texts = [generation.ToolTextStream(conv, prepared) for _ in range(req.n)]
+    totals = {"prompt": 0, "completion": 0, "cached": 0}
 
-    def on_delta(delta: TextDelta) -> Optional[dict]:
-        text = out.feed(delta.text)
-        if not text and (req.tools_active or not delta.logprobs):
-            return None
-        return protocol.chat_chunk(cid, created, req.model, {"content": text}, with_usage_field=req.include_usage,
-                                   logprobs=delta.logprobs if req.params.logprobs else None)
+    def chunk(index: int, delta: dict[str, Any], finish: Optional[str] = None, logprobs=None) -> dict[str, Any]:
+        return protocol.chat_chunk(cid, created, req.model, delta, finish, with_usage_field=req.include_usage,
+                                   logprobs=logprobs, index=index)
 
-    def on_finish(done: Finished) -> list[dict]:
-        chunks = []
+    def on_event(index: int, ev: object) -> list[dict[str, Any]]:
+        if isinstance(ev, TextDelta):
+            text = texts[index].feed(ev.text)
+            if not text and (req.tools_active or not ev.logprobs):
+                return []
+            return [chunk(index, {"content": text}, logprobs=ev.logprobs if req.params.logprobs else None)]
+        if not isinstance(ev, Finished):
+            return []
+        totals["prompt"], totals["cached"] = ev.prompt_tokens, ev.cached_tokens
+        totals["completion"] += ev.completion_tokens
+        out: list[dict[str, Any]] = []
         calls: list[ToolCall] = []
         if req.tools_active:
-            _, text, calls = out.finish(done)
+            _, text, calls = texts[index].finish(ev)
             if text:
-                chunks.append(protocol.chat_chunk(cid, created, req.model, {"content": text},
-                                                  with_usage_field=req.include_usage))
-            chunks += [protocol.chat_chunk(cid, created, req.model, d, with_usage_field=req.include_usage)
-                       for d in protocol.tool_call_deltas(calls)]
-        chunks.append(protocol.chat_chunk(cid, created, req.model, {}, _finish(done, calls),
-                                          with_usage_field=req.include_usage))
-        if req.include_usage:
-            chunks.append(protocol.usage_chunk("chat.completion.chunk", cid, created, req.model,
-                                               done.prompt_tokens, done.completion_tokens, done.cached_tokens))
-        return chunks
+                out.append(chunk(index, {"content": text}))
+            out += [chunk(index, d) for d in protocol.tool_call_deltas(calls)]
+        return out + [chunk(index, {}, _finish(ev, calls))]
 
-    first = protocol.chat_chunk(cid, created, req.model, {"role": "assistant", "content": ""},
-                                with_usage_field=req.include_usage)
-    return sse.stream_response(handle, observer, on_delta, on_finish, [first], headers=protocol.warning_headers(prepared.warnings))
+    def last() -> list[dict[str, Any]]:
+        if not req.include_usage:
+            return []
+        return [protocol.usage_chunk("chat.completion.chunk", cid, created, req.model, totals["prompt"],
+                                     totals["completion"], totals["cached"])]
+
+    first = [chunk(i, {"role": "assistant", "content": ""}) for i in range(req.n)]
+    return sse.choices_response(choices.events(starts, ROUTE, req.model), first, on_event, last,
+                                protocol.warning_headers(prepared.warnings))

@@ -139,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           api_keys=_api_keys(args), cors_origins=args.cors_origin or [],
                           responses_max=args.responses_max, responses_ttl=args.responses_ttl,
                           responses_dir=args.responses_dir, responses_max_bytes=args.responses_max_bytes,
-                          image_sources=_image_sources(args))
+                          image_sources=_image_sources(args), max_batch_tokens=args.max_batch_tokens)
     engine = Engine(config.engine)
     if config.engine.world_size > 1:  # the supervisor says a worker rank died: 503 until restarted
         signal.signal(signal.SIGUSR1, lambda *_: engine.mark_failed("a worker rank exited"))
@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cpu-dtype", choices=["auto", "keep", "float32", "float16"],
                    default=os.environ.get("OPENMLX_CPU_DTYPE", "auto"),
                    help="CPU weights: auto = float32 when memory allows (fast with OpenBLAS), keep = as shipped")
+    s.add_argument("--max-batch-tokens", type=int, default=65536,
+                   help="tokens one request may ask for: prompts plus max_tokens, times n or best_of (400 beyond)")
     s.add_argument("--max-queue", type=int, default=64, help="requests queued or running before 429")
     s.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="cut off a generation after this long, queue time included (504); 0 = no limit")

@@ -1,41 +1,101 @@
-"""POST /v1/completions (legacy text completions)."""
+"""POST /v1/completions (legacy text completions): one prompt or a batch (strings or token ids),
+`n` choices and `best_of` candidates per prompt, `echo` with the prompt's own log probabilities
+(what evaluation harnesses score with), `max_tokens: 0` to score without generating.
+
+Choice i of prompt p has index p * n + i, as OpenAI numbers them; usage counts each prompt once
+and every generated token (best_of candidates included). The budget rule for `max_tokens` is
+`TextRunner.max_new_tokens` (engine/text.py).
+"""
 from __future__ import annotations
 
-from connexion import request
+from typing import Callable
 
-from engine.text import Finished, TextDelta
-from handlers import protocol, sse
-from handlers.metrics import GenerationObserver
+from connexion import request
+from starlette.responses import StreamingResponse
+
+from engine.engine import Engine, Prepared
+from engine.scheduler import StreamHandle
+from engine.text import Finished, TextDelta, TokenLogprob
+from handlers import choices, protocol, sse
+
+ROUTE = "completions"
+
+
+async def _prepare_all(engine: Engine, req: protocol.CompletionRequest) -> list[Prepared]:
+    prepared = [await engine.prepare_completion(req.model, p, req.params, req.echo) for p in req.prompts]
+    choices.check_batch(prepared, req.best_of, request.state.max_batch_tokens)
+    if req.best_of > 1 or req.score_prompt is not None:  # one prefill for every choice (and the scores)
+        prepared = [await engine.share_prefill(p, req.score_prompt) for p in prepared]
+    return prepared
+
+
+def _starts(engine: Engine, prepared: list[Prepared], per_prompt: int) -> list[Callable[[], StreamHandle]]:
+    return [lambda p=p, i=i: engine.stream(choices.seeded(p, i)) for p in prepared for i in range(per_prompt)]
+
+
+def _echo(req: protocol.CompletionRequest, prompt: str | list[int], prepared: Prepared) -> tuple[str, list[TokenLogprob]]:
+    """What echo puts before a choice: the prompt's text and (with logprobs) its tokens' logprobs."""
+    if not req.echo:
+        return "", []
+    text = prompt if isinstance(prompt, str) else prepared.prompt_text()
+    return text, list(prepared.prompt_logprobs) if req.logprobs is not None else []
 
 
 async def create(body: dict):
     engine = request.state.engine
     req = protocol.parse_completion(body)
-    prepared = await engine.prepare_completion(req.model, req.prompt, req.params)
+    prepared = await _prepare_all(engine, req)
     cid, created = protocol.new_id("cmpl"), protocol.now()
-    handle = engine.stream(prepared)
-    observer = GenerationObserver("completions", req.model)
-    if not req.stream:
-        text, done, logprobs = await sse.collect(handle, observer)
-        return protocol.json_ok(protocol.text_completion(cid, created, req.model, text, done.finish_reason,
-                                                         (done.prompt_tokens, done.completion_tokens),
-                                                         logprobs if req.params.logprobs else None),
-                                prepared.warnings)
+    warnings = prepared[0].warnings
+    echoes = [_echo(req, p, pp) for p, pp in zip(req.prompts, prepared)]
+    starts = _starts(engine, prepared, req.best_of)
+    if req.stream:
+        return _stream(req, cid, created, starts, echoes, sum(len(p.prompt) for p in prepared), warnings)
+    results = await choices.collect(starts, ROUTE, req.model)
+    out, generated = [], 0
+    for p in range(len(prepared)):
+        candidates = results[p * req.best_of:(p + 1) * req.best_of]
+        generated += sum(c.done.completion_tokens for c in candidates)
+        for i, c in enumerate(choices.best(candidates, req.n)):
+            text, logprobs = echoes[p]
+            out.append(protocol.text_choice(p * req.n + i, text + c.text, c.done.finish_reason,
+                                            logprobs + c.logprobs if req.logprobs is not None else None))
+    body_out = protocol.text_completion(cid, created, req.model, "", None,
+                                        (sum(len(p.prompt) for p in prepared), generated))
+    body_out["choices"] = out
+    return protocol.json_ok(body_out, warnings)
 
-    sent = 0  # characters streamed so far: the text_offset of the next token
 
-    def on_delta(delta: TextDelta) -> dict:
-        nonlocal sent
-        chunk = protocol.text_completion(cid, created, req.model, delta.text, None,
-                                         logprobs=delta.logprobs if req.params.logprobs else None, offset=sent)
-        sent += len(delta.text)
-        return chunk
+def _stream(req: protocol.CompletionRequest, cid: str, created: int, starts: list[Callable[[], StreamHandle]],
+            echoes: list[tuple[str, list[TokenLogprob]]], prompt_tokens: int,
+            warnings: tuple[str, ...]) -> StreamingResponse:
+    """Chunks of every choice, interleaved as they come, each with its index; with echo each
+    choice opens with the prompt (and its logprobs)."""
+    with_logprobs = req.logprobs is not None
+    sent = [len(echoes[i // req.n][0]) for i in range(len(starts))]  # each choice's next text_offset
+    generated = [0]
 
-    def on_finish(done: Finished) -> list[dict]:
-        chunks = [protocol.text_completion(cid, created, req.model, "", done.finish_reason)]
-        if req.include_usage:
-            chunks.append(protocol.usage_chunk("text_completion", cid, created, req.model,
-                                               done.prompt_tokens, done.completion_tokens))
-        return chunks
+    def chunk(index: int, text: str, finish: str | None = None, logprobs=None, offset: int = 0) -> dict:
+        return protocol.text_completion(cid, created, req.model, text, finish,
+                                        logprobs=logprobs if with_logprobs else None, offset=offset, index=index)
 
-    return sse.stream_response(handle, observer, on_delta, on_finish, headers=protocol.warning_headers(prepared.warnings))
+    first = [chunk(i, echoes[i // req.n][0], logprobs=echoes[i // req.n][1])
+             for i in range(len(starts)) if echoes[i // req.n][0]]
+
+    def on_event(index: int, ev: object) -> list[dict]:
+        if isinstance(ev, TextDelta):
+            out = chunk(index, ev.text, logprobs=ev.logprobs, offset=sent[index])
+            sent[index] += len(ev.text)
+            return [out]
+        if isinstance(ev, Finished):
+            generated[0] += ev.completion_tokens
+            return [chunk(index, "", ev.finish_reason)]
+        return []
+
+    def last() -> list[dict]:
+        if not req.include_usage:
+            return []
+        return [protocol.usage_chunk("text_completion", cid, created, req.model, prompt_tokens, generated[0])]
+
+    return sse.choices_response(choices.events(starts, ROUTE, req.model), first, on_event, last,
+                                protocol.warning_headers(warnings))

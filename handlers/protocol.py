@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 from engine.errors import InvalidRequest
@@ -31,6 +31,7 @@ class ChatRequest:
     tools: tuple[ToolSpec, ...] = ()  # tools offered: the output is parsed for tool calls
     image_chunk_size: Optional[int] = None
     tool_choice: Optional[ToolChoice] = None
+    n: int = 1  # independent choices
 
     @property
     def tools_active(self) -> bool:
@@ -40,10 +41,19 @@ class ChatRequest:
 @dataclass(frozen=True)
 class CompletionRequest:
     model: str
-    prompt: str
-    params: SamplingParams
+    prompts: list[str | list[int]]  # OpenAI's four forms, as a batch
+    params: SamplingParams  # what each choice is sampled with (logprobs on when best_of needs them)
     stream: bool
     include_usage: bool
+    n: int = 1
+    best_of: int = 1  # candidates generated per prompt; the n with the highest logprob sum are returned
+    echo: bool = False
+    logprobs: Optional[int] = None  # the request's legacy `logprobs` (None: no logprobs returned)
+
+    @property
+    def score_prompt(self) -> Optional[int]:
+        """Alternatives per prompt token to score (echo with logprobs), else None."""
+        return self.logprobs if self.echo and self.logprobs is not None else None
 
 
 def _stops(value: Any) -> tuple[str, ...]:
@@ -157,6 +167,7 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
         tools=tuple(tools),
         image_chunk_size=body.get("image_chunk_size"),
         tool_choice=choice,
+        n=int(body.get("n") or 1),
     )
 
 
@@ -203,16 +214,37 @@ def check_strict(tools: list[tuple[int, dict[str, Any]]], param: str) -> None:
                                      f"enforced: {problem}", param=param.format(i=i))
 
 
+def completion_prompts(prompt: Any) -> list[str | list[int]]:
+    """OpenAI's four prompt forms (a string, strings, token ids, lists of token ids) as a batch."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    return [p if isinstance(p, str) else list(p) for p in prompt]
+
+
 def parse_completion(body: dict[str, Any]) -> CompletionRequest:
-    prompt = body["prompt"]
     options = body.get("stream_options") or {}
     stream = bool(body.get("stream"))
+    n = int(body.get("n") or 1)
+    best_of = int(body.get("best_of") or n)
+    if best_of < n:
+        raise InvalidRequest(f"best_of ({best_of}) must be at least n ({n}).", param="best_of")
+    if stream and best_of > n:
+        raise InvalidRequest("best_of above n can't be streamed (the best are known only at the end).",
+                             param="best_of")
+    params = sampling_params(body)
+    logprobs = body.get("logprobs")
+    if best_of > n and not params.logprobs:  # candidates are ranked by their logprob sums
+        params = replace(params, logprobs=True)
     return CompletionRequest(
         model=body["model"],
-        prompt=prompt if isinstance(prompt, str) else prompt[0],
-        params=sampling_params(body),
+        prompts=completion_prompts(body["prompt"]),
+        params=params,
         stream=stream,
         include_usage=stream and bool(options.get("include_usage")),
+        n=n, best_of=best_of, echo=bool(body.get("echo")),
+        logprobs=None if logprobs is None else int(logprobs),
     )
 
 
@@ -264,27 +296,30 @@ def completion_logprobs(entries: Optional[Sequence[TokenLogprob]], offset: int =
     for e in entries:
         offsets.append(at)
         at += len(e.token)
+    # A prompt's first token has no logprob (echo): null there, as OpenAI and vLLM send it.
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+            "top_logprobs": [dict(e.top) if e.logprob is not None else None for e in entries],
+            "text_offset": offsets}
 
 
 def tool_call_object(call: ToolCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
-def chat_completion(cid: str, created: int, model: str, text: str, finish: str,
-                    prompt_tokens: int, completion_tokens: int,
-                    logprobs: Optional[Sequence[TokenLogprob]] = None,
-                    tool_calls: Sequence[ToolCall] = (), cached_tokens: int = 0) -> dict[str, Any]:
+def chat_choice(index: int, text: str, finish: str, logprobs: Optional[Sequence[TokenLogprob]] = None,
+                tool_calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text if (text or not tool_calls) else None,
                                "refusal": None}
     if tool_calls:
         message["tool_calls"] = [tool_call_object(c) for c in tool_calls]
+    return {"index": index, "message": message, "finish_reason": finish, "logprobs": chat_logprobs(logprobs)}
+
+
+def chat_completion(cid: str, created: int, model: str, choices: Sequence[dict[str, Any]],
+                    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "id": cid, "object": "chat.completion", "created": created, "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [{"index": 0, "message": message,
-                     "finish_reason": finish, "logprobs": chat_logprobs(logprobs)}],
+        "system_fingerprint": SYSTEM_FINGERPRINT, "choices": list(choices),
         "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
@@ -302,15 +337,20 @@ def tool_call_deltas(calls: Sequence[ToolCall], piece: int = 24) -> list[dict[st
 
 def chat_chunk(cid: str, created: int, model: str, delta: dict[str, Any],
                finish: Optional[str] = None, with_usage_field: bool = False,
-               logprobs: Optional[Sequence[TokenLogprob]] = None) -> dict[str, Any]:
+               logprobs: Optional[Sequence[TokenLogprob]] = None, index: int = 0) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": chat_logprobs(logprobs)}],
+        "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": chat_logprobs(logprobs)}],
     }
     if with_usage_field:
         chunk["usage"] = None
     return chunk
+
+
+def text_choice(index: int, text: str, finish: Optional[str], logprobs: Optional[Sequence[TokenLogprob]] = None,
+                offset: int = 0) -> dict[str, Any]:
+    return {"index": index, "text": text, "finish_reason": finish, "logprobs": completion_logprobs(logprobs, offset)}
 
 
 def usage_chunk(obj: str, cid: str, created: int, model: str, prompt_tokens: int,
@@ -323,12 +363,12 @@ def usage_chunk(obj: str, cid: str, created: int, model: str, prompt_tokens: int
 
 def text_completion(cid: str, created: int, model: str, text: str, finish: Optional[str],
                     counts: Optional[tuple[int, int]] = None,
-                    logprobs: Optional[Sequence[TokenLogprob]] = None, offset: int = 0) -> dict[str, Any]:
+                    logprobs: Optional[Sequence[TokenLogprob]] = None, offset: int = 0,
+                    index: int = 0) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": cid, "object": "text_completion", "created": created, "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish,
-                     "logprobs": completion_logprobs(logprobs, offset)}],
+        "choices": [text_choice(index, text, finish, logprobs, offset)],
     }
     if counts is not None:
         body["usage"] = usage(*counts)

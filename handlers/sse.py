@@ -100,3 +100,32 @@ def stream_response(handle: StreamHandle, observer: GenerationObserver,
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
+
+
+def choices_response(events: AsyncIterator[tuple[int, Any]], first: Sequence[dict[str, Any]],
+                     on_event: Callable[[int, Any], list[dict[str, Any]]], last: Callable[[], list[dict[str, Any]]],
+                     headers: Optional[dict[str, str]] = None) -> StreamingResponse:
+    """SSE for several choices (handlers/choices.py): the `first` chunks, the chunks `on_event`
+    makes of each choice's (index, event) as they come, the `last` chunks, then `[DONE]`. A
+    failure after the headers were sent becomes an error event."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            for chunk in first:
+                yield event(chunk)
+            async for index, ev in events:
+                for chunk in on_event(index, ev):
+                    yield event(chunk)
+            for chunk in last():
+                yield event(chunk)
+            yield event("[DONE]")
+        except EngineError as e:
+            yield event(openai_error_event(e))
+        except Exception:
+            log.exception("stream failed")
+            yield event(openai_error_event(None))
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]  (cancels every choice)
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})

@@ -1,0 +1,120 @@
+"""Several generations for one request: `n` choices, `best_of` candidates, batched prompts.
+
+Each choice is its own stream on the engine's worker, so they are decoded together (batched) and
+interleave with other clients' streams; at most LIMIT run at once, so a 64-prompt batch never
+floods the queue or stalls a chat. Events come back tagged with the choice's index, in the order
+they are produced (streamed choices interleave by index, as OpenAI's do).
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field, replace
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from engine.engine import Prepared
+from engine.errors import InvalidRequest
+from engine.scheduler import StreamHandle
+from engine.text import Finished, TextDelta, TokenLogprob
+from handlers.metrics import GenerationObserver
+
+LIMIT = 8  # choices generating at once for one request
+_END = object()
+
+
+@dataclass
+class ChoiceResult:
+    """One finished choice."""
+
+    index: int
+    text: str = ""
+    done: Finished | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def score(self) -> float:
+        """The sum of its tokens' log probabilities (how best_of ranks candidates)."""
+        return sum(t.logprob or 0.0 for t in self.logprobs)
+
+
+def seeded(prepared: Prepared, choice: int) -> Prepared:
+    """Choice `choice`'s own seed (seed + choice), so a seeded request stays reproducible and its
+    choices still differ."""
+    if choice == 0 or prepared.params.seed is None:
+        return prepared
+    return replace(prepared, params=replace(prepared.params, seed=prepared.params.seed + choice))
+
+
+def check_batch(prepared: list[Prepared], per_prompt: int, limit: int, param: str = "prompt") -> None:
+    """A 400 when a request's prompts plus max_tokens, times its choices, pass --max-batch-tokens."""
+    total = sum((len(p.prompt) + p.max_tokens) * per_prompt for p in prepared)
+    if total > limit:
+        raise InvalidRequest(f"The request asks for {total} tokens (prompts plus max_tokens, times n or best_of); "
+                             f"this server takes at most {limit} per request (--max-batch-tokens).",
+                             param=param, code="batch_too_large")
+
+
+async def events(starts: Sequence[Callable[[], StreamHandle]], route: str, model: str,
+                 limit: int = LIMIT) -> AsyncIterator[tuple[int, Any]]:
+    """(index, event) for every choice's events as they come; a failure is raised here once,
+    and every other choice is then cancelled."""
+    queue: asyncio.Queue = asyncio.Queue()
+    handles: dict[int, StreamHandle] = {}
+
+    async def pump(index: int) -> None:
+        observer = GenerationObserver(route, model)
+        try:
+            handle = handles[index] = starts[index]()
+            async for ev in handle:
+                if isinstance(ev, TextDelta):
+                    observer.first_text()
+                elif isinstance(ev, Finished):
+                    observer.finished(ev)
+                await queue.put((index, ev))
+        except Exception as e:  # handed to the consumer, which raises it
+            await queue.put((index, e))
+        finally:
+            await queue.put((index, _END))
+
+    waiting = list(range(len(starts)))
+    tasks: list[asyncio.Task] = []
+    running = 0
+    try:
+        while waiting or running:
+            while waiting and running < limit:
+                tasks.append(asyncio.create_task(pump(waiting.pop(0))))
+                running += 1
+            index, item = await queue.get()
+            if item is _END:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for handle in handles.values():
+            handle.cancel()
+        for task in tasks:
+            task.cancel()
+
+
+async def collect(starts: Sequence[Callable[[], StreamHandle]], route: str, model: str) -> list[ChoiceResult]:
+    """Run every choice to its end."""
+    results = [ChoiceResult(i) for i in range(len(starts))]
+    parts: list[list[str]] = [[] for _ in starts]
+    async for index, ev in events(starts, route, model):
+        if isinstance(ev, TextDelta):
+            parts[index].append(ev.text)
+            results[index].logprobs.extend(ev.logprobs)
+        elif isinstance(ev, Finished):
+            results[index].done = ev
+    for result, text in zip(results, parts):
+        result.text = "".join(text)
+    return results
+
+
+def best(candidates: list[ChoiceResult], n: int) -> list[ChoiceResult]:
+    """The `n` candidates with the highest total log probability, in their original order."""
+    if len(candidates) <= n:
+        return candidates
+    chosen = sorted(sorted(candidates, key=lambda c: -c.score)[:n], key=lambda c: c.index)
+    return chosen
