@@ -1,6 +1,7 @@
 """schemathesis fuzzes every operation of the live server against openapi.yaml.
 
-The fuzz server caps max_tokens (`--max-tokens-cap`, requests above it get a documented 400) so
+The fuzz server caps max_tokens (`--max-tokens-cap`) and the tokens one request may ask for
+(`--max-batch-tokens`; requests above either get a documented 400) so
 that a bounded run over all operations fits in a few minutes. `--run-slow` runs many more examples.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ QUICK_EXAMPLES = int(os.environ.get("OPENMLX_FUZZ_EXAMPLES", "100"))
 
 @pytest.fixture(scope="session")
 def fuzz_server(default_model_dir):
-    s = Server(["--max-tokens-cap", "4", "--max-queue", "8"])
+    s = Server(["--max-tokens-cap", "4", "--max-queue", "8", "--max-batch-tokens", "2000"])
     yield s
     s.stop()
 
