@@ -32,14 +32,16 @@ def free_port() -> int:
 class Server:
     """A running `openmlx serve` subprocess."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, wait: bool = True) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, wait: bool = True,
+                 cwd: Path | None = None, entry: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"openmlx-test-{self.port}.log"
         self._log = open(self.log_path, "w")
+        entry = entry or [sys.executable, "-m", "handlers.cli"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "handlers.cli", "serve", "--port", str(self.port), *args],
-            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+            [*entry, "serve", "--port", str(self.port), *args],
+            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd)
         if wait:
             self.wait_ready()
 

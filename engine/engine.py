@@ -19,14 +19,13 @@ from engine.config import EngineConfig
 from engine.default_model import (DEFAULT_AUDIO_ID, DEFAULT_EMBEDDING_ID, DEFAULT_MODEL_ID, DefaultModelUnavailable,
                                   ensure_default_audio_model,
                                   ensure_default_embedding_model, ensure_default_model)
-from engine.distributed import (GroupFailed, Lockstep, ShardPlan, init_group, lockstep_stream, plan_shards,
-                                sharded_runner, with_seed)
+from engine.distributed import GroupFailed, Lockstep, ShardPlan, join_group, lockstep_stream, with_seed
 from engine.embeddings import BATCH, BertEmbedder, Embeddings
 from engine.errors import EngineError, InvalidRequest
 from engine.memory import MemoryEstimate, MemoryGate
 from engine.policy import decide_runnable
 from engine.probe import Probe, probe
-from engine.resolution import ModelEntry, ModelStore
+from engine.resolution import ModelEntry, ModelStore, locate
 from engine.scheduler import Scheduler, StreamHandle
 from engine.scoring import Prefix, prefill
 from engine.text import (ChatMessage, Finished, SamplingParams, Started, TextRunner, TokenLogprob,
@@ -163,15 +162,11 @@ class Engine:
     def _load_sharded(self) -> None:
         """Rank 0: join the group and load this rank's shard (the other ranks do the same)."""
         entry = self.store.resolve(self.default_model_id)
-        p = probe(entry.path)
-        decide_runnable(entry.id, p).raise_if_blocked()
-        self.shard_plan = plan_shards(entry.path, self.config.world_size, self.config.shard)
-        group = init_group(self.config.backend)
-        runner = sharded_runner(entry.id, p, self.shard_plan, group, self.gate)
-        self._runners[entry.id] = runner
-        self._current = runner
-        self.lockstep = Lockstep(group)
-        log.info("rank 0 of %d: %s split by %s parallelism", group.size(), entry.id, self.shard_plan.mode)
+        rank = join_group(entry.id, entry.path, self.config.world_size, self.config.shard, self.config.backend,
+                          self.gate)
+        self.shard_plan, self.lockstep = rank.plan, rank.lockstep
+        self._runners[entry.id] = self._current = rank.runner
+        log.info("rank 0 of %d: %s split by %s parallelism", rank.lockstep.size, entry.id, rank.plan.mode)
 
     def mark_failed(self, reason: str) -> None:
         """A rank died (the supervisor says so, or a collective did): 503 until restarted."""
@@ -197,9 +192,7 @@ class Engine:
         if spec is None:
             ensure_default(self.config.models_dir, self.config.home, allow_download=self.config.allow_download)
             return default_id
-        if Path(spec).expanduser().is_dir():
-            return self.store.add_local(Path(spec)).id
-        return self.store.resolve(spec).id
+        return locate(self.store, spec).id
 
     def begin_shutdown(self, reason: str = "The server is shutting down.") -> None:
         """Refuse new requests (503) and end running streams with an error event; non-blocking."""

@@ -86,3 +86,12 @@ class ModelStore:
             if len(matches) == 1:
                 return matches[0]
         raise ModelNotFound(model_id)
+
+
+def locate(store: ModelStore, spec: str) -> ModelEntry:
+    """A model named on the command line: a local folder (registered under its folder name) or
+    an id from the store or the Hugging Face cache."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return store.add_local(path)
+    return store.resolve(spec)

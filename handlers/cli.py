@@ -122,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import time
 
     if args.ranks > 1 and os.environ.get("OPENMLX_RANK_ROLE") != "serve":
-        from handlers.supervisor import supervise
+        from engine.distributed.supervisor import supervise
 
         logging.config.dictConfig(_logging(args.log_json, args.log_level))
         return supervise(args, list(sys.argv[2:]) if argv_is_cli() else [])
@@ -186,21 +186,15 @@ def cmd_follow(args: argparse.Namespace) -> int:
 
     import engine  # noqa: F401  (OpenBLAS before MLX)
     from engine.config import EngineConfig
-    from engine.distributed import Lockstep, follow, init_group, plan_shards, sharded_runner
+    from engine.distributed import follow, join_group
     from engine.memory import MemoryGate
-    from engine.probe import probe
-    from engine.resolution import ModelStore
+    from engine.resolution import ModelStore, locate
 
     logging.config.dictConfig(_logging(False, args.log_level))
     config = EngineConfig()
-    folder = Path(args.model)
-    if not folder.is_dir():
-        folder = ModelStore(config.models_dir, config.hf_cache, []).resolve(args.model).path
-    p = probe(folder)
-    plan = plan_shards(folder, args.world_size, args.shard)
-    group = init_group(args.backend)
-    runner = sharded_runner(args.model, p, plan, group, MemoryGate())
-    return follow(Lockstep(group), runner)
+    entry = locate(ModelStore(config.models_dir, config.hf_cache, []), args.model)
+    rank = join_group(args.model, entry.path, args.world_size, args.shard, args.backend, MemoryGate())
+    return follow(rank.lockstep, rank.runner)
 
 
 def _size(n: int) -> str:

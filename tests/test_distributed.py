@@ -122,7 +122,7 @@ def test_a_dead_worker_fails_streams_then_the_group_recovers(sharded_models):
     model = folder.name
     group = Server(["--model", str(folder), "--ranks", "2", *NO_SIDE_MODELS])
     try:
-        follower = pids("handlers.cli", "follow", f"--model {folder}")[0]
+        follower = pids("launch.py", "follow", f"--model {folder}")[0]
         events = []
         body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 2000,
                 "temperature": 0, "stream": True}
@@ -149,11 +149,28 @@ def test_stopping_leaves_no_rank_and_no_temp_files(sharded_models, tmp_path):
     folder = sharded_models["llama"]
     env = {"TMPDIR": str(tmp_path)}
     group = Server(["--model", str(folder), "--ranks", "2", *NO_SIDE_MODELS], env=env)
-    before = pids("handlers.cli", f"--model {folder}")
+    before = pids(f"--model {folder}")
     assert len(before) >= 3  # supervisor, rank 0, rank 1
     assert list(tmp_path.glob("openmlx-ranks-*"))
     assert group.stop() in (0, -15)
     time.sleep(1)
-    after = pids("handlers.cli", f"--model {folder}")
+    after = pids(f"--model {folder}")
     assert after == []
     assert not list(tmp_path.glob("openmlx-ranks-*"))
+
+
+def test_ranks_start_from_a_folder_that_shadows_openmlx(sharded_models, tmp_path):
+    """A user's folder holding `engine.py` and `handlers/` must not break the ranks (they never
+    put the working directory on sys.path). Started as the `openmlx` console script starts."""
+    (tmp_path / "engine.py").write_text("raise SystemExit('the wrong engine was imported')\n")
+    (tmp_path / "handlers").mkdir()
+    (tmp_path / "handlers" / "__init__.py").write_text("raise SystemExit('the wrong handlers were imported')\n")
+    root = Path(__file__).resolve().parent.parent
+    entry = [sys.executable, "-c", f"import sys; sys.path[0] = {str(root)!r}; from handlers.cli import main; main()"]
+    folder = sharded_models["llama"]
+    group = Server(["--model", str(folder), "--ranks", "2", *NO_SIDE_MODELS], cwd=tmp_path, entry=entry)
+    try:
+        assert ask(group.url, folder.name, PROMPTS[0])
+        assert httpx.get(group.url + "/health", timeout=5).json()["world_size"] == 2
+    finally:
+        group.stop()

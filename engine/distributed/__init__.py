@@ -11,7 +11,7 @@ then bytes), rank 0 contributing the data and the others zeros, as mlx_lm.server
 
 A collective with a dead peer raises at once ("[ring] connection to a peer was lost"): rank 0
 then marks the group failed (503 for new requests, an error event for running streams) and the
-supervisor (handlers/supervisor.py) restarts every rank: a group can't be rebuilt in-process.
+supervisor (engine/distributed/supervisor.py) restarts every rank: a group can't be rebuilt in-process.
 """
 from __future__ import annotations
 
@@ -232,3 +232,25 @@ def sharded_runner(model_id: str, probe: Any, plan: ShardPlan, group: Any, gate:
     model, tokenizer = sharded_load(probe.path, plan, group)
     context = probe.context_length or int(getattr(tokenizer, "model_max_length", 0) or 4096)
     return TextRunner(model_id, model, tokenizer, config, probe, "keep", context, need, warnings)
+
+
+@dataclass
+class Rank:
+    """This process's place in a group: its shard of the model and the lockstep channel."""
+
+    runner: Any
+    plan: ShardPlan
+    lockstep: "Lockstep"
+
+
+def join_group(model_id: str, folder: Path, world_size: int, shard: str, backend: str, gate: Any) -> Rank:
+    """Every rank, 0 included: check the model can run and split, join the group, load this
+    rank's shard (a collective: all ranks call it)."""
+    from engine.policy import decide_runnable
+    from engine.probe import probe
+
+    p = probe(folder)
+    decide_runnable(model_id, p).raise_if_blocked()
+    plan = plan_shards(folder, world_size, shard)
+    group = init_group(backend)
+    return Rank(sharded_runner(model_id, p, plan, group, gate), plan, Lockstep(group))

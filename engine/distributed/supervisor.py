@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from engine.distributed import launch
+
 log = logging.getLogger("openmlx.supervisor")
 GRACE_S = 3.0  # a failed group keeps answering 503 this long before the restart
 MAX_RESTARTS = 5  # within RESTART_WINDOW_S; then give up
@@ -60,14 +62,12 @@ def free_ports(n: int, first: Optional[int] = None) -> list[int]:
 def _model_folder(args: argparse.Namespace) -> Path:
     from engine.config import EngineConfig
     from engine.default_model import ensure_default_model
-    from engine.resolution import ModelStore
+    from engine.resolution import ModelStore, locate
 
     config = EngineConfig()
     if args.model is None:
         return ensure_default_model(config.models_dir, config.home)
-    if Path(args.model).expanduser().is_dir():
-        return Path(args.model).expanduser().resolve()
-    return ModelStore(config.models_dir, config.hf_cache, []).resolve(args.model).path
+    return locate(ModelStore(config.models_dir, config.hf_cache, []), args.model).path
 
 
 class Group:
@@ -77,18 +77,18 @@ class Group:
         self.procs: list[subprocess.Popen] = []
         n = args.ranks
         env = {**os.environ, "OPENMLX_WORLD_SIZE": str(n)}
-        serve = [sys.executable, "-m", "handlers.cli", "serve", *serve_argv]
-        follow = [sys.executable, "-m", "handlers.cli", "follow", "--model", str(folder), "--world-size", str(n),
-                  "--shard", args.shard, "--backend", args.backend, "--log-level", args.log_level]
+        follow_argv = ["follow", "--model", str(folder), "--world-size", str(n), "--shard", args.shard,
+                       "--backend", args.backend, "--log-level", args.log_level]
+        serve, follow = launch.command(["serve", *serve_argv]), launch.command(follow_argv)
         if args.hostfile or args.backend == "mpi":
             self.launcher = True
-            script = Path(__file__).with_name("rank_main.py")
+            script = launch.SCRIPT
             launcher = Path(sys.executable).with_name("mlx.launch")  # installed with mlx, beside python
             cmd = [str(launcher) if launcher.exists() else "mlx.launch", "--backend", args.backend,
                    "--python", sys.executable]
             cmd += ["--hostfile", str(args.hostfile)] if args.hostfile else ["-n", str(n)]
             env["OPENMLX_SERVE_ARGV"] = json.dumps(serve_argv)
-            env["OPENMLX_FOLLOW_ARGV"] = json.dumps(follow[3:])
+            env["OPENMLX_FOLLOW_ARGV"] = json.dumps(follow_argv)
             self.procs.append(subprocess.Popen([*cmd, str(script)], env=env, start_new_session=True))
             return
         self.launcher = False
