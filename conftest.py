@@ -6,71 +6,31 @@ and MLX's worker thread never lives inside the pytest process.
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
-import httpx
 import pytest
 
 from engine.config import openmlx_home
 from engine.default_model import DEFAULT_MODEL_ID, ensure_default_model
+from tests.process import ServerProcess, free_port
 
 MODEL = DEFAULT_MODEL_ID
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+class Server(ServerProcess):
     """A running `openmlx serve` subprocess."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, wait: bool = True,
                  cwd: Path | None = None, entry: list[str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"openmlx-test-{self.port}.log"
-        self._log = open(self.log_path, "w")
+        port = free_port()
         entry = entry or [sys.executable, "-m", "handlers.cli"]
-        self.proc = subprocess.Popen(
-            [*entry, "serve", "--port", str(self.port), *args],
-            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd)
+        super().__init__([*entry, "serve", "--port", str(port), *args],
+                         Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"openmlx-test-{port}.log",
+                         env=env, cwd=cwd, port=port)
         if wait:
             self.wait_ready()
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready:\n{self.log()[-3000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
 
 
 def pytest_addoption(parser):
