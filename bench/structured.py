@@ -24,7 +24,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import engine  # noqa: F401  (OpenBLAS before mlx)
-    from engine import structured, tools
+    from engine import structured
+    from engine.toolcalls import hermes
     from engine.config import openmlx_home
     from engine.default_model import ensure_default_model
     from engine.memory import MemoryGate
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     text = 'Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}</tool_call>'
     t = time.perf_counter()
     for _ in range(1000):
-        tools.parse_tool_calls(text)
+        hermes.FORMAT.parse(text)
     parse_us = 1e6 * (time.perf_counter() - t) / 1000
 
     lines = ["| decode | tokens/s | tokens |", "|---|---|---|"]

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -28,7 +29,7 @@ from engine.probe import Probe, probe
 from engine.resolution import ModelEntry, ModelStore, locate
 from engine.scheduler import Scheduler, StreamHandle
 from engine.scoring import Prefix, prefill
-from engine.text import (ChatMessage, Finished, SamplingParams, Started, TextRunner, TokenLogprob,
+from engine.text import (ChatMessage, Finished, SamplingParams, Started, TextDelta, TextRunner, TokenLogprob,
                          _eos_ids)
 from engine.toolcalls import ToolFormat
 from engine.tools import ToolCall, ToolChoice, ToolSpec
@@ -108,6 +109,25 @@ class Prepared:
         return self.runner.tool_format[0]
 
 
+class FaultyRunner:
+    """A runner that fails half-way through each generation, as a bug in a model or kernel
+    would (the error paths' tests; see OPENMLX_FAULT_MAX_TOKENS). Everything else is the runner's."""
+
+    def __init__(self, runner: TextRunner) -> None:
+        self._runner = runner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner, name)
+
+    def generate(self, prompt: list[int], max_tokens: int, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        sent = 0
+        for event in self._runner.generate(prompt, max_tokens, *args, **kwargs):
+            yield event
+            sent += isinstance(event, TextDelta)
+            if sent > max_tokens // 2:
+                raise RuntimeError("injected fault (OPENMLX_FAULT_MAX_TOKENS)")
+
+
 class Engine:
     """Finds, checks, loads and runs models; one instance per server."""
 
@@ -130,6 +150,8 @@ class Engine:
         self.lockstep: Optional[Lockstep] = None  # set when this is rank 0 of a distributed group
         self.shard_plan: Optional[ShardPlan] = None
         self._stream_ids = 0
+        # Tests only: a generation whose max_tokens equals this fails half-way (FaultyRunner).
+        self._fault_max_tokens = int(os.environ.get("OPENMLX_FAULT_MAX_TOKENS", "0") or 0) or None
         self._decoding = asyncio.Semaphore(1)  # audio uploads decoded one at a time, off the worker
         import mlx.core as mx
 
@@ -499,6 +521,8 @@ class Engine:
         if self.lockstep is not None and prepared.max_tokens:
             return self._lockstep_stream(prepared)
         runner = prepared.runner
+        if self._fault_max_tokens == prepared.max_tokens:
+            runner = FaultyRunner(runner)
 
         def run(cancelled: Callable[[], bool]):
             if prepared.max_tokens == 0:  # score only: nothing to generate

@@ -12,10 +12,8 @@ from typing import Callable, Optional
 
 import psutil
 
+from engine.policy import SAFETY_MARGIN, decide_memory
 from engine.probe import Probe
-
-# Keep this much free for the OS, the server and the request in flight.
-SAFETY_MARGIN = 512 << 20
 
 
 def available_bytes() -> int:
@@ -58,8 +56,6 @@ class MemoryGate:
 
     def check(self, model_id: str, need: MemoryEstimate) -> tuple[str, ...]:
         """Raise InsufficientMemory (507) if `need` does not fit; return warnings if it is tight."""
-        from engine.policy import decide_memory
-
         decision = decide_memory(model_id, need, self.available())
         decision.raise_if_blocked()
         return decision.warnings

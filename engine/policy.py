@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from engine.errors import EngineError, InsufficientMemory, Unsupported
-from engine.memory import SAFETY_MARGIN, MemoryEstimate
 from engine.probe import Probe
+
+if TYPE_CHECKING:  # memory.py measures and calls these decisions; the import runs one way
+    from engine.memory import MemoryEstimate
+
+# Keep this much free for the OS, the server and the request in flight.
+SAFETY_MARGIN = 512 << 20
 
 
 class Action(str, Enum):
@@ -47,7 +52,7 @@ def decide_runnable(model_id: str, probe: Probe, serves: tuple[str, ...] = ("tex
     return Decision(Action.WARN if warnings else Action.ALLOW, warnings=tuple(warnings))
 
 
-def decide_memory(model_id: str, need: MemoryEstimate, available: int) -> Decision:
+def decide_memory(model_id: str, need: "MemoryEstimate", available: int) -> Decision:
     """BLOCK (507) a load that does not fit; WARN when it fits with under 20% to spare."""
     total = need.total + SAFETY_MARGIN
     if total > available:

@@ -15,8 +15,6 @@ import numpy as np
 
 from engine.errors import InvalidRequest
 
-_TOKENIZERS: dict[int, Any] = {}
-
 
 def grammar_for(response_format: dict[str, Any]) -> Optional[str]:
     """The llguidance grammar for an OpenAI `response_format`, or None for plain text."""
@@ -49,22 +47,19 @@ def check_grammar(grammar: str) -> None:
                              param="response_format.json_schema.schema")
 
 
-def _ll_tokenizer(tokenizer: Any) -> Any:
-    key = id(tokenizer)
-    if key not in _TOKENIZERS:  # ~0.5 s once per model
-        import llguidance.hf
+def ll_tokenizer(tokenizer: Any) -> Any:
+    """llguidance's view of an mlx-lm tokenizer (~0.5 s to build): a runner builds it once and
+    keeps it as long as the model is loaded (TextRunner.ll_tokenizer)."""
+    import llguidance.hf
 
-        _TOKENIZERS[key] = llguidance.hf.from_tokenizer(tokenizer._tokenizer, n_vocab=None,
-                                                         eos_token=list(tokenizer.eos_token_ids))
-    return _TOKENIZERS[key]
+    return llguidance.hf.from_tokenizer(tokenizer._tokenizer, n_vocab=None, eos_token=list(tokenizer.eos_token_ids))
 
 
-def grammar_processor(tokenizer: Any, grammar: str) -> Callable[[mx.array, mx.array], mx.array]:
+def grammar_processor(lltok: Any, grammar: str) -> Callable[[mx.array, mx.array], mx.array]:
     """A fresh mlx-lm logits processor enforcing `grammar` (one per request: it holds state)."""
     import llguidance
     import llguidance.numpy as llnp
 
-    lltok = _ll_tokenizer(tokenizer)
     matcher = llguidance.LLMatcher(lltok, grammar)
     bitmask = llnp.allocate_token_bitmask(1, lltok.vocab_size)
     state = {"seen": None}

@@ -22,6 +22,7 @@ from engine.prompt_cache import PromptCache
 from engine.images import ImageInput, attachment_marker
 from engine.stopping import StopMatcher
 from engine.toolcalls import ToolFormat, for_template
+from engine.toolcalls.common import json_or_text
 from engine.tools import ToolCall, ToolChoice, ToolSpec, render_result, tool_prompt, tool_schema
 
 log = logging.getLogger("openmlx.engine")
@@ -127,18 +128,12 @@ def render_turn(m: ChatMessage, fmt: ToolFormat, native: bool) -> dict[str, Any]
         if native:
             return {"role": "assistant", "content": m.content,
                     "tool_calls": [{"id": c.id, "type": "function",
-                                    "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+                                    "function": {"name": c.name, "arguments": json_or_text(c.arguments)}}
                                    for c in m.tool_calls]}
         calls = "".join(fmt.render_call(c.name, c.arguments) for c in m.tool_calls)
         return {"role": role, "content": (m.content + "\n" if m.content else "") + calls}
     return {"role": role, "content": m.text_only}
 
-
-def _arguments(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def with_tool_prompt(messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]) -> list[ChatMessage]:
@@ -302,6 +297,13 @@ class TextRunner:
         return self.encode_text(text)
 
     @cached_property
+    def ll_tokenizer(self) -> Any:
+        """The grammar engine's tokenizer, built on first use, gone with the runner."""
+        from engine.structured import ll_tokenizer
+
+        return ll_tokenizer(self.tokenizer)
+
+    @cached_property
     def tool_format(self) -> tuple[ToolFormat, bool]:
         """How this model writes tool calls, and whether its template renders tools itself."""
         return for_template(getattr(self.tokenizer, "chat_template", None) or "")
@@ -400,7 +402,7 @@ class TextRunner:
         if params.grammar:  # last, after biases and penalties
             from engine.structured import grammar_processor
 
-            processors.append(grammar_processor(self.tokenizer, params.grammar))
+            processors.append(grammar_processor(self.ll_tokenizer, params.grammar))
         return sampler, processors
 
     def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams,
@@ -482,9 +484,6 @@ def decode_steps(runner: TextRunner, steps: Iterator[Any], tokens: list[int], pr
     `tokens` is filled with the generated ids as they come."""
     yield Started(prompt_tokens, reused)
     stops = StopMatcher(params.stop)
-    # Fault injection for tests: a request whose max_tokens equals OPENMLX_FAULT_MAX_TOKENS
-    # fails half-way through, as a bug in a model or kernel would.
-    fault_at = max_tokens // 2 if os.environ.get("OPENMLX_FAULT_MAX_TOKENS") == str(max_tokens) else None
     pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not sent yet
     started = False  # has any text come out yet
     eos = _eos_ids(runner.tokenizer)
@@ -492,8 +491,6 @@ def decode_steps(runner: TextRunner, steps: Iterator[Any], tokens: list[int], pr
     for response in steps:
         if response.token is not None:
             tokens.append(int(response.token))
-            if fault_at is not None and len(tokens) > fault_at:
-                raise RuntimeError("injected fault (OPENMLX_FAULT_MAX_TOKENS)")
             if params.logprobs and not (response.finish_reason == "stop" and response.token in eos):
                 pending.append(runner._token_logprob(int(response.token), response.logprobs, params.top_logprobs))
         piece = response.text

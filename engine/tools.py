@@ -66,10 +66,3 @@ def closed(schema: Any) -> Any:
     if "properties" in out and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out
-
-
-def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
-    """Hermes-format calls (the generic prompt's), for callers without a model at hand."""
-    from engine.toolcalls import hermes
-
-    return hermes.FORMAT.parse(text)

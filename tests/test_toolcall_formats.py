@@ -2,6 +2,7 @@
 (malformed ones stay text), rendering, and the grammars that constrain calls."""
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -95,12 +96,18 @@ def tokenizer(default_model_dir):
     return load_tokenizer(default_model_dir)
 
 
+@functools.lru_cache(maxsize=1)
+def _lltok(tokenizer):
+    """The grammar engine's tokenizer, built once for the module's tokenizer."""
+    from engine.structured import ll_tokenizer
+
+    return ll_tokenizer(tokenizer)
+
+
 def _accepted(tokenizer, grammar: str, text: str) -> bool:
     import llguidance
 
-    from engine.structured import _ll_tokenizer
-
-    matcher = llguidance.LLMatcher(_ll_tokenizer(tokenizer), grammar)
+    matcher = llguidance.LLMatcher(_lltok(tokenizer), grammar)
     tokens = tokenizer.encode(text, add_special_tokens=False)
     return matcher.validate_tokens(tokens) == len(tokens)
 

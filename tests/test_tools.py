@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 
 from conftest import MODEL
-from engine.tools import parse_tool_calls
+from engine.toolcalls import hermes
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -103,14 +103,14 @@ def test_langchain_bind_tools(server):
 
 # --- the parser on recorded outputs ------------------------------------------------------
 def test_parser_one_call_with_text():
-    text, calls = parse_tool_calls('Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>')
+    text, calls = hermes.FORMAT.parse('Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>')
     assert text == "Let me check." and calls[0].name == "get_weather" and json.loads(calls[0].arguments) == {"city": "Paris"}
 
 
 def test_parser_two_calls_and_quoted_arguments():
     out = ('<tool_call>{"name": "a", "arguments": "{\\"x\\": 1}"}</tool_call>\n'
            '<tool_call>{"name": "b", "arguments": {}}</tool_call>')
-    text, calls = parse_tool_calls(out)
+    text, calls = hermes.FORMAT.parse(out)
     assert text == "" and [c.name for c in calls] == ["a", "b"] and json.loads(calls[0].arguments) == {"x": 1}
 
 
@@ -121,7 +121,7 @@ def test_parser_two_calls_and_quoted_arguments():
     '<tool_call>{"name": "a", "arguments": {"x": 1}}',  # never closed
 ])
 def test_parser_leaves_broken_calls_as_text(broken):
-    text, calls = parse_tool_calls(broken)
+    text, calls = hermes.FORMAT.parse(broken)
     assert calls == [] and text == broken.strip()
 
 

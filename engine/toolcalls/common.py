@@ -14,6 +14,15 @@ from engine.tools import ToolCall, ToolSpec, closed
 COMPACT = (",", ":")
 
 
+def json_or_text(text: str) -> Any:
+    """`text` parsed as JSON, or the text itself when it isn't JSON (a call's arguments as a
+    model wrote them, rendered back into a prompt either way)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def parameters(tool: ToolSpec) -> Any:
     return closed(json.loads(tool.parameters)) or {"type": "object"}
 

@@ -6,7 +6,7 @@ import json
 import re
 from typing import Sequence
 
-from engine.toolcalls.common import COMPACT, arguments_schema, lark, make_call, struct_tag_grammar
+from engine.toolcalls.common import COMPACT, arguments_schema, json_or_text, lark, make_call, struct_tag_grammar
 from engine.tools import ToolCall, ToolSpec
 
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
@@ -21,10 +21,7 @@ class Hermes:
         return "<tool_call>" in template
 
     def render_call(self, name: str, arguments: str) -> str:
-        try:
-            args = json.loads(arguments)
-        except ValueError:
-            args = arguments
+        args = json_or_text(arguments)
         return "<tool_call>" + json.dumps({"name": name, "arguments": args}, separators=COMPACT) + "</tool_call>"
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from engine.toolcalls.common import COMPACT, arguments_schema, lark, make_call, struct_tag_grammar
+from engine.toolcalls.common import COMPACT, arguments_schema, json_or_text, lark, make_call, struct_tag_grammar
 from engine.tools import ToolCall, ToolSpec
 
 TAG = "<|python_tag|>"
@@ -20,10 +20,7 @@ class Llama3:
         return TAG in template or ("<|start_header_id|>" in template and '"parameters"' in template)
 
     def render_call(self, name: str, arguments: str) -> str:
-        try:
-            args = json.loads(arguments)
-        except ValueError:
-            args = arguments
+        args = json_or_text(arguments)
         return json.dumps({"name": name, "parameters": args}, separators=COMPACT)
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:

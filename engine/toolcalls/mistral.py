@@ -6,7 +6,7 @@ import json
 import re
 from typing import Sequence
 
-from engine.toolcalls.common import COMPACT, arguments_schema, lark, make_call, struct_tag_grammar
+from engine.toolcalls.common import COMPACT, arguments_schema, json_or_text, lark, make_call, struct_tag_grammar
 from engine.tools import ToolCall, ToolSpec
 
 TAG = "[TOOL_CALLS]"
@@ -22,10 +22,7 @@ class Mistral:
         return TAG in template
 
     def render_call(self, name: str, arguments: str) -> str:
-        try:
-            args = json.loads(arguments)
-        except ValueError:
-            args = arguments
+        args = json_or_text(arguments)
         return TAG + json.dumps([{"name": name, "arguments": args}], separators=COMPACT)
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
