@@ -11,7 +11,6 @@ whole-file loop: 33%).
 from __future__ import annotations
 
 import io
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
@@ -208,7 +207,7 @@ class AudioRunner:
             model.update(tree_map(lambda a: a.astype(mx.float32) if a.dtype == mx.float16 else a, model.parameters()))
             model.dtype = mx.float32
             mx.eval(model.parameters())
-        config = json.loads((probe.path / "config.json").read_text())
+        config = probe.config
         log.info("loaded %s (whisper, speech to text)", model_id)
         return cls(model_id, model, probe, need, warnings, int(config.get("n_vocab", 0)) >= 51865)
 

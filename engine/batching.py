@@ -23,8 +23,9 @@ import mlx.nn as nn
 
 
 @dataclass
-class BatchStep:
-    """One stream's token from a batch step, shaped like mlx-lm's stream responses."""
+class Step:
+    """One generated token as `decode_steps` (engine/text.py) reads it, whoever made it: a batch
+    step here, mlx-vlm's responses (engine/vision.py). `token` None: text only (a final flush)."""
 
     token: Optional[int]
     text: str
@@ -81,7 +82,7 @@ class BatchDecoder:
 
 
 def batched_steps(decoder: BatchDecoder, uid: int, tokenizer: Any, eos_ids: set[int],
-                  result: dict[str, Any]) -> Iterator[BatchStep]:
+                  result: dict[str, Any]) -> Iterator[Step]:
     """The steps of sequence `uid` (already inserted: requests that arrive together are inserted
     before any of them runs a step, so their prompts are processed in one batch), detokenized as
     mlx-lm's stream_generate does. `result["cache"]` gets the KV cache when it leaves the batch."""
@@ -101,7 +102,7 @@ def batched_steps(decoder: BatchDecoder, uid: int, tokenizer: Any, eos_ids: set[
                 finished = True
                 result["cache"] = r.prompt_cache
                 decoder.done(uid)
-            yield BatchStep(token, detokenizer.last_segment, r.logprobs, r.finish_reason)
+            yield Step(token, detokenizer.last_segment, r.logprobs, r.finish_reason)
             if finished:
                 return
     finally:

@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -31,12 +31,13 @@ class Embeddings:
 class BertEmbedder:
     """A loaded BERT sentence-embedding model."""
 
-    def __init__(self, model_id: str, folder: Path, gelu=nn.gelu) -> None:
+    def __init__(self, model_id: str, folder: Path, gelu=nn.gelu, config: Optional[dict] = None) -> None:
+        """`config`: the folder's config.json as the probe parsed it (read here when not given)."""
         from tokenizers import Tokenizer
 
         self.model_id = model_id
         self.gelu = gelu  # exact (erf); bench/embeddings.py compares the tanh approximation
-        self.config = json.loads((folder / "config.json").read_text())
+        self.config = config or json.loads((folder / "config.json").read_text())
         st = sentence_config(folder)
         self.max_length = int(st["max_seq_length"] or self.config.get("max_position_embeddings", 512))
         self.pooling = st["pooling"]

@@ -32,6 +32,7 @@ class Probe:
     quantization: Optional[dict[str, Any]] = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
     embedding_dim: Optional[int] = None  # for embedding models: the vector size
+    config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)  # config.json, parsed once
 
     @property
     def quantized(self) -> bool:
@@ -183,4 +184,4 @@ def _probe(folder: Path) -> Probe:
         dim = config.get("hidden_size")
     return Probe(folder, kind, model_type, known, reason,
                  int(context) if isinstance(context, int) else None, size,
-                 quant if isinstance(quant, dict) else None, embedding_dim=dim)
+                 quant if isinstance(quant, dict) else None, embedding_dim=dim, config=config)

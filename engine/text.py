@@ -4,18 +4,18 @@ All functions here run on the engine's worker thread; nothing touches the event 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from engine.batching import BatchDecoder, batched_steps
-from engine.errors import ContextLengthExceeded, InvalidRequest
+from engine.budget import BudgetPolicy, Fields, max_new_tokens
+from engine.errors import InvalidRequest
 from engine.memory import MemoryEstimate, MemoryGate, dequantized_bytes
 from engine.probe import Probe
 from engine.prompt_cache import PromptCache
@@ -25,7 +25,11 @@ from engine.toolcalls import ToolFormat, for_template
 from engine.toolcalls.common import json_or_text
 from engine.tools import ToolCall, ToolChoice, ToolSpec, render_result, tool_prompt, tool_schema
 
+if TYPE_CHECKING:
+    from engine.request import Conversation, Prepared
+
 log = logging.getLogger("openmlx.engine")
+COMPLETION_FIELDS = Fields(prompt="prompt", media="prompt")
 
 CPU_DTYPES = ("auto", "keep", "float32", "float16")
 # What a chat template raises for messages it won't render (role order, missing fields); anything
@@ -242,13 +246,14 @@ class TextRunner:
     decoder: Optional[BatchDecoder] = None  # set: concurrent streams decode together (engine/batching.py)
 
     @classmethod
-    def load(cls, model_id: str, probe: Probe, cpu_dtype: str, gate: MemoryGate) -> "TextRunner":
-        """Gate memory, load with mlx-lm, then apply the CPU dtype policy."""
-
+    def load(cls, model_id: str, probe: Probe, cpu_dtype: str, gate: MemoryGate,
+             batch: bool = False) -> "TextRunner":
+        """Gate memory, load with mlx-lm, then apply the CPU dtype policy. `batch`: decode
+        concurrent streams together (engine/batching.py)."""
         from mlx_lm import load as lm_load
         from mlx_lm.utils import dequantize_model
 
-        config = json.loads((probe.path / "config.json").read_text())
+        config = probe.config
         kv_bytes = _kv_bytes_per_token(config)
         dtype = choose_cpu_dtype(cpu_dtype, probe, gate, kv_bytes)
         weights = probe.size_bytes if dtype == "keep" else dequantized_bytes(probe)
@@ -269,11 +274,14 @@ class TextRunner:
         context = probe.context_length or int(getattr(tokenizer, "model_max_length", 0) or 4096)
         for w in warnings:
             log.warning("%s: %s", model_id, w)
-        return cls(model_id, model, tokenizer, config, probe, dtype, context, need, tuple(warnings))
+        runner = cls(model_id, model, tokenizer, config, probe, dtype, context, need, tuple(warnings))
+        if batch:
+            runner.decoder = BatchDecoder(model, _eos_ids(tokenizer))
+        return runner
 
     # --- prompts -------------------------------------------------------------------------
     def encode_chat(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = (),
-                    continue_final: bool = False) -> list[int]:
+                    continue_final: bool = False, param: str = "messages") -> list[int]:
         """Token ids of the chat template applied to `messages`, ready for the assistant turn.
 
         Tools go through the template when it renders them in the `<tool_call>` format our parser
@@ -292,7 +300,7 @@ class TextRunner:
                 return list(self.tokenizer.apply_chat_template(turns, **prefill, **extra))
             except TEMPLATE_ERRORS as e:  # templates raise their own errors for e.g. role order
                 raise InvalidRequest(f"The model's chat template rejected the messages: {e}",
-                                     param="messages") from e
+                                     param=param) from e
         text = "\n".join(f"{t['role']}: {t['content']}" for t in turns) + "\nassistant:"
         return self.encode_text(text)
 
@@ -352,29 +360,67 @@ class TextRunner:
 
             check_grammar(params.grammar)
 
-    def max_new_tokens(self, prompt_len: int, requested: Optional[int], default: Optional[int],
-                       cap: Optional[int] = None, prompt_param: str = "messages") -> int:
-        """The max_tokens policy: the request's value, else the server default, else the room
-        the context leaves (never above the server's cap). A prompt that can't fit, or a request
-        that can't, is a 400 (naming `prompt_param` when it is the prompt)."""
-        if cap is not None and requested is not None and requested > cap:
-            raise InvalidRequest(f"max_tokens is {requested}, above this server's limit of {cap} "
-                                 "(--max-tokens-cap).", param="max_tokens")
-        room = self.context_length - prompt_len
-        if room <= 0:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.context_length} tokens, but the "
-                f"prompt has {prompt_len} tokens. Shorten the messages or the prompt.",
-                param=prompt_param)
-        if requested is not None:
-            if requested > room:
-                raise ContextLengthExceeded(
-                    f"This model's maximum context length is {self.context_length} tokens. However, "
-                    f"you requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
-                    f"{requested} for the completion). Reduce the prompt or max_tokens.",
-                    param="max_tokens")
-            return requested
-        return min(x for x in (default, cap, room) if x)
+    # --- the runner interface (engine/runners.py) ------------------------------------------
+    def plan(self, conv: "Conversation", policy: BudgetPolicy) -> "Prepared":
+        """A chat request, checked and tokenized: the chat template with the tools on offer, the
+        tool choice's call grammar (auto: only once a call starts; a response_format grammar then
+        stays), the token budget."""
+        from engine.request import Prepared
+
+        params = conv.params
+        choice = conv.tool_choice or ToolChoice()
+        if conv.tools and not (choice.mode == "auto" and params.grammar):
+            params = replace(params, grammar=self.tool_grammar(conv.tools, choice) or params.grammar)
+        self.check_params(params)
+        prompt = self.encode_chat(conv.messages, conv.tools, conv.continue_final, conv.fields.prompt)
+        budget = max_new_tokens(len(prompt), params.max_tokens, self.context_length, policy, conv.fields)
+        return Prepared(self.model_id, prompt, budget, params, self)
+
+    def plan_completion(self, prompt: str | Sequence[int], params: SamplingParams, policy: BudgetPolicy,
+                        echo: bool = False) -> "Prepared":
+        """A text completion: the prompt tokenized (or its token ids checked against the
+        vocabulary) and its budget; with `echo`, max_tokens 0 (score only) is allowed."""
+        from engine.request import Prepared
+
+        self.check_params(params)
+        if isinstance(prompt, str):
+            ids = self.encode_text(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequest(f"The prompt holds token ids outside the model's vocabulary (size "
+                                     f"{self.vocab_size}): {bad[:5]}.", param="prompt")
+        budget = max_new_tokens(len(ids), params.max_tokens, self.context_length, policy, COMPLETION_FIELDS,
+                                score_only=echo)
+        return Prepared(self.model_id, ids, budget, params, self, raw_text=True)
+
+    def count_tokens(self, conv: "Conversation") -> int:
+        """Prompt tokens the conversation takes with this model's template and tokenizer."""
+        return len(self.encode_chat(conv.messages, conv.tools, conv.continue_final, conv.fields.prompt))
+
+    def share_prefill(self, prepared: "Prepared", score_top: Optional[int] = None) -> "Prepared":
+        """The prompt prefilled once (each stream of the result starts from a copy), and with
+        `score_top` its tokens scored (engine/scoring.py)."""
+        from engine.scoring import prefill
+
+        return replace(prepared, prefix=prefill(self, prepared.prompt, score_top))
+
+    def run(self, prepared: "Prepared", cancelled: Callable[[], bool]) -> Iterator[GenerationEvent]:
+        """The generation's events: Started, TextDeltas, one Finished."""
+        if prepared.max_tokens == 0:  # score only: nothing to generate
+            yield Started(len(prepared.prompt), 0)
+            yield Finished("length", len(prepared.prompt), 0, 0, None)
+            return
+        start = prepared.prefix.fork() if prepared.prefix is not None else None
+        yield from self.generate(prepared.prompt, prepared.max_tokens, prepared.params, cancelled,
+                                 keep_leading_space=prepared.raw_text, start=start)
+
+    def close(self) -> None:
+        """Free what the runner holds beyond its weights (unload)."""
+        self.prompt_cache.clear()
+        if self.decoder is not None:
+            self.decoder.close()
 
     # --- generation ----------------------------------------------------------------------
     def _token_logprob(self, token: int, logprobs: mx.array, top: int) -> TokenLogprob:

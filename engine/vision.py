@@ -10,12 +10,13 @@ token counts summed. `max_tokens` is the whole answer's budget, shared evenly by
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 
+from engine.batching import Step
+from engine.budget import BudgetPolicy, max_new_tokens
 from engine.errors import InvalidRequest
 from engine.images import ImageLimits, check, decode, numbering
 from engine.memory import MemoryEstimate, MemoryGate
@@ -24,7 +25,10 @@ from engine.prompt_cache import PromptCache
 from engine.text import (KV_HEADROOM_TOKENS, ChatMessage, Finished, GenerationEvent, SamplingParams, Started,
                          TEMPLATE_ERRORS, TextDelta, TextRunner, _kv_bytes_per_token, decode_steps, render_turn, with_tool_prompt)
 from engine.toolcalls import hermes
-from engine.tools import ToolSpec
+from engine.tools import ToolChoice, ToolSpec
+
+if TYPE_CHECKING:
+    from engine.request import Conversation, Prepared
 
 log = logging.getLogger("openmlx.engine")
 SEPARATOR = "\n\n"  # between the answers of two chunks
@@ -93,7 +97,7 @@ class VisionRunner(TextRunner):
         """Gate memory, then load with mlx-vlm (weights as shipped)."""
         from mlx_vlm import load as vlm_load
 
-        config = json.loads((probe.path / "config.json").read_text())
+        config = probe.config
         text_cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
         kv_bytes = _kv_bytes_per_token({**config, **text_cfg})
         need = MemoryEstimate(probe.size_bytes, KV_HEADROOM_TOKENS * kv_bytes)
@@ -139,8 +143,8 @@ class VisionRunner(TextRunner):
             raise InvalidRequest(f"The model's processor could not take the images: {e}", param="messages") from e
         return VisionPass(dict(inputs), int(inputs["input_ids"].shape[-1]), numbers)
 
-    def plan(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = (), continue_final: bool = False,
-             chunk_size: Optional[int] = None) -> VisionPlan:
+    def passes(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = (), continue_final: bool = False,
+               chunk_size: Optional[int] = None) -> VisionPlan:
         """The passes for a conversation (see the module docstring)."""
         if tools:
             messages = with_tool_prompt(messages, tools)
@@ -176,6 +180,39 @@ class VisionRunner(TextRunner):
             turns[newest]["content"][-1]["text"] += f"\n({span} of {len(numbers)}.)"
             passes.append(self._pass(turns, decoded(order), tuple(numbers[d] for d in order), continue_final))
         return VisionPlan(passes)
+
+    # --- the runner interface (engine/runners.py) ------------------------------------------
+    def plan(self, conv: "Conversation", policy: BudgetPolicy) -> "Prepared":
+        """A chat request with its images: the passes (images decoded and checked here, on the
+        worker) and the budget."""
+        from engine.request import Prepared
+
+        choice = conv.tool_choice or ToolChoice()
+        if conv.tools and choice.mode != "auto":
+            raise InvalidRequest("tool_choice required or a named function needs constrained decoding, which "
+                                 "vision models don't support here; use tool_choice auto.", param="tool_choice")
+        self.check_params(conv.params)
+        plan = self.passes(conv.messages, conv.tools, conv.continue_final, conv.image_chunk_size)
+        budget = max_new_tokens(plan.prompt_tokens, conv.params.max_tokens, self.context_length, policy, conv.fields)
+        return Prepared(self.model_id, [], budget, conv.params, self, vision=plan)
+
+    def plan_completion(self, prompt: Any, params: SamplingParams, policy: BudgetPolicy,
+                        echo: bool = False) -> "Prepared":
+        raise InvalidRequest(f"The model '{self.model_id}' is a vision model: use /v1/chat/completions.",
+                             param="model")
+
+    def count_tokens(self, conv: "Conversation") -> int:
+        return self.passes(conv.messages, conv.tools, conv.continue_final, conv.image_chunk_size).prompt_tokens
+
+    def share_prefill(self, prepared: "Prepared", score_top: Optional[int] = None) -> "Prepared":
+        """Each pass prefills its own images: nothing is shared, and prompts aren't scored."""
+        if score_top is not None:
+            raise InvalidRequest("Prompt log probabilities (echo with logprobs) are not supported for vision "
+                                 "models.", param="echo")
+        return prepared
+
+    def run(self, prepared: "Prepared", cancelled: Callable[[], bool]) -> Iterator[GenerationEvent]:
+        yield from self.generate_plan(prepared.vision, prepared.max_tokens, prepared.params, cancelled)
 
     # --- generation ----------------------------------------------------------------------
     def generate_plan(self, plan: VisionPlan, max_tokens: int, params: SamplingParams,
@@ -213,20 +250,12 @@ class VisionRunner(TextRunner):
         yield Finished(finish, prompt_total, generated, 0, stop_sequence)
 
 
-@dataclass
-class _Step:
-    token: Optional[int]
-    text: str
-    logprobs: Any
-    finish_reason: Optional[str]
-
-
-def _vlm_steps(results: Iterator[Any]) -> Iterator[_Step]:
+def _vlm_steps(results: Iterator[Any]) -> Iterator[Step]:
     """mlx-vlm's results as decode_steps expects them. Its last result repeats the last token
     to flush the detokenizer's text: that one carries text only."""
     count = 0
     for r in results:
         fresh = r.generation_tokens > count
         count = r.generation_tokens
-        yield _Step(int(r.token) if fresh and r.token is not None else None, r.text,
+        yield Step(int(r.token) if fresh and r.token is not None else None, r.text,
                     r.logprobs if fresh else None, r.finish_reason)

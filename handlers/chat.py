@@ -9,7 +9,7 @@ from connexion import request
 from engine.text import Finished, TextDelta
 from engine.tools import ToolCall
 from handlers import choices, generation, protocol, sse
-from handlers.generation import Conversation
+from engine.request import Conversation
 
 ROUTE = "chat.completions"
 
@@ -23,7 +23,7 @@ async def create(body: dict):
     engine = request.state.engine
     req = protocol.parse_chat(body)
     conv = Conversation(req.model, req.messages, req.params, req.tools, req.newest_media,
-                        image_chunk_size=req.image_chunk_size, tool_choice=req.tool_choice)
+                        image_chunk_size=req.image_chunk_size, tool_choice=req.tool_choice, fields=req.fields)
     prepared = await generation.prepare(engine, conv, request.state.image_sources)
     if req.n > 1:
         choices.check_batch([prepared], req.n, request.state.max_batch_tokens, param="n")

@@ -15,7 +15,8 @@ from engine.structured import grammar_for
 from engine.text import ChatMessage, Finished, SamplingParams
 from engine.tools import ToolCall, ToolSpec
 from engine.images import ImageInput, attachment_marker
-from handlers.generation import Conversation, newest_user_index
+from engine.request import Conversation
+from handlers.generation import newest_user_index
 from handlers.protocol import offer_tools
 
 _CHOICES = {"auto": "auto", "any": "required", "none": "none", "tool": "named"}

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
+from engine.budget import Fields
 from engine.errors import InvalidRequest
 from engine.structured import grammar_for
 from engine.tools import ToolCall, ToolChoice, ToolSpec
@@ -32,6 +33,7 @@ class ChatRequest:
     image_chunk_size: Optional[int] = None
     tool_choice: Optional[ToolChoice] = None
     n: int = 1  # independent choices
+    fields: Fields = Fields()  # max_completion_tokens is named when the client sent it
 
     @property
     def tools_active(self) -> bool:
@@ -168,6 +170,8 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
         image_chunk_size=body.get("image_chunk_size"),
         tool_choice=choice,
         n=int(body.get("n") or 1),
+        fields=Fields(max_tokens="max_completion_tokens" if body.get("max_completion_tokens") is not None
+                      else "max_tokens"),
     )
 
 

@@ -16,7 +16,9 @@ from engine.structured import grammar_for
 from engine.text import ChatMessage, Finished, SamplingParams
 from engine.tools import ToolCall, ToolChoice, ToolSpec
 from engine.images import ImageInput
-from handlers.generation import Conversation, newest_user_index
+from engine.budget import Fields
+from engine.request import Conversation
+from handlers.generation import newest_user_index
 from handlers.protocol import check_strict, now, offer_tools
 
 def new_id(prefix: str) -> str:
@@ -142,6 +144,10 @@ def _tools(body: dict[str, Any]) -> tuple[list[ToolSpec], Optional[ToolChoice]]:
     return offer_tools(specs, choice)
 
 
+# How the Responses API names max_tokens, the prompt and its media, for every 400.
+FIELDS = Fields(max_tokens="max_output_tokens", prompt="input", media="input")
+
+
 def parse(body: dict[str, Any], history: Sequence[ChatMessage] = (), call_ids: Optional[set[str]] = None) -> ParsedResponseRequest:
     """A create-response body (with the stored history of `previous_response_id`) -> a Conversation."""
     call_ids = set(call_ids or ())
@@ -156,7 +162,7 @@ def parse(body: dict[str, Any], history: Sequence[ChatMessage] = (), call_ids: O
         grammar=grammar_for(_format(body.get("text"))),
     )
     conv = Conversation(body["model"], messages, params, tuple(tools), frozenset({"image"} if newest_media else ()),
-                        media_param="input", tool_choice=choice)
+                        tool_choice=choice, fields=FIELDS)
     return ParsedResponseRequest(conv, items, new, list(history), call_ids)
 
 

@@ -32,7 +32,7 @@ CASES = [
      None, 400, "max_tokens", None),
     ("huge max_tokens", "/v1/chat/completions", {"model": MODEL, "messages": OK_MSG, "max_tokens": 10**9},
      None, 400, "max_tokens", "context_length_exceeded"),
-    ("n above 1", "/v1/chat/completions", {"model": MODEL, "messages": OK_MSG, "n": 2}, None, 400, "n", None),
+    ("n above 16", "/v1/chat/completions", {"model": MODEL, "messages": OK_MSG, "n": 17}, None, 400, "n", None),
     ("five stop strings", "/v1/chat/completions", {"model": MODEL, "messages": OK_MSG, "stop": list("abcde")},
      None, 400, "stop", None),
     ("function_call unsupported (deprecated)", "/v1/chat/completions",
@@ -62,10 +62,10 @@ CASES = [
      "model_not_found"),
     ("wrong content type", "/v1/chat/completions", b"hello", {"Content-Type": "text/plain"}, 415, None,
      "unsupported_media_type"),
-    ("completions prompt list of two", "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, None, 400,
-     "prompt", None),
-    ("completions echo unsupported", "/v1/completions", {"model": MODEL, "prompt": "a", "echo": True}, None, 400,
-     "echo", None),
+    ("completions prompt mixing text and ids", "/v1/completions", {"model": MODEL, "prompt": ["a", [1, 2]]}, None,
+     400, "prompt", None),
+    ("completions best_of below n", "/v1/completions", {"model": MODEL, "prompt": "a", "n": 2, "best_of": 1}, None,
+     400, "best_of", None),
     ("completions empty prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, None, 400, None, None),
     ("unknown route", "/v1/nothing", {"a": 1}, None, 404, None, "unknown_url"),
 ]
@@ -112,3 +112,33 @@ def test_null_optional_fields_are_accepted(server, field):
                    json={"model": MODEL, "messages": OK_MSG, "max_tokens": 2, field: None} if field != "max_tokens"
                    else {"model": MODEL, "messages": OK_MSG, field: None, "max_completion_tokens": 2})
     assert r.status_code == 200, r.text
+
+
+LONG = "word " * 9000  # past the default model's 8,192-token context
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/chat/completions", {"messages": OK_MSG, "max_tokens": 10**6}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": OK_MSG, "max_completion_tokens": 10**6}, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, "messages"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 10**6}, "max_tokens"),
+    ("/v1/completions", {"prompt": LONG}, "prompt"),
+    ("/v1/responses", {"input": "Hi", "max_output_tokens": 10**6}, "max_output_tokens"),
+    ("/v1/responses", {"input": LONG}, "input"),
+], ids=["chat-max_tokens", "chat-max_completion_tokens", "chat-prompt", "completions-max_tokens",
+        "completions-prompt", "responses-max_output_tokens", "responses-input"])
+def test_budget_errors_name_the_field_the_client_sent(server, path, body, param):
+    r = httpx.post(server.url + path, json={"model": MODEL, **body}, timeout=120)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    assert param in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"messages": OK_MSG, "max_tokens": 10**6}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": LONG}], "max_tokens": 5}, "messages"),
+], ids=["max_tokens", "messages"])
+def test_messages_budget_errors_name_the_field(server, body, field):
+    r = httpx.post(server.url + "/v1/messages", json={"model": MODEL, **body}, timeout=120)
+    assert r.status_code == 400 and r.json()["type"] == "error"
+    assert field in r.json()["error"]["message"], r.text

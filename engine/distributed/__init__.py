@@ -15,7 +15,6 @@ supervisor (engine/distributed/supervisor.py) restarts every rank: a group can't
 """
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 import random
@@ -26,7 +25,7 @@ from typing import Any, Callable, Iterator, Optional
 import mlx.core as mx
 import numpy as np
 
-from engine.errors import EngineError, Unsupported
+from engine.errors import EngineError, InvalidRequest, Unsupported
 
 log = logging.getLogger("openmlx.engine")
 SHARD_MODES = ("auto", "tensor", "pipeline")
@@ -59,7 +58,9 @@ def plan_shards(folder: Path, world_size: int, requested: str = "auto") -> Shard
 
     if requested not in SHARD_MODES:
         raise Unsupported(f"--shard must be one of {', '.join(SHARD_MODES)}.")
-    config = json.loads((folder / "config.json").read_text())
+    from engine.probe import probe
+
+    config = probe(folder).config
     model, _ = load_model(folder, lazy=True, strict=False)  # structure only: no weights are read
     heads = int(config.get("num_attention_heads", 0))
     kv_heads = int(config.get("num_key_value_heads", heads) or heads)
@@ -225,7 +226,7 @@ def sharded_runner(model_id: str, probe: Any, plan: ShardPlan, group: Any, gate:
     from engine.memory import MemoryEstimate
     from engine.text import KV_HEADROOM_TOKENS, TextRunner, _kv_bytes_per_token
 
-    config = json.loads((probe.path / "config.json").read_text())
+    config = probe.config
     need = MemoryEstimate(probe.size_bytes // plan.world_size,
                           KV_HEADROOM_TOKENS * _kv_bytes_per_token(config) // plan.world_size)
     warnings = tuple(gate.check(model_id, need))
@@ -254,3 +255,40 @@ def join_group(model_id: str, folder: Path, world_size: int, shard: str, backend
     plan = plan_shards(folder, world_size, shard)
     group = init_group(backend)
     return Rank(sharded_runner(model_id, p, plan, group, gate), plan, Lockstep(group))
+
+
+class LockstepRunner:
+    """Rank 0's runner: its shard's runner, with every stream announced to the other ranks and
+    each step taken only after they were told (engine/runners.py's interface)."""
+
+    def __init__(self, runner: Any, lock: "Lockstep") -> None:
+        self.runner = runner
+        self.lock = lock
+        self._ids = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
+
+    def plan(self, *args: Any, **kwargs: Any) -> Any:
+        return replace(self.runner.plan(*args, **kwargs), runner=self)
+
+    def plan_completion(self, *args: Any, **kwargs: Any) -> Any:
+        return replace(self.runner.plan_completion(*args, **kwargs), runner=self)
+
+    def share_prefill(self, prepared: Any, score_top: Optional[int] = None) -> Any:
+        """Each rank prefills as it runs the stream: nothing is shared across ranks here."""
+        if score_top is not None:
+            raise InvalidRequest("Prompt log probabilities (echo with logprobs) are not supported for a model "
+                                 "split over ranks.", param="echo")
+        return prepared
+
+    def run(self, prepared: Any, cancelled: Callable[[], bool]) -> Iterator[Any]:
+        if prepared.max_tokens == 0:  # score only: no step for the other ranks to repeat
+            yield from self.runner.run(prepared, cancelled)
+            return
+        params = with_seed(prepared.params)  # sampling must agree on every rank
+        self._ids += 1
+        start = (prepared.prompt, prepared.max_tokens, params, prepared.raw_text)
+        yield from lockstep_stream(self.lock, self._ids, start, lambda: self.runner.generate(
+            prepared.prompt, prepared.max_tokens, params, lambda: False, keep_leading_space=prepared.raw_text),
+            cancelled)

@@ -1,0 +1,56 @@
+"""The one rule for how many tokens a generation may make (`max_tokens` in openapi.yaml, called
+`max_output_tokens` by the Responses API and `max_tokens` by Messages): the request's value, else
+the server's `--max-tokens`, else the room the context leaves, never above `--max-tokens-cap`.
+A prompt that doesn't fit, or a request that can't, is a 400 naming the field the client sent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from engine.errors import ContextLengthExceeded, InvalidRequest
+
+
+@dataclass(frozen=True)
+class Fields:
+    """What an API calls the generic parts of a request, so each 400 names the client's field."""
+
+    max_tokens: str = "max_tokens"
+    prompt: str = "messages"
+    media: str = "messages"
+
+
+@dataclass(frozen=True)
+class BudgetPolicy:
+    """The server's settings the rule uses."""
+
+    default: Optional[int] = None  # --max-tokens
+    cap: Optional[int] = None  # --max-tokens-cap
+
+
+def max_new_tokens(prompt_len: int, requested: Optional[int], context_length: int, policy: BudgetPolicy,
+                   fields: Fields = Fields(), score_only: bool = False) -> int:
+    """Tokens to generate for a prompt of `prompt_len` tokens. `requested` 0 means "score the
+    prompt, generate nothing", allowed only with `score_only` (completions with echo)."""
+    if requested == 0:
+        if not score_only:
+            raise InvalidRequest(f"{fields.max_tokens} 0 (score the prompt, generate nothing) needs echo: true on "
+                                 "/v1/completions.", param=fields.max_tokens)
+    elif policy.cap is not None and requested is not None and requested > policy.cap:
+        raise InvalidRequest(f"{fields.max_tokens} is {requested}, above this server's limit of {policy.cap} "
+                             "(--max-tokens-cap).", param=fields.max_tokens)
+    if prompt_len <= 0:
+        raise InvalidRequest("The prompt is empty.", param=fields.prompt)
+    room = context_length - prompt_len
+    if room <= 0:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context_length} tokens, but the prompt has {prompt_len} "
+            f"tokens. Shorten the {fields.prompt}.", param=fields.prompt)
+    if requested is not None:
+        if requested > room:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context_length} tokens. However, you requested "
+                f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the completion). "
+                f"Reduce the {fields.prompt} or {fields.max_tokens}.", param=fields.max_tokens)
+        return requested
+    return min(x for x in (policy.default, policy.cap, room) if x)

@@ -1,0 +1,82 @@
+"""The runner registry: which runner serves which kind of model.
+
+Every generating runner has the same steps, called on the worker thread:
+- `plan(conversation, policy) -> Prepared`: a chat request checked, tokenized (media decoded) and
+  given its token budget (engine/budget.py); `plan_completion(prompt, params, policy, echo)` for a
+  text completion; `count_tokens(conversation)`;
+- `share_prefill(prepared, score_top) -> Prepared`: the prompt processed once for several choices
+  (and scored), where the runner can;
+- `run(prepared, cancelled) -> Iterator[GenerationEvent]`: Started, TextDeltas, one Finished;
+- `close()` on unload.
+A new kind of model is one runner module and one line in LOADERS. Rank 0 of a distributed group
+wraps its shard's runner (engine/distributed `LockstepRunner`); tests wrap runners too
+(`FaultyRunner`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Optional, Protocol
+
+from engine.budget import BudgetPolicy
+from engine.config import EngineConfig
+from engine.memory import MemoryGate
+from engine.probe import Probe
+from engine.request import Conversation, Prepared
+from engine.text import GenerationEvent, SamplingParams, TextDelta
+
+
+class Runner(Protocol):
+    model_id: str
+    warnings: tuple[str, ...]
+
+    def plan(self, conv: Conversation, policy: BudgetPolicy) -> Prepared: ...
+
+    def plan_completion(self, prompt: Any, params: SamplingParams, policy: BudgetPolicy,
+                        echo: bool = False) -> Prepared: ...
+
+    def count_tokens(self, conv: Conversation) -> int: ...
+
+    def share_prefill(self, prepared: Prepared, score_top: Optional[int] = None) -> Prepared: ...
+
+    def run(self, prepared: Prepared, cancelled: Callable[[], bool]) -> Iterator[GenerationEvent]: ...
+
+    def close(self) -> None: ...
+
+
+def _text(model_id: str, probe: Probe, config: EngineConfig, gate: MemoryGate) -> Runner:
+    from engine.text import TextRunner
+
+    return TextRunner.load(model_id, probe, config.cpu_dtype, gate, batch=config.batch in ("on", "auto"))
+
+
+def _vision(model_id: str, probe: Probe, config: EngineConfig, gate: MemoryGate) -> Runner:
+    from engine.vision import VisionRunner
+
+    return VisionRunner.load(model_id, probe, config.cpu_dtype, gate, config.image_limits)
+
+
+# A probe's `type` -> how to load a runner for it.
+LOADERS: dict[str, Callable[[str, Probe, EngineConfig, MemoryGate], Runner]] = {"text": _text, "vision": _vision}
+
+
+def load(model_id: str, probe: Probe, config: EngineConfig, gate: MemoryGate) -> Runner:
+    """Load the runner for a probed model (its kind is in LOADERS: the policy checked that)."""
+    return LOADERS[probe.type](model_id, probe, config, gate)
+
+
+class FaultyRunner:
+    """A runner that fails half-way through each generation, as a bug in a model or kernel
+    would (the error paths' tests; OPENMLX_FAULT_MAX_TOKENS). Everything else is the runner's."""
+
+    def __init__(self, runner: Runner) -> None:
+        self._runner = runner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner, name)
+
+    def run(self, prepared: Prepared, cancelled: Callable[[], bool]) -> Iterator[GenerationEvent]:
+        sent = 0
+        for event in self._runner.run(prepared, cancelled):
+            yield event
+            sent += isinstance(event, TextDelta)
+            if sent > prepared.max_tokens // 2:
+                raise RuntimeError("injected fault (OPENMLX_FAULT_MAX_TOKENS)")
