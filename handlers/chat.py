@@ -6,9 +6,10 @@ from typing import Any, Optional
 
 from connexion import request
 
-from engine.text import Finished, TextDelta
+from engine.text import Finished
 from engine.tools import ToolCall
-from handlers import choices, generation, protocol, sse
+from handlers import answer, choices, generation, protocol, sse
+from handlers.answer import AnswerStream
 from engine.request import Conversation
 
 ROUTE = "chat.completions"
@@ -43,32 +44,24 @@ async def create(body: dict):
                                                          done.cached_tokens),
                                 prepared.warnings)
 
-    # With tools, each choice holds a call back until it can be parsed.
-    texts = [generation.ToolTextStream(conv, prepared) for _ in range(req.n)]
+    answers = [AnswerStream(conv, prepared) for _ in range(req.n)]  # with tools, calls are held back
     totals = {"prompt": 0, "completion": 0, "cached": 0}
 
     def chunk(index: int, delta: dict[str, Any], finish: Optional[str] = None, logprobs=None) -> dict[str, Any]:
         return protocol.chat_chunk(cid, created, req.model, delta, finish, with_usage_field=req.include_usage,
                                    logprobs=logprobs, index=index)
 
-    def on_event(index: int, ev: object) -> list[dict[str, Any]]:
-        if isinstance(ev, TextDelta):
-            text = texts[index].feed(ev.text)
-            if not text and (req.tools_active or not ev.logprobs):
-                return []
-            return [chunk(index, {"content": text}, logprobs=ev.logprobs if req.params.logprobs else None)]
-        if not isinstance(ev, Finished):
-            return []
-        totals["prompt"], totals["cached"] = ev.prompt_tokens, ev.cached_tokens
-        totals["completion"] += ev.completion_tokens
-        out: list[dict[str, Any]] = []
-        calls: list[ToolCall] = []
-        if req.tools_active:
-            _, text, calls = texts[index].finish(ev)
-            if text:
-                out.append(chunk(index, {"content": text}))
-            out += [chunk(index, d) for d in protocol.tool_call_deltas(calls)]
-        return out + [chunk(index, {}, _finish(ev, calls))]
+    def encode(index: int, ev: answer.AnswerEvent) -> list[dict[str, Any]]:
+        """Chat completion chunks for one choice's neutral events."""
+        if isinstance(ev, answer.TextPiece):
+            return [chunk(index, {"content": ev.text}, logprobs=ev.logprobs if req.params.logprobs else None)]
+        if isinstance(ev, answer.CallMade):
+            return [chunk(index, d) for d in protocol.tool_call_deltas([ev.call], first_index=ev.index)]
+        if isinstance(ev, answer.AnswerFinished):
+            totals["prompt"], totals["cached"] = ev.done.prompt_tokens, ev.done.cached_tokens
+            totals["completion"] += ev.done.completion_tokens
+            return [chunk(index, {}, _finish(ev.done, list(ev.calls)))]
+        return []
 
     def last() -> list[dict[str, Any]]:
         if not req.include_usage:
@@ -77,5 +70,6 @@ async def create(body: dict):
                                      totals["completion"], totals["cached"])]
 
     first = [chunk(i, {"role": "assistant", "content": ""}) for i in range(req.n)]
-    return sse.choices_response(choices.events(starts, ROUTE, req.model), first, on_event, last,
+    return sse.choices_response(choices.events(starts, ROUTE, req.model), first,
+                                lambda i, ev: [c for n in answers[i].on(ev) for c in encode(i, n)], last,
                                 protocol.warning_headers(prepared.warnings))

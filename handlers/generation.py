@@ -12,9 +12,8 @@ from typing import Optional, Sequence
 
 from engine.engine import Engine
 from engine.request import Conversation, Prepared
-from engine.scheduler import StreamHandle
 from engine.text import Finished, TokenLogprob
-from engine.toolcalls import CallWatcher, cut_call
+from engine.toolcalls import cut_call
 from engine.tools import ToolCall
 from handlers import sse
 from handlers.images import ImageSources, load_all
@@ -51,39 +50,11 @@ def split_calls(conv: Conversation, prepared: Prepared, text: str, done: Finishe
     return text, calls
 
 
-class ToolTextStream:
-    """Streaming with tools on offer: text goes out as it comes until a call may be starting
-    (the model's call trigger); the rest is held and parsed at the end."""
-
-    def __init__(self, conv: Conversation, prepared: Prepared) -> None:
-        self.conv, self.prepared = conv, prepared
-        self.watcher = CallWatcher(prepared.tool_format) if conv.tools else None
-        self.parts: list[str] = []
-
-    def feed(self, text: str) -> str:
-        self.parts.append(text)
-        return self.watcher.feed(text) if self.watcher else text
-
-    def finish(self, done: Finished) -> tuple[str, str, list[ToolCall]]:
-        """(everything generated with the calls taken out, as the non-stream answer's text is;
-        the part of the text not sent yet; the calls), parsed once."""
-        text, calls = split_calls(self.conv, self.prepared, "".join(self.parts), done)
-        if self.watcher is None:
-            return text, "", []
-        return text, ("" if calls else self.watcher.unsent()), calls
-
-
 async def answer(engine: Engine, conv: Conversation, prepared: Prepared, route: str) -> Answer:
     """Run the generation to its end (non-streaming)."""
     text, done, logprobs = await sse.collect(engine.stream(prepared), GenerationObserver(route, conv.model))
     text, calls = split_calls(conv, prepared, text, done)
     return Answer(text, calls, done, logprobs)
-
-
-def start_stream(engine: Engine, conv: Conversation, prepared: Prepared,
-                 route: str) -> tuple[StreamHandle, GenerationObserver]:
-    """Queue the generation for a streamed answer."""
-    return engine.stream(prepared), GenerationObserver(route, conv.model)
 
 
 async def count_tokens(engine: Engine, conv: Conversation) -> int:

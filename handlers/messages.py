@@ -7,8 +7,8 @@ from typing import Any, Optional
 from connexion import request
 
 from engine.errors import EngineError
-from engine.text import Finished, Started, TextDelta
-from handlers import generation, sse
+from handlers import answer, choices, generation, sse
+from handlers.answer import AnswerStream
 from handlers import messages_protocol as mp
 from handlers.errors import anthropic_error_body
 from handlers.protocol import json_ok, warning_headers
@@ -28,63 +28,50 @@ async def create(body: dict):
             + [mp.tool_use_block(c) for c in out.calls]
         return json_ok(mp.message(mid, model, content, out.done, out.calls), prepared.warnings)
 
-    handle, observer = generation.start_stream(engine, conv, prepared, ROUTE)
-    out = generation.ToolTextStream(conv, prepared)  # with tools, a call is held until it can be parsed
-    opened: list[bool] = []  # the text block has started
+    # Without tools the text block opens with the message, as Anthropic's does; with tools it
+    # opens on the first text, since the answer may be calls only.
+    stream = AnswerStream(conv, prepared, text_opened=not conv.tools)
+    text_block = [{"type": "content_block_start", "index": 0, "content_block": mp.text_block("")}]
+    blocks = {"text": not conv.tools}  # whether block 0 is text (calls come after it)
 
-    def open_text() -> list[dict[str, Any]]:
-        opened.append(True)
-        return [{"type": "content_block_start", "index": 0, "content_block": mp.text_block("")}]
-
-    def on_start(started: Started) -> list[dict[str, Any]]:
-        events = [{"type": "message_start",
-                   "message": mp.message(mid, model, [], None, (), started.prompt_tokens, started.cached_tokens)}]
-        if not conv.tools:
-            events += open_text()
-        return events + [{"type": "ping"}]
-
-    def text_delta(text: str) -> dict[str, Any]:
-        return {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
-
-    def on_delta(delta: TextDelta) -> Optional[list[dict[str, Any]]]:
-        text = out.feed(delta.text)
-        if not text:
-            return None
-        return ([] if opened else open_text()) + [text_delta(text)]
-
-    def on_finish(done: Finished) -> list[dict[str, Any]]:
-        text, unsent, calls = out.finish(done)
-        events: list[dict[str, Any]] = []
-        index = 0
-        if opened or text or not calls:
-            if not opened:
-                events += open_text()
-                unsent = text
-            if unsent:
-                events.append(text_delta(unsent))
-            events.append({"type": "content_block_stop", "index": 0})
-            index = 1
-        for i, call in enumerate(calls, start=index):
-            block = mp.tool_use_block(call)
-            events += [{"type": "content_block_start", "index": i, "content_block": {**block, "input": {}}},
-                       {"type": "content_block_delta", "index": i,
-                        "delta": {"type": "input_json_delta",  # a cut-off call: what was written
-                                  "partial_json": json.dumps(block["input"]) if call.complete else call.arguments}},
-                       {"type": "content_block_stop", "index": i}]
-        events += [{"type": "message_delta",
-                    "delta": {"stop_reason": mp.stop_reason(done, calls), "stop_sequence": done.stop_sequence,
-                              "stop_details": None, "container": None},
-                    "usage": mp.delta_usage(done)},
-                   {"type": "message_stop"}]
-        return events
+    def encode(ev: answer.AnswerEvent) -> list[dict[str, Any]]:
+        """Anthropic's stream events for one answer's neutral events."""
+        if isinstance(ev, answer.AnswerStarted):
+            start = {"type": "message_start",
+                     "message": mp.message(mid, model, [], None, (), ev.prompt_tokens, ev.cached_tokens)}
+            return [start, *(text_block if not conv.tools else []), {"type": "ping"}]
+        if isinstance(ev, answer.TextOpened):
+            blocks["text"] = True
+            return text_block
+        if isinstance(ev, answer.TextPiece):
+            return [{"type": "content_block_delta", "index": 0,
+                     "delta": {"type": "text_delta", "text": ev.text}}] if ev.text else []
+        if isinstance(ev, answer.TextClosed):
+            return [{"type": "content_block_stop", "index": 0}]
+        if isinstance(ev, answer.CallMade):
+            i, block = ev.index + blocks["text"], mp.tool_use_block(ev.call)
+            partial = json.dumps(block["input"]) if ev.call.complete else ev.call.arguments  # a cut-off call: as written
+            return [{"type": "content_block_start", "index": i, "content_block": {**block, "input": {}}},
+                    {"type": "content_block_delta", "index": i,
+                     "delta": {"type": "input_json_delta", "partial_json": partial}},
+                    {"type": "content_block_stop", "index": i}]
+        if isinstance(ev, answer.AnswerFinished):
+            return [{"type": "message_delta",
+                     "delta": {"stop_reason": mp.stop_reason(ev.done, ev.calls), "stop_sequence": ev.done.stop_sequence,
+                               "stop_details": None, "container": None},
+                     "usage": mp.delta_usage(ev.done)},
+                    {"type": "message_stop"}]
+        return []
 
     def on_error(exc: Optional[EngineError]) -> dict[str, Any]:
         if exc is None:
             return anthropic_error_body(500, "The server had an error while generating.")
         return anthropic_error_body(exc.status, exc.message)
 
-    return sse.stream_response(handle, observer, on_delta, on_finish, (), warning_headers(prepared.warnings),
-                               on_start=on_start, encode=sse.named_event, done=None, on_error=on_error)
+    return sse.choices_response(choices.events([lambda: engine.stream(prepared)], ROUTE, model), (),
+                                lambda _i, ev: [c for n in stream.on(ev) for c in encode(n)],
+                                headers=warning_headers(prepared.warnings), encode=sse.named_event, done=None,
+                                on_error=on_error)
 
 
 async def count_tokens(body: dict):

@@ -328,10 +328,10 @@ def chat_completion(cid: str, created: int, model: str, choices: Sequence[dict[s
     }
 
 
-def tool_call_deltas(calls: Sequence[ToolCall], piece: int = 24) -> list[dict[str, Any]]:
+def tool_call_deltas(calls: Sequence[ToolCall], piece: int = 24, first_index: int = 0) -> list[dict[str, Any]]:
     """Streamed calls as OpenAI sends them: index, id, type and name first, then argument pieces."""
     deltas = []
-    for i, call in enumerate(calls):
+    for i, call in enumerate(calls, start=first_index):
         deltas.append({"tool_calls": [{"index": i, "id": call.id, "type": "function",
                                        "function": {"name": call.name, "arguments": ""}}]})
         for start in range(0, len(call.arguments), piece):

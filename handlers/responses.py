@@ -7,8 +7,8 @@ from typing import Any, Optional
 from connexion import request
 
 from engine.errors import EngineError
-from engine.text import Finished, TextDelta
-from handlers import generation, sse
+from handlers import answer, choices, generation, sse
+from handlers.answer import AnswerStream
 from handlers import responses_protocol as rp
 from handlers.protocol import json_ok, now, warning_headers
 from handlers.response_store import ResponseStore, StoredResponse
@@ -43,9 +43,8 @@ def _parse(body: dict[str, Any]) -> rp.ParsedResponseRequest:
     return rp.parse(body)
 
 
-def _keep(body: dict[str, Any], parsed: rp.ParsedResponseRequest, response: dict[str, Any],
-          text: str, calls: list) -> None:
-    if body.get("store") is False:
+def _keep(parsed: rp.ParsedResponseRequest, response: dict[str, Any], text: str, calls: list) -> None:
+    if not parsed.echo["store"]:
         return
     _store().put(StoredResponse(response, parsed.input_items, rp.history_after(parsed, text, calls), time.time()))
 
@@ -63,84 +62,73 @@ async def create(body: dict):
         if out.text or not out.calls:
             output.append(rp.message_item(rp.new_id("msg"), out.text, status))
         output += [rp.call_item(c) for c in out.calls]
-        response = rp.response_object(rid, created, body, output, out.done)
-        _keep(body, parsed, response, out.text, out.calls)
+        response = rp.response_object(rid, created, parsed.echo, output, out.done)
+        _keep(parsed, response, out.text, out.calls)
         return json_ok(response, prepared.warnings)
 
-    handle, observer = generation.start_stream(engine, conv, prepared, ROUTE)
-    seq = iter(range(1 << 62))
-    msg_id = rp.new_id("msg")
+    return _stream(engine, parsed, prepared, rid, created)
 
-    def ev(type_: str, **fields: Any) -> dict[str, Any]:
-        return {"type": type_, "sequence_number": next(seq), **fields}
 
-    def open_text() -> list[dict[str, Any]]:
-        return [ev("response.output_item.added", output_index=0,
-                   item=rp.message_item(msg_id, "", "in_progress") | {"content": []}),
-                ev("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
-                   part=rp.output_text(""))]
+class _Encoder:
+    """The Responses API's semantic events for one answer's neutral events: a message item
+    (output 0) when there is text, then a function_call item per call, then the response."""
 
-    def text_part_events(text: str, status: str, opened: bool) -> list[dict[str, Any]]:
-        """The message item's closing events (and its opening ones when text was held back)."""
-        out = []
-        if not opened:
-            out += open_text()
-            if text:
-                out.append(ev("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
-                              delta=text, logprobs=[]))
-        out += [ev("response.output_text.done", item_id=msg_id, output_index=0, content_index=0, text=text, logprobs=[]),
-                ev("response.content_part.done", item_id=msg_id, output_index=0, content_index=0, part=rp.output_text(text)),
-                ev("response.output_item.done", output_index=0, item=rp.message_item(msg_id, text, status))]
-        return out
+    def __init__(self, parsed: rp.ParsedResponseRequest, rid: str, created: int) -> None:
+        self.parsed, self.rid, self.created = parsed, rid, created
+        self.seq = iter(range(1 << 62))
+        self.msg_id = rp.new_id("msg")
+        self.output: list[dict[str, Any]] = []
 
-    start = rp.response_object(rid, created, body, [], None)
-    first_events = [ev("response.created", response=start), ev("response.in_progress", response=start)]
-    out = generation.ToolTextStream(conv, prepared)  # with tools, a call is held until it can be parsed
-    opened: list[bool] = []  # the message item has been announced
+    def ev(self, type_: str, **fields: Any) -> dict[str, Any]:
+        return {"type": type_, "sequence_number": next(self.seq), **fields}
 
-    def on_delta(delta: TextDelta) -> Optional[dict[str, Any]]:
-        text = out.feed(delta.text)
-        if not text:
-            return None
-        events = [] if opened else open_text()
-        opened.append(True)
-        events.append(ev("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
-                         delta=text, logprobs=[]))
-        return events  # type: ignore[return-value]
+    def first(self) -> list[dict[str, Any]]:
+        start = rp.response_object(self.rid, self.created, self.parsed.echo, [], None)
+        return [self.ev("response.created", response=start), self.ev("response.in_progress", response=start)]
 
-    def on_finish(done: Finished) -> list[dict[str, Any]]:
-        text, unsent, calls = out.finish(done)
-        status, _ = rp.status_of(done)
-        events: list[dict[str, Any]] = []
-        output = []
-        index = 0
-        if opened or text or not calls:
-            if opened and unsent:
-                events.append(ev("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
-                                 delta=unsent, logprobs=[]))
-            events += text_part_events(text, status, opened=bool(opened))
-            output.append(rp.message_item(msg_id, text, status))
-            index = 1
-        for i, call in enumerate(calls, start=index):
-            item = rp.call_item(call)
-            events += [ev("response.output_item.added", output_index=i, item=item | {"status": "in_progress", "arguments": ""}),
-                       ev("response.function_call_arguments.delta", item_id=item["id"], output_index=i, delta=call.arguments),
-                       ev("response.function_call_arguments.done", item_id=item["id"], output_index=i,
-                          name=call.name, arguments=call.arguments),
-                       ev("response.output_item.done", output_index=i, item=item)]
-            output.append(item)
-        response = rp.response_object(rid, created, body, output, done)
-        _keep(body, parsed, response, text, calls)
-        events.append(ev("response.completed" if response["status"] == "completed" else "response.incomplete",
-                         response=response))
-        return events
+    def __call__(self, ev: answer.AnswerEvent) -> list[dict[str, Any]]:
+        msg = {"item_id": self.msg_id, "output_index": 0, "content_index": 0}
+        if isinstance(ev, answer.TextOpened):
+            return [self.ev("response.output_item.added", output_index=0,
+                            item=rp.message_item(self.msg_id, "", "in_progress") | {"content": []}),
+                    self.ev("response.content_part.added", **msg, part=rp.output_text(""))]
+        if isinstance(ev, answer.TextPiece):
+            return [self.ev("response.output_text.delta", **msg, delta=ev.text, logprobs=[])] if ev.text else []
+        if isinstance(ev, answer.TextClosed):
+            item = rp.message_item(self.msg_id, ev.text, rp.status_of(ev.done)[0])
+            self.output.append(item)
+            return [self.ev("response.output_text.done", **msg, text=ev.text, logprobs=[]),
+                    self.ev("response.content_part.done", **msg, part=rp.output_text(ev.text)),
+                    self.ev("response.output_item.done", output_index=0, item=item)]
+        if isinstance(ev, answer.CallMade):
+            i, item = len(self.output), rp.call_item(ev.call)
+            self.output.append(item)
+            return [self.ev("response.output_item.added", output_index=i,
+                            item=item | {"status": "in_progress", "arguments": ""}),
+                    self.ev("response.function_call_arguments.delta", item_id=item["id"], output_index=i,
+                            delta=ev.call.arguments),
+                    self.ev("response.function_call_arguments.done", item_id=item["id"], output_index=i,
+                            name=ev.call.name, arguments=ev.call.arguments),
+                    self.ev("response.output_item.done", output_index=i, item=item)]
+        if isinstance(ev, answer.AnswerFinished):
+            response = rp.response_object(self.rid, self.created, self.parsed.echo, self.output, ev.done)
+            _keep(self.parsed, response, ev.text, list(ev.calls))
+            return [self.ev("response.completed" if response["status"] == "completed" else "response.incomplete",
+                            response=response)]
+        return []
 
-    def on_error(exc: Optional[EngineError]) -> dict[str, Any]:
+    def error(self, exc: Optional[EngineError]) -> dict[str, Any]:
         err = sse.openai_error_event(exc)["error"]
-        return ev("error", code=err["code"] or err["type"], message=err["message"], param=err["param"])
+        return self.ev("error", code=err["code"] or err["type"], message=err["message"], param=err["param"])
 
-    return sse.stream_response(handle, observer, on_delta, on_finish, first_events, warning_headers(prepared.warnings),
-                               encode=sse.named_event, done=None, on_error=on_error)
+
+def _stream(engine: Any, parsed: rp.ParsedResponseRequest, prepared: Any, rid: str, created: int):
+    stream = AnswerStream(parsed.conv, prepared)  # with tools, a call is held until it can be parsed
+    encoder = _Encoder(parsed, rid, created)
+    return sse.choices_response(choices.events([lambda: engine.stream(prepared)], ROUTE, parsed.conv.model),
+                                encoder.first(), lambda _i, ev: [c for n in stream.on(ev) for c in encoder(n)],
+                                headers=warning_headers(prepared.warnings), encode=sse.named_event, done=None,
+                                on_error=encoder.error)
 
 
 async def input_tokens(body: dict):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 from engine.errors import InvalidRequest
@@ -32,6 +32,7 @@ class ParsedResponseRequest:
     new_messages: list[ChatMessage]  # the turns this request adds to the stored history
     history: list[ChatMessage]  # from previous_response_id
     call_ids: set[str]  # function calls the conversation has made so far
+    echo: dict[str, Any] = field(default_factory=dict)  # the request's settings a Response object repeats
 
 
 def _part_text(part: dict[str, Any]) -> str:
@@ -163,7 +164,7 @@ def parse(body: dict[str, Any], history: Sequence[ChatMessage] = (), call_ids: O
     )
     conv = Conversation(body["model"], messages, params, tuple(tools), frozenset({"image"} if newest_media else ()),
                         tool_choice=choice, fields=FIELDS)
-    return ParsedResponseRequest(conv, items, new, list(history), call_ids)
+    return ParsedResponseRequest(conv, items, new, list(history), call_ids, echo_fields(body))
 
 
 # --- shaping ---------------------------------------------------------------------------
@@ -197,19 +198,11 @@ def status_of(done: Finished) -> tuple[str, Optional[dict[str, str]]]:
     return "completed", None
 
 
-def response_object(rid: str, created: int, body: dict[str, Any], output: list[dict[str, Any]],
-                    done: Optional[Finished], status: str = "in_progress") -> dict[str, Any]:
-    """The Response object, echoing the request's settings as OpenAI does."""
-    incomplete = None
-    if done is not None:
-        status, incomplete = status_of(done)
+def echo_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The request's settings a Response object repeats, as OpenAI does, read once from the body."""
     text = body.get("text") or {}
     return {
-        "id": rid, "object": "response", "created_at": created,
-        "completed_at": now() if status == "completed" else None,
-        "status": status, "error": None, "incomplete_details": incomplete,
-        "instructions": body.get("instructions"), "model": body["model"], "output": output,
-        "output_text": "".join(c["text"] for o in output if o["type"] == "message" for c in o["content"]),
+        "instructions": body.get("instructions"), "model": body["model"],
         "parallel_tool_calls": body.get("parallel_tool_calls", True) is not False,
         "previous_response_id": body.get("previous_response_id"),
         "max_output_tokens": body.get("max_output_tokens"),
@@ -221,8 +214,27 @@ def response_object(rid: str, created: int, body: dict[str, Any], output: list[d
                    "strict": t.get("strict", True) if t.get("strict") is not None else True}
                   for t in body.get("tools") or []],
         "text": {"format": text.get("format") or {"type": "text"}},
-        "truncation": "disabled", "store": body.get("store") is not False,
-        "metadata": body.get("metadata") or {}, "reasoning": None, "service_tier": "default",
+        "store": body.get("store") is not False,
+        "metadata": body.get("metadata") or {},
+    }
+
+
+def response_object(rid: str, created: int, echo: dict[str, Any], output: list[dict[str, Any]],
+                    done: Optional[Finished], status: str = "in_progress") -> dict[str, Any]:
+    """The Response object, with the request's settings (`echo_fields`) as OpenAI repeats them."""
+    incomplete = None
+    if done is not None:
+        status, incomplete = status_of(done)
+    return {
+        "id": rid, "object": "response", "created_at": created,
+        "completed_at": now() if status == "completed" else None,
+        "status": status, "error": None, "incomplete_details": incomplete,
+        "instructions": echo["instructions"], "model": echo["model"], "output": output,
+        "output_text": "".join(c["text"] for o in output if o["type"] == "message" for c in o["content"]),
+        **{k: echo[k] for k in ("parallel_tool_calls", "previous_response_id", "max_output_tokens", "temperature",
+                                "top_p", "tool_choice", "tools", "text")},
+        "truncation": "disabled", "store": echo["store"],
+        "metadata": echo["metadata"], "reasoning": None, "service_tier": "default",
         **({"usage": usage(done)} if done is not None else {}),  # absent (not null) until the end
     }
 

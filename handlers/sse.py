@@ -14,7 +14,7 @@ from starlette.responses import StreamingResponse
 
 from engine.errors import EngineError
 from engine.scheduler import StreamHandle
-from engine.text import Finished, Started, TextDelta, TokenLogprob
+from engine.text import Finished, TextDelta, TokenLogprob
 from handlers.errors import engine_error_body, error_body
 from handlers.metrics import GenerationObserver
 
@@ -55,39 +55,27 @@ async def collect(handle: StreamHandle, observer: GenerationObserver) -> tuple[s
     raise RuntimeError("generation ended without a Finished event")
 
 
-def stream_response(handle: StreamHandle, observer: GenerationObserver,
-                    on_delta: Callable[[TextDelta], Optional[dict[str, Any] | list[dict[str, Any]]]],
-                    on_finish: Callable[[Finished], list[dict[str, Any]]],
-                    first: Sequence[dict[str, Any]] = (),
-                    headers: Optional[dict[str, str]] = None,
-                    *, on_start: Optional[Callable[[Started], list[dict[str, Any]]]] = None,
-                    encode: Callable[[Any], str] = event, done: Optional[str] = "[DONE]",
-                    on_error: Callable[[Optional[EngineError]], dict[str, Any]] = openai_error_event,
-                    ) -> StreamingResponse:
-    """SSE: the `first` chunks, the start events, one chunk per text delta, the closing chunks,
-    then the `done` marker (OpenAI's `[DONE]`; None for APIs without one).
-
-    A failure after headers were sent becomes an error event (the status can't change anymore).
-    """
+def choices_response(events: AsyncIterator[tuple[int, Any]], first: Sequence[dict[str, Any]],
+                     on_event: Callable[[int, Any], list[dict[str, Any]]],
+                     last: Callable[[], list[dict[str, Any]]] = lambda: [],
+                     headers: Optional[dict[str, str]] = None, *, encode: Callable[[Any], str] = event,
+                     done: Optional[str] = "[DONE]",
+                     on_error: Callable[[Optional[EngineError]], dict[str, Any]] = openai_error_event,
+                     ) -> StreamingResponse:
+    """SSE for one or several choices (handlers/choices.py): the `first` chunks, the chunks
+    `on_event` makes of each choice's (index, event) as they come, the `last` chunks, then the
+    `done` marker (OpenAI's `[DONE]`; None for APIs without one). A failure after the headers
+    were sent becomes an error event (the status can't change anymore)."""
 
     async def body() -> AsyncIterator[str]:
         try:
             for chunk in first:
                 yield encode(chunk)
-            async for ev in handle:
-                if isinstance(ev, TextDelta):
-                    observer.first_text()
-                    chunk = on_delta(ev)
-                    # None: the handler holds the text back (tool calls); a list: several events
-                    for c in chunk if isinstance(chunk, list) else [] if chunk is None else [chunk]:
-                        yield encode(c)
-                elif isinstance(ev, Started):
-                    for chunk in on_start(ev) if on_start else ():
-                        yield encode(chunk)
-                elif isinstance(ev, Finished):
-                    observer.finished(ev)
-                    for chunk in on_finish(ev):
-                        yield encode(chunk)
+            async for index, ev in events:
+                for chunk in on_event(index, ev):
+                    yield encode(chunk)
+            for chunk in last():
+                yield encode(chunk)
             if done is not None:
                 yield encode(done)
         except EngineError as e:
@@ -95,35 +83,6 @@ def stream_response(handle: StreamHandle, observer: GenerationObserver,
         except Exception:
             log.exception("stream failed")
             yield encode(on_error(None))
-        finally:
-            handle.cancel()
-
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
-
-
-def choices_response(events: AsyncIterator[tuple[int, Any]], first: Sequence[dict[str, Any]],
-                     on_event: Callable[[int, Any], list[dict[str, Any]]], last: Callable[[], list[dict[str, Any]]],
-                     headers: Optional[dict[str, str]] = None) -> StreamingResponse:
-    """SSE for several choices (handlers/choices.py): the `first` chunks, the chunks `on_event`
-    makes of each choice's (index, event) as they come, the `last` chunks, then `[DONE]`. A
-    failure after the headers were sent becomes an error event."""
-
-    async def body() -> AsyncIterator[str]:
-        try:
-            for chunk in first:
-                yield event(chunk)
-            async for index, ev in events:
-                for chunk in on_event(index, ev):
-                    yield event(chunk)
-            for chunk in last():
-                yield event(chunk)
-            yield event("[DONE]")
-        except EngineError as e:
-            yield event(openai_error_event(e))
-        except Exception:
-            log.exception("stream failed")
-            yield event(openai_error_event(None))
         finally:
             await events.aclose()  # type: ignore[attr-defined]  (cancels every choice)
 

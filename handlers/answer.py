@@ -1,0 +1,102 @@
+"""One streamed answer as neutral events, which each API encodes in its own words.
+
+The engine's events (Started, TextDelta, Finished) become: the answer started; its text opened,
+pieces of it, its text closed; each tool call, whole; the answer finished. With tools on offer,
+text goes out as it comes until a call may be starting (the model's call trigger); the rest is
+held and parsed at the end, so call markup never reaches the text. Chat completions, Responses
+and Messages are each a small encoder of these events (handlers/chat.py, responses.py,
+messages.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+from engine.request import Conversation, Prepared
+from engine.text import Finished, Started, TextDelta, TokenLogprob
+from engine.toolcalls import CallWatcher
+from engine.tools import ToolCall
+from handlers.generation import split_calls
+
+
+@dataclass(frozen=True)
+class AnswerStarted:
+    prompt_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class TextOpened:
+    pass
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class TextClosed:
+    text: str  # the whole text, calls taken out (what the non-streamed answer says)
+    done: Finished
+
+
+@dataclass(frozen=True)
+class CallMade:
+    index: int  # the call's position among this answer's calls
+    call: ToolCall
+
+
+@dataclass(frozen=True)
+class AnswerFinished:
+    done: Finished
+    text: str
+    calls: tuple[ToolCall, ...]
+
+
+AnswerEvent = Union[AnswerStarted, TextOpened, TextPiece, TextClosed, CallMade, AnswerFinished]
+
+
+class AnswerStream:
+    """One choice's engine events -> neutral events. `text_opened`: the encoder opens the text
+    at the start itself (Messages does without tools), so TextOpened is not sent."""
+
+    def __init__(self, conv: Conversation, prepared: Prepared, text_opened: bool = False) -> None:
+        self.conv, self.prepared = conv, prepared
+        self.watcher = CallWatcher(prepared.tool_format) if conv.tools else None
+        self.parts: list[str] = []
+        self.opened = text_opened
+
+    def on(self, ev: Any) -> list[AnswerEvent]:
+        if isinstance(ev, Started):
+            return [AnswerStarted(ev.prompt_tokens, ev.cached_tokens)]
+        if isinstance(ev, TextDelta):
+            return self._text(ev)
+        if isinstance(ev, Finished):
+            return self._finish(ev)
+        return []
+
+    def _text(self, ev: TextDelta) -> list[AnswerEvent]:
+        self.parts.append(ev.text)
+        text = self.watcher.feed(ev.text) if self.watcher else ev.text
+        # Without tools a piece may carry only logprobs (its text held back by a stop string).
+        if not text and (self.watcher or not ev.logprobs):
+            return []
+        out: list[AnswerEvent] = [] if self.opened or not text else [TextOpened()]
+        self.opened = self.opened or bool(text)
+        return out + [TextPiece(text, ev.logprobs)]
+
+    def _finish(self, done: Finished) -> list[AnswerEvent]:
+        text, calls = split_calls(self.conv, self.prepared, "".join(self.parts), done)
+        unsent = self.watcher.unsent() if self.watcher and not calls else ""
+        out: list[AnswerEvent] = []
+        if self.opened or text or not calls:
+            piece = unsent if self.opened else text
+            if not self.opened:
+                out.append(TextOpened())
+            if piece:
+                out.append(TextPiece(piece))
+            out.append(TextClosed(text, done))
+        out += [CallMade(i, c) for i, c in enumerate(calls)]
+        return out + [AnswerFinished(done, text, tuple(calls))]
