@@ -12,8 +12,11 @@ from typing import Callable, Optional
 
 import psutil
 
-from engine.policy import SAFETY_MARGIN, decide_memory
+from engine.policy import Action, Decision
 from engine.probe import Probe
+
+# Keep this much free for the OS, the server and the request in flight.
+SAFETY_MARGIN = 512 << 20
 
 
 def available_bytes() -> int:
@@ -39,6 +42,21 @@ def dequantized_bytes(probe: Probe) -> int:
     # Packed weights carry scales and biases (~2 x 16 bit per group of 32-64): approximate
     # the expansion from the bits per weight.
     return int(probe.size_bytes * 32 / (bits + 1))
+
+
+def decide_memory(model_id: str, need: MemoryEstimate, available: int) -> Decision:
+    """BLOCK (507) a load that does not fit; WARN when it fits with under 20% to spare."""
+    total = need.total + SAFETY_MARGIN
+    if total > available:
+        return Decision(Action.BLOCK,
+                        f"Not enough memory to load '{model_id}': it needs about {need.total / 2**30:.2f} GiB "
+                        f"(weights {need.weights / 2**30:.2f} GiB + KV cache {need.kv_cache / 2**30:.2f} GiB) "
+                        f"plus {SAFETY_MARGIN / 2**30:.1f} GiB headroom, and {available / 2**30:.2f} GiB is "
+                        "available.", 507, "insufficient_memory")
+    if total > 0.8 * available:
+        return Decision(Action.WARN, warnings=(
+            f"memory is tight: '{model_id}' needs {total / 2**30:.2f} of {available / 2**30:.2f} GiB available.",))
+    return Decision(Action.ALLOW)
 
 
 class MemoryGate:

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from engine.errors import EngineError, InsufficientMemory, Unsupported
 from engine.probe import Probe
-
-if TYPE_CHECKING:  # memory.py measures and calls these decisions; the import runs one way
-    from engine.memory import MemoryEstimate
-
-# Keep this much free for the OS, the server and the request in flight.
-SAFETY_MARGIN = 512 << 20
 
 
 class Action(str, Enum):
@@ -50,18 +44,3 @@ def decide_runnable(model_id: str, probe: Probe, serves: tuple[str, ...] = ("tex
     if probe.context_length is None:
         warnings.append(f"'{model_id}' declares no context length; assuming 4096 tokens.")
     return Decision(Action.WARN if warnings else Action.ALLOW, warnings=tuple(warnings))
-
-
-def decide_memory(model_id: str, need: "MemoryEstimate", available: int) -> Decision:
-    """BLOCK (507) a load that does not fit; WARN when it fits with under 20% to spare."""
-    total = need.total + SAFETY_MARGIN
-    if total > available:
-        return Decision(Action.BLOCK,
-                        f"Not enough memory to load '{model_id}': it needs about {need.total / 2**30:.2f} GiB "
-                        f"(weights {need.weights / 2**30:.2f} GiB + KV cache {need.kv_cache / 2**30:.2f} GiB) "
-                        f"plus {SAFETY_MARGIN / 2**30:.1f} GiB headroom, and {available / 2**30:.2f} GiB is "
-                        "available.", 507, "insufficient_memory")
-    if total > 0.8 * available:
-        return Decision(Action.WARN, warnings=(
-            f"memory is tight: '{model_id}' needs {total / 2**30:.2f} of {available / 2**30:.2f} GiB available.",))
-    return Decision(Action.ALLOW)

@@ -1,18 +1,92 @@
 """One generation request in the engine's terms: what every API (chat completions, completions,
-responses, messages) parses its body into, and what the engine hands back once it is checked."""
+responses, messages) parses its body into, what the engine hands back once it is checked, and the
+events a generation yields. Value types only: the runners import these, never the reverse."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from engine.budget import Fields
-from engine.text import ChatMessage, SamplingParams, TokenLogprob
+from engine.images import ImageInput, attachment_marker
 from engine.tools import ToolCall, ToolChoice, ToolSpec
 
-if TYPE_CHECKING:
-    from engine.scoring import Prefix
-    from engine.toolcalls import ToolFormat
-    from engine.vision import VisionPlan
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One chat turn: its text flattened from content parts, and its images (a vision model sees
+    them; for a text model each turn's images become a short marker)."""
+
+    role: str
+    content: str
+    images: tuple[ImageInput, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: Optional[str] = None  # a "tool" turn: the call it answers
+
+    @property
+    def text_only(self) -> str:
+        """The content as a text model gets it."""
+        if not self.images:
+            return self.content
+        return (self.content + "\n" if self.content else "") + attachment_marker(len(self.images))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings for one request (already validated by the API layer)."""
+
+    max_tokens: Optional[int] = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off (Anthropic's top_k)
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: bool = False  # report each generated token's log probability
+    top_logprobs: int = 0  # and this many most likely alternatives
+    grammar: Optional[str] = None  # llguidance grammar the output must follow (JSON modes)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log probability (and the top alternatives when asked)."""
+
+    token: str
+    logprob: Optional[float]  # None only for a prompt's first token (nothing scores it)
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of generated text that is safe to send, with the logprobs of the tokens that
+    produced it since the last delta (empty unless requested)."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The end of a generation, with honest accounting."""
+
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens taken from the prompt cache instead of computed
+    stop_sequence: Optional[str] = None  # the stop string that ended the text, if one did
+
+
+@dataclass(frozen=True)
+class Started:
+    """The generation got its turn: how much of the prompt the prompt cache covers."""
+
+    prompt_tokens: int
+    cached_tokens: int
+
+
+GenerationEvent = Started | TextDelta | Finished
+
 
 
 @dataclass(frozen=True)
@@ -40,8 +114,8 @@ class Prepared:
     params: SamplingParams
     runner: Any  # the loaded Runner (engine/runners.py)
     raw_text: bool = False  # a text completion (keeps the first token's leading space)
-    vision: Optional["VisionPlan"] = None  # a vision model's passes (prompt is then unused)
-    prefix: Optional["Prefix"] = None  # a shared prefill of the prompt (n choices, echoed logprobs)
+    vision: Any = None  # a vision model's passes, engine/vision.py VisionPlan (prompt is then unused)
+    prefix: Any = None  # a shared prefill of the prompt, engine/scoring.py Prefix (n choices, echoed logprobs)
 
     @property
     def prompt_logprobs(self) -> tuple[TokenLogprob, ...]:
@@ -61,5 +135,6 @@ class Prepared:
         return self.runner.split_calls(text)
 
     @property
-    def tool_format(self) -> "ToolFormat":
+    def tool_format(self) -> Any:
+        """How this model writes tool calls (engine/toolcalls ToolFormat)."""
         return self.runner.tool_format[0]

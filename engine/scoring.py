@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
-from engine.text import TokenLogprob
-
-if TYPE_CHECKING:
-    from engine.text import TextRunner
+from engine.request import TokenLogprob
 
 CHUNK = 256  # prompt tokens per forward pass: bounds the logits held at once (256 x vocab floats)
 
@@ -37,8 +34,8 @@ class Prefix:
         return copy.deepcopy(self.cache), self.reused
 
 
-def prefill(runner: "TextRunner", prompt: list[int], top: Optional[int] = None) -> Prefix:
-    """Run the prompt (without its last token) through the model in chunks; with `top` not None,
+def prefill(runner: Any, prompt: list[int], top: Optional[int] = None) -> Prefix:
+    """`runner`: a TextRunner (its model, tokenizer and prompt cache). Run the prompt (without its last token) through the model in chunks; with `top` not None,
     also score each prompt token with `top` alternatives."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache

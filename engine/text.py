@@ -8,7 +8,7 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,14 +19,13 @@ from engine.errors import InvalidRequest
 from engine.memory import MemoryEstimate, MemoryGate, dequantized_bytes
 from engine.probe import Probe
 from engine.prompt_cache import PromptCache
-from engine.images import ImageInput, attachment_marker
 from engine.stopping import StopMatcher
 from engine.toolcalls import ToolFormat, for_template
 from engine.toolcalls.common import json_or_text
 from engine.tools import ToolCall, ToolChoice, ToolSpec, render_result, tool_prompt, tool_schema
 
-if TYPE_CHECKING:
-    from engine.request import Conversation, Prepared
+from engine.request import (ChatMessage, Conversation, Finished, GenerationEvent, Prepared, SamplingParams,  # noqa: F401
+                            Started, TextDelta, TokenLogprob)
 
 log = logging.getLogger("openmlx.engine")
 COMPLETION_FIELDS = Fields(prompt="prompt", media="prompt")
@@ -41,83 +40,6 @@ except ImportError:  # pragma: no cover - transformers brings jinja2
 TEMPLATE_ERRORS = (_TemplateError, ValueError, TypeError, KeyError, IndexError)
 # KV-cache headroom reserved at load time (tokens); the gate checks weights + this much cache.
 KV_HEADROOM_TOKENS = 4096
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    """One chat turn: its text flattened from content parts, and its images (a vision model sees
-    them; for a text model each turn's images become a short marker)."""
-
-    role: str
-    content: str
-    images: tuple[ImageInput, ...] = ()
-    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
-    tool_call_id: Optional[str] = None  # a "tool" turn: the call it answers
-
-    @property
-    def text_only(self) -> str:
-        """The content as a text model gets it."""
-        if not self.images:
-            return self.content
-        return (self.content + "\n" if self.content else "") + attachment_marker(len(self.images))
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Decoding settings for one request (already validated by the API layer)."""
-
-    max_tokens: Optional[int] = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off (Anthropic's top_k)
-    seed: Optional[int] = None
-    stop: tuple[str, ...] = ()
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    logprobs: bool = False  # report each generated token's log probability
-    top_logprobs: int = 0  # and this many most likely alternatives
-    grammar: Optional[str] = None  # llguidance grammar the output must follow (JSON modes)
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One generated token with its log probability (and the top alternatives when asked)."""
-
-    token: str
-    logprob: Optional[float]  # None only for a prompt's first token (nothing scores it)
-    top: tuple[tuple[str, float], ...] = ()
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    """A piece of generated text that is safe to send, with the logprobs of the tokens that
-    produced it since the last delta (empty unless requested)."""
-
-    text: str
-    logprobs: tuple[TokenLogprob, ...] = ()
-
-
-@dataclass(frozen=True)
-class Finished:
-    """The end of a generation, with honest accounting."""
-
-    finish_reason: str  # "stop" | "length" | "cancelled"
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0  # prompt tokens taken from the prompt cache instead of computed
-    stop_sequence: Optional[str] = None  # the stop string that ended the text, if one did
-
-
-@dataclass(frozen=True)
-class Started:
-    """The generation got its turn: how much of the prompt the prompt cache covers."""
-
-    prompt_tokens: int
-    cached_tokens: int
-
-
-GenerationEvent = Started | TextDelta | Finished
 
 
 def render_turn(m: ChatMessage, fmt: ToolFormat, native: bool) -> dict[str, Any]:
@@ -365,8 +287,6 @@ class TextRunner:
         """A chat request, checked and tokenized: the chat template with the tools on offer, the
         tool choice's call grammar (auto: only once a call starts; a response_format grammar then
         stays), the token budget."""
-        from engine.request import Prepared
-
         params = conv.params
         choice = conv.tool_choice or ToolChoice()
         if conv.tools and not (choice.mode == "auto" and params.grammar):
@@ -380,8 +300,6 @@ class TextRunner:
                         echo: bool = False) -> "Prepared":
         """A text completion: the prompt tokenized (or its token ids checked against the
         vocabulary) and its budget; with `echo`, max_tokens 0 (score only) is allowed."""
-        from engine.request import Prepared
-
         self.check_params(params)
         if isinstance(prompt, str):
             ids = self.encode_text(prompt)

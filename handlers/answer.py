@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Union
 
-from engine.request import Conversation, Prepared
-from engine.text import Finished, Started, TextDelta, TokenLogprob
+from engine.request import Conversation, Finished, Prepared, Started, TextDelta, TokenLogprob
 from engine.toolcalls import CallWatcher
 from engine.tools import ToolCall
 from handlers.generation import split_calls

@@ -6,11 +6,10 @@ from typing import Any, Optional
 
 from connexion import request
 
-from engine.text import Finished
+from engine.request import Conversation, Finished
 from engine.tools import ToolCall
 from handlers import answer, choices, generation, protocol, sse
 from handlers.answer import AnswerStream
-from engine.request import Conversation
 
 ROUTE = "chat.completions"
 

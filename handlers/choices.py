@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 from engine.engine import Prepared
 from engine.errors import InvalidRequest
 from engine.scheduler import StreamHandle
-from engine.text import Finished, TextDelta, TokenLogprob
+from engine.request import Finished, TextDelta, TokenLogprob
 from handlers.metrics import GenerationObserver
 
 LIMIT = 8  # choices generating at once for one request

@@ -15,7 +15,7 @@ from starlette.responses import StreamingResponse
 
 from engine.engine import Engine, Prepared
 from engine.scheduler import StreamHandle
-from engine.text import Finished, TextDelta, TokenLogprob
+from engine.request import Finished, TextDelta, TokenLogprob
 from handlers import choices, protocol, sse
 
 ROUTE = "completions"

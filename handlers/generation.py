@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from engine.engine import Engine
-from engine.request import Conversation, Prepared
-from engine.text import Finished, TokenLogprob
+from engine.request import Conversation, Finished, Prepared, TokenLogprob
 from engine.toolcalls import cut_call
 from engine.tools import ToolCall
 from handlers import sse

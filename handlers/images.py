@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlparse
 
 from engine.errors import InvalidRequest
 from engine.images import ImageInput
-from engine.text import ChatMessage
+from engine.request import ChatMessage
 
 log = logging.getLogger("openmlx.http")
 MAX_REDIRECTS = 5

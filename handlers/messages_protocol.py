@@ -12,10 +12,9 @@ from typing import Any, Optional, Sequence
 
 from engine.errors import InvalidRequest
 from engine.structured import grammar_for
-from engine.text import ChatMessage, Finished, SamplingParams
+from engine.request import ChatMessage, Conversation, Finished, SamplingParams
 from engine.tools import ToolCall, ToolSpec
 from engine.images import ImageInput, attachment_marker
-from engine.request import Conversation
 from handlers.generation import newest_user_index
 from handlers.protocol import offer_tools
 

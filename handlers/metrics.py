@@ -14,7 +14,7 @@ from starlette.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import ProcessCollector
 
-from engine.text import Finished
+from engine.request import Finished
 
 log = logging.getLogger("openmlx.requests")
 

@@ -15,7 +15,7 @@ from engine.budget import Fields
 from engine.errors import InvalidRequest
 from engine.structured import grammar_for
 from engine.tools import ToolCall, ToolChoice, ToolSpec
-from engine.text import ChatMessage, SamplingParams, TokenLogprob
+from engine.request import ChatMessage, SamplingParams, TokenLogprob
 from engine.images import ImageInput, attachment_marker
 
 SYSTEM_FINGERPRINT = "openmlx-0.1.0"

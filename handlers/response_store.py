@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from engine.images import ImageInput
-from engine.text import ChatMessage
+from engine.request import ChatMessage
 from engine.tools import ToolCall
 
 log = logging.getLogger("openmlx.http")

@@ -13,11 +13,10 @@ from typing import Any, Optional, Sequence
 
 from engine.errors import InvalidRequest
 from engine.structured import grammar_for
-from engine.text import ChatMessage, Finished, SamplingParams
+from engine.request import ChatMessage, Conversation, Finished, SamplingParams
 from engine.tools import ToolCall, ToolChoice, ToolSpec
 from engine.images import ImageInput
 from engine.budget import Fields
-from engine.request import Conversation
 from handlers.generation import newest_user_index
 from handlers.protocol import check_strict, now, offer_tools
 

@@ -14,7 +14,7 @@ from starlette.responses import StreamingResponse
 
 from engine.errors import EngineError
 from engine.scheduler import StreamHandle
-from engine.text import Finished, TextDelta, TokenLogprob
+from engine.request import Finished, TextDelta, TokenLogprob
 from handlers.errors import engine_error_body, error_body
 from handlers.metrics import GenerationObserver
 

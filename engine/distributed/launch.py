@@ -31,7 +31,8 @@ def _argv_from_environment() -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.path[0] = str(PACKAGES)
-    from handlers.cli import main
+    import runpy
 
-    main(sys.argv[1:] or _argv_from_environment())
+    sys.path[0] = str(PACKAGES)
+    sys.argv = [sys.argv[0], *(sys.argv[1:] or _argv_from_environment())]
+    runpy.run_module("handlers.cli", run_name="__main__", alter_sys=True)  # the server's own entry point
