@@ -5,7 +5,6 @@ All functions here run on the engine's worker thread; nothing touches the event 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -19,6 +18,7 @@ from engine.errors import InvalidRequest
 from engine.memory import MemoryEstimate, MemoryGate, dequantized_bytes
 from engine.probe import Probe
 from engine.prompt_cache import PromptCache
+from engine.sampling import make_sampler, penalty_processor
 from engine.stopping import StopMatcher
 from engine.toolcalls import ToolFormat, for_template
 from engine.toolcalls.common import json_or_text
@@ -106,49 +106,6 @@ def choose_cpu_dtype(requested: str, probe: Probe, gate: MemoryGate, kv_bytes: i
 def _cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
     model.update(nn.utils.tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
                                    model.parameters()))
-
-
-def _penalty_processor(presence: float, frequency: float, vocab: int) -> Callable[[mx.array, mx.array], mx.array]:
-    """OpenAI's presence/frequency penalties over the tokens generated so far (not the prompt)."""
-    state = {"prompt_len": None, "counts": mx.zeros((vocab,), dtype=mx.float32), "seen": 0}
-
-    def process(tokens: mx.array, logits: mx.array) -> mx.array:
-        if state["prompt_len"] is None:
-            state["prompt_len"] = tokens.size
-            state["seen"] = tokens.size
-        new = tokens[state["seen"]:]
-        if new.size:
-            state["counts"] = state["counts"].at[new].add(1.0)
-            state["seen"] = tokens.size
-        counts = state["counts"][: logits.shape[-1]]
-        return logits - counts * frequency - (counts > 0).astype(logits.dtype) * presence
-
-    return process
-
-
-def make_sampler(temperature: float, top_p: float, seed: Optional[int], top_k: int = 0) -> Callable[[mx.array], mx.array]:
-    """Greedy at temperature 0; else top-p + categorical with a per-request random key.
-
-    A key of its own (not MLX's global RNG) keeps `seed` deterministic while other requests'
-    streams are decoded in between.
-    """
-    from mlx_lm.sample_utils import apply_top_k, apply_top_p
-
-    if temperature == 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
-    # OpenAI accepts any integer seed; MLX keys take an unsigned 64-bit one.
-    seed = seed % 2**64 if seed is not None else int.from_bytes(os.urandom(8), "little")
-    state = {"key": mx.random.key(seed)}
-
-    def sample(logprobs: mx.array) -> mx.array:
-        state["key"], sub = mx.random.split(state["key"])
-        if top_k > 0:
-            logprobs = apply_top_k(logprobs, min(top_k, logprobs.shape[-1]))
-        if 0 < top_p < 1:
-            logprobs = apply_top_p(logprobs, top_p)
-        return mx.random.categorical(logprobs * (1 / temperature), key=sub)
-
-    return sample
 
 
 @dataclass
@@ -361,7 +318,7 @@ class TextRunner:
             biases = mx.array([b for _, b in params.logit_bias], dtype=mx.float32)
             processors.append(lambda _tokens, logits: logits.at[:, ids].add(biases.astype(logits.dtype)))
         if params.presence_penalty or params.frequency_penalty:
-            processors.append(_penalty_processor(params.presence_penalty, params.frequency_penalty,
+            processors.append(penalty_processor(params.presence_penalty, params.frequency_penalty,
                                                  self.vocab_size))
         if params.grammar:  # last, after biases and penalties
             from engine.structured import grammar_processor
