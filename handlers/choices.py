@@ -11,10 +11,9 @@ import asyncio
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from engine.engine import Prepared
 from engine.errors import InvalidRequest
+from engine.request import Finished, Prepared, TextDelta, TokenLogprob
 from engine.scheduler import StreamHandle
-from engine.request import Finished, TextDelta, TokenLogprob
 from handlers.metrics import GenerationObserver
 
 LIMIT = 8  # choices generating at once for one request
@@ -116,5 +115,4 @@ def best(candidates: list[ChoiceResult], n: int) -> list[ChoiceResult]:
     """The `n` candidates with the highest total log probability, in their original order."""
     if len(candidates) <= n:
         return candidates
-    chosen = sorted(sorted(candidates, key=lambda c: -c.score)[:n], key=lambda c: c.index)
-    return chosen
+    return sorted(sorted(candidates, key=lambda c: -c.score)[:n], key=lambda c: c.index)

@@ -4,7 +4,7 @@
 
 Choice i of prompt p has index p * n + i, as OpenAI numbers them; usage counts each prompt once
 and every generated token (best_of candidates included). The budget rule for `max_tokens` is
-`TextRunner.max_new_tokens` (engine/text.py).
+engine/budget.py's `max_new_tokens`.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Callable
 from connexion import request
 from starlette.responses import StreamingResponse
 
-from engine.engine import Engine, Prepared
+from engine.engine import Engine
+from engine.request import Finished, Prepared, TextDelta, TokenLogprob
 from engine.scheduler import StreamHandle
-from engine.request import Finished, TextDelta, TokenLogprob
 from handlers import choices, protocol, sse
 
 ROUTE = "completions"
