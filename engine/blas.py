@@ -1,15 +1,26 @@
-"""CPU fast path, part 1: make MLX's CPU backend use a system OpenBLAS.
+"""CPU fast path, part 1: make MLX's CPU backend use a current OpenBLAS.
 
 The `mlx-cpu` wheel bundles a slow reference BLAS (1024^3 sgemm: ~364 ms); Debian's OpenBLAS does
 it in ~6 ms. Loading OpenBLAS with RTLD_GLOBAL *before* `mlx.core` is imported makes MLX's
 `cblas_*` calls resolve to it. This module must therefore not import mlx, and `engine/__init__`
 calls `activate()` before any other engine module can import mlx.
+
+Which OpenBLAS: the faster one on this machine, measured. Debian 12's 0.3.21 has no kernels for
+recent Xeons (AVX-512 with FP16), where the `cmeel-openblas` wheel (0.3.31, a dependency on Linux
+x86-64, unprefixed `cblas_*` symbols) made one (128x576)x(576x1536) product 6.1 -> 1.1 ms
+(../shared/CPU.md); on an AMD EPYC the two are even (docs/benchmarks.md). So when both load, each
+times the products the models run (a prefill-shaped and a decode-shaped one) in a fresh
+interpreter, once per machine and library set (cached in OPENMLX_HOME/blas.json), and the faster
+is used. The wheel's library needs the system's `libgfortran.so.5` (which `apt-get install
+libopenblas0-pthread` brings); where that is missing it can't load and the system OpenBLAS, then
+MLX's bundled BLAS, are used instead.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -32,6 +43,7 @@ class BlasInfo:
     path: Optional[str]
     threads: Optional[int]
     reason: str
+    version: Optional[str] = None  # OpenBLAS's own version, e.g. "0.3.31"
 
 
 _active: Optional[BlasInfo] = None
@@ -49,9 +61,10 @@ def default_threads() -> int:
 
 
 def activate(threads: Optional[int] = None) -> BlasInfo:
-    """Load a system OpenBLAS globally if one is present; idempotent.
+    """Load the best OpenBLAS found globally; idempotent.
 
-    `OPENMLX_BLAS=bundled` turns the fast path off. On macOS MLX uses Accelerate already.
+    `OPENMLX_BLAS=bundled` turns the fast path off, `OPENMLX_BLAS=system` skips the pip wheel,
+    `OPENMLX_OPENBLAS=PATH` names the library. On macOS MLX uses Accelerate already.
     """
     global _active
     if _active is not None:
@@ -65,13 +78,8 @@ def activate(threads: Optional[int] = None) -> BlasInfo:
     if "mlx.core" in sys.modules:
         _active = BlasInfo("bundled", None, None, "mlx was imported before openmlx could load OpenBLAS")
         return _active
-    candidates = [os.environ["OPENMLX_OPENBLAS"]] if os.environ.get("OPENMLX_OPENBLAS") else []
-    found = ctypes.util.find_library("openblas")
-    if found:
-        candidates.append(found)
-    candidates.extend(_KNOWN_PATHS)
     n = threads or default_threads()
-    for path in candidates:
+    for path, source in _by_speed(_candidates(), n):
         try:
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError:
@@ -80,11 +88,141 @@ def activate(threads: Optional[int] = None) -> BlasInfo:
             lib.openblas_set_num_threads(ctypes.c_int(n))
         except AttributeError:
             pass
-        _active = BlasInfo("openblas", path, n, "system OpenBLAS loaded before mlx")
+        _active = BlasInfo("openblas", path, n, f"{source} loaded before mlx (the fastest found here)",
+                           _loaded_version(lib))
         return _active
     _active = BlasInfo("bundled", None, None,
-                       "no system OpenBLAS found (apt-get install libopenblas0-pthread)")
+                       "no OpenBLAS could be loaded (pip's cmeel-openblas needs libgfortran.so.5: "
+                       "apt-get install libopenblas0-pthread)")
     return _active
+
+
+_TIMING = """
+import ctypes, sys, time
+ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL)
+import mlx.core as mx
+a, w = mx.random.normal((64, 576)), mx.random.normal((1536, 576))  # a prefill-shaped product
+v, big = mx.random.normal((1, 576)), mx.random.normal((16384, 576))  # a decode-shaped one
+mx.eval(a, w, v, big)
+def t(f, n=40):
+    mx.eval(f()); s = time.perf_counter()
+    for _ in range(n): mx.eval(f())
+    return (time.perf_counter() - s) / n
+print(t(lambda: a @ w.T) + t(lambda: v @ big.T))
+"""
+
+
+def _home() -> str:
+    return os.path.expanduser(os.environ.get("OPENMLX_HOME", "~/.cache/openmlx"))
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
+def _time_library(path: str, threads: int) -> Optional[float]:
+    """Seconds for the two products with `path` as MLX's BLAS (a fresh interpreter: the first
+    BLAS loaded is the one MLX binds to), or None if it can't load."""
+    import subprocess
+
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads)}
+    try:
+        out = subprocess.run([sys.executable, "-c", _TIMING, path], capture_output=True, text=True, timeout=120,
+                             env=env)
+        return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+    except (subprocess.SubprocessError, ValueError, IndexError, OSError):
+        return None
+
+
+def _by_speed(candidates: list[tuple[str, str]], threads: int) -> list[tuple[str, str]]:
+    """The candidates, fastest first, when more than one distinct library loads (timed once per
+    machine and set of libraries; cached). With one, or when timing fails, as given."""
+    import json
+
+    distinct = list({os.path.realpath(_resolve(p) or p): (p, src) for p, src in candidates
+                     if os.path.exists(_resolve(p) or p)}.values())
+    if len(distinct) < 2 or os.environ.get("OPENMLX_OPENBLAS"):
+        return candidates
+    key = [_cpu(), threads, [[p, os.path.getsize(_resolve(p) or p)] for p, _ in distinct]]
+    cache = os.path.join(_home(), "blas.json")
+    try:
+        with open(cache) as f:
+            saved = json.load(f)
+        timings = saved["timings"] if saved.get("key") == key else None
+    except (OSError, ValueError, KeyError, TypeError):
+        timings = None
+    if timings is None:
+        timings = {p: _time_library(p, threads) for p, _ in distinct}
+        try:
+            os.makedirs(_home(), exist_ok=True)
+            with open(cache, "w") as f:
+                json.dump({"key": key, "timings": timings}, f)
+        except OSError:
+            pass
+    if any(timings.get(p) is None for p, _ in distinct):
+        return candidates
+    ranked = sorted(distinct, key=lambda c: timings[c[0]])
+    return ranked + [c for c in candidates if c not in ranked]
+
+
+def _version_of(path: str) -> tuple[int, ...]:
+    """An OpenBLAS library's version from its file name (libopenblasp-r0.3.21.so), 0 if unknown."""
+    match = re.search(r"r?(\d+)\.(\d+)\.(\d+)", os.path.basename(os.path.realpath(path)))
+    return tuple(int(g) for g in match.groups()) if match else (0,)
+
+
+def _wheel_library() -> Optional[tuple[str, tuple[int, ...]]]:
+    """The cmeel-openblas wheel's library and version, if that package is installed."""
+    try:
+        from importlib import metadata
+
+        dist = metadata.distribution("cmeel-openblas")
+    except Exception:  # not installed (macOS, other CPUs) or unreadable metadata
+        return None
+    for f in dist.files or []:
+        if str(f).endswith("lib/libopenblas.so.0"):
+            version = tuple(int(x) for x in re.findall(r"\d+", dist.version)[:3])
+            return str(dist.locate_file(f)), version
+    return None
+
+
+def _candidates() -> list[tuple[str, str]]:
+    """(path, where it comes from): OPENMLX_OPENBLAS if set, else every OpenBLAS found, newest
+    version first (the pip wheel or the system's); `_by_speed` then orders them by measurement."""
+    if os.environ.get("OPENMLX_OPENBLAS"):
+        return [(os.environ["OPENMLX_OPENBLAS"], "OPENMLX_OPENBLAS")]
+    found: list[tuple[tuple[int, ...], str, str]] = []
+    wheel = _wheel_library()
+    if wheel is not None and os.environ.get("OPENMLX_BLAS", "").lower() != "system":
+        found.append((wheel[1], wheel[0], "pip's cmeel-openblas"))
+    system = [ctypes.util.find_library("openblas"), *_KNOWN_PATHS]
+    for path in dict.fromkeys(p for p in system if p):
+        resolved = path if os.path.isabs(path) else _resolve(path)
+        found.append((_version_of(resolved or path), path, "system OpenBLAS"))
+    found.sort(key=lambda c: c[0], reverse=True)  # stable: the wheel first on a tie
+    return [(path, source) for _, path, source in found]
+
+
+def _resolve(name: str) -> Optional[str]:
+    for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"):
+        candidate = os.path.join(folder, name)
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def _loaded_version(lib: ctypes.CDLL) -> Optional[str]:
+    try:
+        lib.openblas_get_config.restype = ctypes.c_char_p
+        config = lib.openblas_get_config().decode(errors="replace")
+    except (AttributeError, OSError):
+        return None
+    match = re.search(r"OpenBLAS (\d+\.\d+\.\d+)", config)
+    return match.group(1) if match else None
 
 
 def active() -> BlasInfo:

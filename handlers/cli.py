@@ -237,7 +237,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     info = {"id": args.name, "path": str(p.path), "type": p.type, "architecture": p.architecture,
             "runnable": p.runnable, "reason": p.reason or None, "context_length": p.context_length,
             "size_bytes": p.size_bytes, "quantization": p.quantization,
-            "blas": b.name, "blas_path": b.path, "blas_threads": b.threads, "blas_note": b.reason}
+            "blas": b.name, "blas_path": b.path, "blas_version": b.version, "blas_threads": b.threads,
+            "blas_note": b.reason}
     print(json.dumps(info, indent=2))
     return 0
 

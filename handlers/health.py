@@ -7,7 +7,7 @@ from connexion import request
 async def get() -> tuple[dict, int]:
     h = request.state.engine.health()
     body = {"status": h.status, "model": h.model, "uptime_s": round(h.uptime_s, 3), "device": h.device,
-            "blas": h.blas.name, "blas_threads": h.blas.threads, "queued": h.queued,
+            "blas": h.blas.name, "blas_threads": h.blas.threads, "blas_version": h.blas.version, "queued": h.queued,
             "prompt_cache_hits": h.prompt_cache_hits, "batch_peak": h.batch_peak,
             "world_size": h.world_size, "sharding": h.sharding}
     return body, 200 if h.status == "ok" else 503
