@@ -157,10 +157,12 @@ def _by_speed(candidates: list[tuple[str, str]], threads: int) -> list[tuple[str
         timings = None
     if timings is None:
         timings = {p: _time_library(p, threads) for p, _ in distinct}
-        try:
+        try:  # written whole (servers may start side by side)
             os.makedirs(_home(), exist_ok=True)
-            with open(cache, "w") as f:
+            tmp = f"{cache}.{os.getpid()}"
+            with open(tmp, "w") as f:
                 json.dump({"key": key, "timings": timings}, f)
+            os.replace(tmp, cache)
         except OSError:
             pass
     if any(timings.get(p) is None for p, _ in distinct):
