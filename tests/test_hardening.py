@@ -165,3 +165,11 @@ def test_model_that_fails_to_load_leaves_the_server_serving(fixture_models, tmp_
         assert ok.status_code == 200
     finally:
         s.stop()
+
+
+def test_json_logs_redact_query_strings(logged):
+    httpx.get(logged.url + "/v1/models?api_key=sk-json-secret")
+    time.sleep(0.2)
+    assert "sk-json-secret" not in logged.log()
+    lines = [json.loads(l) for l in logged.log().splitlines() if l.startswith("{")]
+    assert any("/v1/models?[redacted]" in l["message"] for l in lines if l["logger"] == "uvicorn.access")
