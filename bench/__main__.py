@@ -1,4 +1,5 @@
-"""python -m bench: openmlx vs mlx_lm.server vs raw mlx-lm, same model folder, same prompts.
+"""python -m bench: openmlx vs llama.cpp, mlx_lm.server, mlx-knife and raw mlx-lm: the same model
+(llama.cpp on the GGUF the MLX folder was converted from), the same prompts.
 
     python -m bench                     # --quick: 50/500-token prompts, 1 and 4 streams
     python -m bench --full              # adds 2000-token prompts, 8 streams, multi-turn, openmlx-keep
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     mode.add_argument("--quick", action="store_true", default=True)
     mode.add_argument("--full", action="store_true")
     parser.add_argument("--only", action="append", help="run only these (repeatable): openmlx, openmlx-keep, "
-                                                        "mlx_lm.server, raw")
+                                                        "mlx_lm.server, mlx-knife, llama.cpp, raw")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     args.gen_tokens = 64 if args.full else 32
@@ -104,8 +105,8 @@ def main(argv=None) -> int:
     workload.COUNTER["chat"] = lambda msgs: len(tok.apply_chat_template(msgs, add_generation_prompt=True,
                                                                         tokenize=True, return_dict=False))
 
-    names = args.only or (["openmlx", "openmlx-keep", "mlx_lm.server", "mlx-knife", "raw"] if args.full
-                          else ["openmlx", "mlx_lm.server", "mlx-knife", "raw"])
+    names = args.only or (["openmlx", "openmlx-keep", "llama.cpp", "mlx_lm.server", "mlx-knife", "raw"] if args.full
+                          else ["openmlx", "llama.cpp", "mlx_lm.server", "mlx-knife", "raw"])
     args.out.mkdir(parents=True, exist_ok=True)
     import importlib.metadata as md
 
@@ -123,6 +124,9 @@ def main(argv=None) -> int:
             results["raw"]["4bit-bundled"] = workload.raw_mlx_lm(str(model_dir), prompts, args.gen_tokens, False, eos)
             results["raw"]["float32-openblas"] = workload.raw_mlx_lm(str(model_dir), prompts, args.gen_tokens, True,
                                                                      eos)
+            continue
+        if name not in table:  # a peer that can't be had here (noted when it was looked up)
+            results["servers"][name] = {"error": "not available on this machine"}
             continue
         print(f"bench: {name}", flush=True)
         run = Running(table[name], args.out)

@@ -74,6 +74,10 @@ def peers(model_dir: Path, model_id: str, python: str = sys.executable, work: Pa
         table["mlx_lm.server"] = Peer("mlx_lm.server", [str(bin_dir / "python"), "-m", "mlx_lm", "server", "--model",
                                                         str(model_dir), "--port", "{port}", "--log-level", "WARNING"],
                                       str(model_dir))
+    if "llama.cpp" in names:
+        peer = llama_cpp_peer()
+        if peer is not None:
+            table["llama.cpp"] = peer
     if "mlx-knife" in names:
         bin_dir = ensure_venv("mlx-knife", PEER_PACKAGES["mlx-knife"])
         repo_id = f"mlx-community/{model_dir.name}"
@@ -82,6 +86,26 @@ def peers(model_dir: Path, model_id: str, python: str = sys.executable, work: Pa
                                                 "--log-level", "warning"], repo_id,
                                   env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
     return table
+
+
+PEER_WHEELS = Path(__file__).resolve().parent.parent.parent / "shared" / "peers"
+
+
+def llama_cpp_peer() -> Optional[Peer]:
+    """llama.cpp (llama-cpp-python's server, from the prebuilt wheel in ../shared/peers) on the
+    same GGUF the default model is converted from; None, with a note, where the wheel is absent."""
+    from engine.config import openmlx_home
+    from engine.default_model import find_gguf
+
+    wheels = sorted(PEER_WHEELS.glob("llama_cpp_python-*.whl"))
+    if not wheels:
+        print(f"bench: no llama-cpp-python wheel in {PEER_WHEELS}: llama.cpp skipped", file=sys.stderr)
+        return None
+    bin_dir = ensure_venv("llama.cpp", [f"{wheels[-1]}[server]"])
+    gguf = find_gguf(openmlx_home(), lambda _m: None)
+    return Peer("llama.cpp", [str(bin_dir / "python"), "-m", "llama_cpp.server", "--model", str(gguf),
+                              "--port", "{port}", "--n_ctx", "4096", "--n_threads", "2",
+                              "--model_alias", "SmolLM2-135M-Instruct-GGUF"], "SmolLM2-135M-Instruct-GGUF")
 
 
 class Running(ServerProcess):
