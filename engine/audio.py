@@ -87,8 +87,8 @@ MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
 # hold at most len(data) / 500 seconds: decoded float32 at 16 kHz is then at most
 # 64000 / 500 = 128 bytes per uploaded byte (and at most --max-audio-seconds in all).
 MIN_BYTES_PER_SECOND = 500
-DECODED_BYTES_PER_UPLOADED_BYTE = SAMPLE_RATE * 4 // MIN_BYTES_PER_SECOND
 DEFAULT_MAX_SECONDS = 2 * 3600.0
+_UNCHECKED = object()
 
 
 def _header_info(data: bytes) -> Any:
@@ -138,13 +138,15 @@ def _check_duration(seconds: float, size: int, max_seconds: float, param: str) -
 
 
 def decode_audio(data: bytes, filename: str = "", param: str = "file",
-                 max_seconds: float = DEFAULT_MAX_SECONDS) -> np.ndarray:
+                 max_seconds: float = DEFAULT_MAX_SECONDS, declared: Any = _UNCHECKED) -> np.ndarray:
     """Bytes of wav/mp3/flac/ogg/m4a -> 16 kHz mono float32 samples, or a 400/413. The header is
-    checked first; what is decoded is bounded by `max_seconds` and by the upload's size (see
+    checked first (`declared`: what `check_audio_header` already said, so it isn't read twice);
+    what is decoded is bounded by `max_seconds` and by the upload's size (see
     MIN_BYTES_PER_SECOND), whatever the file claims."""
     import miniaudio
 
-    declared = check_audio_header(data, max_seconds, param)
+    if declared is _UNCHECKED:
+        declared = check_audio_header(data, max_seconds, param)
     if declared is not None:  # wav, mp3, flac and ogg/vorbis in-process
         try:
             decoded = miniaudio.decode(data, output_format=miniaudio.SampleFormat.FLOAT32, nchannels=1,

@@ -143,11 +143,10 @@ def _by_speed(candidates: list[tuple[str, str]], threads: int) -> list[tuple[str
     machine and set of libraries; cached). With one, or when timing fails, as given."""
     import json
 
-    distinct = list({os.path.realpath(_resolve(p) or p): (p, src) for p, src in candidates
-                     if os.path.exists(_resolve(p) or p)}.values())
+    distinct = list({os.path.realpath(p): (p, src) for p, src in candidates if os.path.exists(p)}.values())
     if len(distinct) < 2 or os.environ.get("OPENMLX_OPENBLAS"):
         return candidates
-    key = [_cpu(), threads, [[p, os.path.getsize(_resolve(p) or p)] for p, _ in distinct]]
+    key = [_cpu(), threads, [[p, os.path.getsize(p)] for p, _ in distinct]]
     cache = os.path.join(_home(), "blas.json")
     try:
         with open(cache) as f:
@@ -202,9 +201,9 @@ def _candidates() -> list[tuple[str, str]]:
     if wheel is not None and os.environ.get("OPENMLX_BLAS", "").lower() != "system":
         found.append((wheel[1], wheel[0], "pip's cmeel-openblas"))
     system = [ctypes.util.find_library("openblas"), *_KNOWN_PATHS]
-    for path in dict.fromkeys(p for p in system if p):
-        resolved = path if os.path.isabs(path) else _resolve(path)
-        found.append((_version_of(resolved or path), path, "system OpenBLAS"))
+    # A bare name that no known folder holds is kept: the loader may still find it.
+    for path in dict.fromkeys(n if os.path.isabs(n) else (_resolve(n) or n) for n in system if n):
+        found.append((_version_of(path), path, "system OpenBLAS"))
     found.sort(key=lambda c: c[0], reverse=True)  # stable: the wheel first on a tie
     return [(path, source) for _, path, source in found]
 

@@ -232,9 +232,9 @@ class Engine:
         TranscriptDelta events and one TranscriptDone."""
         limit = self.config.max_audio_seconds
         # The header first (a bomb is refused before it waits its turn), then the bounded decode.
-        await asyncio.to_thread(check_audio_header, audio, limit)
+        declared = await asyncio.to_thread(check_audio_header, audio, limit)
         async with self._decoding:
-            samples = await asyncio.to_thread(decode_audio, audio, filename, "file", limit)
+            samples = await asyncio.to_thread(decode_audio, audio, filename, "file", limit, declared)
         runner: AudioRunner = await self.scheduler.call(lambda: self.residency.transcriber(model_id))
 
         def run(cancelled: Callable[[], bool]):
@@ -261,13 +261,16 @@ class Engine:
         """Check the modality, make the model resident, plan the request (chat template, tools,
         images, token budget), all on the worker. A vision model's images are loaded first by
         `load_media` (fetching is the API layer's: it knows URLs and flags)."""
+        checked = False
         if load_media is not None and any(m.images for m in conv.messages):
+            checked = True
             if await self.scheduler.call(lambda: self._modality(conv)) == "vision":
                 conv = replace(conv, messages=await load_media(conv.messages))
 
         def work() -> Prepared:
             self._check_group()
-            self._modality(conv)
+            if not checked:
+                self._modality(conv)
             return self.residency.runner(conv.model).plan(conv, self.budget)
 
         return await self.scheduler.call(work, exclusive=lambda: self.residency.needs_switch(conv.model))

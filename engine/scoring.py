@@ -23,8 +23,7 @@ CHUNK = 256  # prompt tokens per forward pass: bounds the logits held at once (2
 class Prefix:
     """A prompt's shared prefill: its KV cache up to the last token, and its tokens' logprobs."""
 
-    tokens: tuple[int, ...]
-    cache: list[Any]  # holds tokens[:-1]; never used directly, each answer gets a copy
+    cache: list[Any]  # holds the prompt but its last token; never used directly, each answer gets a copy
     logprobs: tuple[TokenLogprob, ...] = ()  # one per prompt token when scored (the first: logprob None)
     reused: int = 0  # prompt tokens the prompt cache already held (reported as cached)
 
@@ -35,8 +34,8 @@ class Prefix:
 
 
 def prefill(runner: Any, prompt: list[int], top: Optional[int] = None) -> Prefix:
-    """`runner`: a TextRunner (its model, tokenizer and prompt cache). Run the prompt (without its last token) through the model in chunks; with `top` not None,
-    also score each prompt token with `top` alternatives."""
+    """Run the prompt (without its last token) through `runner`'s model (a TextRunner) in chunks;
+    with `top` not None, also score each prompt token with `top` alternatives."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -70,4 +69,4 @@ def prefill(runner: Any, prompt: list[int], top: Optional[int] = None) -> Prefix
         for token, value, alts in zip(following, chosen.tolist(), alternatives):
             scored.append(TokenLogprob(decode([token]), float(value),
                                        tuple((decode([int(i)]), float(v)) for i, v in alts)))
-    return Prefix(tuple(prompt), cache, tuple(scored), reused)
+    return Prefix(cache, tuple(scored), reused)

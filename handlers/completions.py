@@ -49,8 +49,9 @@ async def create(body: dict):
     warnings = prepared[0].warnings
     echoes = [_echo(req, p, pp) for p, pp in zip(req.prompts, prepared)]
     starts = _starts(engine, prepared, req.best_of)
+    prompt_tokens = sum(len(p.prompt) for p in prepared)  # each prompt once, whatever n
     if req.stream:
-        return _stream(req, cid, created, starts, echoes, sum(len(p.prompt) for p in prepared), warnings)
+        return _stream(req, cid, created, starts, echoes, prompt_tokens, warnings)
     results = await choices.collect(starts, ROUTE, req.model)
     out, generated = [], 0
     for p in range(len(prepared)):
@@ -60,10 +61,8 @@ async def create(body: dict):
             text, logprobs = echoes[p]
             out.append(protocol.text_choice(p * req.n + i, text + c.text, c.done.finish_reason,
                                             logprobs + c.logprobs if req.logprobs is not None else None))
-    body_out = protocol.text_completion(cid, created, req.model, "", None,
-                                        (sum(len(p.prompt) for p in prepared), generated))
-    body_out["choices"] = out
-    return protocol.json_ok(body_out, warnings)
+    return protocol.json_ok(protocol.completion_body(cid, created, req.model, out, (prompt_tokens, generated)),
+                            warnings)
 
 
 def _stream(req: protocol.CompletionRequest, cid: str, created: int, starts: list[Callable[[], StreamHandle]],

@@ -14,9 +14,8 @@ from engine.engine import Engine
 from engine.request import Conversation, Finished, Prepared, TokenLogprob
 from engine.toolcalls import cut_call
 from engine.tools import ToolCall
-from handlers import sse
+from handlers import choices
 from handlers.images import ImageSources, load_all
-from handlers.metrics import GenerationObserver
 
 
 @dataclass
@@ -51,9 +50,9 @@ def split_calls(conv: Conversation, prepared: Prepared, text: str, done: Finishe
 
 async def answer(engine: Engine, conv: Conversation, prepared: Prepared, route: str) -> Answer:
     """Run the generation to its end (non-streaming)."""
-    text, done, logprobs = await sse.collect(engine.stream(prepared), GenerationObserver(route, conv.model))
-    text, calls = split_calls(conv, prepared, text, done)
-    return Answer(text, calls, done, logprobs)
+    (result,) = await choices.collect([lambda: engine.stream(prepared)], route, conv.model)
+    text, calls = split_calls(conv, prepared, result.text, result.done)
+    return Answer(text, calls, result.done, result.logprobs)
 
 
 async def count_tokens(engine: Engine, conv: Conversation) -> int:

@@ -369,10 +369,15 @@ def text_completion(cid: str, created: int, model: str, text: str, finish: Optio
                     counts: Optional[tuple[int, int]] = None,
                     logprobs: Optional[Sequence[TokenLogprob]] = None, offset: int = 0,
                     index: int = 0) -> dict[str, Any]:
+    return completion_body(cid, created, model, [text_choice(index, text, finish, logprobs, offset)], counts)
+
+
+def completion_body(cid: str, created: int, model: str, choices: Sequence[dict[str, Any]],
+                    counts: Optional[tuple[int, int]] = None) -> dict[str, Any]:
+    """A text_completion object (a response, or one streamed chunk) with these choices."""
     body: dict[str, Any] = {
         "id": cid, "object": "text_completion", "created": created, "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [text_choice(index, text, finish, logprobs, offset)],
+        "system_fingerprint": SYSTEM_FINGERPRINT, "choices": list(choices),
     }
     if counts is not None:
         body["usage"] = usage(*counts)

@@ -111,21 +111,19 @@ class ResponseStore:
     # --- adding and removing (under the lock) ----------------------------------------------
     def _add(self, rid: str, doc: dict[str, Any], write: bool) -> None:
         """Insert an entry from its document: blobs are shared, the bounds then enforced."""
-        digests: set[str] = set()
+        digest_of: dict[str, str] = {}  # each blob's text -> its digest (hashed once per entry)
 
         def out(value: Any) -> Any:
             if not _is_blob(value):
                 return value
-            digest = _digest(value)
-            digests.add(digest)
-            return {"$blob": digest}
+            if value not in digest_of:
+                digest_of[value] = _digest(value)
+            return {"$blob": digest_of[value]}
 
-        light = _map_strings(doc, out)
-        text = json.dumps(light)
+        text = json.dumps(_map_strings(doc, out))
         size = len(text)
-        blob_texts: dict[str, str] = {}
-        _map_strings(doc, lambda v: blob_texts.setdefault(_digest(v), v) if _is_blob(v) else None)
-        new_bytes = len(text) + sum(len(t) for d, t in blob_texts.items() if d not in self._blobs)
+        blob_texts = {digest: blob for blob, digest in digest_of.items()}
+        new_bytes = size + sum(len(t) for d, t in blob_texts.items() if d not in self._blobs)
         if new_bytes > self.max_bytes:
             log.warning("response %s (%d bytes) is larger than --responses-max-bytes; not stored", rid, new_bytes)
             return
@@ -139,10 +137,10 @@ class ResponseStore:
                     self._disk(path, blob)
             self._blobs[digest][1] += 1
         # The entry held in memory shares each blob's one string.
-        held = _map_strings(doc, lambda v: self._blobs[_digest(v)][0] if _is_blob(v) else v)
+        held = _map_strings(doc, lambda v: self._blobs[digest_of[v]][0] if _is_blob(v) else v)
         self._entries[rid] = _from_document(held)
         self._own_bytes[rid] = size
-        self._uses[rid] = digests
+        self._uses[rid] = set(blob_texts)
         self.bytes += size
         if write and (path := self._path(rid)) is not None:
             self._disk(path, text)

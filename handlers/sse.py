@@ -1,4 +1,4 @@
-"""Server-sent events for streamed completions, and collecting a generation into one answer.
+"""Server-sent events for streamed answers.
 
 Generation runs on the engine's worker; here we only await its events. A client that goes away
 cancels the generation (the await raises CancelledError; the handle's cancel flag stops the
@@ -13,10 +13,7 @@ from typing import Any, AsyncIterator, Callable, Optional, Sequence
 from starlette.responses import StreamingResponse
 
 from engine.errors import EngineError
-from engine.scheduler import StreamHandle
-from engine.request import Finished, TextDelta, TokenLogprob
 from handlers.errors import engine_error_body, error_body
-from handlers.metrics import GenerationObserver
 
 log = logging.getLogger("openmlx.http")
 
@@ -35,24 +32,6 @@ def openai_error_event(exc: Optional[EngineError]) -> dict[str, Any]:
     if exc is None:
         return error_body("The server had an error while generating.", "server_error")
     return engine_error_body(exc)
-
-
-async def collect(handle: StreamHandle, observer: GenerationObserver) -> tuple[str, Finished, list[TokenLogprob]]:
-    """Run a generation to its end and return (text, Finished, token logprobs if requested)."""
-    parts: list[str] = []
-    logprobs: list[TokenLogprob] = []
-    try:
-        async for ev in handle:
-            if isinstance(ev, TextDelta):
-                observer.first_text()
-                parts.append(ev.text)
-                logprobs.extend(ev.logprobs)
-            elif isinstance(ev, Finished):
-                observer.finished(ev)
-                return "".join(parts), ev, logprobs
-    finally:
-        handle.cancel()  # no-op when finished; stops the worker if we were cancelled
-    raise RuntimeError("generation ended without a Finished event")
 
 
 def choices_response(events: AsyncIterator[tuple[int, Any]], first: Sequence[dict[str, Any]],
