@@ -43,6 +43,11 @@ class EngineConfig:
     # Decode concurrent streams together (mlx-lm BatchGenerator); auto = on (not for vision or
     # distributed models).
     batch: str = "auto"  # auto | on | off
+    # Speculative decoding (engine/speculative.py): auto = a draft model when one is given, else
+    # prompt lookup; the most tokens drafted per pass; the draft model (an id or folder).
+    speculative: str = "auto"  # auto | ngram | draft | off
+    num_draft_tokens: int = 8
+    draft_model: Optional[str] = None
     # Distributed serving (engine/distributed.py): this process is rank 0 of `world_size` ranks.
     world_size: int = 1
     shard: str = "auto"  # auto | tensor | pipeline

@@ -82,6 +82,8 @@ class Engine:
         self.config = config
         self.store = ModelStore(config.models_dir, config.hf_cache, config.local_models)
         self.gate = gate or MemoryGate(override=config.available_memory_override)
+        if config.draft_model:  # resolved once: a missing draft model is a start-up error
+            config.draft_model = str(locate(self.store, config.draft_model).path)
         self.residency = Residency(config, self.store, self.gate)
         self.scheduler = Scheduler(config.max_queue, on_idle=self.residency.idle, timeout_s=config.request_timeout_s)
         self.budget = BudgetPolicy(config.default_max_tokens, config.max_tokens_cap)

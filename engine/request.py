@@ -75,6 +75,8 @@ class Finished:
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens taken from the prompt cache instead of computed
     stop_sequence: Optional[str] = None  # the stop string that ended the text, if one did
+    drafted: int = 0  # speculative decoding: tokens guessed, and how many of them were kept
+    accepted: int = 0
 
 
 @dataclass(frozen=True)

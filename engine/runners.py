@@ -45,7 +45,12 @@ class Runner(Protocol):
 def _text(model_id: str, probe: Probe, config: EngineConfig, gate: MemoryGate) -> Runner:
     from engine.text import TextRunner
 
-    return TextRunner.load(model_id, probe, config.cpu_dtype, gate, batch=config.batch in ("on", "auto"))
+    runner = TextRunner.load(model_id, probe, config.cpu_dtype, gate, batch=config.batch in ("on", "auto"))
+    runner.speculation.mode = config.speculative
+    runner.speculation.num_draft = config.num_draft_tokens
+    if config.draft_model and config.speculative in ("auto", "draft"):
+        runner.load_draft(config.draft_model, config.cpu_dtype, gate)
+    return runner
 
 
 def _vision(model_id: str, probe: Probe, config: EngineConfig, gate: MemoryGate) -> Runner:

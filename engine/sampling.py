@@ -35,7 +35,11 @@ def make_sampler(temperature: float, top_p: float, seed: Optional[int], top_k: i
     from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
     if temperature == 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+        def greedy(logprobs: mx.array) -> mx.array:
+            return mx.argmax(logprobs, axis=-1)
+
+        greedy.greedy = True  # type: ignore[attr-defined]  # speculation reads all positions at once
+        return greedy
     # OpenAI accepts any integer seed; MLX keys take an unsigned 64-bit one.
     seed = seed % 2**64 if seed is not None else int.from_bytes(os.urandom(8), "little")
     state = {"key": mx.random.key(seed)}

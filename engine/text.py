@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
@@ -14,11 +15,12 @@ import mlx.nn as nn
 
 from engine.batching import BatchDecoder, batched_steps
 from engine.budget import BudgetPolicy, Fields, max_new_tokens
-from engine.errors import InvalidRequest
+from engine.errors import InvalidRequest, Unsupported
 from engine.memory import MemoryEstimate, MemoryGate, dequantized_bytes
 from engine.probe import Probe
 from engine.prompt_cache import PromptCache
 from engine.sampling import make_sampler, penalty_processor
+from engine.speculative import Speculation, SpecStats, detokenized, speculative_tokens
 from engine.stopping import StopMatcher
 from engine.toolcalls import ToolFormat, for_template
 from engine.toolcalls.common import json_or_text
@@ -123,15 +125,14 @@ class TextRunner:
     warnings: tuple[str, ...] = ()
     prompt_cache: PromptCache = field(default_factory=PromptCache)
     decoder: Optional[BatchDecoder] = None  # set: concurrent streams decode together (engine/batching.py)
+    speculation: Speculation = field(default_factory=Speculation)
+    streams: int = 0  # generations running now (on the worker thread)
 
     @classmethod
     def load(cls, model_id: str, probe: Probe, cpu_dtype: str, gate: MemoryGate,
-             batch: bool = False) -> "TextRunner":
+             batch: bool = False, speculation: Optional[Speculation] = None) -> "TextRunner":
         """Gate memory, load with mlx-lm, then apply the CPU dtype policy. `batch`: decode
-        concurrent streams together (engine/batching.py)."""
-        from mlx_lm import load as lm_load
-        from mlx_lm.utils import dequantize_model
-
+        concurrent streams together (engine/batching.py); `speculation`: how to draft."""
         config = probe.config
         kv_bytes = _kv_bytes_per_token(config)
         dtype = choose_cpu_dtype(cpu_dtype, probe, gate, kv_bytes)
@@ -143,12 +144,7 @@ class TextRunner:
         if cpu_dtype == "auto" and dtype == "keep" and not on_gpu() and probe.quantized:
             warnings.append("the CPU fast path (float32 weights) was skipped: not enough memory; "
                             "generation is several times slower")
-        model, tokenizer = lm_load(str(probe.path))
-        if dtype != "keep":
-            if probe.quantized:
-                model = dequantize_model(model)
-            _cast_floats(model, mx.float32 if dtype == "float32" else mx.float16)
-            mx.eval(model.parameters())
+        model, tokenizer = _load_weights(probe, dtype)
         log.info("loaded %s (%s, weights held as %s)", model_id, probe.architecture, dtype)
         context = probe.context_length or int(getattr(tokenizer, "model_max_length", 0) or 4096)
         for w in warnings:
@@ -156,7 +152,30 @@ class TextRunner:
         runner = cls(model_id, model, tokenizer, config, probe, dtype, context, need, tuple(warnings))
         if batch:
             runner.decoder = BatchDecoder(model, _eos_ids(tokenizer))
+        if speculation is not None:
+            runner.speculation = speculation
         return runner
+
+    def load_draft(self, folder: str, cpu_dtype: str, gate: MemoryGate) -> None:
+        """Load the draft model for speculative decoding (engine/speculative.py); it must share
+        this model's vocabulary, or its guesses would be other tokens."""
+        from engine.probe import probe as probe_folder
+        from engine.speculative import same_vocabulary
+
+        draft = probe_folder(Path(folder))
+        if draft.type != "text" or not draft.runnable:
+            raise Unsupported(f"draft model {folder} can't be used: {draft.reason or 'not a text model'}")
+        kv_bytes = _kv_bytes_per_token(draft.config)
+        dtype = choose_cpu_dtype(cpu_dtype, draft, gate, kv_bytes)
+        weights = draft.size_bytes if dtype == "keep" else dequantized_bytes(draft)
+        gate.check(f"draft model {folder}", MemoryEstimate(weights, KV_HEADROOM_TOKENS * kv_bytes))
+        model, tokenizer = _load_weights(draft, dtype)
+        problem = same_vocabulary(self.tokenizer, tokenizer)
+        if problem:
+            raise Unsupported(f"draft model {folder} can't draft for {self.model_id}: {problem}")
+        self.speculation.draft_model = model
+        self.speculation.draft_id = draft.path.name
+        log.info("draft model %s loaded for %s (weights held as %s)", draft.path.name, self.model_id, dtype)
 
     # --- prompts -------------------------------------------------------------------------
     def encode_chat(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = (),
@@ -294,6 +313,7 @@ class TextRunner:
     def close(self) -> None:
         """Free what the runner holds beyond its weights (unload)."""
         self.prompt_cache.clear()
+        self.speculation.close()
         if self.decoder is not None:
             self.decoder.close()
 
@@ -361,29 +381,57 @@ class TextRunner:
                 return
             kept = True
             held = cache
-            if self.decoder is not None:
+            if uid >= 0:  # it was in the batch, which hands the cache back
                 if "cache" not in batch:  # closed before its first step: still in the batch
                     batch["cache"] = self.decoder.remove(uid)
                 held = batch["cache"]
             if held is not None:
                 self.prompt_cache.put(prompt + tokens, held)
 
-        if self.decoder is not None:
+        stats = SpecStats()
+        drafter = None
+        if start is None and self.streams == 0:  # a stream that starts alone speculates
+            drafter = self.speculation.drafter(prompt, cache)
+        if drafter is not None:
+            pairs = speculative_tokens(self.model, cache, prompt, reused, drafter, self.speculation.num_draft,
+                                       max_tokens, sampler, processors, stats)
+            steps = detokenized(pairs, self.tokenizer, _eos_ids(self.tokenizer), max_tokens)
+        elif self.decoder is not None:
             uid = self.decoder.insert(prompt[reused:], cache, max_tokens, sampler, processors)
             steps = batched_steps(self.decoder, uid, self.tokenizer, _eos_ids(self.tokenizer), batch)
         else:
             steps = stream_generate(self.model, self.tokenizer, mx.array(prompt[reused:]), max_tokens=max_tokens,
                                     sampler=sampler, prompt_cache=cache, logits_processors=processors or None)
+        self.streams += 1
         try:
             for event in decode_steps(self, steps, tokens, len(prompt), cached, max_tokens, params, cancelled,
                                       keep_leading_space):
                 if isinstance(event, Finished):
                     steps.close()  # leaves the batch (a stop string ends it early) and frees the cache
                     keep()
+                    if drafter is not None:
+                        event = replace(event, drafted=stats.proposed, accepted=stats.accepted)
                 yield event
         finally:
+            self.streams -= 1
             steps.close()
             keep()
+            if drafter is not None:
+                self.speculation.done(drafter)
+
+
+def _load_weights(probe: Probe, dtype: str) -> tuple[nn.Module, Any]:
+    """mlx-lm's model and tokenizer, the weights held as `dtype` (keep | float32 | float16)."""
+    from mlx_lm import load as lm_load
+    from mlx_lm.utils import dequantize_model
+
+    model, tokenizer = lm_load(str(probe.path))
+    if dtype != "keep":
+        if probe.quantized:
+            model = dequantize_model(model)
+        _cast_floats(model, mx.float32 if dtype == "float32" else mx.float16)
+        mx.eval(model.parameters())
+    return model, tokenizer
 
 
 def _eos_ids(tokenizer: Any) -> set[int]:

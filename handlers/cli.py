@@ -59,6 +59,9 @@ def _engine_config(args: argparse.Namespace):
                         embedding_model=getattr(args, "embedding_model", None),
                         audio_model=getattr(args, "audio_model", None),
                         batch=getattr(args, "batch", "auto"),
+                        speculative=getattr(args, "speculative", "auto"),
+                        num_draft_tokens=getattr(args, "num_draft_tokens", 8),
+                        draft_model=getattr(args, "draft_model", None),
                         local_models=[Path(p) for p in getattr(args, "model_dir", None) or []],
                         default_max_tokens=getattr(args, "max_tokens", None),
                         max_tokens_cap=getattr(args, "max_tokens_cap", None),
@@ -121,6 +124,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import threading
     import time
 
+    if args.speculative == "draft" and not args.draft_model:
+        raise SystemExit("openmlx: --speculative draft needs --draft-model ID|PATH")
+    if args.num_draft_tokens < 1:
+        raise SystemExit("openmlx: --num-draft-tokens must be at least 1")
     if args.ranks > 1 and os.environ.get("OPENMLX_RANK_ROLE") != "serve":
         from engine.distributed.supervisor import supervise
 
@@ -306,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", choices=["auto", "on", "off"], default=os.environ.get("OPENMLX_BATCH", "auto"),
                    help="decode concurrent streams of a text model together with mlx-lm's BatchGenerator "
                         "(auto = on; off: one stream per step, round-robin)")
+    s.add_argument("--speculative", choices=["auto", "ngram", "draft", "off"],
+                   default=os.environ.get("OPENMLX_SPECULATIVE", "auto"),
+                   help="speculative decoding: guess tokens and check them in one pass, same answers "
+                        "(auto = the --draft-model when given, else prompt lookup; ngram = prompt lookup: "
+                        "guesses copied from the prompt and the answer so far; off)")
+    s.add_argument("--draft-model", default=None, metavar="ID|PATH",
+                   help="a smaller model with the same tokenizer that drafts tokens for speculative decoding")
+    s.add_argument("--num-draft-tokens", type=int, default=8, metavar="N",
+                   help="the most tokens drafted per pass (speculative decoding; adapted per request below it)")
     s.add_argument("--allow-image-urls", action="store_true",
                    help="let vision requests name http(s) image URLs, which the server fetches (off: data: URLs only)")
     s.add_argument("--image-url-allow-private", action="store_true",

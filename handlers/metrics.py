@@ -34,6 +34,8 @@ TTFT = Histogram("openmlx_time_to_first_token_seconds", "From request to first g
                  ["model"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 GENERATIONS = Counter("openmlx_generations", "Finished generations by finish reason", ["model", "finish_reason"],
                       registry=REGISTRY)
+SPECULATIVE = Counter("openmlx_speculative_tokens", "Speculative decoding: draft tokens proposed and accepted",
+                      ["model", "kind"], registry=REGISTRY)
 QUEUE = Gauge("openmlx_queue_depth", "Requests queued or generating", registry=REGISTRY)
 RESIDENT = Gauge("openmlx_resident_models", "Models loaded in memory", registry=REGISTRY)
 
@@ -90,10 +92,14 @@ class GenerationObserver:
         TOKENS.labels(self.model, "prompt").inc(done.prompt_tokens)
         TOKENS.labels(self.model, "completion").inc(done.completion_tokens)
         GENERATIONS.labels(self.model, done.finish_reason).inc()
+        if done.drafted:
+            SPECULATIVE.labels(self.model, "proposed").inc(done.drafted)
+            SPECULATIVE.labels(self.model, "accepted").inc(done.accepted)
         log.info("%s %s finished (%s)", self.endpoint, self.model, done.finish_reason, extra={
             "request_id": self.request_id, "model": self.model, "endpoint": self.endpoint,
             "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "finish_reason": done.finish_reason, "ttft_s": round(self.ttft, 4) if self.ttft else None,
+            "finish_reason": done.finish_reason, "draft_proposed": done.drafted, "draft_accepted": done.accepted,
+            "ttft_s": round(self.ttft, 4) if self.ttft else None,
             "duration_s": round(time.perf_counter() - self.start, 4)})
 
 
