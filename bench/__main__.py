@@ -35,6 +35,7 @@ def measure_server(run: Running, prompts: dict[int, str], args, eos: list[int]) 
     workload.stream_chat(url, model, "Hi", 4, eos)  # warm-up
     out["single"] = {str(n): workload.as_dict(workload.stream_chat(url, model, text, args.gen_tokens, eos))
                      for n, text in prompts.items()}
+    out["grounded"] = workload.as_dict(workload.stream_chat(url, model, workload.GROUNDED, 2 * args.gen_tokens, eos))
     short = prompts[min(prompts)]
     out["concurrency"] = [workload.concurrent(url, model, short, args.gen_tokens, eos, n) for n in args.streams]
     overhead = [workload.stream_chat(url, model, "Hi", 1, eos).total_s for _ in range(5)]
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     mode.add_argument("--quick", action="store_true", default=True)
     mode.add_argument("--full", action="store_true")
     parser.add_argument("--only", action="append", help="run only these (repeatable): openmlx, openmlx-keep, "
-                                                        "mlx_lm.server, mlx-knife, llama.cpp, raw")
+                                                        "openmlx-nospec, mlx_lm.server, mlx-knife, llama.cpp, llama.cpp-lookup, raw")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     args.gen_tokens = 64 if args.full else 32
@@ -105,8 +106,10 @@ def main(argv=None) -> int:
     workload.COUNTER["chat"] = lambda msgs: len(tok.apply_chat_template(msgs, add_generation_prompt=True,
                                                                         tokenize=True, return_dict=False))
 
-    names = args.only or (["openmlx", "openmlx-keep", "llama.cpp", "mlx_lm.server", "mlx-knife", "raw"] if args.full
-                          else ["openmlx", "llama.cpp", "mlx_lm.server", "mlx-knife", "raw"])
+    names = args.only or (["openmlx", "openmlx-nospec", "openmlx-keep", "llama.cpp", "llama.cpp-lookup",
+                           "mlx_lm.server", "mlx-knife", "raw"] if args.full
+                          else ["openmlx", "openmlx-nospec", "llama.cpp", "llama.cpp-lookup", "mlx_lm.server",
+                                "mlx-knife", "raw"])
     args.out.mkdir(parents=True, exist_ok=True)
     import importlib.metadata as md
 

@@ -32,6 +32,12 @@ def targets(r: dict) -> list[tuple[str, str, bool]]:
                         f"{c['aggregate_tps']:.1f} vs {t['aggregate_tps']:.1f}", c["aggregate_tps"] >= t["aggregate_tps"]))
             out.append((f"TTFT p95 at {c['streams']} streams <= mlx_lm.server",
                         f"{c['ttft_p95_s']:.2f} s vs {t['ttft_p95_s']:.2f} s", c["ttft_p95_s"] <= t["ttft_p95_s"]))
+    grounded = ours.get("grounded", {}).get("decode_tps")
+    for peer_name, goal in (("openmlx-nospec", 2.5), ("llama.cpp-lookup", 0.5)):
+        peer = r["servers"].get(peer_name)
+        if grounded and peer and "error" not in peer and peer.get("grounded", {}).get("decode_tps"):
+            x = grounded / peer["grounded"]["decode_tps"]
+            out.append((f"decode, grounded answer, >= {goal}x {peer_name}", f"{x:.2f}x", x >= goal))
     p99 = ours["health_under_load"]["p99_ms"]
     out.append(("/health p99 < 50 ms under 4 streams", f"{p99:.1f} ms", p99 < 50))
     mt = ours.get("multi_turn")
@@ -86,6 +92,12 @@ def markdown(r: dict) -> str:
                 o = ours[n]
                 lines.append(f"| raw mlx-lm {kind} | {n} | {_fmt(o['prefill_tps'] / s['prefill_tps'])} "
                              f"| {_fmt(o['decode_tps'] / s['decode_tps'])} | - |")
+    lines += ["", "## Grounded answer (a code edit quoting the prompt; speculation's case)", "",
+              "| server | TTFT s | decode tok/s |", "|---|---|---|"]
+    for name, v in servers.items():
+        g = v.get("grounded")
+        if g:
+            lines.append(f"| {name} | {_fmt(g['ttft_s'])} | {_fmt(g['decode_tps'])} |")
     lines += ["", "## Concurrency (short prompt)", "", "| server | streams | aggregate tok/s | TTFT p50 s | TTFT p95 s | errors |",
               "|---|---|---|---|---|---|"]
     for name, v in servers.items():

@@ -65,6 +65,9 @@ def peers(model_dir: Path, model_id: str, python: str = sys.executable, work: Pa
     table = {
         "openmlx": Peer("openmlx", [python, "-m", "handlers.cli", "serve", "--model", str(model_dir),
                                     "--port", "{port}", "--log-level", "warning"], model_dir.name, "/health"),
+        "openmlx-nospec": Peer("openmlx-nospec", [python, "-m", "handlers.cli", "serve", "--model", str(model_dir),
+                                                  "--port", "{port}", "--speculative", "off", "--log-level", "warning"],
+                               model_dir.name, "/health"),
         "openmlx-keep": Peer("openmlx-keep", [python, "-m", "handlers.cli", "serve", "--model", str(model_dir),
                                               "--port", "{port}", "--cpu-dtype", "keep", "--log-level", "warning"],
                              model_dir.name, "/health"),
@@ -74,10 +77,11 @@ def peers(model_dir: Path, model_id: str, python: str = sys.executable, work: Pa
         table["mlx_lm.server"] = Peer("mlx_lm.server", [str(bin_dir / "python"), "-m", "mlx_lm", "server", "--model",
                                                         str(model_dir), "--port", "{port}", "--log-level", "WARNING"],
                                       str(model_dir))
-    if "llama.cpp" in names:
-        peer = llama_cpp_peer()
-        if peer is not None:
-            table["llama.cpp"] = peer
+    for name in ("llama.cpp", "llama.cpp-lookup"):
+        if name in names:
+            peer = llama_cpp_peer(lookup=name.endswith("lookup"))
+            if peer is not None:
+                table[name] = peer
     if "mlx-knife" in names:
         bin_dir = ensure_venv("mlx-knife", PEER_PACKAGES["mlx-knife"])
         repo_id = f"mlx-community/{model_dir.name}"
@@ -91,9 +95,10 @@ def peers(model_dir: Path, model_id: str, python: str = sys.executable, work: Pa
 PEER_WHEELS = Path(__file__).resolve().parent.parent.parent / "shared" / "peers"
 
 
-def llama_cpp_peer() -> Optional[Peer]:
+def llama_cpp_peer(lookup: bool = False) -> Optional[Peer]:
     """llama.cpp (llama-cpp-python's server, from the prebuilt wheel in ../shared/peers) on the
-    same GGUF the default model is converted from; None, with a note, where the wheel is absent."""
+    same GGUF the default model is converted from; None, with a note, where the wheel is absent.
+    `lookup`: with its own prompt-lookup drafting (10 tokens), to compare speculation fairly."""
     from engine.config import openmlx_home
     from engine.default_model import find_gguf
 
@@ -103,9 +108,11 @@ def llama_cpp_peer() -> Optional[Peer]:
         return None
     bin_dir = ensure_venv("llama.cpp", [f"{wheels[-1]}[server]"])
     gguf = find_gguf(openmlx_home(), lambda _m: None)
-    return Peer("llama.cpp", [str(bin_dir / "python"), "-m", "llama_cpp.server", "--model", str(gguf),
-                              "--port", "{port}", "--n_ctx", "4096", "--n_threads", "2",
-                              "--model_alias", "SmolLM2-135M-Instruct-GGUF"], "SmolLM2-135M-Instruct-GGUF")
+    draft = ["--draft_model", "prompt-lookup-decoding", "--draft_model_num_pred_tokens", "10"] if lookup else []
+    return Peer("llama.cpp-lookup" if lookup else "llama.cpp",
+                [str(bin_dir / "python"), "-m", "llama_cpp.server", "--model", str(gguf), "--port", "{port}",
+                 "--n_ctx", "4096", "--n_threads", "2", "--model_alias", "SmolLM2-135M-Instruct-GGUF", *draft],
+                "SmolLM2-135M-Instruct-GGUF")
 
 
 class Running(ServerProcess):

@@ -34,6 +34,39 @@ class StreamResult:
         return self.prompt_tokens / self.ttft_s if self.ttft_s > 0 else 0.0
 
 
+# A grounded request: the answer quotes its input (a code edit), where speculative decoding's
+# prompt lookup pays. With end-of-sequence banned the model goes on past the quote, as answers do.
+GROUNDED = """Repeat this Python module exactly, with the function fibonacci renamed to fib:
+
+import sys
+
+
+def fibonacci(n):
+    """Return the n-th Fibonacci number."""
+    if n < 2:
+        return n
+    return fibonacci(n - 1) + fibonacci(n - 2)
+
+
+def table(count):
+    rows = []
+    for i in range(count):
+        rows.append((i, fibonacci(i)))
+    return rows
+
+
+def main(argv):
+    count = int(argv[1]) if len(argv) > 1 else 10
+    for i, value in table(count):
+        print(f"{i:3d} {value:8d}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
+"""
+
+
 def prompt_of(tokens: int, count) -> str:
     """A user message of about `tokens` tokens (counted with the model's tokenizer)."""
     text = "Summarise this text in one long paragraph. "
