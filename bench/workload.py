@@ -36,7 +36,7 @@ class StreamResult:
 
 # A grounded request: the answer quotes its input (a code edit), where speculative decoding's
 # prompt lookup pays. With end-of-sequence banned the model goes on past the quote, as answers do.
-GROUNDED = """Repeat this Python module exactly, with the function fibonacci renamed to fib:
+GROUNDED = '''Repeat this Python module exactly, with the function fibonacci renamed to fib:
 
 import sys
 
@@ -64,7 +64,7 @@ def main(argv):
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv))
-"""
+'''
 
 
 def prompt_of(tokens: int, count) -> str:
