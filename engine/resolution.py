@@ -1,7 +1,8 @@
 """The model store: which model folders exist and what id names each.
 
 Three sources, in priority order: explicit local folders given on the CLI, openmlx's own store
-(`$OPENMLX_HOME/models/<id>`, where converted models live), and the Hugging Face cache
+(`$OPENMLX_HOME/models/<id>`, where converted models live, and `models/<org>/<name>`, where
+`openmlx pull` puts Hub models), and the Hugging Face cache
 (`models--org--name/snapshots/REV/`, scanned with huggingface_hub). A request's model id is only
 ever *looked up* among these entries, never joined onto a path, so `../`, absolute paths and
 encoded variants cannot reach outside the store.
@@ -43,10 +44,20 @@ def _hf_entries(cache_dir: Optional[Path]) -> list[ModelEntry]:
 
 
 def _store_entries(models_dir: Path) -> list[ModelEntry]:
+    """Converted models at `models/<id>`, pulled ones at `models/<org>/<name>` (id `org/name`);
+    folders being written (`.downloads/`, `*.partial`) are not models yet."""
     if not models_dir.is_dir():
         return []
-    return [ModelEntry(d.name, d, "store") for d in sorted(models_dir.iterdir())
-            if d.is_dir() and not d.name.endswith(".partial") and (d / "config.json").is_file()]
+    entries = []
+    for d in sorted(models_dir.iterdir()):
+        if not d.is_dir() or d.name.startswith(".") or d.name.endswith(".partial"):
+            continue
+        if (d / "config.json").is_file():
+            entries.append(ModelEntry(d.name, d, "store"))
+            continue
+        entries += [ModelEntry(f"{d.name}/{m.name}", m, "store") for m in sorted(d.iterdir())
+                    if m.is_dir() and not m.name.startswith(".") and (m / "config.json").is_file()]
+    return entries
 
 
 class ModelStore:

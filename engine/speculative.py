@@ -134,10 +134,13 @@ class AdaptiveLength:
 def speculative_tokens(model: nn.Module, cache: list[Any], prompt: Sequence[int], cached: int,
                        drafter: Drafter, limit: int, max_tokens: int,
                        sampler: Callable[[mx.array], mx.array], processors: Sequence[Callable],
-                       stats: SpecStats) -> Iterator[tuple[int, mx.array]]:
+                       stats: SpecStats, alone: Callable[[], bool] = lambda: True
+                       ) -> Iterator[tuple[int, mx.array]]:
     """(token, logprobs) pairs of the model's own answer, several per forward pass where the
     drafter guessed right. `cache` holds the first `cached` tokens of `prompt`. On exit the cache
-    holds exactly the prompt and the tokens taken by the consumer, but the last one."""
+    holds exactly the prompt and the tokens taken by the consumer, but the last one. Returns early
+    (after at least one token) when `alone()` turns false: other streams are running, and the
+    caller moves this one into their batch."""
     from mlx_lm.models.cache import trim_prompt_cache
 
     history = list(prompt)
@@ -152,6 +155,8 @@ def speculative_tokens(model: nn.Module, cache: list[Any], prompt: Sequence[int]
     made = 0
     try:
         while made < max_tokens:
+            if made and not alone():
+                return
             # Never draft past max_tokens: the last token of a pass is the model's own.
             draft = drafter.propose(history, min(length.k, max_tokens - made - 1)) if max_tokens - made > 1 else []
             logits = model(mx.array(history[-1:] + draft)[None], cache=cache)[0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -369,8 +369,7 @@ class TextRunner:
         if cache is None:
             cache = make_prompt_cache(self.model)
         tokens: list[int] = []
-        batch: dict[str, Any] = {}  # the batch hands this request's KV cache back here
-        uid = -1
+        batch: dict[str, Any] = {}  # its uid in the batch; the batch hands its KV cache back here
         kept = False
 
         def keep() -> None:
@@ -381,9 +380,9 @@ class TextRunner:
                 return
             kept = True
             held = cache
-            if uid >= 0:  # it was in the batch, which hands the cache back
+            if "uid" in batch:  # it was in the batch, which hands the cache back
                 if "cache" not in batch:  # closed before its first step: still in the batch
-                    batch["cache"] = self.decoder.remove(uid)
+                    batch["cache"] = self.decoder.remove(batch["uid"])
                 held = batch["cache"]
             if held is not None:
                 self.prompt_cache.put(prompt + tokens, held)
@@ -393,12 +392,11 @@ class TextRunner:
         if start is None and self.streams == 0:  # a stream that starts alone speculates
             drafter = self.speculation.drafter(prompt, cache)
         if drafter is not None:
-            pairs = speculative_tokens(self.model, cache, prompt, reused, drafter, self.speculation.num_draft,
-                                       max_tokens, sampler, processors, stats)
+            pairs = self._speculate(cache, prompt, reused, drafter, max_tokens, sampler, processors, stats, batch)
             steps = detokenized(pairs, self.tokenizer, _eos_ids(self.tokenizer), max_tokens)
         elif self.decoder is not None:
-            uid = self.decoder.insert(prompt[reused:], cache, max_tokens, sampler, processors)
-            steps = batched_steps(self.decoder, uid, self.tokenizer, _eos_ids(self.tokenizer), batch)
+            batch["uid"] = self.decoder.insert(prompt[reused:], cache, max_tokens, sampler, processors)
+            steps = batched_steps(self.decoder, batch["uid"], self.tokenizer, _eos_ids(self.tokenizer), batch)
         else:
             steps = stream_generate(self.model, self.tokenizer, mx.array(prompt[reused:]), max_tokens=max_tokens,
                                     sampler=sampler, prompt_cache=cache, logits_processors=processors or None)
@@ -418,6 +416,46 @@ class TextRunner:
             keep()
             if drafter is not None:
                 self.speculation.done(drafter)
+
+
+    def _speculate(self, cache: list[Any], prompt: list[int], reused: int, drafter: Any, max_tokens: int,
+                   sampler: Callable, processors: list[Callable], stats: SpecStats,
+                   batch: dict[str, Any]) -> Iterator[tuple[int, Any]]:
+        """Speculate while this is the only stream; when others start, join their batch (one pass
+        for all of them beats one pass each), the cache and sampler carried over. The batch gives
+        processors only the tokens it was handed, so they are given the history before it too."""
+        history = list(prompt)
+        alone = (lambda: self.streams <= 1) if self.decoder is not None else (lambda: True)
+        for token, logprobs in speculative_tokens(self.model, cache, prompt, reused, drafter,
+                                                  self.speculation.num_draft, max_tokens, sampler, processors,
+                                                  stats, alone):
+            history.append(token)
+            yield token, logprobs
+        left = max_tokens - (len(history) - len(prompt))
+        if left <= 0 or history[-1] in _eos_ids(self.tokenizer) or self.decoder is None:
+            return
+        before = mx.array(history[:-1])
+        joined = [partial(_after, before, p) for p in processors]
+        batch["uid"] = self.decoder.insert(history[-1:], cache, left, sampler, joined)
+        for step in batched_steps(self.decoder, batch["uid"], _NoText(), set(), batch):
+            yield step.token, step.logprobs
+
+
+def _after(before: mx.array, processor: Callable, tokens: mx.array, logits: mx.array) -> mx.array:
+    return processor(mx.concatenate([before, tokens.reshape(-1).astype(before.dtype)]), logits)
+
+
+class _NoText:
+    """batched_steps' tokenizer when only tokens are wanted (the caller detokenizes)."""
+
+    class detokenizer:  # noqa: N801  (a fresh one per access, as mlx-lm's wrapper gives)
+        last_segment = ""
+
+        @staticmethod
+        def add_token(_token: int) -> None: ...
+
+        @staticmethod
+        def finalize() -> None: ...
 
 
 def _load_weights(probe: Probe, dtype: str) -> tuple[nn.Module, Any]:

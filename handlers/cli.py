@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from handlers import model_commands
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per log line (for `--log-json`), with a request's fields when it has them."""
@@ -59,6 +61,7 @@ def _engine_config(args: argparse.Namespace):
                         embedding_model=getattr(args, "embedding_model", None),
                         audio_model=getattr(args, "audio_model", None),
                         batch=getattr(args, "batch", "auto"),
+                        hub_download=getattr(args, "allow_download", False),
                         speculative=getattr(args, "speculative", "auto"),
                         num_draft_tokens=getattr(args, "num_draft_tokens", 8),
                         draft_model=getattr(args, "draft_model", None),
@@ -204,52 +207,6 @@ def cmd_follow(args: argparse.Namespace) -> int:
     return follow(rank.lockstep, rank.runner)
 
 
-def _size(n: int) -> str:
-    return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    from engine.engine import Engine
-
-    infos = Engine(_engine_config(args)).list_models(include_unusable=args.all)
-    if args.json:
-        print(json.dumps([{"id": i.id, "type": i.type, "size_bytes": i.size_bytes,
-                           "context_length": i.context_length, "runnable": i.runnable,
-                           "reason": i.reason, "path": str(i.path)} for i in infos], indent=2))
-        return 0
-    print(f"{'ID':<48} {'TYPE':<7} {'SIZE':>9} {'CONTEXT':>8}  SOURCE")
-    for i in infos:
-        note = "" if i.runnable else f"  (cannot run: {i.reason})"
-        print(f"{i.id:<48} {i.type:<7} {_size(i.size_bytes):>9} {i.context_length or '-':>8}  {i.source}{note}")
-    if not infos:
-        print("(no models yet: `openmlx serve` prepares the default model on first start)")
-    return 0
-
-
-def cmd_show(args: argparse.Namespace) -> int:
-    from engine import blas
-    from engine.engine import Engine
-    from engine.errors import EngineError
-    from engine.probe import probe
-
-    engine = Engine(_engine_config(args))
-    try:
-        path = Path(args.name).expanduser()
-        entry_path = path if path.is_dir() else engine.store.resolve(args.name).path
-    except EngineError as e:
-        print(f"openmlx: {e.message}", file=sys.stderr)
-        return 1
-    p = probe(entry_path)
-    b = blas.active()
-    info = {"id": args.name, "path": str(p.path), "type": p.type, "architecture": p.architecture,
-            "runnable": p.runnable, "reason": p.reason or None, "context_length": p.context_length,
-            "size_bytes": p.size_bytes, "quantization": p.quantization,
-            "blas": b.name, "blas_path": b.path, "blas_version": b.version, "blas_threads": b.threads,
-            "blas_note": b.reason}
-    print(json.dumps(info, indent=2))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openmlx", description="OpenAI-compatible server for MLX models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -313,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", choices=["auto", "on", "off"], default=os.environ.get("OPENMLX_BATCH", "auto"),
                    help="decode concurrent streams of a text model together with mlx-lm's BatchGenerator "
                         "(auto = on; off: one stream per step, round-robin)")
+    s.add_argument("--allow-download", action="store_true",
+                   help="fetch a requested ORG/NAME that is not in the store from the Hugging Face Hub on its first "
+                        "request (one download at a time; the memory gate and the architecture are checked before "
+                        "the weights are fetched; HF_TOKEN for gated repos)")
     s.add_argument("--speculative", choices=["auto", "ngram", "draft", "off"],
                    default=os.environ.get("OPENMLX_SPECULATIVE", "auto"),
                    help="speculative decoding: guess tokens and check them in one pass, same answers "
@@ -364,16 +325,26 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("--log-level", default="info")
     fw.set_defaults(func=cmd_follow)
 
+    pl = sub.add_parser("pull", help="download a model from the Hugging Face Hub into the store: ORG/NAME[@REVISION]")
+    pl.add_argument("name", metavar="ORG/NAME[@REVISION]")
+    common(pl)
+    pl.set_defaults(func=model_commands.cmd_pull)
+
+    rm = sub.add_parser("rm", help="delete a pulled model (or a Hugging Face cache repo) from disk")
+    rm.add_argument("name", metavar="ID")
+    common(rm)
+    rm.set_defaults(func=model_commands.cmd_rm)
+
     ls = sub.add_parser("list", help="list usable models: id, type, size, context length")
     ls.add_argument("--all", action="store_true", help="also folders that cannot run, with the reason")
     ls.add_argument("--json", action="store_true")
     common(ls)
-    ls.set_defaults(func=cmd_list)
+    ls.set_defaults(func=model_commands.cmd_list)
 
     sh = sub.add_parser("show", help="show one model's probe and the active BLAS")
     sh.add_argument("name", help="model id or folder")
     common(sh)
-    sh.set_defaults(func=cmd_show)
+    sh.set_defaults(func=model_commands.cmd_show)
     return parser
 
 

@@ -269,3 +269,56 @@ def test_draft_mode_needs_a_draft_model():
     s = Server(["--speculative", "draft"], wait=False)
     assert s.proc.wait(timeout=60) != 0
     assert "--draft-model" in s.log()
+
+
+def test_a_speculating_stream_joins_the_batch_when_others_start(default_model_dir):
+    """Stream A speculates alone; B starts after A's fifth piece; A moves into B's batch with its
+    cache, sampler and processors (which then still see A's whole history): both texts equal
+    their plain answers, greedy, with penalties, and under a grammar."""
+    from engine.memory import MemoryGate
+    from engine.probe import probe
+    from engine.request import ChatMessage, Finished, SamplingParams, TextDelta
+    from engine.speculative import Speculation
+    from engine.structured import grammar_for
+    from engine.text import TextRunner
+
+    r = TextRunner.load("m", probe(default_model_dir), "float32", MemoryGate(), batch=True)
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "born": {"type": "integer"}},
+              "required": ["name", "born"]}
+    cases = [{}, {"presence_penalty": 0.8, "frequency_penalty": 0.5},
+             {"grammar": grammar_for({"type": "json_schema", "json_schema": {"name": "p", "schema": schema}})}]
+    pa = r.encode_chat([ChatMessage("user", PROMPTS[1])])
+    pb = r.encode_chat([ChatMessage("user", PROMPTS[2])])
+
+    def text_of(events):
+        return "".join(ev.text for ev in events if isinstance(ev, TextDelta))
+
+    try:
+        for params in cases:
+            sp = SamplingParams(temperature=0.0, **params)
+            r.speculation = Speculation(mode="off")
+            r.prompt_cache.clear()
+            plain = (text_of(r.generate(pa, 40, sp, lambda: False)), text_of(r.generate(pb, 40, sp, lambda: False)))
+            r.speculation = Speculation(mode="ngram")
+            r.prompt_cache.clear()
+            streams = {"a": r.generate(pa, 40, sp, lambda: False)}
+            texts = {"a": "", "b": ""}
+            done_a, started_b = None, False
+            steps_before = r.decoder.steps
+            while streams:
+                for name in list(streams):
+                    ev = next(streams[name], None)
+                    if ev is None:
+                        del streams[name]
+                    elif isinstance(ev, TextDelta):
+                        texts[name] += ev.text
+                    elif isinstance(ev, Finished) and name == "a":
+                        done_a = ev
+                if len(texts["a"]) > 12 and not started_b:
+                    started_b = True
+                    streams["b"] = r.generate(pb, 40, sp, lambda: False)
+            assert (texts["a"], texts["b"]) == plain, params
+            assert done_a.drafted > 0  # it speculated before B came
+            assert r.decoder.peak >= 2 and r.decoder.steps > steps_before  # ...and then shared B's batch
+    finally:
+        r.close()

@@ -1,0 +1,204 @@
+"""Models from the Hugging Face Hub: `openmlx pull ORG/NAME[@REVISION]`, `openmlx rm`, and the
+server's on-demand download (`--allow-download`).
+
+huggingface_hub does the transfer (resumable, `HF_TOKEN` for gated repos, `HF_ENDPOINT`,
+`HF_HUB_OFFLINE`). What openmlx adds is the checking around it, so a download never leaves
+something half-usable behind:
+1. the repo's file list is read first: only the files a model needs are fetched (config,
+   tokenizer, safetensors + index, chat template, processor configs); a repo without config.json
+   or safetensors weights is refused before anything is downloaded;
+2. the weights' total size is checked against free disk and the memory gate before the transfer;
+3. config.json and the small files come first, and the architecture is checked (a model the
+   installed mlx-lm/mlx-vlm can't run is refused before its weights are fetched);
+4. everything lands in a staging folder (`models/.downloads/ORG--NAME`, where an interrupted
+   download resumes) and is probed; only a model the probe accepts is moved, in one rename, to
+   `models/ORG/NAME`, which the store serves as `ORG/NAME`.
+One download runs at a time per process.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from engine.errors import DownloadFailed, EngineError, ModelAccessDenied, ModelNotFound, Unsupported
+from engine.memory import MemoryEstimate, MemoryGate
+from engine.probe import Probe, config_problem, probe
+
+log = logging.getLogger("openmlx.hub")
+
+# What a model needs; nothing else (other formats' weights, READMEs, images) is fetched.
+MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+               "tokenizer.model", "vocab.json", "merges.txt", "*.tiktoken", "chat_template.json",
+               "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
+               "video_preprocessor_config.json", "sentence_bert_config.json", "modules.json")
+_LOCK = threading.Lock()  # one download at a time
+
+
+@dataclass(frozen=True)
+class RepoFiles:
+    """What a Hub repo holds that a model needs, at one commit."""
+
+    repo_id: str
+    revision: str  # the commit the download is pinned to
+    files: tuple[str, ...]
+    weight_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class Pulled:
+    """A model now in the store."""
+
+    id: str
+    path: Path
+    probe: Probe
+    seconds: float
+
+
+def parse_spec(spec: str) -> tuple[str, Optional[str]]:
+    """`ORG/NAME[@REVISION]` -> (repo id, revision or None); a 400-style error otherwise."""
+    repo, _, revision = spec.partition("@")
+    parts = repo.split("/")
+    if len(parts) != 2 or not all(parts) or ".." in repo:
+        raise EngineError(f"'{spec}' is not a Hugging Face repo id: expected ORG/NAME[@REVISION]", param="model")
+    return repo, revision or None
+
+
+def _wanted(name: str) -> bool:
+    return "/" not in name and any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES)
+
+
+def repo_files(repo_id: str, revision: Optional[str] = None) -> RepoFiles:
+    """The repo's model files at `revision` (from the Hub's model info), or a clear refusal."""
+    from huggingface_hub import HfApi
+
+    with _hub_errors(repo_id):
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    siblings = [s for s in (info.siblings or []) if _wanted(s.rfilename)]
+    names = {s.rfilename for s in siblings}
+    if "config.json" not in names:
+        raise Unsupported(f"'{repo_id}' has no config.json: it is not a Transformers/MLX model repo")
+    if not any(n.endswith(".safetensors") for n in names):
+        raise Unsupported(f"'{repo_id}' has no safetensors weights (openmlx serves MLX/safetensors models; "
+                          f"a GGUF or PyTorch-only repo needs converting, e.g. with mlx_lm.convert)")
+    weights = sum(s.size or 0 for s in siblings if s.rfilename.endswith(".safetensors"))
+    return RepoFiles(repo_id, info.sha or revision or "main", tuple(sorted(names)), weights,
+                     sum(s.size or 0 for s in siblings))
+
+
+def target_folder(models_dir: Path, repo_id: str) -> Path:
+    org, name = repo_id.split("/")
+    return models_dir / org / name
+
+
+def pull(spec: str, models_dir: Path, gate: Optional[MemoryGate] = None) -> Pulled:
+    """Download `ORG/NAME[@REVISION]` into the store (see the module docstring for the checks)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    repo_id, revision = parse_spec(spec)
+    started = time.monotonic()
+    with _LOCK:
+        repo = repo_files(repo_id, revision)
+        free = shutil.disk_usage(_existing(models_dir)).free
+        if repo.total_bytes > free:
+            raise EngineError(f"'{repo_id}' needs {repo.total_bytes / 2**30:.1f} GiB of disk; "
+                              f"{free / 2**30:.1f} GiB is free in {models_dir}", code="insufficient_storage",
+                              status=507)
+        if gate is not None:  # the weights as shipped must fit in memory, or there is no point
+            gate.check(repo_id, MemoryEstimate(repo.weight_bytes, 0))
+        staging = models_dir / ".downloads" / repo_id.replace("/", "--")
+        small = [f for f in repo.files if not f.endswith(".safetensors")]
+        log.info("downloading %s@%s: %d files, %.1f MiB", repo_id, repo.revision[:12], len(repo.files),
+                 repo.total_bytes / 2**20)
+        with _hub_errors(repo_id):
+            for name in small:
+                hf_hub_download(repo_id, name, revision=repo.revision, local_dir=staging)
+            problem = config_problem(staging)
+            if problem:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise Unsupported(f"'{repo_id}' can't be served here: {problem}")
+            snapshot_download(repo_id, revision=repo.revision, local_dir=staging, allow_patterns=list(repo.files))
+        result = probe(staging)
+        if not result.runnable:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise Unsupported(f"'{repo_id}' was downloaded but can't be served: {result.reason}")
+        shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's resume bookkeeping
+        (staging / ".openmlx-pull.json").write_text(json.dumps({"repo_id": repo_id, "revision": revision,
+                                                                "commit": repo.revision}))
+        final = target_folder(models_dir, repo_id)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():  # another revision: replaced whole
+            shutil.rmtree(final)
+        staging.rename(final)
+    seconds = time.monotonic() - started
+    log.info("downloaded %s in %.1f s to %s", repo_id, seconds, final)
+    return Pulled(repo_id, final, probe(final), seconds)
+
+
+def remove(model_id: str, models_dir: Path, hf_cache: Optional[Path] = None) -> list[Path]:
+    """Delete a pulled or converted model from the store, or a repo from the Hugging Face cache;
+    returns what was deleted (ModelNotFound when nothing is)."""
+    from engine.resolution import ModelStore
+
+    entry = ModelStore(models_dir, hf_cache).resolve(model_id)
+    if entry.source == "store":
+        shutil.rmtree(entry.path)
+        if entry.path.parent != models_dir and not any(entry.path.parent.iterdir()):
+            entry.path.parent.rmdir()  # the ORG folder, when it held only this model
+        return [entry.path]
+    from huggingface_hub import scan_cache_dir
+
+    info = scan_cache_dir(hf_cache)
+    repos = [r for r in info.repos if r.repo_id == entry.id and r.repo_type == "model"]
+    if not repos:
+        raise ModelNotFound(model_id, hint="Only models in openmlx's store or the Hugging Face cache can be removed.")
+    info.delete_revisions(*[rev.commit_hash for r in repos for rev in r.revisions]).execute()
+    return [r.repo_path for r in repos]
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+class _hub_errors:
+    """huggingface_hub's exceptions as engine errors a client (or the CLI) can act on."""
+
+    def __init__(self, repo_id: str) -> None:
+        self.repo_id = repo_id
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, tb) -> bool:
+        from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
+                                            RepositoryNotFoundError, RevisionNotFoundError)
+
+        if error is None or isinstance(error, EngineError):
+            return False
+        repo = self.repo_id
+        if isinstance(error, GatedRepoError):
+            raise ModelAccessDenied(f"'{repo}' is gated or private on the Hugging Face Hub: accept its terms "
+                                    f"there and set HF_TOKEN for the server") from None
+        if isinstance(error, RevisionNotFoundError):
+            raise ModelNotFound(repo, hint="That revision does not exist on the Hugging Face Hub.") from None
+        if isinstance(error, RepositoryNotFoundError):
+            raise ModelNotFound(repo, hint="No such model repo on the Hugging Face Hub (or it is private: "
+                                           "set HF_TOKEN).") from None
+        if isinstance(error, OfflineModeIsEnabled):
+            raise DownloadFailed(f"'{repo}' is not in the store and HF_HUB_OFFLINE is set, so it can't be "
+                                 f"downloaded") from None
+        if isinstance(error, (HfHubHTTPError, Exception)):  # the network, the Hub, httpx: run again to resume
+            log.warning("download of %s failed: %r", repo, error)
+            raise DownloadFailed(f"Downloading '{repo}' from the Hugging Face Hub failed ({error.__class__.__name__}); "
+                                 f"run it again to resume") from None
+        return False

@@ -1,0 +1,96 @@
+"""The CLI's model commands: list, show, pull, rm (the store and the Hugging Face Hub)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _config(args: argparse.Namespace):
+    from handlers.cli import _engine_config
+
+    return _engine_config(args)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from engine.engine import Engine
+
+    infos = Engine(_config(args)).list_models(include_unusable=args.all)
+    if args.json:
+        print(json.dumps([{"id": i.id, "type": i.type, "size_bytes": i.size_bytes,
+                           "context_length": i.context_length, "runnable": i.runnable,
+                           "reason": i.reason, "path": str(i.path)} for i in infos], indent=2))
+        return 0
+    print(f"{'ID':<48} {'TYPE':<7} {'SIZE':>9} {'CONTEXT':>8}  SOURCE")
+    for i in infos:
+        note = "" if i.runnable else f"  (cannot run: {i.reason})"
+        print(f"{i.id:<48} {i.type:<7} {_size(i.size_bytes):>9} {i.context_length or '-':>8}  {i.source}{note}")
+    if not infos:
+        print("(no models yet: `openmlx serve` prepares the default model on first start)")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from engine import blas
+    from engine.engine import Engine
+    from engine.errors import EngineError
+    from engine.probe import probe
+
+    engine = Engine(_config(args))
+    try:
+        path = Path(args.name).expanduser()
+        entry_path = path if path.is_dir() else engine.store.resolve(args.name).path
+    except EngineError as e:
+        print(f"openmlx: {e.message}", file=sys.stderr)
+        return 1
+    p = probe(entry_path)
+    b = blas.active()
+    info = {"id": args.name, "path": str(p.path), "type": p.type, "architecture": p.architecture,
+            "runnable": p.runnable, "reason": p.reason or None, "context_length": p.context_length,
+            "size_bytes": p.size_bytes, "quantization": p.quantization,
+            "blas": b.name, "blas_path": b.path, "blas_version": b.version, "blas_threads": b.threads,
+            "blas_note": b.reason}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Download ORG/NAME[@REVISION] with huggingface_hub's progress bars, then say whether (and
+    why not) openmlx can serve it."""
+    from engine import hub
+    from engine.errors import EngineError
+    from engine.memory import MemoryGate
+
+    config = _config(args)
+    try:
+        pulled = hub.pull(args.name, config.models_dir, MemoryGate())
+    except EngineError as e:
+        print(f"openmlx: {e.message}", file=sys.stderr)
+        return 1
+    p = pulled.probe
+    print(f"pulled {pulled.id} ({p.type}, {p.architecture}, {_size(p.size_bytes)}) in {pulled.seconds:.1f} s "
+          f"to {pulled.path}")
+    print(f"serve it: openmlx serve --model {pulled.id}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    """Delete a model from openmlx's store or the Hugging Face cache."""
+    from engine import hub
+    from engine.errors import EngineError
+
+    config = _config(args)
+    try:
+        removed = hub.remove(args.name, config.models_dir, config.hf_cache)
+    except EngineError as e:
+        print(f"openmlx: {e.message}", file=sys.stderr)
+        return 1
+    for path in removed:
+        print(f"removed {path}")
+    return 0
