@@ -36,7 +36,7 @@ class StreamResult:
 
 # A grounded request: the answer quotes its input (a code edit), where speculative decoding's
 # prompt lookup pays. With end-of-sequence banned the model goes on past the quote, as answers do.
-GROUNDED = '''Repeat this Python module exactly, with the function fibonacci renamed to fib:
+GROUNDED = '''Here is my Python module:
 
 import sys
 
@@ -64,7 +64,8 @@ def main(argv):
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv))
-'''
+
+Add a docstring to the function table and show the whole module.'''
 
 
 def prompt_of(tokens: int, count) -> str:
