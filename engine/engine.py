@@ -25,7 +25,7 @@ from engine.default_model import (DEFAULT_AUDIO_ID, DEFAULT_EMBEDDING_ID, DEFAUL
                                   ensure_default_audio_model, ensure_default_embedding_model, ensure_default_model)
 from engine.distributed import GroupFailed, Lockstep, LockstepRunner, ShardPlan, join_group
 from engine.embeddings import BATCH, Embeddings
-from engine.errors import EngineError, InvalidRequest
+from engine.errors import EngineError, InvalidRequest, ModelNotFound
 from engine.memory import MemoryGate
 from engine.probe import Probe, probe
 from engine.request import Conversation, Prepared

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -72,6 +73,11 @@ def parse_spec(spec: str) -> tuple[str, Optional[str]]:
     return repo, revision or None
 
 
+def _endpoint() -> Optional[str]:
+    # Read at call time (huggingface_hub reads HF_ENDPOINT once, at import).
+    return os.environ.get("HF_ENDPOINT") or None
+
+
 def _wanted(name: str) -> bool:
     return "/" not in name and any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES)
 
@@ -81,7 +87,7 @@ def repo_files(repo_id: str, revision: Optional[str] = None) -> RepoFiles:
     from huggingface_hub import HfApi
 
     with _hub_errors(repo_id):
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+        info = HfApi(endpoint=_endpoint()).model_info(repo_id, revision=revision, files_metadata=True)
     siblings = [s for s in (info.siblings or []) if _wanted(s.rfilename)]
     names = {s.rfilename for s in siblings}
     if "config.json" not in names:
@@ -120,12 +126,13 @@ def pull(spec: str, models_dir: Path, gate: Optional[MemoryGate] = None) -> Pull
                  repo.total_bytes / 2**20)
         with _hub_errors(repo_id):
             for name in small:
-                hf_hub_download(repo_id, name, revision=repo.revision, local_dir=staging)
+                hf_hub_download(repo_id, name, revision=repo.revision, local_dir=staging, endpoint=_endpoint())
             problem = config_problem(staging)
             if problem:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise Unsupported(f"'{repo_id}' can't be served here: {problem}")
-            snapshot_download(repo_id, revision=repo.revision, local_dir=staging, allow_patterns=list(repo.files))
+            snapshot_download(repo_id, revision=repo.revision, local_dir=staging, allow_patterns=list(repo.files),
+                              endpoint=_endpoint())
         result = probe(staging)
         if not result.runnable:
             shutil.rmtree(staging, ignore_errors=True)

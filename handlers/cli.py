@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from handlers import model_commands
+from handlers import config_file, model_commands
 
 
 class JsonFormatter(logging.Formatter):
@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="BLAS threads (default: OPENMLX_THREADS or the usable cores)")
 
     s = sub.add_parser("serve", help="start the server")
+    s.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="a YAML file of settings under these flags' names and a models: list (flags given "
+                        "here override it); its JSON Schema: `openmlx config-schema`")
     s.add_argument("--model", default=os.environ.get("OPENMLX_MODEL"),
                    help="model id or local folder to preload (default: the embedded SmolLM2-135M-Instruct)")
     s.add_argument("--embedding-model", default=os.environ.get("OPENMLX_EMBEDDING_MODEL"),
@@ -325,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("--log-level", default="info")
     fw.set_defaults(func=cmd_follow)
 
+    cs = sub.add_parser("config-schema", help="print the JSON Schema of `serve --config` files")
+    cs.set_defaults(func=lambda _args: print(json.dumps(config_file.schema(s), indent=2)) or 0)
+
     pl = sub.add_parser("pull", help="download a model from the Hugging Face Hub into the store: ORG/NAME[@REVISION]")
     pl.add_argument("name", metavar="ORG/NAME[@REVISION]")
     common(pl)
@@ -348,8 +354,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line, over `serve --config FILE`'s settings when one is given."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        serve = _subparser(parser, "serve")
+        try:
+            config_file.apply(config_file.load(args.config, serve), serve)
+        except config_file.ConfigError as e:
+            raise SystemExit(f"openmlx: {e}") from None
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        sys.exit(2 if isinstance(e.code, str) else e.code)
     if getattr(args, "threads", None):
         os.environ["OPENMLX_THREADS"] = str(args.threads)  # read by engine.blas when it loads
     try:

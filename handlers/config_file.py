@@ -1,0 +1,131 @@
+"""`openmlx serve --config openmlx.yaml`: server settings under their flag names, and a `models:`
+list, validated by a JSON Schema made from the `serve` flags themselves (so the file can never
+accept a setting the command line doesn't have, or miss one it has). Flags given on the command
+line override the file. An unknown key or a wrong type is a start-up error naming the key and its
+line.
+
+    port: 8080
+    max-queue: 32
+    speculative: ngram
+    models:
+      - source: ./models/my-llama          # a folder: served under its folder name
+      - source: mlx-community/Qwen2.5-0.5B-Instruct-4bit   # a Hub id (openmlx pull it, or allow-download)
+        preload: true                      # loaded at start (at most one)
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+# Flags that make no sense in a file (they name the file, or are per-process plumbing).
+_NOT_IN_FILE = {"config", "help"}
+_MODEL_ENTRY = {
+    "type": "object", "additionalProperties": False, "required": ["source"],
+    "properties": {
+        "source": {"type": "string", "minLength": 1,
+                   "description": "a local model folder, or a Hugging Face repo id ORG/NAME"},
+        "preload": {"type": "boolean", "description": "load it at start (at most one model)"},
+    },
+}
+
+
+class ConfigError(Exception):
+    """The config file is unreadable or breaks the schema; the message names the key and line."""
+
+
+def _json_type(action: argparse.Action) -> dict[str, Any]:
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return {"type": "boolean"}
+    kind = {int: "integer", float: "number"}.get(action.type, "string")  # type: ignore[arg-type]
+    item: dict[str, Any] = {"type": kind}
+    if action.choices:
+        item["enum"] = list(action.choices)
+    if isinstance(action, argparse._AppendAction):
+        return {"type": "array", "items": item}
+    return item
+
+
+def schema(serve: argparse.ArgumentParser) -> dict[str, Any]:
+    """The config file's JSON Schema: one property per `serve` flag (its long name, no dashes
+    in front), plus `models`."""
+    props: dict[str, Any] = {}
+    for action in serve._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs or action.dest in _NOT_IN_FILE or action.help == argparse.SUPPRESS:
+            continue
+        prop = _json_type(action)
+        if action.help:
+            prop["description"] = action.help
+        props[longs[0][2:]] = prop
+    props["models"] = {"type": "array", "items": _MODEL_ENTRY}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "openmlx serve --config",
+            "type": "object", "additionalProperties": False, "properties": props}
+
+
+def _line(root: Any, path: list[Any]) -> int:
+    """The 1-based line of the YAML node at `path` (the nearest existing parent's line)."""
+    import yaml
+
+    node = root
+    for key in path:
+        if isinstance(node, yaml.MappingNode):
+            match = [v for k, v in node.value if k.value == key]
+            if not match:
+                break
+            node = match[0]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            break
+    return node.start_mark.line + 1
+
+
+def load(path: Path, serve: argparse.ArgumentParser) -> dict[str, Any]:
+    """The file's settings as argparse destinations (`max-queue` -> `max_queue`), `models` as is."""
+    import jsonschema
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except OSError as e:
+        raise ConfigError(f"{path}: can't read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if data is None:
+        return {}
+    validator = jsonschema.Draft202012Validator(schema(serve))
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.path))
+    if errors:
+        e = errors[0]
+        where = list(e.path)
+        if e.validator == "additionalProperties":
+            known = set(e.schema.get("properties", {}))
+            extra = sorted(set(e.instance) - known) if isinstance(e.instance, dict) else []
+            if extra:
+                where = where + [extra[0]]
+                raise ConfigError(f"{path}:{_line(root, where)}: unknown setting '{'.'.join(map(str, where))}'")
+        name = ".".join(map(str, where)) or "(top level)"
+        raise ConfigError(f"{path}:{_line(root, where)}: '{name}': {e.message}")
+    dests = {o[2:]: a.dest for a in serve._actions for o in a.option_strings if o.startswith("--")}
+    return {(dests[k] if k in dests else k): v for k, v in data.items()}
+
+
+def apply(values: dict[str, Any], serve: argparse.ArgumentParser) -> None:
+    """Make the file's values the `serve` defaults (flags given on the command line still win);
+    `models` entries become --model-dir folders and the preloaded --model."""
+    models = values.pop("models", [])
+    preload = [m for m in models if m.get("preload")]
+    if len(preload) > 1:
+        raise ConfigError("models: at most one model can have preload: true")
+    folders = list(values.get("model_dir") or [])
+    for m in models:
+        if Path(m["source"]).expanduser().is_dir():
+            folders.append(m["source"])
+    if folders:
+        values["model_dir"] = folders
+    if preload and "model" not in values:
+        values["model"] = preload[0]["source"]
+    serve.set_defaults(**values)

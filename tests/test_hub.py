@@ -1,0 +1,203 @@
+"""Models from the Hub, for real but offline: `openmlx pull`/`rm` and `serve --allow-download`
+run huggingface_hub's own client against a local Hub endpoint (tests/fake_hub.py, HF_ENDPOINT);
+and `serve --config FILE`."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import Server, _write_tiny_llama
+from fake_hub import FakeHub
+
+CLI = [sys.executable, "-m", "handlers.cli"]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory, default_model_dir):
+    root = tmp_path_factory.mktemp("hub-repos")
+    h = FakeHub()
+    tiny = _write_tiny_llama(root / "tiny", default_model_dir)
+    (tiny / "README.md").write_text("# tiny\n")
+    (tiny / "pytorch_model.bin").write_bytes(b"\0" * 4096)  # not a file a model needs here
+    h.repos["acme/tiny"] = tiny
+    h.repos["acme/gated"] = tiny
+    h.gated.add("acme/gated")
+    gguf_only = root / "gguf"
+    gguf_only.mkdir()
+    (gguf_only / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (gguf_only / "model.gguf").write_bytes(b"GGUF")
+    h.repos["acme/gguf-only"] = gguf_only
+    alien = _write_tiny_llama(root / "alien", default_model_dir)
+    cfg = json.loads((alien / "config.json").read_text())
+    (alien / "config.json").write_text(json.dumps({**cfg, "model_type": "alien_arch_42"}))
+    h.repos["acme/alien"] = alien
+    yield h
+    h.close()
+
+
+def _env(hub: FakeHub, home: Path) -> dict[str, str]:
+    return {"HF_ENDPOINT": hub.url, "OPENMLX_HOME": str(home), "HF_HOME": str(home / "hf"),
+            "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_TOKEN": ""}
+
+
+def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([*CLI, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+
+
+def test_pull_fetches_only_model_files_and_the_store_serves_it(hub, tmp_path):
+    env = _env(hub, tmp_path)
+    r = _cli(["pull", "acme/tiny"], env)
+    assert r.returncode == 0, r.stderr
+    assert "pulled acme/tiny (text, llama" in r.stdout and "openmlx serve --model acme/tiny" in r.stdout
+    folder = tmp_path / "models" / "acme" / "tiny"
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    assert "README.md" not in names and "pytorch_model.bin" not in names and ".cache" not in names
+    assert not any((tmp_path / "models" / ".downloads").iterdir())
+    listed = json.loads(_cli(["list", "--json"], env).stdout)
+    assert any(m["id"] == "acme/tiny" and m["runnable"] for m in listed)
+    # rm frees it.
+    r = _cli(["rm", "acme/tiny"], env)
+    assert r.returncode == 0 and not folder.exists()
+    assert _cli(["rm", "acme/tiny"], env).returncode == 1
+
+
+def test_an_interrupted_download_is_resumed(hub, tmp_path, monkeypatch):
+    from engine import hub as hub_module
+
+    for key, value in _env(hub, tmp_path).items():
+        monkeypatch.setenv(key, value)
+    try:
+        # Cut once inside the second 10 MiB chunk: huggingface_hub resumes it with a Range request.
+        hub.cut["model.safetensors"] = [11 << 20, 1]
+        hub.requests.clear()
+        hub_module.pull("acme/tiny", tmp_path / "models")
+        assert any(path.endswith("model.safetensors") and rng and rng.startswith("bytes=")
+                   for _, path, rng in hub.requests)
+        # Cut every time: the pull fails with a clear error and nothing usable is left in the store.
+        hub_module.remove("acme/tiny", tmp_path / "models")
+        hub.cut["model.safetensors"] = [1000, 100]
+        with pytest.raises(hub_module.DownloadFailed, match="run it again to resume"):
+            hub_module.pull("acme/tiny", tmp_path / "models")
+        from engine.resolution import ModelStore
+
+        assert "acme/tiny" not in [e.id for e in ModelStore(tmp_path / "models").entries()]
+        # Run again: the small files already there are not fetched again.
+        hub.cut.clear()
+        hub.requests.clear()
+        pulled = hub_module.pull("acme/tiny", tmp_path / "models")
+        assert pulled.probe.runnable
+        assert not any(m == "GET" and p.endswith("/config.json") for m, p, _ in hub.requests)
+    finally:
+        hub.cut.clear()
+
+
+@pytest.mark.parametrize("repo, expect", [
+    ("acme/missing", "No such model repo on the Hugging Face Hub"),
+    ("acme/gated", "gated or private"),
+    ("acme/gguf-only", "no safetensors weights"),
+    ("acme/alien", "alien_arch_42"),
+    ("not-a-repo", "not a Hugging Face repo id"),
+])
+def test_pull_refusals_are_clear_and_leave_nothing(hub, tmp_path, repo, expect):
+    hub.requests.clear()
+    r = _cli(["pull", repo], _env(hub, tmp_path))
+    assert r.returncode == 1 and expect in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    models = tmp_path / "models"
+    assert not models.exists() or not [p for p in models.rglob("config.json") if ".downloads" not in p.parts]
+    if repo == "acme/alien":  # refused from config.json alone: the weights were never fetched
+        assert not any(p.endswith(".safetensors") for m, p, _ in hub.requests if m == "GET")
+
+
+def test_serve_with_allow_download_fetches_on_first_request(hub, tmp_path):
+    env = _env(hub, tmp_path)
+    plain = Server(["--embedding-model", "none", "--audio-model", "none"], env=env)
+    try:
+        r = httpx.post(plain.url + "/v1/chat/completions", timeout=60,
+                       json={"model": "acme/tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 404 and "openmlx pull acme/tiny" in r.json()["error"]["message"]
+    finally:
+        plain.stop()
+    s = Server(["--allow-download", "--embedding-model", "none", "--audio-model", "none"], env=env)
+    try:
+        body = {"model": "acme/tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "acme/tiny" and r.json()["usage"]["completion_tokens"] == 3
+        assert "downloaded acme/tiny" in s.log()
+        for repo, status, code in (("acme/gated", 403, "model_access_denied"), ("acme/alien", 501, "unsupported_model"),
+                                   ("acme/missing", 404, "model_not_found")):
+            r = httpx.post(s.url + "/v1/chat/completions", json={**body, "model": repo}, timeout=60)
+            assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+            assert r.headers.get("x-request-id")
+    finally:
+        s.stop()
+
+
+def test_download_is_refused_before_fetching_when_memory_is_short(hub, tmp_path, monkeypatch):
+    from engine import hub as hub_module
+    from engine.errors import InsufficientMemory
+    from engine.memory import MemoryGate
+
+    for key, value in _env(hub, tmp_path).items():
+        monkeypatch.setenv(key, value)
+    hub.requests.clear()
+    with pytest.raises(InsufficientMemory):
+        hub_module.pull("acme/tiny", tmp_path / "models", MemoryGate(override=1 << 20))
+    assert not any(m == "GET" and "/resolve/" in p for m, p, _ in hub.requests)  # nothing was fetched
+    assert not (tmp_path / "models" / "acme").exists()
+
+
+# --- the config file --------------------------------------------------------------------------
+def test_config_file_settings_models_and_overrides(tmp_path, fixture_models):
+    from handlers.cli import parse_args
+
+    cfg = tmp_path / "openmlx.yaml"
+    cfg.write_text(f"port: 8123\nmax-queue: 7\nspeculative: ngram\napi-key: [k1, k2]\n"
+                   f"models:\n  - source: {fixture_models['tiny']}\n    preload: true\n")
+    args = parse_args(["serve", "--config", str(cfg), "--max-queue", "9"])
+    assert (args.port, args.max_queue, args.speculative, args.api_key) == (8123, 9, "ngram", ["k1", "k2"])
+    assert args.model == str(fixture_models["tiny"]) and str(fixture_models["tiny"]) in args.model_dir
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("port: 8123\nmax-queue: seven\n", ":2: 'max-queue': 'seven' is not of type 'integer'"),
+    ("port: 8123\n\nmax-qeueu: 3\n", ":3: unknown setting 'max-qeueu'"),
+    ("speculative: sometimes\n", ":1: 'speculative': 'sometimes' is not one of"),
+    ("models:\n  - source: a\n    prelod: true\n", ":3: unknown setting 'models.0.prelod'"),
+    ("port: [\n", "not valid YAML"),
+])
+def test_config_file_errors_name_the_key_and_line(tmp_path, text, expect):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    r = subprocess.run([*CLI, "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and expect in r.stderr, r.stderr
+
+
+def test_config_schema_command_covers_every_serve_flag():
+    from handlers.cli import _subparser, build_parser
+
+    schema = json.loads(subprocess.run([*CLI, "config-schema"], capture_output=True, text=True, timeout=60).stdout)
+    serve = _subparser(build_parser(), "serve")
+    flags = {o[2:] for a in serve._actions for o in a.option_strings[:1] if o.startswith("--")} - {"help", "config"}
+    assert flags <= set(schema["properties"]) and "models" in schema["properties"]
+    assert schema["properties"]["speculative"]["enum"] == ["auto", "ngram", "draft", "off"]
+
+
+def test_config_file_starts_a_server(tmp_path, fixture_models):
+    cfg = tmp_path / "openmlx.yaml"
+    cfg.write_text(f"embedding-model: none\naudio-model: none\nmodels:\n  - source: {fixture_models['tiny']}\n"
+                   f"    preload: true\n")
+    s = Server(["--config", str(cfg)])
+    try:
+        assert httpx.get(s.url + "/health").json()["model"] == "tiny-llama"
+    finally:
+        s.stop()
