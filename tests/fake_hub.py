@@ -94,9 +94,13 @@ class FakeHub:
         files = self._files(repo)
         siblings = [{"rfilename": name, "size": p.stat().st_size, "blobId": self._etag(p)}
                     for name, p in files.items()]
-        body = json.dumps({"id": repo, "modelId": repo, "sha": self.sha(repo), "private": False,
-                           "gated": repo in self.gated, "disabled": False, "tags": [], "siblings": siblings,
-                           "lastModified": "2026-11-28T00:00:00.000Z"}).encode()
+        self._json(h, {"id": repo, "modelId": repo, "sha": self.sha(repo), "private": False,
+                       "gated": repo in self.gated, "disabled": False, "tags": [], "siblings": siblings,
+                       "lastModified": "2026-11-28T00:00:00.000Z"}, head)
+
+    @staticmethod
+    def _json(h: BaseHTTPRequestHandler, value: object, head: bool) -> None:
+        body = json.dumps(value).encode()
         h.send_response(200)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(body)))
@@ -107,14 +111,8 @@ class FakeHub:
     def _tree(self, h: BaseHTTPRequestHandler, repo: str, head: bool) -> None:
         if self._refused(h, repo, head):
             return
-        body = json.dumps([{"type": "file", "path": name, "size": p.stat().st_size, "oid": self._etag(p)}
-                           for name, p in self._files(repo).items()]).encode()
-        h.send_response(200)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(body)))
-        h.end_headers()
-        if not head:
-            h.wfile.write(body)
+        self._json(h, [{"type": "file", "path": name, "size": p.stat().st_size, "oid": self._etag(p)}
+                       for name, p in self._files(repo).items()], head)
 
     @staticmethod
     def _etag(p: Path) -> str:
