@@ -8,9 +8,9 @@ from pathlib import Path
 
 
 def _config(args: argparse.Namespace):
-    from handlers.cli import _engine_config
+    from handlers.settings import engine_config
 
-    return _engine_config(args)
+    return engine_config(args)
 
 
 def _size(n: int) -> str:

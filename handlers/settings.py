@@ -1,0 +1,50 @@
+"""The engine's settings from the command line (shared by `serve` and the model commands)."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
+    from engine.images import ImageLimits
+
+
+def engine_config(args: argparse.Namespace) -> "EngineConfig":
+    """The engine's settings from parsed CLI arguments (missing ones take their defaults)."""
+    from engine.config import EngineConfig
+
+    return EngineConfig(model=getattr(args, "model", None),
+                        embedding_model=getattr(args, "embedding_model", None),
+                        audio_model=getattr(args, "audio_model", None),
+                        batch=getattr(args, "batch", "auto"),
+                        hub_download=getattr(args, "allow_download", False),
+                        speculative=getattr(args, "speculative", "auto"),
+                        num_draft_tokens=getattr(args, "num_draft_tokens", 8),
+                        draft_model=getattr(args, "draft_model", None),
+                        local_models=[Path(p) for p in getattr(args, "model_dir", None) or []],
+                        default_max_tokens=getattr(args, "max_tokens", None),
+                        max_tokens_cap=getattr(args, "max_tokens_cap", None),
+                        cpu_dtype=getattr(args, "cpu_dtype", "auto"),
+                        max_queue=getattr(args, "max_queue", 64),
+                        max_models=getattr(args, "max_models", 1),
+                        request_timeout_s=getattr(args, "request_timeout", None),
+                        idle_unload_s=getattr(args, "idle_unload", None),
+                        available_memory_override=getattr(args, "assume_available_memory", None),
+                        image_limits=_image_limits(args),
+                        max_audio_seconds=getattr(args, "max_audio_seconds", 2 * 3600.0),
+                        world_size=getattr(args, "ranks", 1),
+                        shard=getattr(args, "shard", "auto"),
+                        backend=getattr(args, "backend", "ring"))
+
+
+def _image_limits(args: argparse.Namespace) -> "ImageLimits":
+    from engine.images import ImageLimits
+
+    default = ImageLimits()
+    chunk = getattr(args, "image_chunk_size", None) or int(os.environ.get("OPENMLX_IMAGE_CHUNK_SIZE", default.chunk_size))
+    return ImageLimits(max_bytes=getattr(args, "max_image_bytes", default.max_bytes),
+                       max_pixels=getattr(args, "max_image_pixels", default.max_pixels),
+                       max_images=getattr(args, "max_images", default.max_images),
+                       chunk_size=min(max(1, chunk), default.max_chunk_size))
