@@ -13,6 +13,26 @@ def openmlx_home() -> Path:
     return Path(os.environ.get("OPENMLX_HOME", Path.home() / ".cache" / "openmlx")).expanduser()
 
 
+@dataclass(frozen=True)
+class ModelSettings:
+    """One model of a config file's `models:` list: where it comes from, the id it is served
+    under, and its own defaults (a request's own values win; None = the server's)."""
+
+    source: str  # a local folder or a Hugging Face repo id
+    id: Optional[str] = None  # served under this id (an alias); None: the folder name or repo id
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    cpu_dtype: Optional[str] = None
+    chat_template: Optional[str] = None  # a Jinja file or the template itself
+    draft_model: Optional[str] = None
+    preload: bool = False
+
+    @property
+    def served_id(self) -> str:
+        return self.id or (Path(self.source).expanduser().name if Path(self.source).expanduser().is_dir()
+                           else self.source)
+
+
 @dataclass
 class EngineConfig:
     """What the engine serves and how."""
@@ -50,10 +70,16 @@ class EngineConfig:
     speculative: str = "auto"  # auto | ngram | draft | off
     num_draft_tokens: int = 8
     draft_model: Optional[str] = None
+    # Per-model settings from a config file (handlers/config_file.py).
+    models: list[ModelSettings] = field(default_factory=list)
     # Distributed serving (engine/distributed.py): this process is rank 0 of `world_size` ranks.
     world_size: int = 1
     shard: str = "auto"  # auto | tensor | pipeline
     backend: str = "ring"  # ring | mpi
+
+    def settings_for(self, model_id: str) -> Optional[ModelSettings]:
+        """The config file's entry for `model_id` (by the id it is served under), if any."""
+        return next((m for m in self.models if m.served_id == model_id), None)
 
     @property
     def models_dir(self) -> Path:

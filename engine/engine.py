@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -80,7 +81,8 @@ class Engine:
 
     def __init__(self, config: EngineConfig, gate: Optional[MemoryGate] = None) -> None:
         self.config = config
-        self.store = ModelStore(config.models_dir, config.hf_cache, config.local_models)
+        self.store = ModelStore(config.models_dir, config.hf_cache, config.local_models,
+                                {m.id: m.source for m in config.models if m.id})
         self.gate = gate or MemoryGate(override=config.available_memory_override)
         if config.draft_model:  # resolved once: a missing draft model is a start-up error
             config.draft_model = str(locate(self.store, config.draft_model).path)
@@ -96,7 +98,7 @@ class Engine:
         # Tests only: a generation whose max_tokens equals this fails half-way (FaultyRunner).
         self._fault_max_tokens = int(os.environ.get("OPENMLX_FAULT_MAX_TOKENS", "0") or 0) or None
         self._decoding = asyncio.Semaphore(1)  # audio uploads decoded one at a time, off the worker
-        self._downloading: Optional[asyncio.Lock] = None  # --allow-download: one Hub download at a time
+        self._downloading = threading.Lock()  # --allow-download: one Hub download at a time
         import mlx.core as mx
 
         self._device = str(mx.default_device())
@@ -107,6 +109,8 @@ class Engine:
         The embedding model is made available (listed, loaded on first use); if it can't be, the
         server still starts and says why."""
         self.scheduler.start()
+        if self.config.model is not None and self.config.hub_download:  # a Hub id to preload: fetch it first
+            self._fetch_missing(self.config.model)
         self.default_model_id = self._model_id(self.config.model, ensure_default_model, DEFAULT_MODEL_ID)
         self.residency.default_ids["text"] = self.default_model_id
         if self.config.world_size > 1:
@@ -260,29 +264,39 @@ class Engine:
                                      f"an {media} part. {hint}", param=conv.fields.media, code="model_not_multimodal")
         return info.type
 
-    async def ensure_model(self, model_id: str) -> None:
-        """With `--allow-download`, fetch a requested ORG/NAME that is not in the store from the
-        Hugging Face Hub first (off the event loop and the worker; one download at a time; the
-        checks in engine/hub.py run before any weights are fetched). Otherwise nothing."""
-        if not self.config.hub_download or "/" not in model_id or "@" in model_id:
-            return
+    def _defaults(self, model_id: str, params: SamplingParams) -> tuple[SamplingParams, BudgetPolicy]:
+        """The request's sampling with the model's configured defaults where the request set
+        nothing (temperature: the model's, else OpenAI's 1.0), and the token budget's default."""
+        settings = self.config.settings_for(model_id)
+        if params.temperature is None:
+            params = replace(params, temperature=settings.temperature if settings and settings.temperature is not None
+                             else 1.0)
+        if settings and settings.max_tokens is not None:
+            return params, replace(self.budget, default=settings.max_tokens)
+        return params, self.budget
 
-        def present() -> bool:
+    async def ensure_model(self, model_id: str) -> None:
+        """With `--allow-download`, fetch a requested ORG/NAME (or a configured id whose source is
+        one) that is not in the store from the Hugging Face Hub first, off the event loop and the
+        worker, one download at a time; the checks in engine/hub.py run before any weights are
+        fetched. Otherwise nothing."""
+        if self.config.hub_download:
+            await asyncio.to_thread(self._fetch_missing, model_id)
+
+    def _fetch_missing(self, model_id: str) -> None:
+        settings = self.config.settings_for(model_id)
+        source = settings.source if settings else model_id
+        if "/" not in source or "@" in source or Path(source).expanduser().is_dir():
+            return
+        with self._downloading:  # a request that waited finds the model there and fetches nothing
             try:
                 self.store.resolve(model_id)
-                return True
+                return
             except ModelNotFound:
-                return False
+                pass
+            from engine import hub
 
-        if await asyncio.to_thread(present):
-            return
-        from engine import hub
-
-        if self._downloading is None:
-            self._downloading = asyncio.Lock()
-        async with self._downloading:
-            if not await asyncio.to_thread(present):  # another request may have fetched it meanwhile
-                await asyncio.to_thread(hub.pull, model_id, self.config.models_dir, self.gate)
+            hub.pull(source, self.config.models_dir, self.gate)
 
     async def prepare(self, conv: Conversation, load_media: Optional[LoadMedia] = None) -> Prepared:
         """Check the modality, make the model resident, plan the request (chat template, tools,
@@ -299,7 +313,8 @@ class Engine:
             self._check_group()
             if not checked:
                 self._modality(conv)
-            return self.residency.runner(conv.model).plan(conv, self.budget)
+            params, budget = self._defaults(conv.model, conv.params)
+            return self.residency.runner(conv.model).plan(replace(conv, params=params), budget)
 
         return await self.scheduler.call(work, exclusive=lambda: self.residency.needs_switch(conv.model))
 
@@ -321,7 +336,8 @@ class Engine:
 
         def work() -> Prepared:
             self._check_group()
-            return self.residency.runner(model_id).plan_completion(prompt, params, self.budget, echo)
+            filled, budget = self._defaults(model_id, params)
+            return self.residency.runner(model_id).plan_completion(prompt, filled, budget, echo)
 
         return await self.scheduler.call(work, exclusive=lambda: self.residency.needs_switch(model_id))
 

@@ -35,7 +35,7 @@ class SamplingParams:
     """Decoding settings for one request (already validated by the API layer)."""
 
     max_tokens: Optional[int] = None
-    temperature: float = 1.0
+    temperature: Optional[float] = None  # None: the model's configured default, else 1.0 (engine.defaults)
     top_p: float = 1.0
     top_k: int = 0  # 0: off (Anthropic's top_k)
     seed: Optional[int] = None

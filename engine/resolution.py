@@ -64,10 +64,12 @@ class ModelStore:
     """Lists model folders and resolves a model id to exactly one of them."""
 
     def __init__(self, models_dir: Path, hf_cache: Optional[Path] = None,
-                 local_models: Optional[list[Path]] = None) -> None:
+                 local_models: Optional[list[Path]] = None, aliases: Optional[dict[str, str]] = None) -> None:
         self.models_dir = models_dir
         self.hf_cache = hf_cache
         self.local_models = [Path(p).expanduser().resolve() for p in (local_models or [])]
+        # id -> source (a folder, or an id of the other sources): a config file's `models:` ids.
+        self.aliases = dict(aliases or {})
 
     def add_local(self, path: Path) -> ModelEntry:
         """Register a local folder (CLI only) and return its entry."""
@@ -82,7 +84,14 @@ class ModelStore:
         local = [ModelEntry(p.name, p, "local") for p in self.local_models if p.is_dir()]
         for entry in local + _store_entries(self.models_dir) + _hf_entries(self.hf_cache):
             seen.setdefault(entry.id, entry)
-        return list(seen.values())
+        named: dict[str, ModelEntry] = {}
+        for alias, source in self.aliases.items():  # an alias whose source isn't there yet is not listed
+            folder = Path(source).expanduser()
+            if folder.is_dir():
+                named[alias] = ModelEntry(alias, folder.resolve(), "config")
+            elif source in seen:
+                named[alias] = ModelEntry(alias, seen[source].path, "config")
+        return list({**named, **{k: v for k, v in seen.items() if k not in named}}.values())
 
     def resolve(self, model_id: str) -> ModelEntry:
         """The entry named `model_id`, or ModelNotFound (404)."""

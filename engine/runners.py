@@ -14,6 +14,8 @@ wraps its shard's runner (engine/distributed `LockstepRunner`); tests wrap runne
 """
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol
 
 from engine.budget import BudgetPolicy
@@ -64,8 +66,21 @@ LOADERS: dict[str, Callable[[str, Probe, EngineConfig, MemoryGate], Runner]] = {
 
 
 def load(model_id: str, probe: Probe, config: EngineConfig, gate: MemoryGate) -> Runner:
-    """Load the runner for a probed model (its kind is in LOADERS: the policy checked that)."""
-    return LOADERS[probe.type](model_id, probe, config, gate)
+    """Load the runner for a probed model (its kind is in LOADERS: the policy checked that), with
+    the config file's settings for this model (CPU dtype, draft model, chat template) applied."""
+    settings = config.settings_for(model_id)
+    if settings is not None:
+        draft = config.draft_model
+        if settings.draft_model:  # a folder, or an id in the store
+            from engine.resolution import ModelStore, locate
+
+            draft = str(locate(ModelStore(config.models_dir, config.hf_cache), settings.draft_model).path)
+        config = replace(config, cpu_dtype=settings.cpu_dtype or config.cpu_dtype, draft_model=draft)
+    runner = LOADERS[probe.type](model_id, probe, config, gate)
+    if settings is not None and settings.chat_template:
+        template = Path(settings.chat_template).expanduser()
+        runner.tokenizer.chat_template = template.read_text() if template.is_file() else settings.chat_template
+    return runner
 
 
 class FaultyRunner:

@@ -10,7 +10,10 @@ line.
     models:
       - source: ./models/my-llama          # a folder: served under its folder name
       - source: mlx-community/Qwen2.5-0.5B-Instruct-4bit   # a Hub id (openmlx pull it, or allow-download)
+        id: qwen                           # served as "qwen"
         preload: true                      # loaded at start (at most one)
+        temperature: 0.2                   # defaults for requests that set none
+        max_tokens: 512
 """
 from __future__ import annotations
 
@@ -25,7 +28,16 @@ _MODEL_ENTRY = {
     "properties": {
         "source": {"type": "string", "minLength": 1,
                    "description": "a local model folder, or a Hugging Face repo id ORG/NAME"},
+        "id": {"type": "string", "minLength": 1, "pattern": "^[^\\s]+$",
+               "description": "serve it under this id (default: the folder name or the repo id)"},
         "preload": {"type": "boolean", "description": "load it at start (at most one model)"},
+        "max_tokens": {"type": "integer", "minimum": 1,
+                       "description": "max_tokens when a request sets none"},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2,
+                        "description": "temperature when a request sets none"},
+        "cpu_dtype": {"enum": ["auto", "keep", "float32", "float16"]},
+        "chat_template": {"type": "string", "description": "a Jinja chat template file, or the template itself"},
+        "draft_model": {"type": "string", "description": "a draft model (folder or id) for speculative decoding"},
     },
 }
 
@@ -116,16 +128,21 @@ def load(path: Path, serve: argparse.ArgumentParser) -> dict[str, Any]:
 def apply(values: dict[str, Any], serve: argparse.ArgumentParser) -> None:
     """Make the file's values the `serve` defaults (flags given on the command line still win);
     `models` entries become --model-dir folders and the preloaded --model."""
-    models = values.pop("models", [])
-    preload = [m for m in models if m.get("preload")]
+    from engine.config import ModelSettings
+
+    models = [ModelSettings(**m) for m in values.pop("models", [])]
+    preload = [m for m in models if m.preload]
     if len(preload) > 1:
         raise ConfigError("models: at most one model can have preload: true")
+    ids = [m.served_id for m in models]
+    if len(set(ids)) < len(ids):
+        raise ConfigError(f"models: two entries are served under the same id ({sorted(i for i in ids if ids.count(i) > 1)[0]})")
+    # A folder without an id is served under its name, as --model-dir does; with an id, as an alias.
     folders = list(values.get("model_dir") or [])
-    for m in models:
-        if Path(m["source"]).expanduser().is_dir():
-            folders.append(m["source"])
+    folders += [m.source for m in models if m.id is None and Path(m.source).expanduser().is_dir()]
     if folders:
         values["model_dir"] = folders
     if preload and "model" not in values:
-        values["model"] = preload[0]["source"]
+        values["model"] = preload[0].served_id
+    values["models"] = models
     serve.set_defaults(**values)

@@ -124,7 +124,7 @@ def conversation(body: dict[str, Any], max_tokens: Optional[int]) -> Conversatio
     grammar = grammar_for({"type": "json_schema", "json_schema": {"schema": fmt["schema"]}}) if fmt else None
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=float(body.get("temperature", 1.0)),
+        temperature=None if body.get("temperature") is None else float(body["temperature"]),
         top_p=float(body.get("top_p", 1.0)),
         top_k=int(body.get("top_k", 0)),
         stop=tuple(body.get("stop_sequences") or ()),

@@ -81,7 +81,7 @@ def sampling_params(body: dict[str, Any]) -> SamplingParams:
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
 
-    def number(name: str, default: float) -> float:
+    def number(name: str, default: Optional[float]) -> Optional[float]:
         value = body.get(name)
         return default if value is None else float(value)
 
@@ -99,7 +99,7 @@ def sampling_params(body: dict[str, Any]) -> SamplingParams:
         logprobs=bool(logprobs),
         top_logprobs=int(top or 0),
         max_tokens=max_tokens,
-        temperature=number("temperature", 1.0),
+        temperature=number("temperature", None),  # None: the model's default
         top_p=number("top_p", 1.0),
         seed=body.get("seed"),
         stop=_stops(body.get("stop")),

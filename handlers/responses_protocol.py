@@ -157,7 +157,7 @@ def parse(body: dict[str, Any], history: Sequence[ChatMessage] = (), call_ids: O
     tools, choice = _tools(body)
     params = SamplingParams(
         max_tokens=body.get("max_output_tokens"),
-        temperature=1.0 if body.get("temperature") is None else float(body["temperature"]),
+        temperature=None if body.get("temperature") is None else float(body["temperature"]),
         top_p=1.0 if body.get("top_p") is None else float(body["top_p"]),
         grammar=grammar_for(_format(body.get("text"))),
     )

@@ -23,6 +23,7 @@ def engine_config(args: argparse.Namespace) -> "EngineConfig":
                         speculative=getattr(args, "speculative", "auto"),
                         num_draft_tokens=getattr(args, "num_draft_tokens", 8),
                         draft_model=getattr(args, "draft_model", None),
+                        models=list(getattr(args, "models", None) or []),
                         local_models=[Path(p) for p in getattr(args, "model_dir", None) or []],
                         default_max_tokens=getattr(args, "max_tokens", None),
                         max_tokens_cap=getattr(args, "max_tokens_cap", None),

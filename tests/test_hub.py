@@ -165,7 +165,7 @@ def test_config_file_settings_models_and_overrides(tmp_path, fixture_models):
                    f"models:\n  - source: {fixture_models['tiny']}\n    preload: true\n")
     args = parse_args(["serve", "--config", str(cfg), "--max-queue", "9"])
     assert (args.port, args.max_queue, args.speculative, args.api_key) == (8123, 9, "ngram", ["k1", "k2"])
-    assert args.model == str(fixture_models["tiny"]) and str(fixture_models["tiny"]) in args.model_dir
+    assert args.model == "tiny-llama" and str(fixture_models["tiny"]) in args.model_dir  # served under its name
 
 
 @pytest.mark.parametrize("text, expect", [
@@ -201,3 +201,54 @@ def test_config_file_starts_a_server(tmp_path, fixture_models):
         assert httpx.get(s.url + "/health").json()["model"] == "tiny-llama"
     finally:
         s.stop()
+
+
+def test_config_file_models_with_ids_and_defaults(tmp_path, default_model_dir):
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    cfg = tmp_path / "openmlx.yaml"
+    cfg.write_text(f"embedding-model: none\naudio-model: none\nmodels:\n"
+                   f"  - source: {default_model_dir}\n    id: smol\n    preload: true\n"
+                   f"    max_tokens: 5\n    temperature: 0\n"
+                   f"  - source: {default_model_dir}\n    id: smol-plain\n    chat_template: {template}\n")
+    s = Server(["--config", str(cfg)])
+    try:
+        assert httpx.get(s.url + "/health").json()["model"] == "smol"
+        ids = [m["id"] for m in httpx.get(s.url + "/v1/models").json()["data"]]
+        assert {"smol", "smol-plain"} <= set(ids)
+        body = {"model": "smol", "messages": [{"role": "user", "content": "Tell me a long story."}]}
+        answers = [httpx.post(s.url + "/v1/chat/completions", json=body, timeout=120).json() for _ in range(2)]
+        assert [a["usage"]["completion_tokens"] for a in answers] == [5, 5]  # the model's max_tokens
+        assert answers[0]["choices"][0]["message"] == answers[1]["choices"][0]["message"]  # its temperature 0
+        # The request's own values still win.
+        r = httpx.post(s.url + "/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=120).json()
+        assert r["usage"]["completion_tokens"] == 2
+        # The other id renders with its own chat template: just the text, no role markers.
+        r = httpx.post(s.url + "/v1/chat/completions", timeout=120,
+                       json={"model": "smol-plain", "messages": [{"role": "user", "content": "hello world"}],
+                             "max_tokens": 1}).json()
+        assert r["usage"]["prompt_tokens"] <= 3
+    finally:
+        s.stop()
+
+
+def test_config_file_hub_source_with_an_id_is_fetched_at_start(hub, tmp_path):
+    cfg = tmp_path / "openmlx.yaml"
+    cfg.write_text("allow-download: true\nembedding-model: none\naudio-model: none\n"
+                   "models:\n  - source: acme/tiny\n    id: tiny-from-hub\n    preload: true\n")
+    s = Server(["--config", str(cfg)], env=_env(hub, tmp_path))
+    try:
+        assert httpx.get(s.url + "/health").json()["model"] == "tiny-from-hub"
+        r = httpx.post(s.url + "/v1/chat/completions", timeout=120,
+                       json={"model": "tiny-from-hub", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["model"] == "tiny-from-hub"
+        assert (tmp_path / "models" / "acme" / "tiny" / "config.json").is_file()
+    finally:
+        s.stop()
+
+
+def test_config_file_duplicate_ids_are_refused(tmp_path):
+    cfg = tmp_path / "dup.yaml"
+    cfg.write_text("models:\n  - source: a/b\n    id: x\n  - source: c/d\n    id: x\n")
+    r = subprocess.run([*CLI, "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "same id (x)" in r.stderr
