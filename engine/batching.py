@@ -21,6 +21,14 @@ from typing import Any, Callable, Iterator, Optional
 
 import mlx.nn as nn
 
+# Prompt tokens per forward pass while prefilling, everywhere (plain, batched, speculative,
+# scoring). MLX's CPU attention computes every query x key score of a pass before the causal mask,
+# so a long prompt in one pass pays for the masked half too; 256-token passes skip most of it with
+# matmuls still large enough for BLAS. Measured (SmolLM2, 2 cores): prefill of 858 tokens 4.37 ->
+# 3.57 s, 2,000 tokens 20.2 -> 13.1 s, 4,000 tokens 56.3 -> 42.3 s against mlx-lm's 2,048; the
+# same at 500 tokens (1.74 s at 128, 256 or 384).
+PREFILL_STEP = 256
+
 
 @dataclass
 class Step:
@@ -40,7 +48,8 @@ class BatchDecoder:
         from mlx_lm.generate import BatchGenerator
 
         self.generator = BatchGenerator(model, stop_tokens=[[e] for e in sorted(eos_ids)],
-                                        completion_batch_size=max_batch, prefill_batch_size=min(8, max_batch))
+                                        completion_batch_size=max_batch, prefill_batch_size=min(8, max_batch),
+                                        prefill_step_size=PREFILL_STEP)
         self._queues: dict[int, deque] = {}
         self.steps = 0  # batch forward steps run (for tests and stats)
         self.peak = 0  # the most sequences decoded in one step

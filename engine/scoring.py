@@ -14,9 +14,12 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from engine.batching import PREFILL_STEP
 from engine.request import TokenLogprob
 
-CHUNK = 256  # prompt tokens per forward pass: bounds the logits held at once (256 x vocab floats)
+# Prompt tokens per forward pass (engine/batching.py says why); it also bounds the logits held at
+# once when scoring (256 x vocab floats).
+CHUNK = PREFILL_STEP
 
 
 @dataclass(frozen=True)

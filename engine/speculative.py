@@ -26,11 +26,10 @@ from typing import Any, Callable, Generator, Iterator, Optional, Protocol, Seque
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine.batching import Step
+from engine.batching import PREFILL_STEP as PREFILL_CHUNK, Step
 from engine.prompt_cache import PromptCache
 
 MODES = ("auto", "ngram", "draft", "off")
-PREFILL_CHUNK = 2048  # prompt tokens per forward pass before decoding starts (as mlx-lm)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine.batching import BatchDecoder, batched_steps
+from engine.batching import PREFILL_STEP, BatchDecoder, batched_steps
 from engine.budget import BudgetPolicy, Fields, max_new_tokens
 from engine.errors import InvalidRequest, Unsupported
 from engine.memory import MemoryEstimate, MemoryGate, dequantized_bytes
@@ -399,7 +399,8 @@ class TextRunner:
             steps = batched_steps(self.decoder, batch["uid"], self.tokenizer, _eos_ids(self.tokenizer), batch)
         else:
             steps = stream_generate(self.model, self.tokenizer, mx.array(prompt[reused:]), max_tokens=max_tokens,
-                                    sampler=sampler, prompt_cache=cache, logits_processors=processors or None)
+                                    sampler=sampler, prompt_cache=cache, logits_processors=processors or None,
+                                    prefill_step_size=PREFILL_STEP)
         self.streams += 1
         try:
             for event in decode_steps(self, steps, tokens, len(prompt), cached, max_tokens, params, cancelled,

@@ -322,3 +322,29 @@ def test_a_speculating_stream_joins_the_batch_when_others_start(default_model_di
             assert r.decoder.peak >= 2 and r.decoder.steps > steps_before  # ...and then shared B's batch
     finally:
         r.close()
+
+
+def test_long_prompt_prefilled_in_short_passes_gives_mlx_lm_s_answer(runner):
+    """Prefill runs in 256-token passes (engine/batching.py PREFILL_STEP, cheaper attention on
+    this CPU); a 1,000-token prompt's greedy answer equals mlx-lm's with its 2,048-token passes,
+    with speculation on and off."""
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+
+    from bench.workload import FILLER
+    from engine.request import ChatMessage
+
+    text = "Summarise this text. " + " ".join(f"Day {i}: " + FILLER for i in range(30))
+    prompt = runner.encode_chat([ChatMessage("user", text)])
+    assert len(prompt) > 1000
+    expected = "".join(r.text for r in stream_generate(runner.model, runner.tokenizer, mx.array(prompt), max_tokens=30,
+                                                        prefill_step_size=2048))
+    for mode in ("off", "ngram"):
+        from engine.request import SamplingParams, TextDelta
+        from engine.speculative import Speculation
+
+        runner.speculation = Speculation(mode=mode)
+        runner.prompt_cache.clear()
+        got = "".join(e.text for e in runner.generate(prompt, 30, SamplingParams(temperature=0.0), lambda: False)
+                      if isinstance(e, TextDelta))
+        assert got == expected, mode
