@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol
 
 from engine.budget import BudgetPolicy
+from engine.errors import Unsupported
 from engine.config import EngineConfig
 from engine.memory import MemoryGate
 from engine.probe import Probe
@@ -78,6 +79,8 @@ def load(model_id: str, probe: Probe, config: EngineConfig, gate: MemoryGate) ->
         config = replace(config, cpu_dtype=settings.cpu_dtype or config.cpu_dtype, draft_model=draft)
     runner = LOADERS[probe.type](model_id, probe, config, gate)
     if settings is not None and settings.chat_template:
+        if probe.type != "text":  # a vision model's prompt comes from its processor's template
+            raise Unsupported(f"{model_id}: chat_template in the config file is for text models only")
         template = Path(settings.chat_template).expanduser()
         runner.tokenizer.chat_template = template.read_text() if template.is_file() else settings.chat_template
     return runner
