@@ -280,7 +280,7 @@ class Engine:
         one) that is not in the store from the Hugging Face Hub first, off the event loop and the
         worker, one download at a time; the checks in engine/hub.py run before any weights are
         fetched. Otherwise nothing."""
-        if self.config.hub_download:
+        if self.config.hub_download and not self.residency.loaded(model_id):  # loaded: nothing to scan
             await asyncio.to_thread(self._fetch_missing, model_id)
 
     def _fetch_missing(self, model_id: str) -> None:
