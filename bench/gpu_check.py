@@ -9,7 +9,8 @@ import engine  # noqa
 import mlx.core as mx
 from engine.memory import MemoryGate
 from engine.probe import probe
-from engine.text import ChatMessage, SamplingParams, TextDelta, Finished, TextRunner, on_gpu
+from engine.text import ChatMessage, SamplingParams, TextDelta, Finished, TextRunner
+from engine.weights import on_gpu
 
 out = {"device": str(mx.default_device()), "on_gpu": on_gpu(), "blas": engine.blas.active().name}
 folder = Path(sys.argv[1])

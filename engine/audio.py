@@ -200,7 +200,7 @@ class AudioRunner:
         from mlx.utils import tree_map
         from mlx_audio.stt import load as stt_load
 
-        from engine.text import on_gpu
+        from engine.weights import on_gpu
 
         need = MemoryEstimate(probe.size_bytes * (1 if on_gpu() else 2), 64 << 20)
         warnings = tuple(gate.check(model_id, need))

@@ -4,8 +4,9 @@
 The scheduler still visits streams round-robin, one token each. With a batch, the first stream
 visited in a round runs the batch step and the others find their token already made. Each
 request keeps its own sampler (seeded key), logits processors (bias, penalties, grammar) and
-prompt-cache entry; stop strings, logprobs and accounting are handled per stream as in the
-unbatched path (engine/text.py `decode_steps`).
+prompt-cache entry; its tokens are turned into text by `detokenized` (shared with speculative
+decoding), and stop strings, logprobs and accounting are handled per stream as in the unbatched
+path (engine/text.py `decode_steps`).
 
 Decoding reads every weight once per step, whatever the number of streams in it, so batching
 pays off wherever decode is bound by weight reads: on a GPU, and on this CPU with float32 weights
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Generator, Iterator, Optional
 
 import mlx.nn as nn
 
@@ -90,30 +91,44 @@ class BatchDecoder:
         self.generator.close()
 
 
-def batched_steps(decoder: BatchDecoder, uid: int, tokenizer: Any, eos_ids: set[int],
-                  result: dict[str, Any]) -> Iterator[Step]:
-    """The steps of sequence `uid` (already inserted: requests that arrive together are inserted
-    before any of them runs a step, so their prompts are processed in one batch), detokenized as
-    mlx-lm's stream_generate does. `result["cache"]` gets the KV cache when it leaves the batch."""
-    detokenizer = tokenizer.detokenizer
+def batch_tokens(decoder: BatchDecoder, uid: int, result: dict[str, Any]) -> Generator[tuple[int, Any], None, None]:
+    """(token, logprobs) of sequence `uid` (already inserted: requests that arrive together are
+    inserted before any of them runs a step, so their prompts are processed in one batch).
+    `result["cache"]` gets the KV cache when it leaves the batch, finished or closed early."""
     finished = False
     try:
-        while True:
+        while not finished:
             r = decoder.next_for(uid)
-            token = int(r.token)
-            if r.finish_reason == "stop" and token in eos_ids:
-                detokenizer.finalize()  # the end-of-sequence token has no text
-            else:
-                detokenizer.add_token(token)
-                if r.finish_reason:
-                    detokenizer.finalize()
             if r.finish_reason:
                 finished = True
                 result["cache"] = r.prompt_cache
                 decoder.done(uid)
-            yield Step(token, detokenizer.last_segment, r.logprobs, r.finish_reason)
-            if finished:
-                return
+            yield int(r.token), r.logprobs
     finally:
         if not finished:
             result["cache"] = decoder.remove(uid)
+
+
+def detokenized(pairs: Generator[tuple[int, Any], None, None], tokenizer: Any, eos_ids: set[int],
+                max_tokens: int) -> Iterator[Step]:
+    """Steps (token, text, logprobs, finish_reason) from a stream of tokens, as mlx-lm's
+    stream_generate makes them: an end-of-sequence token ends it with "stop" (and has no text),
+    the `max_tokens`-th with "length". Closing it closes `pairs` at once (a speculating stream
+    trims its KV cache then; a batched one leaves the batch)."""
+    detokenizer = tokenizer.detokenizer  # a fresh one per access
+    made = 0
+    try:
+        for token, logprobs in pairs:
+            made += 1
+            if token in eos_ids:
+                detokenizer.finalize()
+                yield Step(token, detokenizer.last_segment, logprobs, "stop")
+                return
+            detokenizer.add_token(token)
+            if made >= max_tokens:
+                detokenizer.finalize()
+                yield Step(token, detokenizer.last_segment, logprobs, "length")
+                return
+            yield Step(token, detokenizer.last_segment, logprobs, None)
+    finally:
+        pairs.close()

@@ -21,16 +21,13 @@ cache is trimmed back past rejected tokens before the next pass.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine.batching import PREFILL_STEP as PREFILL_CHUNK, Step
+from engine.batching import PREFILL_STEP as PREFILL_CHUNK
 from engine.prompt_cache import PromptCache
-
-MODES = ("auto", "ngram", "draft", "off")
-
 
 @dataclass
 class SpecStats:
@@ -143,13 +140,12 @@ def speculative_tokens(model: nn.Module, cache: list[Any], prompt: Sequence[int]
     from mlx_lm.models.cache import trim_prompt_cache
 
     history = list(prompt)
-    fed = cached  # tokens the cache holds
     todo = history[cached:-1]
     for at in range(0, len(todo), PREFILL_CHUNK):
         model(mx.array(todo[at:at + PREFILL_CHUNK])[None], cache=cache)
         mx.eval([c.state for c in cache])
         mx.clear_cache()
-    fed = len(history) - 1
+    fed = len(history) - 1  # tokens the cache holds: all but the last, which the first pass feeds
     length = AdaptiveLength(limit)
     made = 0
     try:
@@ -186,7 +182,7 @@ def speculative_tokens(model: nn.Module, cache: list[Any], prompt: Sequence[int]
             stats.proposed += len(draft)
             stats.accepted += kept
             length.update(len(draft), kept)
-            # The cache holds history[-1 - kept - 1] .. and the rejected guesses: drop those.
+            # The pass fed the rejected guesses too: drop them, so the cache holds all but the last token.
             extra = fed - (len(history) - 1)
             if extra > 0:
                 trim_prompt_cache(cache, extra)
@@ -206,7 +202,6 @@ class Speculation:
     mode: str = "off"
     num_draft: int = 8
     draft_model: Optional[nn.Module] = None
-    draft_id: Optional[str] = None
     draft_cache: PromptCache = field(default_factory=PromptCache)
 
     def drafter(self, prompt: Sequence[int], cache: list[Any]) -> Optional[Drafter]:
@@ -238,28 +233,6 @@ class Speculation:
 
 def _is_greedy(sampler: Callable) -> bool:
     return getattr(sampler, "greedy", False)
-
-
-def detokenized(pairs: Generator[tuple[int, mx.array], None, None], tokenizer: Any, eos_ids: set[int],
-                max_tokens: int) -> Iterator[Step]:
-    """Steps (token, text, logprobs, finish_reason) as mlx-lm's stream_generate makes them."""
-    detokenizer = tokenizer.detokenizer  # a fresh one per access
-    made = 0
-    try:
-        for token, logprobs in pairs:
-            made += 1
-            if token in eos_ids:
-                detokenizer.finalize()
-                yield Step(token, detokenizer.last_segment, logprobs, "stop")
-                return
-            detokenizer.add_token(token)
-            if made >= max_tokens:
-                detokenizer.finalize()
-                yield Step(token, detokenizer.last_segment, logprobs, "length")
-                return
-            yield Step(token, detokenizer.last_segment, logprobs, None)
-    finally:
-        pairs.close()  # now, not when collected: it trims the KV cache to what was taken
 
 
 def same_vocabulary(a: Any, b: Any) -> Optional[str]:

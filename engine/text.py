@@ -13,17 +13,18 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine.batching import PREFILL_STEP, BatchDecoder, batched_steps
+from engine.batching import PREFILL_STEP, BatchDecoder, batch_tokens, detokenized
 from engine.budget import BudgetPolicy, Fields, max_new_tokens
 from engine.errors import InvalidRequest, Unsupported
-from engine.memory import MemoryEstimate, MemoryGate, dequantized_bytes
+from engine.memory import MemoryEstimate, MemoryGate
 from engine.probe import Probe
 from engine.prompt_cache import PromptCache
 from engine.sampling import make_sampler, penalty_processor
-from engine.speculative import Speculation, SpecStats, detokenized, speculative_tokens
+from engine.speculative import Speculation, SpecStats, speculative_tokens
 from engine.stopping import StopMatcher
 from engine.toolcalls import ToolFormat, for_template
 from engine.toolcalls.common import json_or_text
+from engine.weights import load_gated
 from engine.tools import ToolCall, ToolChoice, ToolSpec, render_result, tool_prompt, tool_schema
 
 from engine.request import (ChatMessage, Conversation, Finished, GenerationEvent, Prepared, SamplingParams,  # noqa: F401
@@ -32,7 +33,6 @@ from engine.request import (ChatMessage, Conversation, Finished, GenerationEvent
 log = logging.getLogger("openmlx.engine")
 COMPLETION_FIELDS = Fields(prompt="prompt", media="prompt")
 
-CPU_DTYPES = ("auto", "keep", "float32", "float16")
 # What a chat template raises for messages it won't render (role order, missing fields); anything
 # else from a template call is a bug, not the client's fault.
 try:
@@ -40,8 +40,6 @@ try:
 except ImportError:  # pragma: no cover - transformers brings jinja2
     _TemplateError = ValueError
 TEMPLATE_ERRORS = (_TemplateError, ValueError, TypeError, KeyError, IndexError)
-# KV-cache headroom reserved at load time (tokens); the gate checks weights + this much cache.
-KV_HEADROOM_TOKENS = 4096
 
 
 def render_turn(m: ChatMessage, fmt: ToolFormat, native: bool) -> dict[str, Any]:
@@ -75,41 +73,6 @@ def with_tool_prompt(messages: Sequence[ChatMessage], tools: Sequence[ToolSpec])
     return out
 
 
-def on_gpu() -> bool:
-    """True when MLX computes on Metal or CUDA, where quantized kernels are the fast path."""
-    return mx.default_device() == mx.gpu
-
-
-def _kv_bytes_per_token(config: dict) -> int:
-    cfg = config.get("text_config", config)
-    layers = int(cfg.get("num_hidden_layers", 0) or 0)
-    heads = int(cfg.get("num_attention_heads", 1) or 1)
-    kv_heads = int(cfg.get("num_key_value_heads", heads) or heads)
-    head_dim = int(cfg.get("head_dim") or (int(cfg.get("hidden_size", 0) or 0) // heads))
-    return 2 * layers * kv_heads * head_dim * 4  # keys + values, float32 on CPU
-
-
-def choose_cpu_dtype(requested: str, probe: Probe, gate: MemoryGate, kv_bytes: int) -> str:
-    """The load-time CPU policy: which dtype to hold weights in ("keep" = as shipped).
-
-    On CPU only float32 goes through BLAS (quantized/half matmuls are 5-50x slower there), so
-    `auto` expands to float32 when the expanded weights fit in memory. Never on a GPU.
-    """
-    if requested not in CPU_DTYPES:
-        raise ValueError(f"cpu dtype must be one of {CPU_DTYPES}")
-    if on_gpu() or requested == "keep":
-        return "keep"
-    if requested != "auto":
-        return requested
-    expanded = MemoryEstimate(dequantized_bytes(probe), KV_HEADROOM_TOKENS * kv_bytes)
-    return "float32" if gate.fits(expanded.total) else "keep"
-
-
-def _cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
-    model.update(nn.utils.tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
-                                   model.parameters()))
-
-
 @dataclass
 class TextRunner:
     """A loaded text model and what generation needs to know about it."""
@@ -130,30 +93,15 @@ class TextRunner:
 
     @classmethod
     def load(cls, model_id: str, probe: Probe, cpu_dtype: str, gate: MemoryGate,
-             batch: bool = False, speculation: Optional[Speculation] = None) -> "TextRunner":
-        """Gate memory, load with mlx-lm, then apply the CPU dtype policy. `batch`: decode
-        concurrent streams together (engine/batching.py); `speculation`: how to draft."""
-        config = probe.config
-        kv_bytes = _kv_bytes_per_token(config)
-        dtype = choose_cpu_dtype(cpu_dtype, probe, gate, kv_bytes)
-        weights = probe.size_bytes if dtype == "keep" else dequantized_bytes(probe)
-        if dtype == "float16":
-            weights //= 2
-        need = MemoryEstimate(weights, KV_HEADROOM_TOKENS * kv_bytes)
-        warnings = list(gate.check(model_id, need))
-        if cpu_dtype == "auto" and dtype == "keep" and not on_gpu() and probe.quantized:
-            warnings.append("the CPU fast path (float32 weights) was skipped: not enough memory; "
-                            "generation is several times slower")
-        model, tokenizer = _load_weights(probe, dtype)
-        log.info("loaded %s (%s, weights held as %s)", model_id, probe.architecture, dtype)
-        context = probe.context_length or int(getattr(tokenizer, "model_max_length", 0) or 4096)
-        for w in warnings:
-            log.warning("%s: %s", model_id, w)
-        runner = cls(model_id, model, tokenizer, config, probe, dtype, context, need, tuple(warnings))
+             batch: bool = False) -> "TextRunner":
+        """Gate memory, load with mlx-lm, then apply the CPU dtype policy (engine/weights.py).
+        `batch`: decode concurrent streams together (engine/batching.py)."""
+        loaded = load_gated(model_id, probe, cpu_dtype, gate)
+        context = probe.context_length or int(getattr(loaded.tokenizer, "model_max_length", 0) or 4096)
+        runner = cls(model_id, loaded.model, loaded.tokenizer, probe.config, probe, loaded.dtype, context,
+                     loaded.need, loaded.warnings)
         if batch:
-            runner.decoder = BatchDecoder(model, _eos_ids(tokenizer))
-        if speculation is not None:
-            runner.speculation = speculation
+            runner.decoder = BatchDecoder(loaded.model, _eos_ids(loaded.tokenizer))
         return runner
 
     def load_draft(self, folder: str, cpu_dtype: str, gate: MemoryGate) -> None:
@@ -165,17 +113,11 @@ class TextRunner:
         draft = probe_folder(Path(folder))
         if draft.type != "text" or not draft.runnable:
             raise Unsupported(f"draft model {folder} can't be used: {draft.reason or 'not a text model'}")
-        kv_bytes = _kv_bytes_per_token(draft.config)
-        dtype = choose_cpu_dtype(cpu_dtype, draft, gate, kv_bytes)
-        weights = draft.size_bytes if dtype == "keep" else dequantized_bytes(draft)
-        gate.check(f"draft model {folder}", MemoryEstimate(weights, KV_HEADROOM_TOKENS * kv_bytes))
-        model, tokenizer = _load_weights(draft, dtype)
-        problem = same_vocabulary(self.tokenizer, tokenizer)
+        loaded = load_gated(f"draft model {draft.path.name}", draft, cpu_dtype, gate)
+        problem = same_vocabulary(self.tokenizer, loaded.tokenizer)
         if problem:
             raise Unsupported(f"draft model {folder} can't draft for {self.model_id}: {problem}")
-        self.speculation.draft_model = model
-        self.speculation.draft_id = draft.path.name
-        log.info("draft model %s loaded for %s (weights held as %s)", draft.path.name, self.model_id, dtype)
+        self.speculation.draft_model = loaded.model
 
     # --- prompts -------------------------------------------------------------------------
     def encode_chat(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = (),
@@ -396,7 +338,8 @@ class TextRunner:
             steps = detokenized(pairs, self.tokenizer, _eos_ids(self.tokenizer), max_tokens)
         elif self.decoder is not None:
             batch["uid"] = self.decoder.insert(prompt[reused:], cache, max_tokens, sampler, processors)
-            steps = batched_steps(self.decoder, batch["uid"], self.tokenizer, _eos_ids(self.tokenizer), batch)
+            steps = detokenized(batch_tokens(self.decoder, batch["uid"], batch), self.tokenizer,
+                                _eos_ids(self.tokenizer), max_tokens)
         else:
             steps = stream_generate(self.model, self.tokenizer, mx.array(prompt[reused:]), max_tokens=max_tokens,
                                     sampler=sampler, prompt_cache=cache, logits_processors=processors or None,
@@ -432,45 +375,17 @@ class TextRunner:
                                                   stats, alone):
             history.append(token)
             yield token, logprobs
+        # Here only when another stream started (the end of sequence and max_tokens close this
+        # generator from `detokenized` instead): carry on in the batch.
         left = max_tokens - (len(history) - len(prompt))
-        if left <= 0 or history[-1] in _eos_ids(self.tokenizer) or self.decoder is None:
-            return
         before = mx.array(history[:-1])
         joined = [partial(_after, before, p) for p in processors]
         batch["uid"] = self.decoder.insert(history[-1:], cache, left, sampler, joined)
-        for step in batched_steps(self.decoder, batch["uid"], _NoText(), set(), batch):
-            yield step.token, step.logprobs
+        yield from batch_tokens(self.decoder, batch["uid"], batch)
 
 
 def _after(before: mx.array, processor: Callable, tokens: mx.array, logits: mx.array) -> mx.array:
     return processor(mx.concatenate([before, tokens.reshape(-1).astype(before.dtype)]), logits)
-
-
-class _NoText:
-    """batched_steps' tokenizer when only tokens are wanted (the caller detokenizes)."""
-
-    class detokenizer:  # noqa: N801  (a fresh one per access, as mlx-lm's wrapper gives)
-        last_segment = ""
-
-        @staticmethod
-        def add_token(_token: int) -> None: ...
-
-        @staticmethod
-        def finalize() -> None: ...
-
-
-def _load_weights(probe: Probe, dtype: str) -> tuple[nn.Module, Any]:
-    """mlx-lm's model and tokenizer, the weights held as `dtype` (keep | float32 | float16)."""
-    from mlx_lm import load as lm_load
-    from mlx_lm.utils import dequantize_model
-
-    model, tokenizer = lm_load(str(probe.path))
-    if dtype != "keep":
-        if probe.quantized:
-            model = dequantize_model(model)
-        _cast_floats(model, mx.float32 if dtype == "float32" else mx.float16)
-        mx.eval(model.parameters())
-    return model, tokenizer
 
 
 def _eos_ids(tokenizer: Any) -> set[int]:

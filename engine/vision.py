@@ -22,8 +22,9 @@ from engine.images import ImageLimits, check, decode, numbering
 from engine.memory import MemoryEstimate, MemoryGate
 from engine.probe import Probe
 from engine.prompt_cache import PromptCache
-from engine.text import (KV_HEADROOM_TOKENS, ChatMessage, Finished, GenerationEvent, SamplingParams, Started,
-                         TEMPLATE_ERRORS, TextDelta, TextRunner, _kv_bytes_per_token, decode_steps, render_turn, with_tool_prompt)
+from engine.text import (ChatMessage, Finished, GenerationEvent, SamplingParams, Started, TEMPLATE_ERRORS, TextDelta,
+                         TextRunner, decode_steps, render_turn, with_tool_prompt)
+from engine.weights import KV_HEADROOM_TOKENS, kv_bytes_per_token
 from engine.toolcalls import hermes
 from engine.tools import ToolChoice, ToolSpec
 
@@ -99,7 +100,7 @@ class VisionRunner(TextRunner):
 
         config = probe.config
         text_cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-        kv_bytes = _kv_bytes_per_token({**config, **text_cfg})
+        kv_bytes = kv_bytes_per_token({**config, **text_cfg})
         need = MemoryEstimate(probe.size_bytes, KV_HEADROOM_TOKENS * kv_bytes)
         warnings = tuple(gate.check(model_id, need))
         model, processor = vlm_load(str(probe.path))

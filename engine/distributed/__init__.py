@@ -224,11 +224,12 @@ def follow(lock: Lockstep, runner: Any) -> int:
 def sharded_runner(model_id: str, probe: Any, plan: ShardPlan, group: Any, gate: Any) -> Any:
     """This rank's shard as a TextRunner (weights as shipped; the memory gate counts a share)."""
     from engine.memory import MemoryEstimate
-    from engine.text import KV_HEADROOM_TOKENS, TextRunner, _kv_bytes_per_token
+    from engine.text import TextRunner
+    from engine.weights import KV_HEADROOM_TOKENS, kv_bytes_per_token
 
     config = probe.config
     need = MemoryEstimate(probe.size_bytes // plan.world_size,
-                          KV_HEADROOM_TOKENS * _kv_bytes_per_token(config) // plan.world_size)
+                          KV_HEADROOM_TOKENS * kv_bytes_per_token(config) // plan.world_size)
     warnings = tuple(gate.check(model_id, need))
     model, tokenizer = sharded_load(probe.path, plan, group)
     context = probe.context_length or int(getattr(tokenizer, "model_max_length", 0) or 4096)

@@ -1,0 +1,99 @@
+"""Loading a text model's weights: the memory gate and the CPU dtype policy (float32 through
+BLAS on the CPU, as shipped on a GPU). Shared by the runners and the draft model."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from engine.memory import MemoryEstimate, MemoryGate, dequantized_bytes
+from engine.probe import Probe
+
+log = logging.getLogger("openmlx.engine")
+
+CPU_DTYPES = ("auto", "keep", "float32", "float16")
+# KV-cache headroom reserved at load time (tokens); the gate checks weights + this much cache.
+KV_HEADROOM_TOKENS = 4096
+
+
+def on_gpu() -> bool:
+    """True when MLX computes on Metal or CUDA, where quantized kernels are the fast path."""
+    return mx.default_device() == mx.gpu
+
+
+def kv_bytes_per_token(config: dict) -> int:
+    cfg = config.get("text_config", config)
+    layers = int(cfg.get("num_hidden_layers", 0) or 0)
+    heads = int(cfg.get("num_attention_heads", 1) or 1)
+    kv_heads = int(cfg.get("num_key_value_heads", heads) or heads)
+    head_dim = int(cfg.get("head_dim") or (int(cfg.get("hidden_size", 0) or 0) // heads))
+    return 2 * layers * kv_heads * head_dim * 4  # keys + values, float32 on CPU
+
+
+def choose_cpu_dtype(requested: str, probe: Probe, gate: MemoryGate, kv_bytes: int) -> str:
+    """The load-time CPU policy: which dtype to hold weights in ("keep" = as shipped).
+
+    On CPU only float32 goes through BLAS (quantized/half matmuls are 5-50x slower there), so
+    `auto` expands to float32 when the expanded weights fit in memory. Never on a GPU.
+    """
+    if requested not in CPU_DTYPES:
+        raise ValueError(f"cpu dtype must be one of {CPU_DTYPES}")
+    if on_gpu() or requested == "keep":
+        return "keep"
+    if requested != "auto":
+        return requested
+    expanded = MemoryEstimate(dequantized_bytes(probe), KV_HEADROOM_TOKENS * kv_bytes)
+    return "float32" if gate.fits(expanded.total) else "keep"
+
+
+def _cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
+    model.update(nn.utils.tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+                                   model.parameters()))
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A model's weights in memory and what the gate counted for them."""
+
+    model: nn.Module
+    tokenizer: Any  # mlx_lm TokenizerWrapper
+    dtype: str  # keep | float32 | float16
+    need: MemoryEstimate
+    warnings: tuple[str, ...]
+
+
+def load_gated(label: str, probe: Probe, cpu_dtype: str, gate: MemoryGate) -> Loaded:
+    """Choose the CPU dtype, check memory (weights as they will be held + KV headroom), then
+    load with mlx-lm; `label` names the model in warnings and the log."""
+    kv_bytes = kv_bytes_per_token(probe.config)
+    dtype = choose_cpu_dtype(cpu_dtype, probe, gate, kv_bytes)
+    weights = probe.size_bytes if dtype == "keep" else dequantized_bytes(probe)
+    if dtype == "float16":
+        weights //= 2
+    need = MemoryEstimate(weights, KV_HEADROOM_TOKENS * kv_bytes)
+    warnings = list(gate.check(label, need))
+    if cpu_dtype == "auto" and dtype == "keep" and not on_gpu() and probe.quantized:
+        warnings.append("the CPU fast path (float32 weights) was skipped: not enough memory; "
+                        "generation is several times slower")
+    model, tokenizer = _load_weights(probe, dtype)
+    log.info("loaded %s (%s, weights held as %s)", label, probe.architecture, dtype)
+    for w in warnings:
+        log.warning("%s: %s", label, w)
+    return Loaded(model, tokenizer, dtype, need, tuple(warnings))
+
+
+def _load_weights(probe: Probe, dtype: str) -> tuple[nn.Module, Any]:
+    """mlx-lm's model and tokenizer, the weights held as `dtype` (keep | float32 | float16)."""
+    from mlx_lm import load as lm_load
+    from mlx_lm.utils import dequantize_model
+
+    model, tokenizer = lm_load(str(probe.path))
+    if dtype != "keep":
+        if probe.quantized:
+            model = dequantize_model(model)
+        _cast_floats(model, mx.float32 if dtype == "float32" else mx.float16)
+        mx.eval(model.parameters())
+    return model, tokenizer
