@@ -9,6 +9,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from engine import cpu_math
 from engine.memory import MemoryEstimate, MemoryGate, dequantized_bytes
 from engine.probe import Probe
 
@@ -79,6 +80,8 @@ def load_gated(label: str, probe: Probe, cpu_dtype: str, gate: MemoryGate) -> Lo
         warnings.append("the CPU fast path (float32 weights) was skipped: not enough memory; "
                         "generation is several times slower")
     model, tokenizer = _load_weights(probe, dtype)
+    if dtype == "float32" and not on_gpu():
+        cpu_math.install(model)
     log.info("loaded %s (%s, weights held as %s)", label, probe.architecture, dtype)
     for w in warnings:
         log.warning("%s: %s", label, w)
