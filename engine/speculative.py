@@ -113,6 +113,11 @@ class DraftModel:
         return out
 
 
+# The longest prompt tail fed with the first pass rather than before it. Its rows' output-head
+# products are wasted (~0.6 ms a row for SmolLM2 on this CPU) against one 1-row pass (~55 ms).
+MERGE_TAIL = 64
+
+
 class AdaptiveLength:
     """How many tokens to draft: grows by 2 while whole drafts are kept, shrinks by 1 when any
     is rejected (as Hugging Face's assisted generation does), between 1 and `limit`."""
@@ -141,11 +146,15 @@ def speculative_tokens(model: nn.Module, cache: list[Any], prompt: Sequence[int]
 
     history = list(prompt)
     todo = history[cached:-1]
-    for at in range(0, len(todo), PREFILL_CHUNK):
-        model(mx.array(todo[at:at + PREFILL_CHUNK])[None], cache=cache)
+    # A short tail of the prompt rides along with the first pass (its logits are dropped): one
+    # pass of T+1 rows costs less than T rows and then a pass of 1 row, which reads every weight.
+    merged = len(todo) % PREFILL_CHUNK
+    pending = todo[len(todo) - merged:] if merged <= MERGE_TAIL else []
+    for at in range(0, len(todo) - len(pending), PREFILL_CHUNK):
+        model(mx.array(todo[at:min(at + PREFILL_CHUNK, len(todo) - len(pending))])[None], cache=cache)
         mx.eval([c.state for c in cache])
         mx.clear_cache()
-    fed = len(history) - 1  # tokens the cache holds: all but the last, which the first pass feeds
+    fed = len(history) - 1 - len(pending)  # tokens the cache holds
     length = AdaptiveLength(limit)
     made = 0
     try:
@@ -154,8 +163,10 @@ def speculative_tokens(model: nn.Module, cache: list[Any], prompt: Sequence[int]
                 return
             # Never draft past max_tokens: the last token of a pass is the model's own.
             draft = drafter.propose(history, min(length.k, max_tokens - made - 1)) if max_tokens - made > 1 else []
-            logits = model(mx.array(history[-1:] + draft)[None], cache=cache)[0]
-            fed += 1 + len(draft)
+            inputs = pending + history[-1:] + draft
+            logits = model(mx.array(inputs)[None], cache=cache)[0][len(pending):]
+            fed += len(inputs)
+            pending = []
             if not processors and _is_greedy(sampler):
                 logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
                 picks = mx.argmax(logprobs, axis=-1).tolist()

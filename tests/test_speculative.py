@@ -165,6 +165,49 @@ def test_next_turn_uses_the_prompt_cache(runner):
     assert isinstance(events[-1], Finished)
 
 
+class CountingModel:
+    """The model, counting forward passes and the rows each was given."""
+
+    def __init__(self, model):
+        self.model, self.rows = model, []
+
+    def __call__(self, inputs, *args, **kwargs):
+        self.rows.append(inputs.shape[-1])
+        return self.model(inputs, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+@pytest.mark.parametrize("tail", ["short", "long"])
+def test_a_short_prompt_tail_rides_with_the_first_pass(runner, monkeypatch, tail):
+    """The next turn's few new tokens go in the same pass as the first token's (no separate
+    1-row pass); a tail longer than MERGE_TAIL is prefilled first. Same text either way."""
+    from engine.request import ChatMessage, SamplingParams, TextDelta
+    from engine.speculative import MERGE_TAIL, Speculation
+
+    first = [ChatMessage("user", PROMPTS[3])]
+    follow = "Now the moons of Mars?" if tail == "short" else "Now describe each one. " + "In detail. " * 40
+    texts = {}
+    for mode in ("off", "ngram"):
+        runner.speculation = Speculation(mode=mode)
+        runner.prompt_cache.clear()
+        answer = "".join(e.text for e in runner.generate(runner.encode_chat(first), 12, SamplingParams(temperature=0.0),
+                                                         lambda: False) if isinstance(e, TextDelta))
+        counting = CountingModel(runner.model)
+        monkeypatch.setattr(runner, "model", counting)
+        turn = runner.encode_chat(first + [ChatMessage("assistant", answer), ChatMessage("user", follow)])
+        texts[mode] = "".join(e.text for e in runner.generate(turn, 6, SamplingParams(temperature=0.0), lambda: False)
+                              if isinstance(e, TextDelta))
+        monkeypatch.undo()
+    new = len(turn) - len(runner.encode_chat(first)) - 12
+    assert texts["ngram"] == texts["off"] and texts["off"]
+    if tail == "short":
+        assert 1 < new <= MERGE_TAIL and counting.rows[0] > new  # the tail and the last token, one pass
+    else:
+        assert new > MERGE_TAIL and counting.rows[1] <= 9  # prefilled, then a decode-sized pass
+
+
 def test_cancelled_inside_a_pass_leaves_a_consistent_cache(runner):
     from engine.request import ChatMessage, Finished, SamplingParams, TextDelta
     from engine.speculative import Speculation
