@@ -135,13 +135,15 @@ class AdaptiveLength:
 def speculative_tokens(model: nn.Module, cache: list[Any], prompt: Sequence[int], cached: int,
                        drafter: Drafter, limit: int, max_tokens: int,
                        sampler: Callable[[mx.array], mx.array], processors: Sequence[Callable],
-                       stats: SpecStats, alone: Callable[[], bool] = lambda: True
+                       stats: SpecStats, alone: Callable[[], bool] = lambda: True,
+                       last_rows: Optional[Callable[[mx.array, list[Any], int], mx.array]] = None,
                        ) -> Iterator[tuple[int, mx.array]]:
     """(token, logprobs) pairs of the model's own answer, several per forward pass where the
     drafter guessed right. `cache` holds the first `cached` tokens of `prompt`. On exit the cache
     holds exactly the prompt and the tokens taken by the consumer, but the last one. Returns early
     (after at least one token) when `alone()` turns false: other streams are running, and the
-    caller moves this one into their batch."""
+    caller moves this one into their batch. `last_rows(inputs, cache, n)`: the logits of a pass's
+    last n rows only (engine/last_rows.py), for the pass that carries the prompt's tail."""
     from mlx_lm.models.cache import trim_prompt_cache
 
     history = list(prompt)
@@ -164,7 +166,10 @@ def speculative_tokens(model: nn.Module, cache: list[Any], prompt: Sequence[int]
             # Never draft past max_tokens: the last token of a pass is the model's own.
             draft = drafter.propose(history, min(length.k, max_tokens - made - 1)) if max_tokens - made > 1 else []
             inputs = pending + history[-1:] + draft
-            logits = model(mx.array(inputs)[None], cache=cache)[0][len(pending):]
+            if pending and last_rows is not None:
+                logits = last_rows(mx.array(inputs)[None], cache, 1 + len(draft))[0]
+            else:
+                logits = model(mx.array(inputs)[None], cache=cache)[0][len(pending):]
             fed += len(inputs)
             pending = []
             if not processors and _is_greedy(sampler):

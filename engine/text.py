@@ -24,6 +24,7 @@ from engine.speculative import Speculation, SpecStats, speculative_tokens
 from engine.stopping import StopMatcher
 from engine.toolcalls import ToolFormat, for_template
 from engine.toolcalls.common import json_or_text
+from engine.last_rows import SplitHead, split_head
 from engine.weights import load_gated
 from engine.tools import ToolCall, ToolChoice, ToolSpec, render_result, tool_prompt, tool_schema
 
@@ -90,6 +91,7 @@ class TextRunner:
     decoder: Optional[BatchDecoder] = None  # set: concurrent streams decode together (engine/batching.py)
     speculation: Speculation = field(default_factory=Speculation)
     streams: int = 0  # generations running now (on the worker thread)
+    last_rows: Optional[SplitHead] = None  # logits for a pass's last rows only (engine/last_rows.py)
 
     @classmethod
     def load(cls, model_id: str, probe: Probe, cpu_dtype: str, gate: MemoryGate,
@@ -100,6 +102,7 @@ class TextRunner:
         context = probe.context_length or int(getattr(loaded.tokenizer, "model_max_length", 0) or 4096)
         runner = cls(model_id, loaded.model, loaded.tokenizer, probe.config, probe, loaded.dtype, context,
                      loaded.need, loaded.warnings)
+        runner.last_rows = split_head(loaded.model)
         if batch:
             runner.decoder = BatchDecoder(loaded.model, _eos_ids(loaded.tokenizer))
         return runner
@@ -372,7 +375,7 @@ class TextRunner:
         alone = (lambda: self.streams <= 1) if self.decoder is not None else (lambda: True)
         for token, logprobs in speculative_tokens(self.model, cache, prompt, reused, drafter,
                                                   self.speculation.num_draft, max_tokens, sampler, processors,
-                                                  stats, alone):
+                                                  stats, alone, self.last_rows):
             history.append(token)
             yield token, logprobs
         # Here only when another stream started (the end of sequence and max_tokens close this

@@ -1,0 +1,52 @@
+"""Logits for the last rows of a forward pass only.
+
+A pass that carries prompt tokens along (engine/speculative.py: a short prompt tail rides with
+the first pass) needs logits for its last rows only, but mlx-lm's models apply the output head to
+every row: ~0.5 ms a row for SmolLM2's 49k-token vocabulary on this CPU, more than the rest of a
+row's pass. Most mlx-lm models are `backbone -> head` (`model.model`, then `lm_head` or the tied
+embedding's `as_linear`); `split_head` finds that split and checks it once, numerically, against
+the model's own call. Where it doesn't hold (a model that scales or soft-caps its logits, another
+layout) it returns None and callers take every row's logits as before.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+@dataclass(frozen=True)
+class SplitHead:
+    """A model as its backbone and its output head."""
+
+    backbone: nn.Module
+    head: Callable[[mx.array], mx.array]
+
+    def __call__(self, inputs: mx.array, cache: list[Any], rows: int) -> mx.array:
+        """The logits of the last `rows` positions of `inputs` (1, n); the cache takes all n."""
+        hidden = self.backbone(inputs, cache=cache)
+        return self.head(hidden[:, -rows:])
+
+
+def split_head(model: nn.Module) -> Optional[SplitHead]:
+    """The model's backbone/head split, or None where this model isn't that shape."""
+    backbone = getattr(model, "model", None)
+    if not isinstance(backbone, nn.Module):
+        return None
+    head = getattr(model, "lm_head", None)
+    if head is None:
+        embed = getattr(backbone, "embed_tokens", None)
+        head = getattr(embed, "as_linear", None)
+    if not callable(head):
+        return None
+    ids = mx.array([[1, 2, 3, 4, 5]])
+    try:
+        want = model(ids)
+        got = head(backbone(ids, cache=None))
+    except Exception:  # another call signature: not this shape
+        return None
+    if got.shape != want.shape or not mx.allclose(got, want, rtol=1e-4, atol=1e-4).item():
+        return None
+    return SplitHead(backbone, head)
