@@ -68,7 +68,7 @@ class EngineConfig:
     # Speculative decoding (engine/speculative.py): auto = a draft model when one is given, else
     # prompt lookup; the most tokens drafted per pass; the draft model (an id or folder).
     speculative: str = "auto"  # auto | ngram | draft | off
-    num_draft_tokens: int = 8
+    num_draft_tokens: int = 12
     draft_model: Optional[str] = None
     # Per-model settings from a config file (handlers/config_file.py).
     models: list[ModelSettings] = field(default_factory=list)

@@ -163,8 +163,12 @@ def speculative_tokens(model: nn.Module, cache: list[Any], prompt: Sequence[int]
         while made < max_tokens:
             if made and not alone():
                 return
-            # Never draft past max_tokens: the last token of a pass is the model's own.
-            draft = drafter.propose(history, min(length.k, max_tokens - made - 1)) if max_tokens - made > 1 else []
+            # Never draft past max_tokens: the last token of a pass is the model's own. The pass that
+            # carries the prompt's tail drafts nothing: the first guess after a chat template's
+            # "assistant" is mostly the previous answer's opening, and its rows cost the next turn's
+            # first token ~15 ms (measured).
+            guess = max_tokens - made > 1 and not pending
+            draft = drafter.propose(history, min(length.k, max_tokens - made - 1)) if guess else []
             inputs = pending + history[-1:] + draft
             if pending and last_rows is not None:
                 logits = last_rows(mx.array(inputs)[None], cache, 1 + len(draft))[0]
@@ -216,7 +220,7 @@ class Speculation:
     cache (so the next turn of a conversation doesn't re-read its history in the draft model)."""
 
     mode: str = "off"
-    num_draft: int = 8
+    num_draft: int = 12
     draft_model: Optional[nn.Module] = None
     draft_cache: PromptCache = field(default_factory=PromptCache)
 

@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "guesses copied from the prompt and the answer so far; off)")
     s.add_argument("--draft-model", default=None, metavar="ID|PATH",
                    help="a smaller model with the same tokenizer that drafts tokens for speculative decoding")
-    s.add_argument("--num-draft-tokens", type=int, default=8, metavar="N",
+    s.add_argument("--num-draft-tokens", type=int, default=12, metavar="N",
                    help="the most tokens drafted per pass (speculative decoding; adapted per request below it)")
     s.add_argument("--allow-image-urls", action="store_true",
                    help="let vision requests name http(s) image URLs, which the server fetches (off: data: URLs only)")

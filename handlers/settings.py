@@ -21,7 +21,7 @@ def engine_config(args: argparse.Namespace) -> "EngineConfig":
                         batch=getattr(args, "batch", "auto"),
                         hub_download=getattr(args, "allow_download", False),
                         speculative=getattr(args, "speculative", "auto"),
-                        num_draft_tokens=getattr(args, "num_draft_tokens", 8),
+                        num_draft_tokens=getattr(args, "num_draft_tokens", 12),
                         draft_model=getattr(args, "draft_model", None),
                         models=list(getattr(args, "models", None) or []),
                         local_models=[Path(p) for p in getattr(args, "model_dir", None) or []],
