@@ -30,8 +30,8 @@ import numpy as np
 log = logging.getLogger("openmlx.engine")
 
 # Below these sizes a pass stays in MLX: the synchronisation (and losing the overlap of the next
-# step's graph building) costs more than the scalar math it saves. Measured in
-# docs/benchmarks.md ("Attention and SwiGLU in numpy").
+# step's graph building) costs more than the scalar math it saves (docs/benchmarks.md, "Against
+# llama.cpp after attention and SwiGLU moved to numpy").
 MIN_SCORES = 16_384  # query heads x rows x keys of one attention call
 MIN_ACTIVATIONS = 16_384  # rows x intermediate size of one SwiGLU
 _MASKED = np.float32(np.finfo(np.float32).min)
@@ -156,26 +156,34 @@ def _swiglu(original: Callable[..., mx.array]) -> Callable[..., mx.array]:
     return swiglu
 
 
-_REPLACEMENTS = {"scaled_dot_product_attention": _attention, "swiglu": _swiglu}
 _lock = threading.Lock()
+
+
+def _replacements() -> dict[str, tuple[Callable[..., mx.array], Callable[..., Callable[..., mx.array]]]]:
+    """Name -> (mlx-lm's own function, its wrapper maker). Only mlx-lm's shared functions are
+    rebound: a module's own function of the same name may mean something else."""
+    from mlx_lm.models import activations, base
+
+    return {"scaled_dot_product_attention": (base.scaled_dot_product_attention, _attention),
+            "swiglu": (activations.swiglu, _swiglu)}
 
 
 def install(model: nn.Module) -> list[str]:
     """Route the model's attention and SwiGLU through the numpy versions (CPU, float32 only).
 
-    Returns the names rebound in the model's module (empty when it uses neither, e.g. an
-    architecture that computes attention itself)."""
+    Returns the names rebound in the model's module (empty when it uses neither of mlx-lm's
+    shared functions, e.g. an architecture that computes attention itself)."""
     module = sys.modules.get(type(model).__module__)
     done: list[str] = []
     if module is None or os.environ.get("OPENMLX_CPU_MATH", "").lower() == "off":
         return done
     with _lock:
-        for name, wrap in _REPLACEMENTS.items():
+        for name, (shared, wrap) in _replacements().items():
             current = getattr(module, name, None)
-            if current is None:
-                continue
-            if not hasattr(current, "openmlx_original"):
+            if current is shared:
                 setattr(module, name, wrap(current))
+            elif getattr(current, "openmlx_original", None) is not shared:
+                continue  # absent, or the module's own function
             done.append(name)
     if done:
         log.info("CPU math: %s of %s run vectorized in numpy", ", ".join(done), module.__name__)

@@ -116,16 +116,14 @@ def test_swiglu_matches_mlx():
 
 
 def test_install_rebinds_the_model_module_once(monkeypatch):
-    from mlx_lm.models import llama
+    from mlx_lm.models import activations, base, llama
 
-    monkeypatch.setattr(llama, "scaled_dot_product_attention", llama.scaled_dot_product_attention)
-    monkeypatch.setattr(llama, "swiglu", llama.swiglu)
+    monkeypatch.setattr(llama, "scaled_dot_product_attention", base.scaled_dot_product_attention)
+    monkeypatch.setattr(llama, "swiglu", activations.swiglu)
     model = llama.Model.__new__(llama.Model)
-    original = llama.swiglu
-    original = getattr(original, "openmlx_original", original)
     assert cpu_math.install(model) == ["scaled_dot_product_attention", "swiglu"]
     wrapped = llama.swiglu
-    assert wrapped.openmlx_original is original
+    assert wrapped is not activations.swiglu and wrapped.openmlx_original is activations.swiglu
     cpu_math.install(model)
     assert llama.swiglu is wrapped  # not wrapped twice
 
@@ -133,6 +131,12 @@ def test_install_rebinds_the_model_module_once(monkeypatch):
         pass
 
     assert cpu_math.install(Elsewhere()) == []  # a module with neither name: nothing to do
+
+    def swiglu(x):  # a module's own function of the same name, another signature: left alone
+        return x
+
+    monkeypatch.setattr(llama, "swiglu", swiglu)
+    assert cpu_math.install(model) == ["scaled_dot_product_attention"] and llama.swiglu is swiglu
 
 
 # --- the real model -------------------------------------------------------------------------
