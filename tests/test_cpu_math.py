@@ -9,7 +9,6 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 import mlx.nn as nn  # noqa: E402
-import numpy as np  # noqa: E402
 
 from engine import cpu_math  # noqa: E402
 
