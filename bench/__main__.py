@@ -91,20 +91,9 @@ def main(argv=None) -> int:
     args.streams = [1, 4, 8] if args.full else [1, 4]
     sizes = [50, 500, 2000] if args.full else [50, 500]
 
-    from transformers import AutoTokenizer
-
     model_dir = (args.model or default_model_dir()).resolve()
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    cfg = json.loads((model_dir / "config.json").read_text())
-    eos = cfg.get("eos_token_id")
-    eos = eos if isinstance(eos, list) else [eos]
-    def count(text: str) -> int:
-        return len(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                           tokenize=True, return_dict=False))
+    count, eos = workload.count_with(model_dir)
     prompts = {n: workload.prompt_of(n, count) for n in sizes}
-    workload.COUNTER["text"] = lambda text: len(tok.encode(text, add_special_tokens=False))
-    workload.COUNTER["chat"] = lambda msgs: len(tok.apply_chat_template(msgs, add_generation_prompt=True,
-                                                                        tokenize=True, return_dict=False))
 
     names = args.only or (["openmlx", "openmlx-nospec", "openmlx-keep", "llama.cpp", "llama.cpp-lookup",
                            "mlx_lm.server", "mlx-knife", "raw"] if args.full

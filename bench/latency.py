@@ -81,19 +81,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
-    from transformers import AutoTokenizer
-
     model_dir = default_model_dir().resolve()
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    eos = json.loads((model_dir / "config.json").read_text()).get("eos_token_id")
-    eos = eos if isinstance(eos, list) else [eos]
-
-    def count(text: str) -> int:
-        return len(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                           tokenize=True, return_dict=False))
-    workload.COUNTER["text"] = lambda text: len(tok.encode(text, add_special_tokens=False))
-    workload.COUNTER["chat"] = lambda msgs: len(tok.apply_chat_template(msgs, add_generation_prompt=True,
-                                                                        tokenize=True, return_dict=False))
+    count, eos = workload.count_with(model_dir)
     prompts = {n: workload.prompt_of(n, count) for n in SIZES}
     names = args.only or list(NAMES)
     table = peers(model_dir, model_dir.name, work=args.out, names=tuple(names))

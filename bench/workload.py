@@ -6,7 +6,8 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 import httpx
 
@@ -81,6 +82,22 @@ def prompt_of(tokens: int, count) -> str:
 # Token counting with the model's own tokenizer (set by the bench before it runs): servers'
 # `usage` is not trusted (one peer estimates it from words).
 COUNTER: dict = {"text": None, "chat": None}
+
+
+def count_with(model_dir) -> tuple[Callable[[str], int], list[int]]:
+    """Count tokens with the model's own tokenizer from here on (sets COUNTER); returns a counter
+    of a one-message chat prompt's tokens and the model's end-of-sequence ids."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    eos = json.loads((Path(model_dir) / "config.json").read_text()).get("eos_token_id")
+
+    def chat(msgs: list) -> int:
+        return len(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+    COUNTER["text"] = lambda text: len(tok.encode(text, add_special_tokens=False))
+    COUNTER["chat"] = chat
+    return (lambda text: chat([{"role": "user", "content": text}])), (eos if isinstance(eos, list) else [eos])
 
 
 _CLIENT: Optional[httpx.Client] = None

@@ -152,8 +152,9 @@ def speculative_tokens(model: nn.Module, cache: list[Any], prompt: Sequence[int]
     # pass of T+1 rows costs less than T rows and then a pass of 1 row, which reads every weight.
     merged = len(todo) % PREFILL_CHUNK
     pending = todo[len(todo) - merged:] if merged <= MERGE_TAIL else []
-    for at in range(0, len(todo) - len(pending), PREFILL_CHUNK):
-        model(mx.array(todo[at:min(at + PREFILL_CHUNK, len(todo) - len(pending))])[None], cache=cache)
+    ahead = todo[:len(todo) - len(pending)]  # prefilled before the first pass
+    for at in range(0, len(ahead), PREFILL_CHUNK):
+        model(mx.array(ahead[at:at + PREFILL_CHUNK])[None], cache=cache)
         mx.eval([c.state for c in cache])
         mx.clear_cache()
     fed = len(history) - 1 - len(pending)  # tokens the cache holds
