@@ -13,24 +13,10 @@ from typing import Iterator
 import pytest
 
 from engine.config import openmlx_home
-from engine.default_model import DEFAULT_MODEL_ID, ensure_default_model
-from tests.process import ServerProcess, free_port
+from engine.models.default_model import DEFAULT_MODEL_ID, ensure_default_model
+from tests.process import Server
 
 MODEL = DEFAULT_MODEL_ID
-
-
-class Server(ServerProcess):
-    """A running `openmlx serve` subprocess."""
-
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, wait: bool = True,
-                 cwd: Path | None = None, entry: list[str] | None = None) -> None:
-        port = free_port()
-        entry = entry or [sys.executable, "-m", "handlers.cli"]
-        super().__init__([*entry, "serve", "--port", str(port), *args],
-                         Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"openmlx-test-{port}.log",
-                         env=env, cwd=cwd, port=port)
-        if wait:
-            self.wait_ready()
 
 
 def pytest_addoption(parser):

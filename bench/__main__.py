@@ -23,7 +23,7 @@ from bench.servers import Running, peers
 
 def default_model_dir() -> Path:
     from engine.config import openmlx_home
-    from engine.default_model import ensure_default_model
+    from engine.models.default_model import ensure_default_model
 
     home = openmlx_home()
     return ensure_default_model(home / "models", home)

@@ -20,7 +20,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import save_table  # noqa: E402
-from conftest import MODEL, Server  # noqa: E402  (the same subprocess helper the tests use)
+from engine.models.default_model import DEFAULT_MODEL_ID as MODEL  # noqa: E402
+from tests.process import Server  # noqa: E402  (the same subprocess helper the tests use)
 
 PROMPTS = ["Tell me about rivers.", "Describe a city at night.", "Explain how rain forms.", "Write about the sea.",
            "Describe a forest in autumn.", "Tell me about mountains.", "Explain what a library is.",

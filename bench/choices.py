@@ -16,7 +16,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import save_table  # noqa: E402
-from conftest import MODEL, Server  # noqa: E402
+from engine.models.default_model import DEFAULT_MODEL_ID as MODEL  # noqa: E402
+from tests.process import Server  # noqa: E402
 
 
 def timed(fn) -> float:

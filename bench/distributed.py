@@ -20,9 +20,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import save_table  # noqa: E402
-from conftest import Server  # noqa: E402
+from tests.process import Server  # noqa: E402
 from engine.config import openmlx_home  # noqa: E402
-from engine.default_model import ensure_default_model  # noqa: E402
+from engine.models.default_model import ensure_default_model  # noqa: E402
 from tests.tiny_sharded import write_tiny_sharded  # noqa: E402
 
 SIDE = ["--embedding-model", "none", "--audio-model", "none"]

@@ -37,7 +37,7 @@ def mlx_run(folder: Path, approx: bool) -> dict:
     import mlx.nn as nn
     import numpy as np
 
-    from engine.embeddings import BertEmbedder
+    from engine.media.embeddings import BertEmbedder
 
     e = BertEmbedder("bench", folder, gelu=nn.gelu_approx if approx else nn.gelu)
     e.embed(SENTENCES[:8])
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
 
     import engine  # noqa: F401  (OpenBLAS before mlx)
     from engine.config import openmlx_home
-    from engine.default_model import ensure_default_embedding_model
+    from engine.models.default_model import ensure_default_embedding_model
 
     home = openmlx_home()
     folder = ensure_default_embedding_model(home / "models", home)

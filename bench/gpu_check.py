@@ -7,12 +7,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import engine  # noqa
 import mlx.core as mx
-from engine.memory import MemoryGate
-from engine.probe import probe
-from engine.text import ChatMessage, SamplingParams, TextDelta, Finished, TextRunner
-from engine.weights import on_gpu
+from engine.models.memory import MemoryGate
+from engine.models.probe import probe
+from engine.generation.text import ChatMessage, SamplingParams, TextDelta, Finished, TextRunner
+from engine.models.weights import on_gpu
 
-out = {"device": str(mx.default_device()), "on_gpu": on_gpu(), "blas": engine.blas.active().name}
+out = {"device": str(mx.default_device()), "on_gpu": on_gpu(), "blas": engine.cpu.blas.active().name}
 folder = Path(sys.argv[1])
 p = probe(folder)
 out["probe"] = {"type": p.type, "runnable": p.runnable, "reason": p.reason, "quantized": p.quantized}

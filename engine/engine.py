@@ -1,7 +1,7 @@
 """The engine facade handlers talk to: models, health, prepare and stream generations.
 
 A request's path: `prepare(conversation)` (or `prepare_completion`) runs on the worker: the
-modality rule, the model made resident (engine/residency.py), the runner's `plan` (template,
+modality rule, the model made resident (engine/models/residency.py), the runner's `plan` (template,
 media, grammar, budget); `stream(prepared)` queues the runner's `run`. Which runner serves a
 model is engine/runners.py's business; nothing here depends on its kind.
 """
@@ -18,23 +18,23 @@ from typing import Awaitable, Callable, Optional, Sequence
 
 import numpy as np
 
-from engine import blas
-from engine.audio import AudioRunner, TranscribeOptions, check_audio_header, decode_audio
-from engine.budget import BudgetPolicy
+from engine.cpu import blas
+from engine.media.audio import AudioRunner, TranscribeOptions, check_audio_header, decode_audio
+from engine.generation.budget import BudgetPolicy
 from engine.config import EngineConfig
-from engine.default_model import (DEFAULT_AUDIO_ID, DEFAULT_EMBEDDING_ID, DEFAULT_MODEL_ID, DefaultModelUnavailable,
+from engine.models.default_model import (DEFAULT_AUDIO_ID, DEFAULT_EMBEDDING_ID, DEFAULT_MODEL_ID, DefaultModelUnavailable,
                                   ensure_default_audio_model, ensure_default_embedding_model, ensure_default_model)
 from engine.distributed import GroupFailed, Lockstep, LockstepRunner, ShardPlan, join_group
-from engine.embeddings import BATCH, Embeddings
+from engine.media.embeddings import BATCH, Embeddings
 from engine.errors import EngineError, InvalidRequest, ModelNotFound
-from engine.memory import MemoryGate
-from engine.probe import Probe, probe
+from engine.models.memory import MemoryGate
+from engine.models.probe import Probe, probe
 from engine.request import Conversation, Prepared
-from engine.residency import Residency
-from engine.resolution import ModelEntry, ModelStore, locate
+from engine.models.residency import Residency
+from engine.models.resolution import ModelEntry, ModelStore, locate
 from engine.runners import FaultyRunner
 from engine.scheduler import Scheduler, StreamHandle
-from engine.text import ChatMessage, SamplingParams
+from engine.generation.text import ChatMessage, SamplingParams
 
 log = logging.getLogger("openmlx.engine")
 LoadMedia = Callable[[list[ChatMessage]], Awaitable[list[ChatMessage]]]
@@ -278,7 +278,7 @@ class Engine:
     async def ensure_model(self, model_id: str) -> None:
         """With `--allow-download`, fetch a requested ORG/NAME (or a configured id whose source is
         one) that is not in the store from the Hugging Face Hub first, off the event loop and the
-        worker, one download at a time; the checks in engine/hub.py run before any weights are
+        worker, one download at a time; the checks in engine/models/hub.py run before any weights are
         fetched. Otherwise nothing."""
         if self.config.hub_download and not self.residency.loaded(model_id):  # loaded: nothing to scan
             await asyncio.to_thread(self._fetch_missing, model_id)
@@ -294,7 +294,7 @@ class Engine:
                 return
             except ModelNotFound:
                 pass
-            from engine import hub
+            from engine.models import hub
 
             hub.pull(source, self.config.models_dir, self.gate)
 

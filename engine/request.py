@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from engine.budget import Fields
-from engine.images import ImageInput, attachment_marker
-from engine.tools import ToolCall, ToolChoice, ToolSpec
+from engine.generation.budget import Fields
+from engine.media.images import ImageInput, attachment_marker
+from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec
 
 
 @dataclass(frozen=True)
@@ -116,8 +116,8 @@ class Prepared:
     params: SamplingParams
     runner: Any  # the loaded Runner (engine/runners.py)
     raw_text: bool = False  # a text completion (keeps the first token's leading space)
-    vision: Any = None  # a vision model's passes, engine/vision.py VisionPlan (prompt is then unused)
-    prefix: Any = None  # a shared prefill of the prompt, engine/scoring.py Prefix (n choices, echoed logprobs)
+    vision: Any = None  # a vision model's passes, engine/media/vision.py VisionPlan (prompt is then unused)
+    prefix: Any = None  # a shared prefill of the prompt, engine/generation/scoring.py Prefix (n choices, echoed logprobs)
 
     @property
     def prompt_logprobs(self) -> tuple[TokenLogprob, ...]:

@@ -2,7 +2,7 @@
 
 Every generating runner has the same steps, called on the worker thread:
 - `plan(conversation, policy) -> Prepared`: a chat request checked, tokenized (media decoded) and
-  given its token budget (engine/budget.py); `plan_completion(prompt, params, policy, echo)` for a
+  given its token budget (engine/generation/budget.py); `plan_completion(prompt, params, policy, echo)` for a
   text completion; `count_tokens(conversation)`;
 - `share_prefill(prepared, score_top) -> Prepared`: the prompt processed once for several choices
   (and scored), where the runner can;
@@ -18,13 +18,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol
 
-from engine.budget import BudgetPolicy
+from engine.generation.budget import BudgetPolicy
 from engine.errors import Unsupported
 from engine.config import EngineConfig
-from engine.memory import MemoryGate
-from engine.probe import Probe
+from engine.models.memory import MemoryGate
+from engine.models.probe import Probe
 from engine.request import Conversation, Prepared
-from engine.text import GenerationEvent, SamplingParams, TextDelta
+from engine.generation.text import GenerationEvent, SamplingParams, TextDelta
 
 
 class Runner(Protocol):
@@ -46,7 +46,7 @@ class Runner(Protocol):
 
 
 def _text(model_id: str, probe: Probe, config: EngineConfig, gate: MemoryGate) -> Runner:
-    from engine.text import TextRunner
+    from engine.generation.text import TextRunner
 
     runner = TextRunner.load(model_id, probe, config.cpu_dtype, gate, batch=config.batch in ("on", "auto"))
     runner.speculation.mode = config.speculative
@@ -57,7 +57,7 @@ def _text(model_id: str, probe: Probe, config: EngineConfig, gate: MemoryGate) -
 
 
 def _vision(model_id: str, probe: Probe, config: EngineConfig, gate: MemoryGate) -> Runner:
-    from engine.vision import VisionRunner
+    from engine.media.vision import VisionRunner
 
     return VisionRunner.load(model_id, probe, config.cpu_dtype, gate, config.image_limits)
 
@@ -73,7 +73,7 @@ def load(model_id: str, probe: Probe, config: EngineConfig, gate: MemoryGate) ->
     if settings is not None:
         draft = config.draft_model
         if settings.draft_model:  # a folder, or an id in the store
-            from engine.resolution import ModelStore, locate
+            from engine.models.resolution import ModelStore, locate
 
             draft = str(locate(ModelStore(config.models_dir, config.hf_cache), settings.draft_model).path)
         config = replace(config, cpu_dtype=settings.cpu_dtype or config.cpu_dtype, draft_model=draft)

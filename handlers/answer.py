@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from engine.request import Conversation, Finished, Prepared, Started, TextDelta, TokenLogprob
-from engine.toolcalls import CallWatcher
-from engine.tools import ToolCall
+from engine.constrained.toolcalls import CallWatcher
+from engine.constrained.tools import ToolCall
 from handlers.generation import split_calls
 
 

@@ -6,7 +6,7 @@ from typing import Any, AsyncIterator, Optional
 from connexion import request
 from starlette.responses import StreamingResponse
 
-from engine.audio import TranscribeOptions, TranscriptDelta, TranscriptDone
+from engine.media.audio import TranscribeOptions, TranscriptDelta, TranscriptDone
 from engine.errors import EngineError, InvalidRequest
 from handlers import sse
 

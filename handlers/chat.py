@@ -7,7 +7,7 @@ from typing import Any, Optional
 from connexion import request
 
 from engine.request import Conversation, Finished
-from engine.tools import ToolCall
+from engine.constrained.tools import ToolCall
 from handlers import answer, choices, generation, protocol, sse
 from handlers.answer import AnswerStream
 

@@ -160,8 +160,8 @@ def cmd_follow(args: argparse.Namespace) -> int:
     import engine  # noqa: F401  (OpenBLAS before MLX)
     from engine.config import EngineConfig
     from engine.distributed import follow, join_group
-    from engine.memory import MemoryGate
-    from engine.resolution import ModelStore, locate
+    from engine.models.memory import MemoryGate
+    from engine.models.resolution import ModelStore, locate
 
     logging.config.dictConfig(_logging(False, args.log_level))
     config = EngineConfig()
@@ -344,7 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print(e.code, file=sys.stderr)
         sys.exit(2 if isinstance(e.code, str) else e.code)
     if getattr(args, "threads", None):
-        os.environ["OPENMLX_THREADS"] = str(args.threads)  # read by engine.blas when it loads
+        os.environ["OPENMLX_THREADS"] = str(args.threads)  # read by engine.cpu.blas when it loads
     try:
         code = args.func(args)
     except KeyboardInterrupt:

@@ -4,7 +4,7 @@
 
 Choice i of prompt p has index p * n + i, as OpenAI numbers them; usage counts each prompt once
 and every generated token (best_of candidates included). The budget rule for `max_tokens` is
-engine/budget.py's `max_new_tokens`.
+engine/generation/budget.py's `max_new_tokens`.
 """
 from __future__ import annotations
 

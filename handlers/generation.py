@@ -12,8 +12,8 @@ from typing import Optional, Sequence
 
 from engine.engine import Engine
 from engine.request import Conversation, Finished, Prepared, TokenLogprob
-from engine.toolcalls import cut_call
-from engine.tools import ToolCall
+from engine.constrained.toolcalls import cut_call
+from engine.constrained.tools import ToolCall
 from handlers import choices
 from handlers.images import ImageSources, load_all
 

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 from urllib.parse import unquote, urlparse
 
 from engine.errors import InvalidRequest
-from engine.images import ImageInput
+from engine.media.images import ImageInput
 from engine.request import ChatMessage
 
 log = logging.getLogger("openmlx.http")

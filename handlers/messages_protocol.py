@@ -11,10 +11,10 @@ import uuid
 from typing import Any, Optional, Sequence
 
 from engine.errors import InvalidRequest
-from engine.structured import grammar_for
+from engine.constrained.structured import grammar_for
 from engine.request import ChatMessage, Conversation, Finished, SamplingParams
-from engine.tools import ToolCall, ToolSpec
-from engine.images import ImageInput, attachment_marker
+from engine.constrained.tools import ToolCall, ToolSpec
+from engine.media.images import ImageInput, attachment_marker
 from handlers.generation import newest_user_index
 from handlers.protocol import offer_tools
 

@@ -36,10 +36,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from engine import blas
+    from engine.cpu import blas
     from engine.engine import Engine
     from engine.errors import EngineError
-    from engine.probe import probe
+    from engine.models.probe import probe
 
     engine = Engine(_config(args))
     try:
@@ -63,9 +63,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     """Download ORG/NAME[@REVISION] with huggingface_hub's progress bars, then say whether (and
     why not) openmlx can serve it."""
-    from engine import hub
+    from engine.models import hub
     from engine.errors import EngineError
-    from engine.memory import MemoryGate
+    from engine.models.memory import MemoryGate
 
     config = _config(args)
     try:
@@ -82,7 +82,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     """Delete a model from openmlx's store or the Hugging Face cache."""
-    from engine import hub
+    from engine.models import hub
     from engine.errors import EngineError
 
     config = _config(args)

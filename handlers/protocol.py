@@ -11,12 +11,12 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
-from engine.budget import Fields
+from engine.generation.budget import Fields
 from engine.errors import InvalidRequest
-from engine.structured import grammar_for
-from engine.tools import ToolCall, ToolChoice, ToolSpec
+from engine.constrained.structured import grammar_for
+from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec
 from engine.request import ChatMessage, SamplingParams, TokenLogprob
-from engine.images import ImageInput, attachment_marker
+from engine.media.images import ImageInput, attachment_marker
 
 SYSTEM_FINGERPRINT = "openmlx-0.1.0"
 
@@ -208,7 +208,7 @@ def offer_tools(specs: list[ToolSpec], choice: Optional[str], name: Optional[str
 def check_strict(tools: list[tuple[int, dict[str, Any]]], param: str) -> None:
     """`strict: true` promises the arguments match the schema: a schema the grammar compiler
     can't take (unsupported keywords) is a 400 naming it, before anything runs."""
-    from engine.structured import schema_problem
+    from engine.constrained.structured import schema_problem
 
     for i, tool in tools:
         if tool.get("strict"):

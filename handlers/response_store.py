@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from engine.images import ImageInput
+from engine.media.images import ImageInput
 from engine.request import ChatMessage
-from engine.tools import ToolCall
+from engine.constrained.tools import ToolCall
 
 log = logging.getLogger("openmlx.http")
 _SAFE_ID = re.compile(r"^resp_[0-9a-f]{1,64}$")

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 from engine.errors import InvalidRequest
-from engine.structured import grammar_for
+from engine.constrained.structured import grammar_for
 from engine.request import ChatMessage, Conversation, Finished, SamplingParams
-from engine.tools import ToolCall, ToolChoice, ToolSpec
-from engine.images import ImageInput
-from engine.budget import Fields
+from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec
+from engine.media.images import ImageInput
+from engine.generation.budget import Fields
 from handlers.generation import newest_user_index
 from handlers.protocol import check_strict, now, offer_tools
 

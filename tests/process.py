@@ -1,12 +1,13 @@
 """A server in a subprocess on a free local port: start, wait until it answers, measure, stop.
-The tests' `openmlx serve` processes (conftest.Server) and the bench's peers (bench/servers.py)
-are both this."""
+The tests' and the bench's `openmlx serve` processes (Server) and the bench's peers
+(bench/servers.py) are all this; it lives outside conftest.py so the bench never imports the suite."""
 from __future__ import annotations
 
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -71,3 +72,17 @@ class ServerProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+class Server(ServerProcess):
+    """A running `openmlx serve` subprocess."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, wait: bool = True,
+                 cwd: Path | None = None, entry: list[str] | None = None) -> None:
+        port = free_port()
+        entry = entry or [sys.executable, "-m", "handlers.cli"]
+        super().__init__([*entry, "serve", "--port", str(port), *args],
+                         Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"openmlx-test-{port}.log",
+                         env=env, cwd=cwd, port=port)
+        if wait:
+            self.wait_ready()

@@ -1,4 +1,4 @@
-"""Attention and SwiGLU in numpy on the CPU fast path (engine/cpu_math.py): the same math as
+"""Attention and SwiGLU in numpy on the CPU fast path (engine/cpu/cpu_math.py): the same math as
 MLX's own functions (random inputs, every mask form mlx-lm passes), the fallbacks, and on the
 real default model the same greedy text with and without it, alone and in a left-padded batch."""
 from __future__ import annotations
@@ -150,9 +150,9 @@ def numpy_calls(monkeypatch):
 
 @pytest.fixture(scope="module")
 def runner(default_model_dir):
-    from engine.memory import MemoryGate
-    from engine.probe import probe
-    from engine.text import TextRunner
+    from engine.models.memory import MemoryGate
+    from engine.models.probe import probe
+    from engine.generation.text import TextRunner
 
     r = TextRunner.load("m", probe(default_model_dir), "float32", MemoryGate())
     yield r

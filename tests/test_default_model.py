@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import default_model
-from engine.gguf import GGUFConversionError, _quantization, mlx_tensor_name
+from engine.models import default_model
+from engine.formats.gguf import GGUFConversionError, _quantization, mlx_tensor_name
 
 
 def test_tensor_names():

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from engine import blas
+from engine.cpu import blas
 
 PROMPTS = [
     "What is the capital of France?",
@@ -26,7 +26,7 @@ def test_blas_reports_itself():
 
 def test_openblas_is_used_when_present():
     """In a fresh interpreter, importing the engine loads OpenBLAS before mlx (Linux)."""
-    code = "import engine, mlx.core as mx; mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64))); print(engine.blas.active().name)"
+    code = "import engine, mlx.core as mx; mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64))); print(engine.cpu.blas.active().name)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     if sys.platform.startswith("linux"):
@@ -44,7 +44,7 @@ def test_the_faster_openblas_is_chosen(tmp_path):
     import os
 
     code = ("import engine, mlx.core as mx; mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64))); "
-            "b = engine.blas.active(); print(b.name, b.version, b.path)")
+            "b = engine.cpu.blas.active(); print(b.name, b.version, b.path)")
     env = {**os.environ, "OPENMLX_HOME": str(tmp_path)}
     chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert chosen.returncode == 0, chosen.stderr
@@ -64,9 +64,9 @@ def test_the_faster_openblas_is_chosen(tmp_path):
 
 @pytest.fixture(scope="module")
 def runners(default_model_dir):
-    from engine.memory import MemoryGate
-    from engine.probe import probe
-    from engine.text import TextRunner
+    from engine.models.memory import MemoryGate
+    from engine.models.probe import probe
+    from engine.generation.text import TextRunner
 
     p = probe(default_model_dir)
     gate = MemoryGate()
@@ -74,7 +74,7 @@ def runners(default_model_dir):
 
 
 def greedy(runner, prompt: str, n: int = 16) -> str:
-    from engine.text import ChatMessage, SamplingParams, TextDelta
+    from engine.generation.text import ChatMessage, SamplingParams, TextDelta
 
     ids = runner.encode_chat([ChatMessage("user", prompt)])
     events = runner.generate(ids, n, SamplingParams(temperature=0.0), lambda: False)
@@ -99,7 +99,7 @@ def test_same_greedy_text(runners, prompt):
 def test_logits_close(runners):
     import mlx.core as mx
 
-    from engine.text import ChatMessage
+    from engine.generation.text import ChatMessage
 
     keep, fast = runners
     ids = mx.array([keep.encode_chat([ChatMessage("user", PROMPTS[0])])])
@@ -113,12 +113,12 @@ _ANSWERS = """
 import json, sys
 import engine
 import mlx.core as mx
-from engine.memory import MemoryGate
-from engine.probe import probe
-from engine.text import ChatMessage, SamplingParams, TextDelta, TextRunner
+from engine.models.memory import MemoryGate
+from engine.models.probe import probe
+from engine.generation.text import ChatMessage, SamplingParams, TextDelta, TextRunner
 
 runner = TextRunner.load("m", probe(sys.argv[1]), "float32", MemoryGate())
-out = {"blas": engine.blas.active().path, "texts": [], "logits": []}
+out = {"blas": engine.cpu.blas.active().path, "texts": [], "logits": []}
 for prompt in json.loads(sys.argv[2]):
     ids = runner.encode_chat([ChatMessage("user", prompt)])
     events = runner.generate(ids, 16, SamplingParams(temperature=0.0), lambda: False)

@@ -42,7 +42,25 @@ def hub(tmp_path_factory, default_model_dir):
 
 def _env(hub: FakeHub, home: Path) -> dict[str, str]:
     return {"HF_ENDPOINT": hub.url, "OPENMLX_HOME": str(home), "HF_HOME": str(home / "hf"),
-            "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_TOKEN": ""}
+            "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_TOKEN": "",
+            # The fake Hub is local: these tests need the client online, whatever the caller's shell says.
+            "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}
+
+
+@pytest.fixture
+def hub_env(hub, tmp_path, monkeypatch):
+    """This process's huggingface_hub pointed at the fake Hub: its settings are read once, at import,
+    so the module that holds them is reloaded with the test's environment (and again after)."""
+    import importlib
+
+    import huggingface_hub.constants as constants
+
+    for key, value in _env(hub, tmp_path).items():
+        monkeypatch.setenv(key, value)
+    importlib.reload(constants)
+    yield
+    monkeypatch.undo()
+    importlib.reload(constants)
 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -69,11 +87,9 @@ def test_pull_fetches_only_model_files_and_the_store_serves_it(hub, tmp_path):
     assert _cli(["rm", "acme/tiny"], env).returncode == 1
 
 
-def test_an_interrupted_download_is_resumed(hub, tmp_path, monkeypatch):
-    from engine import hub as hub_module
+def test_an_interrupted_download_is_resumed(hub, tmp_path, hub_env):
+    from engine.models import hub as hub_module
 
-    for key, value in _env(hub, tmp_path).items():
-        monkeypatch.setenv(key, value)
     try:
         # Cut once inside the second 10 MiB chunk: huggingface_hub resumes it with a Range request.
         hub.cut["model.safetensors"] = [11 << 20, 1]
@@ -86,7 +102,7 @@ def test_an_interrupted_download_is_resumed(hub, tmp_path, monkeypatch):
         hub.cut["model.safetensors"] = [1000, 100]
         with pytest.raises(hub_module.DownloadFailed, match="run it again to resume"):
             hub_module.pull("acme/tiny", tmp_path / "models")
-        from engine.resolution import ModelStore
+        from engine.models.resolution import ModelStore
 
         assert "acme/tiny" not in [e.id for e in ModelStore(tmp_path / "models").entries()]
         # Run again: the small files already there are not fetched again.
@@ -142,13 +158,11 @@ def test_serve_with_allow_download_fetches_on_first_request(hub, tmp_path):
         s.stop()
 
 
-def test_download_is_refused_before_fetching_when_memory_is_short(hub, tmp_path, monkeypatch):
-    from engine import hub as hub_module
+def test_download_is_refused_before_fetching_when_memory_is_short(hub, tmp_path, hub_env):
+    from engine.models import hub as hub_module
     from engine.errors import InsufficientMemory
-    from engine.memory import MemoryGate
+    from engine.models.memory import MemoryGate
 
-    for key, value in _env(hub, tmp_path).items():
-        monkeypatch.setenv(key, value)
     hub.requests.clear()
     with pytest.raises(InsufficientMemory):
         hub_module.pull("acme/tiny", tmp_path / "models", MemoryGate(override=1 << 20))

@@ -1,4 +1,4 @@
-"""Logits for a pass's last rows only (engine/last_rows.py): found and checked on the real model,
+"""Logits for a pass's last rows only (engine/generation/last_rows.py): found and checked on the real model,
 refused where the model's call is not backbone -> head."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from engine.last_rows import split_head  # noqa: E402
+from engine.generation.last_rows import split_head  # noqa: E402
 
 
 def tiny_llama(tied: bool):
@@ -47,9 +47,9 @@ def test_a_model_that_scales_its_logits_is_refused():
 
 
 def test_the_default_model_splits(default_model_dir):
-    from engine.memory import MemoryGate
-    from engine.probe import probe
-    from engine.text import TextRunner
+    from engine.models.memory import MemoryGate
+    from engine.models.probe import probe
+    from engine.generation.text import TextRunner
 
     runner = TextRunner.load("m", probe(default_model_dir), "float32", MemoryGate())
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from engine.errors import InsufficientMemory
-from engine.memory import SAFETY_MARGIN, MemoryEstimate, MemoryGate, available_bytes
+from engine.models.memory import SAFETY_MARGIN, MemoryEstimate, MemoryGate, available_bytes
 from conftest import Server
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.probe import probe
+from engine.models.probe import probe
 
 
 def copy_model(src: Path, dst: Path) -> Path:
@@ -92,7 +92,7 @@ def test_kind_detection_for_audio_and_vision(tmp_path: Path, default_model_dir: 
 
 def test_embedding_model_probe():
     from engine.config import openmlx_home
-    from engine.default_model import ensure_default_embedding_model
+    from engine.models.default_model import ensure_default_embedding_model
 
     home = openmlx_home()
     p = probe(ensure_default_embedding_model(home / "models", home))

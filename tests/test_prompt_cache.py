@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.prompt_cache import PromptCache, common_prefix
+from engine.generation.prompt_cache import PromptCache, common_prefix
 
 
 def test_common_prefix():
@@ -12,15 +12,15 @@ def test_common_prefix():
 
 @pytest.fixture(scope="module")
 def runner(default_model_dir):
-    from engine.memory import MemoryGate
-    from engine.probe import probe
-    from engine.text import TextRunner
+    from engine.models.memory import MemoryGate
+    from engine.models.probe import probe
+    from engine.generation.text import TextRunner
 
     return TextRunner.load("m", probe(default_model_dir), "float32", MemoryGate())
 
 
 def answer(runner, messages):
-    from engine.text import ChatMessage, SamplingParams, TextDelta
+    from engine.generation.text import ChatMessage, SamplingParams, TextDelta
 
     ids = runner.encode_chat([ChatMessage(r, c) for r, c in messages])
     return "".join(e.text for e in runner.generate(ids, 12, SamplingParams(temperature=0), lambda: False)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import ModelNotFound
-from engine.resolution import ModelStore
+from engine.models.resolution import ModelStore
 
 
 def make_model(folder: Path) -> Path:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from engine.text import ChatMessage
+from engine.generation.text import ChatMessage
 from handlers.response_store import ResponseStore, StoredResponse
 
 
@@ -46,7 +46,7 @@ def test_disk_survives_a_restart_and_ids_never_escape(tmp_path):
 
 
 def test_images_are_stored_by_source(tmp_path):
-    from engine.images import ImageInput
+    from engine.media.images import ImageInput
 
     store = ResponseStore(directory=tmp_path)
     image = ImageInput("data:image/png;base64,AAAA", "input.0.content.1.image_url", data=b"\x89PNG")
@@ -59,7 +59,7 @@ def test_images_are_stored_by_source(tmp_path):
 
 
 def _with_image(rid: str, url: str, turns: int = 1) -> StoredResponse:
-    from engine.images import ImageInput
+    from engine.media.images import ImageInput
 
     stored = entry(rid)
     stored.input_items = [{"type": "message", "content": [{"type": "input_image", "image_url": url}]}]
@@ -111,7 +111,7 @@ def test_start_up_prunes_earlier_runs_by_the_same_rules(tmp_path):
 
 
 def test_tool_calls_survive_a_restart(tmp_path):
-    from engine.tools import ToolCall
+    from engine.constrained.tools import ToolCall
 
     store = ResponseStore(directory=tmp_path)
     stored = entry("resp_0abc")

@@ -1,4 +1,4 @@
-"""Speculative decoding (engine/speculative.py): prompt lookup and a draft model give the plain
+"""Speculative decoding (engine/generation/speculative.py): prompt lookup and a draft model give the plain
 path's answers token for token, on the real default model; everything around generation
 (logprobs, stop strings, penalties, grammars, seeds, the prompt cache, cancellation, concurrent
 streams, metrics) keeps working with it."""
@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from conftest import MODEL, Server
-from engine.speculative import AdaptiveLength, PromptLookup
+from engine.generation.speculative import AdaptiveLength, PromptLookup
 
 CODE = '''def fibonacci(n):
     if n < 2:
@@ -64,9 +64,9 @@ def test_adaptive_length_grows_on_success_and_shrinks_on_misses():
 # --- the real model, in process ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def runner(default_model_dir):
-    from engine.memory import MemoryGate
-    from engine.probe import probe
-    from engine.text import TextRunner
+    from engine.models.memory import MemoryGate
+    from engine.models.probe import probe
+    from engine.generation.text import TextRunner
 
     r = TextRunner.load("m", probe(default_model_dir), "float32", MemoryGate())
     yield r
@@ -76,7 +76,7 @@ def runner(default_model_dir):
 def generate(runner, content, mode, max_tokens=60, **params):
     """(text, Finished, token logprobs) for one chat turn with speculation `mode`."""
     from engine.request import ChatMessage, Finished, SamplingParams, TextDelta
-    from engine.speculative import Speculation
+    from engine.generation.speculative import Speculation
 
     runner.speculation = Speculation(mode=mode, num_draft=8, draft_model=runner.speculation.draft_model)
     runner.prompt_cache.clear()
@@ -137,7 +137,7 @@ def test_stop_string_inside_a_draft_cuts_there(runner):
 
 
 def test_grammar_constrained_output_is_identical(runner):
-    from engine.structured import grammar_for
+    from engine.constrained.structured import grammar_for
 
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "born": {"type": "integer"}},
               "required": ["name", "born"], "additionalProperties": False}
@@ -149,7 +149,7 @@ def test_grammar_constrained_output_is_identical(runner):
 
 def test_next_turn_uses_the_prompt_cache(runner):
     from engine.request import ChatMessage, Finished, SamplingParams, Started, TextDelta
-    from engine.speculative import Speculation
+    from engine.generation.speculative import Speculation
 
     runner.speculation = Speculation(mode="ngram")
     runner.prompt_cache.clear()
@@ -184,7 +184,7 @@ def test_a_short_prompt_tail_rides_with_the_first_pass(runner, monkeypatch, tail
     """The next turn's few new tokens go in the same pass as the first token's (no separate
     1-row pass); a tail longer than MERGE_TAIL is prefilled first. Same text either way."""
     from engine.request import ChatMessage, SamplingParams, TextDelta
-    from engine.speculative import MERGE_TAIL, Speculation
+    from engine.generation.speculative import MERGE_TAIL, Speculation
 
     first = [ChatMessage("user", PROMPTS[3])]
     follow = "Now the moons of Mars?" if tail == "short" else "Now describe each one. " + "In detail. " * 40
@@ -214,7 +214,7 @@ def test_a_short_prompt_tail_rides_with_the_first_pass(runner, monkeypatch, tail
 
 def test_cancelled_inside_a_pass_leaves_a_consistent_cache(runner):
     from engine.request import ChatMessage, Finished, SamplingParams, TextDelta
-    from engine.speculative import Speculation
+    from engine.generation.speculative import Speculation
 
     runner.speculation = Speculation(mode="ngram")
     runner.prompt_cache.clear()
@@ -238,7 +238,7 @@ def test_cancelled_inside_a_pass_leaves_a_consistent_cache(runner):
 
 
 def test_draft_model_gives_the_same_text(runner, default_model_dir, fixture_models):
-    from engine.memory import MemoryGate
+    from engine.models.memory import MemoryGate
 
     try:
         runner.load_draft(str(default_model_dir), "float32", MemoryGate())  # itself: guesses nearly always right
@@ -256,7 +256,7 @@ def test_draft_model_gives_the_same_text(runner, default_model_dir, fixture_mode
 
 def test_draft_model_with_another_vocabulary_is_refused(runner, fixture_models, tmp_path):
     from engine.errors import Unsupported
-    from engine.memory import MemoryGate
+    from engine.models.memory import MemoryGate
 
     other = tmp_path / "other-vocab"
     shutil.copytree(fixture_models["tiny"], other)
@@ -322,12 +322,12 @@ def test_a_speculating_stream_joins_the_batch_when_others_start(default_model_di
     """Stream A speculates alone; B starts after A's fifth piece; A moves into B's batch with its
     cache, sampler and processors (which then still see A's whole history): both texts equal
     their plain answers, greedy, with penalties, and under a grammar."""
-    from engine.memory import MemoryGate
-    from engine.probe import probe
+    from engine.models.memory import MemoryGate
+    from engine.models.probe import probe
     from engine.request import ChatMessage, Finished, SamplingParams, TextDelta
-    from engine.speculative import Speculation
-    from engine.structured import grammar_for
-    from engine.text import TextRunner
+    from engine.generation.speculative import Speculation
+    from engine.constrained.structured import grammar_for
+    from engine.generation.text import TextRunner
 
     r = TextRunner.load("m", probe(default_model_dir), "float32", MemoryGate(), batch=True)
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "born": {"type": "integer"}},
@@ -372,9 +372,9 @@ def test_a_speculating_stream_joins_the_batch_when_others_start(default_model_di
 
 
 def test_long_prompt_prefilled_in_short_passes_gives_mlx_lm_s_answer(runner):
-    """Prefill runs in 256-token passes (engine/batching.py PREFILL_STEP, cheaper attention on
+    """Prefill runs in 256-token passes (engine/generation/batching.py PREFILL_STEP, cheaper attention on
     this CPU); a 1,000-token prompt's greedy answer equals mlx-lm's with its 2,048-token passes,
-    with speculation on and off, and with attention/SwiGLU in numpy (engine/cpu_math.py)."""
+    with speculation on and off, and with attention/SwiGLU in numpy (engine/cpu/cpu_math.py)."""
     import mlx.core as mx
     from mlx_lm import stream_generate
 
@@ -384,14 +384,14 @@ def test_long_prompt_prefilled_in_short_passes_gives_mlx_lm_s_answer(runner):
     text = "Summarise this text. " + " ".join(f"Day {i}: " + FILLER for i in range(30))
     prompt = runner.encode_chat([ChatMessage("user", text)])
     assert len(prompt) > 1000
-    from engine import cpu_math
+    from engine.cpu import cpu_math
 
     with cpu_math.disabled():  # the reference is mlx-lm's own math, MLX's attention included
         expected = "".join(r.text for r in stream_generate(runner.model, runner.tokenizer, mx.array(prompt),
                                                             max_tokens=30, prefill_step_size=2048))
     for mode in ("off", "ngram"):
         from engine.request import SamplingParams, TextDelta
-        from engine.speculative import Speculation
+        from engine.generation.speculative import Speculation
 
         runner.speculation = Speculation(mode=mode)
         runner.prompt_cache.clear()

@@ -1,5 +1,5 @@
 """StopMatcher: ends before the stop text and never leaks a partial stop string."""
-from engine.stopping import StopMatcher
+from engine.generation.stopping import StopMatcher
 
 
 def run(stops, pieces):

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from engine.text import ChatMessage, render_turn
-from engine.toolcalls import CallWatcher, for_template, hermes, llama3, mistral
-from engine.tools import ToolCall, ToolSpec
+from engine.generation.text import ChatMessage, render_turn
+from engine.constrained.toolcalls import CallWatcher, for_template, hermes, llama3, mistral
+from engine.constrained.tools import ToolCall, ToolSpec
 
 WEATHER = ToolSpec("get_weather", "Weather in a city", json.dumps(
     {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}))
@@ -99,7 +99,7 @@ def tokenizer(default_model_dir):
 @functools.lru_cache(maxsize=1)
 def _lltok(tokenizer):
     """The grammar engine's tokenizer, built once for the module's tokenizer."""
-    from engine.structured import ll_tokenizer
+    from engine.constrained.structured import ll_tokenizer
 
     return ll_tokenizer(tokenizer)
 

@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 
 from conftest import MODEL
-from engine.toolcalls import hermes
+from engine.constrained.toolcalls import hermes
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -134,9 +134,9 @@ HERMES_TEMPLATE = (
 
 
 def _runner(folder):
-    from engine.memory import MemoryGate
-    from engine.probe import probe
-    from engine.text import TextRunner
+    from engine.models.memory import MemoryGate
+    from engine.models.probe import probe
+    from engine.generation.text import TextRunner
 
     return TextRunner.load("t", probe(folder), "keep", MemoryGate())
 
@@ -144,8 +144,8 @@ def _runner(folder):
 def test_native_template_gets_the_tools(fixture_models, tmp_path):
     import shutil
 
-    from engine.text import ChatMessage
-    from engine.tools import ToolSpec
+    from engine.generation.text import ChatMessage
+    from engine.constrained.tools import ToolSpec
 
     folder = tmp_path / "hermes"
     shutil.copytree(fixture_models["tiny"], folder)
@@ -160,8 +160,8 @@ def test_native_template_gets_the_tools(fixture_models, tmp_path):
 
 
 def test_generic_prompt_for_templates_without_tools(default_model_dir):
-    from engine.text import ChatMessage
-    from engine.tools import ToolSpec
+    from engine.generation.text import ChatMessage
+    from engine.constrained.tools import ToolSpec
 
     runner = _runner(default_model_dir)
     spec = ToolSpec("get_weather", "Weather", json.dumps(WEATHER["function"]["parameters"]))
@@ -249,8 +249,8 @@ def test_forced_call_cut_by_max_tokens_is_a_partial_call_in_every_api(server, cl
 
 
 def test_cut_call_parser_per_format():
-    from engine.toolcalls import cut_call, hermes, llama3, mistral
-    from engine.tools import ToolSpec
+    from engine.constrained.toolcalls import cut_call, hermes, llama3, mistral
+    from engine.constrained.tools import ToolSpec
 
     tools = [ToolSpec("final_answer", "", "{}"), ToolSpec("get_weather", "", "{}")]
     text, call = cut_call(hermes.FORMAT, 'Sure. <tool_call>{"name":"final_', tools)

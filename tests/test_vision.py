@@ -20,9 +20,9 @@ from PIL import Image
 
 from conftest import MODEL, Server
 from contract import schemas
-from engine.images import ImageInput, numbering
-from engine.text import ChatMessage
-from engine.vision import template_turns
+from engine.media.images import ImageInput, numbering
+from engine.generation.text import ChatMessage
+from engine.media.vision import template_turns
 
 VLM = "tiny-vlm"
 

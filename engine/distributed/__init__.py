@@ -58,7 +58,7 @@ def plan_shards(folder: Path, world_size: int, requested: str = "auto") -> Shard
 
     if requested not in SHARD_MODES:
         raise Unsupported(f"--shard must be one of {', '.join(SHARD_MODES)}.")
-    from engine.probe import probe
+    from engine.models.probe import probe
 
     config = probe(folder).config
     model, _ = load_model(folder, lazy=True, strict=False)  # structure only: no weights are read
@@ -223,9 +223,9 @@ def follow(lock: Lockstep, runner: Any) -> int:
 
 def sharded_runner(model_id: str, probe: Any, plan: ShardPlan, group: Any, gate: Any) -> Any:
     """This rank's shard as a TextRunner (weights as shipped; the memory gate counts a share)."""
-    from engine.memory import MemoryEstimate
-    from engine.text import TextRunner
-    from engine.weights import KV_HEADROOM_TOKENS, kv_bytes_per_token
+    from engine.models.memory import MemoryEstimate
+    from engine.generation.text import TextRunner
+    from engine.models.weights import KV_HEADROOM_TOKENS, kv_bytes_per_token
 
     config = probe.config
     need = MemoryEstimate(probe.size_bytes // plan.world_size,
@@ -248,8 +248,8 @@ class Rank:
 def join_group(model_id: str, folder: Path, world_size: int, shard: str, backend: str, gate: Any) -> Rank:
     """Every rank, 0 included: check the model can run and split, join the group, load this
     rank's shard (a collective: all ranks call it)."""
-    from engine.policy import decide_runnable
-    from engine.probe import probe
+    from engine.models.policy import decide_runnable
+    from engine.models.probe import probe
 
     p = probe(folder)
     decide_runnable(model_id, p).raise_if_blocked()

@@ -61,8 +61,8 @@ def free_ports(n: int, first: Optional[int] = None) -> list[int]:
 
 def _model_folder(args: argparse.Namespace) -> Path:
     from engine.config import EngineConfig
-    from engine.default_model import ensure_default_model
-    from engine.resolution import ModelStore, locate
+    from engine.models.default_model import ensure_default_model
+    from engine.models.resolution import ModelStore, locate
 
     config = EngineConfig()
     if args.model is None:

@@ -1,6 +1,6 @@
 """Logits for the last rows of a forward pass only.
 
-A pass that carries prompt tokens along (engine/speculative.py: a short prompt tail rides with
+A pass that carries prompt tokens along (engine/generation/speculative.py: a short prompt tail rides with
 the first pass) needs logits for its last rows only, but mlx-lm's models apply the output head to
 every row: ~0.5 ms a row for SmolLM2's 49k-token vocabulary on this CPU, more than the rest of a
 row's pass. Most mlx-lm models are `backbone -> head` (`model.model`, then `lm_head` or the tied

@@ -12,8 +12,8 @@ from typing import Callable, Optional
 
 import psutil
 
-from engine.policy import Action, Decision
-from engine.probe import Probe
+from engine.models.policy import Action, Decision
+from engine.models.probe import Probe
 
 # Keep this much free for the OS, the server and the request in flight.
 SAFETY_MARGIN = 512 << 20

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 _AUDIO_TYPES = {"whisper"}
-_ENCODER_TYPES = {"bert"}  # sentence-embedding encoders engine.embeddings runs
+_ENCODER_TYPES = {"bert"}  # sentence-embedding encoders engine.media.embeddings runs
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
 
 

@@ -3,7 +3,7 @@
 Each format knows how its models write a call (to render earlier calls and to constrain new
 ones with a grammar) and how to read calls back out of generated text. A template that renders
 `tools` in one of these formats gets the tools through the template; any other template gets the
-generic prompt (engine/tools.py) and the Hermes format.
+generic prompt (engine/constrained/tools.py) and the Hermes format.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import re
 import uuid
 from typing import Optional, Protocol, Sequence
 
-from engine.stopping import held_back
-from engine.tools import ToolCall, ToolSpec
+from engine.generation.stopping import held_back
+from engine.constrained.tools import ToolCall, ToolSpec
 
 
 class ToolFormat(Protocol):
@@ -38,7 +38,7 @@ class ToolFormat(Protocol):
 
 
 def formats() -> list[ToolFormat]:
-    from engine.toolcalls import hermes, llama3, mistral
+    from engine.constrained.toolcalls import hermes, llama3, mistral
 
     # Most specific first: Mistral and Llama templates may mention JSON too.
     return [mistral.FORMAT, llama3.FORMAT, hermes.FORMAT]
@@ -46,7 +46,7 @@ def formats() -> list[ToolFormat]:
 
 def for_template(template: str) -> tuple[ToolFormat, bool]:
     """The format a chat template uses and whether it renders tools itself (native)."""
-    from engine.toolcalls import hermes
+    from engine.constrained.toolcalls import hermes
 
     if template and "tools" in template:
         for fmt in formats():

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Optional
 
 from engine.errors import DownloadFailed, EngineError, ModelAccessDenied, ModelNotFound, Unsupported
-from engine.memory import MemoryEstimate, MemoryGate
-from engine.probe import Probe, config_problem, probe
+from engine.models.memory import MemoryEstimate, MemoryGate
+from engine.models.probe import Probe, config_problem, probe
 
 log = logging.getLogger("openmlx.hub")
 
@@ -153,7 +153,7 @@ def pull(spec: str, models_dir: Path, gate: Optional[MemoryGate] = None) -> Pull
 def remove(model_id: str, models_dir: Path, hf_cache: Optional[Path] = None) -> list[Path]:
     """Delete a pulled or converted model from the store, or a repo from the Hugging Face cache;
     returns what was deleted (ModelNotFound when nothing is)."""
-    from engine.resolution import ModelStore
+    from engine.models.resolution import ModelStore
 
     entry = ModelStore(models_dir, hf_cache).resolve(model_id)
     if entry.source == "store":

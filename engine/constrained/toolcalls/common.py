@@ -6,7 +6,7 @@ import uuid
 from functools import lru_cache
 from typing import Any, Optional, Sequence
 
-from engine.tools import ToolCall, ToolSpec, closed
+from engine.constrained.tools import ToolCall, ToolSpec, closed
 
 
 # Calls are written compactly, as the grammars make the model write them, so an earlier call

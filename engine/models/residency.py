@@ -12,14 +12,14 @@ from collections import OrderedDict
 from typing import Any, Callable, Optional
 
 from engine import runners
-from engine.audio import AudioRunner
+from engine.media.audio import AudioRunner
 from engine.config import EngineConfig
-from engine.embeddings import BertEmbedder
+from engine.media.embeddings import BertEmbedder
 from engine.errors import InvalidRequest
-from engine.memory import MemoryEstimate, MemoryGate
-from engine.policy import decide_runnable
-from engine.probe import Probe, probe
-from engine.resolution import ModelStore
+from engine.models.memory import MemoryEstimate, MemoryGate
+from engine.models.policy import decide_runnable
+from engine.models.probe import Probe, probe
+from engine.models.resolution import ModelStore
 
 log = logging.getLogger("openmlx.engine")
 

@@ -6,7 +6,7 @@ visited in a round runs the batch step and the others find their token already m
 request keeps its own sampler (seeded key), logits processors (bias, penalties, grammar) and
 prompt-cache entry; its tokens are turned into text by `detokenized` (shared with speculative
 decoding), and stop strings, logprobs and accounting are handled per stream as in the unbatched
-path (engine/text.py `decode_steps`).
+path (engine/generation/text.py `decode_steps`).
 
 Decoding reads every weight once per step, whatever the number of streams in it, so batching
 pays off wherever decode is bound by weight reads: on a GPU, and on this CPU with float32 weights
@@ -33,8 +33,8 @@ PREFILL_STEP = 256
 
 @dataclass
 class Step:
-    """One generated token as `decode_steps` (engine/text.py) reads it, whoever made it: a batch
-    step here, mlx-vlm's responses (engine/vision.py). `token` None: text only (a final flush)."""
+    """One generated token as `decode_steps` (engine/generation/text.py) reads it, whoever made it: a batch
+    step here, mlx-vlm's responses (engine/media/vision.py). `token` None: text only (a final flush)."""
 
     token: Optional[int]
     text: str

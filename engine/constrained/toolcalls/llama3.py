@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from engine.toolcalls.common import COMPACT, arguments_schema, json_or_text, lark, make_call, struct_tag_grammar
-from engine.tools import ToolCall, ToolSpec
+from engine.constrained.toolcalls.common import COMPACT, arguments_schema, json_or_text, lark, make_call, struct_tag_grammar
+from engine.constrained.tools import ToolCall, ToolSpec
 
 TAG = "<|python_tag|>"
 

@@ -2,7 +2,7 @@
 prompt for chat templates without tool support, and strict-mode schemas.
 
 How a model writes calls (and how they are read back and constrained) is per format:
-engine/toolcalls/. A broken call is left as text, never an error.
+engine/constrained/toolcalls/. A broken call is left as text, never an error.
 """
 from __future__ import annotations
 

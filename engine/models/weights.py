@@ -9,9 +9,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine import cpu_math
-from engine.memory import MemoryEstimate, MemoryGate, dequantized_bytes
-from engine.probe import Probe
+from engine.cpu import cpu_math
+from engine.models.memory import MemoryEstimate, MemoryGate, dequantized_bytes
+from engine.models.probe import Probe
 
 log = logging.getLogger("openmlx.engine")
 

@@ -6,8 +6,8 @@ import json
 import re
 from typing import Sequence
 
-from engine.toolcalls.common import COMPACT, arguments_schema, json_or_text, lark, make_call, struct_tag_grammar
-from engine.tools import ToolCall, ToolSpec
+from engine.constrained.toolcalls.common import COMPACT, arguments_schema, json_or_text, lark, make_call, struct_tag_grammar
+from engine.constrained.tools import ToolCall, ToolSpec
 
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 

@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine.batching import PREFILL_STEP as PREFILL_CHUNK
-from engine.prompt_cache import PromptCache
+from engine.generation.batching import PREFILL_STEP as PREFILL_CHUNK
+from engine.generation.prompt_cache import PromptCache
 
 @dataclass
 class SpecStats:
@@ -143,7 +143,7 @@ def speculative_tokens(model: nn.Module, cache: list[Any], prompt: Sequence[int]
     holds exactly the prompt and the tokens taken by the consumer, but the last one. Returns early
     (after at least one token) when `alone()` turns false: other streams are running, and the
     caller moves this one into their batch. `last_rows(inputs, cache, n)`: the logits of a pass's
-    last n rows only (engine/last_rows.py), for the pass that carries the prompt's tail."""
+    last n rows only (engine/generation/last_rows.py), for the pass that carries the prompt's tail."""
     from mlx_lm.models.cache import trim_prompt_cache
 
     history = list(prompt)

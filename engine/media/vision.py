@@ -15,18 +15,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 
-from engine.batching import Step
-from engine.budget import BudgetPolicy, max_new_tokens
+from engine.generation.batching import Step
+from engine.generation.budget import BudgetPolicy, max_new_tokens
 from engine.errors import InvalidRequest
-from engine.images import ImageLimits, check, decode, numbering
-from engine.memory import MemoryEstimate, MemoryGate
-from engine.probe import Probe
-from engine.prompt_cache import PromptCache
-from engine.text import (ChatMessage, Finished, GenerationEvent, SamplingParams, Started, TEMPLATE_ERRORS, TextDelta,
+from engine.media.images import ImageLimits, check, decode, numbering
+from engine.models.memory import MemoryEstimate, MemoryGate
+from engine.models.probe import Probe
+from engine.generation.prompt_cache import PromptCache
+from engine.generation.text import (ChatMessage, Finished, GenerationEvent, SamplingParams, Started, TEMPLATE_ERRORS, TextDelta,
                          TextRunner, decode_steps, render_turn, with_tool_prompt)
-from engine.weights import KV_HEADROOM_TOKENS, kv_bytes_per_token
-from engine.toolcalls import hermes
-from engine.tools import ToolChoice, ToolSpec
+from engine.models.weights import KV_HEADROOM_TOKENS, kv_bytes_per_token
+from engine.constrained.toolcalls import hermes
+from engine.constrained.tools import ToolChoice, ToolSpec
 
 if TYPE_CHECKING:
     from engine.request import Conversation, Prepared

@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from engine.errors import InvalidRequest
-from engine.memory import MemoryEstimate, MemoryGate
-from engine.probe import Probe
+from engine.models.memory import MemoryEstimate, MemoryGate
+from engine.models.probe import Probe
 
 log = logging.getLogger("openmlx.engine")
 SAMPLE_RATE = 16000
@@ -200,7 +200,7 @@ class AudioRunner:
         from mlx.utils import tree_map
         from mlx_audio.stt import load as stt_load
 
-        from engine.weights import on_gpu
+        from engine.models.weights import on_gpu
 
         need = MemoryEstimate(probe.size_bytes * (1 if on_gpu() else 2), 64 << 20)
         warnings = tuple(gate.check(model_id, need))

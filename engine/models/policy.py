@@ -7,7 +7,7 @@ from enum import Enum
 from typing import Optional
 
 from engine.errors import EngineError, InsufficientMemory, Unsupported
-from engine.probe import Probe
+from engine.models.probe import Probe
 
 
 class Action(str, Enum):

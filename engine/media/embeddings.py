@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from engine.probe import sentence_config
+from engine.models.probe import sentence_config
 
 BATCH = 32  # inputs per forward pass; bounds activation memory
 

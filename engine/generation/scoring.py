@@ -14,10 +14,10 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from engine.batching import PREFILL_STEP
+from engine.generation.batching import PREFILL_STEP
 from engine.request import TokenLogprob
 
-# Prompt tokens per forward pass (engine/batching.py says why); it also bounds the logits held at
+# Prompt tokens per forward pass (engine/generation/batching.py says why); it also bounds the logits held at
 # once when scoring (256 x vocab floats).
 CHUNK = PREFILL_STEP
 

@@ -13,20 +13,20 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine.batching import PREFILL_STEP, BatchDecoder, batch_tokens, detokenized
-from engine.budget import BudgetPolicy, Fields, max_new_tokens
+from engine.generation.batching import PREFILL_STEP, BatchDecoder, batch_tokens, detokenized
+from engine.generation.budget import BudgetPolicy, Fields, max_new_tokens
 from engine.errors import InvalidRequest, Unsupported
-from engine.memory import MemoryEstimate, MemoryGate
-from engine.probe import Probe
-from engine.prompt_cache import PromptCache
-from engine.sampling import make_sampler, penalty_processor
-from engine.speculative import Speculation, SpecStats, speculative_tokens
-from engine.stopping import StopMatcher
-from engine.toolcalls import ToolFormat, for_template
-from engine.toolcalls.common import json_or_text
-from engine.last_rows import SplitHead, split_head
-from engine.weights import load_gated
-from engine.tools import ToolCall, ToolChoice, ToolSpec, render_result, tool_prompt, tool_schema
+from engine.models.memory import MemoryEstimate, MemoryGate
+from engine.models.probe import Probe
+from engine.generation.prompt_cache import PromptCache
+from engine.generation.sampling import make_sampler, penalty_processor
+from engine.generation.speculative import Speculation, SpecStats, speculative_tokens
+from engine.generation.stopping import StopMatcher
+from engine.constrained.toolcalls import ToolFormat, for_template
+from engine.constrained.toolcalls.common import json_or_text
+from engine.generation.last_rows import SplitHead, split_head
+from engine.models.weights import load_gated
+from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec, render_result, tool_prompt, tool_schema
 
 from engine.request import (ChatMessage, Conversation, Finished, GenerationEvent, Prepared, SamplingParams,  # noqa: F401
                             Started, TextDelta, TokenLogprob)
@@ -88,16 +88,16 @@ class TextRunner:
     memory: MemoryEstimate
     warnings: tuple[str, ...] = ()
     prompt_cache: PromptCache = field(default_factory=PromptCache)
-    decoder: Optional[BatchDecoder] = None  # set: concurrent streams decode together (engine/batching.py)
+    decoder: Optional[BatchDecoder] = None  # set: concurrent streams decode together (engine/generation/batching.py)
     speculation: Speculation = field(default_factory=Speculation)
     streams: int = 0  # generations running now (on the worker thread)
-    last_rows: Optional[SplitHead] = None  # logits for a pass's last rows only (engine/last_rows.py)
+    last_rows: Optional[SplitHead] = None  # logits for a pass's last rows only (engine/generation/last_rows.py)
 
     @classmethod
     def load(cls, model_id: str, probe: Probe, cpu_dtype: str, gate: MemoryGate,
              batch: bool = False) -> "TextRunner":
-        """Gate memory, load with mlx-lm, then apply the CPU dtype policy (engine/weights.py).
-        `batch`: decode concurrent streams together (engine/batching.py)."""
+        """Gate memory, load with mlx-lm, then apply the CPU dtype policy (engine/models/weights.py).
+        `batch`: decode concurrent streams together (engine/generation/batching.py)."""
         loaded = load_gated(model_id, probe, cpu_dtype, gate)
         context = probe.context_length or int(getattr(loaded.tokenizer, "model_max_length", 0) or 4096)
         runner = cls(model_id, loaded.model, loaded.tokenizer, probe.config, probe, loaded.dtype, context,
@@ -108,10 +108,10 @@ class TextRunner:
         return runner
 
     def load_draft(self, folder: str, cpu_dtype: str, gate: MemoryGate) -> None:
-        """Load the draft model for speculative decoding (engine/speculative.py); it must share
+        """Load the draft model for speculative decoding (engine/generation/speculative.py); it must share
         this model's vocabulary, or its guesses would be other tokens."""
-        from engine.probe import probe as probe_folder
-        from engine.speculative import same_vocabulary
+        from engine.models.probe import probe as probe_folder
+        from engine.generation.speculative import same_vocabulary
 
         draft = probe_folder(Path(folder))
         if draft.type != "text" or not draft.runnable:
@@ -150,7 +150,7 @@ class TextRunner:
     @cached_property
     def ll_tokenizer(self) -> Any:
         """The grammar engine's tokenizer, built on first use, gone with the runner."""
-        from engine.structured import ll_tokenizer
+        from engine.constrained.structured import ll_tokenizer
 
         return ll_tokenizer(self.tokenizer)
 
@@ -199,7 +199,7 @@ class TextRunner:
             raise InvalidRequest(f"logit_bias names token ids outside the vocabulary (size {self.vocab_size}): "
                                  f"{bad[:5]}.", param="logit_bias")
         if params.grammar:
-            from engine.structured import check_grammar
+            from engine.constrained.structured import check_grammar
 
             check_grammar(params.grammar)
 
@@ -240,8 +240,8 @@ class TextRunner:
 
     def share_prefill(self, prepared: "Prepared", score_top: Optional[int] = None) -> "Prepared":
         """The prompt prefilled once (each stream of the result starts from a copy), and with
-        `score_top` its tokens scored (engine/scoring.py)."""
-        from engine.scoring import prefill
+        `score_top` its tokens scored (engine/generation/scoring.py)."""
+        from engine.generation.scoring import prefill
 
         return replace(prepared, prefix=prefill(self, prepared.prompt, score_top))
 
@@ -286,7 +286,7 @@ class TextRunner:
             processors.append(penalty_processor(params.presence_penalty, params.frequency_penalty,
                                                  self.vocab_size))
         if params.grammar:  # last, after biases and penalties
-            from engine.structured import grammar_processor
+            from engine.constrained.structured import grammar_processor
 
             processors.append(grammar_processor(self.ll_tokenizer, params.grammar))
         return sampler, processors
@@ -299,7 +299,7 @@ class TextRunner:
         mlx-lm's streaming detokenizer drops the first token's leading space, right for a chat
         answer and wrong for a text completion (" Paris" after "The capital is"):
         `keep_leading_space` puts it back. `start`: a KV cache already holding all of the prompt
-        but its last token (a shared prefill, engine/scoring.py) and how many of those tokens it
+        but its last token (a shared prefill, engine/generation/scoring.py) and how many of those tokens it
         took from the prompt cache (reported as cached), used instead of the prompt cache."""
         from mlx_lm import stream_generate
         from mlx_lm.models.cache import make_prompt_cache
