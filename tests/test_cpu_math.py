@@ -10,7 +10,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 import mlx.nn as nn  # noqa: E402
 
-from engine import cpu_math  # noqa: E402
+from engine.cpu import cpu_math  # noqa: E402
 
 
 def rand(*shape, seed=0):
