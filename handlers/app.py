@@ -18,8 +18,8 @@ from handlers import errors
 from handlers.metrics import MetricsMiddleware
 from handlers.images import ImageSources
 from handlers.response_store import ResponseStore
-from handlers.middleware import (ApiKeyMiddleware, BodyLimitMiddleware, DrainMiddleware, RequestIdMiddleware,
-                                 SpecServersMiddleware)
+from handlers.middleware import (ApiKeyMiddleware, BodyLimitMiddleware, DisconnectMiddleware, DrainMiddleware,
+                                 RequestIdMiddleware, SpecServersMiddleware)
 
 log = logging.getLogger("openmlx.http")
 
@@ -46,6 +46,7 @@ class ServerConfig:
     responses_max_bytes: int = 256 << 20  # stored responses' bytes (each inline image counted once)
     image_sources: ImageSources = field(default_factory=ImageSources)  # what image URLs may point at
     max_batch_tokens: int = 65536  # prompts plus max_tokens, times n/best_of, in one request
+    body_timeout_s: float = 60.0  # a request body arrives whole within this long, or 408
 
 
 def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] = None) -> connexion.AsyncApp:
@@ -88,5 +89,7 @@ def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] =
     app.add_middleware(DrainMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
     app.add_middleware(ApiKeyMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION, keys=config.api_keys)
     app.add_middleware(BodyLimitMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION,
-                       max_bytes=config.max_body_bytes, audio_max_bytes=config.max_audio_bytes)
+                       max_bytes=config.max_body_bytes, audio_max_bytes=config.max_audio_bytes,
+                       body_timeout_s=config.body_timeout_s)
+    app.add_middleware(DisconnectMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
     return app

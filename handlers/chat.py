@@ -2,6 +2,7 @@
 sampled with its own seed, streamed interleaved by index)."""
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Optional
 
 from connexion import request
@@ -21,7 +22,7 @@ def _finish(done: Finished, calls: list[ToolCall]) -> str:
 
 async def create(body: dict):
     engine = request.state.engine
-    req = protocol.parse_chat(body)
+    req = await asyncio.to_thread(protocol.parse_chat, body)  # off the loop: schemas and strict tools compile while parsing
     conv = Conversation(req.model, req.messages, req.params, req.tools, req.newest_media,
                         image_chunk_size=req.image_chunk_size, tool_choice=req.tool_choice, fields=req.fields)
     prepared = await generation.prepare(engine, conv, request.state.image_sources)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from handlers import config_file, model_commands
-from handlers.settings import engine_config
+from handlers.settings import engine_config, port_number, positive_float, positive_int
 
 
 class JsonFormatter(logging.Formatter):
@@ -71,16 +71,29 @@ def _image_sources(args: argparse.Namespace):
                         tuple(networks))
 
 
+class NoKeys(ValueError):
+    """Keys were asked for and none is usable: serving without auth instead would fail open."""
+
+
 def _api_keys(args: argparse.Namespace) -> list[str]:
-    """Keys from --api-key, OPENMLX_API_KEY and --api-key-file (one per line, # comments)."""
-    keys = list(args.api_key or [])
-    if os.environ.get("OPENMLX_API_KEY"):
-        keys.append(os.environ["OPENMLX_API_KEY"])
+    """Keys from --api-key, OPENMLX_API_KEY and --api-key-file (one per line, # comments). Asking
+    for keys and giving none that is non-empty (an empty file, `--api-key ''`) is refused."""
+    asked = args.api_key is not None or args.api_key_file is not None or "OPENMLX_API_KEY" in os.environ
+    keys = [k.strip() for k in args.api_key or []]
+    keys.append(os.environ.get("OPENMLX_API_KEY", "").strip())
     if args.api_key_file:
-        for line in Path(args.api_key_file).read_text().splitlines():
+        try:
+            text = Path(args.api_key_file).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise NoKeys(f"--api-key-file {args.api_key_file}: can't read it ({e})") from None
+        for line in text.splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 keys.append(line)
+    keys = [k for k in keys if k]
+    if asked and not keys:
+        raise NoKeys("API keys were asked for (--api-key, --api-key-file, OPENMLX_API_KEY or the config's "
+                     "api-key) but none is non-empty; refusing to serve without authentication")
     return keys
 
 
@@ -94,6 +107,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit("openmlx: --speculative draft needs --draft-model ID|PATH")
     if args.num_draft_tokens < 1:
         raise SystemExit("openmlx: --num-draft-tokens must be at least 1")
+    try:
+        api_keys = _api_keys(args)  # before anything starts, ranks included: no keys must not mean no auth
+    except NoKeys as e:
+        raise SystemExit(f"openmlx: {e}") from None
     if args.ranks > 1 and os.environ.get("OPENMLX_RANK_ROLE") != "serve":
         from engine.distributed.supervisor import supervise
 
@@ -109,10 +126,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.config.dictConfig(_logging(args.log_json, args.log_level))
     config = ServerConfig(engine=engine_config(args), max_body_bytes=args.max_body_bytes,
                           max_audio_bytes=args.max_audio_bytes,
-                          api_keys=_api_keys(args), cors_origins=args.cors_origin or [],
+                          api_keys=api_keys, cors_origins=args.cors_origin or [],
                           responses_max=args.responses_max, responses_ttl=args.responses_ttl,
                           responses_dir=args.responses_dir, responses_max_bytes=args.responses_max_bytes,
-                          image_sources=_image_sources(args), max_batch_tokens=args.max_batch_tokens)
+                          image_sources=_image_sources(args), max_batch_tokens=args.max_batch_tokens,
+                          body_timeout_s=args.body_timeout)
     engine = Engine(config.engine)
     if config.engine.world_size > 1:  # the supervisor says a worker rank died: 503 until restarted
         signal.signal(signal.SIGUSR1, lambda *_: engine.mark_failed("a worker rank exited"))
@@ -143,7 +161,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     max_connections = min(args.max_connections, max(16, soft_limit - 64))  # room for models, logs, pipes
     server = Server(uvicorn.Config(create_app(config, engine=engine), host=args.host, port=args.port,
                                    log_config=_logging(args.log_json, args.log_level),
-                                   http=guarded_protocol(max_connections, args.header_timeout),
+                                   http=guarded_protocol(max_connections, args.header_timeout,
+                                                         args.max_connections_per_client or max(1, max_connections // 4)),
                                    timeout_graceful_shutdown=args.shutdown_timeout))
     server.run()
     return 0 if server.started else 1
@@ -177,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model-dir", action="append", metavar="DIR",
                        help="an extra local model folder to serve (repeatable)")
-        p.add_argument("--threads", type=int, default=None,
+        p.add_argument("--threads", type=positive_int, default=None,
                        help="BLAS threads (default: OPENMLX_THREADS or the usable cores)")
 
     s = sub.add_parser("serve", help="start the server")
@@ -192,45 +211,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--audio-model", default=os.environ.get("OPENMLX_AUDIO_MODEL"),
                    help="speech-to-text model id or Whisper folder (default: the embedded whisper-tiny.en; "
                         "'none' to serve no transcriptions)")
-    s.add_argument("--max-audio-bytes", type=int, default=25 << 20,
+    s.add_argument("--max-audio-bytes", type=positive_int, default=25 << 20,
                    help="largest audio upload (413 beyond it, enforced while reading)")
-    s.add_argument("--max-audio-seconds", type=float, default=2 * 3600.0,
+    s.add_argument("--max-audio-seconds", type=positive_float, default=2 * 3600.0,
                    help="longest audio transcribed, decided from the file's header before decoding (413 beyond)")
     s.add_argument("--host", default=os.environ.get("OPENMLX_HOST", "127.0.0.1"))
-    s.add_argument("--port", type=int, default=int(os.environ.get("OPENMLX_PORT", "8000")))
-    s.add_argument("--max-tokens", type=int, default=None, help="default max_tokens when a request sets none")
-    s.add_argument("--max-tokens-cap", type=int, default=None,
+    s.add_argument("--port", type=port_number, default=int(os.environ.get("OPENMLX_PORT", "8000")))
+    s.add_argument("--max-tokens", type=positive_int, default=None, help="default max_tokens when a request sets none")
+    s.add_argument("--max-tokens-cap", type=positive_int, default=None,
                    help="reject requests whose max_tokens is above this (400)")
     s.add_argument("--cpu-dtype", choices=["auto", "keep", "float32", "float16"],
                    default=os.environ.get("OPENMLX_CPU_DTYPE", "auto"),
                    help="CPU weights: auto = float32 when memory allows (fast with OpenBLAS), keep = as shipped")
-    s.add_argument("--max-batch-tokens", type=int, default=65536,
+    s.add_argument("--max-batch-tokens", type=positive_int, default=65536,
                    help="tokens one request may ask for: prompts plus max_tokens, times n or best_of (400 beyond)")
-    s.add_argument("--max-queue", type=int, default=64, help="requests queued or running before 429")
-    s.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+    s.add_argument("--max-queue", type=positive_int, default=64, help="requests queued or running before 429")
+    s.add_argument("--request-timeout", type=positive_float, default=600.0, metavar="SECONDS",
                    help="cut off a generation after this long, queue time included (504); 0 = no limit")
-    s.add_argument("--max-models", type=int, default=1, help="models kept loaded (least recently used goes)")
-    s.add_argument("--idle-unload", type=float, default=None, metavar="SECONDS",
+    s.add_argument("--max-models", type=positive_int, default=1, help="models kept loaded (least recently used goes)")
+    s.add_argument("--idle-unload", type=positive_float, default=None, metavar="SECONDS",
                    help="unload models unused for this long")
-    s.add_argument("--assume-available-memory", type=int, default=None, metavar="BYTES",
+    s.add_argument("--assume-available-memory", type=positive_int, default=None, metavar="BYTES",
                    help="use this instead of the measured available memory in the memory gate")
-    s.add_argument("--max-body-bytes", type=int, default=10 << 20)
-    s.add_argument("--max-connections", type=int, default=1000,
+    s.add_argument("--max-body-bytes", type=positive_int, default=10 << 20)
+    s.add_argument("--max-connections", type=positive_int, default=1000,
                    help="open connections at most (a new one past it gets 503 and is closed)")
-    s.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+    s.add_argument("--header-timeout", type=positive_float, default=10.0, metavar="SECONDS",
                    help="close a connection that has not sent a whole request head within this long")
-    s.add_argument("--shutdown-timeout", type=float, default=5.0,
+    s.add_argument("--max-connections-per-client", type=positive_int, default=None, metavar="N",
+                   help="open connections from one client address at most (default: a quarter of --max-connections)")
+    s.add_argument("--body-timeout", type=positive_float, default=60.0, metavar="SECONDS",
+                   help="a request body must arrive whole within this long after its head (else 408, closed)")
+    s.add_argument("--shutdown-timeout", type=positive_float, default=5.0,
                    help="seconds running requests get to finish on SIGTERM/SIGINT")
     s.add_argument("--api-key", action="append", help="require this bearer key on /v1/* (repeatable)")
     s.add_argument("--api-key-file", help="a file of API keys, one per line")
     s.add_argument("--cors-origin", action="append",
                    help="allow browser requests from this origin (repeatable; '*' only if you mean it). Off by default")
-    s.add_argument("--responses-max", type=int, default=1024,
+    s.add_argument("--responses-max", type=positive_int, default=1024,
                    help="stored Responses API responses kept (least recently used out first)")
-    s.add_argument("--responses-max-bytes", type=int, default=256 << 20,
+    s.add_argument("--responses-max-bytes", type=positive_int, default=256 << 20,
                    help="bytes of stored responses kept, in memory and in --responses-dir (least recently used "
                         "out first; an image carried by many turns counts once)")
-    s.add_argument("--responses-ttl", type=float, default=24 * 3600, help="seconds a stored response is kept")
+    s.add_argument("--responses-ttl", type=positive_float, default=24 * 3600, help="seconds a stored response is kept")
     s.add_argument("--responses-dir", type=Path, default=None,
                    help="also keep stored responses as JSON files here (they survive a restart)")
     s.add_argument("--batch", choices=["auto", "on", "off"], default=os.environ.get("OPENMLX_BATCH", "auto"),
@@ -247,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "guesses copied from the prompt and the answer so far; off)")
     s.add_argument("--draft-model", default=None, metavar="ID|PATH",
                    help="a smaller model with the same tokenizer that drafts tokens for speculative decoding")
-    s.add_argument("--num-draft-tokens", type=int, default=12, metavar="N",
+    s.add_argument("--num-draft-tokens", type=positive_int, default=12, metavar="N",
                    help="the most tokens drafted per pass (speculative decoding; adapted per request below it)")
     s.add_argument("--allow-image-urls", action="store_true",
                    help="let vision requests name http(s) image URLs, which the server fetches (off: data: URLs only)")
@@ -256,20 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "fc00::/7), for a trusted LAN; loopback and link-local stay refused")
     s.add_argument("--image-url-allow-network", action="append", metavar="CIDR",
                    help="with --allow-image-urls: also fetch from this non-public network (repeatable)")
-    s.add_argument("--image-fetch-timeout", type=float, default=10.0, metavar="SECONDS",
+    s.add_argument("--image-fetch-timeout", type=positive_float, default=10.0, metavar="SECONDS",
                    help="one deadline for all of a request's image fetches (within --request-timeout)")
     s.add_argument("--image-dir", type=Path, default=None,
                    help="let vision requests name local image files under this directory")
-    s.add_argument("--max-image-bytes", type=int, default=20 << 20)
-    s.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
-    s.add_argument("--max-images", type=int, default=32, help="images per request")
-    s.add_argument("--image-chunk-size", type=int, default=None,
+    s.add_argument("--max-image-bytes", type=positive_int, default=20 << 20)
+    s.add_argument("--max-image-pixels", type=positive_int, default=4096 * 4096)
+    s.add_argument("--max-images", type=positive_int, default=32, help="images per request")
+    s.add_argument("--image-chunk-size", type=positive_int, default=None,
                    help="images per vision generation pass (default: $OPENMLX_IMAGE_CHUNK_SIZE or 4; at most 8)")
     s.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     s.add_argument("--log-level", default="info")
     common(s)
 
-    s.add_argument("--ranks", type=int, default=int(os.environ.get("OPENMLX_RANKS", "1")),
+    s.add_argument("--ranks", type=positive_int, default=int(os.environ.get("OPENMLX_RANKS", "1")),
                    help="split the model over this many processes with MLX's distributed runtime "
                         "(rank 0 serves HTTP; default 1)")
     s.add_argument("--hostfile", type=Path, default=None,
@@ -279,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=["ring", "mpi"], default="ring",
                    help="MLX's distributed backend (ring stays on 127.0.0.1 here; MPI's launcher listens "
                         "on all interfaces)")
-    s.add_argument("--ring-port", type=int, default=None,
+    s.add_argument("--ring-port", type=port_number, default=None,
                    help="first port of the ring (one per rank; default: free ports)")
     s.set_defaults(func=cmd_serve)
 

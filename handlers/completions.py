@@ -8,6 +8,7 @@ engine/generation/budget.py's `max_new_tokens`.
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Callable
 
 from connexion import request
@@ -43,7 +44,7 @@ def _echo(req: protocol.CompletionRequest, prompt: str | list[int], prepared: Pr
 
 async def create(body: dict):
     engine = request.state.engine
-    req = protocol.parse_completion(body)
+    req = await asyncio.to_thread(protocol.parse_completion, body)  # off the loop: schemas and strict tools compile while parsing
     prepared = await _prepare_all(engine, req)
     cid, created = protocol.new_id("cmpl"), protocol.now()
     warnings = prepared[0].warnings

@@ -18,6 +18,7 @@ line.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,10 @@ _MODEL_ENTRY = {
 }
 
 
+# Settings whose values are never echoed in an error (a key written in the wrong shape is still a key).
+_SECRET = {"api-key"}
+
+
 class ConfigError(Exception):
     """The config file is unreadable or breaks the schema; the message names the key and line."""
 
@@ -49,8 +54,12 @@ class ConfigError(Exception):
 def _json_type(action: argparse.Action) -> dict[str, Any]:
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         return {"type": "boolean"}
-    kind = {int: "integer", float: "number"}.get(action.type, "string")  # type: ignore[arg-type]
-    item: dict[str, Any] = {"type": kind}
+    from handlers.settings import FLAG_SCHEMAS
+
+    if action.type in FLAG_SCHEMAS:
+        item: dict[str, Any] = dict(FLAG_SCHEMAS[action.type])
+    else:
+        item = {"type": {int: "integer", float: "number"}.get(action.type, "string")}  # type: ignore[arg-type]
     if action.choices:
         item["enum"] = list(action.choices)
     if isinstance(action, argparse._AppendAction):
@@ -100,6 +109,12 @@ def load(path: Path, serve: argparse.ArgumentParser) -> dict[str, Any]:
 
     try:
         text = Path(path).read_text()
+        # Aliases (*name) are refused: a few hundred bytes of nested aliases expand to gigabytes
+        # once anything walks the data (a "billion laughs").
+        alias = next((e for e in yaml.parse(text) if isinstance(e, yaml.AliasEvent)), None)
+        if alias is not None:
+            raise ConfigError(f"{path}:{alias.start_mark.line + 1}: YAML aliases (*{alias.anchor}) are not accepted "
+                              "in a config file; write the value out")
         root = yaml.compose(text)
         data = yaml.safe_load(text)
     except OSError as e:
@@ -108,6 +123,10 @@ def load(path: Path, serve: argparse.ArgumentParser) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if data is None:
         return {}
+    for key, value in data.items() if isinstance(data, dict) else ():
+        # JSON Schema's bounds let NaN through (every comparison with it is false): a NaN timeout never fires.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}:{_line(root, [key])}: '{key}': must be a finite number, not {value}")
     validator = jsonschema.Draft202012Validator(schema(serve))
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.path))
     if errors:
@@ -120,7 +139,11 @@ def load(path: Path, serve: argparse.ArgumentParser) -> dict[str, Any]:
                 where = where + [extra[0]]
                 raise ConfigError(f"{path}:{_line(root, where)}: unknown setting '{'.'.join(map(str, where))}'")
         name = ".".join(map(str, where)) or "(top level)"
-        raise ConfigError(f"{path}:{_line(root, where)}: '{name}': {e.message}")
+        message = e.message
+        if where and where[0] in _SECRET:
+            shape = e.schema.get("type") if isinstance(e.schema, dict) else None
+            message = f"must be {'a list of strings' if where == ['api-key'] else shape or 'valid'} (the value is not shown)"
+        raise ConfigError(f"{path}:{_line(root, where)}: '{name}': {message}")
     dests = {o[2:]: a.dest for a in serve._actions for o in a.option_strings if o.startswith("--")}
     return {(dests[k] if k in dests else k): v for k, v in data.items()}
 

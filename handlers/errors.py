@@ -66,6 +66,18 @@ def error_response(status: int, message: str, type_: Optional[str] = None, param
                              headers=headers or {})
 
 
+class BodyTooLarge(Exception):
+    """The body passed its limit while it was being read (raised by the body middleware's receive)."""
+
+
+class BodyTooSlow(Exception):
+    """The body did not arrive whole within --body-timeout."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"The request body did not arrive within {timeout_s:g} s (--body-timeout).")
+        self.timeout_s = timeout_s
+
+
 def engine_error_body(exc: EngineError) -> dict[str, Any]:
     return error_body(exc.message, exc.type, exc.param, exc.code)
 
@@ -126,6 +138,11 @@ async def on_exception(request: ConnexionRequest, exc: Exception) -> ConnexionRe
     path = request.url.path
     if isinstance(exc, (UnicodeDecodeError, json.JSONDecodeError)):
         return error_response(400, "The request body is not valid UTF-8 JSON.", code="invalid_json", request=request)
+    if isinstance(exc, BodyTooSlow):  # raised inside the app while it read the body
+        return error_response(408, str(exc), code="request_timeout", headers={"Connection": "close"}, request=request)
+    if isinstance(exc, BodyTooLarge):
+        return error_response(413, "The request body is larger than this server accepts.", code="request_too_large",
+                              headers={"Connection": "close"}, request=request)
     if isinstance(exc, RecursionError):  # the parser or the validator gave up on the nesting
         return error_response(400, "The request body's JSON is nested too deeply.", code="invalid_json", request=request)
     if type(exc).__name__ == "MultiPartException":

@@ -1,6 +1,7 @@
 """/v1/messages and /v1/messages/count_tokens (Anthropic's Messages API)."""
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Optional
 
@@ -18,7 +19,7 @@ ROUTE = "messages"
 
 async def create(body: dict):
     engine = request.state.engine
-    conv = mp.conversation(body, body["max_tokens"])
+    conv = await asyncio.to_thread(mp.conversation, body, body["max_tokens"])  # off the loop: schemas and strict tools compile while parsing
     prepared = await generation.prepare(engine, conv, request.state.image_sources)
     mid = mp.new_id("msg")
     model = body["model"]
@@ -76,5 +77,5 @@ async def create(body: dict):
 
 async def count_tokens(body: dict):
     engine = request.state.engine
-    conv = mp.conversation(body, None)
+    conv = await asyncio.to_thread(mp.conversation, body, None)
     return {"input_tokens": await generation.count_tokens(engine, conv)}

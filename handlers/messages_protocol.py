@@ -121,7 +121,8 @@ def conversation(body: dict[str, Any], max_tokens: Optional[int]) -> Conversatio
     choice = body.get("tool_choice") or {}
     tools, tool_choice = offer_tools(specs, _CHOICES[choice["type"]] if choice else None, choice.get("name"))
     fmt = (body.get("output_config") or {}).get("format")
-    grammar = grammar_for({"type": "json_schema", "json_schema": {"schema": fmt["schema"]}}) if fmt else None
+    grammar = grammar_for({"type": "json_schema", "json_schema": {"schema": fmt["schema"]}},
+                          "output_config.format.schema") if fmt else None
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=None if body.get("temperature") is None else float(body["temperature"]),

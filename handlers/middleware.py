@@ -1,11 +1,12 @@
 """ASGI middleware that sees every response: X-Request-ID and the request body size limit."""
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any, Awaitable, Callable
 
-from handlers.errors import error_payload
+from handlers.errors import BodyTooLarge, BodyTooSlow, error_payload
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -46,8 +47,6 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-class _TooLarge(Exception):
-    pass
 
 
 class BodyLimitMiddleware:
@@ -59,10 +58,14 @@ class BodyLimitMiddleware:
     request has a body.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, audio_max_bytes: int | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, audio_max_bytes: int | None = None,
+                 body_timeout_s: float = 60.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.audio_max_bytes = audio_max_bytes or max_bytes  # uploads to /v1/audio/* have their own
+        # The whole body within this long of its head: a byte every few seconds would otherwise
+        # hold a connection (and a slot under --max-connections) for as long as the client likes.
+        self.body_timeout_s = body_timeout_s
 
     def _limit(self, scope: Scope) -> int:
         return self.audio_max_bytes if scope.get("path", "").startswith("/v1/audio/") else self.max_bytes
@@ -73,6 +76,15 @@ class BodyLimitMiddleware:
             code="request_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _timed_out(self, scope: Scope, send: Send) -> None:
+        body = json.dumps(error_payload(
+            scope.get("path", ""), 408, f"The request body did not arrive within {self.body_timeout_s:g} s "
+            "(--body-timeout).", code="request_timeout")).encode()
+        await send({"type": "http.response.start", "status": 408,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
@@ -90,10 +102,26 @@ class BodyLimitMiddleware:
                 await self._reject(scope, send)
                 return
         limit = self._limit(scope)
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
+        body_done = False
+
+        async def next_part() -> Message:
+            """The next message, within the body's deadline while the body is still arriving."""
+            if body_done:
+                return await receive()
+            try:
+                return await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                raise BodyTooSlow(self.body_timeout_s) from None
+
         if length is None and _header(scope, b"transfer-encoding") is not None:
             body = bytearray()
             while True:
-                message = await receive()
+                try:
+                    message = await next_part()
+                except BodyTooSlow:
+                    await self._timed_out(scope, send)
+                    return
                 if message["type"] != "http.request":  # the client went away
                     return
                 body += message.get("body", b"")
@@ -105,16 +133,18 @@ class BodyLimitMiddleware:
             headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"transfer-encoding"]
             scope = {**scope, "headers": headers + [(b"content-length", str(len(body)).encode())]}
             receive = _replay(bytes(body), receive)
+            body_done = True
         seen = 0
         started = False
 
         async def counting_receive() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done
+            message = await next_part()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _TooLarge()
+                    raise BodyTooLarge()
+                body_done = body_done or not message.get("more_body")
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -125,9 +155,72 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
+        except BodyTooLarge:
             if not started:
                 await self._reject(scope, send)
+        except BodyTooSlow:
+            if not started:
+                await self._timed_out(scope, send)
+
+
+class DisconnectMiddleware:
+    """Cancels a request whose client has gone away before its answer was sent.
+
+    A stream notices by itself (Starlette listens for the disconnect while it sends), but a
+    non-streamed answer would run to its end: 70 requests closed after 0.3 s held the whole queue,
+    and everyone else got 429. Once the app has read the body, this watches the connection;
+    a disconnect before the response is complete cancels the app's task, and the cancellation
+    reaches the queued generation (choices.events cancels its handles)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        gone = asyncio.Event()
+        body_read = asyncio.Event()
+        complete = False
+
+        async def app_receive() -> Message:
+            if body_read.is_set():  # after the body only the watcher reads the connection
+                await gone.wait()
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone.set()
+            elif not message.get("more_body"):
+                body_read.set()
+            return message
+
+        async def app_send(message: Message) -> None:
+            nonlocal complete
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                complete = True
+            await send(message)
+
+        async def watch() -> None:
+            await body_read.wait()
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    gone.set()
+                    if not complete:
+                        app.cancel()
+                    return
+
+        app = asyncio.ensure_future(self.app(scope, app_receive, app_send))
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await app
+        except asyncio.CancelledError:
+            if not (gone.is_set() and app.cancelled()):
+                raise  # cancelled from outside (shutdown), not by the client's going
+        finally:
+            watcher.cancel()
+            if not app.done():
+                app.cancel()
 
 
 class SpecServersMiddleware:

@@ -67,12 +67,16 @@ def _stops(value: Any) -> tuple[str, ...]:
 def _logit_bias(value: Optional[dict[str, float]]) -> tuple[tuple[int, float], ...]:
     if not value:
         return ()
-    pairs = []
+    pairs: dict[int, float] = {}
     for key, bias in value.items():
-        if not key.isdigit():
+        # ASCII digits only: str.isdigit() also accepts "²" and other digits int() refuses.
+        if not (key.isascii() and key.isdigit()) or len(key) > 12:
             raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}.", param="logit_bias")
-        pairs.append((int(key), float(bias)))
-    return tuple(pairs)
+        token = int(key)
+        if token in pairs:  # "253" and "0253": one token twice would add up past the ±100 bound
+            raise InvalidRequest(f"logit_bias names token {token} more than once ({key!r}).", param="logit_bias")
+        pairs[token] = float(bias)
+    return tuple(pairs.items())
 
 
 def sampling_params(body: dict[str, Any]) -> SamplingParams:

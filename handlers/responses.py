@@ -1,6 +1,7 @@
 """/v1/responses: create (plain and streamed), retrieve, delete, input items, input token count."""
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, Optional
 
@@ -51,7 +52,7 @@ def _keep(parsed: rp.ParsedResponseRequest, response: dict[str, Any], text: str,
 
 async def create(body: dict):
     engine = request.state.engine
-    parsed = _parse(body)
+    parsed = await asyncio.to_thread(_parse, body)  # off the loop: schemas and strict tools compile while parsing
     conv = parsed.conv
     prepared = await generation.prepare(engine, conv, request.state.image_sources)
     rid, created = rp.new_id("resp"), now()
@@ -133,7 +134,7 @@ def _stream(engine: Any, parsed: rp.ParsedResponseRequest, prepared: Any, rid: s
 
 async def input_tokens(body: dict):
     engine = request.state.engine
-    parsed = _parse({**body, "stream": False})
+    parsed = await asyncio.to_thread(_parse, {**body, "stream": False})
     count = await generation.count_tokens(engine, parsed.conv)
     return {"object": "response.input_tokens", "input_tokens": count}
 

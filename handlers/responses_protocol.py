@@ -159,7 +159,7 @@ def parse(body: dict[str, Any], history: Sequence[ChatMessage] = (), call_ids: O
         max_tokens=body.get("max_output_tokens"),
         temperature=None if body.get("temperature") is None else float(body["temperature"]),
         top_p=1.0 if body.get("top_p") is None else float(body["top_p"]),
-        grammar=grammar_for(_format(body.get("text"))),
+        grammar=grammar_for(_format(body.get("text")), "text.format.schema"),
     )
     conv = Conversation(body["model"], messages, params, tuple(tools), frozenset({"image"} if newest_media else ()),
                         tool_choice=choice, fields=FIELDS)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,6 +10,45 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from engine.config import EngineConfig
     from engine.media.images import ImageLimits
+
+
+def positive_int(text: str) -> int:
+    """A count or size flag: a whole number of at least 1 (0 or -1 would disable a limit silently)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A duration or limit flag: a finite number above 0 (NaN or inf would never fire)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
+    return value
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 1-65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (1-65535)")
+    return value
+
+
+# The same rules for a config file's values (argparse does not convert a file's values).
+FLAG_SCHEMAS = {positive_int: {"type": "integer", "minimum": 1},
+                positive_float: {"type": "number", "exclusiveMinimum": 0, "maximum": 1e15},
+                port_number: {"type": "integer", "minimum": 1, "maximum": 65535}}
 
 
 def engine_config(args: argparse.Namespace) -> "EngineConfig":

@@ -16,8 +16,9 @@ import numpy as np
 from engine.errors import InvalidRequest
 
 
-def grammar_for(response_format: dict[str, Any]) -> Optional[str]:
-    """The llguidance grammar for an OpenAI `response_format`, or None for plain text."""
+def grammar_for(response_format: dict[str, Any], param: str = "response_format.json_schema.schema") -> Optional[str]:
+    """The llguidance grammar for an OpenAI `response_format`, or None for plain text; a schema
+    llguidance can't compile is a 400 naming `param`."""
     kind = response_format.get("type", "text")
     if kind == "text":
         return None
@@ -25,7 +26,10 @@ def grammar_for(response_format: dict[str, Any]) -> Optional[str]:
         schema: dict[str, Any] = {"type": "object"}
     else:
         schema = (response_format.get("json_schema") or {}).get("schema") or {}
-    return _compile(json.dumps(schema, sort_keys=True))
+    try:
+        return _compile(json.dumps(schema, sort_keys=True))
+    except (ValueError, RuntimeError, TypeError, RecursionError) as e:  # e.g. nested past the compiler's depth limit
+        raise InvalidRequest(f"The JSON schema in {param} can't be used: {e}", param=param) from None
 
 
 @lru_cache(maxsize=256)
@@ -89,6 +93,6 @@ def schema_problem(schema: Any) -> Optional[str]:
 
     try:
         grammar = _compile(json.dumps(schema, sort_keys=True))
-    except (ValueError, RuntimeError, TypeError) as e:
+    except (ValueError, RuntimeError, TypeError, RecursionError) as e:
         return str(e)
     return LLMatcher.validate_grammar(grammar) or None
