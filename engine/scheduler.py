@@ -251,6 +251,17 @@ class StreamHandle:
     def cancel(self) -> None:
         self._job.cancelled.set()
 
+    @property
+    def deadline(self) -> Optional[float]:
+        """When the worker cuts this stream off (time.monotonic()), or None."""
+        return self._job.deadline
+
+    def limit_to(self, deadline: Optional[float]) -> None:
+        """Cut this stream off no later than `deadline`: the choices of one request share the
+        first one's, so --request-timeout bounds the request, not each of its streams."""
+        if deadline is not None and (self._job.deadline is None or deadline < self._job.deadline):
+            self._job.deadline = deadline
+
     async def __aiter__(self) -> AsyncIterator[Any]:  # type: ignore[override]
         try:
             while True:

@@ -18,8 +18,8 @@ from handlers import errors
 from handlers.metrics import MetricsMiddleware
 from handlers.images import ImageSources
 from handlers.response_store import ResponseStore
-from handlers.middleware import (ApiKeyMiddleware, BodyLimitMiddleware, DisconnectMiddleware, DrainMiddleware,
-                                 RequestIdMiddleware, SpecServersMiddleware)
+from handlers.middleware import (ApiKeyMiddleware, BodyLimitMiddleware, DrainMiddleware, RequestIdMiddleware,
+                                 RequestLifetimeMiddleware, SpecServersMiddleware)
 
 log = logging.getLogger("openmlx.http")
 
@@ -91,5 +91,6 @@ def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] =
     app.add_middleware(BodyLimitMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION,
                        max_bytes=config.max_body_bytes, audio_max_bytes=config.max_audio_bytes,
                        body_timeout_s=config.body_timeout_s)
-    app.add_middleware(DisconnectMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
+    app.add_middleware(RequestLifetimeMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION,
+                       timeout_s=config.engine.request_timeout_s)
     return app

@@ -55,14 +55,20 @@ def check_batch(prepared: list[Prepared], per_prompt: int, limit: int, param: st
 async def events(starts: Sequence[Callable[[], StreamHandle]], route: str, model: str,
                  limit: int = LIMIT) -> AsyncIterator[tuple[int, Any]]:
     """(index, event) for every choice's events as they come; a failure is raised here once,
-    and every other choice is then cancelled."""
+    and every other choice is then cancelled. All choices end by the first one's deadline
+    (--request-timeout is per request)."""
     queue: asyncio.Queue = asyncio.Queue()
     handles: dict[int, StreamHandle] = {}
+    deadline: list[float | None] = []  # the first stream's: every later choice shares it
 
     async def pump(index: int) -> None:
         observer = GenerationObserver(route, model)
         try:
             handle = handles[index] = starts[index]()
+            if deadline:
+                handle.limit_to(deadline[0])
+            else:
+                deadline.append(handle.deadline)
             async for ev in handle:
                 if isinstance(ev, TextDelta):
                     observer.first_text()

@@ -163,17 +163,21 @@ class BodyLimitMiddleware:
                 await self._timed_out(scope, send)
 
 
-class DisconnectMiddleware:
-    """Cancels a request whose client has gone away before its answer was sent.
+class RequestLifetimeMiddleware:
+    """Ends a request's work when its client has gone, or when --request-timeout passes before
+    its answer has started.
 
-    A stream notices by itself (Starlette listens for the disconnect while it sends), but a
-    non-streamed answer would run to its end: 70 requests closed after 0.3 s held the whole queue,
-    and everyone else got 429. Once the app has read the body, this watches the connection;
-    a disconnect before the response is complete cancels the app's task, and the cancellation
-    reaches the queued generation (choices.events cancels its handles)."""
+    A stream notices a disconnect by itself (Starlette listens while it sends), but a non-streamed
+    answer would run to its end: 70 requests closed after 0.3 s held the whole queue, and everyone
+    else got 429. Once the app has read the body, this watches the connection; a disconnect before
+    the response is complete cancels the app's task, and the cancellation reaches the queued
+    generation (choices.events cancels its handles). The same cancellation ends a request whose
+    answer has not started within the timeout (preparing 16 prompts' shared prefills, say): it
+    gets a 504. Once a stream has started, its own deadline (shared by all its choices) applies."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, timeout_s: float | None = None) -> None:
         self.app = app
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST":
@@ -181,7 +185,7 @@ class DisconnectMiddleware:
             return
         gone = asyncio.Event()
         body_read = asyncio.Event()
-        complete = False
+        started = complete = timed_out = False
 
         async def app_receive() -> Message:
             if body_read.is_set():  # after the body only the watcher reads the connection
@@ -195,8 +199,12 @@ class DisconnectMiddleware:
             return message
 
         async def app_send(message: Message) -> None:
-            nonlocal complete
-            if message["type"] == "http.response.body" and not message.get("more_body"):
+            nonlocal started, complete
+            if timed_out:
+                return  # the 504 went out instead
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
                 complete = True
             await send(message)
 
@@ -210,17 +218,35 @@ class DisconnectMiddleware:
                         app.cancel()
                     return
 
+        async def clock() -> None:
+            nonlocal timed_out
+            await asyncio.sleep(self.timeout_s or 0)
+            if not started:
+                timed_out = True
+                app.cancel()
+
         app = asyncio.ensure_future(self.app(scope, app_receive, app_send))
-        watcher = asyncio.ensure_future(watch())
+        helpers = [asyncio.ensure_future(watch())]
+        if self.timeout_s:
+            helpers.append(asyncio.ensure_future(clock()))
         try:
             await app
         except asyncio.CancelledError:
-            if not (gone.is_set() and app.cancelled()):
-                raise  # cancelled from outside (shutdown), not by the client's going
+            if not app.cancelled() or not (gone.is_set() or timed_out):
+                raise  # cancelled from outside (shutdown), not by the client's going or the clock
         finally:
-            watcher.cancel()
+            for helper in helpers:
+                helper.cancel()
             if not app.done():
                 app.cancel()
+        if timed_out and not gone.is_set():
+            body = json.dumps(error_payload(
+                scope.get("path", ""), 504, f"The request took longer than this server's limit of {self.timeout_s:g} s "
+                "(--request-timeout).", code="timeout")).encode()
+            await send({"type": "http.response.start", "status": 504,
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
 
 
 class SpecServersMiddleware:

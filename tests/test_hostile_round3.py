@@ -99,22 +99,17 @@ def _chat_request(body: dict, path: str = "/v1/chat/completions") -> bytes:
             f"Content-Length: {len(raw)}\r\n\r\n").encode() + raw
 
 
-def _read_response(sock: socket.socket) -> bytes:
-    """One whole HTTP/1.1 response with a Content-Length."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
+def _read_response(reader) -> bytes:
+    """One whole HTTP/1.1 response with a Content-Length, from a buffered reader (sock.makefile("rb"):
+    two pipelined answers may arrive in one segment)."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        line = reader.readline()
+        if not line:
+            return head
+        head += line
     length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        rest += chunk
-    return head + b"\r\n\r\n" + rest[:length]
+    return head + reader.read(length)
 
 
 def test_abandoned_non_streamed_requests_free_the_queue(guarded):
@@ -184,19 +179,21 @@ def test_one_client_cannot_take_every_connection(guarded):
 
 
 def test_a_pipelined_request_is_answered(guarded):
-    """Two requests in one write: the second waits for the first (longer than --header-timeout, 1 s)
-    and is then answered, not closed."""
+    """Two requests in one write: a quick one, then one that runs longer than --header-timeout (1 s).
+    The second's head arrived with the first: it is answered, not closed as a slow head."""
     slow = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 30, "temperature": 1.0, "seed": 3,
             "logit_bias": {"2": -100, "0": -100}}
     s = socket.create_connection(("127.0.0.1", guarded.port))
     s.settimeout(60)
-    s.sendall(_chat_request(slow, "/v1/completions") + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-    first = _read_response(s)
-    second = _read_response(s)
+    s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" + _chat_request(slow, "/v1/completions"))
+    reader = s.makefile("rb")
+    first = _read_response(reader)
+    second = _read_response(reader)
+    reader.close()
     s.close()
     assert first.startswith(b"HTTP/1.1 200"), first[:300]
-    assert json.loads(first.split(b"\r\n\r\n", 1)[1])["usage"]["completion_tokens"] == 30
     assert second.startswith(b"HTTP/1.1 200"), second[:300]
+    assert json.loads(second.split(b"\r\n\r\n", 1)[1])["usage"]["completion_tokens"] == 30
 
 
 # --- strict tools are compiled off the event loop ------------------------------------------
@@ -337,3 +334,53 @@ def test_config_limits_that_would_disable_themselves_are_refused(tmp_path, line)
     cfg.write_text(line + "\n")
     r = _serve(["--config", str(cfg)], tmp_path)
     assert r.returncode != 0 and line.split(":")[0] in r.stderr, r.stderr[-1000:]
+
+
+# --- 2. a chat template that never finishes ----------------------------------------------------
+def test_a_looping_chat_template_is_abandoned_and_the_worker_serves_on(default_model_dir, tmp_path):
+    loop = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    cfg = tmp_path / "openmlx.yaml"
+    cfg.write_text(f"models:\n  - source: {default_model_dir}\n    id: loopy\n    chat_template: '{loop}'\n"
+                   f"  - source: {default_model_dir}\n    id: plain\n")
+    s = Server(["--config", str(cfg), "--embedding-model", "none", "--audio-model", "none"])
+    try:
+        start = time.monotonic()
+        r = httpx.post(s.url + "/v1/chat/completions", json={"model": "loopy", "messages": MSG, "max_tokens": 2},
+                       timeout=120)
+        assert r.status_code == 501, r.text
+        assert r.json()["error"]["code"] == "chat_template_timeout" and time.monotonic() - start < 30
+        ok = httpx.post(s.url + "/v1/chat/completions", json={"model": "plain", "messages": MSG, "max_tokens": 2},
+                        timeout=120)
+        assert ok.status_code == 200, ok.text
+    finally:
+        s.stop()
+
+
+def test_render_bounded_leaves_the_thread_untraced():
+    import sys as _sys
+
+    from engine.generation.templates import TemplateTooSlow, render_bounded
+
+    before = _sys.gettrace()
+    assert render_bounded(lambda: 41 + 1) == 42
+    jinja2 = pytest.importorskip("jinja2")
+    template = jinja2.Environment().from_string("{% for i in range(10**9) %}{{ i }}{% endfor %}")
+    with pytest.raises(TemplateTooSlow):
+        render_bounded(template.render, budget_s=0.2)
+    assert _sys.gettrace() is before
+
+
+# --- 17. --request-timeout bounds a request, not each of its streams -------------------------
+def test_request_timeout_bounds_all_choices_of_a_request(default_model_dir):
+    s = Server(["--request-timeout", "2", "--embedding-model", "none", "--audio-model", "none"])
+    try:
+        start = time.monotonic()
+        r = httpx.post(s.url + "/v1/completions", timeout=300, json={
+            "model": MODEL, "prompt": ["Once upon a time"] * 16, "n": 16, "max_tokens": 2, "temperature": 1.0, "seed": 5,
+            "logit_bias": {"2": -100, "0": -100}})
+        took = time.monotonic() - start
+        # 256 choices, 8 at a time, each well inside 2 s alone: together far past it.
+        assert r.status_code == 504, (r.status_code, took)
+        assert r.json()["error"]["code"] == "timeout" and took < 15
+    finally:
+        s.stop()

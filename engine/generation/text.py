@@ -22,6 +22,7 @@ from engine.generation.prompt_cache import PromptCache
 from engine.generation.sampling import make_sampler, penalty_processor
 from engine.generation.speculative import Speculation, SpecStats, speculative_tokens
 from engine.generation.stopping import StopMatcher
+from engine.generation.templates import render_bounded
 from engine.constrained.toolcalls import ToolFormat, for_template
 from engine.constrained.toolcalls.common import json_or_text
 from engine.generation.last_rows import SplitHead, split_head
@@ -40,7 +41,7 @@ try:
     from jinja2 import TemplateError as _TemplateError
 except ImportError:  # pragma: no cover - transformers brings jinja2
     _TemplateError = ValueError
-TEMPLATE_ERRORS = (_TemplateError, ValueError, TypeError, KeyError, IndexError)
+TEMPLATE_ERRORS = (_TemplateError, ValueError, TypeError, KeyError, IndexError, RecursionError)
 
 
 def render_turn(m: ChatMessage, fmt: ToolFormat, native: bool) -> dict[str, Any]:
@@ -140,7 +141,7 @@ class TextRunner:
             prefill = {"continue_final_message": True} if continue_final and turns[-1]["role"] == "assistant" \
                 else {"add_generation_prompt": True}
             try:
-                return list(self.tokenizer.apply_chat_template(turns, **prefill, **extra))
+                return list(render_bounded(lambda: self.tokenizer.apply_chat_template(turns, **prefill, **extra)))
             except TEMPLATE_ERRORS as e:  # templates raise their own errors for e.g. role order
                 raise InvalidRequest(f"The model's chat template rejected the messages: {e}",
                                      param=param) from e

@@ -22,6 +22,7 @@ from engine.media.images import ImageLimits, check, decode, numbering
 from engine.models.memory import MemoryEstimate, MemoryGate
 from engine.models.probe import Probe
 from engine.generation.prompt_cache import PromptCache
+from engine.generation.templates import render_bounded
 from engine.generation.text import (ChatMessage, Finished, GenerationEvent, SamplingParams, Started, TEMPLATE_ERRORS, TextDelta,
                          TextRunner, decode_steps, render_turn, with_tool_prompt)
 from engine.models.weights import KV_HEADROOM_TOKENS, kv_bytes_per_token
@@ -127,8 +128,8 @@ class VisionRunner(TextRunner):
         from mlx_vlm.utils import prepare_inputs
 
         try:
-            prompt = self.processor.apply_chat_template(
-                turns, **({"continue_final_message": True} if continue_final else {"add_generation_prompt": True}))
+            prompt = render_bounded(lambda: self.processor.apply_chat_template(
+                turns, **({"continue_final_message": True} if continue_final else {"add_generation_prompt": True})))
         except TEMPLATE_ERRORS as e:  # templates raise their own errors for e.g. role order
             raise InvalidRequest(f"The model's chat template rejected the messages: {e}", param="messages") from e
         # mlx-vlm does not check placeholders against images (one placeholder and two images
