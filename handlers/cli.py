@@ -263,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fetch a requested ORG/NAME that is not in the store from the Hugging Face Hub on its first "
                         "request (one download at a time; the memory gate and the architecture are checked before "
                         "the weights are fetched; HF_TOKEN for gated repos)")
+    s.add_argument("--download-timeout", type=positive_float, default=3600.0, metavar="SECONDS",
+                   help="a Hub download must finish within this long (the transfer is cut off, the request gets 504)")
+    s.add_argument("--max-store-bytes", type=positive_int, default=None, metavar="BYTES",
+                   help="the model store's quota: downloaded models least recently used are removed to make room "
+                        "for a new download (507 when they can't be)")
     s.add_argument("--speculative", choices=["auto", "ngram", "draft", "off"],
                    default=os.environ.get("OPENMLX_SPECULATIVE", "auto"),
                    help="speculative decoding: guess tokens and check them in one pass, same answers "

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 from urllib.parse import unquote, urlparse
 
+from engine.addresses import Network, address_allowed  # noqa: F401  (address_allowed: tests use it from here)
 from engine.errors import InvalidRequest
 from engine.media.images import ImageInput
 from engine.request import ChatMessage
@@ -32,7 +33,6 @@ log = logging.getLogger("openmlx.http")
 MAX_REDIRECTS = 5
 PRIVATE_NETWORKS = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
                                                              "fc00::/7"))
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -55,33 +55,6 @@ def _fetch_failed(image: ImageInput, sources: ImageSources) -> InvalidRequest:
     return InvalidRequest(f"The image URL could not be fetched: it must be a public http(s) URL that answers "
                           f"200 with an image of at most {sources.max_bytes} bytes within {sources.timeout_s:g} s.",
                           param=image.param, code="image_fetch_failed")
-
-
-# IPv6 forms that carry an IPv4 address in their last 32 bits and reach it through a translator or
-# the host's own stack: IPv4-compatible (::/96), SIIT (::ffff:0:0:0/96), NAT64 (64:ff9b::/96 and the
-# local-use 64:ff9b:1::/48).
-_CARRY_IPV4 = tuple(ipaddress.ip_network(n) for n in ("::/96", "::ffff:0:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48"))
-
-
-def embedded_ipv4(ip: ipaddress.IPv6Address) -> Optional[ipaddress.IPv4Address]:
-    """The IPv4 address an IPv6 address stands for (mapped, compatible, NAT64, SIIT, 6to4), or None."""
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    if any(ip in net for net in _CARRY_IPV4):
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    return None
-
-
-def address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allowed: Sequence[Network] = ()) -> bool:
-    """A globally routable unicast address, or one in `allowed`. IPv6 addresses that carry an IPv4
-    address (mapped, compatible, NAT64, SIIT, 6to4) are judged as the IPv4 address they carry."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        ip = embedded_ipv4(ip) or ip
-    if any(ip in net for net in allowed if net.version == ip.version):
-        return True
-    return ip.is_global and not ip.is_multicast
 
 
 async def _checked_address(host: str, port: int, sources: ImageSources) -> str:

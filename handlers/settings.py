@@ -60,6 +60,8 @@ def engine_config(args: argparse.Namespace) -> "EngineConfig":
                         audio_model=getattr(args, "audio_model", None),
                         batch=getattr(args, "batch", "auto"),
                         hub_download=getattr(args, "allow_download", False),
+                        download_timeout_s=getattr(args, "download_timeout", 3600.0),
+                        max_store_bytes=getattr(args, "max_store_bytes", None),
                         speculative=getattr(args, "speculative", "auto"),
                         num_draft_tokens=getattr(args, "num_draft_tokens", 12),
                         draft_model=getattr(args, "draft_model", None),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Optional
@@ -22,6 +23,12 @@ class FakeHub:
         # file name -> [bytes sent before the connection drops, how many more times to do it]
         self.cut: dict[str, list[int]] = {}
         self.requests: list[tuple[str, str, Optional[str]]] = []  # method, path, Range header
+        # Hostile behaviours: a repo's commit id as answered; a file GET redirected elsewhere; bytes
+        # sent past a file's real size; seconds to wait before a file GET answers.
+        self.commit: dict[str, str] = {}
+        self.redirect: dict[str, str] = {}
+        self.extra_bytes: dict[str, int] = {}
+        self.delay: dict[str, float] = {}
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -94,7 +101,7 @@ class FakeHub:
         files = self._files(repo)
         siblings = [{"rfilename": name, "size": p.stat().st_size, "blobId": self._etag(p)}
                     for name, p in files.items()]
-        self._json(h, {"id": repo, "modelId": repo, "sha": self.sha(repo), "private": False,
+        self._json(h, {"id": repo, "modelId": repo, "sha": self.commit.get(repo, self.sha(repo)), "private": False,
                        "gated": repo in self.gated, "disabled": False, "tags": [], "siblings": siblings,
                        "lastModified": "2026-11-28T00:00:00.000Z"}, head)
 
@@ -124,7 +131,17 @@ class FakeHub:
         p = self._files(repo).get(name)
         if p is None:
             return self._error(h, 404, "EntryNotFound", f"{name} not found", head)
+        if name in self.redirect and not head:
+            h.send_response(302)
+            h.send_header("Location", self.redirect[name])
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        if name in self.delay and not head:
+            time.sleep(self.delay[name])
         data = p.read_bytes()
+        if not head and name in self.extra_bytes:
+            data += b"\0" * self.extra_bytes[name]
         start = 0
         rng = h.headers.get("Range")
         if rng and rng.startswith("bytes="):

@@ -4,8 +4,11 @@ and `serve --config FILE`."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -266,3 +269,137 @@ def test_config_file_duplicate_ids_are_refused(tmp_path):
     cfg.write_text("models:\n  - source: a/b\n    id: x\n  - source: c/d\n    id: x\n")
     r = subprocess.run([*CLI, "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "same id (x)" in r.stderr
+
+
+# --- a hub that fights back (issue 35) ------------------------------------------------------
+def test_a_hub_that_sends_more_than_it_declared_is_cut_off(hub, tmp_path, hub_env):
+    from engine.models import hub as hub_module
+
+    declared = sum(p.stat().st_size for p in hub.repos["acme/tiny"].rglob("*") if p.is_file())
+    hub.extra_bytes["model.safetensors"] = 64 << 20
+    try:
+        with pytest.raises(hub_module.DownloadFailed, match="more bytes than"):
+            hub_module.pull("acme/tiny", tmp_path / "models")
+    finally:
+        hub.extra_bytes.clear()
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "models").rglob("*") if p.is_file())
+    assert on_disk < declared + (8 << 20)
+
+
+def test_a_redirect_to_a_non_public_address_is_refused(hub, tmp_path, hub_env):
+    import http.server
+
+    from engine.models import hub as hub_module
+
+    hits = []
+
+    class Trap(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"inner")
+
+        def log_message(self, *args):
+            pass
+
+    trap = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trap)
+    threading.Thread(target=trap.serve_forever, daemon=True).start()
+    # "localhost" is not the endpoint's host (127.0.0.1), and it is loopback.
+    hub.redirect["model.safetensors"] = f"http://localhost:{trap.server_address[1]}/secret"
+    try:
+        with pytest.raises(hub_module.DownloadFailed, match="not a public address"):
+            hub_module.pull("acme/tiny", tmp_path / "models")
+    finally:
+        hub.redirect.clear()
+        trap.shutdown()
+    assert hits == []
+
+
+def test_an_invalid_commit_id_is_refused_before_anything_is_written(hub, tmp_path, hub_env):
+    from engine.models import hub as hub_module
+
+    hub.commit["acme/tiny"] = "../../../../escaped"
+    try:
+        with pytest.raises(hub_module.DownloadFailed, match="invalid commit id"):
+            hub_module.pull("acme/tiny", tmp_path / "models")
+    finally:
+        hub.commit.clear()
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").rglob("*.json"))
+    assert not list(tmp_path.rglob("escaped*"))
+
+
+def test_a_file_named_like_a_pattern_fetches_only_itself(hub, tmp_path, hub_env, default_model_dir):
+    from engine.models import hub as hub_module
+
+    repo = tmp_path / "repo-star"
+    shutil.copytree(hub.repos["acme/tiny"], repo)
+    (repo / "*.safetensors").write_bytes((repo / "model.safetensors").read_bytes())
+    (repo / "sub").mkdir()
+    (repo / "sub" / "huge.safetensors").write_bytes(b"\0" * (4 << 20))
+    hub.repos["acme/star"] = repo
+    hub.requests.clear()
+    try:
+        hub_module.pull("acme/star", tmp_path / "models")
+    except hub_module.EngineError:
+        pass  # whether the odd file probes well is not the point
+    assert not any("sub/huge" in path for method, path, _ in hub.requests if method == "GET")
+
+
+def test_the_store_quota_removes_the_least_recently_used_download(hub, tmp_path, hub_env):
+    from engine.models import hub as hub_module
+
+    hub.repos["acme/tiny-b"] = hub.repos["acme/tiny"]
+    models = tmp_path / "models"
+    first = hub_module.pull("acme/tiny", models)
+    size = hub_module.folder_bytes(first.path)
+    quota = int(size * 1.5)  # room for one model, not two
+    second = hub_module.pull("acme/tiny-b", models, max_store_bytes=quota)
+    assert second.path.exists() and not first.path.exists()
+    # The one in use is kept: then there is no room, and that is a clear 507.
+    with pytest.raises(hub_module.EngineError) as e:
+        hub_module.pull("acme/tiny", models, max_store_bytes=quota, in_use=lambda folder: folder == second.path)
+    assert e.value.status == 507 and "--max-store-bytes" in e.value.message
+    assert second.path.exists()
+
+
+@pytest.mark.parametrize("spec", ["acme/../etc", "a/b/c", "-bad/name", "acme/" + "x" * 200, "acme/tiny@../../x"])
+def test_invalid_repo_ids_are_400(spec):
+    from engine.errors import InvalidRequest
+    from engine.models.hub import parse_spec
+
+    with pytest.raises(InvalidRequest) as e:
+        parse_spec(spec)
+    assert e.value.status == 400
+
+
+def test_a_slow_hub_gets_504_and_the_server_serves_on(hub, tmp_path):
+    hub.repos["acme/slow"] = hub.repos["acme/tiny"]
+    hub.delay["model.safetensors"] = 30
+    s = Server(["--allow-download", "--download-timeout", "3", "--embedding-model", "none", "--audio-model", "none"],
+               env=_env(hub, tmp_path))
+    try:
+        result: dict = {}
+
+        def ask():
+            result["r"] = httpx.post(s.url + "/v1/chat/completions", timeout=120, json={
+                "model": "acme/slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+
+        t = threading.Thread(target=ask)
+        t.start()
+        time.sleep(1)
+        # Meanwhile: the list, a chat on the resident model and a bad id answer at once.
+        assert httpx.get(s.url + "/v1/models", timeout=5).status_code == 200
+        chat = httpx.post(s.url + "/v1/chat/completions", timeout=60, json={
+            "model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert chat.status_code == 200
+        bad = httpx.post(s.url + "/v1/chat/completions", timeout=10, json={
+            "model": "acme/../x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert bad.status_code == 400, bad.text
+        t.join(60)
+        assert result["r"].status_code == 504, result["r"].text
+        assert result["r"].json()["error"]["code"] == "download_timeout"
+    finally:
+        hub.delay.clear()
+        s.stop(timeout=30)

@@ -13,7 +13,9 @@ something half-usable behind:
 4. everything lands in a staging folder (`models/.downloads/ORG--NAME`, where an interrupted
    download resumes) and is probed; only a model the probe accepts is moved, in one rename, to
    `models/ORG/NAME`, which the store serves as `ORG/NAME`.
-One download runs at a time per process.
+One download runs at a time per process (a later one waits at most its timeout); every transfer is
+guarded by engine/models/hub_transfer.py (public addresses only, the declared bytes, a deadline), and
+`--max-store-bytes` makes room by removing the downloaded models used least recently.
 """
 from __future__ import annotations
 
@@ -21,14 +23,16 @@ import fnmatch
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from engine.errors import DownloadFailed, EngineError, ModelAccessDenied, ModelNotFound, Unsupported
+from engine.errors import DownloadFailed, EngineError, InvalidRequest, ModelAccessDenied, ModelNotFound, Unsupported
+from engine.models import hub_transfer
 from engine.models.memory import MemoryEstimate, MemoryGate
 from engine.models.probe import Probe, config_problem, probe
 
@@ -41,6 +45,13 @@ MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.
                "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
                "video_preprocessor_config.json", "sentence_bert_config.json", "modules.json")
 _LOCK = threading.Lock()  # one download at a time
+# The Hub's own rules for names (huggingface_hub's validate_repo_id): letters, digits, - _ . up to 96.
+_REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}")
+_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-/]{0,199}")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+DOWNLOAD_TIMEOUT_S = 3600.0
+PULLED_MARK = ".openmlx-pull.json"  # a model the Hub put in the store (what a quota may evict)
+USED_MARK = ".openmlx-used"  # touched when such a model is loaded: least recently used goes first
 
 
 @dataclass(frozen=True)
@@ -68,8 +79,10 @@ def parse_spec(spec: str) -> tuple[str, Optional[str]]:
     """`ORG/NAME[@REVISION]` -> (repo id, revision or None); a 400-style error otherwise."""
     repo, _, revision = spec.partition("@")
     parts = repo.split("/")
-    if len(parts) != 2 or not all(parts) or ".." in repo:
-        raise EngineError(f"'{spec}' is not a Hugging Face repo id: expected ORG/NAME[@REVISION]", param="model")
+    if len(parts) != 2 or not all(_REPO_PART.fullmatch(p) for p in parts) or ".." in repo \
+            or (revision and not _REVISION.fullmatch(revision)):
+        raise InvalidRequest(f"'{spec[:200]}' is not a Hugging Face repo id: expected ORG/NAME[@REVISION]",
+                             param="model", code="invalid_model_id")
     return repo, revision or None
 
 
@@ -96,8 +109,11 @@ def repo_files(repo_id: str, revision: Optional[str] = None) -> RepoFiles:
         raise Unsupported(f"'{repo_id}' has no safetensors weights (openmlx serves MLX/safetensors models; "
                           f"a GGUF or PyTorch-only repo needs converting, e.g. with mlx_lm.convert)")
     weights = sum(s.size or 0 for s in siblings if s.rfilename.endswith(".safetensors"))
-    return RepoFiles(repo_id, info.sha or revision or "main", tuple(sorted(names)), weights,
-                     sum(s.size or 0 for s in siblings))
+    # The commit names folders and goes into requests: a hub that answers "../../x" as its sha
+    # must not steer a file outside the store.
+    if not info.sha or not _COMMIT.fullmatch(info.sha):
+        raise DownloadFailed(f"The Hub answered '{repo_id}' with an invalid commit id; refusing to download it")
+    return RepoFiles(repo_id, info.sha, tuple(sorted(names)), weights, sum(s.size or 0 for s in siblings))
 
 
 def target_folder(models_dir: Path, repo_id: str) -> Path:
@@ -105,49 +121,107 @@ def target_folder(models_dir: Path, repo_id: str) -> Path:
     return models_dir / org / name
 
 
-def pull(spec: str, models_dir: Path, gate: Optional[MemoryGate] = None) -> Pulled:
-    """Download `ORG/NAME[@REVISION]` into the store (see the module docstring for the checks)."""
-    from huggingface_hub import hf_hub_download, snapshot_download
+def pull(spec: str, models_dir: Path, gate: Optional[MemoryGate] = None, max_store_bytes: Optional[int] = None,
+         in_use: Callable[[Path], bool] = lambda path: False, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> Pulled:
+    """Download `ORG/NAME[@REVISION]` into the store (see the module docstring for the checks).
+    With `max_store_bytes`, downloaded models nobody has used for longest (and that `in_use` does
+    not claim) are removed first to make room; a model that can't fit is a 507."""
+    from huggingface_hub import hf_hub_download
 
     repo_id, revision = parse_spec(spec)
     started = time.monotonic()
-    with _LOCK:
+    if not _LOCK.acquire(timeout=timeout_s):
+        raise DownloadFailed(f"Another download held the line for {timeout_s:g} s; try '{repo_id}' again later")
+    try:
         repo = repo_files(repo_id, revision)
         free = shutil.disk_usage(_existing(models_dir)).free
         if repo.total_bytes > free:
             raise EngineError(f"'{repo_id}' needs {repo.total_bytes / 2**30:.1f} GiB of disk; "
                               f"{free / 2**30:.1f} GiB is free in {models_dir}", code="insufficient_storage",
                               status=507)
+        if max_store_bytes is not None:
+            make_room(models_dir, repo.total_bytes, max_store_bytes, in_use, keep=target_folder(models_dir, repo_id))
         if gate is not None:  # the weights as shipped must fit in memory, or there is no point
             gate.check(repo_id, MemoryEstimate(repo.weight_bytes, 0))
         staging = models_dir / ".downloads" / repo_id.replace("/", "--")
+        # Exactly the listed files, by name (a pattern list would let a file named "*.safetensors"
+        # pull every sub-folder's weights): the small ones first, to check the architecture.
         small = [f for f in repo.files if not f.endswith(".safetensors")]
+        weights = [f for f in repo.files if f.endswith(".safetensors")]
         log.info("downloading %s@%s: %d files, %.1f MiB", repo_id, repo.revision[:12], len(repo.files),
                  repo.total_bytes / 2**20)
-        with _hub_errors(repo_id):
+        with _hub_errors(repo_id) as guard, hub_transfer.limited(repo_id, repo.total_bytes, timeout_s) as limits:
+            guard.limits = limits
             for name in small:
                 hf_hub_download(repo_id, name, revision=repo.revision, local_dir=staging, endpoint=_endpoint())
             problem = config_problem(staging)
             if problem:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise Unsupported(f"'{repo_id}' can't be served here: {problem}")
-            snapshot_download(repo_id, revision=repo.revision, local_dir=staging, allow_patterns=list(repo.files),
-                              endpoint=_endpoint())
+            for name in weights:
+                hf_hub_download(repo_id, name, revision=repo.revision, local_dir=staging, endpoint=_endpoint())
         result = probe(staging)
         if not result.runnable:
             shutil.rmtree(staging, ignore_errors=True)
             raise Unsupported(f"'{repo_id}' was downloaded but can't be served: {result.reason}")
         shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's resume bookkeeping
-        (staging / ".openmlx-pull.json").write_text(json.dumps({"repo_id": repo_id, "revision": revision,
-                                                                "commit": repo.revision}))
+        (staging / PULLED_MARK).write_text(json.dumps({"repo_id": repo_id, "revision": revision,
+                                                       "commit": repo.revision}))
         final = target_folder(models_dir, repo_id)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():  # another revision: replaced whole
             shutil.rmtree(final)
         staging.rename(final)
+    finally:
+        _LOCK.release()
     seconds = time.monotonic() - started
     log.info("downloaded %s in %.1f s to %s", repo_id, seconds, final)
     return Pulled(repo_id, final, probe(final), seconds)
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def mark_used(folder: Path) -> None:
+    """Note that a downloaded model was just loaded (the quota evicts the least recently used)."""
+    if (folder / PULLED_MARK).exists():
+        try:
+            (folder / USED_MARK).touch()
+        except OSError:
+            pass
+
+
+def make_room(models_dir: Path, needed: int, max_store_bytes: int, in_use: Callable[[Path], bool],
+              keep: Optional[Path] = None) -> list[Path]:
+    """Remove downloaded models, least recently used first, until `needed` more bytes fit under
+    `max_store_bytes`; a 507 when even that is not enough. Returns what was removed."""
+    used = folder_bytes(models_dir) if models_dir.exists() else 0
+    if used + needed <= max_store_bytes:
+        return []
+    candidates = []
+    for mark in models_dir.glob(f"*/*/{PULLED_MARK}"):
+        folder = mark.parent
+        if folder == keep or in_use(folder):
+            continue
+        stamp = folder / USED_MARK
+        candidates.append(((stamp if stamp.exists() else mark).stat().st_mtime, folder))
+    removed = []
+    for _, folder in sorted(candidates):
+        if used + needed <= max_store_bytes:
+            break
+        size = folder_bytes(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        if folder.parent != models_dir and not any(folder.parent.iterdir()):
+            folder.parent.rmdir()
+        used -= size
+        removed.append(folder)
+        log.info("store quota: removed %s (%.1f MiB, least recently used)", folder, size / 2**20)
+    if used + needed > max_store_bytes:
+        raise EngineError(f"The model needs {needed / 2**20:.1f} MiB and the store holds {used / 2**20:.1f} MiB of "
+                          f"its {max_store_bytes / 2**20:.1f} MiB quota (--max-store-bytes) in models it can't remove",
+                          code="insufficient_storage", status=507)
+    return removed
 
 
 def remove(model_id: str, models_dir: Path, hf_cache: Optional[Path] = None) -> list[Path]:
@@ -182,9 +256,10 @@ class _hub_errors:
 
     def __init__(self, repo_id: str) -> None:
         self.repo_id = repo_id
+        self.limits: Optional[hub_transfer.TransferLimits] = None
 
-    def __enter__(self) -> None:
-        return None
+    def __enter__(self) -> "_hub_errors":
+        return self
 
     def __exit__(self, kind, error, tb) -> bool:
         from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
@@ -193,6 +268,9 @@ class _hub_errors:
         if error is None or isinstance(error, EngineError):
             return False
         repo = self.repo_id
+        if self.limits is not None and self.limits.refusal:  # huggingface_hub may have wrapped our refusal
+            log.warning("download of %s cut off: %s", repo, self.limits.refusal)
+            raise DownloadFailed(f"Downloading '{repo}' was stopped: {self.limits.refusal}") from None
         if isinstance(error, GatedRepoError):
             raise ModelAccessDenied(f"'{repo}' is gated or private on the Hugging Face Hub: accept its terms "
                                     f"there and set HF_TOKEN for the server") from None

@@ -12,6 +12,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Optional
 
 from engine import runners
+from engine.models.hub import mark_used
 from engine.media.audio import AudioRunner
 from engine.config import EngineConfig
 from engine.media.embeddings import BertEmbedder
@@ -64,6 +65,7 @@ class Residency:
             self.current = found
             return found
         entry = self.store.resolve(model_id)
+        mark_used(entry.path)  # a downloaded model used now is the last the store quota would remove
         if self.pinned is not None:
             raise InvalidRequest(f"This server runs '{self.pinned}' split over {self.config.world_size} ranks and "
                                  "serves no other text model.", param="model")
