@@ -149,6 +149,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 return
             self.draining = True
             deadline = time.monotonic() + args.shutdown_timeout
+            # The promise is two --shutdown-timeouts: draining, then uvicorn's graceful close. Past
+            # that, whatever still runs (a prefill pass, a thread in a download or a schema compile
+            # that Python would otherwise join at exit) must not hold the process: exit anyway.
+            watchdog = threading.Timer(2 * args.shutdown_timeout + 1.0, _exit_now, args=(sig,))
+            watchdog.daemon = True
+            watchdog.start()
 
             def drain() -> None:
                 while time.monotonic() < deadline and self.server_state.connections:
@@ -166,6 +172,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                    timeout_graceful_shutdown=args.shutdown_timeout))
     server.run()
     return 0 if server.started else 1
+
+
+def _exit_now(sig: int) -> None:
+    logging.getLogger("openmlx").warning("shutdown did not finish within twice --shutdown-timeout; exiting now")
+    logging.shutdown()
+    os._exit(128 + sig)
 
 
 def argv_is_cli() -> bool:

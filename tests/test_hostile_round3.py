@@ -384,3 +384,29 @@ def test_request_timeout_bounds_all_choices_of_a_request(default_model_dir):
         assert r.json()["error"]["code"] == "timeout" and took < 15
     finally:
         s.stop()
+
+
+
+# --- memory after a burst of streams goes back to the system -------------------------------------
+def test_memory_of_a_burst_of_streams_is_released_when_idle(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story " * 60}], "max_tokens": 32,
+            "stream": True}
+
+    def one() -> None:
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=300) as r:
+            for _ in r.iter_lines():
+                pass
+
+    time.sleep(1.5)  # idle: earlier tests' memory is already handed back
+    before = rss_mb(server)
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    for t in threads:
+        t.start()
+    peak = before
+    while any(t.is_alive() for t in threads):
+        peak = max(peak, rss_mb(server))
+        time.sleep(0.2)
+    time.sleep(3)
+    after = rss_mb(server)
+    assert peak - before > 300, (before, peak)  # the burst did take memory (else there is nothing to see)
+    assert after - before < (peak - before) / 2, (before, peak, after)

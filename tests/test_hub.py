@@ -403,3 +403,30 @@ def test_a_slow_hub_gets_504_and_the_server_serves_on(hub, tmp_path):
     finally:
         hub.delay.clear()
         s.stop(timeout=30)
+
+
+def test_sigterm_exits_in_time_while_a_download_hangs(hub, tmp_path):
+    """A download thread stuck on a slow hub would be joined at exit (minutes): the process still
+    ends within twice --shutdown-timeout."""
+    import signal
+
+    hub.repos["acme/slow2"] = hub.repos["acme/tiny"]
+    hub.delay["model.safetensors"] = 40
+    s = Server(["--allow-download", "--shutdown-timeout", "1", "--embedding-model", "none", "--audio-model", "none"],
+               env=_env(hub, tmp_path))
+    try:
+        threading.Thread(target=lambda: httpx.post(s.url + "/v1/chat/completions", timeout=120, json={
+            "model": "acme/slow2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+            daemon=True).start()
+        time.sleep(2.0)
+        start = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        try:
+            s.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        took = time.monotonic() - start
+    finally:
+        hub.delay.clear()
+        s.stop()
+    assert took < 2 * 1 + 4, took  # twice --shutdown-timeout, and a little for the interpreter
