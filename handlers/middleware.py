@@ -22,6 +22,16 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+async def send_error(scope: Scope, send: Send, status: int, message: str, code: str, type_: str | None = None,
+                     headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """An OpenAI-shaped (Anthropic-shaped on /v1/messages) error answered straight from a middleware."""
+    body = json.dumps(error_payload(scope.get("path", ""), status, message, type_, code=code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class RequestIdMiddleware:
     """Echo the client's X-Request-ID (if sane) or make one; expose it as scope["state"]."""
 
@@ -71,22 +81,12 @@ class BodyLimitMiddleware:
         return self.audio_max_bytes if scope.get("path", "").startswith("/v1/audio/") else self.max_bytes
 
     async def _reject(self, scope: Scope, send: Send) -> None:
-        body = json.dumps(error_payload(
-            scope.get("path", ""), 413, f"The request body is larger than this server accepts ({self._limit(scope)} bytes).",
-            code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(scope, send, 413, f"The request body is larger than this server accepts ({self._limit(scope)} "
+                         "bytes).", "request_too_large")
 
     async def _timed_out(self, scope: Scope, send: Send) -> None:
-        body = json.dumps(error_payload(
-            scope.get("path", ""), 408, f"The request body did not arrive within {self.body_timeout_s:g} s "
-            "(--body-timeout).", code="request_timeout")).encode()
-        await send({"type": "http.response.start", "status": 408,
-                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(scope, send, 408, f"The request body did not arrive within {self.body_timeout_s:g} s "
+                         "(--body-timeout).", "request_timeout", headers=((b"connection", b"close"),))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -240,13 +240,8 @@ class RequestLifetimeMiddleware:
             if not app.done():
                 app.cancel()
         if timed_out and not gone.is_set():
-            body = json.dumps(error_payload(
-                scope.get("path", ""), 504, f"The request took longer than this server's limit of {self.timeout_s:g} s "
-                "(--request-timeout).", code="timeout")).encode()
-            await send({"type": "http.response.start", "status": 504,
-                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await send_error(scope, send, 504, f"The request took longer than this server's limit of "
+                             f"{self.timeout_s:g} s (--request-timeout).", "timeout", headers=((b"retry-after", b"1"),))
 
 
 class SpecServersMiddleware:
@@ -295,12 +290,8 @@ class DrainMiddleware:
         if engine is None or not engine.scheduler.closing or not scope.get("path", "").startswith("/v1/"):
             await self.app(scope, receive, send)
             return
-        body = json.dumps(error_payload(scope.get("path", ""), 503, engine.scheduler.shutdown_reason,
-                                        code="shutting_down")).encode()
-        await send({"type": "http.response.start", "status": 503,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"retry-after", b"5"), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(scope, send, 503, engine.scheduler.shutdown_reason, "shutting_down",
+                         headers=((b"retry-after", b"5"), (b"connection", b"close")))
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -349,9 +340,5 @@ class ApiKeyMiddleware:
         missing = _header(scope, b"authorization") is None and _header(scope, b"x-api-key") is None
         message = ("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'." if missing
                    else "Incorrect API key provided.")
-        body = json.dumps(error_payload(scope.get("path", ""), 401, message, "invalid_request_error",
-                                        code="invalid_api_key")).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"www-authenticate", b'Bearer realm="openmlx"')]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(scope, send, 401, message, "invalid_api_key", "invalid_request_error",
+                         headers=((b"www-authenticate", b'Bearer realm="openmlx"'),))
