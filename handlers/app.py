@@ -19,7 +19,7 @@ from handlers.metrics import MetricsMiddleware
 from handlers.images import ImageSources
 from handlers.response_store import ResponseStore
 from handlers.middleware import (ApiKeyMiddleware, BodyLimitMiddleware, DrainMiddleware, RequestIdMiddleware,
-                                 RequestLifetimeMiddleware, SpecServersMiddleware)
+                                 RequestLifetimeMiddleware, SpecMiddleware)
 
 log = logging.getLogger("openmlx.http")
 
@@ -85,7 +85,7 @@ def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] =
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "x-api-key",
                                           "anthropic-version", "anthropic-beta"],
                            expose_headers=["X-Request-ID", "X-OpenMLX-Warning"])
-    app.add_middleware(SpecServersMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
+    app.add_middleware(SpecMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION, spec=spec)
     app.add_middleware(DrainMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
     app.add_middleware(ApiKeyMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION, keys=config.api_keys)
     app.add_middleware(BodyLimitMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION,
