@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 from engine.engine import Engine
 from engine.request import Conversation, Finished, Prepared, TokenLogprob
 from engine.constrained.toolcalls import cut_call
+from engine.constrained.toolcalls.common import bare_call
 from engine.constrained.tools import ToolCall
 from handlers import choices
 from handlers.images import ImageSources, load_all
@@ -42,6 +43,10 @@ def split_calls(conv: Conversation, prepared: Prepared, text: str, done: Finishe
     if not conv.tools:
         return text, []
     text, calls = prepared.split_calls(text)
+    if not calls and done.finish_reason == "stop":
+        bare = bare_call(text, conv.tools)  # the whole answer is one call object, without tags
+        if bare is not None:
+            return "", [bare]
     if done.finish_reason == "length":
         text, cut = cut_call(prepared.tool_format, text, conv.tools)
         calls += [cut] if cut else []

@@ -1,8 +1,11 @@
-"""Convert a llama-architecture GGUF file into an MLX model folder that mlx-lm loads.
+"""Convert a GGUF file (llama.cpp's format) into an MLX model folder that mlx-lm loads.
 
-MLX reads GGUF natively (`mx.load(..., return_metadata=True)`) and returns its Q4/Q8 blocks as
-MLX-quantized tensors, so conversion is a rename plus config and tokenizer files. The facts this
-relies on (name map, `rope_traditional`, tokenizer layout) are in shared/MODELS.md.
+Two readers. A llama file whose blocks MLX reads itself (Q4_0, Q4_1, Q8_0, F16, F32: the embedded
+default model) goes through `mx.load`, which returns the blocks as MLX-quantized tensors, so
+conversion is a rename plus config and tokenizer files. Every other tensor type (K-quants, IQ,
+BF16, ...) and family is read with llama.cpp's own reader (the `gguf` package), dequantized and
+kept as float16 (the CPU policy widens it to float32 at load where memory allows). The
+per-family tables are engine/formats/gguf_archs.py; the facts behind them are in shared/MODELS.md.
 """
 from __future__ import annotations
 
@@ -12,18 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-_LAYER_MAP = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_TOP_MAP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+from engine.formats.gguf_archs import ARCHITECTURES, COMMON_LAYERS, PRE_TOKENIZERS, TOP_LEVEL
+
 _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|scales|biases|bias)$")
 _TOP = re.compile(r"^([a-z_]+)\.(weight|scales|biases|bias)$")
 
@@ -32,14 +25,14 @@ class GGUFConversionError(ValueError):
     """The GGUF file is not one we can convert (architecture, tensor names, metadata)."""
 
 
-def mlx_tensor_name(gguf_name: str) -> str:
-    """Map a GGUF tensor name to mlx-lm's llama parameter name."""
+def mlx_tensor_name(gguf_name: str, layers: dict[str, str] = COMMON_LAYERS) -> str:
+    """Map a GGUF tensor name to mlx-lm's parameter name (`layers`: the family's block table)."""
     m = _BLOCK.match(gguf_name)
-    if m and m.group(2) in _LAYER_MAP:
-        return f"model.layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in layers:
+        return f"model.layers.{m.group(1)}.{layers[m.group(2)]}.{m.group(3)}"
     m = _TOP.match(gguf_name)
-    if m and m.group(1) in _TOP_MAP:
-        return f"{_TOP_MAP[m.group(1)]}.{m.group(2)}"
+    if m and m.group(1) in TOP_LEVEL:
+        return f"{TOP_LEVEL[m.group(1)]}.{m.group(2)}"
     raise GGUFConversionError(f"unknown GGUF tensor name: {gguf_name}")
 
 
@@ -71,7 +64,7 @@ def _quantization(weights: dict[str, Any], in_features: Callable[[str], int]) ->
 
 
 def _build_tokenizer(meta: dict[str, Any], out: Path) -> None:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise GGUFConversionError(
@@ -80,16 +73,27 @@ def _build_tokenizer(meta: dict[str, Any], out: Path) -> None:
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    pattern = PRE_TOKENIZERS.get(str(meta.get("tokenizer.ggml.pre", "")))
+    if pattern is None:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:  # the family's own split, then bytes (as its tokenizer.json does)
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type")
     types = types.tolist() if hasattr(types, "tolist") else list(types or [])
-    special = [AddedToken(tokens[i], special=True, normalized=False)
-               for i, t in enumerate(types) if t == 3]
-    tokenizer.add_special_tokens(special)
+    # CONTROL tokens are special; USER_DEFINED ones (Qwen's <tool_call>) are whole tokens in text,
+    # as llama.cpp reads them, never split into BPE pieces.
+    tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                                  for i, t in enumerate(types) if t == 3])
+    tokenizer.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                          for i, t in enumerate(types) if t == 4])
     tokenizer.save(str(out / "tokenizer.json"))
 
-    bos = tokens[int(_scalar(meta, "tokenizer.ggml.bos_token_id"))]
+    bos = tokens[int(_scalar(meta, "tokenizer.ggml.bos_token_id"))] if "tokenizer.ggml.bos_token_id" in meta \
+        else None
     eos = tokens[int(_scalar(meta, "tokenizer.ggml.eos_token_id"))]
     if "<|im_start|>" in vocab and "<|im_end|>" in vocab:  # ChatML models end a turn on <|im_end|>
         bos, eos = "<|im_start|>", "<|im_end|>"
@@ -104,7 +108,7 @@ def _build_tokenizer(meta: dict[str, Any], out: Path) -> None:
         "add_bos_token": bool(_scalar(meta, "tokenizer.ggml.add_bos_token"))
         if "tokenizer.ggml.add_bos_token" in meta else False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": int(_scalar(meta, "llama.context_length")),
+        "model_max_length": int(_scalar(meta, f"{meta.get('general.architecture', 'llama')}.context_length")),
     }
     if "tokenizer.chat_template" in meta:
         config["chat_template"] = meta["tokenizer.chat_template"]
@@ -120,37 +124,31 @@ def convert_gguf(gguf_path: Path, out_dir: Path,
 
     say = progress or (lambda _msg: None)
     say(f"reading {gguf_path.name}")
-    weights, meta = mx.load(str(gguf_path), return_metadata=True)
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise GGUFConversionError(f"only llama-architecture GGUF files are supported, got {arch!r}")
+    try:
+        weights, meta = mx.load(str(gguf_path), return_metadata=True)
+    except (RuntimeError, ValueError):  # a tensor type MLX doesn't read (K-quants, IQ, BF16, ...)
+        return _convert_dequantized(gguf_path, out_dir, say)
+    if meta.get("general.architecture") != "llama":
+        return _convert_dequantized(gguf_path, out_dir, say)
+    return _convert_mlx_blocks(weights, meta, out_dir, say)
+
+
+def _convert_mlx_blocks(weights: dict[str, Any], meta: dict[str, Any], out_dir: Path,
+                        say: Callable[[str], None]) -> Path:
+    """A llama file MLX read itself: its blocks stay MLX-quantized."""
+    import mlx.core as mx
 
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     say("renaming tensors")
     renamed = {mlx_tensor_name(k): v for k, v in weights.items()}
-    n_vocab = len(meta["tokenizer.ggml.tokens"])
-    n_heads = int(_scalar(meta, "llama.attention.head_count"))
-    hidden = int(_scalar(meta, "llama.embedding_length"))
-    config: dict[str, Any] = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": hidden,
-        "num_hidden_layers": int(_scalar(meta, "llama.block_count")),
-        "intermediate_size": int(_scalar(meta, "llama.feed_forward_length")),
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": int(_scalar(meta, "llama.attention.head_count_kv")),
-        "rms_norm_eps": float(_scalar(meta, "llama.attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(_scalar(meta, "llama.rope.freq_base")),
-        "max_position_embeddings": int(_scalar(meta, "llama.context_length")),
-        "vocab_size": n_vocab,
-        "tie_word_embeddings": "lm_head.weight" not in renamed,
-        # GGUF permutes q/k rows for llama.cpp's rope; MLX's traditional rope matches that order.
-        "rope_traditional": True,
-        "bos_token_id": int(_scalar(meta, "tokenizer.ggml.bos_token_id")),
-        "eos_token_id": int(_scalar(meta, "tokenizer.ggml.eos_token_id")),
-    }
+    config = ARCHITECTURES["llama"].config(meta, "llama")
+    hidden = config["hidden_size"]
+    config.update({"vocab_size": len(meta["tokenizer.ggml.tokens"]),
+                   "tie_word_embeddings": "lm_head.weight" not in renamed,
+                   "bos_token_id": int(_scalar(meta, "tokenizer.ggml.bos_token_id")),
+                   "eos_token_id": int(_scalar(meta, "tokenizer.ggml.eos_token_id"))})
     quant = _quantization(renamed, lambda module: config["intermediate_size"]
                           if module.endswith("down_proj") else hidden)
     if quant:
@@ -158,7 +156,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path,
         config["quantization_config"] = quant
     say("writing weights")
     mx.save_safetensors(str(tmp / "model.safetensors"), renamed, metadata={"format": "mlx"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    return _finish(tmp, out_dir, config, meta, say)
+
+
+def _finish(tmp: Path, out_dir: Path, config: dict[str, Any], meta: dict[str, Any],
+            say: Callable[[str], None]) -> Path:
+    """Tokenizer files and config.json beside the weights in `tmp`, then `tmp` becomes `out_dir`."""
     say("building tokenizer")
     _build_tokenizer(meta, tmp)
     # The ChatML end-of-turn token is what the chat template emits; stop on it.
@@ -171,3 +174,58 @@ def convert_gguf(gguf_path: Path, out_dir: Path,
     tmp.rename(out_dir)
     say("done")
     return out_dir
+
+
+def read_metadata(reader: Any) -> dict[str, Any]:
+    """Every key-value field of a GGUFReader as plain Python values (strings, numbers, lists)."""
+    meta: dict[str, Any] = {}
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue  # the header's own fields
+        meta[name] = f.contents()
+    return meta
+
+
+def _convert_dequantized(gguf_path: Path, out_dir: Path, say: Callable[[str], None]) -> Path:
+    """Any tensor type and any family in gguf_archs: read with llama.cpp's reader, dequantized,
+    held as float16 (1-D tensors, norms and biases, as float32)."""
+    import mlx.core as mx
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(gguf_path))
+    meta = read_metadata(reader)
+    arch_name = str(meta.get("general.architecture"))
+    arch = ARCHITECTURES.get(arch_name)
+    if arch is None:
+        raise GGUFConversionError(f"GGUF architecture {arch_name!r} is not supported (openmlx converts "
+                                  f"{', '.join(sorted(ARCHITECTURES))})")
+    if meta.get("tokenizer.ggml.model") != "gpt2":
+        raise GGUFConversionError(f"only byte-level BPE (gpt2) GGUF tokenizers are supported, got "
+                                  f"{meta.get('tokenizer.ggml.model')!r}")
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights: dict[str, Any] = {}
+    total, last = len(reader.tensors), -1
+    for i, tensor in enumerate(reader.tensors):
+        name = mlx_tensor_name(tensor.name, arch.layers)
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
+        values = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+        weights[name] = mx.array(values if values.ndim == 1 else values.astype(np.float16))
+        done = (i + 1) * 10 // total
+        if done != last:
+            last = done
+            say(f"dequantizing tensors {done * 10}%")
+    config = arch.config(meta, arch_name)
+    config["vocab_size"] = len(meta["tokenizer.ggml.tokens"])
+    config["tie_word_embeddings"] = "lm_head.weight" not in weights
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    config["eos_token_id"] = int(eos) if eos is not None else None
+    if meta.get("tokenizer.ggml.bos_token_id") is not None:
+        config["bos_token_id"] = int(meta["tokenizer.ggml.bos_token_id"])
+    say("writing weights")
+    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+    del weights
+    return _finish(tmp, out_dir, config, meta, say)

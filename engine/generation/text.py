@@ -24,7 +24,7 @@ from engine.generation.speculative import Speculation, SpecStats, speculative_to
 from engine.generation.stopping import StopMatcher
 from engine.generation.templates import render_bounded
 from engine.constrained.toolcalls import ToolFormat, for_template
-from engine.constrained.toolcalls.common import json_or_text
+from engine.constrained.toolcalls.common import added_tokens, json_or_text
 from engine.generation.last_rows import SplitHead, split_head
 from engine.models.weights import load_gated
 from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec, render_result, tool_prompt, tool_schema
@@ -170,7 +170,7 @@ class TextRunner:
         fmt, _ = self.tool_format
         try:
             grammar = fmt.auto_grammar(tools) if choice.mode == "auto" else \
-                fmt.call_grammar(tools, choice.name if choice.mode == "named" else None)
+                fmt.call_grammar(tools, choice.name if choice.mode == "named" else None, added_tokens(self.tokenizer))
             problem = LLMatcher.validate_grammar(grammar)
         except (ValueError, RuntimeError) as e:
             grammar, problem = None, str(e)

@@ -109,9 +109,14 @@ class ModelStore:
 
 
 def locate(store: ModelStore, spec: str) -> ModelEntry:
-    """A model named on the command line: a local folder (registered under its folder name) or
+    """A model named on the command line: a local folder (registered under its folder name), a
+    GGUF file (converted into the store once, served under the file's name without `.gguf`), or
     an id from the store or the Hugging Face cache."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return store.add_local(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":  # converted into the store once, served by its name
+        from engine.models.gguf_import import import_gguf
+
+        return store.add_local(import_gguf(path, store.models_dir))
     return store.resolve(spec)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Optional, Protocol, Sequence
+from typing import Mapping, Optional, Protocol, Sequence
 
 from engine.generation.stopping import held_back
 from engine.constrained.tools import ToolCall, ToolSpec
@@ -30,8 +30,10 @@ class ToolFormat(Protocol):
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """(text without the calls, calls). Malformed calls stay in the text."""
 
-    def call_grammar(self, tools: Sequence[ToolSpec], only: str | None = None) -> str:
-        """llguidance grammar: exactly one valid call (of `only` when given)."""
+    def call_grammar(self, tools: Sequence[ToolSpec], only: str | None = None,
+                     tags: Mapping[str, int] = {}) -> str:
+        """llguidance grammar: exactly one valid call (of `only` when given). `tags`: the call's
+        markup strings that this tokenizer holds as single tokens (written as those tokens)."""
 
     def auto_grammar(self, tools: Sequence[ToolSpec]) -> str:
         """llguidance grammar: free text, and a call once started is valid."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from functools import lru_cache
 from typing import Any, Optional, Sequence
@@ -73,3 +74,31 @@ def make_call(payload_json: str, *keys: str) -> Optional[ToolCall]:
     if not isinstance(args, dict):
         return None
     return ToolCall(f"call_{uuid.uuid4().hex[:24]}", payload["name"], json.dumps(args, ensure_ascii=False))
+
+
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+
+
+def bare_call(text: str, tools: Sequence[ToolSpec]) -> Optional[ToolCall]:
+    """A whole answer that is exactly one JSON call object naming an offered tool, bare or in a
+    ```json fence, read as that call. Small models (Qwen2.5-Coder-0.5B at greedy, in llama.cpp
+    too) often write their call this way without their template's tags. Only the whole answer
+    counts: JSON inside prose stays text."""
+    body = text.strip()
+    fenced = _FENCE.match(body)
+    if fenced:
+        body = fenced.group(1)
+    if not (body.startswith("{") and body.endswith("}")):
+        return None
+    call = make_call(body, "arguments", "parameters")
+    if call is None or call.name not in {t.name for t in tools}:
+        return None
+    return call
+
+
+def added_tokens(tokenizer: Any) -> dict[str, int]:
+    """A tokenizer's added tokens (markup such as <tool_call>) by their text, so a grammar can
+    write them as the single tokens the model emits."""
+    inner = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper around transformers'
+    vocab = getattr(inner, "get_added_vocab", None)
+    return {str(text): int(i) for text, i in vocab().items()} if callable(vocab) else {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from engine.constrained.toolcalls.common import COMPACT, arguments_schema, json_or_text, lark, make_call, struct_tag_grammar
 from engine.constrained.tools import ToolCall, ToolSpec
@@ -37,8 +37,15 @@ class Hermes:
         rest = _CALL.sub(take, text)
         return rest.strip(), calls
 
-    def call_grammar(self, tools: Sequence[ToolSpec], only: str | None = None) -> str:
-        return lark('start: "<tool_call>" %json ' + arguments_schema(tools, only, "arguments") + ' "</tool_call>"')
+    def call_grammar(self, tools: Sequence[ToolSpec], only: str | None = None,
+                     tags: Mapping[str, int] = {}) -> str:
+        # Qwen's vocabulary holds <tool_call> as one token: a grammar spelling it in characters
+        # would refuse that token, and the model, asked for a call, answers just "<tool_call>".
+        def tag(text: str) -> str:
+            return f"<[{tags[text]}]>" if text in tags else json.dumps(text)
+
+        return lark(f"start: {tag('<tool_call>')} %json " + arguments_schema(tools, only, "arguments")
+                    + f" {tag('</tool_call>')}")
 
     def auto_grammar(self, tools: Sequence[ToolSpec]) -> str:
         return struct_tag_grammar(tools, "<tool_call>", '<tool_call>{"name":"{name}","arguments":', "}</tool_call>")

