@@ -5,7 +5,10 @@ no sub-package imports the facade):
 
     engine.py, request.py, errors.py   the facade handlers call, the values they pass, the errors they map
     config.py, scheduler.py, runners.py  settings, the worker queue, the runner interface every model kind meets
-    models/       finding and loading a model: store, hub, default model, probe, policy, memory gate, weights, residency
+    residency.py  which models are loaded (loads runners and side models on first use, unloads by LRU/idle)
+    addresses.py  which network addresses may be fetched (image URLs, Hub downloads)
+    models/       finding and loading a model: store, hub and its downloads, default model, GGUF import, probe,
+                  policy, memory gate, weights
     formats/      reading files MLX can't load itself: GGUF, CTranslate2 Whisper
     generation/   the text path: runner, batching, speculation, sampling, stopping, scoring, prompt cache, budget
     constrained/  grammar-constrained output (llguidance) and tool calls in each model family's format

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from engine.media.images import ImageLimits
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -11,6 +10,17 @@ from typing import Optional
 def openmlx_home() -> Path:
     """Where openmlx keeps its model store and fetched wheels (`OPENMLX_HOME`)."""
     return Path(os.environ.get("OPENMLX_HOME", Path.home() / ".cache" / "openmlx")).expanduser()
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What one request's images may be (--max-image-bytes, --max-image-pixels, --max-images)."""
+
+    max_bytes: int = 20 << 20
+    max_pixels: int = 4096 * 4096
+    max_images: int = 32
+    chunk_size: int = 4  # images per generation pass (request `image_chunk_size` may change it)
+    max_chunk_size: int = 8  # the most one pass may take, whatever the request asks
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The engine facade handlers talk to: models, health, prepare and stream generations.
 
 A request's path: `prepare(conversation)` (or `prepare_completion`) runs on the worker: the
-modality rule, the model made resident (engine/models/residency.py), the runner's `plan` (template,
+modality rule, the model made resident (engine/residency.py), the runner's `plan` (template,
 media, grammar, budget); `stream(prepared)` queues the runner's `run`. Which runner serves a
 model is engine/runners.py's business; nothing here depends on its kind.
 """
@@ -30,7 +30,7 @@ from engine.models.downloads import Downloads
 from engine.models.memory import MemoryGate
 from engine.models.probe import Probe, probe
 from engine.request import Conversation, Prepared
-from engine.models.residency import Residency
+from engine.residency import Residency
 from engine.models.resolution import ModelEntry, ModelStore, locate
 from engine.runners import FaultyRunner
 from engine.scheduler import Scheduler, StreamHandle

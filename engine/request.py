@@ -3,12 +3,42 @@ responses, messages) parses its body into, what the engine hands back once it is
 events a generation yields. Value types only: the runners import these, never the reverse."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
-from engine.generation.budget import Fields
-from engine.media.images import ImageInput, attachment_marker
 from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec
+
+
+@dataclass(frozen=True)
+class Fields:
+    """What an API calls the generic parts of a request, so each 400 names the client's field."""
+
+    max_tokens: str = "max_tokens"
+    prompt: str = "messages"
+    media: str = "messages"
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image part of a message, as the client sent it and (once fetched) its bytes."""
+
+    source: str  # a data:, http(s):// or file: URL, or a path
+    param: str  # where it is in the request, for errors
+    data: Optional[bytes] = None
+
+    def with_data(self, data: bytes) -> "ImageInput":
+        return replace(self, data=data)
+
+    @property
+    def digest(self) -> str:
+        """Identity for stable numbering: the same picture sent again keeps its number."""
+        return hashlib.sha256(self.data).hexdigest() if self.data is not None else self.source
+
+
+def attachment_marker(count: int) -> str:
+    """What images become in a turn the model can't see them in (as the seed does)."""
+    return f"[{count} {'attachment was' if count == 1 else 'attachments were'} attached]"
 
 
 @dataclass(frozen=True)
@@ -88,7 +118,6 @@ class Started:
 
 
 GenerationEvent = Started | TextDelta | Finished
-
 
 
 @dataclass(frozen=True)

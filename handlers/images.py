@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlparse
 
 from engine.addresses import Network, address_allowed  # noqa: F401  (address_allowed: tests use it from here)
 from engine.errors import InvalidRequest
-from engine.media.images import ImageInput
+from engine.request import ImageInput
 from engine.request import ChatMessage
 
 log = logging.getLogger("openmlx.http")

@@ -14,7 +14,7 @@ from engine.errors import InvalidRequest
 from engine.constrained.structured import grammar_for
 from engine.request import ChatMessage, Conversation, Finished, SamplingParams
 from engine.constrained.tools import ToolCall, ToolSpec
-from engine.media.images import ImageInput, attachment_marker
+from engine.request import ImageInput, attachment_marker
 from handlers.generation import newest_user_index
 from handlers.protocol import offer_tools
 

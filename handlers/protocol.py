@@ -11,12 +11,12 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
-from engine.generation.budget import Fields
+from engine.request import Fields
 from engine.errors import InvalidRequest
 from engine.constrained.structured import grammar_for
 from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec
 from engine.request import ChatMessage, SamplingParams, TokenLogprob
-from engine.media.images import ImageInput, attachment_marker
+from engine.request import ImageInput, attachment_marker
 
 SYSTEM_FINGERPRINT = "openmlx-0.1.0"
 

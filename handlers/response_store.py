@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from engine.media.images import ImageInput
+from engine.request import ImageInput
 from engine.request import ChatMessage
 from engine.constrained.tools import ToolCall
 

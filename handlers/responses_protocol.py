@@ -15,8 +15,8 @@ from engine.errors import InvalidRequest
 from engine.constrained.structured import grammar_for
 from engine.request import ChatMessage, Conversation, Finished, SamplingParams
 from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec
-from engine.media.images import ImageInput
-from engine.generation.budget import Fields
+from engine.request import ImageInput
+from engine.request import Fields
 from handlers.generation import newest_user_index
 from handlers.protocol import check_strict, now, offer_tools
 

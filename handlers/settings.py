@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
-    from engine.media.images import ImageLimits
+    from engine.config import ImageLimits
 
 
 def positive_int(text: str) -> int:
@@ -83,7 +83,7 @@ def engine_config(args: argparse.Namespace) -> "EngineConfig":
 
 
 def _image_limits(args: argparse.Namespace) -> "ImageLimits":
-    from engine.media.images import ImageLimits
+    from engine.config import ImageLimits
 
     default = ImageLimits()
     chunk = getattr(args, "image_chunk_size", None) or int(os.environ.get("OPENMLX_IMAGE_CHUNK_SIZE", default.chunk_size))

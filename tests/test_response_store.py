@@ -46,7 +46,7 @@ def test_disk_survives_a_restart_and_ids_never_escape(tmp_path):
 
 
 def test_images_are_stored_by_source(tmp_path):
-    from engine.media.images import ImageInput
+    from engine.request import ImageInput
 
     store = ResponseStore(directory=tmp_path)
     image = ImageInput("data:image/png;base64,AAAA", "input.0.content.1.image_url", data=b"\x89PNG")
@@ -59,7 +59,7 @@ def test_images_are_stored_by_source(tmp_path):
 
 
 def _with_image(rid: str, url: str, turns: int = 1) -> StoredResponse:
-    from engine.media.images import ImageInput
+    from engine.request import ImageInput
 
     stored = entry(rid)
     stored.input_items = [{"type": "message", "content": [{"type": "input_image", "image_url": url}]}]

@@ -20,7 +20,8 @@ from PIL import Image
 
 from conftest import MODEL, Server
 from contract import schemas
-from engine.media.images import ImageInput, numbering
+from engine.request import ImageInput
+from engine.media.images import numbering
 from engine.generation.text import ChatMessage
 from engine.media.vision import template_turns
 

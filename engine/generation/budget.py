@@ -9,15 +9,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from engine.errors import ContextLengthExceeded, InvalidRequest
-
-
-@dataclass(frozen=True)
-class Fields:
-    """What an API calls the generic parts of a request, so each 400 names the client's field."""
-
-    max_tokens: str = "max_tokens"
-    prompt: str = "messages"
-    media: str = "messages"
+from engine.request import Fields
 
 
 @dataclass(frozen=True)

@@ -7,17 +7,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-
-def held_back(text: str, candidates: Sequence[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of one of `candidates`:
-    what must be held back because it may still become one of them."""
-    best = 0
-    for candidate in candidates:
-        for n in range(min(len(candidate) - 1, len(text)), best, -1):
-            if text.endswith(candidate[:n]):
-                best = n
-                break
-    return best
+from engine.constrained.toolcalls.common import held_back
 
 
 class StopMatcher:

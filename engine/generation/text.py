@@ -14,7 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from engine.generation.batching import PREFILL_STEP, BatchDecoder, batch_tokens, detokenized
-from engine.generation.budget import BudgetPolicy, Fields, max_new_tokens
+from engine.generation.budget import BudgetPolicy, max_new_tokens
+from engine.request import Fields
 from engine.errors import InvalidRequest, Unsupported
 from engine.models.memory import MemoryEstimate, MemoryGate
 from engine.models.probe import Probe

@@ -11,43 +11,14 @@ import io
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Optional, Sequence
 
+from engine.config import ImageLimits
 from engine.errors import InvalidRequest
+from engine.request import ImageInput
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
 FORMATS = {"PNG", "JPEG", "WEBP", "GIF"}
-
-
-@dataclass(frozen=True)
-class ImageInput:
-    """One image part of a message, as the client sent it and (once fetched) its bytes."""
-
-    source: str  # a data:, http(s):// or file: URL, or a path
-    param: str  # where it is in the request, for errors
-    data: Optional[bytes] = None
-
-    def with_data(self, data: bytes) -> "ImageInput":
-        return replace(self, data=data)
-
-    @property
-    def digest(self) -> str:
-        """Identity for stable numbering: the same picture sent again keeps its number."""
-        return hashlib.sha256(self.data).hexdigest() if self.data is not None else self.source
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    max_bytes: int = 20 << 20
-    max_pixels: int = 4096 * 4096
-    max_images: int = 32
-    chunk_size: int = 4  # images per generation pass (request `image_chunk_size` may change it)
-    max_chunk_size: int = 8  # the most one pass may take, whatever the request asks
-
-
-def attachment_marker(count: int) -> str:
-    """What images become in a turn the model can't see them in (as the seed does)."""
-    return f"[{count} {'attachment was' if count == 1 else 'attachments were'} attached]"
 
 
 def _opened(image: ImageInput, limits: ImageLimits) -> "PILImage.Image":

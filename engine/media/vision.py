@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 from engine.generation.batching import Step
 from engine.generation.budget import BudgetPolicy, max_new_tokens
 from engine.errors import InvalidRequest
-from engine.media.images import ImageLimits, check, decode, numbering
+from engine.config import ImageLimits
+from engine.media.images import check, decode, numbering
 from engine.models.memory import MemoryEstimate, MemoryGate
 from engine.models.probe import Probe
 from engine.generation.prompt_cache import PromptCache

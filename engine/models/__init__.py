@@ -1,2 +1,2 @@
-"""Finding and loading models: the store and the Hub, the embedded defaults, the probe of a folder, the run
-policy, the memory gate, weight loading and which models stay resident."""
+"""Finding and loading models: the store and the Hub (downloads and their guards), the embedded defaults,
+GGUF files imported into the store, the probe of a folder, the run policy, the memory gate and weight loading."""

@@ -12,7 +12,7 @@ import re
 import uuid
 from typing import Mapping, Optional, Protocol, Sequence
 
-from engine.generation.stopping import held_back
+from engine.constrained.toolcalls.common import held_back
 from engine.constrained.tools import ToolCall, ToolSpec
 
 

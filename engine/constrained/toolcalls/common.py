@@ -102,3 +102,16 @@ def added_tokens(tokenizer: Any) -> dict[str, int]:
     inner = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper around transformers'
     vocab = getattr(inner, "get_added_vocab", None)
     return {str(text): int(i) for text, i in vocab().items()} if callable(vocab) else {}
+
+
+def held_back(text: str, candidates: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of one of `candidates`:
+    what must be held back because it may still become one of them (a stop string, or the
+    trigger that starts a tool call)."""
+    best = 0
+    for candidate in candidates:
+        for n in range(min(len(candidate) - 1, len(text)), best, -1):
+            if text.endswith(candidate[:n]):
+                best = n
+                break
+    return best
