@@ -35,20 +35,20 @@ def positive_float(text: str) -> float:
 
 
 def port_number(text: str) -> int:
-    """A TCP port, 1-65535."""
+    """A TCP port, 0-65535 (0: the system picks a free one)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text} is not a port (1-65535)")
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (0-65535)")
     return value
 
 
 # The same rules for a config file's values (argparse does not convert a file's values).
 FLAG_SCHEMAS = {positive_int: {"type": "integer", "minimum": 1},
                 positive_float: {"type": "number", "exclusiveMinimum": 0, "maximum": 1e15},
-                port_number: {"type": "integer", "minimum": 1, "maximum": 65535}}
+                port_number: {"type": "integer", "minimum": 0, "maximum": 65535}}
 
 
 def engine_config(args: argparse.Namespace) -> "EngineConfig":
