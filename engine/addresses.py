@@ -19,13 +19,16 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 _CARRY_IPV4 = tuple(ipaddress.ip_network(n) for n in ("::/96", "::ffff:0:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48"))
 
 
+_LOOPBACK_OR_UNSPECIFIED = (ipaddress.ip_address("::"), ipaddress.ip_address("::1"))  # in ::/96, but not IPv4
+
+
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> Optional[ipaddress.IPv4Address]:
     """The IPv4 address an IPv6 address stands for (mapped, compatible, NAT64, SIIT, 6to4), or None."""
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     if ip.sixtofour is not None:
         return ip.sixtofour
-    if any(ip in net for net in _CARRY_IPV4):
+    if ip not in _LOOPBACK_OR_UNSPECIFIED and any(ip in net for net in _CARRY_IPV4):
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
 
@@ -33,10 +36,12 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> Optional[ipaddress.IPv4Address]:
 def address_allowed(ip: Address, allowed: Sequence[Network] = ()) -> bool:
     """A globally routable unicast address, or one in `allowed`. IPv6 addresses that carry an IPv4
     address (mapped, compatible, NAT64, SIIT, 6to4) are judged as the IPv4 address they carry."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        ip = embedded_ipv4(ip) or ip
     if any(ip in net for net in allowed if net.version == ip.version):
         return True
+    if isinstance(ip, ipaddress.IPv6Address) and ip not in _LOOPBACK_OR_UNSPECIFIED:
+        ip = embedded_ipv4(ip) or ip
+        if any(ip in net for net in allowed if net.version == ip.version):
+            return True
     return ip.is_global and not ip.is_multicast
 
 

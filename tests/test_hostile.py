@@ -93,7 +93,8 @@ def webp_bomb() -> bytes:
 @pytest.fixture(scope="module")
 def limits(default_model_dir):
     """Small limits, to reach them cheaply."""
-    s = Server(["--max-audio-seconds", "5", "--max-connections", "20", "--header-timeout", "2", "--max-queue", "1"])
+    s = Server(["--max-audio-seconds", "5", "--max-connections", "20", "--max-connections-per-client", "20",
+                "--header-timeout", "2", "--max-queue", "1"])
     yield s
     s.stop()
 
