@@ -124,13 +124,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from handlers.connections import guarded_protocol, raise_file_limit
 
     logging.config.dictConfig(_logging(args.log_json, args.log_level))
-    if args.model and args.model.lower().endswith(".gguf") and Path(args.model).expanduser().is_file():
-        # Converted before the server starts: a file openmlx can't run is one clear line, not a
-        # failed lifespan's traceback.
-        from engine.models.gguf_import import import_gguf
-        from engine.config import EngineConfig
-
-        import_gguf(Path(args.model).expanduser(), EngineConfig().models_dir)
     config = ServerConfig(engine=engine_config(args), max_body_bytes=args.max_body_bytes,
                           max_audio_bytes=args.max_audio_bytes,
                           api_keys=api_keys, cors_origins=args.cors_origin or [],
@@ -138,6 +131,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           responses_dir=args.responses_dir, responses_max_bytes=args.responses_max_bytes,
                           image_sources=_image_sources(args), max_batch_tokens=args.max_batch_tokens,
                           body_timeout_s=args.body_timeout)
+    if args.model and args.model.lower().endswith(".gguf") and Path(args.model).expanduser().is_file():
+        # Converted before the server starts: a file openmlx can't run is one clear line, not a
+        # failed lifespan's traceback.
+        from engine.models.gguf_import import import_gguf
+
+        import_gguf(Path(args.model).expanduser(), config.engine.models_dir)
     engine = Engine(config.engine)
     if config.engine.world_size > 1:  # the supervisor says a worker rank died: 503 until restarted
         signal.signal(signal.SIGUSR1, lambda *_: engine.mark_failed("a worker rank exited"))

@@ -69,6 +69,10 @@ def error_response(status: int, message: str, type_: Optional[str] = None, param
 class BodyTooLarge(Exception):
     """The body passed its limit while it was being read (raised by the body middleware's receive)."""
 
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The request body is larger than this server accepts ({limit} bytes).")
+        self.limit = limit
+
 
 class BodyTooSlow(Exception):
     """The body did not arrive whole within --body-timeout."""
@@ -141,7 +145,7 @@ async def on_exception(request: ConnexionRequest, exc: Exception) -> ConnexionRe
     if isinstance(exc, BodyTooSlow):  # raised inside the app while it read the body
         return error_response(408, str(exc), code="request_timeout", headers={"Connection": "close"}, request=request)
     if isinstance(exc, BodyTooLarge):
-        return error_response(413, "The request body is larger than this server accepts.", code="request_too_large",
+        return error_response(413, str(exc), code="request_too_large",
                               headers={"Connection": "close"}, request=request)
     if isinstance(exc, RecursionError):  # the parser or the validator gave up on the nesting
         return error_response(400, "The request body's JSON is nested too deeply.", code="invalid_json", request=request)

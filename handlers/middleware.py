@@ -82,8 +82,7 @@ class BodyLimitMiddleware:
         return self.audio_max_bytes if scope.get("path", "").startswith("/v1/audio/") else self.max_bytes
 
     async def _reject(self, scope: Scope, send: Send) -> None:
-        await send_error(scope, send, 413, f"The request body is larger than this server accepts ({self._limit(scope)} "
-                         "bytes).", "request_too_large")
+        await send_error(scope, send, 413, str(BodyTooLarge(self._limit(scope))), "request_too_large")
 
     async def _timed_out(self, scope: Scope, send: Send) -> None:
         await send_error(scope, send, 408, f"The request body did not arrive within {self.body_timeout_s:g} s "
@@ -144,7 +143,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise BodyTooLarge()
+                    raise BodyTooLarge(limit)
                 body_done = body_done or not message.get("more_body")
             return message
 

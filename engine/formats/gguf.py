@@ -63,12 +63,16 @@ def _quantization(weights: dict[str, Any], in_features: Callable[[str], int]) ->
     return quant
 
 
-def _build_tokenizer(meta: dict[str, Any], out: Path) -> None:
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
+def _check_tokenizer(meta: dict[str, Any]) -> None:
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise GGUFConversionError(
             f"only byte-level BPE (gpt2) GGUF tokenizers are supported, got {meta.get('tokenizer.ggml.model')!r}")
+
+
+def _build_tokenizer(meta: dict[str, Any], out: Path) -> None:
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    _check_tokenizer(meta)
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     vocab = {tok: i for i, tok in enumerate(tokens)}
@@ -201,9 +205,7 @@ def _convert_dequantized(gguf_path: Path, out_dir: Path, say: Callable[[str], No
     if arch is None:
         raise GGUFConversionError(f"GGUF architecture {arch_name!r} is not supported (openmlx converts "
                                   f"{', '.join(sorted(ARCHITECTURES))})")
-    if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise GGUFConversionError(f"only byte-level BPE (gpt2) GGUF tokenizers are supported, got "
-                                  f"{meta.get('tokenizer.ggml.model')!r}")
+    _check_tokenizer(meta)  # before the long dequantizing pass, not after it
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -211,9 +211,7 @@ def make_room(models_dir: Path, needed: int, max_store_bytes: int, in_use: Calla
         if used + needed <= max_store_bytes:
             break
         size = folder_bytes(folder)
-        shutil.rmtree(folder, ignore_errors=True)
-        if folder.parent != models_dir and not any(folder.parent.iterdir()):
-            folder.parent.rmdir()
+        _delete_from_store(folder, models_dir, ignore_errors=True)
         used -= size
         removed.append(folder)
         log.info("store quota: removed %s (%.1f MiB, least recently used)", folder, size / 2**20)
@@ -231,9 +229,7 @@ def remove(model_id: str, models_dir: Path, hf_cache: Optional[Path] = None) -> 
 
     entry = ModelStore(models_dir, hf_cache).resolve(model_id)
     if entry.source == "store":
-        shutil.rmtree(entry.path)
-        if entry.path.parent != models_dir and not any(entry.path.parent.iterdir()):
-            entry.path.parent.rmdir()  # the ORG folder, when it held only this model
+        _delete_from_store(entry.path, models_dir)
         return [entry.path]
     from huggingface_hub import scan_cache_dir
 
@@ -243,6 +239,13 @@ def remove(model_id: str, models_dir: Path, hf_cache: Optional[Path] = None) -> 
         raise ModelNotFound(model_id, hint="Only models in openmlx's store or the Hugging Face cache can be removed.")
     info.delete_revisions(*[rev.commit_hash for r in repos for rev in r.revisions]).execute()
     return [r.repo_path for r in repos]
+
+
+def _delete_from_store(folder: Path, models_dir: Path, ignore_errors: bool = False) -> None:
+    """A model's folder, and its ORG folder when that held only this model."""
+    shutil.rmtree(folder, ignore_errors=ignore_errors)
+    if folder.parent != models_dir and not any(folder.parent.iterdir()):
+        folder.parent.rmdir()
 
 
 def _existing(path: Path) -> Path:
