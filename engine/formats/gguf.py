@@ -125,16 +125,19 @@ def convert_gguf(gguf_path: Path, out_dir: Path,
                  progress: Optional[Callable[[str], None]] = None) -> Path:
     """Convert `gguf_path` into an mlx-lm folder at `out_dir` (written atomically)."""
     import mlx.core as mx
+    from gguf import GGUFReader
 
     say = progress or (lambda _msg: None)
     say(f"reading {gguf_path.name}")
-    try:
-        weights, meta = mx.load(str(gguf_path), return_metadata=True)
-    except (RuntimeError, ValueError):  # a tensor type MLX doesn't read (K-quants, IQ, BF16, ...)
-        return _convert_dequantized(gguf_path, out_dir, say)
-    if meta.get("general.architecture") != "llama":
-        return _convert_dequantized(gguf_path, out_dir, say)
-    return _convert_mlx_blocks(weights, meta, out_dir, say)
+    reader = GGUFReader(str(gguf_path))  # memory-mapped: the header, not the weights, is read here
+    if read_metadata(reader).get("general.architecture") == "llama":
+        try:
+            weights, meta = mx.load(str(gguf_path), return_metadata=True)
+        except (RuntimeError, ValueError):  # a tensor type MLX doesn't read (K-quants, IQ, BF16, ...)
+            pass
+        else:
+            return _convert_mlx_blocks(weights, meta, out_dir, say)
+    return _convert_dequantized(reader, out_dir, say)
 
 
 def _convert_mlx_blocks(weights: dict[str, Any], meta: dict[str, Any], out_dir: Path,
@@ -190,15 +193,13 @@ def read_metadata(reader: Any) -> dict[str, Any]:
     return meta
 
 
-def _convert_dequantized(gguf_path: Path, out_dir: Path, say: Callable[[str], None]) -> Path:
-    """Any tensor type and any family in gguf_archs: read with llama.cpp's reader, dequantized,
-    held as float16 (1-D tensors, norms and biases, as float32)."""
+def _convert_dequantized(reader: Any, out_dir: Path, say: Callable[[str], None]) -> Path:
+    """Any tensor type and any family in gguf_archs, from llama.cpp's reader (a GGUFReader):
+    dequantized, held as float16 (1-D tensors, norms and biases, as float32)."""
     import mlx.core as mx
     import numpy as np
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    reader = GGUFReader(str(gguf_path))
     meta = read_metadata(reader)
     arch_name = str(meta.get("general.architecture"))
     arch = ARCHITECTURES.get(arch_name)
