@@ -5,44 +5,37 @@ import argparse
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
     from engine.config import ImageLimits
 
 
+def _number(text: str, convert: Callable[[str], Any], kind: str, ok: Callable[[Any], bool], rule: str) -> Any:
+    """`text` as a number that keeps `ok`, or argparse's error naming the rule."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{text} {rule}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """A count or size flag: a whole number of at least 1 (0 or -1 would disable a limit silently)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
+    return _number(text, int, "a whole number", lambda v: v >= 1, "must be at least 1")
 
 
 def positive_float(text: str) -> float:
     """A duration or limit flag: a finite number above 0 (NaN or inf would never fire)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
-    return value
+    return _number(text, float, "a number", lambda v: math.isfinite(v) and v > 0, "must be a finite number above 0")
 
 
 def port_number(text: str) -> int:
     """A TCP port, 0-65535 (0: the system picks a free one)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text} is not a port (0-65535)")
-    return value
+    return _number(text, int, "a port number", lambda v: 0 <= v <= 65535, "is not a port (0-65535)")
 
 
 # The same rules for a config file's values (argparse does not convert a file's values).
