@@ -49,6 +49,8 @@ def _limits(schema: dict[str, Any]) -> str:
         if key in schema:
             value = [v for v in schema[key] if v is not None] if key == "enum" else schema[key]
             parts.append(f"{key} {value}")
+    if isinstance(schema.get("not"), dict) and "enum" in schema["not"]:
+        parts.append(f"not {schema['not']['enum']}")
     return ", ".join(parts)
 
 

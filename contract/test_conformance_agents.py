@@ -87,7 +87,7 @@ def samples(server) -> dict[str, list]:
     return out
 
 
-OPENAI_PAIRS = [("responses", "Response", "Response"), ("input_items", "ResponseItemList", "ResponseItemList"),
+OPENAI_PAIRS = [("responses", "ResponseObject", "Response"), ("input_items", "ResponseItemList", "ResponseItemList"),
                 ("input_tokens", "ResponseInputTokens", "TokenCountsResource"),
                 ("openai_errors", "ErrorResponse", "ErrorResponse"), ("deleted", "DeletedResponse", None)]
 ANTHROPIC_PAIRS = [("messages", "AnthropicMessage", "Message"),

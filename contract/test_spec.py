@@ -80,3 +80,45 @@ def test_the_served_document_is_the_one_written(server):
     served = httpx.get(server.url + "/openapi.json", timeout=30).json()
     assert served == yaml.safe_load(OUR_SPEC.read_text())
     assert '"$ref"' in json.dumps(served)
+
+
+def test_every_required_field_is_declared_beside_it():
+    """`required` names only properties of the same schema object: generators (openapi-typescript,
+    openapi-python-client) read them there, not across `allOf` branches."""
+    doc = yaml.safe_load(OUR_SPEC.read_text())
+    problems = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            if isinstance(node.get("required"), list) and node.get("type") == "object":
+                missing = set(node["required"]) - set(node.get("properties", {}))
+                if missing:
+                    problems.append(f"{'/'.join(path)}: {sorted(missing)}")
+            for key, value in node.items():
+                walk(value, path + [str(key)])
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, path + [str(i)])
+
+    walk(doc["components"], ["components"])
+    assert problems == []
+
+
+def test_streams_are_declared_as_text():
+    """A text/event-stream body is a string (validators and generators must not read it as JSON),
+    whose description names the payload schema."""
+    doc = yaml.safe_load(OUR_SPEC.read_text())
+    schemas = doc["components"]["schemas"]
+    seen = 0
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            if not isinstance(op, dict):
+                continue
+            for code, response in op.get("responses", {}).items():
+                stream = response.get("content", {}).get("text/event-stream") if "content" in response else None
+                if stream is None:
+                    continue
+                seen += 1
+                schema = schemas[stream["schema"]["$ref"].rsplit("/", 1)[1]]
+                assert schema["type"] == "string" and "data" in schema["description"], (path, schema)
+    assert seen == 5
