@@ -36,6 +36,8 @@ class ModelSettings:
     chat_template: Optional[str] = None  # a Jinja file or the template itself
     draft_model: Optional[str] = None
     preload: bool = False
+    # think: the output is split at <think>...</think>; none: never; None: found from the chat template.
+    reasoning_parser: Optional[str] = None
 
     @property
     def served_id(self) -> str:
@@ -60,6 +62,8 @@ class EngineConfig:
     default_max_tokens: Optional[int] = None
     # Hard ceiling on max_tokens per request (400 above it); bounds fuzzing and shared servers.
     max_tokens_cap: Optional[int] = None
+    # Thinking budgets (tokens) that reasoning efforts low, medium and high stand for.
+    reasoning_budgets: tuple[int, int, int] = (512, 2048, 8192)
     cpu_dtype: str = "auto"  # auto | keep | float32 | float16
     max_queue: int = 64
     request_timeout_s: Optional[float] = None  # a generation running longer is cut off (504)

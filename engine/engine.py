@@ -88,7 +88,7 @@ class Engine:
             config.draft_model = str(locate(self.store, config.draft_model).path)
         self.residency = Residency(config, self.store, self.gate)
         self.scheduler = Scheduler(config.max_queue, on_idle=self.residency.idle, timeout_s=config.request_timeout_s)
-        self.budget = BudgetPolicy(config.default_max_tokens, config.max_tokens_cap)
+        self.budget = BudgetPolicy(config.default_max_tokens, config.max_tokens_cap, tuple(config.reasoning_budgets))
         self._started = time.monotonic()
         self.default_model_id: Optional[str] = None
         self.default_embedding_id: Optional[str] = None

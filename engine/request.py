@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec
+from engine.generation.reasoning import ReasoningFormat, Thinking
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,10 @@ class SamplingParams:
     logprobs: bool = False  # report each generated token's log probability
     top_logprobs: int = 0  # and this many most likely alternatives
     grammar: Optional[str] = None  # llguidance grammar the output must follow (JSON modes)
+    # Set by the runner for a reasoning model: close the thinking block after this many tokens
+    # (engine/generation/reasoning.py), knowing whether the template opened it.
+    thinking_budget: Optional[int] = None
+    thinking_opened: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,8 @@ class Conversation:
     image_chunk_size: Optional[int] = None  # images per vision pass (None: the server's default)
     tool_choice: Optional[ToolChoice] = None  # with tools: auto (default), required or named
     fields: Fields = Fields()  # how this API names max_tokens, the prompt and its media
+    thinking: Thinking = Thinking()  # a reasoning model's thinking: on/off, budget or effort
+    template_kwargs: tuple[tuple[str, Any], ...] = ()  # chat_template_kwargs: extra template variables
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,13 @@ class Prepared:
     raw_text: bool = False  # a text completion (keeps the first token's leading space)
     vision: Any = None  # a vision model's passes, engine/media/vision.py VisionPlan (prompt is then unused)
     prefix: Any = None  # a shared prefill of the prompt, engine/generation/scoring.py Prefix (n choices, echoed logprobs)
+    reasoning: Optional[ReasoningFormat] = None  # a reasoning model's output: thinking, then the answer
+
+    def reasoning_tokens(self, reasoning: str) -> int:
+        """Tokens the thinking took: its text (not the tags), as this model's tokenizer counts it."""
+        if self.reasoning is None or not reasoning:
+            return 0
+        return len(self.runner.tokenizer.encode(reasoning, add_special_tokens=False))
 
     @property
     def prompt_logprobs(self) -> tuple[TokenLogprob, ...]:

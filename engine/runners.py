@@ -78,6 +78,8 @@ def load(model_id: str, probe: Probe, config: EngineConfig, gate: MemoryGate) ->
             draft = str(locate(ModelStore(config.models_dir, config.hf_cache), settings.draft_model).path)
         config = replace(config, cpu_dtype=settings.cpu_dtype or config.cpu_dtype, draft_model=draft)
     runner = LOADERS[probe.type](model_id, probe, config, gate)
+    if settings is not None and settings.reasoning_parser:
+        runner.reasoning_parser = settings.reasoning_parser
     if settings is not None and settings.chat_template:
         if probe.type != "text":  # a vision model's prompt comes from its processor's template
             raise Unsupported(f"{model_id}: chat_template in the config file is for text models only")

@@ -1,7 +1,8 @@
 """One streamed answer as neutral events, which each API encodes in its own words.
 
-The engine's events (Started, TextDelta, Finished) become: the answer started; its text opened,
-pieces of it, its text closed; each tool call, whole; the answer finished. With tools on offer,
+The engine's events (Started, TextDelta, Finished) become: the answer started; a reasoning
+model's thinking, in pieces, then closed; its text opened, pieces of it, its text closed; each
+tool call, whole; the answer finished. With tools on offer,
 text goes out as it comes until a call may be starting (the model's call trigger); the rest is
 held and parsed at the end, so call markup never reaches the text. Chat completions, Responses
 and Messages are each a small encoder of these events (handlers/chat.py, responses.py,
@@ -10,10 +11,11 @@ messages.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from engine.request import Conversation, Finished, Prepared, Started, TextDelta, TokenLogprob
 from engine.constrained.toolcalls import CallWatcher
+from engine.generation.reasoning import REASONING
 from engine.constrained.tools import ToolCall
 from handlers.generation import split_calls
 
@@ -22,6 +24,17 @@ from handlers.generation import split_calls
 class AnswerStarted:
     prompt_tokens: int
     cached_tokens: int
+
+
+@dataclass(frozen=True)
+class ReasoningPiece:
+    text: str  # a piece of a reasoning model's thinking (sent before any text)
+
+
+@dataclass(frozen=True)
+class ReasoningClosed:
+    text: str  # the whole thinking
+    tokens: int  # what it took, as the model's tokenizer counts it
 
 
 @dataclass(frozen=True)
@@ -52,9 +65,11 @@ class AnswerFinished:
     done: Finished
     text: str
     calls: tuple[ToolCall, ...]
+    reasoning_tokens: Optional[int] = None  # None: not a reasoning model
 
 
-AnswerEvent = Union[AnswerStarted, TextOpened, TextPiece, TextClosed, CallMade, AnswerFinished]
+AnswerEvent = Union[AnswerStarted, ReasoningPiece, ReasoningClosed, TextOpened, TextPiece, TextClosed, CallMade,
+                    AnswerFinished]
 
 
 class AnswerStream:
@@ -66,6 +81,9 @@ class AnswerStream:
         self.watcher = CallWatcher(prepared.tool_format) if conv.tools else None
         self.parts: list[str] = []
         self.opened = text_opened
+        self.thinking = prepared.reasoning.splitter() if prepared.reasoning is not None else None
+        self.thought: list[str] = []
+        self.reasoning_tokens: Optional[int] = None  # set once the thinking is closed
 
     def on(self, ev: Any) -> list[AnswerEvent]:
         if isinstance(ev, Started):
@@ -77,6 +95,27 @@ class AnswerStream:
         return []
 
     def _text(self, ev: TextDelta) -> list[AnswerEvent]:
+        if self.thinking is None:
+            return self._answer_text(ev)
+        out: list[AnswerEvent] = []
+        for channel, piece in self.thinking.feed(ev.text):
+            out += self._channel(channel, piece, ev)
+        return out
+
+    def _channel(self, channel: str, piece: str, ev: TextDelta) -> list[AnswerEvent]:
+        if channel == REASONING:
+            self.thought.append(piece)
+            return [ReasoningPiece(piece)]
+        return self._close_thinking() + self._answer_text(TextDelta(piece, ev.logprobs))
+
+    def _close_thinking(self) -> list[AnswerEvent]:
+        if self.thinking is None or self.reasoning_tokens is not None:
+            return []
+        thought = "".join(self.thought)
+        self.reasoning_tokens = self.prepared.reasoning_tokens(thought)
+        return [ReasoningClosed(thought, self.reasoning_tokens)]
+
+    def _answer_text(self, ev: TextDelta) -> list[AnswerEvent]:
         self.parts.append(ev.text)
         text = self.watcher.feed(ev.text) if self.watcher else ev.text
         # Without tools a piece may carry only logprobs (its text held back by a stop string).
@@ -87,6 +126,14 @@ class AnswerStream:
         return out + [TextPiece(text, ev.logprobs)]
 
     def _finish(self, done: Finished) -> list[AnswerEvent]:
+        head: list[AnswerEvent] = []
+        if self.thinking is not None:
+            for channel, piece in self.thinking.finish():
+                head += self._channel(channel, piece, TextDelta(piece))
+            head += self._close_thinking()
+        return head + self._finish_answer(done, self.reasoning_tokens)
+
+    def _finish_answer(self, done: Finished, reasoning_tokens: Optional[int]) -> list[AnswerEvent]:
         text, calls = split_calls(self.conv, self.prepared, "".join(self.parts), done)
         unsent = self.watcher.unsent() if self.watcher and not calls else ""
         out: list[AnswerEvent] = []
@@ -98,4 +145,4 @@ class AnswerStream:
                 out.append(TextPiece(piece))
             out.append(TextClosed(text, done))
         out += [CallMade(i, c) for i, c in enumerate(calls)]
-        return out + [AnswerFinished(done, text, tuple(calls))]
+        return out + [AnswerFinished(done, text, tuple(calls), reasoning_tokens)]

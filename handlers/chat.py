@@ -24,7 +24,8 @@ async def create(body: dict):
     engine = request.state.engine
     req = await asyncio.to_thread(protocol.parse_chat, body)  # off the loop: schemas and strict tools compile while parsing
     conv = Conversation(req.model, req.messages, req.params, req.tools, req.newest_media,
-                        image_chunk_size=req.image_chunk_size, tool_choice=req.tool_choice, fields=req.fields)
+                        image_chunk_size=req.image_chunk_size, tool_choice=req.tool_choice, fields=req.fields,
+                        thinking=req.thinking, template_kwargs=req.template_kwargs)
     prepared = await generation.prepare(engine, conv, request.state.image_sources)
     if req.n > 1:
         choices.check_batch([prepared], req.n, request.state.max_batch_tokens, param="n")
@@ -33,19 +34,22 @@ async def create(body: dict):
     cid, created = protocol.new_id("chatcmpl"), protocol.now()
     if not req.stream:
         results = await choices.collect(starts, ROUTE, req.model)
-        out = []
+        out, thought = [], None
         for c in results:
-            text, calls = generation.split_calls(conv, prepared, c.text, c.done)
+            reasoning, text = generation.split_reasoning(prepared, c.text)
+            text, calls = generation.split_calls(conv, prepared, text, c.done)
             out.append(protocol.chat_choice(c.index, text, _finish(c.done, calls),
-                                            c.logprobs if req.params.logprobs else None, calls))
+                                            c.logprobs if req.params.logprobs else None, calls, reasoning))
+            if reasoning is not None:
+                thought = (thought or 0) + prepared.reasoning_tokens(reasoning)
         done = results[0].done
         return protocol.json_ok(protocol.chat_completion(cid, created, req.model, out, done.prompt_tokens,
                                                          sum(c.done.completion_tokens for c in results),
-                                                         done.cached_tokens),
+                                                         done.cached_tokens, thought),
                                 prepared.warnings)
 
     answers = [AnswerStream(conv, prepared) for _ in range(req.n)]  # with tools, calls are held back
-    totals = {"prompt": 0, "completion": 0, "cached": 0}
+    totals: dict[str, Any] = {"prompt": 0, "completion": 0, "cached": 0, "reasoning": None}
 
     def chunk(index: int, delta: dict[str, Any], finish: Optional[str] = None, logprobs=None) -> dict[str, Any]:
         return protocol.chat_chunk(cid, created, req.model, delta, finish, with_usage_field=req.include_usage,
@@ -53,6 +57,8 @@ async def create(body: dict):
 
     def encode(index: int, ev: answer.AnswerEvent) -> list[dict[str, Any]]:
         """Chat completion chunks for one choice's neutral events."""
+        if isinstance(ev, answer.ReasoningPiece):
+            return [chunk(index, {"reasoning_content": ev.text})]
         if isinstance(ev, answer.TextPiece):
             return [chunk(index, {"content": ev.text}, logprobs=ev.logprobs if req.params.logprobs else None)]
         if isinstance(ev, answer.CallMade):
@@ -60,6 +66,8 @@ async def create(body: dict):
         if isinstance(ev, answer.AnswerFinished):
             totals["prompt"], totals["cached"] = ev.done.prompt_tokens, ev.done.cached_tokens
             totals["completion"] += ev.done.completion_tokens
+            if ev.reasoning_tokens is not None:
+                totals["reasoning"] = (totals["reasoning"] or 0) + ev.reasoning_tokens
             return [chunk(index, {}, _finish(ev.done, list(ev.calls)))]
         return []
 
@@ -67,7 +75,7 @@ async def create(body: dict):
         if not req.include_usage:
             return []
         return [protocol.usage_chunk("chat.completion.chunk", cid, created, req.model, totals["prompt"],
-                                     totals["completion"], totals["cached"])]
+                                     totals["completion"], totals["cached"], totals["reasoning"])]
 
     first = [chunk(i, {"role": "assistant", "content": ""}) for i in range(req.n)]
     return sse.choices_response(choices.events(starts, ROUTE, req.model), first,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from handlers import config_file, model_commands
-from handlers.settings import engine_config, port_number, positive_float, positive_int
+from handlers.settings import effort_budgets, engine_config, port_number, positive_float, positive_int
 
 
 class JsonFormatter(logging.Formatter):
@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=positive_int, default=None, help="default max_tokens when a request sets none")
     s.add_argument("--max-tokens-cap", type=positive_int, default=None,
                    help="reject requests whose max_tokens is above this (400)")
+    s.add_argument("--reasoning-budgets", type=effort_budgets, default=(512, 2048, 8192), metavar="LOW,MEDIUM,HIGH",
+                   help="thinking tokens a reasoning model may spend for reasoning efforts low, medium and high "
+                        "(chat reasoning_effort, Responses reasoning.effort); past it the server closes the block")
     s.add_argument("--cpu-dtype", choices=["auto", "keep", "float32", "float16"],
                    default=os.environ.get("OPENMLX_CPU_DTYPE", "auto"),
                    help="CPU weights: auto = float32 when memory allows (fast with OpenBLAS), keep = as shipped")

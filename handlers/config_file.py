@@ -39,6 +39,9 @@ _MODEL_ENTRY = {
         "cpu_dtype": {"enum": ["auto", "keep", "float32", "float16"]},
         "chat_template": {"type": "string", "description": "a Jinja chat template file, or the template itself"},
         "draft_model": {"type": "string", "description": "a draft model (folder or id) for speculative decoding"},
+        "reasoning_parser": {"enum": ["think", "none"],
+                             "description": "think: split <think>...</think> from the answer; none: never (default: "
+                                            "found from the chat template)"},
     },
 }
 

@@ -21,12 +21,22 @@ from handlers.images import ImageSources, load_all
 
 @dataclass
 class Answer:
-    """A finished generation: text with tool calls taken out, and the accounting."""
+    """A finished generation: text with tool calls (and a reasoning model's thinking) taken out,
+    and the accounting."""
 
     text: str
     calls: list[ToolCall]
     done: Finished
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    reasoning: Optional[str] = None  # a reasoning model's thinking (None: not a reasoning model)
+    reasoning_tokens: Optional[int] = None
+
+
+def split_reasoning(prepared: Prepared, text: str) -> tuple[Optional[str], str]:
+    """(thinking, answer) for a reasoning model's output; (None, text) for any other model."""
+    if prepared.reasoning is None:
+        return None, text
+    return prepared.reasoning.split(text)
 
 
 async def prepare(engine: Engine, conv: Conversation, sources: Optional[ImageSources] = None) -> Prepared:
@@ -56,8 +66,10 @@ def split_calls(conv: Conversation, prepared: Prepared, text: str, done: Finishe
 async def answer(engine: Engine, conv: Conversation, prepared: Prepared, route: str) -> Answer:
     """Run the generation to its end (non-streaming)."""
     (result,) = await choices.collect([lambda: engine.stream(prepared)], route, conv.model)
-    text, calls = split_calls(conv, prepared, result.text, result.done)
-    return Answer(text, calls, result.done, result.logprobs)
+    reasoning, text = split_reasoning(prepared, result.text)
+    text, calls = split_calls(conv, prepared, text, result.done)
+    tokens = prepared.reasoning_tokens(reasoning) if reasoning is not None else None
+    return Answer(text, calls, result.done, result.logprobs, reasoning, tokens)
 
 
 async def count_tokens(engine: Engine, conv: Conversation) -> int:

@@ -25,32 +25,47 @@ async def create(body: dict):
     model = body["model"]
     if not body.get("stream"):
         out = await generation.answer(engine, conv, prepared, ROUTE)
-        content = ([mp.text_block(out.text)] if out.text or not out.calls else []) \
+        content = ([mp.thinking_block(out.reasoning)] if out.reasoning else []) \
+            + ([mp.text_block(out.text)] if out.text or not out.calls else []) \
             + [mp.tool_use_block(c) for c in out.calls]
         return json_ok(mp.message(mid, model, content, out.done, out.calls), prepared.warnings)
 
-    # Without tools the text block opens with the message, as Anthropic's does; with tools it
-    # opens on the first text, since the answer may be calls only.
-    stream = AnswerStream(conv, prepared, text_opened=not conv.tools)
-    text_block = [{"type": "content_block_start", "index": 0, "content_block": mp.text_block("")}]
-    blocks = {"text": not conv.tools}  # whether block 0 is text (calls come after it)
+    # Without tools the text block opens with the message, as Anthropic's does; with tools (or a
+    # thinking block first) it opens on the first text, since the answer may be calls only.
+    opened = not conv.tools and prepared.reasoning is None
+    stream = AnswerStream(conv, prepared, text_opened=opened)
+    blocks = {"next": 0, "text": 0, "thinking": None}  # the next block's index; the open ones'
+
+    def open_block(kind: str, block: dict[str, Any]) -> list[dict[str, Any]]:
+        blocks[kind], blocks["next"] = blocks["next"], blocks["next"] + 1
+        return [{"type": "content_block_start", "index": blocks[kind], "content_block": block}]
 
     def encode(ev: answer.AnswerEvent) -> list[dict[str, Any]]:
         """Anthropic's stream events for one answer's neutral events."""
         if isinstance(ev, answer.AnswerStarted):
             start = {"type": "message_start",
                      "message": mp.message(mid, model, [], None, (), ev.prompt_tokens, ev.cached_tokens)}
-            return [start, *(text_block if not conv.tools else []), {"type": "ping"}]
+            return [start, *(open_block("text", mp.text_block("")) if opened else []), {"type": "ping"}]
+        if isinstance(ev, answer.ReasoningPiece):
+            head = open_block("thinking", mp.thinking_block("")) if blocks["thinking"] is None else []
+            return head + [{"type": "content_block_delta", "index": blocks["thinking"],
+                            "delta": {"type": "thinking_delta", "thinking": ev.text}}]
+        if isinstance(ev, answer.ReasoningClosed):
+            if blocks["thinking"] is None:
+                return []
+            return [{"type": "content_block_delta", "index": blocks["thinking"],
+                     "delta": {"type": "signature_delta", "signature": ""}},
+                    {"type": "content_block_stop", "index": blocks["thinking"]}]
         if isinstance(ev, answer.TextOpened):
-            blocks["text"] = True
-            return text_block
+            return open_block("text", mp.text_block(""))
         if isinstance(ev, answer.TextPiece):
-            return [{"type": "content_block_delta", "index": 0,
+            return [{"type": "content_block_delta", "index": blocks["text"],
                      "delta": {"type": "text_delta", "text": ev.text}}] if ev.text else []
         if isinstance(ev, answer.TextClosed):
-            return [{"type": "content_block_stop", "index": 0}]
+            return [{"type": "content_block_stop", "index": blocks["text"]}]
         if isinstance(ev, answer.CallMade):
-            i, block = ev.index + blocks["text"], mp.tool_use_block(ev.call)
+            i, block = blocks["next"], mp.tool_use_block(ev.call)
+            blocks["next"] += 1
             partial = json.dumps(block["input"]) if ev.call.complete else ev.call.arguments  # a cut-off call: as written
             return [{"type": "content_block_start", "index": i, "content_block": {**block, "input": {}}},
                     {"type": "content_block_delta", "index": i,

@@ -15,6 +15,7 @@ from engine.constrained.structured import grammar_for
 from engine.request import ChatMessage, Conversation, Finished, SamplingParams
 from engine.constrained.tools import ToolCall, ToolSpec
 from engine.request import ImageInput, attachment_marker
+from engine.generation.reasoning import Thinking
 from handlers.generation import newest_user_index
 from handlers.protocol import offer_tools
 
@@ -132,7 +133,28 @@ def conversation(body: dict[str, Any], max_tokens: Optional[int]) -> Conversatio
         grammar=grammar,
     )
     return Conversation(body["model"], turns, params, tuple(tools), frozenset({"image"} if newest_media else ()),
-                        continue_final=messages[-1]["role"] == "assistant", tool_choice=tool_choice)
+                        continue_final=messages[-1]["role"] == "assistant", tool_choice=tool_choice,
+                        thinking=thinking(body.get("thinking"), max_tokens))
+
+
+def thinking(value: Optional[dict[str, Any]], max_tokens: Optional[int]) -> Thinking:
+    """Anthropic's `thinking`: enabled with a budget (below max_tokens, as Anthropic requires),
+    disabled, or adaptive (the model's own default)."""
+    if not value:
+        return Thinking()
+    if value.get("type") == "disabled":
+        return Thinking(enabled=False)
+    budget = value.get("budget_tokens")
+    if value.get("type") == "enabled" and budget is not None and max_tokens is not None and budget >= max_tokens:
+        raise InvalidRequest(f"thinking.budget_tokens ({budget}) must be less than max_tokens ({max_tokens}).",
+                             param="thinking.budget_tokens")
+    return Thinking(budget=budget if value.get("type") == "enabled" else None)
+
+
+def thinking_block(text: str) -> dict[str, Any]:
+    """A thinking block. `signature` is empty: openmlx's thinking is not signed, and a thinking
+    block sent back in history is dropped anyway."""
+    return {"type": "thinking", "thinking": text, "signature": ""}
 
 
 # --- shaping ---------------------------------------------------------------------------

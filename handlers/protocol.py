@@ -17,6 +17,7 @@ from engine.constrained.structured import grammar_for
 from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec
 from engine.request import ChatMessage, SamplingParams, TokenLogprob
 from engine.request import ImageInput, attachment_marker
+from engine.generation.reasoning import Thinking
 
 SYSTEM_FINGERPRINT = "openmlx-0.1.0"
 
@@ -34,6 +35,8 @@ class ChatRequest:
     tool_choice: Optional[ToolChoice] = None
     n: int = 1  # independent choices
     fields: Fields = Fields()  # max_completion_tokens is named when the client sent it
+    thinking: Thinking = Thinking()
+    template_kwargs: tuple[tuple[str, Any], ...] = ()
 
     @property
     def tools_active(self) -> bool:
@@ -176,7 +179,43 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
         n=int(body.get("n") or 1),
         fields=Fields(max_tokens="max_completion_tokens" if body.get("max_completion_tokens") is not None
                       else "max_tokens"),
+        thinking=chat_thinking(body),
+        template_kwargs=template_kwargs(body.get("chat_template_kwargs")),
     )
+
+
+# apply_chat_template's own parameters: as template variables they would change how the prompt
+# is built (tokenize, return_dict, ...) or clash with what the server passes.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+def template_kwargs(value: Optional[dict[str, Any]]) -> tuple[tuple[str, Any], ...]:
+    """`chat_template_kwargs`: extra variables for the chat template, never its own parameters."""
+    clash = sorted(set(value or {}) & _RESERVED_TEMPLATE_KWARGS)
+    if clash:
+        raise InvalidRequest(f"chat_template_kwargs can't set '{clash[0]}': the server sets it.",
+                             param=f"chat_template_kwargs.{clash[0]}")
+    return tuple((value or {}).items())
+
+
+def effort_thinking(effort: Optional[str], budget: Optional[int] = None) -> Thinking:
+    """A reasoning effort (OpenAI's none | minimal | low | medium | high) and/or a token budget:
+    none and minimal turn thinking off; the others are budgets the server sets (--reasoning-budgets)."""
+    if effort in ("none", "minimal"):
+        return Thinking(enabled=False)
+    return Thinking(budget=budget, effort=effort)
+
+
+def chat_thinking(body: dict[str, Any]) -> Thinking:
+    """Chat's `reasoning_effort`, OpenRouter's `reasoning: {effort, max_tokens, enabled}`, and
+    `chat_template_kwargs.enable_thinking` (vLLM's switch)."""
+    reasoning = body.get("reasoning") or {}
+    if reasoning.get("enabled") is False or (body.get("chat_template_kwargs") or {}).get("enable_thinking") is False:
+        return Thinking(enabled=False)
+    return effort_thinking(reasoning.get("effort") or body.get("reasoning_effort"), reasoning.get("max_tokens"))
 
 
 def _tools(body: dict[str, Any]) -> tuple[list[ToolSpec], Optional[ToolChoice]]:
@@ -277,10 +316,15 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+          reasoning_tokens: Optional[int] = None) -> dict[str, Any]:
+    """OpenAI's usage; `reasoning_tokens` (a reasoning model's thinking) under completion_tokens_details."""
+    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                           "total_tokens": prompt_tokens + completion_tokens,
+                           "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    if reasoning_tokens is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": min(reasoning_tokens, completion_tokens)}
+    return out
 
 
 def _token_entry(token: str, logprob: float) -> dict[str, Any]:
@@ -315,20 +359,23 @@ def tool_call_object(call: ToolCall) -> dict[str, Any]:
 
 
 def chat_choice(index: int, text: str, finish: str, logprobs: Optional[Sequence[TokenLogprob]] = None,
-                tool_calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
+                tool_calls: Sequence[ToolCall] = (), reasoning: Optional[str] = None) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text if (text or not tool_calls) else None,
                                "refusal": None}
+    if reasoning:  # a reasoning model's thinking (vLLM's and DeepSeek's name); absent when it did not think
+        message["reasoning_content"] = reasoning
     if tool_calls:
         message["tool_calls"] = [tool_call_object(c) for c in tool_calls]
     return {"index": index, "message": message, "finish_reason": finish, "logprobs": chat_logprobs(logprobs)}
 
 
 def chat_completion(cid: str, created: int, model: str, choices: Sequence[dict[str, Any]],
-                    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+                    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+                    reasoning_tokens: Optional[int] = None) -> dict[str, Any]:
     return {
         "id": cid, "object": "chat.completion", "created": created, "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT, "choices": list(choices),
-        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens),
     }
 
 
@@ -362,11 +409,11 @@ def text_choice(index: int, text: str, finish: Optional[str], logprobs: Optional
 
 
 def usage_chunk(obj: str, cid: str, created: int, model: str, prompt_tokens: int,
-                completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+                completion_tokens: int, cached_tokens: int = 0, reasoning_tokens: Optional[int] = None) -> dict[str, Any]:
     """The last chunk when stream_options.include_usage is set: empty choices, real usage."""
     return {"id": cid, "object": obj, "created": created, "model": model,
             "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens)}
 
 
 def text_completion(cid: str, created: int, model: str, text: str, finish: Optional[str],

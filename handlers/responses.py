@@ -59,11 +59,12 @@ async def create(body: dict):
     if not body.get("stream"):
         out = await generation.answer(engine, conv, prepared, ROUTE)
         status, _ = rp.status_of(out.done)
-        output = []
+        output = [rp.reasoning_item(rp.new_id("rs"), out.reasoning, status)] if out.reasoning else []
         if out.text or not out.calls:
             output.append(rp.message_item(rp.new_id("msg"), out.text, status))
         output += [rp.call_item(c) for c in out.calls]
-        response = rp.response_object(rid, created, parsed.echo, output, out.done)
+        response = rp.response_object(rid, created, parsed.echo, output, out.done,
+                                      reasoning_tokens=out.reasoning_tokens)
         _keep(parsed, response, out.text, out.calls)
         return json_ok(response, prepared.warnings)
 
@@ -71,14 +72,18 @@ async def create(body: dict):
 
 
 class _Encoder:
-    """The Responses API's semantic events for one answer's neutral events: a message item
-    (output 0) when there is text, then a function_call item per call, then the response."""
+    """The Responses API's semantic events for one answer's neutral events: a reasoning item
+    when a reasoning model thought, a message item when there is text, then a function_call item
+    per call, then the response."""
 
     def __init__(self, parsed: rp.ParsedResponseRequest, rid: str, created: int) -> None:
         self.parsed, self.rid, self.created = parsed, rid, created
         self.seq = iter(range(1 << 62))
         self.msg_id = rp.new_id("msg")
+        self.rs_id = rp.new_id("rs")
         self.output: list[dict[str, Any]] = []
+        self.msg_index = 0  # the message item's place in `output` (after a reasoning item)
+        self.thinking = False  # a reasoning item is open
 
     def ev(self, type_: str, **fields: Any) -> dict[str, Any]:
         return {"type": type_, "sequence_number": next(self.seq), **fields}
@@ -87,10 +92,29 @@ class _Encoder:
         start = rp.response_object(self.rid, self.created, self.parsed.echo, [], None)
         return [self.ev("response.created", response=start), self.ev("response.in_progress", response=start)]
 
+    def _reasoning(self, ev: answer.AnswerEvent) -> list[dict[str, Any]]:
+        where = {"item_id": self.rs_id, "output_index": 0, "content_index": 0}
+        out = []
+        if isinstance(ev, answer.ReasoningPiece):
+            if not self.thinking:
+                self.thinking = True
+                out.append(self.ev("response.output_item.added", output_index=0,
+                                   item=rp.reasoning_item(self.rs_id, "", "in_progress") | {"content": []}))
+            return out + [self.ev("response.reasoning_text.delta", **where, delta=ev.text)]
+        if isinstance(ev, answer.ReasoningClosed) and self.thinking:
+            item = rp.reasoning_item(self.rs_id, ev.text, "completed")
+            self.output.append(item)
+            return [self.ev("response.reasoning_text.done", **where, text=ev.text),
+                    self.ev("response.output_item.done", output_index=0, item=item)]
+        return []
+
     def __call__(self, ev: answer.AnswerEvent) -> list[dict[str, Any]]:
-        msg = {"item_id": self.msg_id, "output_index": 0, "content_index": 0}
+        if isinstance(ev, (answer.ReasoningPiece, answer.ReasoningClosed)):
+            return self._reasoning(ev)
+        msg = {"item_id": self.msg_id, "output_index": self.msg_index, "content_index": 0}
         if isinstance(ev, answer.TextOpened):
-            return [self.ev("response.output_item.added", output_index=0,
+            self.msg_index = msg["output_index"] = len(self.output)
+            return [self.ev("response.output_item.added", output_index=self.msg_index,
                             item=rp.message_item(self.msg_id, "", "in_progress") | {"content": []}),
                     self.ev("response.content_part.added", **msg, part=rp.output_text(""))]
         if isinstance(ev, answer.TextPiece):
@@ -100,7 +124,7 @@ class _Encoder:
             self.output.append(item)
             return [self.ev("response.output_text.done", **msg, text=ev.text, logprobs=[]),
                     self.ev("response.content_part.done", **msg, part=rp.output_text(ev.text)),
-                    self.ev("response.output_item.done", output_index=0, item=item)]
+                    self.ev("response.output_item.done", output_index=self.msg_index, item=item)]
         if isinstance(ev, answer.CallMade):
             i, item = len(self.output), rp.call_item(ev.call)
             self.output.append(item)
@@ -112,7 +136,8 @@ class _Encoder:
                             name=ev.call.name, arguments=ev.call.arguments),
                     self.ev("response.output_item.done", output_index=i, item=item)]
         if isinstance(ev, answer.AnswerFinished):
-            response = rp.response_object(self.rid, self.created, self.parsed.echo, self.output, ev.done)
+            response = rp.response_object(self.rid, self.created, self.parsed.echo, self.output, ev.done,
+                                          reasoning_tokens=ev.reasoning_tokens)
             _keep(self.parsed, response, ev.text, list(ev.calls))
             return [self.ev("response.completed" if response["status"] == "completed" else "response.incomplete",
                             response=response)]

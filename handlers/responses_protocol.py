@@ -18,7 +18,7 @@ from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec
 from engine.request import ImageInput
 from engine.request import Fields
 from handlers.generation import newest_user_index
-from handlers.protocol import check_strict, now, offer_tools
+from handlers.protocol import check_strict, effort_thinking, now, offer_tools
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
@@ -162,17 +162,25 @@ def parse(body: dict[str, Any], history: Sequence[ChatMessage] = (), call_ids: O
         grammar=grammar_for(_format(body.get("text")), "text.format.schema"),
     )
     conv = Conversation(body["model"], messages, params, tuple(tools), frozenset({"image"} if newest_media else ()),
-                        tool_choice=choice, fields=FIELDS)
+                        tool_choice=choice, fields=FIELDS,
+                        thinking=effort_thinking((body.get("reasoning") or {}).get("effort")))
     return ParsedResponseRequest(conv, items, new, list(history), call_ids, echo_fields(body))
 
 
 # --- shaping ---------------------------------------------------------------------------
-def usage(done: Optional[Finished]) -> Optional[dict[str, Any]]:
+def usage(done: Optional[Finished], reasoning_tokens: Optional[int] = None) -> Optional[dict[str, Any]]:
     if done is None:
         return None
+    thought = min(reasoning_tokens or 0, done.completion_tokens)
     return {"input_tokens": done.prompt_tokens, "input_tokens_details": {"cached_tokens": done.cached_tokens},
-            "output_tokens": done.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": done.completion_tokens, "output_tokens_details": {"reasoning_tokens": thought},
             "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+def reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    """A reasoning model's thinking as OpenAI's open-weight models return it: reasoning_text content."""
+    return {"id": item_id, "type": "reasoning", "status": status, "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}]}
 
 
 def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
@@ -215,11 +223,14 @@ def echo_fields(body: dict[str, Any]) -> dict[str, Any]:
         "text": {"format": text.get("format") or {"type": "text"}},
         "store": body.get("store") is not False,
         "metadata": body.get("metadata") or {},
+        "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None}
+        if body.get("reasoning") else None,
     }
 
 
 def response_object(rid: str, created: int, echo: dict[str, Any], output: list[dict[str, Any]],
-                    done: Optional[Finished], status: str = "in_progress") -> dict[str, Any]:
+                    done: Optional[Finished], status: str = "in_progress",
+                    reasoning_tokens: Optional[int] = None) -> dict[str, Any]:
     """The Response object, with the request's settings (`echo_fields`) as OpenAI repeats them."""
     incomplete = None
     if done is not None:
@@ -233,8 +244,8 @@ def response_object(rid: str, created: int, echo: dict[str, Any], output: list[d
         **{k: echo[k] for k in ("parallel_tool_calls", "previous_response_id", "max_output_tokens", "temperature",
                                 "top_p", "tool_choice", "tools", "text")},
         "truncation": "disabled", "store": echo["store"],
-        "metadata": echo["metadata"], "reasoning": None, "service_tier": "default",
-        **({"usage": usage(done)} if done is not None else {}),  # absent (not null) until the end
+        "metadata": echo["metadata"], "reasoning": echo["reasoning"], "service_tier": "default",
+        **({"usage": usage(done, reasoning_tokens)} if done is not None else {}),  # absent (not null) until the end
     }
 
 

@@ -38,10 +38,21 @@ def port_number(text: str) -> int:
     return _number(text, int, "a port number", lambda v: 0 <= v <= 65535, "is not a port (0-65535)")
 
 
+def effort_budgets(text: str | tuple[int, int, int]) -> tuple[int, int, int]:
+    """Thinking budgets for reasoning efforts low, medium and high: three whole numbers, LOW,MEDIUM,HIGH."""
+    if isinstance(text, tuple):  # the default
+        return text
+    parts = text.split(",")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three budgets LOW,MEDIUM,HIGH (e.g. 512,2048,8192)")
+    return tuple(positive_int(p.strip()) for p in parts)  # type: ignore[return-value]
+
+
 # The same rules for a config file's values (argparse does not convert a file's values).
 FLAG_SCHEMAS = {positive_int: {"type": "integer", "minimum": 1},
                 positive_float: {"type": "number", "exclusiveMinimum": 0, "maximum": 1e15},
-                port_number: {"type": "integer", "minimum": 0, "maximum": 65535}}
+                port_number: {"type": "integer", "minimum": 0, "maximum": 65535},
+                effort_budgets: {"type": "string", "pattern": "^ *[1-9][0-9]* *, *[1-9][0-9]* *, *[1-9][0-9]* *$"}}
 
 
 def engine_config(args: argparse.Namespace) -> "EngineConfig":
@@ -62,6 +73,7 @@ def engine_config(args: argparse.Namespace) -> "EngineConfig":
                         local_models=[Path(p) for p in getattr(args, "model_dir", None) or []],
                         default_max_tokens=getattr(args, "max_tokens", None),
                         max_tokens_cap=getattr(args, "max_tokens_cap", None),
+                        reasoning_budgets=effort_budgets(getattr(args, "reasoning_budgets", "512,2048,8192")),
                         cpu_dtype=getattr(args, "cpu_dtype", "auto"),
                         max_queue=getattr(args, "max_queue", 64),
                         max_models=getattr(args, "max_models", 1),

@@ -18,6 +18,8 @@ class BudgetPolicy:
 
     default: Optional[int] = None  # --max-tokens
     cap: Optional[int] = None  # --max-tokens-cap
+    # Thinking budgets for reasoning efforts low, medium, high (--reasoning-budgets).
+    effort_budgets: tuple[int, int, int] = (512, 2048, 8192)
 
 
 def max_new_tokens(prompt_len: int, requested: Optional[int], context_length: int, policy: BudgetPolicy,

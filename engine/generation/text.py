@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from engine.generation.batching import PREFILL_STEP, BatchDecoder, batch_tokens, detokenized
+from engine.generation import reasoning
 from engine.generation.budget import BudgetPolicy, max_new_tokens
 from engine.request import Fields
 from engine.errors import InvalidRequest, Unsupported
@@ -94,6 +95,7 @@ class TextRunner:
     speculation: Speculation = field(default_factory=Speculation)
     streams: int = 0  # generations running now (on the worker thread)
     last_rows: Optional[SplitHead] = None  # logits for a pass's last rows only (engine/generation/last_rows.py)
+    reasoning_parser: Optional[str] = None  # think | none (config file); None: found from the chat template
 
     @classmethod
     def load(cls, model_id: str, probe: Probe, cpu_dtype: str, gate: MemoryGate,
@@ -126,7 +128,8 @@ class TextRunner:
 
     # --- prompts -------------------------------------------------------------------------
     def encode_chat(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = (),
-                    continue_final: bool = False, param: str = "messages") -> list[int]:
+                    continue_final: bool = False, param: str = "messages",
+                    template_kwargs: Optional[dict[str, Any]] = None) -> list[int]:
         """Token ids of the chat template applied to `messages`, ready for the assistant turn.
 
         Tools go through the template when it renders them in the `<tool_call>` format our parser
@@ -137,7 +140,7 @@ class TextRunner:
             messages = with_tool_prompt(messages, tools)
         turns = [render_turn(m, fmt, native) for m in messages]
         if template:
-            extra = {"tools": [tool_schema(t) for t in tools]} if native and tools else {}
+            extra = {**(template_kwargs or {}), **({"tools": [tool_schema(t) for t in tools]} if native and tools else {})}
             # continue_final: the last assistant turn is a prefix to go on with (Anthropic's prefill).
             prefill = {"continue_final_message": True} if continue_final and turns[-1]["role"] == "assistant" \
                 else {"add_generation_prompt": True}
@@ -215,9 +218,17 @@ class TextRunner:
         if conv.tools and not (choice.mode == "auto" and params.grammar):
             params = replace(params, grammar=self.tool_grammar(conv.tools, choice) or params.grammar)
         self.check_params(params)
-        prompt = self.encode_chat(conv.messages, conv.tools, conv.continue_final, conv.fields.prompt)
+        thinking = reasoning.plan(getattr(self.tokenizer, "chat_template", None) or "", self.reasoning_parser,
+                                  conv.thinking, dict(conv.template_kwargs), params.grammar is not None,
+                                  policy.effort_budgets)
+        prompt = self.encode_chat(conv.messages, conv.tools, conv.continue_final, conv.fields.prompt,
+                                  thinking.template_kwargs)
         budget = max_new_tokens(len(prompt), params.max_tokens, self.context_length, policy, conv.fields)
-        return Prepared(self.model_id, prompt, budget, params, self)
+        fmt = reasoning.ReasoningFormat(reasoning.prompt_opens_block(self.tokenizer.decode(prompt[-16:]))) \
+            if thinking.parse else None
+        if fmt is not None and thinking.budget is not None:
+            params = replace(params, thinking_budget=thinking.budget, thinking_opened=fmt.opened)
+        return Prepared(self.model_id, prompt, budget, params, self, reasoning=fmt)
 
     def plan_completion(self, prompt: str | Sequence[int], params: SamplingParams, policy: BudgetPolicy,
                         echo: bool = False) -> "Prepared":
@@ -287,6 +298,9 @@ class TextRunner:
         if params.presence_penalty or params.frequency_penalty:
             processors.append(penalty_processor(params.presence_penalty, params.frequency_penalty,
                                                  self.vocab_size))
+        if params.thinking_budget is not None:
+            processors.append(reasoning.budget_processor(self.tokenizer, params.thinking_budget,
+                                                         params.thinking_opened))
         if params.grammar:  # last, after biases and penalties
             from engine.constrained.structured import grammar_processor
 

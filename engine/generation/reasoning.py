@@ -1,0 +1,198 @@
+"""Reasoning models: the thinking a model writes before its answer, kept apart from the answer.
+
+Models of the Qwen3 / DeepSeek-R1 / QwQ / SmolLM3 kind write `<think>...</think>` and then the
+answer. Either the model writes the opening tag itself, or the chat template already opened the
+block at the end of the prompt and the model only closes it. Parsing works on text, so a tag that
+spans several tokens (or arrives split across deltas) is found, and a stream never shows part of
+a tag. A thinking budget is enforced while generating: past it, a logits processor writes the
+closing text itself and the answer follows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+OPEN, CLOSE = "<think>", "</think>"
+# What the server writes when the budget runs out: the close the templates expect, then the
+# answer's start on its own paragraph (as Qwen3's templates render an earlier turn's thinking).
+FORCED_CLOSE = "\n" + CLOSE + "\n\n"
+REASONING, CONTENT = "reasoning", "content"
+
+
+@dataclass(frozen=True)
+class Thinking:
+    """What a request asks of a reasoning model."""
+
+    enabled: Optional[bool] = None  # None: the model's own default; False: `enable_thinking: false`
+    budget: Optional[int] = None  # tokens of thinking before the server closes the block
+    effort: Optional[str] = None  # low | medium | high: a budget set by the server (--reasoning-budgets)
+
+
+def template_thinks(template: str) -> bool:
+    """Whether a chat template writes or opens a thinking block."""
+    return OPEN in template or CLOSE in template
+
+
+def prompt_opens_block(prompt_tail: str) -> bool:
+    """Whether the rendered prompt ends inside an opened thinking block (the template opened it)."""
+    opened = prompt_tail.rfind(OPEN)
+    return opened >= 0 and prompt_tail.rfind(CLOSE) < opened
+
+
+@dataclass(frozen=True)
+class ReasoningFormat:
+    """How one prepared request's output is split: tags, and whether the block is already open."""
+
+    opened: bool  # the template opened the block: output starts as thinking
+
+    def splitter(self) -> "ReasoningSplitter":
+        return ReasoningSplitter(self.opened)
+
+    def split(self, text: str) -> tuple[str, str]:
+        """(reasoning, answer) of a whole output."""
+        s = self.splitter()
+        pieces = s.feed(text) + s.finish()
+        return ("".join(t for c, t in pieces if c == REASONING), "".join(t for c, t in pieces if c == CONTENT))
+
+
+def _held(text: str, tag: str) -> int:
+    """How many characters at the end of `text` could be the start of `tag` (held back)."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
+
+
+class ReasoningSplitter:
+    """Text deltas -> (channel, text) pieces, never showing part of a tag.
+
+    States: `start` (the model may open a block: leading whitespace and a partial `<think>` are
+    held), `thinking` (until `</think>`), `answer`. Whitespace between the close and the answer is
+    dropped, as is leading whitespace of the thinking."""
+
+    def __init__(self, opened: bool) -> None:
+        self.state = "thinking" if opened else "start"
+        self.buffer = ""
+        self.at_section_start = True  # strip whitespace at the start of thinking and of the answer
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        self.buffer += text
+        out: list[tuple[str, str]] = []
+        while True:
+            if self.state == "start":
+                stripped = self.buffer.lstrip()
+                if stripped.startswith(OPEN):
+                    self.buffer, self.state, self.at_section_start = stripped[len(OPEN):], "thinking", True
+                    continue
+                if not stripped or OPEN.startswith(stripped):
+                    return out  # whitespace, or maybe the opening tag: wait
+                self.state = "answer"
+                continue
+            if self.state == "thinking":
+                end = self.buffer.find(CLOSE)
+                if end >= 0:
+                    self._emit(out, REASONING, self.buffer[:end])
+                    self.buffer, self.state, self.at_section_start = self.buffer[end + len(CLOSE):], "answer", True
+                    continue
+                keep = _held(self.buffer, CLOSE)
+                self._emit(out, REASONING, self.buffer[:len(self.buffer) - keep])
+                self.buffer = self.buffer[len(self.buffer) - keep:]
+                return out
+            self._emit(out, CONTENT, self.buffer)
+            self.buffer = ""
+            return out
+
+    def finish(self) -> list[tuple[str, str]]:
+        """What is held at the end: an unclosed block's tail is thinking; anything else is answer."""
+        out: list[tuple[str, str]] = []
+        channel = REASONING if self.state == "thinking" else CONTENT
+        if self.state == "start":
+            self.buffer = self.buffer.strip() and self.buffer
+        self._emit(out, channel, self.buffer)
+        self.buffer = ""
+        return out
+
+    def _emit(self, out: list[tuple[str, str]], channel: str, text: str) -> None:
+        if self.at_section_start:
+            text = text.lstrip()
+        if not text:
+            return
+        self.at_section_start = False
+        if out and out[-1][0] == channel:
+            out[-1] = (channel, out[-1][1] + text)
+        else:
+            out.append((channel, text))
+
+
+def budget_processor(tokenizer: Any, budget: int, opened: bool) -> Callable[[Any, Any], Any]:
+    """An mlx-lm logits processor that closes the thinking block after `budget` generated tokens:
+    while the model is still thinking at that point, the next tokens are forced to the closing
+    text (FORCED_CLOSE); a model that closes the block itself, or never opens one, is left alone."""
+    import mlx.core as mx
+
+    close_ids = list(tokenizer.encode(FORCED_CLOSE, add_special_tokens=False))
+    state: dict[str, Any] = {"seen": None, "generated": [], "forced": 0, "done": False}
+
+    def inside(text: str) -> bool:
+        if CLOSE in text:
+            return False
+        return opened or text.lstrip().startswith(OPEN) or OPEN.startswith(text.lstrip())
+
+    def process(tokens: Any, logits: Any) -> Any:
+        # The first call sees the (uncached part of the) prompt; later calls add one token each.
+        if state["seen"] is None:
+            state["seen"] = tokens.size
+        else:
+            state["generated"] += tokens[state["seen"]:].tolist()
+            state["seen"] = tokens.size
+        if state["done"]:
+            return logits
+        if state["forced"] == 0:
+            if len(state["generated"]) < budget:
+                return logits
+            if not inside(tokenizer.decode(state["generated"])):
+                state["done"] = True
+                return logits
+        if state["forced"] >= len(close_ids):
+            state["done"] = True
+            return logits
+        token = close_ids[state["forced"]]
+        state["forced"] += 1
+        banned = mx.full(logits.shape, -float("inf"), dtype=logits.dtype)
+        return mx.where(mx.arange(logits.shape[-1]) == token, mx.zeros_like(logits), banned)
+
+    return process
+
+
+@dataclass(frozen=True)
+class ReasoningPlan:
+    """What a runner does for one chat request on a (maybe) reasoning model."""
+
+    template_kwargs: dict[str, Any]  # passed to the chat template (chat_template_kwargs, enable_thinking)
+    parse: bool  # split the output at the thinking block
+    budget: Optional[int]  # close the block after this many tokens (None: no limit)
+
+
+def plan(template: str, parser: Optional[str], thinking: Thinking, template_kwargs: dict[str, Any],
+         constrained: bool, effort_budgets: tuple[int, int, int]) -> ReasoningPlan:
+    """Whether to parse thinking, what the template is told, and the budget.
+
+    `parser`: the config file's `reasoning_parser` (think | none), else found from the template.
+    With a grammar in force (JSON output, a required tool call) the model is asked not to think
+    (`enable_thinking: false`) and nothing is parsed: the grammar holds from the first token."""
+    kwargs = dict(template_kwargs)
+    thinks = parser == "think" or (parser is None and template_thinks(template))
+    if thinking.enabled is False or (thinks and constrained):
+        kwargs.setdefault("enable_thinking", False)
+    if not thinks or constrained:
+        return ReasoningPlan(kwargs, False, None)
+    # Said explicitly: mlx-lm's tokenizer otherwise passes enable_thinking=False for a vocabulary
+    # without single <think> tokens, whatever the template does.
+    kwargs.setdefault("enable_thinking", thinking.enabled is not False)
+    budget = thinking.budget
+    levels = {"low": 0, "medium": 1, "high": 2, "xhigh": 2}
+    if budget is None and thinking.effort in levels:
+        budget = effort_budgets[levels[thinking.effort]]
+    if thinking.enabled is False:
+        budget = 0  # a template that ignores enable_thinking still gets its block closed at once
+    return ReasoningPlan(kwargs, True, budget)
