@@ -54,6 +54,9 @@ class EngineConfig:
     model: Optional[str] = None
     # The embedding model: None = the embedded default (all-MiniLM-L6-v2), "none" = no embeddings.
     embedding_model: Optional[str] = None
+    # The rerank model when a request names none (an embedding model, a cross-encoder folder or a
+    # text model): None = the embedding model.
+    rerank_model: Optional[str] = None
     # The speech-to-text model: None = the embedded default (Whisper tiny.en), "none" = none.
     audio_model: Optional[str] = None
     # Extra local model folders (from the CLI), served under their folder name.

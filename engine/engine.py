@@ -24,6 +24,7 @@ from engine.config import EngineConfig
 from engine.models.default_model import (DEFAULT_AUDIO_ID, DEFAULT_EMBEDDING_ID, DEFAULT_MODEL_ID, DefaultModelUnavailable,
                                   ensure_default_audio_model, ensure_default_embedding_model, ensure_default_model)
 from engine.distributed import GroupFailed, Lockstep, LockstepRunner, ShardPlan, join_group
+from engine.media import rerank as ranking
 from engine.media.embeddings import BATCH, Embeddings
 from engine.errors import EngineError, InvalidRequest, ModelNotFound
 from engine.models.downloads import Downloads
@@ -93,6 +94,7 @@ class Engine:
         self.default_model_id: Optional[str] = None
         self.default_embedding_id: Optional[str] = None
         self.default_audio_id: Optional[str] = None
+        self.default_rerank_id: Optional[str] = None
         self.lockstep: Optional[Lockstep] = None  # set when this is rank 0 of a distributed group
         self.shard_plan: Optional[ShardPlan] = None
         # Tests only: a generation whose max_tokens equals this fails half-way (FaultyRunner).
@@ -128,6 +130,8 @@ class Engine:
         except (EngineError, DefaultModelUnavailable, OSError, ValueError) as e:
             log.warning("no speech-to-text model: %s", getattr(e, "message", e))
         self.residency.default_ids.update(embedding=self.default_embedding_id, audio=self.default_audio_id)
+        self.default_rerank_id = locate(self.store, self.config.rerank_model).id if self.config.rerank_model \
+            else self.default_embedding_id
 
     def _side_id(self, spec: Optional[str], ensure_default: Callable[..., Path], default_id: str) -> Optional[str]:
         return None if spec == "none" else self._model_id(spec, ensure_default, default_id)
@@ -231,6 +235,22 @@ class Engine:
             chunk = texts[i:i + BATCH]
             parts.append(await self.scheduler.call(lambda chunk=chunk: embedder.embed(chunk)))
         return Embeddings(np.concatenate([p.vectors for p in parts]), [n for p in parts for n in p.token_counts])
+
+    # --- rerank --------------------------------------------------------------------------
+    async def rerank(self, model_id: str, query: str, documents: Sequence[str]) -> ranking.Ranking:
+        """Each document's relevance to `query` (input order), by the model's kind: an embedding
+        model's cosine, a cross-encoder's classifier, or a text model judging yes/no
+        (engine/media/rerank.py). Each batch is its own short job on the worker."""
+        kind = await self.scheduler.call(lambda: self.residency.kind(model_id))
+        if kind == "embedding":
+            embedder = await self.scheduler.call(lambda: self.residency.embedder(model_id))
+            return await ranking.by_encoder(embedder, query, documents, self.scheduler.call)
+        if kind == "text":
+            runner = await self.scheduler.call(lambda: self.residency.runner(model_id),
+                                               exclusive=lambda: self.residency.needs_switch(model_id))
+            return await ranking.by_judge(runner, query, documents, self.scheduler.call)
+        raise InvalidRequest(f"The model '{model_id}' is a {kind} model; rerank with an embedding model, a "
+                             "cross-encoder or a text model.", param="model", code="model_not_reranker")
 
     # --- speech to text ------------------------------------------------------------------
     async def transcribe(self, model_id: str, audio: bytes, filename: str,

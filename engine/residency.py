@@ -120,6 +120,12 @@ class Residency:
             self._released = time.monotonic()
             release_memory()
 
+    def kind(self, model_id: str) -> str:
+        """What the model is (the probe's type: text, vision, embedding, audio, unknown)."""
+        if model_id in self.embedders:
+            return "embedding"
+        return probe(self.store.resolve(model_id).path).type
+
     # --- side models -----------------------------------------------------------------------
     def _side(self, model_id: str, kind: str, loaded: dict, label: str, code: str,
               load: Callable[[Probe], Any]) -> Any:

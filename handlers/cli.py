@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--embedding-model", default=os.environ.get("OPENMLX_EMBEDDING_MODEL"),
                    help="embedding model id or sentence-transformers BERT folder (default: the embedded "
                         "all-MiniLM-L6-v2; 'none' to serve no embeddings)")
+    s.add_argument("--rerank-model", default=os.environ.get("OPENMLX_RERANK_MODEL"),
+                   help="the model /v1/rerank uses when a request names none: an embedding model, a cross-encoder "
+                        "folder (BertForSequenceClassification) or a text model (default: the embedding model)")
     s.add_argument("--audio-model", default=os.environ.get("OPENMLX_AUDIO_MODEL"),
                    help="speech-to-text model id or Whisper folder (default: the embedded whisper-tiny.en; "
                         "'none' to serve no transcriptions)")

@@ -61,6 +61,7 @@ def engine_config(args: argparse.Namespace) -> "EngineConfig":
 
     return EngineConfig(model=getattr(args, "model", None),
                         embedding_model=getattr(args, "embedding_model", None),
+                        rerank_model=getattr(args, "rerank_model", None),
                         audio_model=getattr(args, "audio_model", None),
                         batch=getattr(args, "batch", "auto"),
                         hub_download=getattr(args, "allow_download", False),

@@ -83,6 +83,19 @@ def test_a_k_quant_qwen2_gguf_is_served_by_its_file_name(qwen):
     assert out["choices"][0]["finish_reason"] == "stop"
 
 
+@pytest.mark.parametrize("query,documents,best", [
+    ("What is the capital of France?", ["Cats sleep a lot.", "Paris is the capital of France.", "Berlin is in Germany."], 1),
+    ("How many legs does a spider have?", ["The stock market fell today.", "Spiders have eight legs.",
+                                            "Bread is baked in an oven."], 1),
+])
+def test_a_real_instruct_model_reranks_as_a_judge(qwen, query, documents, best):
+    """Issue 33's third kind: the probability of "yes" after a judging prompt orders the documents."""
+    r = httpx.post(qwen.url + "/v1/rerank", json={"model": QWEN_ID, "query": query, "documents": documents},
+                   timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["index"] == best, r.json()
+
+
 def test_the_tokenizer_reads_like_qwens_own(qwen, qwen_gguf):
     from tokenizers import Tokenizer
 

@@ -49,6 +49,9 @@ class BertEmbedder:
         # Some exports prefix everything with "bert."
         self.w = {k[5:] if k.startswith("bert.") else k: v.astype(mx.float32) for k, v in weights.items()}
         mx.eval(self.w)
+        # A cross-encoder (BertForSequenceClassification, e.g. ms-marco-MiniLM, bge-reranker) has a
+        # pooler and a classifier head: it scores a (query, document) pair (engine/media/rerank.py).
+        self.classifier = "classifier.weight" in self.w and "pooler.dense.weight" in self.w
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         # tokenizer.json ships fixed padding/truncation at 128: replace both with ours.
         self.tokenizer.no_padding()
@@ -64,11 +67,13 @@ class BertEmbedder:
     def _norm(self, x: mx.array, name: str) -> mx.array:
         return mx.fast.layer_norm(x, self.w[f"{name}.weight"], self.w[f"{name}.bias"], self.eps)
 
-    def _forward(self, ids: mx.array, mask: mx.array) -> mx.array:
+    def _hidden(self, ids: mx.array, mask: mx.array, types: Optional[mx.array] = None) -> mx.array:
+        """The encoder's last hidden states; `types`: token type ids (a pair's second text is 1)."""
         b, n = ids.shape
+        token_types = self.w["embeddings.token_type_embeddings.weight"]
         x = (self.w["embeddings.word_embeddings.weight"][ids]
              + self.w["embeddings.position_embeddings.weight"][:n]
-             + self.w["embeddings.token_type_embeddings.weight"][0])
+             + (token_types[types] if types is not None else token_types[0]))
         x = self._norm(x, "embeddings.LayerNorm")
         head_dim = self.dim // self.heads
         additive = ((1.0 - mask[:, None, None, :]) * -1e9).astype(x.dtype)
@@ -86,6 +91,10 @@ class BertEmbedder:
             x = self._norm(x + self._linear(a, f"{p}.attention.output.dense"), f"{p}.attention.output.LayerNorm")
             h = self.gelu(self._linear(x, f"{p}.intermediate.dense"))
             x = self._norm(x + self._linear(h, f"{p}.output.dense"), f"{p}.output.LayerNorm")
+        return x
+
+    def _forward(self, ids: mx.array, mask: mx.array) -> mx.array:
+        x = self._hidden(ids, mask)
         if self.pooling == "cls":
             pooled = x[:, 0]
         else:
@@ -97,12 +106,35 @@ class BertEmbedder:
     def embed(self, texts: Sequence[str]) -> Embeddings:
         """Embed up to BATCH texts (longer lists: call per chunk)."""
         encodings = self.tokenizer.encode_batch(list(texts))
-        n = max(len(e.ids) for e in encodings)
-        ids = np.zeros((len(encodings), n), dtype=np.int32)
-        mask = np.zeros((len(encodings), n), dtype=np.float32)
-        for row, e in enumerate(encodings):
-            ids[row, : len(e.ids)] = e.ids
-            mask[row, : len(e.ids)] = 1.0
+        ids, mask, _ = _padded(encodings)
         out = self._forward(mx.array(ids), mx.array(mask))
         mx.eval(out)
         return Embeddings(np.array(out, dtype=np.float32), [len(e.ids) for e in encodings])
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> Embeddings:
+        """A cross-encoder's relevance of up to BATCH (query, document) pairs: the pair through the
+        encoder, the [CLS] state through the pooler (dense, tanh) and the classifier; one label is
+        a logit (sigmoid, as sentence-transformers' CrossEncoder), several a softmax's last class.
+        Pairs longer than the model's limit lose the document's end (truncation "longest first").
+        Returned as (n, 1) `vectors` with the token counts."""
+        encodings = self.tokenizer.encode_batch([list(p) for p in pairs])
+        ids, mask, types = _padded(encodings)
+        x = self._hidden(mx.array(ids), mx.array(mask), mx.array(types))
+        pooled = mx.tanh(self._linear(x[:, 0], "pooler.dense"))
+        logits = self._linear(pooled, "classifier")
+        scores = mx.sigmoid(logits[:, 0]) if logits.shape[-1] == 1 else mx.softmax(logits, axis=-1)[:, -1]
+        mx.eval(scores)
+        return Embeddings(np.array(scores, dtype=np.float32)[:, None], [len(e.ids) for e in encodings])
+
+
+def _padded(encodings: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token ids, attention mask and token type ids of a batch, padded to its longest."""
+    n = max(len(e.ids) for e in encodings)
+    ids = np.zeros((len(encodings), n), dtype=np.int32)
+    mask = np.zeros((len(encodings), n), dtype=np.float32)
+    types = np.zeros((len(encodings), n), dtype=np.int32)
+    for row, e in enumerate(encodings):
+        ids[row, : len(e.ids)] = e.ids
+        mask[row, : len(e.ids)] = 1.0
+        types[row, : len(e.ids)] = e.type_ids
+    return ids, mask, types
