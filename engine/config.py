@@ -69,6 +69,8 @@ class EngineConfig:
     reasoning_budgets: tuple[int, int, int] = (512, 2048, 8192)
     cpu_dtype: str = "auto"  # auto | keep | float32 | float16
     max_queue: int = 64
+    # KV caches kept for reuse (engine/generation/prompt_cache.py), per loaded text model.
+    prompt_cache_bytes: int = 512 << 20
     request_timeout_s: Optional[float] = None  # a generation running longer is cut off (504)
     max_models: int = 1  # resident models; the least recently used is unloaded beyond this
     idle_unload_s: Optional[float] = None  # unload models unused for this long

@@ -49,6 +49,7 @@ def _text(model_id: str, probe: Probe, config: EngineConfig, gate: MemoryGate) -
     from engine.generation.text import TextRunner
 
     runner = TextRunner.load(model_id, probe, config.cpu_dtype, gate, batch=config.batch in ("on", "auto"))
+    runner.prompt_cache.max_bytes = config.prompt_cache_bytes
     runner.speculation.mode = config.speculative
     runner.speculation.num_draft = config.num_draft_tokens
     if config.draft_model and config.speculative in ("auto", "draft"):

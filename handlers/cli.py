@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=positive_int, default=None, help="default max_tokens when a request sets none")
     s.add_argument("--max-tokens-cap", type=positive_int, default=None,
                    help="reject requests whose max_tokens is above this (400)")
+    s.add_argument("--prompt-cache-bytes", type=positive_int, default=512 << 20,
+                   help="KV caches kept per text model for reuse by later prompts (conversations' histories and "
+                        "shared prefixes; least recently used out first)")
     s.add_argument("--reasoning-budgets", type=effort_budgets, default=(512, 2048, 8192), metavar="LOW,MEDIUM,HIGH",
                    help="thinking tokens a reasoning model may spend for reasoning efforts low, medium and high "
                         "(chat reasoning_effort, Responses reasoning.effort); past it the server closes the block")

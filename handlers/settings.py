@@ -77,6 +77,7 @@ def engine_config(args: argparse.Namespace) -> "EngineConfig":
                         reasoning_budgets=effort_budgets(getattr(args, "reasoning_budgets", "512,2048,8192")),
                         cpu_dtype=getattr(args, "cpu_dtype", "auto"),
                         max_queue=getattr(args, "max_queue", 64),
+                        prompt_cache_bytes=getattr(args, "prompt_cache_bytes", 512 << 20),
                         max_models=getattr(args, "max_models", 1),
                         request_timeout_s=getattr(args, "request_timeout", None),
                         idle_unload_s=getattr(args, "idle_unload", None),

@@ -199,3 +199,26 @@ def test_next_turn_reports_cached_prompt_tokens(client):
     second = client.chat.completions.create(model=MODEL, messages=turns, max_tokens=5, temperature=0)
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.total_tokens - 1
     assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+
+
+def test_concurrent_requests_all_start_from_a_cached_prefix(server):
+    """Issue 34: requests arriving together that share a cached prefix (an agent's system prompt)
+    all reuse it; none finds it taken by another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    system = {"role": "system", "content": "You are a coding agent. Follow the rules. " * 30}
+    warm = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+        "model": MODEL, "messages": [system, {"role": "user", "content": "Hi"}], "max_tokens": 1})
+    assert warm.status_code == 200, warm.text
+
+    def ask(i: int) -> dict:
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "model": MODEL, "messages": [system, {"role": "user", "content": f"Task number {i}: list files."}],
+            "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]
+
+    with ThreadPoolExecutor(3) as pool:
+        usages = list(pool.map(ask, range(3)))
+    shared = warm.json()["usage"]["prompt_tokens"] - 8
+    assert all(u["prompt_tokens_details"]["cached_tokens"] >= shared for u in usages), usages

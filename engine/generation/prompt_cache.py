@@ -1,8 +1,12 @@
 """Prompt cache: keep the KV caches of recent generations and reuse the longest common prefix,
 so the next turn of a chat only processes its new tokens.
 
-Entries are taken out while a generation uses them (a KV cache is mutated in place) and put back
-afterwards; bounded by entry count and bytes, least recently used out first.
+A prompt that continues an entry takes it over (the generation extends it and puts it back).
+A prompt that shares only part of an entry (another conversation with the same system prompt and
+tools; a request arriving while another holds the same prefix) gets new caches over the shared
+positions instead: MLX arrays are values, so the slices share memory until written, and the entry
+stays for its own conversation's next turn. Bounded by entry count and bytes, least recently used
+out first.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ def _nbytes(cache: list[Any]) -> int:
 class PromptCache:
     """An LRU of KV caches keyed by the token sequence each holds."""
 
-    def __init__(self, max_entries: int = 4, max_bytes: int = 512 << 20, min_reuse: int = 8) -> None:
+    def __init__(self, max_entries: int = 16, max_bytes: int = 512 << 20, min_reuse: int = 8) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.min_reuse = min_reuse
@@ -51,8 +55,9 @@ class PromptCache:
         return sum(e.nbytes for e in self._entries.values())
 
     def take(self, prompt: list[int]) -> tuple[Optional[list[Any]], int]:
-        """Remove and return the cache sharing the longest prefix with `prompt`, trimmed to that
-        prefix, and the number of prompt tokens it covers; (None, 0) when nothing is worth it."""
+        """A cache holding the longest prefix `prompt` shares with an entry, and the number of
+        prompt tokens it covers; (None, 0) when nothing is worth it. An entry the prompt continues
+        is handed over; one it shares only part of stays, and a copy of the part is returned."""
         from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
         best_key, best_len = None, 0
@@ -66,6 +71,11 @@ class PromptCache:
             return None, 0
         entry = self._entries[best_key]
         excess = len(entry.tokens) - best_len
+        shared = _prefix_copy(entry.cache, best_len) if excess else None
+        if shared is not None:
+            self._entries.move_to_end(best_key)
+            self.hits += 1
+            return shared, best_len
         if excess and not can_trim_prompt_cache(entry.cache):
             self.misses += 1
             return None, 0
@@ -93,3 +103,18 @@ class PromptCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+def _prefix_copy(cache: list[Any], length: int) -> Optional[list[Any]]:
+    """New KV caches over the first `length` positions of `cache` (sharing its arrays until they
+    are written), or None for cache kinds that can't be cut this way (rotating, quantized, SSM)."""
+    from mlx_lm.models.cache import KVCache
+
+    if not cache or any(type(c) is not KVCache or c.keys is None or c.offset < length for c in cache):
+        return None
+    copies = []
+    for c in cache:
+        n = KVCache()
+        n.keys, n.values, n.offset = c.keys[..., :length, :], c.values[..., :length, :], length
+        copies.append(n)
+    return copies
