@@ -239,3 +239,18 @@ def test_bad_reasoning_fields(think_server, bad, param):
                    json={"model": "smol-think", "messages": STORY, "max_tokens": 4, **bad}, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"].startswith(param) and r.headers.get("x-request-id")
+
+
+def test_thinking_with_tools_on_offer(think_server):
+    """Under tool_choice auto a reasoning model thinks first (its calls are parsed, not held to a
+    grammar from the first token); a required call turns thinking off and is constrained."""
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    auto = _post(think_server, "/v1/chat/completions", {"model": "smol-think", "messages": ask, "tools": [tool],
+                                                        "max_tokens": 24, "reasoning": {"max_tokens": 6}})
+    assert auto["choices"][0]["message"].get("reasoning_content"), auto
+    required = _post(think_server, "/v1/chat/completions", {"model": "smol-think", "messages": ask, "tools": [tool],
+                                                            "tool_choice": "required", "max_tokens": 40})
+    message = required["choices"][0]["message"]
+    assert "reasoning_content" not in message and json.loads(message["tool_calls"][0]["function"]["arguments"])

@@ -33,6 +33,12 @@ def template_thinks(template: str) -> bool:
     return OPEN in template or CLOSE in template
 
 
+def thinks(template: str, parser: Optional[str], thinking: Thinking) -> bool:
+    """Whether this request's output will start with thinking: a reasoning model (the config
+    file's `reasoning_parser`, else its template), thinking not switched off."""
+    return thinking.enabled is not False and (parser == "think" or (parser is None and template_thinks(template)))
+
+
 def prompt_opens_block(prompt_tail: str) -> bool:
     """Whether the rendered prompt ends inside an opened thinking block (the template opened it)."""
     opened = prompt_tail.rfind(OPEN)

@@ -215,12 +215,15 @@ class TextRunner:
         stays), the token budget."""
         params = conv.params
         choice = conv.tool_choice or ToolChoice()
-        if conv.tools and not (choice.mode == "auto" and params.grammar):
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        # Under auto, a reasoning model's calls are parsed, not constrained: the grammar would hold
+        # from the first token, where the model thinks.
+        free = params.grammar or reasoning.thinks(template, self.reasoning_parser, conv.thinking)
+        if conv.tools and not (choice.mode == "auto" and free):
             params = replace(params, grammar=self.tool_grammar(conv.tools, choice) or params.grammar)
         self.check_params(params)
-        thinking = reasoning.plan(getattr(self.tokenizer, "chat_template", None) or "", self.reasoning_parser,
-                                  conv.thinking, dict(conv.template_kwargs), params.grammar is not None,
-                                  policy.effort_budgets)
+        thinking = reasoning.plan(template, self.reasoning_parser, conv.thinking, dict(conv.template_kwargs),
+                                  params.grammar is not None, policy.effort_budgets)
         prompt = self.encode_chat(conv.messages, conv.tools, conv.continue_final, conv.fields.prompt,
                                   thinking.template_kwargs)
         budget = max_new_tokens(len(prompt), params.max_tokens, self.context_length, policy, conv.fields)
