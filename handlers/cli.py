@@ -131,12 +131,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           responses_dir=args.responses_dir, responses_max_bytes=args.responses_max_bytes,
                           image_sources=_image_sources(args), max_batch_tokens=args.max_batch_tokens,
                           body_timeout_s=args.body_timeout)
-    if args.model and args.model.lower().endswith(".gguf") and Path(args.model).expanduser().is_file():
+    if args.model and (args.model.lower().endswith(".gguf") and Path(args.model).expanduser().is_file()
+                       or args.model.startswith(("ollama:", "lmstudio:"))):
         # Converted before the server starts: a file openmlx can't run is one clear line, not a
         # failed lifespan's traceback.
-        from engine.models.gguf_import import import_gguf
+        from engine.models.resolution import ModelStore, locate
 
-        import_gguf(Path(args.model).expanduser(), config.engine.models_dir)
+        entry = locate(ModelStore(config.engine.models_dir, config.engine.hf_cache), args.model)
+        config.engine.model = str(entry.path)
     engine = Engine(config.engine)
     if config.engine.world_size > 1:  # the supervisor says a worker rank died: 503 until restarted
         signal.signal(signal.SIGUSR1, lambda *_: engine.mark_failed("a worker rank exited"))

@@ -20,17 +20,27 @@ def _size(n: int) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     from engine.engine import Engine
 
+    from engine.models.external import external_models
+
     infos = Engine(_config(args)).list_models(include_unusable=args.all)
+    converted = {i.id for i in infos}
+    others = [m for m in external_models() if m.store_name not in converted]  # not in openmlx's store yet
     if args.json:
         print(json.dumps([{"id": i.id, "type": i.type, "size_bytes": i.size_bytes,
                            "context_length": i.context_length, "runnable": i.runnable,
-                           "reason": i.reason, "path": str(i.path)} for i in infos], indent=2))
+                           "reason": i.reason, "path": str(i.path)} for i in infos]
+                         + [{"id": m.spec, "type": "gguf", "size_bytes": m.size_bytes, "context_length": None,
+                             "runnable": None, "reason": f"converted on first use (serve --model {m.spec})",
+                             "path": str(m.path)} for m in others], indent=2))
         return 0
     print(f"{'ID':<48} {'TYPE':<7} {'SIZE':>9} {'CONTEXT':>8}  SOURCE")
     for i in infos:
         note = "" if i.runnable else f"  (cannot run: {i.reason})"
         print(f"{i.id:<48} {i.type:<7} {_size(i.size_bytes):>9} {i.context_length or '-':>8}  {i.source}{note}")
-    if not infos:
+    for m in others:
+        print(f"{m.spec:<48} {'gguf':<7} {_size(m.size_bytes):>9} {'-':>8}  {m.spec.split(':')[0]} "
+              f"(serve --model {m.spec} converts it once)")
+    if not infos and not others:
         print("(no models yet: `openmlx serve` prepares the default model on first start)")
     return 0
 

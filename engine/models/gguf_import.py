@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from engine.errors import Unsupported
 from engine.formats.gguf import GGUFConversionError, convert_gguf
@@ -34,9 +34,11 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def import_gguf(path: Path, models_dir: Path, say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:
-    """The store folder for GGUF file `path`, converting it first if it isn't there yet."""
-    folder = models_dir / path.name[: -len(path.suffix)]
+def import_gguf(path: Path, models_dir: Path, say: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+                name: Optional[str] = None) -> Path:
+    """The store folder for GGUF file `path` (named `name`, else the file's name without
+    `.gguf`), converting it first if it isn't there yet."""
+    folder = models_dir / (name or path.name[: -len(path.suffix)])
     stamp = _stamp(path)
     mark = folder / MARK
     if mark.is_file() and (folder / "config.json").is_file():

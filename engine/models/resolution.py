@@ -112,6 +112,15 @@ def locate(store: ModelStore, spec: str) -> ModelEntry:
     """A model named on the command line: a local folder (registered under its folder name), a
     GGUF file (converted into the store once, served under the file's name without `.gguf`), or
     an id from the store or the Hugging Face cache."""
+    from engine.models import external
+
+    if spec.startswith(external.PREFIXES):  # Ollama's or LM Studio's file, converted once
+        from engine.models.gguf_import import import_gguf
+
+        found = external.find(spec)
+        if found is None:
+            raise ModelNotFound(spec)
+        return store.add_local(import_gguf(found.path, store.models_dir, name=found.store_name))
     path = Path(spec).expanduser()
     if path.is_dir():
         return store.add_local(path)
