@@ -40,9 +40,25 @@ class ModelSettings:
     reasoning_parser: Optional[str] = None
 
     @property
+    def is_gguf(self) -> bool:
+        """A GGUF file, or a model in Ollama's or LM Studio's store: converted into the store at start."""
+        return self.source.lower().endswith(".gguf") or self.source.startswith(("ollama:", "lmstudio:"))
+
+    @property
     def served_id(self) -> str:
-        return self.id or (Path(self.source).expanduser().name if Path(self.source).expanduser().is_dir()
-                           else self.source)
+        if self.id:
+            return self.id
+        path = Path(self.source).expanduser()
+        if path.is_dir():
+            return path.name
+        if self.source.lower().endswith(".gguf"):
+            return path.name[: -len(".gguf")]
+        if self.is_gguf:
+            from engine.models.external import find
+
+            found = find(self.source)
+            return found.store_name if found else self.source
+        return self.source
 
 
 @dataclass

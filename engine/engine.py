@@ -112,6 +112,9 @@ class Engine:
         The embedding model is made available (listed, loaded on first use); if it can't be, the
         server still starts and says why."""
         self.scheduler.start()
+        for m in self.config.models:  # a config file's GGUF sources: converted into the store once, now
+            if m.is_gguf:
+                self.store.aliases[m.served_id] = str(locate(self.store, m.source).path)
         if self.config.model is not None and self.config.hub_download:  # a Hub id to preload: fetch it first
             self._fetch_missing(self.config.model)
         self.default_model_id = self._model_id(self.config.model, ensure_default_model, DEFAULT_MODEL_ID)

@@ -101,3 +101,21 @@ def test_an_unknown_name_is_one_clear_line(stores, tmp_path):
     r = subprocess.run([sys.executable, "-m", "handlers.cli", "serve", "--model", "ollama:nothing:here", "--port", "0"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode != 0 and "ollama:nothing:here" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_a_config_file_source_can_be_a_gguf_file(stores, tmp_path):
+    """`models: [{source: FILE.gguf, id: ..., preload: true}]`: converted at start, served under its id."""
+    gguf = find_gguf(openmlx_home(), lambda _m: None)
+    config = tmp_path / "openmlx.yaml"
+    config.write_text(json.dumps({"models": [{"source": str(gguf), "id": "smol-from-gguf", "preload": True,
+                                              "temperature": 0}]}))
+    s = Server(["--config", str(config), "--embedding-model", "none", "--audio-model", "none"],
+               env={**os.environ, "OPENMLX_HOME": str(tmp_path / "home")}, wait=False)
+    try:
+        s.wait_ready(timeout=600)
+        r = httpx.post(s.url + "/v1/chat/completions", timeout=120, json={
+            "model": "smol-from-gguf", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 8})
+        assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"], r.text
+    finally:
+        s.stop()
