@@ -87,6 +87,9 @@ class EngineConfig:
     max_queue: int = 64
     # KV caches kept for reuse (engine/generation/prompt_cache.py), per loaded text model.
     prompt_cache_bytes: int = 512 << 20
+    # ...and on disk, across restarts (engine/generation/prompt_store.py): None = off.
+    prompt_cache_dir: Optional[Path] = None
+    prompt_cache_dir_bytes: int = 4 << 30
     request_timeout_s: Optional[float] = None  # a generation running longer is cut off (504)
     max_models: int = 1  # resident models; the least recently used is unloaded beyond this
     idle_unload_s: Optional[float] = None  # unload models unused for this long

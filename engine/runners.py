@@ -14,6 +14,8 @@ wraps its shard's runner (engine/distributed `LockstepRunner`); tests wrap runne
 """
 from __future__ import annotations
 
+import json
+
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol
@@ -50,6 +52,11 @@ def _text(model_id: str, probe: Probe, config: EngineConfig, gate: MemoryGate) -
 
     runner = TextRunner.load(model_id, probe, config.cpu_dtype, gate, batch=config.batch in ("on", "auto"))
     runner.prompt_cache.max_bytes = config.prompt_cache_bytes
+    if config.prompt_cache_dir is not None:
+        from engine.generation.prompt_store import PromptStore
+
+        identity = json.dumps([model_id, runner.dtype, probe.size_bytes, runner.config], sort_keys=True, default=str)
+        runner.prompt_cache.disk = PromptStore(config.prompt_cache_dir, identity, config.prompt_cache_dir_bytes)
     runner.speculation.mode = config.speculative
     runner.speculation.num_draft = config.num_draft_tokens
     if config.draft_model and config.speculative in ("auto", "draft"):

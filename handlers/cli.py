@@ -246,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-cache-bytes", type=positive_int, default=512 << 20,
                    help="KV caches kept per text model for reuse by later prompts (conversations' histories and "
                         "shared prefixes; least recently used out first)")
+    s.add_argument("--prompt-cache-dir", default=os.environ.get("OPENMLX_PROMPT_CACHE_DIR"),
+                   help="also keep prompt KV caches in this folder, so they survive restarts (per model; "
+                        "unreadable or foreign files are removed)")
+    s.add_argument("--prompt-cache-dir-bytes", type=positive_int, default=4 << 30,
+                   help="the most bytes --prompt-cache-dir holds (least recently used files out first)")
     s.add_argument("--reasoning-budgets", type=effort_budgets, default=(512, 2048, 8192), metavar="LOW,MEDIUM,HIGH",
                    help="thinking tokens a reasoning model may spend for reasoning efforts low, medium and high "
                         "(chat reasoning_effort, Responses reasoning.effort); past it the server closes the block")

@@ -78,6 +78,9 @@ def engine_config(args: argparse.Namespace) -> "EngineConfig":
                         cpu_dtype=getattr(args, "cpu_dtype", "auto"),
                         max_queue=getattr(args, "max_queue", 64),
                         prompt_cache_bytes=getattr(args, "prompt_cache_bytes", 512 << 20),
+                        prompt_cache_dir=Path(args.prompt_cache_dir).expanduser()
+                        if getattr(args, "prompt_cache_dir", None) else None,
+                        prompt_cache_dir_bytes=getattr(args, "prompt_cache_dir_bytes", 4 << 30),
                         max_models=getattr(args, "max_models", 1),
                         request_timeout_s=getattr(args, "request_timeout", None),
                         idle_unload_s=getattr(args, "idle_unload", None),

@@ -1,6 +1,8 @@
 """Prompt cache: the same greedy answer with and without a reused prefix; LRU bounds."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from engine.generation.prompt_cache import PromptCache, common_prefix
@@ -101,3 +103,95 @@ def test_a_shared_prefix_is_copied_not_taken(runner):
         runner.model(mx.array([[9, 9]]), cache=got)  # extending the copy leaves the entry alone
     assert len(pc._entries) == 1 and cache[0].offset == 5
     assert pc.hits == 3
+
+
+# --- on disk (--prompt-cache-dir) ---------------------------------------------------------------
+LONG = [("system", "You are a coding agent with tools for files and shells. " * 8), ("user", "List the files.")]
+
+
+def test_disk_cache_survives_a_new_cache_and_gives_the_same_answer(runner, tmp_path):
+    from engine.generation.prompt_store import PromptStore
+
+    runner.prompt_cache.clear()
+    runner.prompt_cache.disk = PromptStore(tmp_path, "model-a", 1 << 30)
+    try:
+        _, prompt_len, first = started(runner, LONG)
+        runner.prompt_cache.disk.flush()
+        assert len(list(runner.prompt_cache.disk.folder.glob("*.safetensors"))) == 1
+        # "A restart": memory empty, a new store over the same folder.
+        runner.prompt_cache.disk.close()
+        runner.prompt_cache.clear()
+        runner.prompt_cache.disk = PromptStore(tmp_path, "model-a", 1 << 30)
+        cached, _, again = started(runner, LONG)
+        assert cached >= prompt_len - 1 and again == first
+        # Another model's identity never reads these files.
+        runner.prompt_cache.disk.close()
+        runner.prompt_cache.clear()
+        runner.prompt_cache.disk = PromptStore(tmp_path, "model-b", 1 << 30)
+        assert started(runner, LONG)[0] == 0
+    finally:
+        runner.prompt_cache.disk.close()
+        runner.prompt_cache.disk = None
+        runner.prompt_cache.clear()
+
+
+def test_unreadable_files_are_removed_not_fatal(tmp_path):
+    from engine.generation.prompt_store import PromptStore
+
+    store = PromptStore(tmp_path, "model-a", 1 << 30)
+    store.close()
+    (store.folder / "junk.safetensors").write_bytes(b"\x00\x01not a safetensors file")
+    (store.folder / "half.tmp").write_bytes(b"partial")
+    store = PromptStore(tmp_path, "model-a", 1 << 30)
+    store.close()
+    assert not any(store.folder.iterdir())
+    assert store.best([1, 2, 3]) == (None, 0)
+
+
+def test_disk_bound_removes_least_recently_used(runner, tmp_path):
+    from mlx_lm.models.cache import make_prompt_cache
+    import mlx.core as mx
+
+    from engine.generation.prompt_store import PromptStore
+
+    store = PromptStore(tmp_path, "model-a", 1 << 30)
+    sizes = []
+    for first in (5, 6, 7):
+        tokens = [first] + list(range(10, 50))
+        cache = make_prompt_cache(runner.model)
+        runner.model(mx.array([tokens]), cache=cache)
+        store.save(tokens, cache)
+        store.flush()
+        sizes.append(sum(f.stat().st_size for f in store.folder.glob("*.safetensors")))
+    store.max_bytes = sizes[0] * 2  # room for two
+    store._bound()
+    store.close()
+    kept = sorted(json.loads(__import__("safetensors").safe_open(str(p), framework="numpy").metadata()["tokens"])[0]
+                  for p in store.folder.glob("*.safetensors"))
+    assert kept == [6, 7]
+
+
+def test_server_restart_keeps_the_prompt_cache(default_model_dir, tmp_path):
+    import httpx
+
+    from conftest import MODEL
+    from tests.process import Server
+
+    messages = [{"role": r, "content": c} for r, c in LONG]
+    usages = []
+    for _ in range(2):
+        s = Server(["--prompt-cache-dir", str(tmp_path), "--embedding-model", "none", "--audio-model", "none"])
+        try:
+            r = httpx.post(s.url + "/v1/chat/completions", timeout=120,
+                           json={"model": MODEL, "messages": messages, "max_tokens": 2})
+            assert r.status_code == 200, r.text
+            usages.append(r.json()["usage"])
+            import time
+
+            deadline = time.monotonic() + 60  # the file is written by a thread of its own, after the answer
+            while not list(tmp_path.rglob("*.safetensors")) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            s.stop()
+    assert usages[0]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert usages[1]["prompt_tokens_details"]["cached_tokens"] >= usages[1]["prompt_tokens"] - 1

@@ -49,6 +49,7 @@ class PromptCache:
         self._next = 0
         self.hits = 0
         self.misses = 0
+        self.disk: Any = None  # a PromptStore (engine/generation/prompt_store.py) with --prompt-cache-dir
 
     @property
     def nbytes(self) -> int:
@@ -65,6 +66,13 @@ class PromptCache:
             n = common_prefix(entry.tokens, prompt)
             if n > best_len:
                 best_key, best_len = key, n
+        if self.disk is not None:  # a longer prefix on disk (kept from before a restart) is read in
+            name, on_disk = self.disk.best(prompt)
+            loaded = self.disk.load(name) if name is not None and on_disk >= best_len + self.min_reuse else None
+            if loaded is not None:
+                key = self._add(_Entry(loaded[0], loaded[1], _nbytes(loaded[1])))
+                if key in self._entries:  # (not if it alone is over the byte bound)
+                    best_key, best_len = key, on_disk
         best_len = min(best_len, len(prompt) - 1)  # at least one token must be processed
         if best_key is None or best_len < self.min_reuse:
             self.misses += 1
@@ -91,15 +99,22 @@ class PromptCache:
         if held <= 0 or held > len(tokens):
             return
         entry = _Entry(tokens[:held], cache, _nbytes(cache))
+        if self.disk is not None:
+            self.disk.save(entry.tokens, cache)
         if entry.nbytes > self.max_bytes:
             return
         # A cache whose tokens are a prefix of the new one's is now redundant.
         for key in [k for k, e in self._entries.items() if common_prefix(e.tokens, entry.tokens) == len(e.tokens)]:
             del self._entries[key]
-        self._entries[self._next] = entry
+        self._add(entry)
+
+    def _add(self, entry: _Entry) -> int:
+        key = self._next
+        self._entries[key] = entry
         self._next += 1
         while len(self._entries) > self.max_entries or self.nbytes > self.max_bytes:
             self._entries.popitem(last=False)
+        return key
 
     def clear(self) -> None:
         self._entries.clear()

@@ -274,6 +274,8 @@ class TextRunner:
     def close(self) -> None:
         """Free what the runner holds beyond its weights (unload)."""
         self.prompt_cache.clear()
+        if self.prompt_cache.disk is not None:
+            self.prompt_cache.disk.close()
         self.speculation.close()
         if self.decoder is not None:
             self.decoder.close()
