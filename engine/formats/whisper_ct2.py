@@ -90,6 +90,17 @@ def _layers(v: dict[str, np.ndarray], side: str) -> int:
     return len({k.split("/")[1] for k in v if re.match(rf"{side}/layer_\d+/", k)})
 
 
+def is_ct2_whisper(folder: Path) -> bool:
+    """A CTranslate2 Whisper folder (model.bin, config.json with Whisper's suppress lists, a tokenizer)."""
+    config = folder / "config.json"
+    if not ((folder / "model.bin").is_file() and config.is_file() and (folder / "tokenizer.json").is_file()):
+        return False
+    try:
+        return "suppress_ids" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def convert(source: Path, dest: Path) -> Path:
     """Write the mlx-audio Whisper folder for the CTranslate2 model in `source`; returns `dest`."""
     import mlx.core as mx

@@ -123,6 +123,14 @@ def locate(store: ModelStore, spec: str) -> ModelEntry:
         return store.add_local(import_gguf(found.path, store.models_dir, name=found.store_name))
     path = Path(spec).expanduser()
     if path.is_dir():
+        from engine.formats.whisper_ct2 import convert, is_ct2_whisper
+
+        if is_ct2_whisper(path):  # a CTranslate2 Whisper (as the default tiny.en): converted into the store once
+            dest = store.models_dir / path.name
+            if not (dest / "config.json").is_file():
+                store.models_dir.mkdir(parents=True, exist_ok=True)
+                convert(path, dest)
+            return store.add_local(dest)
         return store.add_local(path)
     if path.is_file() and path.suffix.lower() == ".gguf":  # converted into the store once, served by its name
         from engine.models.gguf_import import import_gguf
