@@ -75,6 +75,9 @@ class Health:
     batch_peak: Optional[int] = None  # with batched decoding: the most streams decoded in one step
     world_size: int = 1
     sharding: Optional[str] = None
+    prompt_cache_entries: int = 0  # the loaded model's prompt cache: entries and bytes in memory, bytes on disk
+    prompt_cache_bytes: int = 0
+    prompt_cache_disk_bytes: int = 0
 
 
 class Engine:
@@ -213,14 +216,16 @@ class Engine:
         """From the event loop: in-memory state only, no MLX call (the worker may hold MLX)."""
         current = self.residency.current  # one read: the worker may replace it meanwhile
         loaded = current.model_id if current else None
-        hits = current.prompt_cache.hits if current else 0
+        hits = getattr(getattr(current, "prompt_cache", None), "hits", 0)
         decoder = getattr(current, "decoder", None)
         status = "rank_failed" if self.lockstep is not None and self.lockstep.failed else \
             "shutting_down" if self.scheduler.closing else "ok"
         plan = self.shard_plan
+        cache = getattr(current, "prompt_cache", None)
+        entries, held, on_disk = cache.sizes() if cache is not None else (0, 0, 0)
         return Health(status, loaded, time.monotonic() - self._started, blas.active(), self._device,
                       self.scheduler.load(), hits, decoder.peak if decoder is not None else None,
-                      plan.world_size if plan else 1, plan.mode if plan else None)
+                      plan.world_size if plan else 1, plan.mode if plan else None, entries, held, on_disk)
 
     def resident_models(self) -> int:
         return self.residency.count()

@@ -38,6 +38,8 @@ SPECULATIVE = Counter("openmlx_speculative_tokens", "Speculative decoding: draft
                       ["model", "kind"], registry=REGISTRY)
 QUEUE = Gauge("openmlx_queue_depth", "Requests queued or generating", registry=REGISTRY)
 RESIDENT = Gauge("openmlx_resident_models", "Models loaded in memory", registry=REGISTRY)
+PROMPT_CACHE = Gauge("openmlx_prompt_cache_bytes", "KV caches kept for reuse by the loaded model", ["where"],
+                     registry=REGISTRY)
 
 
 def _route(path: str) -> str:
@@ -91,6 +93,9 @@ class GenerationObserver:
     def finished(self, done: Finished) -> None:
         TOKENS.labels(self.model, "prompt").inc(done.prompt_tokens)
         TOKENS.labels(self.model, "completion").inc(done.completion_tokens)
+        # Prompt tokens the prompt cache covered ("cached") and those computed ("computed").
+        TOKENS.labels(self.model, "cached").inc(done.cached_tokens)
+        TOKENS.labels(self.model, "computed").inc(max(done.prompt_tokens - done.cached_tokens, 0))
         GENERATIONS.labels(self.model, done.finish_reason).inc()
         if done.drafted:
             SPECULATIVE.labels(self.model, "proposed").inc(done.drafted)
@@ -107,5 +112,8 @@ async def get():
     engine = request.state.engine
     QUEUE.set(engine.scheduler.load())
     RESIDENT.set(engine.resident_models())
+    health = engine.health()
+    PROMPT_CACHE.labels("memory").set(health.prompt_cache_bytes)
+    PROMPT_CACHE.labels("disk").set(health.prompt_cache_disk_bytes)
     # A ready Response: Connexion would otherwise insist on the bare media type of the spec.
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE)

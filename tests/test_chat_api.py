@@ -222,3 +222,9 @@ def test_concurrent_requests_all_start_from_a_cached_prefix(server):
         usages = list(pool.map(ask, range(3)))
     shared = warm.json()["usage"]["prompt_tokens"] - 8
     assert all(u["prompt_tokens_details"]["cached_tokens"] >= shared for u in usages), usages
+    health = httpx.get(server.url + "/health", timeout=30).json()
+    assert health["prompt_cache"]["entries"] >= 1 and health["prompt_cache"]["bytes"] > 0, health
+    metrics = httpx.get(server.url + "/metrics", timeout=30).text
+    cached = [line for line in metrics.splitlines() if line.startswith("openmlx_tokens_total{") and 'kind="cached"' in line]
+    assert cached and float(cached[0].rsplit(" ", 1)[1]) >= 3 * shared, cached
+    assert 'openmlx_prompt_cache_bytes{where="memory"}' in metrics

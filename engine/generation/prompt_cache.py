@@ -116,6 +116,11 @@ class PromptCache:
             self._entries.popitem(last=False)
         return key
 
+    def sizes(self) -> tuple[int, int, int]:
+        """(entries, bytes in memory, bytes on disk): read from any thread (copies first)."""
+        entries = list(self._entries.values())
+        return len(entries), sum(e.nbytes for e in entries), self.disk.nbytes if self.disk is not None else 0
+
     def clear(self) -> None:
         self._entries.clear()
 

@@ -69,6 +69,11 @@ class PromptStore:
         for tmp in self.folder.glob("*.tmp"):  # a write a crash interrupted
             tmp.unlink(missing_ok=True)
 
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(f.nbytes for f in self._files.values())
+
     def best(self, prompt: list[int]) -> tuple[Optional[str], int]:
         """The file sharing the longest prefix with `prompt`, and that length."""
         with self._lock:
