@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from engine.generation.text import ChatMessage, render_turn
+from engine.generation.text import ChatMessage
+from engine.generation.turns import render_turn
 from engine.constrained.toolcalls import CallWatcher, for_template, hermes, llama3, mistral
 from engine.constrained.tools import ToolCall, ToolSpec
 

@@ -25,11 +25,12 @@ from engine.generation.sampling import make_sampler, penalty_processor
 from engine.generation.speculative import Speculation, SpecStats, speculative_tokens
 from engine.generation.stopping import StopMatcher
 from engine.generation.templates import render_bounded
+from engine.generation.turns import render_turn, with_tool_prompt
 from engine.constrained.toolcalls import ToolFormat, for_template
-from engine.constrained.toolcalls.common import added_tokens, json_or_text
+from engine.constrained.toolcalls.common import added_tokens
 from engine.generation.last_rows import SplitHead, split_head
 from engine.models.weights import load_gated
-from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec, render_result, tool_prompt, tool_schema
+from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec, tool_schema
 
 from engine.request import (ChatMessage, Conversation, Finished, GenerationEvent, Prepared, SamplingParams,  # noqa: F401
                             Started, TextDelta, TokenLogprob)
@@ -44,37 +45,6 @@ try:
 except ImportError:  # pragma: no cover - transformers brings jinja2
     _TemplateError = ValueError
 TEMPLATE_ERRORS = (_TemplateError, ValueError, TypeError, KeyError, IndexError, RecursionError)
-
-
-def render_turn(m: ChatMessage, fmt: ToolFormat, native: bool) -> dict[str, Any]:
-    """One message as a chat-template turn. Templates with tool support get calls and results
-    as structured fields; others get them as text in the generic prompt's format."""
-    role = "system" if m.role == "developer" else m.role
-    if m.role == "tool":
-        if native:
-            return {"role": "tool", "content": m.text_only, "tool_call_id": m.tool_call_id}
-        return {"role": "user", "content": render_result(m.text_only)}
-    if m.tool_calls:
-        if native:
-            return {"role": "assistant", "content": m.content,
-                    "tool_calls": [{"id": c.id, "type": "function",
-                                    "function": {"name": c.name, "arguments": json_or_text(c.arguments)}}
-                                   for c in m.tool_calls]}
-        calls = "".join(fmt.render_call(c.name, c.arguments) for c in m.tool_calls)
-        return {"role": role, "content": (m.content + "\n" if m.content else "") + calls}
-    return {"role": role, "content": m.text_only}
-
-
-
-def with_tool_prompt(messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]) -> list[ChatMessage]:
-    """Messages with the generic tool instructions in the system turn (added if there is none)."""
-    out = list(messages)
-    prompt = tool_prompt(tools)
-    if out and out[0].role in ("system", "developer"):
-        out[0] = replace(out[0], content=out[0].content + "\n\n" + prompt)
-    else:
-        out.insert(0, ChatMessage("system", prompt))
-    return out
 
 
 @dataclass

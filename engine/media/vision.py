@@ -25,7 +25,8 @@ from engine.models.probe import Probe
 from engine.generation.prompt_cache import PromptCache
 from engine.generation.templates import render_bounded
 from engine.generation.text import (ChatMessage, Finished, GenerationEvent, SamplingParams, Started, TEMPLATE_ERRORS, TextDelta,
-                         TextRunner, decode_steps, render_turn, with_tool_prompt)
+                         TextRunner, decode_steps)
+from engine.generation.turns import render_turn, with_tool_prompt
 from engine.models.weights import KV_HEADROOM_TOKENS, kv_bytes_per_token
 from engine.constrained.toolcalls import hermes
 from engine.constrained.tools import ToolChoice, ToolSpec
