@@ -6,10 +6,11 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional
 
 import connexion
 from connexion.middleware import MiddlewarePosition
+from connexion.resolver import Resolver
 
 from engine.config import EngineConfig
 from engine.engine import Engine
@@ -49,6 +50,14 @@ class ServerConfig:
     body_timeout_s: float = 60.0  # a request body arrives whole within this long, or 408
 
 
+class HandlerResolver(Resolver):
+    """operationIds are OpenAI's names (what generated clients call their methods); each operation
+    names the function that answers it in `x-openmlx-handler`."""
+
+    def resolve_operation_id(self, operation: Any) -> str:
+        return operation._operation.get("x-openmlx-handler") or super().resolve_operation_id(operation)
+
+
 def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] = None) -> connexion.AsyncApp:
     """The ASGI app. The engine starts (and preloads its model) in the lifespan."""
     config = config or ServerConfig()
@@ -71,7 +80,8 @@ def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] =
     spec = spec_path()
     app = connexion.AsyncApp(__name__, specification_dir=str(spec.parent), lifespan=lifespan,
                              swagger_ui_options=connexion.options.SwaggerUIOptions(swagger_ui_path="/docs"))
-    app.add_api(spec.name, validate_responses=config.validate_responses, strict_validation=False)
+    app.add_api(spec.name, validate_responses=config.validate_responses, strict_validation=False,
+                resolver=HandlerResolver())
     errors.register(app)
     # Connexion runs middleware added at one position in the order added: the request id wraps
     # everything, CORS answers preflights before auth, auth runs before a body is read.

@@ -8,12 +8,12 @@ from __future__ import annotations
 import sys
 
 from client import Client
-from client.api.chat import handlers_chat_create
-from client.api.completions import handlers_completions_create
-from client.api.embeddings import handlers_embeddings_create
-from client.api.messages import handlers_messages_create
-from client.api.models import handlers_models_list_models
-from client.api.responses import handlers_responses_create
+from client.api.chat import create_chat_completion
+from client.api.completions import create_completion
+from client.api.embeddings import create_embedding
+from client.api.messages import create_message
+from client.api.models import list_models
+from client.api.responses import create_response
 from client.models import (AnthropicMessage, AnthropicMessageParam, CreateChatCompletionRequest,
                            CreateChatCompletionResponse, CreateCompletionRequest, CreateCompletionResponse,
                            CreateEmbeddingRequest, CreateEmbeddingResponse, CreateMessageParams, CreateResponse,
@@ -24,36 +24,36 @@ def main(base_url: str, model: str, embedding_model: str) -> None:
     api = Client(base_url=base_url, timeout=300, raise_on_unexpected_status=True)
     question = "What is the capital of France?"
 
-    models = handlers_models_list_models.sync(client=api)
+    models = list_models.sync(client=api)
     assert isinstance(models, ListModelsResponse), models
     assert model in [m.id for m in models.data], models
     print("models", [m.id for m in models.data])
 
-    chat = handlers_chat_create.sync(client=api, body=CreateChatCompletionRequest.from_dict(
+    chat = create_chat_completion.sync(client=api, body=CreateChatCompletionRequest.from_dict(
         {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 8}))
     assert isinstance(chat, CreateChatCompletionResponse), chat
     assert chat.choices[0].message.content and chat.usage.completion_tokens > 0, chat
     print("chat", repr(chat.choices[0].message.content), chat.choices[0].finish_reason)
 
-    completion = handlers_completions_create.sync(client=api, body=CreateCompletionRequest.from_dict(
+    completion = create_completion.sync(client=api, body=CreateCompletionRequest.from_dict(
         {"model": model, "prompt": "The capital of France is", "max_tokens": 4}))
     assert isinstance(completion, CreateCompletionResponse), completion
     assert completion.choices[0].text, completion
     print("completion", repr(completion.choices[0].text))
 
-    embeddings = handlers_embeddings_create.sync(client=api, body=CreateEmbeddingRequest.from_dict(
+    embeddings = create_embedding.sync(client=api, body=CreateEmbeddingRequest.from_dict(
         {"model": embedding_model, "input": ["a cat", "a dog"]}))
     assert isinstance(embeddings, CreateEmbeddingResponse), embeddings
     assert len(embeddings.data) == 2 and len(embeddings.data[0].embedding) > 100, embeddings
     print("embeddings", len(embeddings.data), len(embeddings.data[0].embedding))
 
-    response = handlers_responses_create.sync(client=api, body=CreateResponse.from_dict(
+    response = create_response.sync(client=api, body=CreateResponse.from_dict(
         {"model": model, "input": question, "max_output_tokens": 8}))
     assert isinstance(response, ResponseObject), response
     assert response.status in ("completed", "incomplete") and response.output, response
     print("response", response.status, response.output[0].type_)
 
-    message = handlers_messages_create.sync(client=api, body=CreateMessageParams(
+    message = create_message.sync(client=api, body=CreateMessageParams(
         model=model, max_tokens=8, messages=[AnthropicMessageParam.from_dict({"role": "user", "content": question})]))
     assert isinstance(message, AnthropicMessage), message
     assert message.content[0].text, message
