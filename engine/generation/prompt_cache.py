@@ -98,6 +98,7 @@ class PromptCache:
         held = _offset(cache)
         if held <= 0 or held > len(tokens):
             return
+        cache = _compact(cache)
         entry = _Entry(tokens[:held], cache, _nbytes(cache))
         if self.disk is not None:
             self.disk.save(entry.tokens, cache)
@@ -123,6 +124,23 @@ class PromptCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+def _compact(cache: list[Any]) -> list[Any]:
+    """KV caches holding their own arrays, exactly as long as what they hold. A stream's cache
+    from the batch is a view into the whole batch's buffer (and a plain one has room to grow):
+    kept as is, one entry would hold every stream's memory and the byte bound would count a
+    fraction of it."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    if not cache or any(type(c) is not KVCache or c.keys is None for c in cache):
+        return cache
+    for c in cache:
+        zero = mx.zeros((), dtype=c.keys.dtype)
+        c.keys, c.values = c.keys[..., :c.offset, :] + zero, c.values[..., :c.offset, :] + zero
+    mx.eval([x for c in cache for x in (c.keys, c.values)])
+    return cache
 
 
 def _prefix_copy(cache: list[Any], length: int) -> Optional[list[Any]]:
