@@ -1,6 +1,8 @@
 """Start and stop the servers under test, each on a free local port with the same model folder."""
 from __future__ import annotations
 
+import os
+
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -95,7 +97,9 @@ def peers(model_dir: Path, model_id: str, python: str = sys.executable, work: Pa
     return table
 
 
-PEER_WHEELS = Path(__file__).resolve().parent.parent.parent / "shared" / "peers"
+# Prebuilt peer wheels: ../shared/peers beside the checkout, or $OPENMLX_PEER_WHEELS.
+PEER_WHEELS = Path(os.environ.get("OPENMLX_PEER_WHEELS")
+                   or Path(__file__).resolve().parent.parent.parent / "shared" / "peers")
 
 
 def llama_cpp_peer(lookup: bool = False) -> Optional[Peer]:
