@@ -8,7 +8,6 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec
-from engine.generation.reasoning import ReasoningFormat, Thinking
 
 
 @dataclass(frozen=True)
@@ -126,6 +125,15 @@ GenerationEvent = Started | TextDelta | Finished
 
 
 @dataclass(frozen=True)
+class Thinking:
+    """What a request asks of a reasoning model (engine/generation/reasoning.py)."""
+
+    enabled: Optional[bool] = None  # None: the model's own default; False: `enable_thinking: false`
+    budget: Optional[int] = None  # tokens of thinking before the server closes the block
+    effort: Optional[str] = None  # low | medium | high: a budget set by the server (--reasoning-budgets)
+
+
+@dataclass(frozen=True)
 class Conversation:
     """A chat-shaped request: messages, sampling, tools, and the API's own field names."""
 
@@ -154,7 +162,7 @@ class Prepared:
     raw_text: bool = False  # a text completion (keeps the first token's leading space)
     vision: Any = None  # a vision model's passes, engine/media/vision.py VisionPlan (prompt is then unused)
     prefix: Any = None  # a shared prefill of the prompt, engine/generation/scoring.py Prefix (n choices, echoed logprobs)
-    reasoning: Optional[ReasoningFormat] = None  # a reasoning model's output: thinking, then the answer
+    reasoning: Any = None  # engine/generation/reasoning.py ReasoningFormat: a reasoning model's output is thinking, then the answer
 
     def reasoning_tokens(self, reasoning: str) -> int:
         """Tokens the thinking took: its text (not the tags), as this model's tokenizer counts it."""

@@ -12,20 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from engine.request import Thinking  # noqa: F401  (the request's side; named here too for the APIs)
+
 OPEN, CLOSE = "<think>", "</think>"
 # What the server writes when the budget runs out: the close the templates expect, then the
 # answer's start on its own paragraph (as Qwen3's templates render an earlier turn's thinking).
 FORCED_CLOSE = "\n" + CLOSE + "\n\n"
 REASONING, CONTENT = "reasoning", "content"
-
-
-@dataclass(frozen=True)
-class Thinking:
-    """What a request asks of a reasoning model."""
-
-    enabled: Optional[bool] = None  # None: the model's own default; False: `enable_thinking: false`
-    budget: Optional[int] = None  # tokens of thinking before the server closes the block
-    effort: Optional[str] = None  # low | medium | high: a budget set by the server (--reasoning-budgets)
 
 
 def template_thinks(template: str) -> bool:
