@@ -5,8 +5,9 @@
 - openapi-typescript + openapi-fetch: a program that compiles under `tsc --strict` and runs.
 - Prism's validating proxy: plain and streamed chat and completions pass its response checks.
 
-The tools are installed once into ~/.cache/openmlx/test-assets/tools (PyPI and the npm registry);
-without node, the node tools' tests skip and say so.
+The tools are installed once: openapi-python-client into a venv under bench/.venvs (as the bench's
+peers are), the node tools into ~/.cache/openmlx/test-assets/tools from the npm registry; without
+node, the node tools' tests skip and say so.
 """
 from __future__ import annotations
 
@@ -38,13 +39,11 @@ def _tools_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def python_generator() -> Path:
-    """openapi-python-client in a venv of its own (it pins an older httpx than the server's)."""
-    venv = _tools_dir() / "openapi-python-client"
-    exe = venv / "bin" / "openapi-python-client"
-    if not exe.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", PYTHON_GENERATOR], check=True, timeout=600)
-    return exe
+    """openapi-python-client in a venv of its own (it pins an older httpx than the server's),
+    made as the bench makes its peers' venvs."""
+    from bench.servers import ensure_venv
+
+    return ensure_venv("openapi-python-client", [PYTHON_GENERATOR]) / "openapi-python-client"
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,9 @@ class ModelSettings:
     @property
     def is_gguf(self) -> bool:
         """A GGUF file, or a model in Ollama's or LM Studio's store: converted into the store at start."""
-        return self.source.lower().endswith(".gguf") or self.source.startswith(("ollama:", "lmstudio:"))
+        from engine.models.external import PREFIXES
+
+        return self.source.lower().endswith(".gguf") or self.source.startswith(PREFIXES)
 
     @property
     def served_id(self) -> str:

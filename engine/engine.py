@@ -216,12 +216,12 @@ class Engine:
         """From the event loop: in-memory state only, no MLX call (the worker may hold MLX)."""
         current = self.residency.current  # one read: the worker may replace it meanwhile
         loaded = current.model_id if current else None
-        hits = getattr(getattr(current, "prompt_cache", None), "hits", 0)
+        cache = getattr(current, "prompt_cache", None)  # None: no model loaded, or a runner without one
+        hits = cache.hits if cache is not None else 0
         decoder = getattr(current, "decoder", None)
         status = "rank_failed" if self.lockstep is not None and self.lockstep.failed else \
             "shutting_down" if self.scheduler.closing else "ok"
         plan = self.shard_plan
-        cache = getattr(current, "prompt_cache", None)
         entries, held, on_disk = cache.sizes() if cache is not None else (0, 0, 0)
         return Health(status, loaded, time.monotonic() - self._started, blas.active(), self._device,
                       self.scheduler.load(), hits, decoder.peak if decoder is not None else None,

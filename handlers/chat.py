@@ -36,12 +36,11 @@ async def create(body: dict):
         results = await choices.collect(starts, ROUTE, req.model)
         out, thought = [], None
         for c in results:
-            reasoning, text = generation.split_reasoning(prepared, c.text)
-            text, calls = generation.split_calls(conv, prepared, text, c.done)
-            out.append(protocol.chat_choice(c.index, text, _finish(c.done, calls),
-                                            c.logprobs if req.params.logprobs else None, calls, reasoning))
-            if reasoning is not None:
-                thought = (thought or 0) + prepared.reasoning_tokens(reasoning)
+            a = generation.split_answer(conv, prepared, c.text, c.done)
+            out.append(protocol.chat_choice(c.index, a.text, _finish(c.done, a.calls),
+                                            c.logprobs if req.params.logprobs else None, a.calls, a.reasoning))
+            if a.reasoning_tokens is not None:
+                thought = (thought or 0) + a.reasoning_tokens
         done = results[0].done
         return protocol.json_ok(protocol.chat_completion(cid, created, req.model, out, done.prompt_tokens,
                                                          sum(c.done.completion_tokens for c in results),

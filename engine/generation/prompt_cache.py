@@ -126,15 +126,22 @@ class PromptCache:
         self._entries.clear()
 
 
+def plain_kv(cache: list[Any]) -> bool:
+    """Every layer a filled mlx-lm KVCache (not rotating, quantized or SSM): what can be cut,
+    copied and written to disk by position."""
+    from mlx_lm.models.cache import KVCache
+
+    return bool(cache) and all(type(c) is KVCache and c.keys is not None for c in cache)
+
+
 def _compact(cache: list[Any]) -> list[Any]:
     """KV caches holding their own arrays, exactly as long as what they hold. A stream's cache
     from the batch is a view into the whole batch's buffer (and a plain one has room to grow):
     kept as is, one entry would hold every stream's memory and the byte bound would count a
     fraction of it."""
     import mlx.core as mx
-    from mlx_lm.models.cache import KVCache
 
-    if not cache or any(type(c) is not KVCache or c.keys is None for c in cache):
+    if not plain_kv(cache):
         return cache
     for c in cache:
         zero = mx.zeros((), dtype=c.keys.dtype)
@@ -148,7 +155,7 @@ def _prefix_copy(cache: list[Any], length: int) -> Optional[list[Any]]:
     are written), or None for cache kinds that can't be cut this way (rotating, quantized, SSM)."""
     from mlx_lm.models.cache import KVCache
 
-    if not cache or any(type(c) is not KVCache or c.keys is None or c.offset < length for c in cache):
+    if not plain_kv(cache) or any(c.offset < length for c in cache):
         return None
     copies = []
     for c in cache:

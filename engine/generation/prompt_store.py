@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from engine.generation.prompt_cache import common_prefix
+from engine.generation.prompt_cache import common_prefix, plain_kv
 
 log = logging.getLogger("openmlx.engine")
 MIN_TOKENS = 32  # shorter prompts are cheap to compute again: not worth a file
@@ -118,9 +118,8 @@ class PromptStore:
         """Queue `cache` (holding `tokens`) for writing. Copies the arrays out on the caller's
         thread (the worker); skipped for short prompts, known sequences and other cache kinds."""
         import mlx.core as mx
-        from mlx_lm.models.cache import KVCache
 
-        if len(tokens) < MIN_TOKENS or any(type(c) is not KVCache or c.keys is None for c in cache):
+        if len(tokens) < MIN_TOKENS or not plain_kv(cache):
             return
         name = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:32] + ".safetensors"
         with self._lock:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from engine.constrained.toolcalls.common import held_back
 from engine.request import Thinking  # noqa: F401  (the request's side; named here too for the APIs)
 
 OPEN, CLOSE = "<think>", "</think>"
@@ -26,10 +27,15 @@ def template_thinks(template: str) -> bool:
     return OPEN in template or CLOSE in template
 
 
+def is_reasoning_model(template: str, parser: Optional[str]) -> bool:
+    """The config file's `reasoning_parser` (think | none) says so, else the chat template."""
+    return parser == "think" or (parser is None and template_thinks(template))
+
+
 def thinks(template: str, parser: Optional[str], thinking: Thinking) -> bool:
-    """Whether this request's output will start with thinking: a reasoning model (the config
-    file's `reasoning_parser`, else its template), thinking not switched off."""
-    return thinking.enabled is not False and (parser == "think" or (parser is None and template_thinks(template)))
+    """Whether this request's output will start with thinking: a reasoning model, thinking not
+    switched off."""
+    return thinking.enabled is not False and is_reasoning_model(template, parser)
 
 
 def prompt_opens_block(prompt_tail: str) -> bool:
@@ -52,14 +58,6 @@ class ReasoningFormat:
         s = self.splitter()
         pieces = s.feed(text) + s.finish()
         return ("".join(t for c, t in pieces if c == REASONING), "".join(t for c, t in pieces if c == CONTENT))
-
-
-def _held(text: str, tag: str) -> int:
-    """How many characters at the end of `text` could be the start of `tag` (held back)."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class ReasoningSplitter:
@@ -93,7 +91,7 @@ class ReasoningSplitter:
                     self._emit(out, REASONING, self.buffer[:end])
                     self.buffer, self.state, self.at_section_start = self.buffer[end + len(CLOSE):], "answer", True
                     continue
-                keep = _held(self.buffer, CLOSE)
+                keep = held_back(self.buffer, [CLOSE])
                 self._emit(out, REASONING, self.buffer[:len(self.buffer) - keep])
                 self.buffer = self.buffer[len(self.buffer) - keep:]
                 return out
@@ -180,10 +178,10 @@ def plan(template: str, parser: Optional[str], thinking: Thinking, template_kwar
     With a grammar in force (JSON output, a required tool call) the model is asked not to think
     (`enable_thinking: false`) and nothing is parsed: the grammar holds from the first token."""
     kwargs = dict(template_kwargs)
-    thinks = parser == "think" or (parser is None and template_thinks(template))
-    if thinking.enabled is False or (thinks and constrained):
+    reasoning_model = is_reasoning_model(template, parser)
+    if thinking.enabled is False or (reasoning_model and constrained):
         kwargs.setdefault("enable_thinking", False)
-    if not thinks or constrained:
+    if not reasoning_model or constrained:
         return ReasoningPlan(kwargs, False, None)
     # Said explicitly: mlx-lm's tokenizer otherwise passes enable_thinking=False for a vocabulary
     # without single <think> tokens, whatever the template does.
