@@ -78,6 +78,7 @@ class Health:
     prompt_cache_entries: int = 0  # the loaded model's prompt cache: entries and bytes in memory, bytes on disk
     prompt_cache_bytes: int = 0
     prompt_cache_disk_bytes: int = 0
+    decode: Optional[str] = None  # the loaded text model's path for a lone stream's decode steps
 
 
 class Engine:
@@ -225,7 +226,8 @@ class Engine:
         entries, held, on_disk = cache.sizes() if cache is not None else (0, 0, 0)
         return Health(status, loaded, time.monotonic() - self._started, blas.active(), self._device,
                       self.scheduler.load(), hits, decoder.peak if decoder is not None else None,
-                      plan.world_size if plan else 1, plan.mode if plan else None, entries, held, on_disk)
+                      plan.world_size if plan else 1, plan.mode if plan else None, entries, held, on_disk,
+                      getattr(current, "decode_path", None))
 
     def resident_models(self) -> int:
         return self.residency.count()

@@ -66,6 +66,8 @@ class TextRunner:
     streams: int = 0  # generations running now (on the worker thread)
     last_rows: Optional[SplitHead] = None  # logits for a pass's last rows only (engine/generation/last_rows.py)
     reasoning_parser: Optional[str] = None  # think | none (config file); None: found from the chat template
+    solo: Any = None  # what a lone stream's passes call (engine/cpu/decode.py); None: the model
+    decode_path: str = "mlx"  # which path decodes a lone stream, and why (/health)
 
     @classmethod
     def load(cls, model_id: str, probe: Probe, cpu_dtype: str, gate: MemoryGate,
@@ -77,6 +79,7 @@ class TextRunner:
         runner = cls(model_id, loaded.model, loaded.tokenizer, probe.config, probe, loaded.dtype, context,
                      loaded.need, loaded.warnings)
         runner.last_rows = split_head(loaded.model)
+        runner.solo, runner.decode_path = loaded.solo, loaded.decode
         if batch:
             runner.decoder = BatchDecoder(loaded.model, _eos_ids(loaded.tokenizer))
         return runner
@@ -94,7 +97,7 @@ class TextRunner:
         problem = same_vocabulary(self.tokenizer, loaded.tokenizer)
         if problem:
             raise Unsupported(f"draft model {folder} can't draft for {self.model_id}: {problem}")
-        self.speculation.draft_model = loaded.model
+        self.speculation.draft_model = loaded.solo
 
     # --- prompts -------------------------------------------------------------------------
     def encode_chat(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = (),
@@ -335,7 +338,7 @@ class TextRunner:
             steps = detokenized(batch_tokens(self.decoder, batch["uid"], batch), self.tokenizer,
                                 _eos_ids(self.tokenizer), max_tokens)
         else:
-            steps = stream_generate(self.model, self.tokenizer, mx.array(prompt[reused:]), max_tokens=max_tokens,
+            steps = stream_generate(self.solo or self.model, self.tokenizer, mx.array(prompt[reused:]), max_tokens=max_tokens,
                                     sampler=sampler, prompt_cache=cache, logits_processors=processors or None,
                                     prefill_step_size=PREFILL_STEP)
         self.streams += 1
@@ -364,7 +367,7 @@ class TextRunner:
         processors only the tokens it was handed, so they are given the history before it too."""
         history = list(prompt)
         alone = (lambda: self.streams <= 1) if self.decoder is not None else (lambda: True)
-        for token, logprobs in speculative_tokens(self.model, cache, prompt, reused, drafter,
+        for token, logprobs in speculative_tokens(self.solo or self.model, cache, prompt, reused, drafter,
                                                   self.speculation.num_draft, max_tokens, sampler, processors,
                                                   stats, alone, self.last_rows):
             history.append(token)

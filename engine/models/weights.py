@@ -9,7 +9,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine.cpu import cpu_math
+from engine.cpu import cpu_math, decode
 from engine.models.memory import MemoryEstimate, MemoryGate, dequantized_bytes
 from engine.models.probe import Probe
 
@@ -64,6 +64,8 @@ class Loaded:
     dtype: str  # keep | float32 | float16
     need: MemoryEstimate
     warnings: tuple[str, ...]
+    solo: Any  # what a lone stream's passes call: the model, or its one-token numpy step (engine/cpu/decode.py)
+    decode: str  # which path decodes a lone stream, and why
 
 
 def load_gated(label: str, probe: Probe, cpu_dtype: str, gate: MemoryGate) -> Loaded:
@@ -80,12 +82,14 @@ def load_gated(label: str, probe: Probe, cpu_dtype: str, gate: MemoryGate) -> Lo
         warnings.append("the CPU fast path (float32 weights) was skipped: not enough memory; "
                         "generation is several times slower")
     model, tokenizer = _load_weights(probe, dtype)
+    solo, decode_path = model, "mlx"
     if dtype == "float32" and not on_gpu():
         cpu_math.install(model)
+        solo, decode_path = decode.install(model)
     log.info("loaded %s (%s, weights held as %s)", label, probe.architecture, dtype)
     for w in warnings:
         log.warning("%s: %s", label, w)
-    return Loaded(model, tokenizer, dtype, need, tuple(warnings))
+    return Loaded(model, tokenizer, dtype, need, tuple(warnings), solo, decode_path)
 
 
 def _load_weights(probe: Probe, dtype: str) -> tuple[nn.Module, Any]:
