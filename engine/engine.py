@@ -389,7 +389,7 @@ class Engine:
         """Prefill the prompt once on the worker (every stream of the result starts from a copy:
         `n` choices process the prompt once); with `score_top` not None, also score each prompt
         token with that many alternatives (`echo` with `logprobs`)."""
-        return await self.scheduler.call(lambda: prepared.runner.share_prefill(prepared, score_top))
+        return await self.scheduler.call_in_passes(lambda: prepared.runner.share_prefill(prepared, score_top))
 
     def stream(self, prepared: Prepared) -> StreamHandle:
         """Queue the generation; iterate the handle for TextDelta events and one Finished."""

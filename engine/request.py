@@ -121,7 +121,16 @@ class Started:
     cached_tokens: int
 
 
-GenerationEvent = Started | TextDelta | Finished
+@dataclass(frozen=True)
+class Pass:
+    """A pass over a long prompt ended: nothing for the client. The worker runs the other
+    streams for as long as the pass took before this one's next pass (engine/scheduler.py), so a
+    long prompt doesn't stall them."""
+
+
+PASS = Pass()
+
+GenerationEvent = Started | TextDelta | Finished | Pass
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from engine.errors import Unsupported
 from engine.config import EngineConfig
 from engine.models.memory import MemoryGate
 from engine.models.probe import Probe
-from engine.request import Conversation, Prepared
+from engine.request import Conversation, Pass, Prepared
 from engine.generation.text import GenerationEvent, SamplingParams, TextDelta
 
 
@@ -40,7 +40,8 @@ class Runner(Protocol):
 
     def count_tokens(self, conv: Conversation) -> int: ...
 
-    def share_prefill(self, prepared: Prepared, score_top: Optional[int] = None) -> Prepared: ...
+    def share_prefill(self, prepared: Prepared, score_top: Optional[int] = None) -> Iterator[Pass]:
+        """A generator: yields `Pass` between passes over the prompt, returns the Prepared."""
 
     def run(self, prepared: Prepared, cancelled: Callable[[], bool]) -> Iterator[GenerationEvent]: ...
 

@@ -3,7 +3,10 @@
 Why one thread: MLX streams and the model's state are not meant to be shared across threads, and
 on a 2-core CPU one compute thread (with BLAS threads under it) is the most the machine can use.
 Streams are advanced round-robin, one token each, so concurrent clients share the model fairly and
-none waits for another to finish. A job that must not overlap running streams (loading another
+none waits for another to finish. A long prompt is read in passes (a stream yields `Pass` after
+each): after a pass, the other streams run for as long as it took before its next pass, so they
+keep half the worker and a short request arriving meanwhile starts after one pass, not after the
+whole prompt (chunked prefill, as vLLM and llama.cpp schedule it). A job that must not overlap running streams (loading another
 model) waits for them to drain, and nothing queued after it overtakes it.
 
 The event loop never blocks: results cross back with `loop.call_soon_threadsafe`.
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
 from engine.errors import EngineError, Overloaded, RequestTimeout, ShuttingDown
+from engine.request import Pass
 
 log = logging.getLogger("openmlx.scheduler")
 
@@ -34,6 +38,8 @@ class _Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     gen: Optional[Iterator[Any]] = None
     deadline: Optional[float] = None  # time.monotonic() after which a stream is cut off
+    owed: float = 0.0  # seconds the other streams run before this one's next step (after a Pass)
+    returns: bool = False  # a call run in passes: its generator's return value is the result
 
     def deliver(self, item: Any) -> None:
         try:
@@ -144,6 +150,20 @@ class Scheduler:
             raise item
         return item
 
+    async def call_in_passes(self, fn: Callable[[], Iterator[Any]]) -> Any:
+        """Run the generator `fn()` on the worker as a stream that yields `Pass` between passes
+        (other streams run meanwhile) and return what it returns."""
+        out: asyncio.Queue = asyncio.Queue()
+        job = _Job(sink=_async_sink(out), stream=lambda _cancelled: fn(), returns=True)
+        self._submit(job)
+        try:
+            item = await out.get()
+        finally:
+            job.cancelled.set()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
     def submit_stream(self, fn: Callable[[Callable[[], bool]], Iterator[Any]]) -> "StreamHandle":
         """Queue a generator factory; it gets a `cancelled()` callable and runs on the worker."""
         out: asyncio.Queue = asyncio.Queue()
@@ -180,8 +200,21 @@ class Scheduler:
             if blocked is not None and not self._active:
                 self._run_call(blocked)
                 blocked = None
-            for job in list(self._active):
-                self._step(job)
+            self._round()
+
+    def _round(self) -> None:
+        """Step each active stream once, but a stream that owes time (its last step was a Pass)
+        waits while others run, unless every stream owes."""
+        ready = [job for job in self._active if job.owed <= 0] or list(self._active)
+        for job in ready:
+            t0 = time.monotonic()
+            passed = self._step(job)
+            spent = time.monotonic() - t0
+            for other in self._active:
+                if other is not job and other.owed > 0:
+                    other.owed -= spent
+            if passed:
+                job.owed = spent
 
     def _safe_idle(self) -> None:
         try:
@@ -197,7 +230,8 @@ class Scheduler:
         self._job_done()  # before delivery: the waiter may submit its stream at once
         job.deliver(result)
 
-    def _step(self, job: _Job) -> None:
+    def _step(self, job: _Job) -> bool:
+        """Take one item from the stream and hand it over; True when it was a Pass."""
         if job.deadline is not None and time.monotonic() > job.deadline:
             if job.gen is not None:
                 job.gen.close()
@@ -205,16 +239,16 @@ class Scheduler:
             self._job_done()
             job.deliver(RequestTimeout(f"The request took longer than this server's limit of {self.timeout_s:g} s "
                                        "(--request-timeout).", headers={"Retry-After": "1"}))
-            return
+            return False
         try:
             if job.gen is None:
                 job.gen = job.stream(job.cancelled.is_set)
             item = next(job.gen)
-        except StopIteration:
+        except StopIteration as stop:
             self._active.remove(job)
             self._job_done()
-            job.deliver(_END)
-            return
+            job.deliver(stop.value if job.returns else _END)
+            return False
         except BaseException as e:
             if isinstance(e, EngineError) and e.status < 500:  # the client's mistake: one line, no traceback
                 log.info("request refused: %s", e.message)
@@ -223,8 +257,11 @@ class Scheduler:
             self._active.remove(job)
             self._job_done()
             job.deliver(e)
-            return
+            return False
+        if isinstance(item, Pass):
+            return True
         job.deliver(item)
+        return False
 
     def _drain(self, error: EngineError, blocked: Optional[_Job]) -> None:
         for job in self._active + ([blocked] if blocked else []):

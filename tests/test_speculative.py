@@ -194,8 +194,9 @@ def test_a_short_prompt_tail_rides_with_the_first_pass(runner, monkeypatch, tail
         runner.prompt_cache.clear()
         answer = "".join(e.text for e in runner.generate(runner.encode_chat(first), 12, SamplingParams(temperature=0.0),
                                                          lambda: False) if isinstance(e, TextDelta))
-        counting = CountingModel(runner.model)
+        counting = CountingModel(runner.solo or runner.model)  # a lone stream's passes call runner.solo
         monkeypatch.setattr(runner, "model", counting)
+        monkeypatch.setattr(runner, "solo", counting)
         if runner.last_rows is not None:  # the merged pass goes through the backbone/head split
             split = runner.last_rows
             monkeypatch.setattr(runner, "last_rows", lambda inputs, cache, n: (counting.rows.append(inputs.shape[-1]),

@@ -276,12 +276,13 @@ class LockstepRunner:
     def plan_completion(self, *args: Any, **kwargs: Any) -> Any:
         return replace(self.runner.plan_completion(*args, **kwargs), runner=self)
 
-    def share_prefill(self, prepared: Any, score_top: Optional[int] = None) -> Any:
+    def share_prefill(self, prepared: Any, score_top: Optional[int] = None) -> Iterator[Any]:
         """Each rank prefills as it runs the stream: nothing is shared across ranks here."""
         if score_top is not None:
             raise InvalidRequest("Prompt log probabilities (echo with logprobs) are not supported for a model "
                                  "split over ranks.", param="echo")
         return prepared
+        yield  # a generator, as every runner's share_prefill (engine/runners.py)
 
     def run(self, prepared: Any, cancelled: Callable[[], bool]) -> Iterator[Any]:
         if prepared.max_tokens == 0:  # score only: no step for the other ranks to repeat

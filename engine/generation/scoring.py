@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Generator, Optional
 
 from engine.generation.batching import PREFILL_STEP
-from engine.request import TokenLogprob
+from engine.request import PASS, Pass, TokenLogprob
 
 # Prompt tokens per forward pass (engine/generation/batching.py says why); it also bounds the logits held at
 # once when scoring (256 x vocab floats).
@@ -36,9 +36,10 @@ class Prefix:
         return copy.deepcopy(self.cache), self.reused
 
 
-def prefill(runner: Any, prompt: list[int], top: Optional[int] = None) -> Prefix:
+def prefill(runner: Any, prompt: list[int], top: Optional[int] = None) -> Generator[Pass, None, Prefix]:
     """Run the prompt (without its last token) through `runner`'s model (a TextRunner) in chunks;
-    with `top` not None, also score each prompt token with `top` alternatives."""
+    with `top` not None, also score each prompt token with `top` alternatives. Yields `Pass`
+    after each chunk (the worker runs other streams between them) and returns the Prefix."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -56,6 +57,7 @@ def prefill(runner: Any, prompt: list[int], top: Optional[int] = None) -> Prefix
         logits = runner.model(mx.array(piece)[None], cache=cache)
         if top is None:
             mx.eval([c.state for c in cache])
+            yield PASS
             continue
         logits = logits[0].astype(mx.float32)
         logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -72,4 +74,5 @@ def prefill(runner: Any, prompt: list[int], top: Optional[int] = None) -> Prefix
         for token, value, alts in zip(following, chosen.tolist(), alternatives):
             scored.append(TokenLogprob(decode([token]), float(value),
                                        tuple((decode([int(i)]), float(v)) for i, v in alts)))
+        yield PASS
     return Prefix(cache, tuple(scored), reused)

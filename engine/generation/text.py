@@ -32,8 +32,8 @@ from engine.generation.last_rows import SplitHead, split_head
 from engine.models.weights import load_gated
 from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec, tool_schema
 
-from engine.request import (ChatMessage, Conversation, Finished, GenerationEvent, Prepared, SamplingParams,  # noqa: F401
-                            Started, TextDelta, TokenLogprob)
+from engine.request import (PASS, ChatMessage, Conversation, Finished, GenerationEvent, Pass, Prepared,  # noqa: F401
+                            SamplingParams, Started, TextDelta, TokenLogprob)
 
 log = logging.getLogger("openmlx.engine")
 COMPLETION_FIELDS = Fields(prompt="prompt", media="prompt")
@@ -227,12 +227,13 @@ class TextRunner:
         """Prompt tokens the conversation takes with this model's template and tokenizer."""
         return len(self.encode_chat(conv.messages, conv.tools, conv.continue_final, conv.fields.prompt))
 
-    def share_prefill(self, prepared: "Prepared", score_top: Optional[int] = None) -> "Prepared":
+    def share_prefill(self, prepared: "Prepared", score_top: Optional[int] = None) -> Iterator[Pass]:
         """The prompt prefilled once (each stream of the result starts from a copy), and with
-        `score_top` its tokens scored (engine/generation/scoring.py)."""
+        `score_top` its tokens scored (engine/generation/scoring.py); a `Pass` after each pass."""
         from engine.generation.scoring import prefill
 
-        return replace(prepared, prefix=prefill(self, prepared.prompt, score_top))
+        prefix = yield from prefill(self, prepared.prompt, score_top)
+        return replace(prepared, prefix=prefix)
 
     def run(self, prepared: "Prepared", cancelled: Callable[[], bool]) -> Iterator[GenerationEvent]:
         """The generation's events: Started, TextDeltas, one Finished."""
@@ -307,6 +308,20 @@ class TextRunner:
             cached = reused
         if cache is None:
             cache = make_prompt_cache(self.model)
+        # A long prompt's whole passes are read here, a Pass after each, so the worker runs the
+        # other streams between them (engine/scheduler.py); the rest (under one pass, and the
+        # last token) goes with the first decode pass as before.
+        for _ in range((len(prompt) - 1 - reused) // PREFILL_STEP if start is None else 0):
+            self.model(mx.array(prompt[reused:reused + PREFILL_STEP])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+            mx.clear_cache()
+            reused += PREFILL_STEP
+            if cancelled():  # keep what was read for the next request with this prefix
+                self.prompt_cache.put(prompt[:reused], cache)
+                yield Started(len(prompt), cached)
+                yield Finished("cancelled", len(prompt), 0, cached)
+                return
+            yield PASS
         tokens: list[int] = []
         batch: dict[str, Any] = {}  # its uid in the batch; the batch hands its KV cache back here
         kept = False

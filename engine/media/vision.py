@@ -32,7 +32,7 @@ from engine.constrained.toolcalls import hermes
 from engine.constrained.tools import ToolChoice, ToolSpec
 
 if TYPE_CHECKING:
-    from engine.request import Conversation, Prepared
+    from engine.request import Conversation, Pass, Prepared
 
 log = logging.getLogger("openmlx.engine")
 SEPARATOR = "\n\n"  # between the answers of two chunks
@@ -208,12 +208,13 @@ class VisionRunner(TextRunner):
     def count_tokens(self, conv: "Conversation") -> int:
         return self.passes(conv.messages, conv.tools, conv.continue_final, conv.image_chunk_size).prompt_tokens
 
-    def share_prefill(self, prepared: "Prepared", score_top: Optional[int] = None) -> "Prepared":
+    def share_prefill(self, prepared: "Prepared", score_top: Optional[int] = None) -> Iterator[Pass]:
         """Each pass prefills its own images: nothing is shared, and prompts aren't scored."""
         if score_top is not None:
             raise InvalidRequest("Prompt log probabilities (echo with logprobs) are not supported for vision "
                                  "models.", param="echo")
         return prepared
+        yield  # a generator, as every runner's share_prefill (engine/runners.py)
 
     def run(self, prepared: "Prepared", cancelled: Callable[[], bool]) -> Iterator[GenerationEvent]:
         yield from self.generate_plan(prepared.vision, prepared.max_tokens, prepared.params, cancelled)

@@ -1,0 +1,51 @@
+"""A long prompt is read in passes with the other streams running between them (chunked
+prefill, engine/scheduler.py): a short chat sent while a long prompt is being read gets its first
+token before the long prompt's, for a plain chat and for a scored completion (`echo`, `n`)."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+
+from conftest import MODEL
+
+LONG = " ".join(f"Line {i}: the harbour lights were counted again and the ledger was closed." for i in range(60))
+
+
+def timed_stream(url: str, path: str, body: dict, marks: dict, name: str) -> None:
+    """POST a streamed request; note when its first content arrived and when it ended."""
+    with httpx.stream("POST", url + path, json={**body, "stream": True}, timeout=300) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: {") and name not in marks:
+                chunk = json.loads(line[6:])
+                choice = (chunk.get("choices") or [{}])[0]
+                if choice.get("delta", {}).get("content") or choice.get("text"):
+                    marks[name] = time.monotonic()
+    marks[name + " end"] = time.monotonic()
+
+
+def race(server, path: str, long_body: dict) -> dict:
+    marks: dict = {}
+    long = threading.Thread(target=timed_stream, args=(server.url, path, long_body, marks, "long"))
+    long.start()
+    time.sleep(1.0)  # the long prompt's passes are under way
+    short = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}
+    timed_stream(server.url, "/v1/chat/completions", short, marks, "short")
+    long.join()
+    return marks
+
+
+def test_a_short_chat_is_answered_while_a_long_prompt_is_read(server):
+    marks = race(server, "/v1/chat/completions",
+                 {"model": MODEL, "messages": [{"role": "user", "content": LONG}], "max_tokens": 2, "temperature": 0})
+    assert marks["short end"] < marks["long"]
+
+
+def test_a_short_chat_is_answered_while_a_long_prompt_is_scored(server):
+    """`echo` with `logprobs` scores every prompt token in one shared pass for the `n` choices."""
+    marks = race(server, "/v1/completions", {"model": MODEL, "prompt": LONG, "max_tokens": 1, "n": 2, "echo": True,
+                                             "logprobs": 1, "temperature": 0})
+    assert marks["short end"] < marks["long"]
