@@ -5,11 +5,12 @@ reads. MLX sends a one-row product through `sgemm` (all of SmolLM2's 211 product
 10 GB/s here) where OpenBLAS's `sgemv` reads the same matrices in ~27 ms, and MLX's several
 hundred small ops between them (norms, rope, attention over the cache) cost another ~35 ms in
 dispatch. So a step of one token, one sequence, runs here in numpy instead, over zero-copy views
-of the model's own weights: the products through `cblas_sgemv`/`cblas_sgemm` of the OpenBLAS
-MLX already loaded (engine/cpu/blas.py; one thread pool, not two fighting for two cores), the
-small math through numpy's vectorized loops. Rope is not re-implemented: it is linear per
-position, so one call of the model's own rope module on an identity matrix gives the rotation
-for every variant (scaled, partial, traditional).
+of the model's own weights: the weight products through `cblas_sgemv` of the OpenBLAS MLX already
+loaded (engine/cpu/blas.py; one thread pool for the big products), attention over the cache and
+the small math through numpy (its matmul measured as fast as per-head cblas calls here, at 200
+and 2,000 positions). Rope is not re-implemented: it is linear per position, so one call of the
+model's own rope module on an identity matrix gives the rotation for every variant (scaled,
+partial, traditional), applied as the pairs it rotates.
 
 The step reads and writes mlx-lm's own `KVCache` objects, so everything else (prefill, batched
 decode, speculation's multi-row passes, the prompt cache) works on the same caches. It writes
@@ -261,6 +262,18 @@ def _rotation(rope: Any, head_dim: int, position: int) -> np.ndarray:
     return np.array(rope(eye, offset=position)[0, :, 0, :])
 
 
+def _partners(rot: np.ndarray) -> Optional[np.ndarray]:
+    """For each output dimension j, the one input dimension besides j that rope mixes into it
+    (itself where none), or None where the rotation isn't made of such pairs."""
+    d = rot.shape[0]
+    off = rot.copy()
+    np.fill_diagonal(off, 0.0)
+    partner = np.abs(off).argmax(axis=0)
+    partner = np.where(np.abs(off[partner, np.arange(d)]) > 0, partner, np.arange(d))
+    off[partner, np.arange(d)] = 0.0
+    return partner if np.abs(off).max() <= 1e-6 else None
+
+
 def _same_rope(a: Any, b: Any, head_dim: int) -> bool:
     return a is b or all(np.allclose(_rotation(a, head_dim, p), _rotation(b, head_dim, p)) for p in (1, 777))
 
@@ -276,6 +289,7 @@ class OneTokenStep:
         if type(embed) is not nn.Embedding or embed.weight.dtype != mx.float32:
             raise Unsupported("the embedding isn't a float32 Embedding")
         self.layers, self.ropes = _layers(model)
+        self.partners = [_partners(_rotation(r, self.layers[0].head_dim, 777)) for r in self.ropes]
         final = _norm(getattr(backbone, "norm", None))
         if final is None:
             raise Unsupported("the final norm isn't a float32 RMSNorm")
@@ -328,7 +342,7 @@ class OneTokenStep:
             if layer.k_norm is not None:
                 k = _rms_norm(k, layer.k_norm)
             rot = rotations[layer.rope]
-            q, k = self._rotate(q, rot), self._rotate(k, rot)
+            q, k = self._rotate(q, rot, layer.rope), self._rotate(k, rot, layer.rope)
             keys, values = self._kv(c, layer)
             keys[0, :, position] = k
             values[0, :, position] = qkv[nq + nk:].reshape(layer.kv_heads, d)
@@ -341,26 +355,27 @@ class OneTokenStep:
         h = _rms_norm(x, self.final_norm)
         return self.blas.gemv(self.head, h, self._logits).copy()
 
-    def _rotate(self, x: np.ndarray, rot: np.ndarray) -> np.ndarray:
-        out = np.empty_like(x)
-        self.blas.gemm(np.ascontiguousarray(x), rot, out, transpose_b=False)
-        return out
+    def _rotate(self, x: np.ndarray, rot: np.ndarray, rope: int) -> np.ndarray:
+        """x Rᵀ: where rope pairs each dimension with at most one other (every variant mlx-lm has),
+        two elementwise products over a gather instead of a product with the whole matrix."""
+        partner = self.partners[rope]
+        if partner is None:
+            out = np.empty_like(x)
+            self.blas.gemm(np.ascontiguousarray(x), rot, out, transpose_b=False)
+            return out
+        columns = np.arange(rot.shape[0])
+        return x * rot.diagonal() + x[:, partner] * rot[partner, columns]
 
     def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, layer: _Layer) -> np.ndarray:
         """softmax(q kᵀ · scale) v for one query position; q (heads, d), keys/values (kv heads, n, d)."""
         groups = layer.heads // layer.kv_heads
         n = keys.shape[1]
         qg = q.reshape(layer.kv_heads, groups, layer.head_dim)
-        scores = np.empty((layer.kv_heads, groups, n), np.float32)
-        for h in range(layer.kv_heads):
-            self.blas.gemm(qg[h], keys[h], scores[h], transpose_b=True, alpha=layer.scale)
+        scores = np.matmul(qg * np.float32(layer.scale), keys.swapaxes(-1, -2))
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
-        out = np.empty((layer.kv_heads, groups, layer.head_dim), np.float32)
-        for h in range(layer.kv_heads):
-            self.blas.gemm(scores[h], values[h], out[h], transpose_b=False)
-        return out.reshape(-1)
+        return np.matmul(scores, values).reshape(-1)
 
 
 def _plain(cache: Any) -> bool:
