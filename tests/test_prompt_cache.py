@@ -105,6 +105,46 @@ def test_a_shared_prefix_is_copied_not_taken(runner):
     assert pc.hits == 3
 
 
+def test_the_next_turn_takes_its_entry_over_even_when_the_client_rewrote_the_answer(runner):
+    """An entry holds a prompt and the model's answer; the conversation's next turn holds the whole
+    prompt but its own copy of the answer (a tool call in the client's words, a tool result): the
+    entry is handed over, cut back to the prompt, not copied and left behind (where its stale
+    answer would take memory until the byte bound threw out some conversation's history)."""
+    from mlx_lm.models.cache import make_prompt_cache
+    import mlx.core as mx
+
+    pc = PromptCache(min_reuse=2)
+    cache = make_prompt_cache(runner.model)
+    runner.model(mx.array([[1, 2, 3, 4, 5, 6, 7]]), cache=cache)
+    pc.put([1, 2, 3, 4, 5, 6, 7], cache, prompt_len=5)  # 6, 7: the model's answer
+    again, n = pc.take([1, 2, 3, 4, 5])  # the same request again: the entry stays for others
+    assert n == 4 and again is not cache and len(pc._entries) == 1
+    got, n = pc.take([1, 2, 3, 4, 5, 8, 9, 10])  # the next turn, with the client's answer 8, 9
+    assert n == 5 and got is cache and got[0].offset == 5 and len(pc._entries) == 0
+
+
+def test_agents_with_tool_results_keep_every_turns_history(runner):
+    """Three agents share a system prompt and take turns; every later turn carries an assistant
+    message and a tool result written by the client. Each turn finds its own previous turn cached,
+    with room for three entries only: one per conversation, none left behind with a stale answer."""
+    system = [("system", "You are a careful coding agent. Use the tools. Keep answers short. " * 8)]
+    history = {a: system + [("user", f"Task {a}: fix test {a}.")] for a in "ABC"}
+    runner.prompt_cache.clear()
+    saved, runner.prompt_cache.max_entries = runner.prompt_cache.max_entries, 3
+    previous = {}
+    try:
+        for turn in range(3):
+            for a in "ABC":
+                cached, length, _ = started(runner, history[a], max_tokens=4)
+                if turn:
+                    assert cached >= previous[a], (a, turn, cached, previous[a])
+                previous[a] = length
+                history[a] = history[a] + [("assistant", f"I will read src/{a}{turn}.py first."),
+                                           ("user", f"def f{turn}(x):\n    return x + {turn}\n")]
+    finally:
+        runner.prompt_cache.max_entries = saved
+
+
 # --- on disk (--prompt-cache-dir) ---------------------------------------------------------------
 LONG = [("system", "You are a coding agent with tools for files and shells. " * 8), ("user", "List the files.")]
 

@@ -2,6 +2,9 @@
 so the next turn of a chat only processes its new tokens.
 
 A prompt that continues an entry takes it over (the generation extends it and puts it back).
+So does the next turn of the same conversation, which holds the entry's whole prompt but not the
+answer the model generated (the client sends its own copy of the answer, a tool call in its own
+words, or a tool result instead): that tail is cut off, and nothing else would have used it.
 A prompt that shares only part of an entry (another conversation with the same system prompt and
 tools; a request arriving while another holds the same prefix) gets new caches over the shared
 positions instead: MLX arrays are values, so the slices share memory until written, and the entry
@@ -20,6 +23,7 @@ class _Entry:
     tokens: list[int]  # exactly the tokens the cache holds
     cache: list[Any]
     nbytes: int
+    prompt_len: int  # how many of `tokens` were the prompt (the rest the model generated)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -70,7 +74,7 @@ class PromptCache:
             name, on_disk = self.disk.best(prompt)
             loaded = self.disk.load(name) if name is not None and on_disk >= best_len + self.min_reuse else None
             if loaded is not None:
-                key = self._add(_Entry(loaded[0], loaded[1], _nbytes(loaded[1])))
+                key = self._add(_Entry(loaded[0], loaded[1], _nbytes(loaded[1]), len(loaded[0])))
                 if key in self._entries:  # (not if it alone is over the byte bound)
                     best_key, best_len = key, on_disk
         best_len = min(best_len, len(prompt) - 1)  # at least one token must be processed
@@ -79,7 +83,9 @@ class PromptCache:
             return None, 0
         entry = self._entries[best_key]
         excess = len(entry.tokens) - best_len
-        shared = _prefix_copy(entry.cache, best_len) if excess else None
+        # The conversation's next turn (it holds the entry's whole prompt) takes the entry over.
+        continues = best_len >= entry.prompt_len and can_trim_prompt_cache(entry.cache)
+        shared = _prefix_copy(entry.cache, best_len) if excess and not continues else None
         if shared is not None:
             self._entries.move_to_end(best_key)
             self.hits += 1
@@ -93,13 +99,14 @@ class PromptCache:
         self.hits += 1
         return entry.cache, best_len
 
-    def put(self, tokens: list[int], cache: list[Any]) -> None:
-        """Keep `cache`, which holds the first `offset` of `tokens`."""
+    def put(self, tokens: list[int], cache: list[Any], prompt_len: Optional[int] = None) -> None:
+        """Keep `cache`, which holds the first `offset` of `tokens`; the first `prompt_len` of
+        them were the prompt (all of them when not given), the rest the model's answer."""
         held = _offset(cache)
         if held <= 0 or held > len(tokens):
             return
         cache = _compact(cache)
-        entry = _Entry(tokens[:held], cache, _nbytes(cache))
+        entry = _Entry(tokens[:held], cache, _nbytes(cache), min(held, prompt_len if prompt_len is not None else held))
         if self.disk is not None:
             self.disk.save(entry.tokens, cache)
         if entry.nbytes > self.max_bytes:

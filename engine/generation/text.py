@@ -339,7 +339,7 @@ class TextRunner:
                     batch["cache"] = self.decoder.remove(batch["uid"])
                 held = batch["cache"]
             if held is not None:
-                self.prompt_cache.put(prompt + tokens, held)
+                self.prompt_cache.put(prompt + tokens, held, prompt_len=len(prompt))
 
         stats = SpecStats()
         drafter = None
