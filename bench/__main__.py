@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from bench import report, workload
-from bench.servers import Running, peers
+from bench.servers import Running, measure_each, peers
 
 
 def default_model_dir() -> Path:
@@ -110,25 +110,12 @@ def main(argv=None) -> int:
                      "gen_tokens": args.gen_tokens, "prompt_tokens": {str(n): count(t) for n, t in prompts.items()},
                      "servers": {}, "raw": {}}
     table = peers(model_dir, model_dir.name, work=args.out, names=tuple(names))
-    for name in names:
-        if name == "raw":
-            print("bench: raw mlx_lm.stream_generate (4-bit, bundled BLAS; float32 + OpenBLAS)", flush=True)
-            results["raw"]["4bit-bundled"] = workload.raw_mlx_lm(str(model_dir), prompts, args.gen_tokens, False, eos)
-            results["raw"]["float32-openblas"] = workload.raw_mlx_lm(str(model_dir), prompts, args.gen_tokens, True,
-                                                                     eos)
-            continue
-        if name not in table:  # a peer that can't be had here (noted when it was looked up)
-            results["servers"][name] = {"error": "not available on this machine"}
-            continue
-        print(f"bench: {name}", flush=True)
-        run = Running(table[name], args.out)
-        try:
-            run.wait_ready()
-            results["servers"][name] = measure_server(run, prompts, args, eos)
-        except Exception as e:  # a peer that fails is reported, not fatal
-            results["servers"][name] = {"error": repr(e)}
-        finally:
-            run.stop()
+    if "raw" in names:
+        print("bench: raw mlx_lm.stream_generate (4-bit, bundled BLAS; float32 + OpenBLAS)", flush=True)
+        results["raw"]["4bit-bundled"] = workload.raw_mlx_lm(str(model_dir), prompts, args.gen_tokens, False, eos)
+        results["raw"]["float32-openblas"] = workload.raw_mlx_lm(str(model_dir), prompts, args.gen_tokens, True, eos)
+    results["servers"] = measure_each(table, [n for n in names if n != "raw"], args.out,
+                                      lambda run: measure_server(run, prompts, args, eos), "bench")
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     md = report.markdown(results)
     (args.out / "results.md").write_text(md)

@@ -29,7 +29,7 @@ from typing import Optional
 
 from bench import workload
 from bench.__main__ import default_model_dir
-from bench.servers import Running, peers
+from bench.servers import Running, measure_each, peers
 
 NAMES = ("openmlx", "llama.cpp", "mlx_lm.server")
 
@@ -192,22 +192,13 @@ def main(argv=None) -> int:
     table = peers(model_dir, model_dir.name, work=args.out, names=tuple(names))
     results: dict = {"system_prompt_tokens": count(system), "servers": {}}
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        if name not in table:
-            results["servers"][name] = {"error": "not available on this machine"}
-            continue
-        print(f"bench.agents: {name}", flush=True)
-        run = Running(table[name], args.out)
-        try:
-            run.wait_ready()
-            url, model = run.url, run.peer.model_id
-            out = agents_run(url, model, system, args.agents, args.turns, eos)
-            out["long_prefill"] = long_prefill(url, model, count, eos)
-            results["servers"][name] = out
-        except Exception as e:  # a peer that fails is reported, not fatal
-            results["servers"][name] = {"error": repr(e)}
-        finally:
-            run.stop()
+
+    def measure(run: Running) -> dict:
+        out = agents_run(run.url, run.peer.model_id, system, args.agents, args.turns, eos)
+        out["long_prefill"] = long_prefill(run.url, run.peer.model_id, count, eos)
+        return out
+
+    results["servers"] = measure_each(table, names, args.out, measure, "bench.agents")
     (args.out / "agents.json").write_text(json.dumps(results, indent=2))
     print(markdown(results))
     return 0

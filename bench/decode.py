@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench import workload
 from bench.__main__ import default_model_dir
-from bench.servers import Running, peers
+from bench.servers import Running, measure_each, peers
 
 NAMES = ("openmlx", "openmlx-mlxdecode", "llama.cpp", "raw")
 STORY = "Write a long story about a lighthouse keeper and a storm."
@@ -76,29 +76,19 @@ def main(argv=None) -> int:
     table = peers(model_dir, model_dir.name, work=args.out, names=tuple(names))
     results: dict = {"servers": {}}
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        print(f"bench.decode: {name}", flush=True)
-        if name == "raw":
-            story = workload.raw_mlx_lm(str(model_dir), {"story": STORY}, TOKENS, True, eos)
-            grounded = workload.raw_mlx_lm(str(model_dir), {"grounded": workload.GROUNDED}, TOKENS, True, eos)
-            if "error" in story or "error" in grounded:
-                results["servers"]["raw"] = {"error": story.get("error") or grounded.get("error")}
-            else:
-                results["servers"]["raw"] = {"story_tps": story["story"]["decode_tps"],
-                                             "grounded_tps": grounded["grounded"]["decode_tps"],
-                                             "four_streams_tps": None}
-            continue
-        if name not in table:
-            results["servers"][name] = {"error": "not available on this machine"}
-            continue
-        run = Running(table[name], args.out)
-        try:
-            run.wait_ready()
-            results["servers"][name] = measure(run, eos, args.repeats)
-        except Exception as e:  # a peer that fails is reported, not fatal
-            results["servers"][name] = {"error": repr(e)}
-        finally:
-            run.stop()
+    if "raw" in names:
+        story = workload.raw_mlx_lm(str(model_dir), {"story": STORY}, TOKENS, True, eos)
+        grounded = workload.raw_mlx_lm(str(model_dir), {"grounded": workload.GROUNDED}, TOKENS, True, eos)
+        if "error" in story or "error" in grounded:
+            raw = {"error": story.get("error") or grounded.get("error")}
+        else:
+            raw = {"story_tps": story["story"]["decode_tps"], "grounded_tps": grounded["grounded"]["decode_tps"],
+                   "four_streams_tps": None}
+    servers = [n for n in names if n != "raw"]
+    results["servers"] = measure_each(table, servers, args.out, lambda run: measure(run, eos, args.repeats),
+                                      "bench.decode")
+    if "raw" in names:
+        results["servers"]["raw"] = raw
     (args.out / "decode.json").write_text(json.dumps(results, indent=2))
     print(markdown(results))
     return 0

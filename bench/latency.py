@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench import workload
 from bench.__main__ import default_model_dir
-from bench.servers import Running, peers
+from bench.servers import Running, measure_each, peers
 
 SIZES = (50, 500, 858, 2000)
 NAMES = ("openmlx", "openmlx-mlxmath", "llama.cpp")
@@ -87,19 +87,8 @@ def main(argv=None) -> int:
     names = args.only or list(NAMES)
     table = peers(model_dir, model_dir.name, work=args.out, names=tuple(names))
     results: dict = {"date": time.strftime("%Y-%m-%d"), "servers": {}}
-    for name in names:
-        if name not in table:
-            results["servers"][name] = {"error": "not available on this machine"}
-            continue
-        print(f"bench.latency: {name}", file=sys.stderr, flush=True)
-        run = Running(table[name], args.out)
-        try:
-            run.wait_ready()
-            results["servers"][name] = measure(run, prompts, eos, args.repeats)
-        except Exception as e:  # a peer that fails is reported, not fatal
-            results["servers"][name] = {"error": repr(e)}
-        finally:
-            run.stop()
+    results["servers"] = measure_each(table, names, args.out, lambda run: measure(run, prompts, eos, args.repeats),
+                                      "bench.latency")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latency.json").write_text(json.dumps(results, indent=2))
     print(markdown(results))

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.process import ServerProcess  # noqa: E402
@@ -134,3 +134,24 @@ class Running(ServerProcess):
 
     def wait_ready(self, timeout: float = 300) -> None:
         super().wait_ready(timeout)
+
+
+def measure_each(table: dict[str, Peer], names: list[str], out: Path, measure: Callable[[Running], dict],
+                 label: str) -> dict[str, dict]:
+    """Start each named server alone, measure it, stop it: {name: figures}. A peer that can't be had
+    here, or fails, is reported as {"error": ...}, not fatal."""
+    results: dict[str, dict] = {}
+    for name in names:
+        if name not in table:  # a peer that can't be had here (noted when it was looked up)
+            results[name] = {"error": "not available on this machine"}
+            continue
+        print(f"{label}: {name}", file=sys.stderr, flush=True)
+        run = Running(table[name], out)
+        try:
+            run.wait_ready()
+            results[name] = measure(run)
+        except Exception as e:  # a peer that fails is reported, not fatal
+            results[name] = {"error": repr(e)}
+        finally:
+            run.stop()
+    return results

@@ -369,7 +369,6 @@ class OneTokenStep:
     def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, layer: _Layer) -> np.ndarray:
         """softmax(q kᵀ · scale) v for one query position; q (heads, d), keys/values (kv heads, n, d)."""
         groups = layer.heads // layer.kv_heads
-        n = keys.shape[1]
         qg = q.reshape(layer.kv_heads, groups, layer.head_dim)
         scores = np.matmul(qg * np.float32(layer.scale), keys.swapaxes(-1, -2))
         scores -= scores.max(axis=-1, keepdims=True)
