@@ -58,6 +58,7 @@ class ModelInfo:
     source: str
     architecture: Optional[str]
     dtype: Optional[str] = None  # how a loaded model's weights are held
+    dtype_reason: Optional[str] = None  # and why (engine/models/weights.py)
     embedding_dim: Optional[int] = None
     world_size: int = 1  # ranks the loaded model is split over
     sharding: Optional[str] = None  # "tensor" | "pipeline" when split
@@ -199,8 +200,8 @@ class Engine:
         split = self.shard_plan if runner is not None and self.lockstep is not None else None
         return ModelInfo(entry.id, created, owner, p.type, p.context_length, p.size_bytes,
                          p.runnable, p.reason, self.residency.loaded(entry.id), entry.path, entry.source,
-                         p.architecture, runner.dtype if runner else None, p.embedding_dim,
-                         split.world_size if split else 1, split.mode if split else None)
+                         p.architecture, runner.dtype if runner else None, getattr(runner, "dtype_reason", None) or None,
+                         p.embedding_dim, split.world_size if split else 1, split.mode if split else None)
 
     def list_models(self, include_unusable: bool = False) -> list[ModelInfo]:
         """Known models, loaded ones first; folders that can't run only when asked for."""

@@ -60,9 +60,17 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 1
     p = probe(entry_path)
     b = blas.active()
+    dtype = None
+    if p.type == "text" and p.runnable:  # what loading it now would hold its weights as, and why
+        from engine.models.memory import MemoryGate
+        from engine.models.weights import choose_cpu_dtype, kv_bytes_per_token
+
+        dtype = choose_cpu_dtype(getattr(args, "cpu_dtype", None) or "auto", p, MemoryGate(),
+                                 kv_bytes_per_token(p.config))
     info = {"id": args.name, "path": str(p.path), "type": p.type, "architecture": p.architecture,
             "runnable": p.runnable, "reason": p.reason or None, "context_length": p.context_length,
             "size_bytes": p.size_bytes, "quantization": p.quantization,
+            "dtype": dtype.dtype if dtype else None, "dtype_reason": dtype.reason if dtype else None,
             "blas": b.name, "blas_path": b.path, "blas_version": b.version, "blas_threads": b.threads,
             "blas_note": b.reason}
     print(json.dumps(info, indent=2))

@@ -12,7 +12,8 @@ def model_object(info: ModelInfo) -> dict:
     return {"id": info.id, "object": "model", "created": info.created, "owned_by": info.owned_by,
             "type": info.type, "context_length": info.context_length, "dimensions": info.embedding_dim,
             "loaded": info.loaded, **({"world_size": info.world_size, "sharding": info.sharding}
-                                      if info.world_size > 1 else {})}
+                                      if info.world_size > 1 else {}),
+            **({"dtype": info.dtype, "dtype_reason": info.dtype_reason} if info.dtype else {})}
 
 
 async def list_models() -> dict:

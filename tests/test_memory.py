@@ -5,7 +5,9 @@ import pytest
 
 from engine.errors import InsufficientMemory
 from engine.models.memory import SAFETY_MARGIN, MemoryEstimate, MemoryGate, available_bytes
-from conftest import Server
+import httpx
+
+from conftest import MODEL, Server
 
 
 def test_reads_real_memory():
@@ -39,5 +41,33 @@ def test_auto_dtype_keeps_quantized_weights_when_float32_does_not_fit(default_mo
     s = Server(["--assume-available-memory", str(1000 << 20), "--log-level", "info"])
     try:
         assert "weights held as keep" in s.log()
+        model = httpx.get(s.url + "/v1/models/" + MODEL, timeout=30).json()
+        assert model["dtype"] == "keep" and model["dtype_reason"].startswith("as shipped (4-bit): float32 weights")
+        assert "would not fit in the 1.05 GB available" in model["dtype_reason"]
     finally:
         s.stop()
+
+
+def test_the_dtype_choice_says_why(default_model_dir):
+    """Issue 30: a model too big for float32 here keeps its quantization, and says so; `openmlx
+    show` says what loading it now would choose, before anything is loaded."""
+    import json
+    import subprocess
+    import sys
+
+    from engine.models.memory import MemoryGate
+    from engine.models.probe import probe
+    from engine.models.weights import KV_HEADROOM_TOKENS, choose_cpu_dtype, kv_bytes_per_token
+
+    p = probe(default_model_dir)
+    kv = kv_bytes_per_token(p.config)
+    roomy = choose_cpu_dtype("auto", p, MemoryGate(override=8 << 30), kv)
+    assert roomy.dtype == "float32" and roomy.reason.startswith("float32, the CPU fast path: float32 weights 0.")
+    assert f"a {KV_HEADROOM_TOKENS}-token KV budget" in roomy.reason and "fit in the 8.59 GB available" in roomy.reason
+    tight = choose_cpu_dtype("auto", p, MemoryGate(override=700 << 20), kv)
+    assert tight.dtype == "keep" and "would not fit" in tight.reason
+    assert choose_cpu_dtype("keep", p, MemoryGate(), kv).reason == "as shipped (4-bit): --cpu-dtype keep"
+    shown = subprocess.run([sys.executable, "-m", "handlers.cli", "show", str(default_model_dir)],
+                           capture_output=True, text=True, timeout=300)
+    info = json.loads(shown.stdout)
+    assert info["dtype"] == "float32" and "fit in the" in info["dtype_reason"]

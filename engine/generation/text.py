@@ -68,6 +68,7 @@ class TextRunner:
     reasoning_parser: Optional[str] = None  # think | none (config file); None: found from the chat template
     solo: Any = None  # what a lone stream's passes call (engine/cpu/decode.py); None: the model
     decode_path: str = "mlx"  # which path decodes a lone stream, and why (/health)
+    dtype_reason: str = ""  # why the weights are held as `dtype` (/v1/models, engine/models/weights.py)
 
     @classmethod
     def load(cls, model_id: str, probe: Probe, cpu_dtype: str, gate: MemoryGate,
@@ -79,7 +80,7 @@ class TextRunner:
         runner = cls(model_id, loaded.model, loaded.tokenizer, probe.config, probe, loaded.dtype, context,
                      loaded.need, loaded.warnings)
         runner.last_rows = split_head(loaded.model)
-        runner.solo, runner.decode_path = loaded.solo, loaded.decode
+        runner.solo, runner.decode_path, runner.dtype_reason = loaded.solo, loaded.decode, loaded.dtype_reason
         if batch:
             runner.decoder = BatchDecoder(loaded.model, _eos_ids(loaded.tokenizer))
         return runner

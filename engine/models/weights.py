@@ -34,20 +34,40 @@ def kv_bytes_per_token(config: dict) -> int:
     return 2 * layers * kv_heads * head_dim * 4  # keys + values, float32 on CPU
 
 
-def choose_cpu_dtype(requested: str, probe: Probe, gate: MemoryGate, kv_bytes: int) -> str:
-    """The load-time CPU policy: which dtype to hold weights in ("keep" = as shipped).
+@dataclass(frozen=True)
+class DtypeChoice:
+    """Which dtype a model's weights are held in ("keep" = as shipped), and why."""
+
+    dtype: str
+    reason: str
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def choose_cpu_dtype(requested: str, probe: Probe, gate: MemoryGate, kv_bytes: int) -> DtypeChoice:
+    """The load-time CPU policy: which dtype to hold weights in, and why.
 
     On CPU only float32 goes through BLAS (quantized/half matmuls are 5-50x slower there), so
-    `auto` expands to float32 when the expanded weights fit in memory. Never on a GPU.
+    `auto` expands to float32 when the expanded weights and a KV budget of KV_HEADROOM_TOKENS fit
+    in the memory available now; else the weights stay as shipped. Never on a GPU.
     """
     if requested not in CPU_DTYPES:
         raise ValueError(f"cpu dtype must be one of {CPU_DTYPES}")
-    if on_gpu() or requested == "keep":
-        return "keep"
+    bits = (probe.quantization or {}).get("bits")
+    shipped = f"as shipped ({bits}-bit)" if bits else "as shipped"
+    if on_gpu():
+        return DtypeChoice("keep", f"{shipped}: on a GPU the quantized kernels are the fast path")
     if requested != "auto":
-        return requested
-    expanded = MemoryEstimate(dequantized_bytes(probe), KV_HEADROOM_TOKENS * kv_bytes)
-    return "float32" if gate.fits(expanded.total) else "keep"
+        return DtypeChoice(requested, f"{shipped if requested == 'keep' else requested}: --cpu-dtype {requested}")
+    weights, kv = dequantized_bytes(probe), KV_HEADROOM_TOKENS * kv_bytes
+    sizes = f"float32 weights {_gb(weights)} + a {KV_HEADROOM_TOKENS}-token KV budget {_gb(kv)}"
+    if gate.fits(MemoryEstimate(weights, kv).total):
+        return DtypeChoice("float32", f"float32, the CPU fast path: {sizes} fit in the {_gb(gate.available())} "
+                                      "available")
+    return DtypeChoice("keep", f"{shipped}: {sizes} would not fit in the {_gb(gate.available())} available "
+                               "(quantized matmuls are several times slower on the CPU)")
 
 
 def _cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
@@ -62,6 +82,7 @@ class Loaded:
     model: nn.Module
     tokenizer: Any  # mlx_lm TokenizerWrapper
     dtype: str  # keep | float32 | float16
+    dtype_reason: str
     need: MemoryEstimate
     warnings: tuple[str, ...]
     solo: Any  # what a lone stream's passes call: the model, or its one-token numpy step (engine/cpu/decode.py)
@@ -72,7 +93,8 @@ def load_gated(label: str, probe: Probe, cpu_dtype: str, gate: MemoryGate) -> Lo
     """Choose the CPU dtype, check memory (weights as they will be held + KV headroom), then
     load with mlx-lm; `label` names the model in warnings and the log."""
     kv_bytes = kv_bytes_per_token(probe.config)
-    dtype = choose_cpu_dtype(cpu_dtype, probe, gate, kv_bytes)
+    choice = choose_cpu_dtype(cpu_dtype, probe, gate, kv_bytes)
+    dtype = choice.dtype
     weights = probe.size_bytes if dtype == "keep" else dequantized_bytes(probe)
     if dtype == "float16":
         weights //= 2
@@ -89,7 +111,7 @@ def load_gated(label: str, probe: Probe, cpu_dtype: str, gate: MemoryGate) -> Lo
     log.info("loaded %s (%s, weights held as %s)", label, probe.architecture, dtype)
     for w in warnings:
         log.warning("%s: %s", label, w)
-    return Loaded(model, tokenizer, dtype, need, tuple(warnings), solo, decode_path)
+    return Loaded(model, tokenizer, dtype, choice.reason, need, tuple(warnings), solo, decode_path)
 
 
 def _load_weights(probe: Probe, dtype: str) -> tuple[nn.Module, Any]:
