@@ -358,8 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     cs = sub.add_parser("config-schema", help="print the JSON Schema of `serve --config` files")
     cs.set_defaults(func=lambda _args: print(json.dumps(config_file.schema(s), indent=2)) or 0)
 
-    pl = sub.add_parser("pull", help="download a model from the Hugging Face Hub into the store: ORG/NAME[@REVISION]")
-    pl.add_argument("name", metavar="ORG/NAME[@REVISION]")
+    pl = sub.add_parser("pull", help="download a model from the Hugging Face Hub into the store: ORG/NAME[@REVISION]; "
+                                     "a GGUF repo's file by quantization, ORG/NAME-GGUF:Q4_K_M, or with --file")
+    pl.add_argument("name", metavar="ORG/NAME[@REVISION][:QUANT]")
+    pl.add_argument("--file", help="the GGUF file of the repo to fetch and convert (instead of :QUANT)")
     common(pl)
     pl.set_defaults(func=model_commands.cmd_pull)
 

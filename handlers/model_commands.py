@@ -79,15 +79,15 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    """Download ORG/NAME[@REVISION] with huggingface_hub's progress bars, then say whether (and
-    why not) openmlx can serve it."""
+    """Download ORG/NAME[@REVISION][:QUANT] with huggingface_hub's progress bars (a GGUF repo's one
+    file, converted into the store), then say whether (and why not) openmlx can serve it."""
     from engine.models import hub
     from engine.errors import EngineError
     from engine.models.memory import MemoryGate
 
     config = _config(args)
     try:
-        pulled = hub.pull(args.name, config.models_dir, MemoryGate())
+        pulled = hub.pull(args.name, config.models_dir, MemoryGate(), gguf_file=getattr(args, "file", None))
     except EngineError as e:
         print(f"openmlx: {e.message}", file=sys.stderr)
         return 1

@@ -39,6 +39,18 @@ def hub(tmp_path_factory, default_model_dir):
     cfg = json.loads((alien / "config.json").read_text())
     (alien / "config.json").write_text(json.dumps({**cfg, "model_type": "alien_arch_42"}))
     h.repos["acme/alien"] = alien
+    # A GGUF repo as they come: several quantizations, one of them the default model's real file.
+    from engine.config import openmlx_home
+    from engine.models.default_model import find_gguf
+
+    ggufs = root / "smol-gguf"
+    ggufs.mkdir()
+    (ggufs / "SmolLM2-135M-Instruct.Q4_1.gguf").symlink_to(find_gguf(openmlx_home(), lambda _m: None))
+    (ggufs / "SmolLM2-135M-Instruct.Q8_0.gguf").write_bytes(b"GGUF" + b"\0" * 4096)
+    (ggufs / "SmolLM2-135M-Instruct.Q4_K_M-00001-of-00002.gguf").write_bytes(b"GGUF")
+    (ggufs / "SmolLM2-135M-Instruct.Q4_K_M-00002-of-00002.gguf").write_bytes(b"GGUF")
+    (ggufs / "README.md").write_text("# GGUF\n")
+    h.repos["acme/SmolLM2-GGUF"] = ggufs
     yield h
     h.close()
 
@@ -121,7 +133,7 @@ def test_an_interrupted_download_is_resumed(hub, tmp_path, hub_env):
 @pytest.mark.parametrize("repo, expect", [
     ("acme/missing", "No such model repo on the Hugging Face Hub"),
     ("acme/gated", "gated or private"),
-    ("acme/gguf-only", "no safetensors weights"),
+    ("acme/gguf-only", "model.gguf is not a GGUF file openmlx can read"),
     ("acme/alien", "alien_arch_42"),
     ("not-a-repo", "not a Hugging Face repo id"),
 ])
@@ -430,3 +442,48 @@ def test_sigterm_exits_in_time_while_a_download_hangs(hub, tmp_path):
         hub.delay.clear()
         s.stop()
     assert took < 2 * 1 + 4, took  # twice --shutdown-timeout, and a little for the interpreter
+
+
+def test_pull_a_gguf_repo_by_quantization(hub, tmp_path):
+    """Issue 30: `pull ORG/NAME-GGUF:QUANT` fetches only that file, converts it into the store and
+    drops the download; the store serves it as ORG/NAME-GGUF."""
+    env = _env(hub, tmp_path)
+    hub.requests.clear()
+    r = _cli(["pull", "acme/SmolLM2-GGUF:q4_1"], env)
+    assert r.returncode == 0, r.stderr
+    assert "pulled acme/SmolLM2-GGUF (text, llama" in r.stdout
+    fetched = [p for m, p, _ in hub.requests if m == "GET" and p.endswith(".gguf")]
+    assert fetched and all(p.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") for p in fetched)
+    folder = tmp_path / "models" / "acme" / "SmolLM2-GGUF"
+    assert (folder / "config.json").is_file() and not list(folder.glob("*.gguf"))
+    assert json.loads((folder / ".openmlx-pull.json").read_text())["file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert not any((tmp_path / "models" / ".downloads").iterdir())
+    listed = json.loads(_cli(["list", "--json"], env).stdout)
+    assert any(m["id"] == "acme/SmolLM2-GGUF" and m["runnable"] for m in listed)
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["acme/SmolLM2-GGUF"], "has several GGUF files; name one as acme/SmolLM2-GGUF:QUANT"),
+    (["acme/SmolLM2-GGUF:Q5_K_M"], "has no GGUF file for 'Q5_K_M'; its GGUF files: SmolLM2-135M-Instruct.Q4_1.gguf"),
+    (["acme/SmolLM2-GGUF:Q4_K_M"], "as a split GGUF"),
+    (["acme/SmolLM2-GGUF", "--file", "nope.gguf"], "has no GGUF file for 'nope.gguf'"),
+    (["acme/tiny:Q4_K_M"], "has no GGUF files; pull it without ':Q4_K_M'"),
+])
+def test_gguf_pull_refusals_name_the_files(hub, tmp_path, args, expect):
+    hub.requests.clear()
+    r = _cli(["pull", *args], _env(hub, tmp_path))
+    assert r.returncode == 1 and expect in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not any(m == "GET" and p.endswith(".gguf") for m, p, _ in hub.requests)
+
+
+def test_choose_gguf():
+    from engine.models.hub import choose_gguf, split_quantization
+
+    files = {"m-Q4_K_M.gguf": 1, "m-Q4_K_S.gguf": 1, "m-Q8_0.gguf": 1}
+    assert choose_gguf("a/b", files, "q4_k_m") == "m-Q4_K_M.gguf"
+    assert choose_gguf("a/b", files, "m-Q8_0.gguf") == "m-Q8_0.gguf"
+    assert choose_gguf("a/b", {"only.gguf": 1}, None) == "only.gguf"
+    assert split_quantization("org/name-GGUF:Q4_K_M") == ("org/name-GGUF", "Q4_K_M")
+    assert split_quantization("org/name@main") == ("org/name@main", None)
+    assert split_quantization("name:Q4") == ("name:Q4", None)  # not a repo id: left for parse_spec to refuse

@@ -50,6 +50,8 @@ def import_gguf(path: Path, models_dir: Path, say: Callable[[str], None] = lambd
         convert_gguf(path, folder, progress=lambda step: say(f"openmlx: {path.name}: {step}"))
     except GGUFConversionError as e:
         raise Unsupported(f"{path.name} can't be served: {e}") from None
+    except (ValueError, IndexError, KeyError, OSError, EOFError) as e:  # the reader's, on a damaged file
+        raise Unsupported(f"{path.name} is not a GGUF file openmlx can read ({type(e).__name__}: {e})") from None
     (folder / MARK).write_text(json.dumps({**stamp, "sha256": sha256(path)}))
     log.info("converted %s into %s", path, folder)
     return folder

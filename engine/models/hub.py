@@ -1,6 +1,11 @@
 """Models from the Hugging Face Hub: `openmlx pull ORG/NAME[@REVISION]`, `openmlx rm`, and the
 server's on-demand download (`--allow-download`).
 
+A GGUF repo (no config.json and safetensors, or a quantization named) gets one `.gguf` file:
+`ORG/NAME-GGUF:Q4_K_M` picks the file whose name carries that quantization (as Ollama and
+llama.cpp's `-hf` name them), `--file NAME.gguf` names it; a repo with one GGUF file needs neither.
+The file is converted into the store once (engine/models/gguf_import.py) and the download removed.
+
 huggingface_hub does the transfer (resumable, `HF_TOKEN` for gated repos, `HF_ENDPOINT`,
 `HF_HUB_OFFLINE`). What openmlx adds is the checking around it, so a download never leaves
 something half-usable behind:
@@ -63,6 +68,7 @@ class RepoFiles:
     files: tuple[str, ...]
     weight_bytes: int
     total_bytes: int
+    gguf: bool = False  # `files` is the one GGUF file chosen
 
 
 @dataclass(frozen=True)
@@ -95,14 +101,60 @@ def _wanted(name: str) -> bool:
     return "/" not in name and any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES)
 
 
-def repo_files(repo_id: str, revision: Optional[str] = None) -> RepoFiles:
-    """The repo's model files at `revision` (from the Hub's model info), or a clear refusal."""
+_SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
+
+
+def split_quantization(spec: str) -> tuple[str, Optional[str]]:
+    """`ORG/NAME[@REVISION][:QUANT]` -> (the spec without `:QUANT`, QUANT or None)."""
+    base, colon, quant = spec.rpartition(":")
+    if colon and "/" in base and quant and re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", quant):
+        return base, quant
+    return spec, None
+
+
+def choose_gguf(repo_id: str, files: dict[str, int], wanted: Optional[str]) -> str:
+    """The one GGUF file of a repo to fetch: the file named `wanted`, the one whose name carries the
+    quantization `wanted` (Q4_K_M matches ...-q4_k_m.gguf, not ...-q4_k_s.gguf), or the only one."""
+    if wanted in files:
+        return wanted
+    whole = [n for n in sorted(files) if not _SPLIT_GGUF.search(n)]
+    if wanted:
+        pattern = re.compile(rf"(?<![A-Z0-9]){re.escape(wanted.upper())}(?![A-Z0-9_])")
+        matches = [n for n in sorted(files) if pattern.search(n.upper())]
+    else:
+        matches = whole
+    if matches and all(_SPLIT_GGUF.search(n) for n in matches):
+        raise Unsupported(f"'{repo_id}' holds {wanted or 'its model'} as a split GGUF ({matches[0]}, ...); openmlx "
+                          "reads single-file GGUFs: merge the parts with llama.cpp's gguf-split --merge and serve the file")
+    matches = [n for n in matches if not _SPLIT_GGUF.search(n)]
+    if len(matches) == 1:
+        return matches[0]
+    offered = ", ".join(whole) or "none"
+    if not matches:
+        raise Unsupported(f"'{repo_id}' has no GGUF file for '{wanted}'; its GGUF files: {offered}")
+    raise Unsupported(f"'{repo_id}' has several GGUF files; name one as {repo_id}:QUANT (e.g. :Q4_K_M) or with "
+                      f"--file: {offered}")
+
+
+def repo_files(repo_id: str, revision: Optional[str] = None, gguf: Optional[str] = None) -> RepoFiles:
+    """The repo's model files at `revision` (from the Hub's model info), or a clear refusal.
+    `gguf`: a quantization or file name: the repo's GGUF file of that name is what is fetched."""
     from huggingface_hub import HfApi
 
     with _hub_errors(repo_id):
         info = HfApi(endpoint=_endpoint()).model_info(repo_id, revision=revision, files_metadata=True)
     siblings = [s for s in (info.siblings or []) if _wanted(s.rfilename)]
     names = {s.rfilename for s in siblings}
+    ggufs = {s.rfilename: int(s.size or 0) for s in (info.siblings or [])
+             if s.rfilename.endswith(".gguf") and "/" not in s.rfilename}
+    mlx = "config.json" in names and any(n.endswith(".safetensors") for n in names)
+    if ggufs and (gguf or not mlx):
+        if not info.sha or not _COMMIT.fullmatch(info.sha):
+            raise DownloadFailed(f"The Hub answered '{repo_id}' with an invalid commit id; refusing to download it")
+        chosen = choose_gguf(repo_id, ggufs, gguf)
+        return RepoFiles(repo_id, info.sha, (chosen,), ggufs[chosen], ggufs[chosen], gguf=True)
+    if gguf:
+        raise Unsupported(f"'{repo_id}' has no GGUF files; pull it without ':{gguf}' or --file")
     if "config.json" not in names:
         raise Unsupported(f"'{repo_id}' has no config.json: it is not a Transformers/MLX model repo")
     if not any(n.endswith(".safetensors") for n in names):
@@ -122,18 +174,23 @@ def target_folder(models_dir: Path, repo_id: str) -> Path:
 
 
 def pull(spec: str, models_dir: Path, gate: Optional[MemoryGate] = None, max_store_bytes: Optional[int] = None,
-         in_use: Callable[[Path], bool] = lambda path: False, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> Pulled:
-    """Download `ORG/NAME[@REVISION]` into the store (see the module docstring for the checks).
-    With `max_store_bytes`, downloaded models nobody has used for longest (and that `in_use` does
-    not claim) are removed first to make room; a model that can't fit is a 507."""
+         in_use: Callable[[Path], bool] = lambda path: False, timeout_s: float = DOWNLOAD_TIMEOUT_S,
+         gguf_file: Optional[str] = None) -> Pulled:
+    """Download `ORG/NAME[@REVISION][:QUANT]` into the store (see the module docstring for the
+    checks). With `max_store_bytes`, downloaded models nobody has used for longest (and that
+    `in_use` does not claim) are removed first to make room; a model that can't fit is a 507.
+    `gguf_file`: the GGUF file of the repo to fetch (else `:QUANT` picks it)."""
     from huggingface_hub import hf_hub_download
 
+    spec, quant = split_quantization(spec)
     repo_id, revision = parse_spec(spec)
     started = time.monotonic()
     if not _LOCK.acquire(timeout=timeout_s):
         raise DownloadFailed(f"Another download held the line for {timeout_s:g} s; try '{repo_id}' again later")
     try:
-        repo = repo_files(repo_id, revision)
+        repo = repo_files(repo_id, revision, gguf_file or quant)
+        if repo.gguf:
+            return _pull_gguf(repo, models_dir, gate, max_store_bytes, in_use, timeout_s, revision, started)
         free = shutil.disk_usage(_existing(models_dir)).free
         if repo.total_bytes > free:
             raise EngineError(f"'{repo_id}' needs {repo.total_bytes / 2**30:.1f} GiB of disk; "
@@ -177,6 +234,45 @@ def pull(spec: str, models_dir: Path, gate: Optional[MemoryGate] = None, max_sto
     seconds = time.monotonic() - started
     log.info("downloaded %s in %.1f s to %s", repo_id, seconds, final)
     return Pulled(repo_id, final, probe(final), seconds)
+
+
+def _pull_gguf(repo: RepoFiles, models_dir: Path, gate: Optional[MemoryGate], max_store_bytes: Optional[int],
+               in_use: Callable[[Path], bool], timeout_s: float, revision: Optional[str], started: float) -> Pulled:
+    """Fetch a repo's one GGUF file, convert it into `models/ORG/NAME`, and drop the download
+    (the caller holds the download lock)."""
+    from huggingface_hub import hf_hub_download
+
+    from engine.models.gguf_import import import_gguf
+
+    repo_id, (name,) = repo.repo_id, repo.files
+    free = shutil.disk_usage(_existing(models_dir)).free
+    if 2 * repo.total_bytes > free:  # the file, and the store folder converted from it
+        raise EngineError(f"'{repo_id}' ({name}) needs {2 * repo.total_bytes / 2**30:.1f} GiB of disk to download "
+                          f"and convert; {free / 2**30:.1f} GiB is free in {models_dir}", code="insufficient_storage",
+                          status=507)
+    if max_store_bytes is not None:
+        make_room(models_dir, 2 * repo.total_bytes, max_store_bytes, in_use, keep=target_folder(models_dir, repo_id))
+    if gate is not None:
+        gate.check(repo_id, MemoryEstimate(repo.weight_bytes, 0))
+    staging = models_dir / ".downloads" / repo_id.replace("/", "--")
+    log.info("downloading %s@%s: %s, %.1f MiB", repo_id, repo.revision[:12], name, repo.total_bytes / 2**20)
+    with _hub_errors(repo_id) as guard, hub_transfer.limited(repo_id, repo.total_bytes, timeout_s) as limits:
+        guard.limits = limits
+        hf_hub_download(repo_id, name, revision=repo.revision, local_dir=staging, endpoint=_endpoint())
+    final = target_folder(models_dir, repo_id)
+    try:
+        folder = import_gguf(staging / name, models_dir, name=repo_id)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result = probe(folder)
+    if not result.runnable:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise Unsupported(f"'{repo_id}' ({name}) was converted but can't be served: {result.reason}")
+    (final / PULLED_MARK).write_text(json.dumps({"repo_id": repo_id, "revision": revision, "commit": repo.revision,
+                                                 "file": name}))
+    seconds = time.monotonic() - started
+    log.info("downloaded and converted %s (%s) in %.1f s to %s", repo_id, name, seconds, final)
+    return Pulled(repo_id, final, result, seconds)
 
 
 def folder_bytes(path: Path) -> int:
