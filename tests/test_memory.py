@@ -71,3 +71,23 @@ def test_the_dtype_choice_says_why(default_model_dir):
                            capture_output=True, text=True, timeout=300)
     info = json.loads(shown.stdout)
     assert info["dtype"] == "float32" and "fit in the" in info["dtype_reason"]
+
+
+def test_a_half_precision_folder_counts_double_as_float32(tmp_path):
+    """Issue 30: a GGUF K-quant converts to a float16 folder (the 1.5B Qwen: 3.55 GB on disk); on the
+    CPU fast path it is held as float32 (7.1 GB measured RSS), and the gate must count that."""
+    import json
+
+    import mlx.core as mx
+
+    from engine.models.memory import dequantized_bytes
+    from engine.models.probe import probe
+
+    mx.save_safetensors(str(tmp_path / "model.safetensors"),
+                        {"a": mx.zeros((64, 32), dtype=mx.float16), "b": mx.zeros((16,), dtype=mx.float32),
+                         "ids": mx.zeros((8,), dtype=mx.int32)})
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    p = probe(tmp_path)
+    assert p.float32_bytes == 64 * 32 * 4 + 16 * 4 + 8 * 4
+    assert dequantized_bytes(p) == p.float32_bytes > p.size_bytes  # the float16 matrix doubles

@@ -35,9 +35,10 @@ class MemoryEstimate:
 
 
 def dequantized_bytes(probe: Probe) -> int:
-    """Weight bytes once quantized weights are expanded to float32."""
+    """Weight bytes once the weights are held as float32 (quantized ones expanded, half-precision
+    ones doubled)."""
     if not probe.quantization:
-        return probe.size_bytes
+        return probe.float32_bytes or probe.size_bytes
     bits = int(probe.quantization.get("bits", 4))
     # Packed weights carry scales and biases (~2 x 16 bit per group of 32-64): approximate
     # the expansion from the bits per weight.

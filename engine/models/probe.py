@@ -30,6 +30,7 @@ class Probe:
     context_length: Optional[int]
     size_bytes: int  # weights on disk
     quantization: Optional[dict[str, Any]] = None
+    float32_bytes: int = 0  # unquantized weights once held as float32 (from the headers; 0: not known)
     warnings: tuple[str, ...] = field(default_factory=tuple)
     embedding_dim: Optional[int] = None  # for embedding models: the vector size
     config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)  # config.json, parsed once
@@ -71,6 +72,44 @@ def _safetensors_problem(path: Path) -> Optional[str]:
     return None
 
 
+_FLOATS = {"F16", "BF16", "F32", "F64"}
+
+
+def _float32_bytes(files: list[Path]) -> int:
+    """The weights' bytes with every floating tensor held as float32 (a float16 or bfloat16 folder
+    doubles on the CPU fast path), from the safetensors headers; 0 when a header can't be read."""
+    total = 0
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, UnicodeDecodeError, struct.error):
+            return 0
+        for name, t in header.items():
+            if name == "__metadata__" or not isinstance(t, dict):
+                continue
+            if t.get("dtype") in _FLOATS:
+                numel = 1
+                for d in t.get("shape", []):
+                    numel *= int(d)
+                total += 4 * numel
+            else:
+                start, end = t.get("data_offsets", (0, 0))
+                total += int(end) - int(start)
+    return total
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return [folder / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (ValueError, KeyError, OSError):
+            return []
+    return sorted(folder.glob("*.safetensors"))
+
+
 def _weights_problem(folder: Path) -> tuple[Optional[str], int]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -83,7 +122,7 @@ def _weights_problem(folder: Path) -> tuple[Optional[str], int]:
         if missing:
             return f"weight files missing: {', '.join(missing[:3])}", 0
     else:
-        files = sorted(folder.glob("*.safetensors"))
+        files = _weight_files(folder)
         if not files:
             return "no weight files (*.safetensors)", 0
     size = sum(f.stat().st_size for f in files)
@@ -194,10 +233,12 @@ def _probe(folder: Path) -> Probe:
     text_cfg = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
     context = text_cfg.get("max_position_embeddings") or config.get("n_text_ctx")
     quant = config.get("quantization") or config.get("quantization_config")
+    unquantized = not isinstance(quant, dict) or not quant
+    float32 = _float32_bytes(_weight_files(folder)) if unquantized and kind == "text" else 0
     dim = None
     if kind == "embedding":
         context = sentence_config(folder)["max_seq_length"] or context
         dim = config.get("hidden_size")
     return Probe(folder, kind, model_type, known, reason,
                  int(context) if isinstance(context, int) else None, size,
-                 quant if isinstance(quant, dict) else None, embedding_dim=dim, config=config)
+                 quant if isinstance(quant, dict) else None, float32, embedding_dim=dim, config=config)
