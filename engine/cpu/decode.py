@@ -31,7 +31,6 @@ import ctypes
 import json
 import logging
 import os
-import statistics
 import time
 import weakref
 from dataclasses import dataclass
@@ -436,14 +435,18 @@ def _check(model: nn.Module, step: OneTokenStep) -> None:
             raise Unsupported(f"its logits differ from the model's own (max {float(np.abs(got - want).max()):.3g})")
 
 
-def _time(call: Callable[[], Any], runs: int = 6) -> float:
-    call()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _paired(a: Callable[[], Any], b: Callable[[], Any], rounds: int = 8) -> tuple[float, float]:
+    """The fastest of `rounds` runs of each, taken in turns: whatever else the machine does at load
+    time (a server start is often beside an install or another process) slows both alike, and the
+    fastest run is the one least disturbed by it."""
+    a(), b()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        for call, out in ((a, times[0]), (b, times[1])):
+            t0 = time.perf_counter()
+            call()
+            out.append(time.perf_counter() - t0)
+    return min(times[0]), min(times[1])
 
 
 def _measure(model: nn.Module, step: OneTokenStep) -> tuple[float, float]:
@@ -462,7 +465,7 @@ def _measure(model: nn.Module, step: OneTokenStep) -> tuple[float, float]:
         step(9, cache)
         trim_prompt_cache(cache, 1)
 
-    return _time(own), _time(ours)
+    return _paired(own, ours)
 
 
 def install(model: nn.Module) -> tuple[Any, str]:
