@@ -468,6 +468,16 @@ def _measure(model: nn.Module, step: OneTokenStep) -> tuple[float, float]:
     return _paired(own, ours)
 
 
+def checked_step(model: nn.Module) -> OneTokenStep:
+    """The model's numpy step (its q/k/v and gate/up weights fused first), checked against the
+    model's own step; raises Unsupported saying why where it can't be had."""
+    info = blas.active()
+    fuse(model)
+    step = OneTokenStep(model, _Products(info.path if info.name == "openblas" else None))
+    _check(model, step)
+    return step
+
+
 def install(model: nn.Module) -> tuple[Any, str]:
     """(what to call for a solo stream's passes, why): a `FastDecode` where the numpy step checks
     out and is faster on this machine, else the model itself. CPU and float32 weights only."""
@@ -478,10 +488,7 @@ def install(model: nn.Module) -> tuple[Any, str]:
     if getattr(model, "model_type", None) not in ARCHITECTURES:
         return model, f"mlx (numpy step: architecture {getattr(model, 'model_type', None)!r} isn't one of {ARCHITECTURES})"
     try:
-        info = blas.active()
-        fuse(model)
-        step = OneTokenStep(model, _Products(info.path if info.name == "openblas" else None))
-        _check(model, step)
+        step = checked_step(model)
     except Unsupported as e:
         return model, f"mlx (numpy step: {e})"
     key = _signature(model, step)
