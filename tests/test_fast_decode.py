@@ -13,7 +13,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 import numpy as np  # noqa: E402
 
-from engine.cpu import decode  # noqa: E402
+from engine.cpu import decode, decode_choice  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_a_cache_it_owns_is_written_in_place(runner):
 def test_the_choice_is_measured_once_and_cached(runner, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENMLX_HOME", str(tmp_path))
     model = runner.model
-    first, why = decode.install(model)
+    first, why = decode_choice.install(model)
     saved = json.loads((tmp_path / "decode.json").read_text())
     (own, ours), = saved.values()
     assert own > 0 and ours > 0 and f"{ours * 1000:.0f} ms a step" in why
@@ -143,19 +143,19 @@ def test_the_choice_is_measured_once_and_cached(runner, tmp_path, monkeypatch):
     def no_measuring(*_):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(decode, "_measure", no_measuring)
-    second, again = decode.install(model)
+    monkeypatch.setattr(decode_choice, "_measure", no_measuring)
+    second, again = decode_choice.install(model)
     assert again == why
     # A machine where the numpy step measured slower keeps MLX.
     key = next(iter(saved))
     (tmp_path / "decode.json").write_text(json.dumps({key: [0.01, 0.02]}))
-    kept, slower = decode.install(model)
+    kept, slower = decode_choice.install(model)
     assert kept is model and slower.startswith("mlx (numpy step slower here")
 
 
 def test_switched_off_and_unsupported_models_keep_mlx(runner, monkeypatch, default_model_dir):
     monkeypatch.setenv("OPENMLX_FAST_DECODE", "off")
-    assert decode.install(runner.model) == (runner.model, "mlx (OPENMLX_FAST_DECODE=off)")
+    assert decode_choice.install(runner.model) == (runner.model, "mlx (OPENMLX_FAST_DECODE=off)")
     monkeypatch.delenv("OPENMLX_FAST_DECODE")
     from engine.generation.text import TextRunner
     from engine.models.memory import MemoryGate
@@ -163,7 +163,7 @@ def test_switched_off_and_unsupported_models_keep_mlx(runner, monkeypatch, defau
 
     quantized = TextRunner.load("q", probe(default_model_dir), "keep", MemoryGate())
     assert quantized.solo is quantized.model and quantized.decode_path == "mlx"
-    model, why = decode.install(quantized.model)
+    model, why = decode_choice.install(quantized.model)
     assert model is quantized.model and why.startswith("mlx (numpy step: ") and "float32" in why
 
 

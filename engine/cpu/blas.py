@@ -112,11 +112,11 @@ print(t(lambda: a @ w.T) + t(lambda: v @ big.T))
 """
 
 
-def _home() -> str:
+def home() -> str:
     return os.path.expanduser(os.environ.get("OPENMLX_HOME", "~/.cache/openmlx"))
 
 
-def _cpu() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
@@ -146,8 +146,8 @@ def _by_speed(candidates: list[tuple[str, str]], threads: int) -> list[tuple[str
     distinct = list({os.path.realpath(p): (p, src) for p, src in candidates if os.path.exists(p)}.values())
     if len(distinct) < 2 or os.environ.get("OPENMLX_OPENBLAS"):
         return candidates
-    key = [_cpu(), threads, [[p, os.path.getsize(p)] for p, _ in distinct]]
-    cache = os.path.join(_home(), "blas.json")
+    key = [cpu_name(), threads, [[p, os.path.getsize(p)] for p, _ in distinct]]
+    cache = os.path.join(home(), "blas.json")
     try:
         with open(cache) as f:
             saved = json.load(f)
@@ -157,7 +157,7 @@ def _by_speed(candidates: list[tuple[str, str]], threads: int) -> list[tuple[str
     if timings is None:
         timings = {p: _time_library(p, threads) for p, _ in distinct}
         try:  # written whole (servers may start side by side)
-            os.makedirs(_home(), exist_ok=True)
+            os.makedirs(home(), exist_ok=True)
             tmp = f"{cache}.{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump({"key": key, "timings": timings}, f)

@@ -18,9 +18,9 @@ the new position into the cache's buffer in place, which MLX arrays don't otherw
 only writes into a buffer it allocated itself and that no one else has replaced: a cache it
 didn't allocate (or that MLX copied since) is first copied into a buffer of its own.
 
-Which path decodes is measured once per machine, BLAS and model shape (both paths timed on the
-loaded model, cached in OPENMLX_HOME/decode.json), and the numpy step is used only where it checked
-out against the model's own step at load (logits within float rounding) and was faster.
+Which path decodes is measured (engine/cpu/decode_choice.py): the numpy step is used only where it
+checked out against the model's own step at load (logits within float rounding, `checked_step`)
+and was faster on this machine.
 Architectures: the llama layout (llama, mistral, qwen2, qwen3's q/k norms); anything else, a
 quantized or half-precision weight, a rotating or quantized cache, more than one row keeps MLX.
 `OPENMLX_FAST_DECODE=off` turns it off.
@@ -28,13 +28,10 @@ quantized or half-precision weight, a rotating or quantized cache, more than one
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
-import os
-import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -399,28 +396,6 @@ class FastDecode:
         return getattr(self._model, name)
 
 
-def _cache_path() -> str:
-    home = os.environ.get("OPENMLX_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "openmlx")
-    return os.path.join(home, "decode.json")
-
-
-def _signature(model: nn.Module, step: OneTokenStep) -> str:
-    info = blas.active()
-    shapes = [step.embed.shape, step.head.shape, len(step.layers)] + [w.shape for w in step.layers[0].qkv.weights]
-    return json.dumps([_cpu_name(), info.name, info.path, info.threads, step.blas.name, str(shapes)])
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return os.uname().machine
-
-
 def _check(model: nn.Module, step: OneTokenStep) -> None:
     """The numpy step's logits against the model's own, two steps after a short prefill."""
     from mlx_lm.models.cache import make_prompt_cache
@@ -435,39 +410,6 @@ def _check(model: nn.Module, step: OneTokenStep) -> None:
             raise Unsupported(f"its logits differ from the model's own (max {float(np.abs(got - want).max()):.3g})")
 
 
-def _paired(a: Callable[[], Any], b: Callable[[], Any], rounds: int = 8) -> tuple[float, float]:
-    """The fastest of `rounds` runs of each, taken in turns: whatever else the machine does at load
-    time (a server start is often beside an install or another process) slows both alike, and the
-    fastest run is the one least disturbed by it."""
-    a(), b()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(rounds):
-        for call, out in ((a, times[0]), (b, times[1])):
-            t0 = time.perf_counter()
-            call()
-            out.append(time.perf_counter() - t0)
-    return min(times[0]), min(times[1])
-
-
-def _measure(model: nn.Module, step: OneTokenStep) -> tuple[float, float]:
-    """Seconds per decode step: (the model's own, the numpy step), over a 64-token context."""
-    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
-
-    prompt = mx.array([list(range(1, 65))]) % step.embed.shape[0]
-    cache = make_prompt_cache(model)
-    mx.eval(model(prompt, cache=cache))
-
-    def own() -> None:
-        mx.eval(model(mx.array([[9]]), cache=cache))
-        trim_prompt_cache(cache, 1)
-
-    def ours() -> None:
-        step(9, cache)
-        trim_prompt_cache(cache, 1)
-
-    return _paired(own, ours)
-
-
 def checked_step(model: nn.Module) -> OneTokenStep:
     """The model's numpy step (its q/k/v and gate/up weights fused first), checked against the
     model's own step; raises Unsupported saying why where it can't be had."""
@@ -476,45 +418,3 @@ def checked_step(model: nn.Module) -> OneTokenStep:
     step = OneTokenStep(model, _Products(info.path if info.name == "openblas" else None))
     _check(model, step)
     return step
-
-
-def install(model: nn.Module) -> tuple[Any, str]:
-    """(what to call for a solo stream's passes, why): a `FastDecode` where the numpy step checks
-    out and is faster on this machine, else the model itself. CPU and float32 weights only."""
-    if os.environ.get("OPENMLX_FAST_DECODE", "").lower() in ("off", "0", "no"):
-        return model, "mlx (OPENMLX_FAST_DECODE=off)"
-    if mx.default_device() != mx.cpu:
-        return model, "mlx (not on the CPU)"
-    if getattr(model, "model_type", None) not in ARCHITECTURES:
-        return model, f"mlx (numpy step: architecture {getattr(model, 'model_type', None)!r} isn't one of {ARCHITECTURES})"
-    try:
-        step = checked_step(model)
-    except Unsupported as e:
-        return model, f"mlx (numpy step: {e})"
-    key = _signature(model, step)
-    path = _cache_path()
-    try:
-        with open(path) as f:
-            known = json.load(f)
-    except (OSError, ValueError):
-        known = {}
-    if not isinstance(known, dict):
-        known = {}
-    timings = known.get(key)
-    if not (isinstance(timings, list) and len(timings) == 2 and all(isinstance(t, float) for t in timings)):
-        timings = list(_measure(model, step))
-        known[key] = timings
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(known, f)
-            os.replace(tmp, path)
-        except OSError:
-            pass
-    own, ours = timings
-    measured = f"{ours * 1000:.0f} ms a step against MLX's {own * 1000:.0f} ms"
-    if ours >= own:
-        return model, f"mlx (numpy step slower here: {measured})"
-    log.info("decode: one-token steps in numpy (%s, %s)", step.blas.name, measured)
-    return FastDecode(model, step, f"numpy {step.blas.name} ({measured})"), f"numpy {step.blas.name} ({measured})"

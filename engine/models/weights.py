@@ -9,7 +9,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine.cpu import cpu_math, decode
+from engine.cpu import cpu_math, decode_choice
 from engine.models.memory import MemoryEstimate, MemoryGate, dequantized_bytes
 from engine.models.probe import Probe
 
@@ -107,7 +107,7 @@ def load_gated(label: str, probe: Probe, cpu_dtype: str, gate: MemoryGate) -> Lo
     solo, decode_path = model, "mlx"
     if dtype == "float32" and not on_gpu():
         cpu_math.install(model)
-        solo, decode_path = decode.install(model)
+        solo, decode_path = decode_choice.install(model)
     log.info("loaded %s (%s, weights held as %s)", label, probe.architecture, dtype)
     for w in warnings:
         log.warning("%s: %s", label, w)
