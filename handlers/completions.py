@@ -54,16 +54,17 @@ async def create(body: dict):
     if req.stream:
         return _stream(req, cid, created, starts, echoes, prompt_tokens, warnings)
     results = await choices.collect(starts, ROUTE, req.model)
-    out, generated = [], 0
+    out, generated, cached = [], 0, 0
     for p in range(len(prepared)):
         candidates = results[p * req.best_of:(p + 1) * req.best_of]
         generated += sum(c.done.completion_tokens for c in candidates)
+        cached += max(c.done.cached_tokens for c in candidates)  # each prompt once, as its tokens are
         for i, c in enumerate(choices.best(candidates, req.n)):
             text, logprobs = echoes[p]
             out.append(protocol.text_choice(p * req.n + i, text + c.text, c.done.finish_reason,
                                             logprobs + c.logprobs if req.logprobs is not None else None))
-    return protocol.json_ok(protocol.completion_body(cid, created, req.model, out, (prompt_tokens, generated)),
-                            warnings)
+    return protocol.json_ok(protocol.completion_body(cid, created, req.model, out,
+                                                     (prompt_tokens, generated, cached)), warnings)
 
 
 def _stream(req: protocol.CompletionRequest, cid: str, created: int, starts: list[Callable[[], StreamHandle]],
@@ -74,6 +75,7 @@ def _stream(req: protocol.CompletionRequest, cid: str, created: int, starts: lis
     with_logprobs = req.logprobs is not None
     sent = [len(echoes[i // req.n][0]) for i in range(len(starts))]  # each choice's next text_offset
     generated = [0]
+    cached = [0] * (len(starts) // req.n)  # per prompt: what the prompt cache held of it
 
     def chunk(index: int, text: str, finish: str | None = None, logprobs=None, offset: int = 0) -> dict:
         return protocol.text_completion(cid, created, req.model, text, finish,
@@ -89,13 +91,15 @@ def _stream(req: protocol.CompletionRequest, cid: str, created: int, starts: lis
             return [out]
         if isinstance(ev, Finished):
             generated[0] += ev.completion_tokens
+            cached[index // req.n] = max(cached[index // req.n], ev.cached_tokens)
             return [chunk(index, "", ev.finish_reason)]
         return []
 
     def last() -> list[dict]:
         if not req.include_usage:
             return []
-        return [protocol.usage_chunk("text_completion", cid, created, req.model, prompt_tokens, generated[0])]
+        return [protocol.usage_chunk("text_completion", cid, created, req.model, prompt_tokens, generated[0],
+                                     sum(cached))]
 
     return sse.choices_response(choices.events(starts, ROUTE, req.model), first, on_event, last,
                                 protocol.warning_headers(warnings))

@@ -417,15 +417,16 @@ def usage_chunk(obj: str, cid: str, created: int, model: str, prompt_tokens: int
 
 
 def text_completion(cid: str, created: int, model: str, text: str, finish: Optional[str],
-                    counts: Optional[tuple[int, int]] = None,
+                    counts: Optional[tuple[int, int, int]] = None,
                     logprobs: Optional[Sequence[TokenLogprob]] = None, offset: int = 0,
                     index: int = 0) -> dict[str, Any]:
     return completion_body(cid, created, model, [text_choice(index, text, finish, logprobs, offset)], counts)
 
 
 def completion_body(cid: str, created: int, model: str, choices: Sequence[dict[str, Any]],
-                    counts: Optional[tuple[int, int]] = None) -> dict[str, Any]:
-    """A text_completion object (a response, or one streamed chunk) with these choices."""
+                    counts: Optional[tuple[int, int, int]] = None) -> dict[str, Any]:
+    """A text_completion object (a response, or one streamed chunk) with these choices; `counts`:
+    (prompt, completion, cached prompt) tokens for its usage."""
     body: dict[str, Any] = {
         "id": cid, "object": "text_completion", "created": created, "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT, "choices": list(choices),

@@ -201,6 +201,19 @@ def test_next_turn_reports_cached_prompt_tokens(client):
     assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
 
 
+def test_a_repeated_completion_prompt_reports_its_cached_tokens(client):
+    """/v1/completions reports what the prompt cache held too (it reported 0 whatever was reused),
+    in the response and in a stream's usage chunk."""
+    prompt = "Write a list of fruits: apples, pears, plums, cherries, grapes, melons, lemons,"
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+
+
 def test_concurrent_requests_all_start_from_a_cached_prefix(server):
     """Issue 34: requests arriving together that share a cached prefix (an agent's system prompt)
     all reuse it; none finds it taken by another."""

