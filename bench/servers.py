@@ -105,10 +105,11 @@ PEER_WHEELS = Path(os.environ.get("OPENMLX_PEER_WHEELS")
                    or Path(__file__).resolve().parent.parent.parent / "shared" / "peers")
 
 
-def llama_cpp_peer(lookup: bool = False) -> Optional[Peer]:
-    """llama.cpp (llama-cpp-python's server, from the prebuilt wheel in ../shared/peers) on the
-    same GGUF the default model is converted from; None, with a note, where the wheel is absent.
-    `lookup`: with its own prompt-lookup drafting (10 tokens), to compare speculation fairly."""
+def llama_cpp_peer(lookup: bool = False, gguf: Optional[Path] = None, alias: str = "SmolLM2-135M-Instruct-GGUF",
+                   n_ctx: int = 4096) -> Optional[Peer]:
+    """llama.cpp (llama-cpp-python's server, from the prebuilt wheel in ../shared/peers) on `gguf`,
+    by default the GGUF the default model is converted from; None, with a note, where the wheel is
+    absent. `lookup`: with its own prompt-lookup drafting (10 tokens), to compare speculation fairly."""
     from engine.config import openmlx_home
     from engine.models.default_model import find_gguf
 
@@ -117,12 +118,11 @@ def llama_cpp_peer(lookup: bool = False) -> Optional[Peer]:
         print(f"bench: no llama-cpp-python wheel in {PEER_WHEELS}: llama.cpp skipped", file=sys.stderr)
         return None
     bin_dir = ensure_venv("llama.cpp", [f"{wheels[-1]}[server]"])
-    gguf = find_gguf(openmlx_home(), lambda _m: None)
+    gguf = gguf or find_gguf(openmlx_home(), lambda _m: None)
     draft = ["--draft_model", "prompt-lookup-decoding", "--draft_model_num_pred_tokens", "10"] if lookup else []
     return Peer("llama.cpp-lookup" if lookup else "llama.cpp",
                 [str(bin_dir / "python"), "-m", "llama_cpp.server", "--model", str(gguf), "--port", "{port}",
-                 "--n_ctx", "4096", "--n_threads", "2", "--model_alias", "SmolLM2-135M-Instruct-GGUF", *draft],
-                "SmolLM2-135M-Instruct-GGUF")
+                 "--n_ctx", str(n_ctx), "--n_threads", "2", "--model_alias", alias, *draft], alias)
 
 
 class Running(ServerProcess):

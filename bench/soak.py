@@ -2,9 +2,16 @@
 mid-stream disconnects and bad requests. Loopback only; bounded in time; stops by itself.
 
     python -m bench.soak --minutes 10 --clients 8 [--out bench/results]
+    python -m bench.soak --minutes 30 --clients 4 --conversations 12 --prompt-cache-bytes 64000000
 
 Reports requests sent, answers by status, p50/p99 latency, and RSS after warm-up and at the end.
 Targets: zero 5xx, every well-formed request answered, RSS growth under 10 % after warm-up.
+
+`--conversations K` (issue 34): the clients instead take turns in K agent conversations that share
+a long system prompt, each growing by an answer and a question a turn and starting over after
+`--turns` turns, with the server's prompt cache bounded by `--prompt-cache-bytes`. `/health` is
+read every 2 s: the cache's bytes must never pass the bound. Also reported: the share of prompt
+tokens served from the cache.
 """
 from __future__ import annotations
 
@@ -23,6 +30,60 @@ import httpx
 from bench.servers import Peer, Running
 
 MSG = [{"role": "user", "content": "Tell me something about the sea."}]
+SYSTEM = {"role": "system", "content": "You are a coding agent working in a large repository. " * 40}
+QUESTIONS = ["List the files you would read first.", "What does the main module do?", "Find the bug in the parser.",
+             "Write a test for it.", "Explain the fix in one line.", "What should we refactor next?"]
+
+
+class Conversations:
+    """K agent conversations the clients take turns in (one client at a time per conversation)."""
+
+    def __init__(self, count: int, turns: int, seed: int = 0) -> None:
+        self.turns = turns
+        self.rng = random.Random(seed)
+        self.free = list(range(count))
+        self.history: dict[int, list] = {i: self._fresh(i) for i in range(count)}
+        self.lock = threading.Lock()
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+
+    def _fresh(self, i: int) -> list:
+        return [SYSTEM, {"role": "user", "content": f"Task {i}-{self.rng.randrange(10**6)}: " + QUESTIONS[0]}]
+
+    def take(self) -> tuple[int, list]:
+        with self.lock:
+            i = self.free.pop(0)
+            return i, list(self.history[i])
+
+    def give_back(self, i: int, messages: list, answer: str, usage: dict) -> None:
+        with self.lock:
+            self.prompt_tokens += usage.get("prompt_tokens", 0)
+            self.cached_tokens += (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            done = (len(messages) - 1) // 2 >= self.turns
+            self.history[i] = self._fresh(i) if done else messages + [
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": self.rng.choice(QUESTIONS)}]
+            self.free.append(i)
+
+
+def conversation_loop(url: str, model: str, seed: int, stop_at: float, record, talks: Conversations) -> None:
+    rng = random.Random(seed)
+    with httpx.Client(timeout=300) as h:
+        while time.monotonic() < stop_at:
+            i, messages = talks.take()
+            start = time.perf_counter()
+            answer, usage = "", {}
+            try:
+                r = h.post(url + "/v1/chat/completions",
+                           json={"model": model, "messages": messages, "max_tokens": rng.randint(4, 16)})
+                record("turn", r.status_code, time.perf_counter() - start, well_formed=True)
+                if r.status_code == 200:
+                    answer = r.json()["choices"][0]["message"]["content"] or ""
+                    usage = r.json()["usage"]
+            except httpx.HTTPError as e:
+                record("turn", f"error:{type(e).__name__}", time.perf_counter() - start, well_formed=True)
+            finally:
+                talks.give_back(i, messages, answer, usage)
 
 
 def client_loop(url: str, model: str, seed: int, stop_at: float, record) -> None:
@@ -57,6 +118,17 @@ def client_loop(url: str, model: str, seed: int, stop_at: float, record) -> None
                 record(kind, f"error:{type(e).__name__}", time.perf_counter() - start, well_formed=kind != "bad")
 
 
+def watch_cache(url: str, stop_at: float, readings: list[int]) -> None:
+    """The prompt cache's bytes in memory (/health) every 2 s until `stop_at`."""
+    with httpx.Client(timeout=30) as h:
+        while time.monotonic() < stop_at:
+            try:
+                readings.append(int(h.get(url + "/health").json()["prompt_cache"]["bytes"]))
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            time.sleep(2)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,14 +136,19 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--warmup", type=float, default=30, help="seconds before the first RSS reading")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--conversations", type=int, default=0, help="agent conversations instead of the mix")
+    parser.add_argument("--turns", type=int, default=8, help="turns before a conversation starts over")
+    parser.add_argument("--prompt-cache-bytes", type=int, default=64_000_000)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    talks = Conversations(max(args.conversations, args.clients), args.turns) if args.conversations else None
 
     from bench.__main__ import default_model_dir
 
     model_dir = default_model_dir()
     run = Running(Peer("openmlx-soak", [sys.executable, "-m", "handlers.cli", "serve", "--model", str(model_dir),
-                                        "--port", "{port}", "--log-level", "warning", "--max-queue", "64"],
+                                        "--port", "{port}", "--log-level", "warning", "--max-queue", "64",
+                                        *(["--prompt-cache-bytes", str(args.prompt_cache_bytes)] if talks else [])],
                        model_dir.name, "/health"), args.out)
     statuses: Counter = Counter()
     latencies: list[float] = []
@@ -82,7 +159,7 @@ def main(argv=None) -> int:
         nonlocal unanswered
         with lock:
             statuses[f"{kind}:{status}"] += 1
-            if kind in ("plain", "stream"):
+            if kind in ("plain", "stream", "turn"):
                 latencies.append(seconds)
             if well_formed and status != 200:
                 unanswered += 1
@@ -90,9 +167,15 @@ def main(argv=None) -> int:
     try:
         run.wait_ready()
         stop_at = time.monotonic() + args.minutes * 60
-        threads = [threading.Thread(target=client_loop, args=(run.url, run.peer.model_id, i, stop_at, record))
-                   for i in range(args.clients)]
-        for t in threads:
+        if talks:
+            threads = [threading.Thread(target=conversation_loop, args=(run.url, run.peer.model_id, i, stop_at,
+                                                                        record, talks)) for i in range(args.clients)]
+        else:
+            threads = [threading.Thread(target=client_loop, args=(run.url, run.peer.model_id, i, stop_at, record))
+                       for i in range(args.clients)]
+        cache_bytes: list[int] = []
+        watcher = threading.Thread(target=watch_cache, args=(run.url, stop_at, cache_bytes), daemon=True)
+        for t in [*threads, watcher]:
             t.start()
         time.sleep(min(args.warmup, args.minutes * 60 / 3))
         rss_warm = run.rss_bytes()
@@ -112,10 +195,17 @@ def main(argv=None) -> int:
               "latency_p99_s": lat[int(0.99 * (len(lat) - 1))] if lat else None,
               "rss_after_warmup_mib": rss_warm / 2**20, "rss_end_mib": rss_end / 2**20,
               "rss_growth_pct": 100 * (rss_end - rss_warm) / rss_warm if rss_warm else None,
-              "queued_at_end": health["queued"]}
+              "queued_at_end": health["queued"],
+              "prompt_cache_bytes_max": max(cache_bytes, default=0), "prompt_cache_readings": len(cache_bytes)}
+    if talks:
+        report.update({"conversations": len(talks.history), "prompt_cache_bound": args.prompt_cache_bytes,
+                       "prompt_tokens": talks.prompt_tokens, "cached_tokens": talks.cached_tokens,
+                       "cached_share": talks.cached_tokens / talks.prompt_tokens if talks.prompt_tokens else None})
     (args.out / "soak.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     ok = five_xx == 0 and unanswered == 0 and (report["rss_growth_pct"] or 0) < 10 and health["queued"] == 0
+    if talks:
+        ok = ok and 0 < report["prompt_cache_bytes_max"] <= args.prompt_cache_bytes
     print("soak:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 
