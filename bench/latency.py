@@ -33,20 +33,7 @@ NAMES = ("openmlx", "openmlx-mlxmath", "llama.cpp")
 def measure(run: Running, prompts: dict[int, str], eos: list[int], repeats: int) -> dict:
     url, model = run.url, run.peer.model_id
     workload.stream_chat(url, model, "Hi", 4, eos)  # warm-up
-    out: dict = {"prefill": {}}
-    for n, text in prompts.items():
-        runs = [workload.stream_chat(url, model, f"Request {i} of {n}. {text}", 2, eos) for i in range(repeats)]
-        ttft = statistics.median(r.ttft_s for r in runs)
-        out["prefill"][str(n)] = {"ttft_s": ttft, "prompt_tokens": runs[0].prompt_tokens,
-                                  "tok_s": runs[0].prompt_tokens / ttft if ttft else 0.0}
-    turns = []
-    for i in range(repeats):
-        history = [{"role": "user", "content": f"Conversation {i}. {prompts[500]}"}]
-        workload.stream_chat(url, model, "", 8, eos, messages=history)
-        history += [{"role": "assistant", "content": "It is a long story about a city and its streets."},
-                    {"role": "user", "content": "Say it again in three words, please."}]
-        turns.append(workload.stream_chat(url, model, "", 8, eos, messages=history).ttft_s)
-    out["next_turn_ttft_s"] = statistics.median(turns)
+    out = workload.prefill_and_next_turn(url, model, prompts, eos, repeats, history=500)
     out["tiny_s"] = statistics.median(workload.stream_chat(url, model, "Hi", 1, eos).total_s
                                       for _ in range(max(5, repeats)))
     return out

@@ -55,21 +55,9 @@ def tool_call(url: str, model: str) -> dict:
 def measure(run: Running, prompts: dict[int, str], eos: list[int], repeats: int) -> dict:
     url, model = run.url, run.peer.model_id
     workload.stream_chat(url, model, "Hi", 4, eos)  # warm-up
-    out: dict = {"prefill": {}}
-    for n, text in prompts.items():
-        runs = [workload.stream_chat(url, model, f"Request {i} of {n}. {text}", 2, eos) for i in range(repeats)]
-        ttft = statistics.median(r.ttft_s for r in runs)
-        out["prefill"][str(n)] = {"ttft_s": ttft, "tok_s": runs[0].prompt_tokens / ttft if ttft else 0.0}
+    out = workload.prefill_and_next_turn(url, model, prompts, eos, repeats, history=min(prompts))
     stories = [workload.stream_chat(url, model, f"{STORY} ({i})", 128, eos) for i in range(repeats)]
     out["decode_tps"] = statistics.median(r.decode_tps for r in stories)
-    turns = []
-    for i in range(repeats):
-        history = [{"role": "user", "content": f"Conversation {i}. {prompts[min(prompts)]}"}]
-        workload.stream_chat(url, model, "", 8, eos, messages=history)
-        history += [{"role": "assistant", "content": "It is a long story about a city and its streets."},
-                    {"role": "user", "content": "Say it again in three words, please."}]
-        turns.append(workload.stream_chat(url, model, "", 8, eos, messages=history).ttft_s)
-    out["next_turn_ttft_s"] = statistics.median(turns)
     calls = [tool_call(url, model) for _ in range(repeats)]
     out["tool_call_s"] = statistics.median(c["s"] for c in calls)
     out["tool_call"] = calls[0]["call"]

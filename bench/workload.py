@@ -149,6 +149,28 @@ def stream_chat(url: str, model: str, content: str, max_tokens: int, eos_ids: li
     return StreamResult(ttft, total, completion, prompt, True)
 
 
+def prefill_and_next_turn(url: str, model: str, prompts: dict[int, str], eos_ids: list[int],
+                          repeats: int, history: int) -> dict:
+    """{"prefill": {n: {ttft_s, prompt_tokens, tok_s}}, "next_turn_ttft_s"}: each prompt fresh (a
+    number at its start, so no server reuses a cached prefix); then a conversation on prompt
+    `history` and its next turn (an answer and a short question), the second request's TTFT."""
+    out: dict = {"prefill": {}}
+    for n, text in prompts.items():
+        runs = [stream_chat(url, model, f"Request {i} of {n}. {text}", 2, eos_ids) for i in range(repeats)]
+        ttft = statistics.median(r.ttft_s for r in runs)
+        out["prefill"][str(n)] = {"ttft_s": ttft, "prompt_tokens": runs[0].prompt_tokens,
+                                  "tok_s": runs[0].prompt_tokens / ttft if ttft else 0.0}
+    turns = []
+    for i in range(repeats):
+        turn = [{"role": "user", "content": f"Conversation {i}. {prompts[history]}"}]
+        stream_chat(url, model, "", 8, eos_ids, messages=turn)
+        turn += [{"role": "assistant", "content": "It is a long story about a city and its streets."},
+                 {"role": "user", "content": "Say it again in three words, please."}]
+        turns.append(stream_chat(url, model, "", 8, eos_ids, messages=turn).ttft_s)
+    out["next_turn_ttft_s"] = statistics.median(turns)
+    return out
+
+
 def concurrent(url: str, model: str, content: str, max_tokens: int, eos_ids: list[int], n: int) -> dict:
     results: list[StreamResult] = []
     lock = threading.Lock()

