@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from engine.cpu import cpu_math, decode_choice
+from engine.generation.prompt_cache import keep_whole_windows
 from engine.models.memory import MemoryEstimate, MemoryGate, dequantized_bytes
 from engine.models.probe import Probe
 
@@ -104,6 +105,7 @@ def load_gated(label: str, probe: Probe, cpu_dtype: str, gate: MemoryGate) -> Lo
         warnings.append("the CPU fast path (float32 weights) was skipped: not enough memory; "
                         "generation is several times slower")
     model, tokenizer = _load_weights(probe, dtype)
+    keep_whole_windows(model)
     solo, decode_path = model, "mlx"
     if dtype == "float32" and not on_gpu():
         cpu_math.install(model)
