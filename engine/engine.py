@@ -26,7 +26,7 @@ from engine.models.default_model import (DEFAULT_AUDIO_ID, DEFAULT_EMBEDDING_ID,
 from engine.distributed import GroupFailed, Lockstep, LockstepRunner, ShardPlan, join_group
 from engine.media import rerank as ranking
 from engine.media.embeddings import BATCH, Embeddings
-from engine.errors import EngineError, InvalidRequest, ModelNotFound
+from engine.errors import EngineError, InvalidRequest
 from engine.models.downloads import Downloads
 from engine.models.memory import MemoryGate
 from engine.models.probe import Probe, probe

@@ -21,7 +21,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 from urllib.parse import unquote, urlparse
 
 from engine.addresses import Network, address_allowed  # noqa: F401  (address_allowed: tests use it from here)

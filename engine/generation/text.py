@@ -16,7 +16,6 @@ import mlx.nn as nn
 from engine.generation.batching import PREFILL_STEP, BatchDecoder, batch_tokens, detokenized
 from engine.generation import reasoning
 from engine.generation.budget import BudgetPolicy, max_new_tokens
-from engine.request import Fields
 from engine.errors import InvalidRequest, Unsupported
 from engine.models.memory import MemoryEstimate, MemoryGate
 from engine.models.probe import Probe
@@ -31,9 +30,8 @@ from engine.constrained.toolcalls.common import added_tokens
 from engine.generation.last_rows import SplitHead, split_head
 from engine.models.weights import load_gated
 from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec, tool_schema
-
-from engine.request import (PASS, ChatMessage, Conversation, Finished, GenerationEvent, Pass, Prepared,  # noqa: F401
-                            SamplingParams, Started, TextDelta, TokenLogprob)
+from engine.request import (PASS, ChatMessage, Conversation, Fields, Finished, GenerationEvent, Pass,  # noqa: F401
+                            Prepared, SamplingParams, Started, TextDelta, TokenLogprob)
 
 log = logging.getLogger("openmlx.engine")
 COMPLETION_FIELDS = Fields(prompt="prompt", media="prompt")

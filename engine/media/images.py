@@ -6,10 +6,8 @@ images: a known format, within the byte and pixel limits, actually decodable.
 """
 from __future__ import annotations
 
-import hashlib
 import io
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from engine.config import ImageLimits
 from engine.errors import InvalidRequest
