@@ -120,6 +120,37 @@ def test_a_streamed_call_arrives_as_tool_call_deltas(qwen):
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+def test_an_agent_loop_runs_on_it_with_langchain(qwen):
+    """An agent framework's own loop (LangChain's tool loop: the model asks for a tool under
+    `auto`, the framework runs it and sends the result back as a ToolMessage, until the model
+    answers in words) on the real tool-calling model."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    ran: list[str] = []
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Get the weather in a city."""
+        ran.append(city)
+        return '{"temperature_c": 21, "sky": "sunny"}'
+
+    llm = ChatOpenAI(model=QWEN_ID, base_url=qwen.url + "/v1", api_key="unused", temperature=0, max_tokens=48,
+                     max_retries=0).bind_tools([get_weather])
+    messages = [HumanMessage("What is the weather in Paris?")]
+    for _ in range(3):
+        reply = llm.invoke(messages)
+        messages.append(reply)
+        if not reply.tool_calls:
+            break
+        for call in reply.tool_calls:
+            messages.append(ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"]))
+    assert ran and ran[0].lower() == "paris"
+    assert not messages[-1].tool_calls and messages[-1].content.strip()
+    assert "21" in messages[-1].content or "sunny" in messages[-1].content.lower()
+
+
 def test_an_architecture_openmlx_cant_run_is_named_at_start(tmp_path):
     import gguf
     import numpy as np
