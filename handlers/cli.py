@@ -378,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sh = sub.add_parser("show", help="show one model's probe and the active BLAS")
     sh.add_argument("name", help="model id or folder")
+    sh.add_argument("--prompt-cache-dir", default=os.environ.get("OPENMLX_PROMPT_CACHE_DIR"),
+                    help="also say how many bytes the prompt cache keeps in DIR (serve's --prompt-cache-dir)")
     common(sh)
     sh.set_defaults(func=model_commands.cmd_show)
     return parser

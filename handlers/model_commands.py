@@ -60,22 +60,29 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 1
     p = probe(entry_path)
     b = blas.active()
-    dtype = None
+    dtype, kv = None, None
     if p.type == "text" and p.runnable:  # what loading it now would hold its weights as, and why
         from engine.models.memory import MemoryGate
         from engine.models.weights import choose_cpu_dtype, kv_bytes_per_token
 
-        dtype = choose_cpu_dtype(getattr(args, "cpu_dtype", None) or "auto", p, MemoryGate(),
-                                 kv_bytes_per_token(p.config))
+        kv = kv_bytes_per_token(p.config)
+        dtype = choose_cpu_dtype(getattr(args, "cpu_dtype", None) or "auto", p, MemoryGate(), kv)
     info = {"id": args.name, "path": str(p.path), "type": p.type, "architecture": p.architecture,
             "runnable": p.runnable, "reason": p.reason or None, "context_length": p.context_length,
             "size_bytes": p.size_bytes, "quantization": p.quantization,
             "dtype": dtype.dtype if dtype else None, "dtype_reason": dtype.reason if dtype else None,
+            # what one prompt token's keys and values take in the prompt cache (float32 on the CPU):
+            # --prompt-cache-bytes / this = the tokens of history it holds
+            "kv_bytes_per_token": kv,
             "blas": b.name, "blas_path": b.path, "blas_version": b.version, "blas_threads": b.threads,
             "blas_note": b.reason}
+    cache_dir = getattr(args, "prompt_cache_dir", None)
+    if cache_dir:  # every model's segments there (each model has a folder of its own)
+        files = list(Path(cache_dir).expanduser().glob("*/*.safetensors"))
+        info["prompt_cache_dir"] = {"path": str(Path(cache_dir).expanduser()), "files": len(files),
+                                    "bytes": sum(f.stat().st_size for f in files)}
     print(json.dumps(info, indent=2))
     return 0
-
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

@@ -21,11 +21,17 @@ def test_list_shows_default_model(default_model_dir):
                for m in data)
 
 
-def test_show_reports_probe_and_blas(default_model_dir):
+def test_show_reports_probe_and_blas(default_model_dir, tmp_path):
     out = run("show", "SmolLM2-135M-Instruct")
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert info["architecture"] == "llama" and info["runnable"] and info["blas"] in ("openblas", "bundled", "accelerate")
+    # 30 layers x (keys + values) x 3 KV heads x 64 dims x 4 bytes: what a token holds in the prompt cache
+    assert info["kv_bytes_per_token"] == 30 * 2 * 3 * 64 * 4 and "prompt_cache_dir" not in info
+    (tmp_path / "a1b2").mkdir()
+    (tmp_path / "a1b2" / "x.safetensors").write_bytes(b"0" * 1000)
+    shown = json.loads(run("show", "SmolLM2-135M-Instruct", "--prompt-cache-dir", str(tmp_path)).stdout)
+    assert shown["prompt_cache_dir"] == {"path": str(tmp_path), "files": 1, "bytes": 1000}
 
 
 def test_show_unknown_model_fails_clearly():
