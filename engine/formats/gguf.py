@@ -220,10 +220,15 @@ def _convert_dequantized(reader: Any, out_dir: Path, say: Callable[[str], None])
     tmp.mkdir(parents=True)
     weights: dict[str, Any] = {}
     total, last = len(reader.tensors), -1
+    rope_factors: dict[str, list[float]] = {}
     for i, tensor in enumerate(reader.tensors):
-        name = mlx_tensor_name(tensor.name, arch.layers)
+        factors = tensor.name in ("rope_factors_long.weight", "rope_factors_short.weight")  # Phi-3's long rope
+        name = tensor.name if factors else mlx_tensor_name(tensor.name, arch.layers)
         shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
         values = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+        if factors:
+            rope_factors[name.split("_")[2].split(".")[0]] = values.tolist()
+            continue
         if arch.norm_offset and name.endswith("norm.weight"):
             values = values - arch.norm_offset
         weights[name] = mx.array(values if values.ndim == 1 else values.astype(np.float16))
@@ -232,6 +237,9 @@ def _convert_dequantized(reader: Any, out_dir: Path, say: Callable[[str], None])
             last = done
             say(f"dequantizing tensors {done * 10}%")
     config = arch.config(meta, arch_name)
+    if rope_factors:
+        config["rope_scaling"] = {"type": "longrope", "long_factor": rope_factors["long"],
+                                  "short_factor": rope_factors.get("short", rope_factors["long"])}
     config["vocab_size"] = len(meta["tokenizer.ggml.tokens"])
     config["tie_word_embeddings"] = "lm_head.weight" not in weights
     eos = meta.get("tokenizer.ggml.eos_token_id")

@@ -67,27 +67,49 @@ class Architecture:
         return config
 
 
-def _gemma3(get: Callable[..., Any]) -> dict[str, Any]:
-    """What llama.cpp assumes for every gemma3 file rather than storing it (llama-model.cpp):
-    local layers use rope base 10,000, every sixth layer is global, and queries are scaled by
-    1/sqrt(head_dim) except on the 27B (62 layers), which scales by 1/sqrt(hidden/heads)."""
-    head_dim = int(get("attention.key_length", 256))
-    scalar = int(get("embedding_length")) // int(get("attention.head_count")) \
-        if int(get("block_count")) == 62 else head_dim
-    return {"head_dim": head_dim, "query_pre_attn_scalar": scalar, "rope_local_base_freq": 10000.0,
-            "sliding_window": int(get("attention.sliding_window", 512)), "sliding_window_pattern": 6}
+def _gemma(big_layers: int, **fixed: Any) -> Callable[[Callable[..., Any]], dict[str, Any]]:
+    """Gemma 2/3 fields llama.cpp derives rather than stores (llama-model.cpp): queries scaled by
+    1/sqrt(head_dim), except on the 27B (`big_layers` blocks), which scales by 1/sqrt(hidden/heads);
+    plus the family's `fixed` values."""
+    def extra(get: Callable[..., Any]) -> dict[str, Any]:
+        head_dim = int(get("attention.key_length", 256))
+        scalar = int(get("embedding_length")) // int(get("attention.head_count")) \
+            if int(get("block_count")) == big_layers else head_dim
+        out = {"head_dim": head_dim, "query_pre_attn_scalar": scalar, **fixed}
+        if get("attention.sliding_window") is not None:
+            out["sliding_window"] = int(get("attention.sliding_window"))
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if get(key) is not None:
+                out[key] = float(get(key))
+        return out
+    return extra
 
+
+def _phi3(get: Callable[..., Any]) -> dict[str, Any]:
+    """Phi-3's long-context rope: the original context it was trained at (the per-dimension
+    factors are tensors in the file, read into the config by the converter)."""
+    original = get("rope.scaling.original_context_length")
+    return {"original_max_position_embeddings": int(original)} if original is not None else {}
+
+
+GEMMA_LAYERS = {**COMMON_LAYERS, "ffn_norm": "pre_feedforward_layernorm",
+                "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("llama", "LlamaForCausalLM", permuted_qk=True),
     "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", permuted_qk=False),
     "qwen3": Architecture("qwen3", "Qwen3ForCausalLM", permuted_qk=False, head_dim_key=True,
                           layers={**COMMON_LAYERS, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}),
-    # Gemma 3: four norms a block (the FFN's pre-norm is llama.cpp's ffn_norm), q/k norms, tied head,
-    # sliding-window layers (mlx-lm's gemma3_text scales the embeddings itself).
-    "gemma3": Architecture("gemma3_text", "Gemma3ForCausalLM", permuted_qk=False, norm_offset=1.0, extra=_gemma3,
-                           layers={**COMMON_LAYERS, "ffn_norm": "pre_feedforward_layernorm",
-                                   "post_attention_norm": "post_attention_layernorm",
-                                   "post_ffw_norm": "post_feedforward_layernorm",
-                                   "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}),
+    # Gemma 2/3: four norms a block (the FFN's pre-norm is llama.cpp's ffn_norm), a tied head, scaled
+    # embeddings (mlx-lm's model does that); Gemma 2 soft-caps attention and the logits, Gemma 3 has
+    # q/k norms and sliding-window layers every five of six with a rope base of their own.
+    "gemma2": Architecture("gemma2", "Gemma2ForCausalLM", permuted_qk=False, norm_offset=1.0,
+                           extra=_gemma(46), layers=GEMMA_LAYERS),
+    "gemma3": Architecture("gemma3_text", "Gemma3ForCausalLM", permuted_qk=False, norm_offset=1.0,
+                           extra=_gemma(62, rope_local_base_freq=10000.0, sliding_window_pattern=6),
+                           layers={**GEMMA_LAYERS, "attn_q_norm": "self_attn.q_norm",
+                                   "attn_k_norm": "self_attn.k_norm"}),
+    # Phi-3: q/k/v in one tensor and gate/up in one (ffn_up, gate first), as mlx-lm's phi3 holds them.
+    "phi3": Architecture("phi3", "Phi3ForCausalLM", permuted_qk=False, extra=_phi3,
+                         layers={**COMMON_LAYERS, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}),
 }

@@ -1,0 +1,117 @@
+"""GGUF families with no small real file on the registries (gemma2, phi3; shared/MODELS.md): a tiny
+random model of each is written in llama.cpp's layout with llama.cpp's own writer (`gguf`):
+its tensor names, its metadata keys, Gemma's zero-centred norms stored as `w + 1`, Phi-3's fused
+q/k/v and gate/up tensors and long-rope factor tensors, as convert_hf_to_gguf.py writes them. The
+file is converted back and must give the original model's logits. This checks the family tables
+(engine/formats/gguf_archs.py) against that layout; the checks against llama.cpp itself, on real
+files, are in tests/test_real_models.py (qwen2, gemma3) and the default model's (llama)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.formats.gguf import convert_gguf
+
+VOCAB = 300
+# llama.cpp's names (gguf-py's tensor table) for each mlx-lm module, written out here rather than
+# read from engine/formats/gguf_archs.py, so a wrong table can't cancel itself out.
+TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+GEMMA2 = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+          "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+          "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+PHI3 = {"self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+FAMILIES = {
+    "gemma2": ({"model_type": "gemma2", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "rms_norm_eps": 1e-6,
+                "vocab_size": VOCAB, "rope_theta": 10000.0, "attn_logit_softcapping": 20.0,
+                "final_logit_softcapping": 5.0, "query_pre_attn_scalar": 32},
+               {"attention.key_length": 32, "attention.value_length": 32, "attention.sliding_window": 4096,
+                "attn_logit_softcapping": 20.0, "final_logit_softcapping": 5.0},
+               GEMMA2, 1.0),
+    "phi3": ({"model_type": "phi3", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "vocab_size": VOCAB,
+              "rope_theta": 10000.0, "max_position_embeddings": 131072, "original_max_position_embeddings": 2048,
+              "rope_scaling": {"type": "longrope", "long_factor": [1.0 + i / 4 for i in range(8)],
+                               "short_factor": [1.0 + i / 16 for i in range(8)]}},
+             {"rope.dimension_count": 16, "rope.scaling.original_context_length": 2048},
+             PHI3, 0.0),
+}
+
+
+def _write(path: Path, arch_name: str, config: dict, extra_meta: dict, names: dict[str, str], norm_shift: float,
+           params: dict[str, np.ndarray]) -> None:
+    """The model as convert_hf_to_gguf.py writes it: llama.cpp's names, its metadata keys, norms
+    shifted by `norm_shift` (Gemma's `w + 1`), Phi-3's long-rope factors as tensors."""
+    import gguf
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    w = gguf.GGUFWriter(str(path), arch_name)
+    w.add_uint32(f"{arch_name}.block_count", config["num_hidden_layers"])
+    w.add_uint32(f"{arch_name}.embedding_length", config["hidden_size"])
+    w.add_uint32(f"{arch_name}.feed_forward_length", config["intermediate_size"])
+    w.add_uint32(f"{arch_name}.attention.head_count", config["num_attention_heads"])
+    w.add_uint32(f"{arch_name}.attention.head_count_kv", config["num_key_value_heads"])
+    w.add_uint32(f"{arch_name}.context_length", config.get("max_position_embeddings", 8192))
+    w.add_float32(f"{arch_name}.attention.layer_norm_rms_epsilon", config["rms_norm_eps"])
+    w.add_float32(f"{arch_name}.rope.freq_base", config["rope_theta"])
+    for key, value in extra_meta.items():
+        (w.add_float32 if isinstance(value, float) else w.add_uint32)(f"{arch_name}.{key}", value)
+    alphabet = sorted(set(ByteLevel.alphabet()))
+    tokens = alphabet + [alphabet[0] + alphabet[1]] + [f"<t{i}>" for i in range(VOCAB - len(alphabet) - 1)]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * VOCAB)
+    w.add_token_merges([f"{alphabet[0]} {alphabet[1]}"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    for name, value in params.items():
+        module, leaf = name.rsplit(".", 1)
+        if module.startswith("model.layers."):
+            _, _, block, inner = module.split(".", 3)
+            gguf_name = f"blk.{block}.{names[inner]}.{leaf}"
+        else:
+            gguf_name = f"{TOP[module]}.{leaf}"
+        if gguf_name.endswith("norm.weight"):
+            value = value + norm_shift
+        w.add_tensor(gguf_name, value.astype(np.float32))
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("type") == "longrope":
+        w.add_tensor("rope_factors_long.weight", np.array(scaling["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(scaling["short_factor"], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch_name", sorted(FAMILIES))
+def test_a_family_written_as_llama_cpp_does_converts_back_to_the_same_logits(arch_name, tmp_path):
+    import importlib
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm import load
+
+    config, extra_meta, names, norm_shift = FAMILIES[arch_name]
+    family = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    model = family.Model(family.ModelArgs.from_dict(config))
+    rng = np.random.default_rng(0)
+    # Values float16 holds exactly (the store keeps 2-D weights as float16), norms away from 1.
+    params = {k: (rng.standard_normal(v.shape) * 0.2).astype(np.float16).astype(np.float32)
+              for k, v in tree_flatten(model.parameters())}
+    model.update(tree_unflatten([(k, mx.array(v)) for k, v in params.items()]))
+    path = tmp_path / f"tiny-{arch_name}.gguf"
+    _write(path, arch_name, config, extra_meta, names, norm_shift, params)
+
+    converted, _ = load(str(convert_gguf(path, tmp_path / "converted")))
+    converted.set_dtype(mx.float32)
+    ids = mx.array([[5, 17, 250, 3, 99, 42, 7, 128]])
+    expected, got = model(ids), converted(ids)
+    assert got.shape == expected.shape
+    assert np.allclose(np.array(got), np.array(expected), atol=2e-4, rtol=2e-4), \
+        float(np.abs(np.array(got) - np.array(expected)).max())
