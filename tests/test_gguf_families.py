@@ -7,6 +7,7 @@ file is converted back and must give the original model's logits. This checks th
 files, are in tests/test_real_models.py (qwen2, gemma3) and the default model's (llama)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,7 @@ def _write(path: Path, arch_name: str, config: dict, extra_meta: dict, names: di
     w.add_token_merges([f"{alphabet[0]} {alphabet[1]}"])
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
+    w.add_eot_token_id(7)  # the end of a chat turn (Gemma's <end_of_turn>, Phi-3's <|end|>)
     for name, value in params.items():
         module, leaf = name.rsplit(".", 1)
         if module.startswith("model.layers."):
@@ -108,7 +110,9 @@ def test_a_family_written_as_llama_cpp_does_converts_back_to_the_same_logits(arc
     path = tmp_path / f"tiny-{arch_name}.gguf"
     _write(path, arch_name, config, extra_meta, names, norm_shift, params)
 
-    converted, _ = load(str(convert_gguf(path, tmp_path / "converted")))
+    folder = convert_gguf(path, tmp_path / "converted")
+    assert json.loads((folder / "config.json").read_text())["eos_token_id"] == [1, 7]  # stops on both
+    converted, _ = load(str(folder))
     converted.set_dtype(mx.float32)
     ids = mx.array([[5, 17, 250, 3, 99, 42, 7, 128]])
     expected, got = model(ids), converted(ids)

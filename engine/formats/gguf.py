@@ -179,10 +179,13 @@ def _finish(tmp: Path, out_dir: Path, config: dict[str, Any], meta: dict[str, An
     """Tokenizer files and config.json beside the weights in `tmp`, then `tmp` becomes `out_dir`."""
     say("building tokenizer")
     _build_tokenizer(meta, tmp)
-    # The ChatML end-of-turn token is what the chat template emits; stop on it.
+    # The end-of-turn token is what a chat template ends an answer with (ChatML's <|im_end|>, the
+    # file's eot_token_id: Gemma's <end_of_turn>, Phi-3's <|end|>); stop on it as on end-of-text.
     tok_cfg = json.loads((tmp / "tokenizer_config.json").read_text())
     vocab_ids = {t: i for i, t in enumerate(meta["tokenizer.ggml.tokens"])}
-    eos_ids = sorted({config["eos_token_id"], vocab_ids.get(tok_cfg["eos_token"], config["eos_token_id"])})
+    eot = meta.get("tokenizer.ggml.eot_token_id")
+    eos_ids = sorted({config["eos_token_id"], vocab_ids.get(tok_cfg["eos_token"], config["eos_token_id"]),
+                      *([int(_plain(eot))] if eot is not None else [])})
     config["eos_token_id"] = eos_ids if len(eos_ids) > 1 else eos_ids[0]
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
