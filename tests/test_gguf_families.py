@@ -45,9 +45,12 @@ FAMILIES = {
 
 
 def _write(path: Path, arch_name: str, config: dict, extra_meta: dict, names: dict[str, str], norm_shift: float,
-           params: dict[str, np.ndarray]) -> None:
+           params: dict[str, np.ndarray], quantize=None) -> None:
     """The model as convert_hf_to_gguf.py writes it: llama.cpp's names, its metadata keys, norms
-    shifted by `norm_shift` (Gemma's `w + 1`), Phi-3's long-rope factors as tensors."""
+    shifted by `norm_shift` (Gemma's `w + 1`), Phi-3's long-rope factors as tensors; `quantize`
+    (parameter name -> GGML type) quantizes the matrices with llama.cpp's own block formats."""
+    import gguf.quants
+
     import gguf
     from tokenizers.pre_tokenizers import ByteLevel
 
@@ -80,7 +83,12 @@ def _write(path: Path, arch_name: str, config: dict, extra_meta: dict, names: di
             gguf_name = f"{TOP[module]}.{leaf}"
         if gguf_name.endswith("norm.weight"):
             value = value + norm_shift
-        w.add_tensor(gguf_name, value.astype(np.float32))
+        value = value.astype(np.float32)
+        if quantize is not None and value.ndim == 2:
+            kind = quantize(name)
+            w.add_tensor(gguf_name, gguf.quants.quantize(value, kind), raw_dtype=kind)
+        else:
+            w.add_tensor(gguf_name, value)
     scaling = config.get("rope_scaling") or {}
     if scaling.get("type") == "longrope":
         w.add_tensor("rope_factors_long.weight", np.array(scaling["long_factor"], dtype=np.float32))
@@ -119,3 +127,42 @@ def test_a_family_written_as_llama_cpp_does_converts_back_to_the_same_logits(arc
     assert got.shape == expected.shape
     assert np.allclose(np.array(got), np.array(expected), atol=2e-4, rtol=2e-4), \
         float(np.abs(np.array(got) - np.array(expected)).max())
+
+
+def test_a_quantized_file_is_quantized_back_to_its_level_on_a_gpu(tmp_path, monkeypatch):
+    """On a GPU a model converted from a quantized GGUF is held at the file's level (Q8_0 here, the
+    embeddings Q4_0: 8 and 4 bits), not as the float16 the store keeps; its answers stay close."""
+    import gguf.quants
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from engine.models import weights
+    from engine.models.memory import MemoryGate
+    from engine.models.probe import probe
+
+    config, extra_meta, names, norm_shift = FAMILIES["phi3"]
+    from mlx_lm.models import phi3
+
+    model = phi3.Model(phi3.ModelArgs.from_dict(config))
+    rng = np.random.default_rng(1)
+    params = {k: (rng.standard_normal(v.shape) * 0.2).astype(np.float32) for k, v in tree_flatten(model.parameters())}
+    path = tmp_path / "tiny-q8.gguf"
+    kinds = {"model.embed_tokens.weight": gguf.GGMLQuantizationType.Q4_0}
+    _write(path, "phi3", config, extra_meta, names, norm_shift, params,
+           quantize=lambda name: kinds.get(name, gguf.GGMLQuantizationType.Q8_0))
+    folder = convert_gguf(path, tmp_path / "converted")
+    assert json.loads((folder / "config.json").read_text())["gguf_bits"] == {"blocks": 8, "model.embed_tokens": 4,
+                                                                           "lm_head": 8}
+
+    def held(on_gpu: bool):
+        monkeypatch.setattr(weights, "on_gpu", lambda: on_gpu)
+        return weights.load_gated("tiny", probe(folder), "keep", MemoryGate()).model
+
+    plain, requantized = held(False), held(True)
+    assert isinstance(plain.model.layers[0].mlp.down_proj, nn.Linear)
+    assert requantized.model.layers[0].mlp.down_proj.bits == 8
+    assert requantized.model.embed_tokens.bits == 4
+    ids = mx.array([[5, 17, 250, 3]])
+    a, b = np.array(plain(ids).astype(mx.float32)), np.array(requantized(ids).astype(mx.float32))
+    assert np.abs(a - b).max() < 0.1 * np.abs(a).max()

@@ -194,6 +194,27 @@ def _finish(tmp: Path, out_dir: Path, config: dict[str, Any], meta: dict[str, An
     return out_dir
 
 
+# The bit widths MLX quantizes to.
+_MLX_BITS = (2, 3, 4, 5, 6, 8)
+_LEVEL = re.compile(r"^I?Q(\d)")  # Q4_K, Q5_0, IQ4_XS, ...: the level is the digit
+
+
+def _file_bits(reader: Any) -> dict[str, int]:
+    """The file's quantization level in MLX bits: "blocks" (the transformer blocks' matrices, what
+    Q4_K_M names: the nearest MLX width to their mean level), and the embeddings and head by their
+    mlx-lm names (llama.cpp's mixes keep those wider); a part held as floats is left out."""
+    sums: dict[str, list[int]] = {}  # part -> [level x weights, weights]
+    for tensor in reader.tensors:
+        level = _LEVEL.match(tensor.tensor_type.name)
+        if len(tensor.shape) < 2 or not level:
+            continue
+        part = "blocks" if tensor.name.startswith("blk.") else TOP_LEVEL.get(tensor.name.split(".")[0], "blocks")
+        total = sums.setdefault(part, [0, 0])
+        total[0] += int(level.group(1)) * int(tensor.n_elements)
+        total[1] += int(tensor.n_elements)
+    return {part: min(_MLX_BITS, key=lambda b: abs(b - total / count)) for part, (total, count) in sums.items()}
+
+
 def read_metadata(reader: Any) -> dict[str, Any]:
     """Every key-value field of a GGUFReader as plain Python values (strings, numbers, lists)."""
     meta: dict[str, Any] = {}
@@ -240,6 +261,9 @@ def _convert_dequantized(reader: Any, out_dir: Path, say: Callable[[str], None])
             last = done
             say(f"dequantizing tensors {done * 10}%")
     config = arch.config(meta, arch_name)
+    bits = _file_bits(reader)
+    if bits:  # the file's level, for a GPU to quantize back to (engine/models/weights.py)
+        config["gguf_bits"] = bits
     if rope_factors:
         config["rope_scaling"] = {"type": "longrope", "long_factor": rope_factors["long"],
                                   "short_factor": rope_factors.get("short", rope_factors["long"])}

@@ -105,6 +105,8 @@ def load_gated(label: str, probe: Probe, cpu_dtype: str, gate: MemoryGate) -> Lo
         warnings.append("the CPU fast path (float32 weights) was skipped: not enough memory; "
                         "generation is several times slower")
     model, tokenizer = _load_weights(probe, dtype)
+    if on_gpu() and dtype == "keep" and not probe.quantized and probe.config.get("gguf_bits"):
+        quantize_as_the_file(model, probe.config["gguf_bits"])
     keep_whole_windows(model)
     solo, decode_path = model, "mlx"
     if dtype == "float32" and not on_gpu():
@@ -114,6 +116,21 @@ def load_gated(label: str, probe: Probe, cpu_dtype: str, gate: MemoryGate) -> Lo
     for w in warnings:
         log.warning("%s: %s", label, w)
     return Loaded(model, tokenizer, dtype, choice.reason, need, tuple(warnings), solo, decode_path)
+
+
+def quantize_as_the_file(model: nn.Module, bits: dict[str, int], group_size: int = 64) -> None:
+    """Quantize a model converted from a quantized GGUF back to the file's level (`bits`: MLX
+    widths for "blocks" and for the embeddings and head by name, from engine/formats/gguf.py): on a
+    GPU MLX's quantized kernels are the fast path, and the float16 a K-quant file converts to would
+    hold 3-4x the file's bytes. A layer whose width the group size doesn't divide stays as it is."""
+    def level(path: str, module: nn.Module) -> Any:
+        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
+            return False
+        part = path if path in ("model.embed_tokens", "lm_head") else "blocks"
+        return {"group_size": group_size, "bits": bits[part]} if part in bits else False
+
+    nn.quantize(model, group_size, bits.get("blocks", 4), class_predicate=level)
+    mx.eval(model.parameters())
 
 
 def _load_weights(probe: Probe, dtype: str) -> tuple[nn.Module, Any]:
