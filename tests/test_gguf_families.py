@@ -3,8 +3,9 @@ random model of each is written in llama.cpp's layout with llama.cpp's own write
 its tensor names, its metadata keys, Gemma's zero-centred norms stored as `w + 1`, Phi-3's fused
 q/k/v and gate/up tensors and long-rope factor tensors, as convert_hf_to_gguf.py writes them. The
 file is converted back and must give the original model's logits. This checks the family tables
-(engine/formats/gguf_archs.py) against that layout; the checks against llama.cpp itself, on real
-files, are in tests/test_real_models.py (qwen2, gemma3) and the default model's (llama)."""
+(engine/formats/gguf_archs.py, gguf_rope.py) against that layout; the checks against llama.cpp
+itself, on real files, are in tests/test_real_models.py (qwen2, gemma3, and the default model's
+llama). Llama 3.1+ (a llama3 rope scaling kept as a `rope_freqs` tensor) is here too."""
 from __future__ import annotations
 
 import json
@@ -23,10 +24,20 @@ GEMMA2 = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn
           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
           "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
           "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+LLAMA = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+         "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+         "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 PHI3 = {"self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up",
         "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 FAMILIES = {
+    # Llama 3.1+: the llama3 rope scaling written as a rope_freqs tensor (and q/k rows permuted).
+    "llama": ({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": VOCAB,
+               "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": False,
+               "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+              {"rope.dimension_count": 16}, LLAMA, 0.0),
     "gemma2": ({"model_type": "gemma2", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "rms_norm_eps": 1e-6,
                 "vocab_size": VOCAB, "rope_theta": 10000.0, "attn_logit_softcapping": 20.0,
@@ -83,6 +94,9 @@ def _write(path: Path, arch_name: str, config: dict, extra_meta: dict, names: di
             gguf_name = f"{TOP[module]}.{leaf}"
         if gguf_name.endswith("norm.weight"):
             value = value + norm_shift
+        if arch_name == "llama" and gguf_name.split(".")[-2] in ("attn_q", "attn_k"):
+            heads = config["num_attention_heads" if "attn_q" in gguf_name else "num_key_value_heads"]
+            value = _permute(value, heads)
         value = value.astype(np.float32)
         if quantize is not None and value.ndim == 2:
             kind = quantize(name)
@@ -90,6 +104,9 @@ def _write(path: Path, arch_name: str, config: dict, extra_meta: dict, names: di
         else:
             w.add_tensor(gguf_name, value)
     scaling = config.get("rope_scaling") or {}
+    if scaling.get("rope_type") == "llama3":  # convert_hf_to_gguf.py's LlamaModel: one factor per pair
+        dim = config["hidden_size"] // config["num_attention_heads"]
+        w.add_tensor("rope_freqs.weight", _llama3_factors(config["rope_theta"], dim, scaling))
     if scaling.get("type") == "longrope":
         w.add_tensor("rope_factors_long.weight", np.array(scaling["long_factor"], dtype=np.float32))
         w.add_tensor("rope_factors_short.weight", np.array(scaling["short_factor"], dtype=np.float32))
@@ -97,6 +114,31 @@ def _write(path: Path, arch_name: str, config: dict, extra_meta: dict, names: di
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter's q/k row order for its rope (LlamaModel.permute)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama3_factors(base: float, dim: int, s: dict) -> np.ndarray:
+    """convert_hf_to_gguf.py's rope_freqs for a llama3 rope scaling, written out here."""
+    import math
+
+    factors = []
+    for freq in 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)):
+        wavelen = 2 * math.pi / freq
+        low_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"]
+        high_wavelen = s["original_max_position_embeddings"] / s["high_freq_factor"]
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(s["factor"])
+        else:
+            smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / \
+                (s["high_freq_factor"] - s["low_freq_factor"])
+            factors.append(1 / ((1 - smooth) / s["factor"] + smooth))
+    return np.array(factors, dtype=np.float32)
 
 
 @pytest.mark.parametrize("arch_name", sorted(FAMILIES))
@@ -122,6 +164,8 @@ def test_a_family_written_as_llama_cpp_does_converts_back_to_the_same_logits(arc
     assert json.loads((folder / "config.json").read_text())["eos_token_id"] == [1, 7]  # stops on both
     converted, _ = load(str(folder))
     converted.set_dtype(mx.float32)
+    if arch_name == "llama":
+        assert json.loads((folder / "config.json").read_text())["rope_scaling"] == config["rope_scaling"]
     ids = mx.array([[5, 17, 250, 3, 99, 42, 7, 128]])
     expected, got = model(ids), converted(ids)
     assert got.shape == expected.shape

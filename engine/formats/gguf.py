@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from engine.formats.gguf_archs import ARCHITECTURES, COMMON_LAYERS, TOP_LEVEL
+from engine.formats.gguf_rope import ROPE_TENSORS, rope_scaling
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|scales|biases|bias)$")
 _TOP = re.compile(r"^([a-z_]+)\.(weight|scales|biases|bias)$")
@@ -152,13 +153,16 @@ def _convert_mlx_blocks(weights: dict[str, Any], meta: dict[str, Any], out_dir: 
                         say: Callable[[str], None]) -> Path:
     """A llama file MLX read itself: its blocks stay MLX-quantized."""
     import mlx.core as mx
+    import numpy as np
 
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     say("renaming tensors")
+    rope = {k: np.array(weights.pop(k)) for k in ROPE_TENSORS if k in weights}
     renamed = {mlx_tensor_name(k): v for k, v in weights.items()}
     config = ARCHITECTURES["llama"].config(meta, "llama")
+    _add_rope_scaling(config, rope)
     hidden = config["hidden_size"]
     config.update({"vocab_size": len(meta["tokenizer.ggml.tokens"]),
                    "tie_word_embeddings": "lm_head.weight" not in renamed,
@@ -172,6 +176,15 @@ def _convert_mlx_blocks(weights: dict[str, Any], meta: dict[str, Any], out_dir: 
     say("writing weights")
     mx.save_safetensors(str(tmp / "model.safetensors"), renamed, metadata={"format": "mlx"})
     return _finish(tmp, out_dir, config, meta, say)
+
+
+def _add_rope_scaling(config: dict[str, Any], tensors: dict[str, Any]) -> None:
+    try:
+        scaling = rope_scaling(tensors, config)
+    except ValueError as e:
+        raise GGUFConversionError(str(e)) from None
+    if scaling is not None:
+        config["rope_scaling"] = scaling
 
 
 def _finish(tmp: Path, out_dir: Path, config: dict[str, Any], meta: dict[str, Any],
@@ -244,14 +257,13 @@ def _convert_dequantized(reader: Any, out_dir: Path, say: Callable[[str], None])
     tmp.mkdir(parents=True)
     weights: dict[str, Any] = {}
     total, last = len(reader.tensors), -1
-    rope_factors: dict[str, list[float]] = {}
+    rope: dict[str, Any] = {}  # rope scaling the file keeps as tensors (engine/formats/gguf_rope.py)
     for i, tensor in enumerate(reader.tensors):
-        factors = tensor.name in ("rope_factors_long.weight", "rope_factors_short.weight")  # Phi-3's long rope
-        name = tensor.name if factors else mlx_tensor_name(tensor.name, arch.layers)
+        name = tensor.name if tensor.name in ROPE_TENSORS else mlx_tensor_name(tensor.name, arch.layers)
         shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
         values = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
-        if factors:
-            rope_factors[name.split("_")[2].split(".")[0]] = values.tolist()
+        if name in ROPE_TENSORS:
+            rope[name] = values
             continue
         if arch.norm_offset and name.endswith("norm.weight"):
             values = values - arch.norm_offset
@@ -264,9 +276,7 @@ def _convert_dequantized(reader: Any, out_dir: Path, say: Callable[[str], None])
     bits = _file_bits(reader)
     if bits:  # the file's level, for a GPU to quantize back to (engine/models/weights.py)
         config["gguf_bits"] = bits
-    if rope_factors:
-        config["rope_scaling"] = {"type": "longrope", "long_factor": rope_factors["long"],
-                                  "short_factor": rope_factors.get("short", rope_factors["long"])}
+    _add_rope_scaling(config, rope)
     config["vocab_size"] = len(meta["tokenizer.ggml.tokens"])
     config["tie_word_embeddings"] = "lm_head.weight" not in weights
     eos = meta.get("tokenizer.ggml.eos_token_id")
