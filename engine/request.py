@@ -125,10 +125,15 @@ class Started:
 class Pass:
     """A pass over a long prompt ended: nothing for the client. The worker runs the other
     streams for as long as the pass took before this one's next pass (engine/scheduler.py), so a
-    long prompt doesn't stall them."""
+    long prompt doesn't stall them. `wait`: no pass was run; the stream waits for another's
+    prefill (a prefix it shares), and the others run at least WAIT_S before it looks again."""
+
+    wait: bool = False
 
 
 PASS = Pass()
+WAIT = Pass(wait=True)
+WAIT_S = 0.05
 
 GenerationEvent = Started | TextDelta | Finished | Pass
 

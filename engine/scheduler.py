@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
 from engine.errors import EngineError, Overloaded, RequestTimeout, ShuttingDown
-from engine.request import Pass
+from engine.request import WAIT_S, Pass
 
 log = logging.getLogger("openmlx.scheduler")
 
@@ -213,8 +213,8 @@ class Scheduler:
             for other in self._active:
                 if other is not job and other.owed > 0:
                     other.owed -= spent
-            if passed:
-                job.owed = spent
+            if passed is not None:  # a waiting stream owes a little, so the one it waits for runs
+                job.owed = max(spent, WAIT_S) if passed.wait else spent
 
     def _safe_idle(self) -> None:
         try:
@@ -230,8 +230,8 @@ class Scheduler:
         self._job_done()  # before delivery: the waiter may submit its stream at once
         job.deliver(result)
 
-    def _step(self, job: _Job) -> bool:
-        """Take one item from the stream and hand it over; True when it was a Pass."""
+    def _step(self, job: _Job) -> Optional[Pass]:
+        """Take one item from the stream and hand it over; the Pass, when it was one."""
         if job.deadline is not None and time.monotonic() > job.deadline:
             if job.gen is not None:
                 job.gen.close()
@@ -239,7 +239,7 @@ class Scheduler:
             self._job_done()
             job.deliver(RequestTimeout(f"The request took longer than this server's limit of {self.timeout_s:g} s "
                                        "(--request-timeout).", headers={"Retry-After": "1"}))
-            return False
+            return None
         try:
             if job.gen is None:
                 job.gen = job.stream(job.cancelled.is_set)
@@ -248,7 +248,7 @@ class Scheduler:
             self._active.remove(job)
             self._job_done()
             job.deliver(stop.value if job.returns else _END)
-            return False
+            return None
         except BaseException as e:
             if isinstance(e, EngineError) and e.status < 500:  # the client's mistake: one line, no traceback
                 log.info("request refused: %s", e.message)
@@ -257,11 +257,11 @@ class Scheduler:
             self._active.remove(job)
             self._job_done()
             job.deliver(e)
-            return False
+            return None
         if isinstance(item, Pass):
-            return True
+            return item
         job.deliver(item)
-        return False
+        return None
 
     def _drain(self, error: EngineError, blocked: Optional[_Job]) -> None:
         for job in self._active + ([blocked] if blocked else []):

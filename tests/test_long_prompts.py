@@ -49,3 +49,28 @@ def test_a_short_chat_is_answered_while_a_long_prompt_is_scored(server):
     marks = race(server, "/v1/completions", {"model": MODEL, "prompt": LONG, "max_tokens": 1, "n": 2, "echo": True,
                                              "logprobs": 1, "temperature": 0})
     assert marks["short end"] < marks["long"]
+
+
+def test_requests_starting_together_on_one_long_prefix_read_it_once(server):
+    """Issue 34: agents that start at once on the same long system prompt. The second waits for
+    the first one's passes over the shared part (yielding to the worker meanwhile) and starts from
+    them, instead of reading the same ~1,500 tokens again."""
+    system = "You are a coding agent. " + " ".join(f"Rule {i}: keep the change small and test it." for i in range(110))
+    results: dict = {}
+
+    def ask(name: str, question: str) -> None:
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=300, json={
+            "model": MODEL, "max_tokens": 2, "temperature": 0,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}]})
+        assert r.status_code == 200, r.text
+        results[name] = r.json()["usage"]
+
+    first = threading.Thread(target=ask, args=("first", "List the files."))
+    first.start()
+    time.sleep(0.5)  # the first one's passes are under way, the shared part not all read yet
+    ask("second", "Run the tests.")
+    first.join()
+    shared = results["first"]["prompt_tokens"] - 12
+    assert results["first"]["prompt_tokens"] > 1200
+    # What the first one's whole passes covered of the shared part (a pass is 256 tokens).
+    assert results["second"]["prompt_tokens_details"]["cached_tokens"] >= shared // 256 * 256 - 256, results

@@ -233,7 +233,11 @@ def sharded_runner(model_id: str, probe: Any, plan: ShardPlan, group: Any, gate:
     warnings = tuple(gate.check(model_id, need))
     model, tokenizer = sharded_load(probe.path, plan, group)
     context = probe.context_length or int(getattr(tokenizer, "model_max_length", 0) or 4096)
-    return TextRunner(model_id, model, tokenizer, config, probe, "keep", context, need, warnings)
+    runner = TextRunner(model_id, model, tokenizer, config, probe, "keep", context, need, warnings)
+    # Ranks repeat rank 0's steps one for one: a wait for another stream's prefill, bounded by
+    # each rank's own clock, could take a different number of steps on each.
+    runner.in_flight.max_wait_s = 0.0
+    return runner
 
 
 @dataclass

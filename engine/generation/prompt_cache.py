@@ -109,6 +109,21 @@ class PromptCache:
         entry = _Entry(tokens[:held], cache, _nbytes(cache), min(held, prompt_len if prompt_len is not None else held))
         if self.disk is not None:
             self.disk.save(entry.tokens, cache)
+        self._keep(entry)
+
+    def share(self, tokens: list[int], cache: list[Any]) -> None:
+        """Offer a prompt being prefilled to requests that share its prefix: an entry over the
+        first len(tokens) positions of `cache`, sharing its arrays (MLX copies on the next write),
+        in memory only. The request's own entry replaces it when it ends."""
+        shared = _prefix_copy(cache, len(tokens))
+        if shared is not None:
+            self._keep(_Entry(list(tokens), shared, _nbytes(shared), len(tokens)))
+
+    def peek(self, prompt: list[int]) -> int:
+        """The longest prefix of `prompt` an entry in memory holds (nothing is taken)."""
+        return max((common_prefix(e.tokens, prompt) for e in list(self._entries.values())), default=0)
+
+    def _keep(self, entry: _Entry) -> None:
         if entry.nbytes > self.max_bytes:
             return
         # A cache whose tokens are a prefix of the new one's is now redundant.

@@ -19,6 +19,7 @@ from engine.generation.budget import BudgetPolicy, max_new_tokens
 from engine.errors import InvalidRequest, Unsupported
 from engine.models.memory import MemoryEstimate, MemoryGate
 from engine.models.probe import Probe
+from engine.generation.passes import InFlight, read_in_passes
 from engine.generation.prompt_cache import PromptCache
 from engine.generation.sampling import make_sampler, penalty_processor
 from engine.generation.speculative import Speculation, SpecStats, speculative_tokens
@@ -30,7 +31,7 @@ from engine.constrained.toolcalls.common import added_tokens
 from engine.generation.last_rows import SplitHead, split_head
 from engine.models.weights import load_gated
 from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec, tool_schema
-from engine.request import (PASS, ChatMessage, Conversation, Fields, Finished, GenerationEvent, Pass,  # noqa: F401
+from engine.request import (ChatMessage, Conversation, Fields, Finished, GenerationEvent, Pass,  # noqa: F401
                             Prepared, SamplingParams, Started, TextDelta, TokenLogprob)
 
 log = logging.getLogger("openmlx.engine")
@@ -59,6 +60,7 @@ class TextRunner:
     memory: MemoryEstimate
     warnings: tuple[str, ...] = ()
     prompt_cache: PromptCache = field(default_factory=PromptCache)
+    in_flight: InFlight = field(default_factory=lambda: InFlight(PREFILL_STEP))  # prompts being read now
     decoder: Optional[BatchDecoder] = None  # set: concurrent streams decode together (engine/generation/batching.py)
     speculation: Speculation = field(default_factory=Speculation)
     streams: int = 0  # generations running now (on the worker thread)
@@ -302,25 +304,19 @@ class TextRunner:
         if start is not None:  # the shared prefill's cache, and what it took from the prompt cache
             cache, cached = start
             reused = len(prompt) - 1
-        else:
+        else:  # a prefix another request is reading now is waited for, not read twice
+            yield from self.in_flight.wait(prompt, self.prompt_cache, cancelled)
             cache, reused = self.prompt_cache.take(prompt)
             cached = reused
         if cache is None:
             cache = make_prompt_cache(self.model)
-        # A long prompt's whole passes are read here, a Pass after each, so the worker runs the
-        # other streams between them (engine/scheduler.py); the rest (under one pass, and the
-        # last token) goes with the first decode pass as before.
-        for _ in range((len(prompt) - 1 - reused) // PREFILL_STEP if start is None else 0):
-            self.model(mx.array(prompt[reused:reused + PREFILL_STEP])[None], cache=cache)
-            mx.eval([c.state for c in cache])
-            mx.clear_cache()
-            reused += PREFILL_STEP
-            if cancelled():  # keep what was read for the next request with this prefix
-                self.prompt_cache.put(prompt[:reused], cache)
+        if start is None:  # a long prompt's whole passes, the other streams running between them
+            reused, left = yield from read_in_passes(self.model, prompt, reused, cache, PREFILL_STEP, cancelled,
+                                                     self.prompt_cache, self.in_flight)
+            if left:
                 yield Started(len(prompt), cached)
                 yield Finished("cancelled", len(prompt), 0, cached)
                 return
-            yield PASS
         tokens: list[int] = []
         batch: dict[str, Any] = {}  # its uid in the batch; the batch hands its KV cache back here
         kept = False

@@ -1,0 +1,77 @@
+"""A long prompt read in whole passes, and requests waiting on one another's passes.
+
+`read_in_passes` runs a prompt's whole PREFILL_STEP passes through the model, yielding PASS after
+each so the worker runs the other streams between them (engine/scheduler.py), and offers each
+pass to requests that share the prefix (PromptCache.share). `InFlight` knows which prompts are
+being read now: a request that shares a long prefix with one waits for those passes instead of
+reading the same tokens again (agents starting together on one system prompt read it once).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Generator, Iterator
+
+import mlx.core as mx
+
+from engine.generation.prompt_cache import PromptCache, common_prefix
+from engine.request import PASS, WAIT, Pass
+
+class InFlight:
+    """Prompts being prefilled in passes now, and how far each has got. A request that shares a
+    long prefix with one waits for those passes (yielding WAIT, so the worker runs them) and then
+    starts from what they shared (PromptCache.share) instead of computing the same tokens: agents
+    that start together on one long system prompt read it once."""
+
+    def __init__(self, step: int, max_wait_s: float = 120.0) -> None:
+        self.step = step  # the prefill pass: what is shared grows by this much
+        self.max_wait_s = max_wait_s  # then it reads what is left itself; 0: never waits
+        self._now: dict[int, tuple[list[int], list[int]]] = {}  # id -> (prompt, [tokens done])
+
+    def start(self, prompt: list[int]) -> list[int]:
+        """Register a prefill; returns the counter to advance (`done[0] = n`) and to `end`."""
+        done = [0]
+        self._now[id(done)] = (prompt, done)
+        return done
+
+    def end(self, done: list[int]) -> None:
+        self._now.pop(id(done), None)
+
+    def _worth_waiting(self, prompt: list[int], have: int) -> bool:
+        for other, done in list(self._now.values()):
+            # what its passes will share: whole passes, within the prefix both prompts have
+            target = min(common_prefix(other, prompt), (len(other) - 1) // self.step * self.step, len(prompt) - 1)
+            if done[0] < target and target - have >= self.step:
+                return True
+        return False
+
+    def wait(self, prompt: list[int], cache: PromptCache, cancelled: Callable[[], bool]) -> Iterator[Pass]:
+        """WAIT while another prefill's next passes would give `prompt` at least a pass more than
+        the prompt cache holds for it (bounded by max_wait_s)."""
+        deadline = time.monotonic() + self.max_wait_s
+        while self._now and not cancelled() and time.monotonic() < deadline \
+                and self._worth_waiting(prompt, cache.peek(prompt)):
+            yield WAIT
+
+
+def read_in_passes(model: Any, prompt: list[int], reused: int, cache: list[Any], step: int,
+                   cancelled: Callable[[], bool], prompt_cache: PromptCache,
+                   in_flight: InFlight) -> Generator[Pass, None, tuple[int, bool]]:
+    """Read `prompt` from `reused` in whole passes of `step` tokens into `cache` (the rest, under
+    one pass and the last token, is left for the first decode pass). Returns how far it got and
+    whether the client left (what was read is then kept in the prompt cache)."""
+    done = in_flight.start(prompt)
+    try:
+        for _ in range((len(prompt) - 1 - reused) // step):
+            model(mx.array(prompt[reused:reused + step])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+            mx.clear_cache()
+            reused += step
+            if cancelled():
+                prompt_cache.put(prompt[:reused], cache)
+                return reused, True
+            done[0] = reused
+            prompt_cache.share(prompt[:reused], cache)
+            yield PASS
+    finally:
+        in_flight.end(done)
+    return reused, False
