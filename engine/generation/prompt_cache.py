@@ -148,27 +148,6 @@ class PromptCache:
         self._entries.clear()
 
 
-# Models whose sliding-window layers take their window from the attention mask when given a plain
-# cache (mlx-lm builds the windowed mask from the cache's offset), so every layer can keep a plain
-# KVCache. Listed by hand: a model that relies on its RotatingKVCache to drop old positions would
-# attend past its window.
-WINDOW_BY_MASK = ("gemma3_text",)
-
-
-def keep_whole_windows(model: Any) -> bool:
-    """Give a WINDOW_BY_MASK model plain caches on every layer, as llama.cpp keeps a full-size
-    sliding-window cache: a rotated window can't be cut back to a shorter prefix, so past the
-    window the prompt cache, speculation and the disk store would have nothing to reuse. Costs
-    the window layers' memory beyond the window. True where it applied."""
-    from mlx_lm.models.cache import KVCache
-
-    if getattr(model, "model_type", None) not in WINDOW_BY_MASK or not hasattr(model, "make_cache"):
-        return False
-    layers = len(model.layers)
-    model.make_cache = lambda: [KVCache() for _ in range(layers)]
-    return True
-
-
 def plain_kv(cache: list[Any]) -> bool:
     """Every layer a filled mlx-lm KVCache (not rotating, quantized or SSM): what can be cut,
     copied and written to disk by position."""

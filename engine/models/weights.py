@@ -10,7 +10,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from engine.cpu import cpu_math, decode_choice
-from engine.generation.prompt_cache import keep_whole_windows
 from engine.models.memory import MemoryEstimate, MemoryGate, dequantized_bytes
 from engine.models.probe import Probe
 
@@ -131,6 +130,27 @@ def quantize_as_the_file(model: nn.Module, bits: dict[str, int], group_size: int
 
     nn.quantize(model, group_size, bits.get("blocks", 4), class_predicate=level)
     mx.eval(model.parameters())
+
+
+# Models whose sliding-window layers take their window from the attention mask when given a plain
+# cache (mlx-lm builds the windowed mask from the cache's offset), so every layer can keep a plain
+# KVCache. Listed by hand: a model that relies on its RotatingKVCache to drop old positions would
+# attend past its window.
+WINDOW_BY_MASK = ("gemma3_text",)
+
+
+def keep_whole_windows(model: Any) -> bool:
+    """Give a WINDOW_BY_MASK model plain caches on every layer, as llama.cpp keeps a full-size
+    sliding-window cache: a rotated window can't be cut back to a shorter prefix, so past the
+    window the prompt cache, speculation and the disk store would have nothing to reuse. Costs
+    the window layers' memory beyond the window. True where it applied."""
+    from mlx_lm.models.cache import KVCache
+
+    if getattr(model, "model_type", None) not in WINDOW_BY_MASK or not hasattr(model, "make_cache"):
+        return False
+    layers = len(model.layers)
+    model.make_cache = lambda: [KVCache() for _ in range(layers)]
+    return True
 
 
 def _load_weights(probe: Probe, dtype: str) -> tuple[nn.Module, Any]:
