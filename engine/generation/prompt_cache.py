@@ -24,6 +24,7 @@ class _Entry:
     cache: list[Any]
     nbytes: int
     prompt_len: int  # how many of `tokens` were the prompt (the rest the model generated)
+    offered: bool = False  # a prompt still being read (share): every taker gets a copy, none takes it over
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -84,12 +85,15 @@ class PromptCache:
         entry = self._entries[best_key]
         excess = len(entry.tokens) - best_len
         # The conversation's next turn (it holds the entry's whole prompt) takes the entry over.
-        continues = best_len >= entry.prompt_len and can_trim_prompt_cache(entry.cache)
-        shared = _prefix_copy(entry.cache, best_len) if excess and not continues else None
+        continues = not entry.offered and best_len >= entry.prompt_len and can_trim_prompt_cache(entry.cache)
+        shared = _prefix_copy(entry.cache, best_len) if (excess or entry.offered) and not continues else None
         if shared is not None:
             self._entries.move_to_end(best_key)
             self.hits += 1
             return shared, best_len
+        if entry.offered:
+            self.misses += 1
+            return None, 0
         if excess and not can_trim_prompt_cache(entry.cache):
             self.misses += 1
             return None, 0
@@ -117,7 +121,7 @@ class PromptCache:
         in memory only. The request's own entry replaces it when it ends."""
         shared = _prefix_copy(cache, len(tokens))
         if shared is not None:
-            self._keep(_Entry(list(tokens), shared, _nbytes(shared), len(tokens)))
+            self._keep(_Entry(list(tokens), shared, _nbytes(shared), len(tokens), offered=True))
 
     def peek(self, prompt: list[int]) -> int:
         """The longest prefix of `prompt` an entry in memory holds (nothing is taken)."""
