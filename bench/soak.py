@@ -11,7 +11,8 @@ Targets: zero 5xx, every well-formed request answered, RSS growth under 10 % aft
 a long system prompt, each growing by an answer and a question a turn and starting over after
 `--turns` turns, with the server's prompt cache bounded by `--prompt-cache-bytes`. `/health` is
 read every 2 s: the cache's bytes must never pass the bound. Also reported: the share of prompt
-tokens served from the cache.
+tokens served from the cache. `--kv-bits 8|4` passes the server's flag (histories quantized
+instead of dropped when the bound is reached), for the same run with more histories kept.
 """
 from __future__ import annotations
 
@@ -139,6 +140,8 @@ def main(argv=None) -> int:
     parser.add_argument("--conversations", type=int, default=0, help="agent conversations instead of the mix")
     parser.add_argument("--turns", type=int, default=8, help="turns before a conversation starts over")
     parser.add_argument("--prompt-cache-bytes", type=int, default=64_000_000)
+    parser.add_argument("--kv-bits", type=int, choices=[8, 4], default=None,
+                        help="the server's --kv-bits (conversations: histories quantized instead of dropped)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     talks = Conversations(max(args.conversations, args.clients), args.turns) if args.conversations else None
@@ -148,7 +151,8 @@ def main(argv=None) -> int:
     model_dir = default_model_dir()
     run = Running(Peer("openmlx-soak", [sys.executable, "-m", "handlers.cli", "serve", "--model", str(model_dir),
                                         "--port", "{port}", "--log-level", "warning", "--max-queue", "64",
-                                        *(["--prompt-cache-bytes", str(args.prompt_cache_bytes)] if talks else [])],
+                                        *(["--prompt-cache-bytes", str(args.prompt_cache_bytes)] if talks else []),
+                                        *(["--kv-bits", str(args.kv_bits)] if talks and args.kv_bits else [])],
                        model_dir.name, "/health"), args.out)
     statuses: Counter = Counter()
     latencies: list[float] = []
@@ -199,6 +203,7 @@ def main(argv=None) -> int:
               "prompt_cache_bytes_max": max(cache_bytes, default=0), "prompt_cache_readings": len(cache_bytes)}
     if talks:
         report.update({"conversations": len(talks.history), "prompt_cache_bound": args.prompt_cache_bytes,
+                       "kv_bits": args.kv_bits, "quantized_entries_at_end": health["prompt_cache"]["quantized"],
                        "prompt_tokens": talks.prompt_tokens, "cached_tokens": talks.cached_tokens,
                        "cached_share": talks.cached_tokens / talks.prompt_tokens if talks.prompt_tokens else None})
     (args.out / "soak.json").write_text(json.dumps(report, indent=2))

@@ -92,6 +92,10 @@ class EngineConfig:
     # ...and on disk, across restarts (engine/generation/prompt_store.py): None = off.
     prompt_cache_dir: Optional[Path] = None
     prompt_cache_dir_bytes: int = 4 << 30
+    # Prompt-cache entries held quantized to this many bits (8 or 4; None = as computed) in groups
+    # of kv_group_size: more histories in the same bytes, a little drift on what is reused.
+    kv_bits: Optional[int] = None
+    kv_group_size: int = 64
     request_timeout_s: Optional[float] = None  # a generation running longer is cut off (504)
     max_models: int = 1  # resident models; the least recently used is unloaded beyond this
     idle_unload_s: Optional[float] = None  # unload models unused for this long

@@ -80,6 +80,7 @@ class Health:
     prompt_cache_bytes: int = 0
     prompt_cache_disk_bytes: int = 0
     decode: Optional[str] = None  # the loaded text model's path for a lone stream's decode steps
+    prompt_cache_quantized: int = 0  # prompt cache entries held quantized (--kv-bits)
 
 
 class Engine:
@@ -224,11 +225,11 @@ class Engine:
         status = "rank_failed" if self.lockstep is not None and self.lockstep.failed else \
             "shutting_down" if self.scheduler.closing else "ok"
         plan = self.shard_plan
-        entries, held, on_disk = cache.sizes() if cache is not None else (0, 0, 0)
+        entries, held, on_disk, quantized = cache.sizes() if cache is not None else (0, 0, 0, 0)
         return Health(status, loaded, time.monotonic() - self._started, blas.active(), self._device,
                       self.scheduler.load(), hits, decoder.peak if decoder is not None else None,
                       plan.world_size if plan else 1, plan.mode if plan else None, entries, held, on_disk,
-                      getattr(current, "decode_path", None))
+                      getattr(current, "decode_path", None), quantized)
 
     def resident_models(self) -> int:
         return self.residency.count()

@@ -53,6 +53,7 @@ def _text(model_id: str, probe: Probe, config: EngineConfig, gate: MemoryGate) -
 
     runner = TextRunner.load(model_id, probe, config.cpu_dtype, gate, batch=config.batch in ("on", "auto"))
     runner.prompt_cache.max_bytes = config.prompt_cache_bytes
+    runner.prompt_cache.kv_bits, runner.prompt_cache.kv_group_size = config.kv_bits, config.kv_group_size
     if config.prompt_cache_dir is not None:
         from engine.generation.prompt_store import PromptStore
 

@@ -253,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "unreadable or foreign files are removed)")
     s.add_argument("--prompt-cache-dir-bytes", type=positive_int, default=4 << 30,
                    help="the most bytes --prompt-cache-dir holds (least recently used files out first)")
+    s.add_argument("--kv-bits", type=int, choices=[8, 4], default=None,
+                   help="when --prompt-cache-bytes is reached, quantize the least recently used cached prompts to "
+                        "this many bits before dropping any: 3.6x (8) or 6.4x (4) less than float32, so more "
+                        "histories stay; reusing one costs a dequantize and a little drift (docs/benchmarks.md). "
+                        "Recent prompts, running streams and --prompt-cache-dir stay exact")
+    s.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64,
+                   help="values per quantization group with --kv-bits")
     s.add_argument("--reasoning-budgets", type=effort_budgets, default=(512, 2048, 8192), metavar="LOW,MEDIUM,HIGH",
                    help="thinking tokens a reasoning model may spend for reasoning efforts low, medium and high "
                         "(chat reasoning_effort, Responses reasoning.effort); past it the server closes the block")

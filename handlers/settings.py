@@ -81,6 +81,8 @@ def engine_config(args: argparse.Namespace) -> "EngineConfig":
                         prompt_cache_dir=Path(args.prompt_cache_dir).expanduser()
                         if getattr(args, "prompt_cache_dir", None) else None,
                         prompt_cache_dir_bytes=getattr(args, "prompt_cache_dir_bytes", 4 << 30),
+                        kv_bits=getattr(args, "kv_bits", None),
+                        kv_group_size=getattr(args, "kv_group_size", 64),
                         max_models=getattr(args, "max_models", 1),
                         request_timeout_s=getattr(args, "request_timeout", None),
                         idle_unload_s=getattr(args, "idle_unload", None),

@@ -322,7 +322,8 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
 
 @pytest.mark.parametrize("flag, value", [("--max-queue", "0"), ("--max-queue", "-1"), ("--request-timeout", "nan"),
                                          ("--request-timeout", "inf"), ("--header-timeout", "0"),
-                                         ("--max-body-bytes", "-5"), ("--body-timeout", "nan"), ("--port", "70000")])
+                                         ("--max-body-bytes", "-5"), ("--body-timeout", "nan"), ("--port", "70000"),
+                                         ("--kv-bits", "3"), ("--kv-bits", "16"), ("--kv-group-size", "48")])
 def test_limits_that_would_disable_themselves_are_refused(tmp_path, flag, value):
     r = _serve([flag, value], tmp_path)
     assert r.returncode == 2 and flag in r.stderr, r.stderr[-1000:]

@@ -235,3 +235,148 @@ def test_server_restart_keeps_the_prompt_cache(default_model_dir, tmp_path):
             s.stop()
     assert usages[0]["prompt_tokens_details"]["cached_tokens"] == 0
     assert usages[1]["prompt_tokens_details"]["cached_tokens"] >= usages[1]["prompt_tokens"] - 1
+
+
+# --- --kv-bits: entries quantized instead of dropped when the bytes run out --------------------
+def _kv(tokens: int, width: int = 64, layers: int = 2, seed: int = 0) -> list:
+    """Plain KV caches over `tokens` positions of random keys and values."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    mx.random.seed(seed)
+    cache = []
+    for _ in range(layers):
+        c = KVCache()
+        c.update_and_fetch(mx.random.normal((1, 2, tokens, width)), mx.random.normal((1, 2, tokens, width)))
+        cache.append(c)
+    return cache
+
+
+def _exact_bytes(tokens: int, width: int = 64, layers: int = 2) -> int:
+    return layers * 2 * (2 * tokens * width * 4)  # keys and values, 2 heads, float32
+
+
+def test_kv_bits_quantizes_the_least_recently_used_entry_instead_of_dropping_it():
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    a, b = list(range(100)), list(range(1000, 1100))
+    for bits in (8, 4):
+        pc = PromptCache(min_reuse=2, max_bytes=int(1.5 * _exact_bytes(100)))
+        pc.kv_bits = bits
+        original = _kv(100, seed=1)
+        keys = mx.array(original[0].keys[..., :100, :])
+        pc.put(a, original)
+        pc.put(b, _kv(100, seed=2))  # over the bound: a is quantized, not dropped
+        entries, held, _, quantized = pc.sizes()
+        assert (entries, quantized) == (2, 1) and held <= pc.max_bytes, (entries, quantized, held)
+        assert held < _exact_bytes(100) * (1 + (9 if bits == 8 else 5) / 32 + 0.01)
+        got, n = pc.take(a + [7, 7])  # a's next turn: handed back plain, close to what was put
+        assert n == 100 and all(type(c) is KVCache and c.offset == 100 for c in got)
+        error = float(mx.max(mx.abs(got[0].keys - keys)))
+        assert 0 < error < (0.05 if bits == 8 else 0.8), error
+        assert pc.sizes()[:1] == (1,)  # taken over, as an exact entry would be
+
+    pc = PromptCache(min_reuse=2, max_bytes=int(1.5 * _exact_bytes(100)))  # without --kv-bits: dropped
+    pc.put(a, _kv(100, seed=1))
+    pc.put(b, _kv(100, seed=2))
+    assert pc.sizes()[0] == 1 and pc.take(a + [7])[0] is None
+
+
+def test_kv_bits_a_shared_prefix_of_a_quantized_entry_is_a_plain_copy():
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+    pc = PromptCache(min_reuse=2, max_bytes=_exact_bytes(100) // 2)  # alone over the bound: kept quantized
+    pc.kv_bits = 8
+    pc.put(list(range(100)), _kv(100))
+    assert pc.sizes()[3] == 1
+    for _ in range(2):  # another conversation with the same first 60 tokens, twice: the entry stays
+        got, n = pc.take(list(range(60)) + [5000, 5001])
+        assert n == 60 and all(type(c) is KVCache and c.keys.shape[2] == 60 for c in got)
+    assert all(type(c) is QuantizedKVCache and c.offset == 100 for c in next(iter(pc._entries.values())).cache)
+    assert pc.hits == 2
+
+
+def test_kv_bits_leaves_what_it_cannot_quantize():
+    """Keys whose width is not whole groups are dropped as before; an entry still being read
+    (offered to waiting requests, sharing the running cache) is never quantized."""
+    from mlx_lm.models.cache import KVCache
+
+    pc = PromptCache(min_reuse=2, max_bytes=int(1.5 * _exact_bytes(100, width=80)))
+    pc.kv_bits = 8
+    pc.put(list(range(100)), _kv(100, width=80))
+    pc.put(list(range(1000, 1100)), _kv(100, width=80))
+    assert pc.sizes()[0] == 1 and pc.sizes()[3] == 0
+
+    pc = PromptCache(min_reuse=2, max_bytes=int(1.5 * _exact_bytes(100)))
+    pc.kv_bits = 8
+    pc.share(list(range(100)), _kv(100))
+    pc.put(list(range(1000, 1100)), _kv(100))
+    offered, kept = pc._entries.values()
+    assert offered.offered and all(type(c) is KVCache for c in offered.cache) and pc.sizes()[3] == 1
+
+
+def test_kv_bits_conversations_keep_their_history_and_answer_alike(runner):
+    """Issue 34 §5 on the real model: with room for about one exact history, two conversations
+    both keep theirs (the older one quantized to 8 bits); each next turn finds its own prompt
+    cached and gives the answer it gives from a fresh computation."""
+    from engine.models.weights import kv_bytes_per_token
+
+    system = [("system", "You are a careful assistant. Answer in one short sentence. " * 6)]
+    a1 = system + [("user", "Tell me about Paris.")]
+    b1 = system + [("user", "Tell me about the moon and its phases.")]
+    pc = runner.prompt_cache
+    saved = pc.max_bytes, pc.kv_bits
+    try:
+        pc.clear()
+        pc.kv_bits = 8
+        _, a1_len, a1_text = started(runner, a1)
+        pc.max_bytes = int(1.4 * (a1_len + 8) * kv_bytes_per_token(runner.config))
+        _, b1_len, b1_text = started(runner, b1)
+        assert pc.sizes()[3] >= 1 and pc.nbytes <= pc.max_bytes, pc.sizes()
+        a2 = a1 + [("assistant", a1_text), ("user", "And its river?")]
+        b2 = b1 + [("assistant", b1_text), ("user", "And the sun?")]
+        cached_a2, _, a2_text = started(runner, a2)
+        cached_b2, _, b2_text = started(runner, b2)
+        assert cached_a2 >= a1_len and cached_b2 >= b1_len, (cached_a2, a1_len, cached_b2, b1_len)
+        pc.clear()
+        pc.kv_bits = None
+        assert started(runner, a2)[2] == a2_text and started(runner, b2)[2] == b2_text
+    finally:
+        pc.clear()
+        pc.max_bytes, pc.kv_bits = saved
+
+
+def test_server_kv_bits_keeps_more_histories_and_says_so(default_model_dir):
+    """`--kv-bits 8` through the API: with a bound that holds about one exact history, the older
+    conversation is kept quantized (`/health` counts it), never over the bound, and its next turn
+    reports its whole first prompt cached."""
+    import httpx
+
+    from conftest import MODEL
+    from engine.models.probe import probe
+    from engine.models.weights import kv_bytes_per_token
+    from tests.process import Server
+
+    per_token = kv_bytes_per_token(probe(default_model_dir).config)
+    a1 = [{"role": r, "content": c} for r, c in LONG]
+    b1 = [{"role": "system", "content": LONG[0][1]}, {"role": "user", "content": "Show the disk usage."}]
+    s = Server(["--kv-bits", "8", "--prompt-cache-bytes", str(int(1.4 * 130 * per_token)),
+                "--embedding-model", "none", "--audio-model", "none"])
+    try:
+        def chat(messages):
+            r = httpx.post(s.url + "/v1/chat/completions", timeout=120,
+                           json={"model": MODEL, "messages": messages, "max_tokens": 4, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        first = chat(a1)
+        assert 100 <= first["usage"]["prompt_tokens"] <= 125, first["usage"]  # the bound assumes so
+        chat(b1)
+        cache = httpx.get(s.url + "/health").json()["prompt_cache"]
+        assert cache["entries"] == 2 and cache["quantized"] >= 1 and cache["bytes"] <= 1.4 * 130 * per_token, cache
+        a2 = a1 + [first["choices"][0]["message"], {"role": "user", "content": "And the hidden ones?"}]
+        usage = chat(a2)["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"] - 1, usage
+    finally:
+        s.stop()

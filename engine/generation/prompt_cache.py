@@ -10,6 +10,13 @@ tools; a request arriving while another holds the same prefix) gets new caches o
 positions instead: MLX arrays are values, so the slices share memory until written, and the entry
 stays for its own conversation's next turn. Bounded by entry count and bytes, least recently used
 out first.
+
+With `kv_bits` (`--kv-bits 8|4`), entries are quantized (mlx-lm's `QuantizedKVCache`) rather than
+dropped when the bytes run out, least recently used first: float32 keys and values take 3.6x
+(8 bits) or 6.4x (4 bits) less, so several times the histories stay. Recent entries stay exact and
+cost nothing to reuse; a quantized one is dequantized when taken (a plain `KVCache` again, so every
+stream kind runs as without it) and carries a little drift on what it reused (bench/kv_bits.py).
+The disk copy (`--prompt-cache-dir`) stays exact.
 """
 from __future__ import annotations
 
@@ -55,6 +62,8 @@ class PromptCache:
         self.hits = 0
         self.misses = 0
         self.disk: Any = None  # a PromptStore (engine/generation/prompt_store.py) with --prompt-cache-dir
+        self.kv_bits: Optional[int] = None  # entries held quantized to this many bits (--kv-bits)
+        self.kv_group_size = 64
 
     @property
     def nbytes(self) -> int:
@@ -86,14 +95,15 @@ class PromptCache:
         excess = len(entry.tokens) - best_len
         # The conversation's next turn (it holds the entry's whole prompt) takes the entry over.
         continues = not entry.offered and best_len >= entry.prompt_len and can_trim_prompt_cache(entry.cache)
-        shared = _prefix_copy(entry.cache, best_len) if (excess or entry.offered) and not continues else None
-        if shared is not None:
-            self._entries.move_to_end(best_key)
-            self.hits += 1
-            return shared, best_len
-        if entry.offered:
-            self.misses += 1
-            return None, 0
+        if (excess or entry.offered) and not continues:
+            shared = _prefix_copy(entry.cache, best_len)
+            if shared is not None:
+                self._entries.move_to_end(best_key)
+                self.hits += 1
+                return shared, best_len
+            if entry.offered:
+                self.misses += 1
+                return None, 0
         if excess and not can_trim_prompt_cache(entry.cache):
             self.misses += 1
             return None, 0
@@ -101,6 +111,8 @@ class PromptCache:
         if excess:
             trim_prompt_cache(entry.cache, excess)
         self.hits += 1
+        if quantized_kv(entry.cache):  # handed out plain: every stream kind runs on a plain cache
+            return _prefix_copy(entry.cache, best_len), best_len
         return entry.cache, best_len
 
     def put(self, tokens: list[int], cache: list[Any], prompt_len: Optional[int] = None) -> None:
@@ -128,6 +140,8 @@ class PromptCache:
         return max((common_prefix(e.tokens, prompt) for e in list(self._entries.values())), default=0)
 
     def _keep(self, entry: _Entry) -> None:
+        if entry.nbytes > self.max_bytes and not entry.offered:
+            self._quantize(entry)
         if entry.nbytes > self.max_bytes:
             return
         # A cache whose tokens are a prefix of the new one's is now redundant.
@@ -140,13 +154,32 @@ class PromptCache:
         self._entries[key] = entry
         self._next += 1
         while len(self._entries) > self.max_entries or self.nbytes > self.max_bytes:
+            if len(self._entries) <= self.max_entries and self._quantize_one():
+                continue  # smaller now: maybe nothing has to go
             self._entries.popitem(last=False)
         return key
 
-    def sizes(self) -> tuple[int, int, int]:
-        """(entries, bytes in memory, bytes on disk): read from any thread (copies first)."""
+    def _quantize_one(self) -> bool:
+        """Quantize the least recently used entry still held exactly; False when none can be."""
+        for entry in self._entries.values():
+            if not entry.offered and self._quantize(entry):
+                return True
+        return False
+
+    def _quantize(self, entry: _Entry) -> bool:
+        """Hold `entry` quantized to kv_bits (with --kv-bits; plain KV only)."""
+        if self.kv_bits is None or not can_quantize(entry.cache, self.kv_group_size):
+            return False
+        entry.cache = _quantized(entry.cache, self.kv_bits, self.kv_group_size)
+        entry.nbytes = _nbytes(entry.cache)
+        return True
+
+    def sizes(self) -> tuple[int, int, int, int]:
+        """(entries, bytes in memory, bytes on disk, entries quantized): read from any thread
+        (copies first)."""
         entries = list(self._entries.values())
-        return len(entries), sum(e.nbytes for e in entries), self.disk.nbytes if self.disk is not None else 0
+        return (len(entries), sum(e.nbytes for e in entries), self.disk.nbytes if self.disk is not None else 0,
+                sum(quantized_kv(e.cache) for e in entries))
 
     def clear(self) -> None:
         self._entries.clear()
@@ -176,16 +209,46 @@ def _compact(cache: list[Any]) -> list[Any]:
     return cache
 
 
+def quantized_kv(cache: list[Any]) -> bool:
+    """Every layer a filled mlx-lm QuantizedKVCache (keys and values as (packed, scales, biases))."""
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    return bool(cache) and all(type(c) is QuantizedKVCache and c.keys is not None for c in cache)
+
+
+def can_quantize(cache: list[Any], group_size: int) -> bool:
+    """Plain KV whose key and value widths are whole groups (mx.quantize needs that)."""
+    return plain_kv(cache) and all(c.keys.shape[-1] % group_size == 0 and c.values.shape[-1] % group_size == 0
+                                   for c in cache)
+
+
+def _quantized(cache: list[Any], bits: int, group_size: int) -> list[Any]:
+    """The compacted plain `cache` as QuantizedKVCaches."""
+    import mlx.core as mx
+
+    out = [c.to_quantized(group_size=group_size, bits=bits) for c in cache]
+    mx.eval([x for c in out for part in (c.keys, c.values) for x in part])
+    return out
+
+
 def _prefix_copy(cache: list[Any], length: int) -> Optional[list[Any]]:
-    """New KV caches over the first `length` positions of `cache` (sharing its arrays until they
-    are written), or None for cache kinds that can't be cut this way (rotating, quantized, SSM)."""
+    """New plain KV caches over the first `length` positions of `cache`: sharing its arrays until
+    they are written, or dequantized from a quantized entry; None for cache kinds that can't be cut
+    this way (rotating, SSM)."""
+    import mlx.core as mx
     from mlx_lm.models.cache import KVCache
 
-    if not plain_kv(cache) or any(c.offset < length for c in cache):
+    quantized = quantized_kv(cache)
+    if not (plain_kv(cache) or quantized) or any(c.offset < length for c in cache):
         return None
     copies = []
     for c in cache:
         n = KVCache()
-        n.keys, n.values, n.offset = c.keys[..., :length, :], c.values[..., :length, :], length
+        if quantized:
+            n.keys, n.values = (mx.dequantize(*(x[..., :length, :] for x in part), group_size=c.group_size,
+                                              bits=c.bits) for part in (c.keys, c.values))
+        else:
+            n.keys, n.values = c.keys[..., :length, :], c.values[..., :length, :]
+        n.offset = length
         copies.append(n)
     return copies

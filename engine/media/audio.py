@@ -143,8 +143,6 @@ def decode_audio(data: bytes, filename: str = "", param: str = "file",
     checked first (`declared`: what `check_audio_header` already said, so it isn't read twice);
     what is decoded is bounded by `max_seconds` and by the upload's size (see
     MIN_BYTES_PER_SECOND), whatever the file claims."""
-    import miniaudio
-
     if declared is _UNCHECKED:
         declared = check_audio_header(data, max_seconds, param)
     if declared is not None:  # wav, mp3, flac and ogg/vorbis in-process
