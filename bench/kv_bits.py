@@ -3,7 +3,7 @@ entries when its bytes run out, instead of dropping them.
 
 `python -m bench.kv_bits [--model DIR ...]` (a few minutes a model) loads each model as the server
 does and takes an agent's conversation: a system prompt of ~`--prefix` tokens (this repository's
-README: prose, code and tables), the agent's reply, then a tool result and the next question. The
+README: prose, code and tables), the agent's reply, then a pasted test file and a question. The
 first turn's prompt is put in a prompt cache too small to hold it exactly, so it is kept quantized
 (or, without --kv-bits, dropped), as it would be under memory pressure. Per mode:
 
@@ -31,6 +31,7 @@ from typing import Any, Optional
 import engine  # noqa: F401 - loads OpenBLAS before anything imports mlx (engine/cpu/blas.py)
 from bench.__main__ import default_model_dir
 
+
 def _runner(model_dir: Path) -> Any:
     from engine.generation.text import TextRunner
     from engine.models.memory import MemoryGate
@@ -40,8 +41,8 @@ def _runner(model_dir: Path) -> Any:
 
 
 def _conversation(runner: Any, prefix_tokens: int) -> tuple[list[int], list[int]]:
-    """(the first turn's prompt, the next turn's prompt): an agent that read this repository's
-    README, called a tool and got its result."""
+    """(the first turn's prompt, the next turn's prompt): an agent given this repository's README,
+    then a test file to read."""
     from engine.generation.text import ChatMessage
 
     words = (Path(__file__).resolve().parents[1] / "README.md").read_text().split(" ")
