@@ -264,6 +264,13 @@ def test_kv_bits_quantizes_the_least_recently_used_entry_instead_of_dropping_it(
     for bits in (8, 4):
         pc = PromptCache(min_reuse=2, max_bytes=int(1.5 * _exact_bytes(100)))
         pc.kv_bits = bits
+        quantize, readings = pc._quantize, []
+
+        def watched(entry):  # what /health would read while an entry is being quantized
+            readings.append(pc.sizes()[1])
+            return quantize(entry)
+
+        pc._quantize = watched
         original = _kv(100, seed=1)
         keys = mx.array(original[0].keys[..., :100, :])
         pc.put(a, original)
@@ -271,6 +278,7 @@ def test_kv_bits_quantizes_the_least_recently_used_entry_instead_of_dropping_it(
         entries, held, _, quantized = pc.sizes()
         assert (entries, quantized) == (2, 1) and held <= pc.max_bytes, (entries, quantized, held)
         assert held < _exact_bytes(100) * (1 + (9 if bits == 8 else 5) / 32 + 0.01)
+        assert readings and max(readings) <= pc.max_bytes, readings  # room is made before b counts
         got, n = pc.take(a + [7, 7])  # a's next turn: handed back plain, close to what was put
         assert n == 100 and all(type(c) is KVCache and c.offset == 100 for c in got)
         error = float(mx.max(mx.abs(got[0].keys - keys)))

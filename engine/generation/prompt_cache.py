@@ -140,22 +140,35 @@ class PromptCache:
         return max((common_prefix(e.tokens, prompt) for e in list(self._entries.values())), default=0)
 
     def _keep(self, entry: _Entry) -> None:
-        if entry.nbytes > self.max_bytes and not entry.offered:
-            self._quantize(entry)
-        if entry.nbytes > self.max_bytes:
+        if not self._fits(entry):
             return
         # A cache whose tokens are a prefix of the new one's is now redundant.
         for key in [k for k, e in self._entries.items() if common_prefix(e.tokens, entry.tokens) == len(e.tokens)]:
             del self._entries[key]
         self._add(entry)
 
+    def _fits(self, entry: _Entry) -> bool:
+        """Whether `entry` alone is within the byte bound (quantized first if that makes it so)."""
+        if entry.nbytes > self.max_bytes and not entry.offered:
+            self._quantize(entry)
+        return entry.nbytes <= self.max_bytes
+
     def _add(self, entry: _Entry) -> int:
+        """Keep `entry`, making room for it; returns its key (not in the cache if it can't fit)."""
+        if not self._fits(entry):
+            self._next += 1
+            return self._next - 1
+        # Room is made before the entry counts, so the bytes never read over the bound (/health
+        # reads them from another thread, and quantizing the others takes a while).
+        # With --kv-bits the others are quantized first, least recently used first, then this one;
+        # only then does anything go.
+        while self._entries and self.nbytes + entry.nbytes > self.max_bytes:
+            if not self._quantize_one() and (entry.offered or not self._quantize(entry)):
+                self._entries.popitem(last=False)
         key = self._next
         self._entries[key] = entry
         self._next += 1
-        while len(self._entries) > self.max_entries or self.nbytes > self.max_bytes:
-            if len(self._entries) <= self.max_entries and self._quantize_one():
-                continue  # smaller now: maybe nothing has to go
+        while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
         return key
 
@@ -170,8 +183,11 @@ class PromptCache:
         """Hold `entry` quantized to kv_bits (with --kv-bits; plain KV only)."""
         if self.kv_bits is None or not can_quantize(entry.cache, self.kv_group_size):
             return False
+        import mlx.core as mx
+
         entry.cache = _quantized(entry.cache, self.kv_bits, self.kv_group_size)
         entry.nbytes = _nbytes(entry.cache)
+        mx.clear_cache()  # the exact arrays just freed go back to the system, not MLX's buffer cache
         return True
 
     def sizes(self) -> tuple[int, int, int, int]:
