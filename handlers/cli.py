@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when --prompt-cache-bytes is reached, quantize the least recently used cached prompts to "
                         "this many bits before dropping any: 3.6x (8) or 6.4x (4) less than float32, so more "
                         "histories stay; reusing one costs a dequantize and a little drift (docs/benchmarks.md). "
-                        "Recent prompts, running streams and --prompt-cache-dir stay exact")
+                        "Running streams and --prompt-cache-dir stay exact; the newest prompt is quantized last")
     s.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64,
                    help="values per quantization group with --kv-bits")
     s.add_argument("--reasoning-budgets", type=effort_budgets, default=(512, 2048, 8192), metavar="LOW,MEDIUM,HIGH",

@@ -13,9 +13,10 @@ out first.
 
 With `kv_bits` (`--kv-bits 8|4`), entries are quantized (mlx-lm's `QuantizedKVCache`) rather than
 dropped when the bytes run out, least recently used first: float32 keys and values take 3.6x
-(8 bits) or 6.4x (4 bits) less, so several times the histories stay. Recent entries stay exact and
-cost nothing to reuse; a quantized one is dequantized when taken (a plain `KVCache` again, so every
-stream kind runs as without it) and carries a little drift on what it reused (bench/kv_bits.py).
+(8 bits) or 6.4x (4 bits) less, so several times the histories stay. Recent entries stay exact
+longest (the newest is quantized only once every other entry is) and cost nothing to reuse; a
+quantized one is dequantized when taken (a plain `KVCache` again, so every stream kind runs as
+without it) and carries a little drift on what it reused (bench/kv_bits.py).
 The disk copy (`--prompt-cache-dir`) stays exact.
 """
 from __future__ import annotations
