@@ -11,7 +11,11 @@ import httpx
 
 from conftest import MODEL
 
-LONG = " ".join(f"Line {i}: the harbour lights were counted again and the ledger was closed." for i in range(60))
+# ~3,000 tokens: a dozen passes, so the short chat's margin is seconds, not a fraction of a pass
+# (with ~1,000 tokens and a 1 s head start SmolLM2 had read most of it before the short chat came).
+LONG = " ".join(f"Line {i}: the harbour lights were counted again and the ledger was closed." for i in range(180))
+# ~1,000 tokens scored with `echo` and `n: 2` already take ~4 s: measured margin 2 s.
+SCORED = " ".join(f"Line {i}: the harbour lights were counted again and the ledger was closed." for i in range(60))
 
 
 def timed_stream(url: str, path: str, body: dict, marks: dict, name: str) -> None:
@@ -31,7 +35,7 @@ def race(server, path: str, long_body: dict) -> dict:
     marks: dict = {}
     long = threading.Thread(target=timed_stream, args=(server.url, path, long_body, marks, "long"))
     long.start()
-    time.sleep(1.0)  # the long prompt's passes are under way
+    time.sleep(0.5)  # the long prompt's passes are under way
     short = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}
     timed_stream(server.url, "/v1/chat/completions", short, marks, "short")
     long.join()
@@ -46,7 +50,7 @@ def test_a_short_chat_is_answered_while_a_long_prompt_is_read(server):
 
 def test_a_short_chat_is_answered_while_a_long_prompt_is_scored(server):
     """`echo` with `logprobs` scores every prompt token in one shared pass for the `n` choices."""
-    marks = race(server, "/v1/completions", {"model": MODEL, "prompt": LONG, "max_tokens": 1, "n": 2, "echo": True,
+    marks = race(server, "/v1/completions", {"model": MODEL, "prompt": SCORED, "max_tokens": 1, "n": 2, "echo": True,
                                              "logprobs": 1, "temperature": 0})
     assert marks["short end"] < marks["long"]
 
