@@ -31,7 +31,7 @@ from engine.models.downloads import Downloads
 from engine.models.memory import MemoryGate
 from engine.models.probe import Probe, probe
 from engine.request import Conversation, Prepared
-from engine.residency import Residency
+from engine.residency import MlxMemory, Residency, mlx_memory
 from engine.models.resolution import ModelEntry, ModelStore, locate
 from engine.runners import FaultyRunner
 from engine.scheduler import Scheduler, StreamHandle
@@ -233,6 +233,10 @@ class Engine:
 
     def resident_models(self) -> int:
         return self.residency.count()
+
+    def mlx_memory(self) -> MlxMemory:
+        """MLX's active, peak and buffer-cache bytes (counter reads, safe beside the worker)."""
+        return mlx_memory()
 
     # --- embeddings ----------------------------------------------------------------------
     async def embed(self, model_id: str, texts: list[str], dimensions: Optional[int] = None) -> Embeddings:

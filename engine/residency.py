@@ -8,8 +8,10 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import sys
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from engine import runners
@@ -165,3 +167,22 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+@dataclass(frozen=True)
+class MlxMemory:
+    """MLX's own accounting, in bytes: arrays alive now, the most ever alive at once, and freed
+    buffers it keeps for reuse. The process's RSS follows `peak` rather than `active` while
+    requests keep coming (glibc keeps the heap's high-water mark) until `release_memory` runs,
+    a second after the last request."""
+    active: int
+    peak: int
+    cache: int
+
+
+def mlx_memory() -> MlxMemory:
+    """Read from any thread (the allocator's counters); zeros before MLX is first imported."""
+    mx = sys.modules.get("mlx.core")
+    if mx is None:
+        return MlxMemory(0, 0, 0)
+    return MlxMemory(int(mx.get_active_memory()), int(mx.get_peak_memory()), int(mx.get_cache_memory()))

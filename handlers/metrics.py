@@ -1,5 +1,6 @@
 """GET /metrics (Prometheus text format) and what feeds it: HTTP requests by route and status,
-tokens, time to first token, request latency, queue depth and resident models.
+tokens, time to first token, request latency, queue depth, resident models, the prompt cache's
+bytes and MLX's memory.
 
 One registry per process; the HTTP layer owns it (the engine only reports its state).
 """
@@ -40,6 +41,10 @@ QUEUE = Gauge("openmlx_queue_depth", "Requests queued or generating", registry=R
 RESIDENT = Gauge("openmlx_resident_models", "Models loaded in memory", registry=REGISTRY)
 PROMPT_CACHE = Gauge("openmlx_prompt_cache_bytes", "KV caches kept for reuse by the loaded model", ["where"],
                      registry=REGISTRY)
+# What of process_resident_memory_bytes is MLX's: arrays alive now, the most alive at once since
+# start (RSS keeps that high-water mark while requests keep coming), and freed buffers kept for reuse.
+MLX_MEMORY = Gauge("openmlx_mlx_memory_bytes", "MLX arrays: active now, peak since start, buffer cache", ["kind"],
+                   registry=REGISTRY)
 
 
 def _route(path: str) -> str:
@@ -115,5 +120,8 @@ async def get():
     health = engine.health()
     PROMPT_CACHE.labels("memory").set(health.prompt_cache_bytes)
     PROMPT_CACHE.labels("disk").set(health.prompt_cache_disk_bytes)
+    memory = engine.mlx_memory()
+    for kind in ("active", "peak", "cache"):
+        MLX_MEMORY.labels(kind).set(getattr(memory, kind))
     # A ready Response: Connexion would otherwise insist on the bare media type of the spec.
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE)
