@@ -128,6 +128,12 @@ class EngineConfig:
         """The config file's entry for `model_id` (by the id it is served under), if any."""
         return next((m for m in self.models if m.served_id == model_id), None)
 
+    def prompt_cache_settings(self) -> "CacheSettings":
+        """The prompt cache's bound and quantization, for every text model (and every rank)."""
+        from engine.generation.prompt_cache import CacheSettings
+
+        return CacheSettings(self.prompt_cache_bytes, self.kv_bits, self.kv_group_size)
+
     @property
     def models_dir(self) -> Path:
         return self.home / "models"

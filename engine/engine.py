@@ -149,7 +149,7 @@ class Engine:
         """Rank 0: join the group and load this rank's shard (the other ranks do the same)."""
         entry = self.store.resolve(self.default_model_id)
         rank = join_group(entry.id, entry.path, self.config.world_size, self.config.shard, self.config.backend,
-                          self.gate)
+                          self.gate, self.config.prompt_cache_settings())
         self.shard_plan, self.lockstep = rank.plan, rank.lockstep
         self.residency.add(entry.id, LockstepRunner(rank.runner, rank.lockstep))
         self.residency.pinned = entry.id

@@ -52,8 +52,7 @@ def _text(model_id: str, probe: Probe, config: EngineConfig, gate: MemoryGate) -
     from engine.generation.text import TextRunner
 
     runner = TextRunner.load(model_id, probe, config.cpu_dtype, gate, batch=config.batch in ("on", "auto"))
-    runner.prompt_cache.max_bytes = config.prompt_cache_bytes
-    runner.prompt_cache.kv_bits, runner.prompt_cache.kv_group_size = config.kv_bits, config.kv_group_size
+    config.prompt_cache_settings().apply(runner.prompt_cache)
     if config.prompt_cache_dir is not None:
         from engine.generation.prompt_store import PromptStore
 

@@ -111,6 +111,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_keys = _api_keys(args)  # before anything starts, ranks included: no keys must not mean no auth
     except NoKeys as e:
         raise SystemExit(f"openmlx: {e}") from None
+    if args.ranks > 1 and args.prompt_cache_dir:
+        # Each rank would need its own shard's files, kept in step with the others': not built.
+        raise SystemExit("openmlx: --prompt-cache-dir is not supported with --ranks > 1 (the prompt cache "
+                         "stays in memory on every rank)")
     if args.ranks > 1 and os.environ.get("OPENMLX_RANK_ROLE") != "serve":
         from engine.distributed.supervisor import supervise
 
@@ -201,13 +205,15 @@ def cmd_follow(args: argparse.Namespace) -> int:
     import engine  # noqa: F401  (OpenBLAS before MLX)
     from engine.config import EngineConfig
     from engine.distributed import follow, join_group
+    from engine.generation.prompt_cache import CacheSettings
     from engine.models.memory import MemoryGate
     from engine.models.resolution import ModelStore, locate
 
     logging.config.dictConfig(_logging(False, args.log_level))
     config = EngineConfig()
     entry = locate(ModelStore(config.models_dir, config.hf_cache, []), args.model)
-    rank = join_group(args.model, entry.path, args.world_size, args.shard, args.backend, MemoryGate())
+    cache = CacheSettings(args.prompt_cache_bytes, args.kv_bits, args.kv_group_size)  # rank 0's, as given
+    rank = join_group(args.model, entry.path, args.world_size, args.shard, args.backend, MemoryGate(), cache)
     return follow(rank.lockstep, rank.runner)
 
 
@@ -360,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("--shard", default="auto")
     fw.add_argument("--backend", default="ring")
     fw.add_argument("--log-level", default="info")
+    fw.add_argument("--prompt-cache-bytes", type=positive_int, default=512 << 20)
+    fw.add_argument("--kv-bits", type=int, choices=[8, 4], default=None)
+    fw.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64)
     fw.set_defaults(func=cmd_follow)
 
     cs = sub.add_parser("config-schema", help="print the JSON Schema of `serve --config` files")

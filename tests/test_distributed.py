@@ -97,6 +97,59 @@ def test_two_ranks_answer_like_one_process(sharded_models, kind, shard):
     assert status in (0, -15)
 
 
+def test_an_uneven_pipeline_keeps_one_prompt_cache_bound_on_every_rank(default_model_dir, tmp_path):
+    """Five layers over two ranks: rank 0 holds three layers' KV, rank 1 two. --prompt-cache-bytes
+    and --kv-bits reach every rank, and an entry counts the whole model's bytes per token on each,
+    so both ranks drop the same entries under a small bound and stay in step (counting each rank's
+    own bytes, rank 1 would still reuse a prefix rank 0 had dropped, and their passes would differ)."""
+    folder = write_tiny_sharded(tmp_path / "tiny-qwen2-5", "qwen2", default_model_dir, layers=5)
+    model = folder.name
+    bound = 150_000  # 1,280 bytes a token: room for two or three of these conversations
+    flags = ["--model", str(folder), "--prompt-cache-bytes", str(bound), *NO_SIDE_MODELS]
+    turns = [[{"role": "user", "content": f"Conversation {i}: tell me about ships and harbours."}] for i in range(4)]
+
+    def run(url: str) -> list[str]:
+        answers = []
+        for round_ in range(2):  # every conversation's second turn comes after the others evicted it
+            for i, messages in enumerate(turns):
+                body = {"model": model, "messages": messages if round_ == 0 else
+                        [*messages, {"role": "assistant", "content": answers[i]}, {"role": "user", "content": "More."}],
+                        "max_tokens": 6, "temperature": 0}
+                r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+                assert r.status_code == 200, r.text
+                answers.append(r.json()["choices"][0]["message"]["content"])
+                cache = httpx.get(url + "/health", timeout=5).json()["prompt_cache"]
+                assert 0 < cache["bytes"] <= bound, cache
+        return answers
+
+    single = Server(flags)
+    try:
+        want = run(single.url)
+    finally:
+        single.stop()
+    group = Server([*flags, "--ranks", "2", "--shard", "pipeline", "--kv-bits", "8", "--kv-group-size", "32"])
+    try:
+        assert httpx.get(group.url + "/health").json()["sharding"] == "pipeline"
+        assert run(group.url) == want
+        follower = " ".join(psutil_cmdline(pids("launch.py", "follow", f"--model {folder}")[0]))
+        assert f"--prompt-cache-bytes {bound}" in follower and "--kv-bits 8" in follower, follower
+    finally:
+        assert group.stop() in (0, -15)
+
+
+def psutil_cmdline(pid: int) -> list[str]:
+    import psutil
+
+    return psutil.Process(pid).cmdline()
+
+
+def test_a_prompt_cache_dir_is_refused_on_two_ranks(sharded_models, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "handlers.cli", "serve", "--ranks", "2", "--port", "1",
+                          "--model", str(sharded_models["llama"]), "--prompt-cache-dir", str(tmp_path / "kv")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "--prompt-cache-dir is not supported with --ranks > 1" in out.stderr, out.stderr
+
+
 def test_default_model_is_refused_on_two_ranks(default_model_dir):
     out = subprocess.run([sys.executable, "-m", "handlers.cli", "serve", "--ranks", "2", "--port", "1"],
                          capture_output=True, text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""Tiny random models that shard over 2 ranks (shared/DISTRIBUTED.md): 4 layers, hidden 64,
+"""Tiny random models that shard over 2 ranks (shared/DISTRIBUTED.md): 4 layers (or `layers`), hidden 64,
 4 heads / 2 kv heads, the default model's tokenizer, weights split over two safetensors files
 with an index (pipeline loading needs it), scaled so that every layer matters."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 
-def write_tiny_sharded(folder: Path, model_type: str, tokenizer_from: Path, seed: int = 0) -> Path:
+def write_tiny_sharded(folder: Path, model_type: str, tokenizer_from: Path, seed: int = 0, layers: int = 4) -> Path:
     import importlib
 
     import mlx.core as mx
@@ -16,7 +16,7 @@ def write_tiny_sharded(folder: Path, model_type: str, tokenizer_from: Path, seed
     from mlx.utils import tree_flatten
 
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"model_type": model_type, "hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128,
+    config = {"model_type": model_type, "hidden_size": 64, "num_hidden_layers": layers, "intermediate_size": 128,
               "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 49152,
               "max_position_embeddings": 2048, "tie_word_embeddings": True, "rope_theta": 10000.0,
               "eos_token_id": 2, "bos_token_id": 1}

@@ -221,8 +221,9 @@ def follow(lock: Lockstep, runner: Any) -> int:
             return 0
 
 
-def sharded_runner(model_id: str, probe: Any, plan: ShardPlan, group: Any, gate: Any) -> Any:
-    """This rank's shard as a TextRunner (weights as shipped; the memory gate counts a share)."""
+def sharded_runner(model_id: str, probe: Any, plan: ShardPlan, group: Any, gate: Any, cache: Any = None) -> Any:
+    """This rank's shard as a TextRunner (weights as shipped; the memory gate counts a share).
+    `cache`: the prompt cache's CacheSettings, the same on every rank."""
     from engine.models.memory import MemoryEstimate
     from engine.generation.text import TextRunner
     from engine.models.weights import KV_HEADROOM_TOKENS, kv_bytes_per_token
@@ -237,6 +238,13 @@ def sharded_runner(model_id: str, probe: Any, plan: ShardPlan, group: Any, gate:
     # Ranks repeat rank 0's steps one for one: a wait for another stream's prefill, bounded by
     # each rank's own clock, could take a different number of steps on each.
     runner.in_flight.max_wait_s = 0.0
+    if cache is not None:
+        cache.apply(runner.prompt_cache)
+    # Entries count the whole model's bytes per token on every rank, so that all ranks keep,
+    # quantize and drop the same entries (a pipeline shard holds an uneven share of each).
+    itemsize = {"float16": 2, "bfloat16": 2}.get(str(config.get("torch_dtype", "")), 4)
+    runner.prompt_cache.token_bytes = kv_bytes_per_token(config, itemsize)
+    runner.prompt_cache.token_itemsize = itemsize
     return runner
 
 
@@ -249,9 +257,10 @@ class Rank:
     lockstep: "Lockstep"
 
 
-def join_group(model_id: str, folder: Path, world_size: int, shard: str, backend: str, gate: Any) -> Rank:
+def join_group(model_id: str, folder: Path, world_size: int, shard: str, backend: str, gate: Any,
+               cache: Any = None) -> Rank:
     """Every rank, 0 included: check the model can run and split, join the group, load this
-    rank's shard (a collective: all ranks call it)."""
+    rank's shard (a collective: all ranks call it). `cache`: the prompt cache's CacheSettings."""
     from engine.models.policy import decide_runnable
     from engine.models.probe import probe
 
@@ -259,7 +268,7 @@ def join_group(model_id: str, folder: Path, world_size: int, shard: str, backend
     decide_runnable(model_id, p).raise_if_blocked()
     plan = plan_shards(folder, world_size, shard)
     group = init_group(backend)
-    return Rank(sharded_runner(model_id, p, plan, group, gate), plan, Lockstep(group))
+    return Rank(sharded_runner(model_id, p, plan, group, gate, cache), plan, Lockstep(group))
 
 
 class LockstepRunner:

@@ -78,7 +78,10 @@ class Group:
         n = args.ranks
         env = {**os.environ, "OPENMLX_WORLD_SIZE": str(n)}
         follow_argv = ["follow", "--model", str(folder), "--world-size", str(n), "--shard", args.shard,
-                       "--backend", args.backend, "--log-level", args.log_level]
+                       "--backend", args.backend, "--log-level", args.log_level,
+                       # the same prompt cache on every rank: they keep and drop the same entries
+                       "--prompt-cache-bytes", str(args.prompt_cache_bytes), "--kv-group-size", str(args.kv_group_size),
+                       *(["--kv-bits", str(args.kv_bits)] if args.kv_bits else [])]
         serve, follow = launch.command(["serve", *serve_argv]), launch.command(follow_argv)
         if args.hostfile or args.backend == "mpi":
             self.launcher = True

@@ -51,6 +51,18 @@ def _nbytes(cache: list[Any]) -> int:
     return sum(int(getattr(c, "nbytes", 0) or 0) for c in cache)
 
 
+@dataclass(frozen=True)
+class CacheSettings:
+    """What a server's prompt cache may hold: --prompt-cache-bytes, --kv-bits, --kv-group-size."""
+
+    max_bytes: int = 512 << 20
+    kv_bits: Optional[int] = None
+    kv_group_size: int = 64
+
+    def apply(self, cache: "PromptCache") -> None:
+        cache.max_bytes, cache.kv_bits, cache.kv_group_size = self.max_bytes, self.kv_bits, self.kv_group_size
+
+
 class PromptCache:
     """An LRU of KV caches keyed by the token sequence each holds."""
 
@@ -65,6 +77,12 @@ class PromptCache:
         self.disk: Any = None  # a PromptStore (engine/generation/prompt_store.py) with --prompt-cache-dir
         self.kv_bits: Optional[int] = None  # entries held quantized to this many bits (--kv-bits)
         self.kv_group_size = 64
+        # Set on a model split over ranks: an entry counts as its tokens times the whole model's
+        # KV bytes per token (at `token_itemsize` bytes a value), not the bytes of this rank's
+        # shard. Every rank must make the same keep/quantize/evict decisions (they repeat rank 0's
+        # steps one for one), and a pipeline shard's share of the bytes differs from rank to rank.
+        self.token_bytes: Optional[int] = None
+        self.token_itemsize = 4
 
     @property
     def nbytes(self) -> int:
@@ -85,7 +103,7 @@ class PromptCache:
             name, on_disk = self.disk.best(prompt)
             loaded = self.disk.load(name) if name is not None and on_disk >= best_len + self.min_reuse else None
             if loaded is not None:
-                key = self._add(_Entry(loaded[0], loaded[1], _nbytes(loaded[1]), len(loaded[0])))
+                key = self._add(_Entry(loaded[0], loaded[1], self._cost(loaded[1]), len(loaded[0])))
                 if key in self._entries:  # (not if it alone is over the byte bound)
                     best_key, best_len = key, on_disk
         best_len = min(best_len, len(prompt) - 1)  # at least one token must be processed
@@ -123,7 +141,7 @@ class PromptCache:
         if held <= 0 or held > len(tokens):
             return
         cache = _compact(cache)
-        entry = _Entry(tokens[:held], cache, _nbytes(cache), min(held, prompt_len if prompt_len is not None else held))
+        entry = _Entry(tokens[:held], cache, self._cost(cache), min(held, prompt_len if prompt_len is not None else held))
         if self.disk is not None:
             self.disk.save(entry.tokens, cache)
         self._keep(entry)
@@ -134,7 +152,7 @@ class PromptCache:
         in memory only. The request's own entry replaces it when it ends."""
         shared = _prefix_copy(cache, len(tokens))
         if shared is not None:
-            self._keep(_Entry(list(tokens), shared, _nbytes(shared), len(tokens), offered=True))
+            self._keep(_Entry(list(tokens), shared, self._cost(shared), len(tokens), offered=True))
 
     def peek(self, prompt: list[int]) -> int:
         """The longest prefix of `prompt` an entry in memory holds (nothing is taken)."""
@@ -147,6 +165,18 @@ class PromptCache:
         for key in [k for k, e in self._entries.items() if common_prefix(e.tokens, entry.tokens) == len(e.tokens)]:
             del self._entries[key]
         self._add(entry)
+
+    def _cost(self, cache: list[Any]) -> int:
+        """The bytes `cache` counts against max_bytes: its arrays', or with `token_bytes` its tokens
+        times the whole model's bytes per token (quantized: packed values plus a scale and a bias
+        per group, in the cache's dtype, as mx.quantize makes them)."""
+        if self.token_bytes is None:
+            return _nbytes(cache)
+        tokens = _offset(cache)
+        if quantized_kv(cache):
+            bits, group, size = cache[0].bits, cache[0].group_size, self.token_itemsize
+            return tokens * self.token_bytes * (bits * group + 16 * size) // (8 * size * group)
+        return tokens * self.token_bytes
 
     def _fits(self, entry: _Entry) -> bool:
         """Whether `entry` alone is within the byte bound (quantized first if that makes it so)."""
@@ -187,7 +217,7 @@ class PromptCache:
         import mlx.core as mx
 
         entry.cache = _quantized(entry.cache, self.kv_bits, self.kv_group_size)
-        entry.nbytes = _nbytes(entry.cache)
+        entry.nbytes = self._cost(entry.cache)
         mx.clear_cache()  # the exact arrays just freed go back to the system, not MLX's buffer cache
         return True
 

@@ -25,13 +25,14 @@ def on_gpu() -> bool:
     return mx.default_device() == mx.gpu
 
 
-def kv_bytes_per_token(config: dict) -> int:
+def kv_bytes_per_token(config: dict, itemsize: int = 4) -> int:
+    """Keys and values of one token over every layer, at `itemsize` bytes a value (float32 on CPU)."""
     cfg = config.get("text_config", config)
     layers = int(cfg.get("num_hidden_layers", 0) or 0)
     heads = int(cfg.get("num_attention_heads", 1) or 1)
     kv_heads = int(cfg.get("num_key_value_heads", heads) or heads)
     head_dim = int(cfg.get("head_dim") or (int(cfg.get("hidden_size", 0) or 0) // heads))
-    return 2 * layers * kv_heads * head_dim * 4  # keys + values, float32 on CPU
+    return 2 * layers * kv_heads * head_dim * itemsize
 
 
 @dataclass(frozen=True)
