@@ -291,6 +291,21 @@ def test_kv_bits_quantizes_the_least_recently_used_entry_instead_of_dropping_it(
     assert pc.sizes()[0] == 1 and pc.take(a + [7])[0] is None
 
 
+def test_counted_per_token_an_entry_costs_what_its_arrays_take():
+    """On ranks (token_bytes set) an entry counts its tokens times the whole model's KV bytes per
+    token, the same number on every rank. For a shard that is the whole model the count must be
+    the arrays' own bytes, exact and quantized alike (mx.quantize's packing, scales and biases)."""
+    from engine.generation.prompt_cache import _compact, _nbytes, _quantized
+
+    for bits, group in ((8, 64), (4, 64), (8, 32), (4, 128)):
+        pc = PromptCache()
+        pc.token_bytes = 2 * 2 * 2 * 128 * 4  # 2 layers, keys and values, 2 heads of 128, float32
+        exact = _compact(_kv(96, width=128))  # as put() keeps it: exactly as long as it holds
+        assert pc._cost(exact) == _nbytes(exact) == 96 * pc.token_bytes
+        quantized = _quantized(exact, bits, group)
+        assert pc._cost(quantized) == _nbytes(quantized), (bits, group)
+
+
 def test_kv_bits_a_shared_prefix_of_a_quantized_entry_is_a_plain_copy():
     from mlx_lm.models.cache import KVCache, QuantizedKVCache
 

@@ -242,7 +242,7 @@ def sharded_runner(model_id: str, probe: Any, plan: ShardPlan, group: Any, gate:
         cache.apply(runner.prompt_cache)
     # Entries count the whole model's bytes per token on every rank, so that all ranks keep,
     # quantize and drop the same entries (a pipeline shard holds an uneven share of each).
-    itemsize = {"float16": 2, "bfloat16": 2}.get(str(config.get("torch_dtype", "")), 4)
+    itemsize = {"float16": 2, "bfloat16": 2}.get(str(config.get("torch_dtype") or config.get("dtype") or ""), 4)
     runner.prompt_cache.token_bytes = kv_bytes_per_token(config, itemsize)
     runner.prompt_cache.token_itemsize = itemsize
     return runner
