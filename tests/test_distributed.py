@@ -137,6 +137,41 @@ def test_an_uneven_pipeline_keeps_one_prompt_cache_bound_on_every_rank(default_m
         assert group.stop() in (0, -15)
 
 
+def test_a_follower_whose_prompt_cache_differs_stops_instead_of_hanging():
+    """Rank 0 says with each new stream how much of its prompt its cache holds. A follower whose
+    cache holds another amount would read the prompt in other passes and hang the group in a
+    collective; it exits instead (the supervisor then restarts every rank). Fakes: the real
+    group's path is the uneven-pipeline test above."""
+    from engine.distributed import follow
+
+    class Lock:
+        rank, size = 1, 2
+
+        def __init__(self, commands):
+            self.commands = list(commands)
+
+        def receive(self):
+            return self.commands.pop(0)
+
+    class Runner:
+        class prompt_cache:
+            @staticmethod
+            def peek(prompt):
+                return 2  # this rank's cache holds the first two tokens
+
+        started = []
+
+        def generate(self, prompt, *args, **kwargs):
+            self.started.append(prompt)
+            return (event for event in ())
+
+    runner = Runner()
+    assert follow(Lock([("start", 1, [5, 6, 7], 4, None, False, 2), ("shutdown",)]), runner) == 0
+    assert runner.started == [[5, 6, 7]]
+    assert follow(Lock([("start", 2, [5, 6, 8], 4, None, False, 0), ("shutdown",)]), runner) == 3
+    assert runner.started == [[5, 6, 7]]  # the diverged stream never started
+
+
 def psutil_cmdline(pid: int) -> list[str]:
     import psutil
 

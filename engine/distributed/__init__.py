@@ -195,7 +195,16 @@ def follow(lock: Lockstep, runner: Any) -> int:
             return 3
         kind = cmd[0]
         if kind == "start":
-            _, uid, prompt, max_tokens, params, raw_text = cmd
+            _, uid, prompt, max_tokens, params, raw_text, held = cmd
+            mine = runner.prompt_cache.peek(prompt)
+            if mine != held:
+                # This rank would start from a different cached prefix than rank 0, read a
+                # different number of prompt tokens, and the ranks' passes would no longer match
+                # (a hang in a collective). Stop instead: the supervisor restarts every rank, and
+                # the caches start empty and alike.
+                log.error("rank %d's prompt cache holds %d tokens of a new prompt where rank 0's holds %d: "
+                          "the ranks have diverged; stopping so that the group restarts", lock.rank, mine, held)
+                return 3
             streams[uid] = runner.generate(prompt, max_tokens, params, lambda: False, keep_leading_space=raw_text)
         elif kind == "step":
             gen = streams.get(cmd[1])
@@ -303,7 +312,9 @@ class LockstepRunner:
             return
         params = with_seed(prepared.params)  # sampling must agree on every rank
         self._ids += 1
-        start = (prepared.prompt, prepared.max_tokens, params, prepared.raw_text)
+        # What rank 0's prompt cache holds of the prompt: each rank checks its own holds the same.
+        held = self.runner.prompt_cache.peek(prepared.prompt)
+        start = (prepared.prompt, prepared.max_tokens, params, prepared.raw_text, held)
         yield from lockstep_stream(self.lock, self._ids, start, lambda: self.runner.generate(
             prepared.prompt, prepared.max_tokens, params, lambda: False, keep_leading_space=prepared.raw_text),
             cancelled)
