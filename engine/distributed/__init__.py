@@ -26,6 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from engine.errors import EngineError, InvalidRequest, Unsupported
+from engine.generation.prompt_cache import CacheSettings
 
 log = logging.getLogger("openmlx.engine")
 SHARD_MODES = ("auto", "tensor", "pipeline")
@@ -230,7 +231,7 @@ def follow(lock: Lockstep, runner: Any) -> int:
             return 0
 
 
-def sharded_runner(model_id: str, probe: Any, plan: ShardPlan, group: Any, gate: Any, cache: Any = None) -> Any:
+def sharded_runner(model_id: str, probe: Any, plan: ShardPlan, group: Any, gate: Any, cache: CacheSettings) -> Any:
     """This rank's shard as a TextRunner (weights as shipped; the memory gate counts a share).
     `cache`: the prompt cache's CacheSettings, the same on every rank."""
     from engine.models.memory import MemoryEstimate
@@ -247,8 +248,7 @@ def sharded_runner(model_id: str, probe: Any, plan: ShardPlan, group: Any, gate:
     # Ranks repeat rank 0's steps one for one: a wait for another stream's prefill, bounded by
     # each rank's own clock, could take a different number of steps on each.
     runner.in_flight.max_wait_s = 0.0
-    if cache is not None:
-        cache.apply(runner.prompt_cache)
+    cache.apply(runner.prompt_cache)
     # Entries count the whole model's bytes per token on every rank, so that all ranks keep,
     # quantize and drop the same entries (a pipeline shard holds an uneven share of each).
     itemsize = {"float16": 2, "bfloat16": 2}.get(str(config.get("torch_dtype") or config.get("dtype") or ""), 4)
@@ -267,7 +267,7 @@ class Rank:
 
 
 def join_group(model_id: str, folder: Path, world_size: int, shard: str, backend: str, gate: Any,
-               cache: Any = None) -> Rank:
+               cache: CacheSettings) -> Rank:
     """Every rank, 0 included: check the model can run and split, join the group, load this
     rank's shard (a collective: all ranks call it). `cache`: the prompt cache's CacheSettings."""
     from engine.models.policy import decide_runnable
