@@ -137,12 +137,12 @@ def watch_cache(url: str, stop_at: float, readings: list[int]) -> None:
 
 def mlx_memory(url: str) -> dict[str, int]:
     """openmlx_mlx_memory_bytes from /metrics: {"active": ..., "peak": ..., "cache": ...}."""
-    found = {}
-    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith("openmlx_mlx_memory_bytes{"):
-            kind = line.split('kind="', 1)[1].split('"', 1)[0]
-            found[kind] = int(float(line.rsplit(" ", 1)[1]))
-    return found
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        if family.name == "openmlx_mlx_memory_bytes":
+            return {sample.labels["kind"]: int(sample.value) for sample in family.samples}
+    return {}
 
 
 def main(argv=None) -> int:

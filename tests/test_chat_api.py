@@ -241,7 +241,8 @@ def test_concurrent_requests_all_start_from_a_cached_prefix(server):
     cached = [line for line in metrics.splitlines() if line.startswith("openmlx_tokens_total{") and 'kind="cached"' in line]
     assert cached and float(cached[0].rsplit(" ", 1)[1]) >= 3 * shared, cached
     assert 'openmlx_prompt_cache_bytes{where="memory"}' in metrics
-    mlx = {line.split('kind="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
-           for line in metrics.splitlines() if line.startswith("openmlx_mlx_memory_bytes{")}
+    from bench.soak import mlx_memory
+
+    mlx = mlx_memory(server.url)
     # The model's weights alone are more than 100 MB of MLX arrays; the peak is never below now.
     assert set(mlx) == {"active", "peak", "cache"} and 100e6 < mlx["active"] <= mlx["peak"], mlx
