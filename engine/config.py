@@ -117,7 +117,7 @@ class EngineConfig:
     speculative: str = "auto"  # auto | ngram | draft | off
     num_draft_tokens: int = 12
     draft_model: Optional[str] = None
-    # Per-model settings from a config file (handlers/config_file.py).
+    # Per-model settings from a config file (handlers/commands/config_file.py).
     models: list[ModelSettings] = field(default_factory=list)
     # Distributed serving (engine/distributed.py): this process is rank 0 of `world_size` ranks.
     world_size: int = 1

@@ -15,11 +15,11 @@ from connexion.resolver import Resolver
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import EngineError
-from handlers import errors
+from handlers.wire import errors
 from handlers.metrics import MetricsMiddleware
-from handlers.images import ImageSources
-from handlers.response_store import ResponseStore
-from handlers.middleware import (ApiKeyMiddleware, BodyLimitMiddleware, DrainMiddleware, RequestIdMiddleware,
+from handlers.conversation.images import ImageSources
+from handlers.conversation.response_store import ResponseStore
+from handlers.asgi.middleware import (ApiKeyMiddleware, BodyLimitMiddleware, DrainMiddleware, RequestIdMiddleware,
                                  RequestLifetimeMiddleware, SpecMiddleware)
 
 log = logging.getLogger("openmlx.http")

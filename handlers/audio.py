@@ -8,7 +8,7 @@ from starlette.responses import StreamingResponse
 
 from engine.media.audio import TranscribeOptions, TranscriptDelta, TranscriptDone
 from engine.errors import EngineError, InvalidRequest
-from handlers import sse
+from handlers.wire import sse
 
 # Whisper's language codes -> the names OpenAI's verbose_json reports.
 _NAMES = {"en": "english", "de": "german", "fr": "french", "es": "spanish", "it": "italian", "ja": "japanese",

@@ -9,8 +9,9 @@ from connexion import request
 
 from engine.request import Conversation, Finished
 from engine.constrained.tools import ToolCall
-from handlers import answer, choices, generation, protocol, sse
-from handlers.answer import AnswerStream
+from handlers.conversation import answer, choices, generation
+from handlers.wire import protocol, sse
+from handlers.conversation.answer import AnswerStream
 
 ROUTE = "chat.completions"
 

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from handlers import config_file, model_commands
-from handlers.serve import cmd_follow, cmd_serve
-from handlers.settings import effort_budgets, port_number, positive_float, positive_int
+from handlers.commands import config_file, model_commands
+from handlers.commands.serve import cmd_follow, cmd_serve
+from handlers.commands.settings import effort_budgets, port_number, positive_float, positive_int
 
 
 def prompt_cache_flags(p: argparse.ArgumentParser) -> None:

@@ -17,7 +17,8 @@ from starlette.responses import StreamingResponse
 from engine.engine import Engine
 from engine.request import Finished, Prepared, TextDelta, TokenLogprob
 from engine.scheduler import StreamHandle
-from handlers import choices, protocol, sse
+from handlers.conversation import choices
+from handlers.wire import protocol, sse
 
 ROUTE = "completions"
 

@@ -8,11 +8,12 @@ from typing import Any, Optional
 from connexion import request
 
 from engine.errors import EngineError
-from handlers import answer, choices, generation, sse
-from handlers.answer import AnswerStream
-from handlers import messages_protocol as mp
-from handlers.errors import anthropic_error_body
-from handlers.protocol import json_ok, warning_headers
+from handlers.conversation import answer, choices, generation
+from handlers.wire import sse
+from handlers.conversation.answer import AnswerStream
+from handlers.wire import messages_protocol as mp
+from handlers.wire.errors import anthropic_error_body
+from handlers.wire.protocol import json_ok, warning_headers
 
 ROUTE = "messages"
 

@@ -8,11 +8,12 @@ from typing import Any, Optional
 from connexion import request
 
 from engine.errors import EngineError
-from handlers import answer, choices, generation, sse
-from handlers.answer import AnswerStream
-from handlers import responses_protocol as rp
-from handlers.protocol import json_ok, now, warning_headers
-from handlers.response_store import ResponseStore, StoredResponse
+from handlers.conversation import answer, choices, generation
+from handlers.wire import sse
+from handlers.conversation.answer import AnswerStream
+from handlers.wire import responses_protocol as rp
+from handlers.wire.protocol import json_ok, now, warning_headers
+from handlers.conversation.response_store import ResponseStore, StoredResponse
 
 ROUTE = "responses"
 

@@ -251,7 +251,7 @@ def test_nul_byte_in_an_image_path(vision):
                                      "100.64.0.1", "0.0.0.0", "::1", "fe80::1", "fc00::1", "::ffff:127.0.0.1",
                                      "::ffff:169.254.169.254", "224.0.0.1", "255.255.255.255"])
 def test_non_public_addresses_are_refused(address):
-    from handlers.images import PRIVATE_NETWORKS, address_allowed
+    from handlers.conversation.images import PRIVATE_NETWORKS, address_allowed
 
     ip = ipaddress.ip_address(address)
     assert not address_allowed(ip)

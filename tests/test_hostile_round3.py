@@ -266,13 +266,13 @@ def test_schemas_nested_too_deep_are_400(server, path, body, param):
 @pytest.mark.parametrize("address", ["::127.0.0.1", "::10.0.0.1", "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe",
                                      "64:ff9b:1::a00:1", "2002:7f00:1::", "2002:a00:1::1", "::ffff:0:7f00:1"])
 def test_ipv6_forms_carrying_a_private_ipv4_are_refused(address):
-    from handlers.images import address_allowed
+    from handlers.conversation.images import address_allowed
 
     assert not address_allowed(ipaddress.ip_address(address))
 
 
 def test_ipv6_forms_carrying_a_public_ipv4_are_judged_by_it():
-    from handlers.images import address_allowed
+    from handlers.conversation.images import address_allowed
 
     assert address_allowed(ipaddress.ip_address("64:ff9b::808:808"))
     assert address_allowed(ipaddress.ip_address("2606:4700:4700::1111"))

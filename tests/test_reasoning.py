@@ -16,7 +16,7 @@ import pytest
 from contract import schemas
 from engine.generation.budget import BudgetPolicy
 from engine.generation.reasoning import ReasoningFormat, Thinking, plan, prompt_opens_block
-from handlers.settings import effort_budgets
+from handlers.commands.settings import effort_budgets
 from tests.process import Server
 
 QWEN3_STYLE = """{%- for message in messages %}<|im_start|>{{ message.role }}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from engine.generation.text import ChatMessage
-from handlers.response_store import ResponseStore, StoredResponse
+from handlers.conversation.response_store import ResponseStore, StoredResponse
 
 
 def entry(rid: str, at: float | None = None) -> StoredResponse:

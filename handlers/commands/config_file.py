@@ -57,7 +57,7 @@ class ConfigError(Exception):
 def _json_type(action: argparse.Action) -> dict[str, Any]:
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         return {"type": "boolean"}
-    from handlers.settings import FLAG_SCHEMAS
+    from handlers.commands.settings import FLAG_SCHEMAS
 
     if action.type in FLAG_SCHEMAS:
         item: dict[str, Any] = dict(FLAG_SCHEMAS[action.type])

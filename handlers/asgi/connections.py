@@ -1,5 +1,5 @@
 """Connection limits under uvicorn: caps on open connections (in all, and per client address) and a
-deadline for request headers (the body's deadline is handlers.middleware.BodyLimitMiddleware's).
+deadline for request headers (the body's deadline is handlers.asgi.middleware.BodyLimitMiddleware's).
 
 Without them ~2,000 idle TCP connections exhaust the process's file limit (every request then
 gets a reset, silently), and a client that sends its headers a byte at a time holds a socket
@@ -20,7 +20,7 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from handlers.errors import error_payload
+from handlers.wire.errors import error_payload
 
 log = logging.getLogger("openmlx.http")
 

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from handlers.settings import engine_config
+from handlers.commands.settings import engine_config
 
 
 class JsonFormatter(logging.Formatter):
@@ -59,7 +59,7 @@ def _image_sources(args: argparse.Namespace):
     """What image URLs and files requests may name; one fetch deadline inside --request-timeout."""
     import ipaddress
 
-    from handlers.images import PRIVATE_NETWORKS, ImageSources
+    from handlers.conversation.images import PRIVATE_NETWORKS, ImageSources
 
     networks = [ipaddress.ip_network(n, strict=False) for n in args.image_url_allow_network or []]
     if args.image_url_allow_private:
@@ -125,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from engine.engine import Engine
     from handlers.app import ServerConfig, create_app
-    from handlers.connections import guarded_protocol, raise_file_limit
+    from handlers.asgi.connections import guarded_protocol, raise_file_limit
 
     logging.config.dictConfig(_logging(args.log_json, args.log_level))
     config = ServerConfig(engine=engine_config(args), max_body_bytes=args.max_body_bytes,

@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Callable, Optional, Sequence
 from starlette.responses import StreamingResponse
 
 from engine.errors import EngineError
-from handlers.errors import engine_error_body, error_body
+from handlers.wire.errors import engine_error_body, error_body
 
 log = logging.getLogger("openmlx.http")
 
@@ -41,7 +41,7 @@ def choices_response(events: AsyncIterator[tuple[int, Any]], first: Sequence[dic
                      done: Optional[str] = "[DONE]",
                      on_error: Callable[[Optional[EngineError]], dict[str, Any]] = openai_error_event,
                      ) -> StreamingResponse:
-    """SSE for one or several choices (handlers/choices.py): the `first` chunks, the chunks
+    """SSE for one or several choices (handlers/conversation/choices.py): the `first` chunks, the chunks
     `on_event` makes of each choice's (index, event) as they come, the `last` chunks, then the
     `done` marker (OpenAI's `[DONE]`; None for APIs without one). A failure after the headers
     were sent becomes an error event (the status can't change anymore)."""

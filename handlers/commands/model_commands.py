@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _config(args: argparse.Namespace):
-    from handlers.settings import engine_config
+    from handlers.commands.settings import engine_config
 
     return engine_config(args)
 

@@ -16,8 +16,8 @@ from engine.request import ChatMessage, Conversation, Finished, SamplingParams
 from engine.constrained.tools import ToolCall, ToolSpec
 from engine.request import ImageInput, attachment_marker
 from engine.generation.reasoning import Thinking
-from handlers.generation import newest_user_index
-from handlers.protocol import offer_tools
+from handlers.conversation.generation import newest_user_index
+from handlers.wire.protocol import offer_tools
 
 _CHOICES = {"auto": "auto", "any": "required", "none": "none", "tool": "named"}
 

@@ -17,7 +17,7 @@ from engine.request import Conversation, Finished, Prepared, Started, TextDelta,
 from engine.constrained.toolcalls import CallWatcher
 from engine.generation.reasoning import REASONING
 from engine.constrained.tools import ToolCall
-from handlers.generation import split_calls
+from handlers.conversation.generation import split_calls
 
 
 @dataclass(frozen=True)

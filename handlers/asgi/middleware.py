@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from handlers.errors import BodyTooLarge, BodyTooSlow, error_payload
+from handlers.wire.errors import BodyTooLarge, BodyTooSlow, error_payload
 
 Scope = dict[str, Any]
 Message = dict[str, Any]

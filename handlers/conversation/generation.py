@@ -15,8 +15,8 @@ from engine.request import Conversation, Finished, Prepared, TokenLogprob
 from engine.constrained.toolcalls import cut_call
 from engine.constrained.toolcalls.common import bare_call
 from engine.constrained.tools import ToolCall
-from handlers import choices
-from handlers.images import ImageSources, load_all
+from handlers.conversation import choices
+from handlers.conversation.images import ImageSources, load_all
 
 
 @dataclass

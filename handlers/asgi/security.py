@@ -1,5 +1,5 @@
 """The bearer scheme openapi.yaml declares. Keys are checked before Connexion sees the request
-(handlers.middleware.ApiKeyMiddleware, constant time, only when keys are configured); by the time
+(handlers.asgi.middleware.ApiKeyMiddleware, constant time, only when keys are configured); by the time
 Connexion asks, the token is already accepted."""
 from __future__ import annotations
 

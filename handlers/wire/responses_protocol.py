@@ -17,8 +17,8 @@ from engine.request import ChatMessage, Conversation, Finished, SamplingParams
 from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec
 from engine.request import ImageInput
 from engine.request import Fields
-from handlers.generation import newest_user_index
-from handlers.protocol import check_strict, effort_thinking, now, offer_tools
+from handlers.conversation.generation import newest_user_index
+from handlers.wire.protocol import check_strict, effort_thinking, now, offer_tools
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
