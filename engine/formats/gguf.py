@@ -140,7 +140,7 @@ class GGUFPlan:
     tensor_bytes: int  # the tensors' declared data, all inside the file and none overlapping
     converted_bytes: int
     peak_bytes: int
-    mlx_blocks: bool  # MLX reads every tensor itself (kept quantized), else dequantized to float16
+    mlx_blocks: bool  # every tensor is one MLX keeps as it is (Q4_0, Q4_1, Q8_0, F16, F32), else float16
 
 
 # Tensor types MLX's own GGUF loader reads, kept as MLX blocks (bits per weight; 0: float, as is).
@@ -166,16 +166,16 @@ def plan_conversion(reader: Any, file_bytes: int) -> GGUFPlan:
             raise GGUFConversionError(f"GGUF tensor {t.name} points outside the file's data (bytes {start}.."
                                       f"{start + size} of a {file_bytes}-byte file): the file is damaged or crafted")
         spans.append((start, size, t.name))
-    declared = sum(size for _, size, _ in spans)
-    room = file_bytes - int(reader.data_offset)
-    if declared > room:
-        raise GGUFConversionError(f"GGUF tensors declare {declared} bytes of data and the file holds {room}: "
-                                  "they can't all be in it")
     spans.sort()
     for (a_start, a_size, a_name), (b_start, _, b_name) in zip(spans, spans[1:]):
         if b_start < a_start + a_size:
             raise GGUFConversionError(f"GGUF tensors {a_name} and {b_name} overlap (the same bytes read as two "
                                       "tensors): the file is crafted; refusing to convert it")
+    declared = sum(size for _, size, _ in spans)
+    room = file_bytes - int(reader.data_offset)
+    if declared > room:
+        raise GGUFConversionError(f"GGUF tensors declare {declared} bytes of data and the file holds {room}: "
+                                  "they can't all be in it")
     mlx_blocks = read_metadata(reader).get("general.architecture") == "llama" and \
         all(t.tensor_type.name in _MLX_READS for t in reader.tensors)
     converted, largest = 0, 0
@@ -186,8 +186,8 @@ def plan_conversion(reader: Any, file_bytes: int) -> GGUFPlan:
             bits = _MLX_READS[t.tensor_type.name]
             # packed weights plus a float16 scale and bias per group of 32
             converted += int(t.n_bytes) if not bits else n * bits // 8 + n // 32 * 4
-        else:
-            converted += n * (4 if len(t.shape) < 2 else 2)  # float16 matrices, float32 norms and biases
+        else:  # float16 matrices, float32 norms and biases (and float32 kept as is where MLX reads it)
+            converted += n * (4 if len(t.shape) < 2 or t.tensor_type.name == "F32" else 2)
     # Besides what is kept: the tensor in flight (float32 from the dequantizer, a shifted copy,
     # the float16 copy and MLX's own).
     peak = converted + (0 if mlx_blocks else 12 * largest)
@@ -212,10 +212,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path,
         check(plan)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     try:
-        if plan.mlx_blocks:
+        if read_metadata(reader).get("general.architecture") == "llama":
             try:
                 weights, meta = mx.load(str(gguf_path), return_metadata=True)
-            except (RuntimeError, ValueError):  # a file MLX's loader refuses after all: the general reader
+            except (RuntimeError, ValueError):  # a tensor type MLX doesn't read (K-quants, IQ, BF16, ...)
                 pass
             else:
                 return _convert_mlx_blocks(weights, meta, tmp, out_dir, say)
