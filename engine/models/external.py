@@ -117,6 +117,8 @@ def _read_regular(path: Path, limit: int) -> bytes:
     or device: opened without following a link or waiting for a writer); ValueError otherwise."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise
     except OSError as e:
         raise ValueError("a symbolic link" if os.path.islink(path) else f"unreadable ({e.strerror})") from None
     try:
@@ -174,6 +176,8 @@ def _ollama_entry(root: Path, parts: tuple[str, ...]) -> Optional[ExternalGGUF]:
     manifest = root / "manifests" / Path(*parts)
     try:
         digest = _manifest_digest(manifest)
+    except FileNotFoundError:  # no such model (a lookup by name), or gone since the folder was read
+        return None
     except (ValueError, TypeError, AttributeError) as e:  # UnicodeDecodeError and JSON errors are ValueErrors
         log.warning("openmlx: skipped Ollama manifest %s: %s", manifest, e)
         return None
@@ -210,6 +214,8 @@ def _lmstudio_entry(root: Path, parts: tuple[str, ...]) -> Optional[ExternalGGUF
     if not file.endswith(".gguf") or _LATER_PART.search(file):
         return None  # split files' later parts are left out
     path = root / publisher / repo / file
+    if not os.path.lexists(path):
+        return None
     if not _regular(path):
         log.warning("openmlx: skipped LM Studio file %s: not a regular file", path)
         return None
