@@ -395,3 +395,34 @@ def test_ollama_names_that_used_to_collide_get_two_folders(tmp_path, monkeypatch
     # Names that can't be kept as they are get a digest: still distinct, never a plain name's shape.
     odd = {store_name("ollama", p) for p in (("a--b", "c"), ("a", "-b--c"), ("a-", "-b"), ("a b", "c"), ("a", "b c"))}
     assert len(odd) == 5 and all("---" in n for n in odd)
+
+
+def test_the_store_quota_counts_the_converted_size(tmp_path, monkeypatch):
+    """A 4.7 MB GGUF that converts to 16.8 MB, pulled under a 12 MB quota: the download fits the
+    quota, the conversion does not, and that is known from the header before converting (507)."""
+    import importlib
+
+    import huggingface_hub.constants as constants
+
+    from engine.errors import EngineError
+    from engine.models import hub as hub_module
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    bomb_gguf(repo / "one.Q4_K_M.gguf", 1)
+    hub = FakeHub()
+    hub.repos["acme/one-GGUF"] = repo
+    for key, value in {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1",
+                       "HF_HUB_OFFLINE": "0", "HF_TOKEN": ""}.items():
+        monkeypatch.setenv(key, value)
+    importlib.reload(constants)
+    try:
+        with pytest.raises(EngineError, match="quota") as e:
+            hub_module.pull("acme/one-GGUF", tmp_path / "models", max_store_bytes=12 << 20)
+        assert e.value.status == 507
+        assert any(m == "GET" and p.endswith(".gguf") for m, p, _ in hub.requests)  # refused after the download
+        assert _tree_bytes(tmp_path / "models") == 0
+    finally:
+        hub.close()
+        monkeypatch.undo()
+        importlib.reload(constants)
