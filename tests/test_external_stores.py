@@ -61,7 +61,7 @@ def test_discovery(stores, monkeypatch):
     assert [m.spec for m in ollama_models()] == ["ollama:smollm2:135m"]
     assert [m.spec for m in lmstudio_models()] == [
         "lmstudio:HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/smollm2-135m-instruct-q4_1.gguf"]
-    assert find("ollama:smollm2:135m").store_name == "ollama-smollm2-135m"
+    assert find("ollama:smollm2:135m").store_name == "ollama-smollm2--135m"
     assert find("ollama:gone") is None and find("ollama:smollm2") is None  # no `latest` tag
 
 
@@ -75,9 +75,10 @@ def test_list_shows_them(stores, tmp_path):
     assert any(i.startswith("lmstudio:HuggingFaceTB/") for i in ids)
 
 
-@pytest.mark.parametrize("spec,served", [("ollama:smollm2:135m", "ollama-smollm2-135m"),
-                                         ("lmstudio:HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/"
-                                          "smollm2-135m-instruct-q4_1.gguf", "lmstudio-smollm2-135m-instruct-q4_1")])
+@pytest.mark.parametrize("spec,served", [
+    ("ollama:smollm2:135m", "ollama-smollm2--135m"),
+    ("lmstudio:HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/smollm2-135m-instruct-q4_1.gguf",
+     "lmstudio-HuggingFaceTB--SmolLM2-135M-Instruct-GGUF--smollm2-135m-instruct-q4_1")])
 def test_served_by_name(stores, tmp_path, spec, served):
     before = {p: p.stat().st_mtime_ns for p in map(Path, stores.values())}
     s = Server(["--model", spec, "--embedding-model", "none", "--audio-model", "none"],

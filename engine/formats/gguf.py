@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -130,32 +131,106 @@ def _build_tokenizer(meta: dict[str, Any], out: Path) -> None:
         {"bos_token": bos, "eos_token": eos, "pad_token": config["pad_token"]}, indent=2))
 
 
+@dataclass(frozen=True)
+class GGUFPlan:
+    """What converting a GGUF file will cost, from its header alone (checked before anything is
+    written): `converted_bytes` on disk, `peak_bytes` of memory while converting."""
+
+    file_bytes: int
+    tensor_bytes: int  # the tensors' declared data, all inside the file and none overlapping
+    converted_bytes: int
+    peak_bytes: int
+    mlx_blocks: bool  # every tensor is one MLX keeps as it is (Q4_0, Q4_1, Q8_0, F16, F32), else float16
+
+
+# Tensor types MLX's own GGUF loader reads, kept as MLX blocks (bits per weight; 0: float, as is).
+_MLX_READS = {"F32": 0, "F16": 0, "Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+
+
+def plan_conversion(reader: Any, file_bytes: int) -> GGUFPlan:
+    """The conversion's cost, after checking that the file can hold what its header declares:
+    every tensor's data lies inside the data section, no two tensors share bytes, and the
+    declared shapes agree with the element counts. Anything else is a GGUFConversionError,
+    raised before a byte is converted (one 4.5 MiB block named by 600 tensors would otherwise
+    dequantize into gigabytes)."""
+    spans = []
+    for t in reader.tensors:
+        elements = 1
+        for d in t.shape:
+            elements *= int(d)
+        if elements != int(t.n_elements) or elements < 0:
+            raise GGUFConversionError(f"GGUF tensor {t.name} declares {elements} elements as "
+                                      f"{int(t.n_elements)}: the header is corrupt")
+        start, size = int(t.data_offset), int(t.n_bytes)
+        if start < int(reader.data_offset) or start + size > file_bytes or size < 0:
+            raise GGUFConversionError(f"GGUF tensor {t.name} points outside the file's data (bytes {start}.."
+                                      f"{start + size} of a {file_bytes}-byte file): the file is damaged or crafted")
+        spans.append((start, size, t.name))
+    spans.sort()
+    for (a_start, a_size, a_name), (b_start, _, b_name) in zip(spans, spans[1:]):
+        if b_start < a_start + a_size:
+            raise GGUFConversionError(f"GGUF tensors {a_name} and {b_name} overlap (the same bytes read as two "
+                                      "tensors): the file is crafted; refusing to convert it")
+    declared = sum(size for _, size, _ in spans)
+    room = file_bytes - int(reader.data_offset)
+    if declared > room:
+        raise GGUFConversionError(f"GGUF tensors declare {declared} bytes of data and the file holds {room}: "
+                                  "they can't all be in it")
+    mlx_blocks = read_metadata(reader).get("general.architecture") == "llama" and \
+        all(t.tensor_type.name in _MLX_READS for t in reader.tensors)
+    converted, largest = 0, 0
+    for t in reader.tensors:
+        n = int(t.n_elements)
+        largest = max(largest, n)
+        if mlx_blocks:
+            bits = _MLX_READS[t.tensor_type.name]
+            # packed weights plus a float16 scale and bias per group of 32
+            converted += int(t.n_bytes) if not bits else n * bits // 8 + n // 32 * 4
+        else:  # float16 matrices, float32 norms and biases (and float32 kept as is where MLX reads it)
+            converted += n * (4 if len(t.shape) < 2 or t.tensor_type.name == "F32" else 2)
+    # Besides what is kept: the tensor in flight (float32 from the dequantizer, a shifted copy,
+    # the float16 copy and MLX's own).
+    peak = converted + (0 if mlx_blocks else 12 * largest)
+    return GGUFPlan(file_bytes, declared, converted, peak, mlx_blocks)
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path,
-                 progress: Optional[Callable[[str], None]] = None) -> Path:
-    """Convert `gguf_path` into an mlx-lm folder at `out_dir` (written atomically)."""
+                 progress: Optional[Callable[[str], None]] = None,
+                 check: Optional[Callable[[GGUFPlan], None]] = None) -> Path:
+    """Convert `gguf_path` into an mlx-lm folder at `out_dir` (written atomically). The file's
+    layout is checked first (plan_conversion); `check` sees the conversion's cost before anything
+    is written and may refuse it by raising. On any failure, MemoryError included, nothing is left
+    behind but what `out_dir` held before."""
     import mlx.core as mx
     from gguf import GGUFReader
 
     say = progress or (lambda _msg: None)
     say(f"reading {gguf_path.name}")
     reader = GGUFReader(str(gguf_path))  # memory-mapped: the header, not the weights, is read here
-    if read_metadata(reader).get("general.architecture") == "llama":
-        try:
-            weights, meta = mx.load(str(gguf_path), return_metadata=True)
-        except (RuntimeError, ValueError):  # a tensor type MLX doesn't read (K-quants, IQ, BF16, ...)
-            pass
-        else:
-            return _convert_mlx_blocks(weights, meta, out_dir, say)
-    return _convert_dequantized(reader, out_dir, say)
+    plan = plan_conversion(reader, gguf_path.stat().st_size)
+    if check is not None:
+        check(plan)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    try:
+        if read_metadata(reader).get("general.architecture") == "llama":
+            try:
+                weights, meta = mx.load(str(gguf_path), return_metadata=True)
+            except (RuntimeError, ValueError):  # a tensor type MLX doesn't read (K-quants, IQ, BF16, ...)
+                pass
+            else:
+                return _convert_mlx_blocks(weights, meta, tmp, out_dir, say)
+        return _convert_dequantized(reader, tmp, out_dir, say)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def _convert_mlx_blocks(weights: dict[str, Any], meta: dict[str, Any], out_dir: Path,
+def _convert_mlx_blocks(weights: dict[str, Any], meta: dict[str, Any], tmp: Path, out_dir: Path,
                         say: Callable[[str], None]) -> Path:
     """A llama file MLX read itself: its blocks stay MLX-quantized."""
     import mlx.core as mx
     import numpy as np
 
-    tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     say("renaming tensors")
@@ -238,7 +313,7 @@ def read_metadata(reader: Any) -> dict[str, Any]:
     return meta
 
 
-def _convert_dequantized(reader: Any, out_dir: Path, say: Callable[[str], None]) -> Path:
+def _convert_dequantized(reader: Any, tmp: Path, out_dir: Path, say: Callable[[str], None]) -> Path:
     """Any tensor type and any family in gguf_archs, from llama.cpp's reader (a GGUFReader):
     dequantized, held as float16 (1-D tensors, norms and biases, as float32)."""
     import mlx.core as mx
@@ -252,7 +327,6 @@ def _convert_dequantized(reader: Any, out_dir: Path, say: Callable[[str], None])
         raise GGUFConversionError(f"GGUF architecture {arch_name!r} is not supported (openmlx converts "
                                   f"{', '.join(sorted(ARCHITECTURES))})")
     _check_tokenizer(meta)  # before the long dequantizing pass, not after it
-    tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     weights: dict[str, Any] = {}

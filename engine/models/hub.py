@@ -260,10 +260,16 @@ def _pull_gguf(repo: RepoFiles, models_dir: Path, gate: Optional[MemoryGate], ma
         guard.limits = limits
         hf_hub_download(repo_id, name, revision=repo.revision, local_dir=staging, endpoint=_endpoint())
     final = target_folder(models_dir, repo_id)
+
+    def quota(plan) -> None:  # the converted size, known from the file's header, before converting
+        if max_store_bytes is not None:
+            make_room(models_dir, plan.converted_bytes, max_store_bytes, in_use, keep=final)
+
     try:
-        folder = import_gguf(staging / name, models_dir, name=repo_id)
+        folder = import_gguf(staging / name, models_dir, name=repo_id, gate=gate, check=quota)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_if_empty(staging.parent)
     result = probe(folder)
     if not result.runnable:
         shutil.rmtree(folder, ignore_errors=True)
@@ -342,6 +348,13 @@ def _delete_from_store(folder: Path, models_dir: Path, ignore_errors: bool = Fal
     shutil.rmtree(folder, ignore_errors=ignore_errors)
     if folder.parent != models_dir and not any(folder.parent.iterdir()):
         folder.parent.rmdir()
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (another download's resume data) or gone
+        pass
 
 
 def _existing(path: Path) -> Path:
