@@ -13,7 +13,7 @@ from typing import Any, Callable, Generator, Iterator
 
 import mlx.core as mx
 
-from engine.generation.prompt_cache import PromptCache, common_prefix
+from engine.generation.prompt_cache import PromptCache, common_prefix, snapshot
 from engine.request import PASS, WAIT, Pass
 
 class InFlight:
@@ -75,3 +75,19 @@ def read_in_passes(model: Any, prompt: list[int], reused: int, cache: list[Any],
     finally:
         in_flight.end(done)
     return reused, False
+
+
+def keep_prompt_end(model: Any, prompt: list[int], reused: int, cache: list[Any], prompt_cache: PromptCache) -> int:
+    """For a cache that can't be cut back (engine/generation/prompt_cache.py): read the prompt up
+    to its last token (under one pass is left after `read_in_passes`) and keep a snapshot there,
+    where the same prompt again and the conversation's next turn resume. Returns how far `cache`
+    now holds the prompt."""
+    end = len(prompt) - 1
+    if end <= reused:  # it came from that very snapshot
+        return reused
+    model(mx.array(prompt[reused:end])[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    held = snapshot(cache)
+    if held is not None:
+        prompt_cache.put(prompt[:end], held)
+    return end

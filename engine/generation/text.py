@@ -19,8 +19,8 @@ from engine.generation.budget import BudgetPolicy, max_new_tokens
 from engine.errors import InvalidRequest, Unsupported
 from engine.models.memory import MemoryEstimate, MemoryGate
 from engine.models.probe import Probe
-from engine.generation.passes import InFlight, read_in_passes
-from engine.generation.prompt_cache import PromptCache
+from engine.generation.passes import InFlight, keep_prompt_end, read_in_passes
+from engine.generation.prompt_cache import PromptCache, needs_snapshots
 from engine.generation.sampling import make_sampler, penalty_processor
 from engine.generation.speculative import Speculation, SpecStats, speculative_tokens
 from engine.generation.stopping import StopMatcher
@@ -317,6 +317,8 @@ class TextRunner:
                 yield Started(len(prompt), cached)
                 yield Finished("cancelled", len(prompt), 0, cached)
                 return
+            if needs_snapshots(cache):  # a recurrent state resumes only where it was kept
+                reused = keep_prompt_end(self.model, prompt, reused, cache, self.prompt_cache)
         tokens: list[int] = []
         batch: dict[str, Any] = {}  # its uid in the batch; the batch hands its KV cache back here
         kept = False
