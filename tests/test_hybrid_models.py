@@ -39,25 +39,29 @@ def _runner(folder: Path):
     return TextRunner.load(folder.name, probe(folder), "float32", MemoryGate(), batch=True)
 
 
-def _run(runner, ids: list[int], max_tokens: int = 10) -> tuple[list[int], int]:
-    """(the generated token ids, cached prompt tokens) of a greedy generation."""
-    from engine.request import Finished, SamplingParams
+def _run(runner, ids, max_tokens: int = 10) -> tuple[list[int], int]:
+    """(the generated token ids, cached prompt tokens) of a greedy generation of `ids`, or of a
+    planned request (a Prepared: its own budget)."""
+    from engine.request import Finished, Prepared, SamplingParams
 
+    prepared = ids if isinstance(ids, Prepared) else None
+    prompt = prepared.prompt if prepared is not None else ids
     tokens: list[int] = []
     original = runner.prompt_cache.put
 
     def put(all_tokens, cache, prompt_len=None):  # what was generated: the tail of the final entry
         if prompt_len is not None:
-            tokens[:] = all_tokens[len(ids):]
+            tokens[:] = all_tokens[len(prompt):]
         return original(all_tokens, cache, prompt_len)
 
     runner.prompt_cache.put = put
     try:
-        events = list(runner.generate(ids, max_tokens, SamplingParams(temperature=0), lambda: False))
+        events = list(runner.run(prepared, lambda: False) if prepared is not None else
+                      runner.generate(ids, max_tokens, SamplingParams(temperature=0), lambda: False))
     finally:
         del runner.prompt_cache.put
     done = [e for e in events if isinstance(e, Finished)][0]
-    assert done.completion_tokens == max_tokens
+    assert done.completion_tokens == len(tokens) > 0
     return tokens, done.cached_tokens
 
 
@@ -95,6 +99,46 @@ def test_the_next_turn_resumes_from_a_snapshot_with_a_cold_runs_tokens(hybrid, m
     cache.clear()
     cold, none = _run(hybrid, ids2)
     assert none == 0 and warm == cold == _reference(models[HYBRID], ids2, 10)
+
+
+# Qwen3.5's way: the generation prompt opens `<think>`, the history renders an answer without it.
+THINK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+
+
+def test_a_template_that_rewrites_the_answer_resumes_where_the_history_ended(models, tmp_path):
+    """The next turn can't resume at the end of the last prompt (it opened `<think>`, which the
+    history drops): the snapshot where the history ended and the generation prompt began serves it."""
+    import json
+    import shutil
+
+    from engine.generation.budget import BudgetPolicy
+    from engine.request import ChatMessage, Conversation, SamplingParams
+
+    folder = tmp_path / "tiny-qwen3-5-think"
+    shutil.copytree(models[HYBRID], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": THINK_TEMPLATE}))
+    runner = _runner(folder)
+
+    def plan(messages):
+        conv = Conversation(folder.name, [ChatMessage(m["role"], m["content"]) for m in messages],
+                            SamplingParams(temperature=0, max_tokens=6))
+        return runner.plan(conv, BudgetPolicy())
+
+    first = plan(TURN1)
+    history = first.resume_at[0]
+    assert runner.tokenizer.decode(first.prompt[history:]) == "<|im_start|>assistant\n<think>\n"
+    _, cached = _run(runner, first)
+    assert cached == 0
+    second = plan(TURN1 + [{"role": "assistant", "content": "The Danube."}, {"role": "user", "content": "More?"}])
+    assert second.prompt[:history] == first.prompt[:history] and second.prompt[:len(first.prompt) - 1] != first.prompt[:-1]
+    warm, cached = _run(runner, second)
+    assert cached == history
+    runner.prompt_cache.clear()
+    cold, none = _run(runner, second)
+    assert none == 0 and warm == cold == _reference(folder, second.prompt, 6)
 
 
 def test_the_same_prompt_again_resumes_at_its_last_token(hybrid):
