@@ -209,8 +209,10 @@ def test_the_snapshot_file_holds_each_layer_as_it_was(hybrid, tmp_path):
 @pytest.fixture(scope="module")
 def server(models, tmp_path_factory):
     dirs = [a for folder in models.values() for a in ("--model-dir", str(folder))]
+    cache_dir = tmp_path_factory.mktemp("pc")
     s = Server([*dirs, "--model", str(models[HYBRID]), "--max-models", "1", "--embedding-model", "none",
-                "--audio-model", "none", "--prompt-cache-dir", str(tmp_path_factory.mktemp("pc"))])
+                "--audio-model", "none", "--prompt-cache-dir", str(cache_dir)])
+    s.cache_dir = cache_dir
     yield s
     s.stop()
 
@@ -245,10 +247,34 @@ def test_http_a_hybrid_models_second_turn_is_cached_and_exact(server, models):
     assert again["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
 
 
+def test_http_a_restarted_server_resumes_a_hybrid_conversation_from_disk(server, models):
+    import time
+
+    messages = [{"role": "user", "content": "Write one line about the sea, then one about the sky, please."}]
+    before = len(list(server.cache_dir.rglob("*.safetensors")))
+    first = _chat(server, HYBRID, messages)
+    deadline = time.monotonic() + 60  # the files are written by a thread of their own, after the answer
+    while len(list(server.cache_dir.rglob("*.safetensors"))) < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the history's end, the prompt's end, the answer's end
+    turn2 = messages + [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                        {"role": "user", "content": "Again."}]
+    other = Server(["--model", str(models[HYBRID]), "--embedding-model", "none", "--audio-model", "none",
+                    "--prompt-cache-dir", str(server.cache_dir)])  # a new process: only the disk is shared
+    try:
+        second = _chat(other, HYBRID, turn2)
+    finally:
+        other.stop()
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"] - 1
+    assert second["choices"][0]["message"]["content"] == _reference_text(models[HYBRID], turn2, 8)
+
+
 @pytest.mark.parametrize("name", sorted(MOE))
 def test_http_moe_models_answer_on_the_cpu_as_mlx_lm_does(server, models, name):
     out = _chat(server, name, TURN1)
     assert out["choices"][0]["message"]["content"] == _reference_text(models[name], TURN1, 8)
+    again = _chat(server, name, TURN1)  # and the prompt cache serves them (gpt-oss: its windows by mask)
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == out["usage"]["prompt_tokens"] - 1
+    assert again["choices"][0]["message"]["content"] == out["choices"][0]["message"]["content"]
     health = httpx.get(server.url + "/health", timeout=30).json()
     assert health["model"] == name
     assert health["decode"].startswith("mlx (numpy step: architecture")  # says why the numpy step isn't used
