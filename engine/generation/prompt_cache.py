@@ -24,10 +24,12 @@ Hybrid and recurrent models (Qwen3.5/3.6, Qwen3-Next, Kimi Linear, Nemotron-H, g
 back: a recurrent state holds the whole history folded into one array. Such an entry is a
 snapshot, resumable at exactly the tokens it holds: it serves a prompt it is a prefix of (with at
 least one token left to read), is copied rather than taken (its arrays are shared until written),
-and a longer snapshot never makes it redundant. The generation keeps one at the end of its prompt
-(all but the last token: an identical request, a regenerated answer, or the next turn of a
-conversation whose template re-renders the answer its own way resumes there) and one at the end
-of its answer (the next turn that sends the answer back token for token resumes there).
+and a longer snapshot never makes it redundant. A generation keeps three: where the history ends
+and the generation prompt begins (the next turn resumes there when its template re-renders the
+answer its own way, as Qwen3.5's drops the `<think>` its generation prompt opened), at the
+prompt's last token (the same request again, a regenerated answer, an agent's next step whose
+template keeps the turn as it was) and at the end of the answer (the next turn that sends the
+answer back token for token). Each holds its own copy of the attention layers' keys and values.
 """
 from __future__ import annotations
 
