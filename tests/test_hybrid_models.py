@@ -149,6 +149,18 @@ def test_the_same_prompt_again_resumes_at_its_last_token(hybrid):
     assert cached == len(ids) - 1 and again == first
 
 
+def test_a_prompt_that_sends_the_answer_back_resumes_at_the_answers_end(hybrid, models):
+    hybrid.prompt_cache.clear()
+    ids = hybrid.encode_text("Steps of the agent, one after another, each one on its own line:")
+    first, _ = _run(hybrid, ids)
+    following = ids + first + hybrid.encode_text(" then the next step")
+    warm, cached = _run(hybrid, following)
+    assert cached >= len(ids) + len(first) - 1
+    hybrid.prompt_cache.clear()
+    cold, _ = _run(hybrid, following)
+    assert warm == cold == _reference(models[HYBRID], following, 10)
+
+
 def test_a_snapshot_is_copied_and_a_partial_match_is_no_match(hybrid):
     """A recurrent state can't be cut back: a prompt that shares only part of a snapshot reads
     everything itself, and a snapshot that was used stays for the next taker."""
