@@ -177,6 +177,9 @@ class Prepared:
     vision: Any = None  # a vision model's passes, engine/media/vision.py VisionPlan (prompt is then unused)
     prefix: Any = None  # a shared prefill of the prompt, engine/generation/scoring.py Prefix (n choices, echoed logprobs)
     reasoning: Any = None  # engine/generation/reasoning.py ReasoningFormat: a reasoning model's output is thinking, then the answer
+    # Where a later prompt may resume a model whose cache can't be cut back (hybrid/recurrent,
+    # engine/generation/prompt_cache.py), besides the prompt's end: the start of the generation prompt.
+    resume_at: tuple[int, ...] = ()
 
     def reasoning_tokens(self, reasoning: str) -> int:
         """Tokens the thinking took: its text (not the tags), as this model's tokenizer counts it."""

@@ -9,11 +9,11 @@ reading the same tokens again (agents starting together on one system prompt rea
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Generator, Iterator
+from typing import Any, Callable, Generator, Iterator, Optional, Sequence
 
 import mlx.core as mx
 
-from engine.generation.prompt_cache import PromptCache, common_prefix
+from engine.generation.prompt_cache import PromptCache, common_prefix, snapshot
 from engine.request import PASS, WAIT, Pass
 
 class InFlight:
@@ -55,13 +55,15 @@ class InFlight:
 
 def read_in_passes(model: Any, prompt: list[int], reused: int, cache: list[Any], step: int,
                    cancelled: Callable[[], bool], prompt_cache: PromptCache,
-                   in_flight: InFlight) -> Generator[Pass, None, tuple[int, bool]]:
+                   in_flight: InFlight, until: Optional[int] = None) -> Generator[Pass, None, tuple[int, bool]]:
     """Read `prompt` from `reused` in whole passes of `step` tokens into `cache` (the rest, under
-    one pass and the last token, is left for the first decode pass). Returns how far it got and
-    whether the client left (what was read is then kept in the prompt cache)."""
+    one pass and the last token, is left for the first decode pass; with `until`, the passes stop
+    there at the latest). Returns how far it got and whether the client left (what was read is
+    then kept in the prompt cache)."""
     done = in_flight.start(prompt)
+    limit = len(prompt) - 1 if until is None else min(until, len(prompt) - 1)
     try:
-        for _ in range((len(prompt) - 1 - reused) // step):
+        for _ in range(max(0, limit - reused) // step):
             model(mx.array(prompt[reused:reused + step])[None], cache=cache)
             mx.eval([c.state for c in cache])
             mx.clear_cache()
@@ -75,3 +77,23 @@ def read_in_passes(model: Any, prompt: list[int], reused: int, cache: list[Any],
     finally:
         in_flight.end(done)
     return reused, False
+
+
+def keep_prompt_end(model: Any, prompt: list[int], reused: int, cache: list[Any], prompt_cache: PromptCache,
+                    resume_at: Sequence[int] = ()) -> int:
+    """For a cache that can't be cut back (engine/generation/prompt_cache.py): read the prompt up
+    to its last token (under one pass is left after `read_in_passes`) and keep a snapshot there,
+    where the same prompt again and the conversation's next turn resume, and at each of
+    `resume_at` on the way (where the history ends and the generation prompt begins). Returns how
+    far `cache` now holds the prompt."""
+    end = len(prompt) - 1
+    for point in sorted({p for p in resume_at if reused < p < end} | {end}):
+        if point <= reused:  # it came from that very snapshot
+            continue
+        model(mx.array(prompt[reused:point])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+        reused = point
+        held = snapshot(cache)
+        if held is not None:
+            prompt_cache.put(prompt[:point], held)
+    return reused

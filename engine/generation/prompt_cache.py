@@ -18,6 +18,18 @@ longest (the newest is quantized only once every other entry is) and cost nothin
 quantized one is dequantized when taken (a plain `KVCache` again, so every stream kind runs as
 without it) and carries a little drift on what it reused (bench/kv_bits.py).
 The disk copy (`--prompt-cache-dir`) stays exact.
+
+Hybrid and recurrent models (Qwen3.5/3.6, Qwen3-Next, Kimi Linear, Nemotron-H, granite-hybrid:
+`ArraysCache` layers beside attention layers) and caches past their sliding window can't be cut
+back: a recurrent state holds the whole history folded into one array. Such an entry is a
+snapshot, resumable at exactly the tokens it holds: it serves a prompt it is a prefix of (with at
+least one token left to read), is copied rather than taken (its arrays are shared until written),
+and a longer snapshot never makes it redundant. A generation keeps three: where the history ends
+and the generation prompt begins (the next turn resumes there when its template re-renders the
+answer its own way, as Qwen3.5's drops the `<think>` its generation prompt opened), at the
+prompt's last token (the same request again, a regenerated answer, an agent's next step whose
+template keeps the turn as it was) and at the end of the answer (the next turn that sends the
+answer back token for token). Each holds its own copy of the attention layers' keys and values.
 """
 from __future__ import annotations
 
@@ -44,7 +56,15 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _offset(cache: list[Any]) -> int:
-    return int(getattr(cache[0], "offset", 0)) if cache else 0
+    """The tokens `cache` holds: the first layer that counts them (a recurrent layer doesn't)."""
+    for c in cache:
+        if hasattr(c, "offset"):
+            return int(c.offset)
+        if hasattr(c, "caches"):  # mlx-lm's CacheList (a recurrent and an attention cache in one layer)
+            held = _offset(list(c.caches))
+            if held:
+                return held
+    return 0
 
 
 def _nbytes(cache: list[Any]) -> int:
@@ -96,7 +116,7 @@ class PromptCache:
 
         best_key, best_len = None, 0
         for key, entry in self._entries.items():
-            n = common_prefix(entry.tokens, prompt)
+            n = _usable(entry.tokens, entry.cache, prompt)
             if n > best_len:
                 best_key, best_len = key, n
         if self.disk is not None:  # a longer prefix on disk (kept from before a restart) is read in
@@ -105,12 +125,20 @@ class PromptCache:
             if loaded is not None:
                 key = self._add(_Entry(loaded[0], loaded[1], self._cost(loaded[1]), len(loaded[0])))
                 if key in self._entries:  # (not if it alone is over the byte bound)
-                    best_key, best_len = key, on_disk
+                    best_key, best_len = key, _usable(loaded[0], loaded[1], prompt)
         best_len = min(best_len, len(prompt) - 1)  # at least one token must be processed
         if best_key is None or best_len < self.min_reuse:
             self.misses += 1
             return None, 0
         entry = self._entries[best_key]
+        if not can_trim_prompt_cache(entry.cache):  # a snapshot: copied, it stays for the next taker
+            copied = snapshot(entry.cache)
+            if copied is None:
+                self.misses += 1
+                return None, 0
+            self._entries.move_to_end(best_key)
+            self.hits += 1
+            return copied, best_len
         excess = len(entry.tokens) - best_len
         # The conversation's next turn (it holds the entry's whole prompt) takes the entry over.
         continues = not entry.offered and best_len >= entry.prompt_len and can_trim_prompt_cache(entry.cache)
@@ -151,18 +179,24 @@ class PromptCache:
         first len(tokens) positions of `cache`, sharing its arrays (MLX copies on the next write),
         in memory only. The request's own entry replaces it when it ends."""
         shared = _prefix_copy(cache, len(tokens))
+        if shared is None and not _trimmable(cache) and _offset(cache) == len(tokens):
+            shared = snapshot(cache)  # a snapshot of exactly these tokens
         if shared is not None:
             self._keep(_Entry(list(tokens), shared, self._cost(shared), len(tokens), offered=True))
 
     def peek(self, prompt: list[int]) -> int:
         """The longest prefix of `prompt` an entry in memory holds (nothing is taken)."""
-        return max((common_prefix(e.tokens, prompt) for e in list(self._entries.values())), default=0)
+        return max((_usable(e.tokens, e.cache, prompt) for e in list(self._entries.values())), default=0)
 
     def _keep(self, entry: _Entry) -> None:
         if not self._fits(entry):
             return
-        # A cache whose tokens are a prefix of the new one's is now redundant.
-        for key in [k for k, e in self._entries.items() if common_prefix(e.tokens, entry.tokens) == len(e.tokens)]:
+        # A cache whose tokens are a prefix of the new one's is now redundant, if the new one can
+        # be cut back to it (a snapshot can't: earlier snapshots stay, but for the same tokens
+        # again or a prompt's passes offered while it was read).
+        trimmable = _trimmable(entry.cache)
+        for key in [k for k, e in self._entries.items() if common_prefix(e.tokens, entry.tokens) == len(e.tokens)
+                    and (trimmable or e.offered or len(e.tokens) == len(entry.tokens))]:
             del self._entries[key]
         self._add(entry)
 
@@ -232,6 +266,62 @@ class PromptCache:
         self._entries.clear()
 
 
+def _trimmable(cache: list[Any]) -> bool:
+    from mlx_lm.models.cache import can_trim_prompt_cache
+
+    return can_trim_prompt_cache(cache)
+
+
+def needs_snapshots(cache: list[Any]) -> bool:
+    """Whether a model's cache has layers that can't always be cut back (recurrent states, sliding
+    windows): its generations keep snapshots at the points a later prompt resumes from."""
+    from mlx_lm.models.cache import KVCache
+
+    return any(type(c) is not KVCache for c in cache)
+
+
+def _usable(tokens: list[int], cache: list[Any], prompt: list[int]) -> int:
+    """How many of `prompt`'s tokens an entry holding `tokens` can give: their common prefix for
+    a cache that can be cut back; a snapshot's whole length or nothing (at least one token of the
+    prompt must be left to read)."""
+    if _trimmable(cache):
+        return common_prefix(tokens, prompt)
+    return len(tokens) if len(tokens) < len(prompt) and prompt[:len(tokens)] == tokens else 0
+
+
+def snapshot(cache: list[Any]) -> Optional[list[Any]]:
+    """A copy of `cache` as it is now, for a cache that can't be cut back (recurrent layers, a
+    sliding window past its size): new cache objects over the same arrays (MLX arrays are values:
+    writing the original replaces its arrays, never the copy's), so it costs nothing until the
+    original is written. None for a cache kind it doesn't know."""
+    import copy
+
+    from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, RotatingKVCache
+
+    out: list[Any] = []
+    for c in cache:
+        if type(c) is KVCache:
+            n = KVCache()
+            if c.keys is not None:
+                n.keys, n.values, n.offset = c.keys[..., :c.offset, :], c.values[..., :c.offset, :], c.offset
+        elif isinstance(c, ArraysCache):
+            n = copy.copy(c)
+            n.cache = list(c.cache)  # the model replaces the list's items: the copy keeps its own
+        elif type(c) is RotatingKVCache:
+            n = copy.copy(c)
+            if c.keys is not None:
+                n.keys, n.values = c.keys[...], c.values[...]  # new objects: the original is written in place
+        elif type(c) is CacheList:
+            inner = snapshot(list(c.caches))
+            if inner is None:
+                return None
+            n = CacheList(*inner)
+        else:
+            return None
+        out.append(n)
+    return out
+
+
 def plain_kv(cache: list[Any]) -> bool:
     """Every layer a filled mlx-lm KVCache (not rotating, quantized or SSM): what can be cut,
     copied and written to disk by position."""
@@ -246,13 +336,23 @@ def _compact(cache: list[Any]) -> list[Any]:
     kept as is, one entry would hold every stream's memory and the byte bound would count a
     fraction of it."""
     import mlx.core as mx
+    from mlx_lm.models.cache import ArraysCache, KVCache
 
-    if not plain_kv(cache):
+    if plain_kv(cache):
+        layers = cache
+    elif _trimmable(cache):
         return cache
-    for c in cache:
+    else:  # a snapshot: its attention layers compacted, its recurrent states copied out of the batch's
+        layers = [c for c in cache if type(c) is KVCache and c.keys is not None]
+        states = [c for c in cache if isinstance(c, ArraysCache)]
+        for c in states:
+            c.cache = [None if x is None else x + mx.zeros((), dtype=x.dtype) for x in c.cache]
+            c.left_padding = c.lengths = None
+        mx.eval([x for c in states for x in c.cache if x is not None])
+    for c in layers:
         zero = mx.zeros((), dtype=c.keys.dtype)
         c.keys, c.values = c.keys[..., :c.offset, :] + zero, c.values[..., :c.offset, :] + zero
-    mx.eval([x for c in cache for x in (c.keys, c.values)])
+    mx.eval([x for c in layers for x in (c.keys, c.values)])
     return cache
 
 

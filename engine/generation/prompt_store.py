@@ -33,6 +33,7 @@ class _File:
     path: Path
     tokens: list[int]
     nbytes: int
+    exact: bool = False  # a snapshot (recurrent layers): resumable at all of its tokens only
 
 
 class PromptStore:
@@ -62,7 +63,8 @@ class PromptStore:
                 if meta.get("identity") != self.identity:
                     raise ValueError("another model's file")
                 tokens = json.loads(meta["tokens"])
-                self._files[path.name] = _File(path, [int(t) for t in tokens], path.stat().st_size)
+                self._files[path.name] = _File(path, [int(t) for t in tokens], path.stat().st_size,
+                                               "layers" in meta)
             except Exception as e:  # noqa: BLE001 - any unreadable file is dropped, never fatal
                 log.warning("prompt cache: removing unreadable %s (%s)", path.name, e)
                 path.unlink(missing_ok=True)
@@ -77,7 +79,7 @@ class PromptStore:
     def best(self, prompt: list[int]) -> tuple[Optional[str], int]:
         """The file sharing the longest prefix with `prompt`, and that length."""
         with self._lock:
-            scored = [(common_prefix(f.tokens, prompt), name) for name, f in self._files.items()]
+            scored = [(_usable(f, prompt), name) for name, f in self._files.items()]
         length, name = max(scored, default=(0, None))
         return name, length
 
@@ -94,8 +96,13 @@ class PromptStore:
             return None
         try:
             with safe_open(str(entry.path), framework="numpy") as f:
-                dtype = getattr(mx, f.metadata()["dtype"])
+                meta = f.metadata()
+                dtype = getattr(mx, meta["dtype"])
                 arrays = {k: f.get_tensor(k) for k in f.keys()}
+            if "layers" in meta:
+                cache = _snapshot_layers(arrays, meta, len(entry.tokens))
+                os.utime(entry.path)
+                return entry.tokens, cache
             layers = len(arrays) // 2
             cache = []
             for i in range(layers):
@@ -119,12 +126,22 @@ class PromptStore:
         thread (the worker); skipped for short prompts, known sequences and other cache kinds."""
         import mlx.core as mx
 
-        if len(tokens) < MIN_TOKENS or not plain_kv(cache):
+        snapshot = not plain_kv(cache)
+        if len(tokens) < MIN_TOKENS or (snapshot and not _snapshot_kinds(cache)):
             return
         name = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:32] + ".safetensors"
         with self._lock:
             if name in self._files:
                 return
+        if snapshot:
+            arrays, layers, dtypes = _snapshot_arrays(cache, len(tokens))
+            meta = {"identity": self.identity, "tokens": json.dumps(tokens), "dtype": dtypes[0] if dtypes else "float32",
+                    "layers": json.dumps(layers), "dtypes": json.dumps(dtypes)}
+            try:
+                self._queue.put_nowait((name, arrays, meta))
+            except queue.Full:
+                pass
+            return
         n = len(tokens)
         dtype = str(cache[0].keys.dtype).removeprefix("mlx.core.")
         arrays = {}
@@ -162,7 +179,7 @@ class PromptStore:
             tmp.unlink(missing_ok=True)
             return
         with self._lock:
-            self._files[name] = _File(path, json.loads(meta["tokens"]), path.stat().st_size)
+            self._files[name] = _File(path, json.loads(meta["tokens"]), path.stat().st_size, "layers" in meta)
         self._bound()
 
     def _bound(self) -> None:
@@ -194,3 +211,83 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except OSError:
         return 0.0
+
+
+# --- snapshots: caches with recurrent layers (engine/generation/prompt_cache.py) ---------------
+# A file holds each layer as it is: an attention layer's keys and values ("k.i", "v.i", cut to the
+# tokens held) or a recurrent layer's state arrays ("s.i.j"); metadata "layers" names each layer's
+# kind (["kv"] or ["arrays", size]) and "dtypes" each array's dtype, in the order written.
+
+def _usable(f: _File, prompt: list[int]) -> int:
+    """What a file gives `prompt`: the common prefix, or a snapshot's whole length or nothing."""
+    if not f.exact:
+        return common_prefix(f.tokens, prompt)
+    n = len(f.tokens)
+    return n if n < len(prompt) and prompt[:n] == f.tokens else 0
+
+
+def _snapshot_kinds(cache: list[Any]) -> bool:
+    """Every layer an attention KVCache or a recurrent ArraysCache (what a snapshot file holds)."""
+    from mlx_lm.models.cache import ArraysCache, KVCache
+
+    return bool(cache) and all(type(c) is KVCache or type(c) is ArraysCache for c in cache)
+
+
+def _snapshot_arrays(cache: list[Any], n: int) -> tuple[dict[str, np.ndarray], list[list[Any]], list[str]]:
+    """Each layer's arrays as float32 numpy (numpy has no bfloat16), its kind, each array's dtype."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    arrays: dict[str, np.ndarray] = {}
+    layers: list[list[Any]] = []
+    dtypes: list[str] = []
+
+    def add(name: str, a: Any) -> None:
+        part = a.astype(mx.float32)
+        mx.eval(part)
+        arrays[name] = np.array(part)
+        dtypes.append(str(a.dtype).removeprefix("mlx.core."))
+
+    for i, c in enumerate(cache):
+        if type(c) is KVCache:
+            layers.append(["kv"])
+            if c.keys is not None:
+                add(f"k.{i}", c.keys[..., :n, :])
+                add(f"v.{i}", c.values[..., :n, :])
+        else:
+            layers.append(["arrays", len(c.cache)])
+            for j, a in enumerate(c.cache):
+                if a is not None:
+                    add(f"s.{i}.{j}", a)
+    return arrays, layers, dtypes
+
+
+def _snapshot_layers(arrays: dict[str, np.ndarray], meta: dict[str, str], n: int) -> list[Any]:
+    """The caches a snapshot file holds, each array back in its dtype (the order `_snapshot_arrays`
+    wrote them in); raises ValueError where the file and its tokens disagree."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import ArraysCache, KVCache
+
+    dtypes = iter(json.loads(meta["dtypes"]))
+
+    def get(name: str) -> Any:
+        return mx.array(arrays[name]).astype(getattr(mx, next(dtypes)))
+
+    cache: list[Any] = []
+    for i, kind in enumerate(json.loads(meta["layers"])):
+        if kind[0] == "kv":
+            c = KVCache()
+            if f"k.{i}" in arrays:
+                c.keys, c.values = get(f"k.{i}"), get(f"v.{i}")
+                c.offset = int(c.keys.shape[2])
+                if c.offset != n:
+                    raise ValueError("tokens and arrays disagree")
+        elif kind[0] == "arrays":
+            c = ArraysCache(int(kind[1]))
+            for j in range(int(kind[1])):
+                if f"s.{i}.{j}" in arrays:
+                    c[j] = get(f"s.{i}.{j}")
+        else:
+            raise ValueError(f"unknown layer kind {kind[0]!r}")
+        cache.append(c)
+    return cache

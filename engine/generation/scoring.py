@@ -75,4 +75,10 @@ def prefill(runner: Any, prompt: list[int], top: Optional[int] = None) -> Genera
             scored.append(TokenLogprob(decode([token]), float(value),
                                        tuple((decode([int(i)]), float(v)) for i, v in alts)))
         yield PASS
+    if top is None and len(body) > reused:
+        from engine.generation.prompt_cache import needs_snapshots, snapshot
+
+        held = snapshot(cache) if needs_snapshots(cache) else None
+        if held is not None:  # where the same prompt and the next turn resume (prompt_cache.py)
+            runner.prompt_cache.put(body, held)
     return Prefix(cache, tuple(scored), reused)

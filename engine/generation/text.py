@@ -19,8 +19,8 @@ from engine.generation.budget import BudgetPolicy, max_new_tokens
 from engine.errors import InvalidRequest, Unsupported
 from engine.models.memory import MemoryEstimate, MemoryGate
 from engine.models.probe import Probe
-from engine.generation.passes import InFlight, read_in_passes
-from engine.generation.prompt_cache import PromptCache
+from engine.generation.passes import InFlight, keep_prompt_end, read_in_passes
+from engine.generation.prompt_cache import PromptCache, common_prefix, needs_snapshots
 from engine.generation.sampling import make_sampler, penalty_processor
 from engine.generation.speculative import Speculation, SpecStats, speculative_tokens
 from engine.generation.stopping import StopMatcher
@@ -103,8 +103,9 @@ class TextRunner:
     # --- prompts -------------------------------------------------------------------------
     def encode_chat(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = (),
                     continue_final: bool = False, param: str = "messages",
-                    template_kwargs: Optional[dict[str, Any]] = None) -> list[int]:
-        """Token ids of the chat template applied to `messages`, ready for the assistant turn.
+                    template_kwargs: Optional[dict[str, Any]] = None, generation_prompt: bool = True) -> list[int]:
+        """Token ids of the chat template applied to `messages`, ready for the assistant turn
+        (without its generation prompt: `generation_prompt` False).
 
         Tools go through the template when it renders them in the `<tool_call>` format our parser
         reads (Hermes/Qwen templates); otherwise the generic tool prompt is added as a system turn."""
@@ -117,7 +118,7 @@ class TextRunner:
             extra = {**(template_kwargs or {}), **({"tools": [tool_schema(t) for t in tools]} if native and tools else {})}
             # continue_final: the last assistant turn is a prefix to go on with (Anthropic's prefill).
             prefill = {"continue_final_message": True} if continue_final and turns[-1]["role"] == "assistant" \
-                else {"add_generation_prompt": True}
+                else {"add_generation_prompt": generation_prompt}
             try:
                 return list(render_bounded(lambda: self.tokenizer.apply_chat_template(turns, **prefill, **extra)))
             except TEMPLATE_ERRORS as e:  # templates raise their own errors for e.g. role order
@@ -205,7 +206,24 @@ class TextRunner:
             if thinking.parse else None
         if fmt is not None and thinking.budget is not None:
             params = replace(params, thinking_budget=thinking.budget, thinking_opened=fmt.opened)
-        return Prepared(self.model_id, prompt, budget, params, self, reasoning=fmt)
+        resume_at: tuple[int, ...] = ()
+        if self.snapshots and not conv.continue_final and getattr(self.tokenizer, "chat_template", None):
+            # The next turn re-renders this turn's answer after the history, often not as the
+            # generation prompt began it (Qwen3.5 drops the `<think>` it opens): a snapshot where
+            # the history ends is where that turn resumes.
+            bare = self.encode_chat(conv.messages, conv.tools, False, conv.fields.prompt, thinking.template_kwargs,
+                                    generation_prompt=False)
+            n = common_prefix(bare, prompt)
+            resume_at = (n,) if 0 < n < len(prompt) - 1 else ()
+        return Prepared(self.model_id, prompt, budget, params, self, reasoning=fmt, resume_at=resume_at)
+
+    @cached_property
+    def snapshots(self) -> bool:
+        """Whether this model's cache can't be cut back (recurrent layers, sliding windows): its
+        prompt cache keeps snapshots (engine/generation/prompt_cache.py)."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return needs_snapshots(make_prompt_cache(self.model))
 
     def plan_completion(self, prompt: str | Sequence[int], params: SamplingParams, policy: BudgetPolicy,
                         echo: bool = False) -> "Prepared":
@@ -244,7 +262,7 @@ class TextRunner:
             return
         start = prepared.prefix.fork() if prepared.prefix is not None else None
         yield from self.generate(prepared.prompt, prepared.max_tokens, prepared.params, cancelled,
-                                 keep_leading_space=prepared.raw_text, start=start)
+                                 keep_leading_space=prepared.raw_text, start=start, resume_at=prepared.resume_at)
 
     def close(self) -> None:
         """Free what the runner holds beyond its weights (unload)."""
@@ -289,14 +307,17 @@ class TextRunner:
 
     def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams,
                  cancelled: Callable[[], bool], keep_leading_space: bool = False,
-                 start: Optional[tuple[list[Any], int]] = None) -> Iterator[GenerationEvent]:
+                 start: Optional[tuple[list[Any], int]] = None,
+                 resume_at: Sequence[int] = ()) -> Iterator[GenerationEvent]:
         """Generate up to `max_tokens` tokens; stop strings and cancellation end it early.
 
         mlx-lm's streaming detokenizer drops the first token's leading space, right for a chat
         answer and wrong for a text completion (" Paris" after "The capital is"):
         `keep_leading_space` puts it back. `start`: a KV cache already holding all of the prompt
         but its last token (a shared prefill, engine/generation/scoring.py) and how many of those tokens it
-        took from the prompt cache (reported as cached), used instead of the prompt cache."""
+        took from the prompt cache (reported as cached), used instead of the prompt cache.
+        `resume_at`: prompt positions where a model whose cache can't be cut back keeps snapshots
+        (besides the prompt's end)."""
         from mlx_lm import stream_generate
         from mlx_lm.models.cache import make_prompt_cache
 
@@ -312,11 +333,14 @@ class TextRunner:
             cache = make_prompt_cache(self.model)
         if start is None:  # a long prompt's whole passes, the other streams running between them
             reused, left = yield from read_in_passes(self.model, prompt, reused, cache, PREFILL_STEP, cancelled,
-                                                     self.prompt_cache, self.in_flight)
+                                                     self.prompt_cache, self.in_flight,
+                                                     min((p for p in resume_at if p > reused), default=None))
             if left:
                 yield Started(len(prompt), cached)
                 yield Finished("cancelled", len(prompt), 0, cached)
                 return
+            if needs_snapshots(cache):  # a recurrent state resumes only where it was kept
+                reused = keep_prompt_end(self.model, prompt, reused, cache, self.prompt_cache, resume_at)
         tokens: list[int] = []
         batch: dict[str, Any] = {}  # its uid in the batch; the batch hands its KV cache back here
         kept = False

@@ -137,7 +137,7 @@ def quantize_as_the_file(model: nn.Module, bits: dict[str, int], group_size: int
 # cache (mlx-lm builds the windowed mask from the cache's offset), so every layer can keep a plain
 # KVCache. Listed by hand: a model that relies on its RotatingKVCache to drop old positions would
 # attend past its window.
-WINDOW_BY_MASK = ("gemma3_text",)
+WINDOW_BY_MASK = ("gemma3_text", "gpt_oss")
 
 
 def keep_whole_windows(model: Any) -> bool:
