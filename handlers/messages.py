@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from typing import Any, Optional
 
 from connexion import request
 
 from engine.errors import EngineError
-from handlers import answer, choices, generation, sse
+from handlers import answer, cache_scope, choices, generation, sse
 from handlers.answer import AnswerStream
 from handlers import messages_protocol as mp
 from handlers.errors import anthropic_error_body
@@ -20,6 +21,7 @@ ROUTE = "messages"
 async def create(body: dict):
     engine = request.state.engine
     conv = await asyncio.to_thread(mp.conversation, body, body["max_tokens"])  # off the loop: schemas and strict tools compile while parsing
+    conv = replace(conv, cache=cache_scope.of(body))
     prepared = await generation.prepare(engine, conv, request.state.image_sources)
     mid = mp.new_id("msg")
     model = body["model"]

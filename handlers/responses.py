@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any, Optional
 
 from connexion import request
 
 from engine.errors import EngineError
-from handlers import answer, choices, generation, sse
+from handlers import answer, cache_scope, choices, generation, sse
 from handlers.answer import AnswerStream
 from handlers import responses_protocol as rp
 from handlers.protocol import json_ok, now, warning_headers
@@ -53,7 +54,7 @@ def _keep(parsed: rp.ParsedResponseRequest, response: dict[str, Any], text: str,
 async def create(body: dict):
     engine = request.state.engine
     parsed = await asyncio.to_thread(_parse, body)  # off the loop: schemas and strict tools compile while parsing
-    conv = parsed.conv
+    conv = replace(parsed.conv, cache=cache_scope.of(body))
     prepared = await generation.prepare(engine, conv, request.state.image_sources)
     rid, created = rp.new_id("resp"), now()
     if not body.get("stream"):
