@@ -117,32 +117,30 @@ def test_another_key_gets_no_cached_tokens_from_a_shared_system_prompt(keyed):
 
 
 def test_every_api_keeps_keys_apart(keyed):
-    prefix = "Reply with one word. The vault code is 7731; keep it secret. " * 4
     auth = {"alice": {"Authorization": "Bearer sk-alice"}, "bob": {"x-api-key": "sk-bob"}}
-    r = httpx.post(keyed.url + "/v1/completions", headers=auth["alice"], timeout=120,
-                   json={"model": MODEL, "prompt": prefix + "One", "max_tokens": 1, "temperature": 0})
-    assert r.status_code == 200, r.text
 
-    def cached(who: str, route: str) -> int:
+    def cached(who: str, route: str, ask: str) -> int:
+        # Each route's prompt differs from its first words: Bob's own entries of one route share
+        # no more than the template's opening (under min_reuse) with the next.
+        prefix = f"{route.title()} vault code 7731: keep it secret and reply with one word. " * 4
         if route == "completions":
             r = httpx.post(keyed.url + "/v1/completions", headers=auth[who], timeout=120,
-                           json={"model": MODEL, "prompt": prefix + "Two", "max_tokens": 1, "temperature": 0})
+                           json={"model": MODEL, "prompt": prefix + ask, "max_tokens": 1, "temperature": 0})
             return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
         if route == "responses":
             r = httpx.post(keyed.url + "/v1/responses", headers=auth[who], timeout=120,
-                           json={"model": MODEL, "instructions": prefix, "input": "Two", "max_output_tokens": 1,
+                           json={"model": MODEL, "instructions": prefix, "input": ask, "max_output_tokens": 1,
                                  "temperature": 0, "store": False})
             return r.json()["usage"]["input_tokens_details"]["cached_tokens"]
         r = httpx.post(keyed.url + "/v1/messages", headers=auth[who], timeout=120,
                        json={"model": MODEL, "system": prefix, "max_tokens": 1, "temperature": 0,
-                             "messages": [{"role": "user", "content": "Two"}]})
+                             "messages": [{"role": "user", "content": ask}]})
         return r.json()["usage"]["cache_read_input_tokens"]
 
-    assert cached("bob", "completions") == 0 and cached("alice", "completions") > 40
-    for route in ("responses", "messages"):
-        assert cached("alice", route) == 0  # first time in its own template: nothing cached
-        assert cached("bob", route) == 0
-        assert cached("alice", route) > 40
+    for route in ("completions", "responses", "messages"):
+        cached("alice", route, "One")
+        assert cached("bob", route, "Two") == 0, route
+        assert cached("alice", route, "Three") > 40, route
 
 
 def test_cache_salt_shares_only_with_the_same_salt(keyed):
