@@ -120,6 +120,11 @@ def weights_fingerprint(folder: Path) -> str:
 
 
 # --- reading a file that may be hostile ----------------------------------------------------------
+def entry_name(tokens: list[int], scope: str) -> str:
+    """A file's name: its scope and tokens hashed (a file under another name is not ours)."""
+    return hashlib.sha256(json.dumps([scope, tokens]).encode()).hexdigest()[:32] + ".safetensors"
+
+
 class BadFile(ValueError):
     """A file that is not a prompt cache entry this model can use (the message says why)."""
 
@@ -191,9 +196,6 @@ class PromptStore:
     def entry_limit(self) -> int:
         return min(self.max_bytes, self.max_entry_bytes or self.max_bytes)
 
-    def name_for(self, tokens: list[int], scope: str) -> str:
-        """A file's name: its scope and tokens hashed (a file under another name is not ours)."""
-        return hashlib.sha256(json.dumps([scope, tokens]).encode()).hexdigest()[:32] + ".safetensors"
 
     def _header(self, fd: int, size: int, name: str) -> _Header:
         """The file's header, checked before any tensor is read."""
@@ -214,7 +216,7 @@ class PromptStore:
             raise BadFile("tokens or scope malformed")
         if dtype not in ITEMSIZE or (self.shape is not None and dtype != self.shape.dtype):
             raise BadFile(f"dtype {dtype!r}, the model's KV is {self.shape.dtype if self.shape else 'float'}")
-        if name != self.name_for(tokens, scope):
+        if name != entry_name(tokens, scope):
             raise BadFile("its name is not its contents'")
         n = len(tokens)
         if n < MIN_TOKENS or (self.max_tokens is not None and n > self.max_tokens):
@@ -344,7 +346,7 @@ class PromptStore:
 
         if len(tokens) < MIN_TOKENS or not plain_kv(cache) or (self.max_tokens and len(tokens) > self.max_tokens):
             return
-        name = self.name_for(tokens, scope)
+        name = entry_name(tokens, scope)
         with self._lock:
             if name in self._files:
                 return
