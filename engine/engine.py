@@ -30,7 +30,7 @@ from engine.errors import EngineError, InvalidRequest
 from engine.models.downloads import Downloads
 from engine.models.memory import MemoryGate
 from engine.models.probe import Probe, probe
-from engine.request import Conversation, Prepared
+from engine.request import CacheScope, Conversation, Prepared
 from engine.residency import MlxMemory, Residency, mlx_memory
 from engine.models.resolution import ModelEntry, ModelStore, locate
 from engine.runners import FaultyRunner
@@ -364,7 +364,8 @@ class Engine:
             if not checked:
                 self._modality(conv)
             params, budget = self._defaults(conv.model, conv.params)
-            return self.residency.runner(conv.model).plan(replace(conv, params=params), budget)
+            prepared = self.residency.runner(conv.model).plan(replace(conv, params=params), budget)
+            return replace(prepared, cache=conv.cache)
 
         return await self.scheduler.call(work, exclusive=lambda: self.residency.needs_switch(conv.model))
 
@@ -379,15 +380,16 @@ class Engine:
         return await self.scheduler.call(work, exclusive=lambda: self.residency.needs_switch(conv.model))
 
     async def prepare_completion(self, model_id: str, prompt: str | Sequence[int], params: SamplingParams,
-                                 echo: bool = False) -> Prepared:
+                                 echo: bool = False, cache: CacheScope = CacheScope()) -> Prepared:
         """Load the model if needed, tokenize the prompt (or check its token ids against the
-        vocabulary), check the budget. With `echo`, max_tokens 0 (score only) is allowed."""
+        vocabulary), check the budget. With `echo`, max_tokens 0 (score only) is allowed. `cache`:
+        whose prompt cache entries it may reuse."""
         await self.ensure_model(model_id)
 
         def work() -> Prepared:
             self._check_group()
             filled, budget = self._defaults(model_id, params)
-            return self.residency.runner(model_id).plan_completion(prompt, filled, budget, echo)
+            return replace(self.residency.runner(model_id).plan_completion(prompt, filled, budget, echo), cache=cache)
 
         return await self.scheduler.call(work, exclusive=lambda: self.residency.needs_switch(model_id))
 

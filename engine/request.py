@@ -139,6 +139,26 @@ GenerationEvent = Started | TextDelta | Finished | Pass
 
 
 @dataclass(frozen=True)
+class CacheScope:
+    """Whose prompt cache entries a request may reuse (engine/generation/prompt_cache.py): the
+    caller's API key, as a hash (the key itself never reaches the engine; "" when the server has no
+    keys: one shared space), and the request's `cache_salt`, which isolates further. `cached_tokens`
+    reports the prefix a prompt shares with an entry, so an entry reused across callers would tell
+    one caller another's prompt."""
+
+    owner: str = ""
+    salt: str = ""
+
+    @property
+    def key(self) -> str:
+        """The space's name: "" for the shared one, else a hash of owner and salt (what the disk
+        store writes: neither the salt nor the owner's hash is kept in the clear)."""
+        if not self.owner and not self.salt:
+            return ""
+        return hashlib.sha256(f"{len(self.owner)}:{self.owner}:{self.salt}".encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
 class Thinking:
     """What a request asks of a reasoning model (engine/generation/reasoning.py)."""
 
@@ -162,6 +182,7 @@ class Conversation:
     fields: Fields = Fields()  # how this API names max_tokens, the prompt and its media
     thinking: Thinking = Thinking()  # a reasoning model's thinking: on/off, budget or effort
     template_kwargs: tuple[tuple[str, Any], ...] = ()  # chat_template_kwargs: extra template variables
+    cache: CacheScope = CacheScope()  # whose prompt cache entries it may reuse
 
 
 @dataclass(frozen=True)
@@ -180,6 +201,7 @@ class Prepared:
     # Where a later prompt may resume a model whose cache can't be cut back (hybrid/recurrent,
     # engine/generation/prompt_cache.py), besides the prompt's end: the start of the generation prompt.
     resume_at: tuple[int, ...] = ()
+    cache: CacheScope = CacheScope()  # whose prompt cache entries it may reuse and adds to
 
     def reasoning_tokens(self, reasoning: str) -> int:
         """Tokens the thinking took: its text (not the tags), as this model's tokenizer counts it."""

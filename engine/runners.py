@@ -54,10 +54,15 @@ def _text(model_id: str, probe: Probe, config: EngineConfig, gate: MemoryGate) -
     runner = TextRunner.load(model_id, probe, config.cpu_dtype, gate, batch=config.batch in ("on", "auto"))
     config.prompt_cache_settings().apply(runner.prompt_cache)
     if config.prompt_cache_dir is not None:
-        from engine.generation.prompt_store import PromptStore
+        from engine.generation.prompt_store import PromptStore, kv_shape, weights_fingerprint
 
-        identity = json.dumps([model_id, runner.dtype, probe.size_bytes, runner.config], sort_keys=True, default=str)
-        runner.prompt_cache.disk = PromptStore(config.prompt_cache_dir, identity, config.prompt_cache_dir_bytes)
+        # The weights themselves are part of the identity: others under the same id, size and
+        # configuration (a replaced GGUF) must not reuse KV computed with these.
+        identity = json.dumps([model_id, runner.dtype, probe.size_bytes, runner.config,
+                               weights_fingerprint(probe.path)], sort_keys=True, default=str)
+        runner.prompt_cache.disk = PromptStore(config.prompt_cache_dir, identity, config.prompt_cache_dir_bytes,
+                                               kv_shape(runner.model), runner.prompt_cache.max_bytes,
+                                               runner.context_length)
     runner.speculation.mode = config.speculative
     runner.speculation.num_draft = config.num_draft_tokens
     if config.draft_model and config.speculative in ("auto", "draft"):

@@ -9,7 +9,7 @@ from connexion import request
 
 from engine.request import Conversation, Finished
 from engine.constrained.tools import ToolCall
-from handlers.conversation import answer, choices, generation
+from handlers.conversation import answer, cache_scope, choices, generation
 from handlers.wire import protocol, sse
 from handlers.conversation.answer import AnswerStream
 
@@ -26,7 +26,7 @@ async def create(body: dict):
     req = await asyncio.to_thread(protocol.parse_chat, body)  # off the loop: schemas and strict tools compile while parsing
     conv = Conversation(req.model, req.messages, req.params, req.tools, req.newest_media,
                         image_chunk_size=req.image_chunk_size, tool_choice=req.tool_choice, fields=req.fields,
-                        thinking=req.thinking, template_kwargs=req.template_kwargs)
+                        thinking=req.thinking, template_kwargs=req.template_kwargs, cache=cache_scope.of(body))
     prepared = await generation.prepare(engine, conv, request.state.image_sources)
     if req.n > 1:
         choices.check_batch([prepared], req.n, request.state.max_batch_tokens, param="n")

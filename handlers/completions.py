@@ -15,16 +15,16 @@ from connexion import request
 from starlette.responses import StreamingResponse
 
 from engine.engine import Engine
-from engine.request import Finished, Prepared, TextDelta, TokenLogprob
+from engine.request import CacheScope, Finished, Prepared, TextDelta, TokenLogprob
 from engine.scheduler import StreamHandle
-from handlers.conversation import choices
+from handlers.conversation import cache_scope, choices
 from handlers.wire import protocol, sse
 
 ROUTE = "completions"
 
 
-async def _prepare_all(engine: Engine, req: protocol.CompletionRequest) -> list[Prepared]:
-    prepared = [await engine.prepare_completion(req.model, p, req.params, req.echo) for p in req.prompts]
+async def _prepare_all(engine: Engine, req: protocol.CompletionRequest, cache: CacheScope) -> list[Prepared]:
+    prepared = [await engine.prepare_completion(req.model, p, req.params, req.echo, cache) for p in req.prompts]
     choices.check_batch(prepared, req.best_of, request.state.max_batch_tokens)
     if req.best_of > 1 or req.score_prompt is not None:  # one prefill for every choice (and the scores)
         prepared = [await engine.share_prefill(p, req.score_prompt) for p in prepared]
@@ -46,7 +46,7 @@ def _echo(req: protocol.CompletionRequest, prompt: str | list[int], prepared: Pr
 async def create(body: dict):
     engine = request.state.engine
     req = await asyncio.to_thread(protocol.parse_completion, body)  # off the loop: schemas and strict tools compile while parsing
-    prepared = await _prepare_all(engine, req)
+    prepared = await _prepare_all(engine, req, cache_scope.of(body))
     cid, created = protocol.new_id("cmpl"), protocol.now()
     warnings = prepared[0].warnings
     echoes = [_echo(req, p, pp) for p, pp in zip(req.prompts, prepared)]

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from typing import Any, Optional
 
 from connexion import request
 
 from engine.errors import EngineError
-from handlers.conversation import answer, choices, generation
+from handlers.conversation import answer, cache_scope, choices, generation
 from handlers.wire import sse
 from handlers.conversation.answer import AnswerStream
 from handlers.wire import messages_protocol as mp
@@ -21,6 +22,7 @@ ROUTE = "messages"
 async def create(body: dict):
     engine = request.state.engine
     conv = await asyncio.to_thread(mp.conversation, body, body["max_tokens"])  # off the loop: schemas and strict tools compile while parsing
+    conv = replace(conv, cache=cache_scope.of(body))
     prepared = await generation.prepare(engine, conv, request.state.image_sources)
     mid = mp.new_id("msg")
     model = body["model"]

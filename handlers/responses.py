@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any, Optional
 
 from connexion import request
 
 from engine.errors import EngineError
-from handlers.conversation import answer, choices, generation
+from handlers.conversation import answer, cache_scope, choices, generation
 from handlers.wire import sse
 from handlers.conversation.answer import AnswerStream
 from handlers.wire import responses_protocol as rp
@@ -54,7 +55,7 @@ def _keep(parsed: rp.ParsedResponseRequest, response: dict[str, Any], text: str,
 async def create(body: dict):
     engine = request.state.engine
     parsed = await asyncio.to_thread(_parse, body)  # off the loop: schemas and strict tools compile while parsing
-    conv = parsed.conv
+    conv = replace(parsed.conv, cache=cache_scope.of(body))
     prepared = await generation.prepare(engine, conv, request.state.image_sources)
     rid, created = rp.new_id("resp"), now()
     if not body.get("stream"):

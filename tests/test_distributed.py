@@ -156,7 +156,7 @@ def test_a_follower_whose_prompt_cache_differs_stops_instead_of_hanging():
     class Runner:
         class prompt_cache:
             @staticmethod
-            def peek(prompt):
+            def peek(prompt, scope):
                 return 2  # this rank's cache holds the first two tokens
 
         started = []
@@ -166,9 +166,9 @@ def test_a_follower_whose_prompt_cache_differs_stops_instead_of_hanging():
             return (event for event in ())
 
     runner = Runner()
-    assert follow(Lock([("start", 1, [5, 6, 7], 4, None, False, 2), ("shutdown",)]), runner) == 0
+    assert follow(Lock([("start", 1, [5, 6, 7], 4, None, False, 2, ""), ("shutdown",)]), runner) == 0
     assert runner.started == [[5, 6, 7]]
-    assert follow(Lock([("start", 2, [5, 6, 8], 4, None, False, 0), ("shutdown",)]), runner) == 3
+    assert follow(Lock([("start", 2, [5, 6, 8], 4, None, False, 0, ""), ("shutdown",)]), runner) == 3
     assert runner.started == [[5, 6, 7]]  # the diverged stream never started
 
 

@@ -196,8 +196,8 @@ def follow(lock: Lockstep, runner: Any) -> int:
             return 3
         kind = cmd[0]
         if kind == "start":
-            _, uid, prompt, max_tokens, params, raw_text, held = cmd
-            mine = runner.prompt_cache.peek(prompt)
+            _, uid, prompt, max_tokens, params, raw_text, held, scope = cmd
+            mine = runner.prompt_cache.peek(prompt, scope)
             if mine != held:
                 # This rank would start from a different cached prefix than rank 0, read a
                 # different number of prompt tokens, and the ranks' passes would no longer match
@@ -206,7 +206,8 @@ def follow(lock: Lockstep, runner: Any) -> int:
                 log.error("rank %d's prompt cache holds %d tokens of a new prompt where rank 0's holds %d: "
                           "the ranks have diverged; stopping so that the group restarts", lock.rank, mine, held)
                 return 3
-            streams[uid] = runner.generate(prompt, max_tokens, params, lambda: False, keep_leading_space=raw_text)
+            streams[uid] = runner.generate(prompt, max_tokens, params, lambda: False, keep_leading_space=raw_text,
+                                           scope=scope)
         elif kind == "step":
             gen = streams.get(cmd[1])
             if gen is not None:
@@ -313,8 +314,9 @@ class LockstepRunner:
         params = with_seed(prepared.params)  # sampling must agree on every rank
         self._ids += 1
         # What rank 0's prompt cache holds of the prompt: each rank checks its own holds the same.
-        held = self.runner.prompt_cache.peek(prepared.prompt)
-        start = (prepared.prompt, prepared.max_tokens, params, prepared.raw_text, held)
+        scope = prepared.cache.key  # each rank keeps the same entries, in the same scopes
+        held = self.runner.prompt_cache.peek(prepared.prompt, scope)
+        start = (prepared.prompt, prepared.max_tokens, params, prepared.raw_text, held, scope)
         yield from lockstep_stream(self.lock, self._ids, start, lambda: self.runner.generate(
-            prepared.prompt, prepared.max_tokens, params, lambda: False, keep_leading_space=prepared.raw_text),
-            cancelled)
+            prepared.prompt, prepared.max_tokens, params, lambda: False, keep_leading_space=prepared.raw_text,
+            scope=scope), cancelled)

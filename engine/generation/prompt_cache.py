@@ -30,6 +30,11 @@ answer its own way, as Qwen3.5's drops the `<think>` its generation prompt opene
 prompt's last token (the same request again, a regenerated answer, an agent's next step whose
 template keeps the turn as it was) and at the end of the answer (the next turn that sends the
 answer back token for token). Each holds its own copy of the attention layers' keys and values.
+
+Entries belong to a scope (engine/request.py `CacheScope.key`: the API key that made them, and the
+request's `cache_salt`): a prompt reuses, waits for and replaces only its own scope's entries, in
+memory and on disk, because `cached_tokens` tells a client how long a prefix it shares with an
+entry. Memory and the byte bound are shared by all scopes.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ class _Entry:
     nbytes: int
     prompt_len: int  # how many of `tokens` were the prompt (the rest the model generated)
     offered: bool = False  # a prompt still being read (share): every taker gets a copy, none takes it over
+    scope: str = ""  # CacheScope.key of the requests that made it: only they reuse it
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -69,6 +75,17 @@ def _offset(cache: list[Any]) -> int:
 
 def _nbytes(cache: list[Any]) -> int:
     return sum(int(getattr(c, "nbytes", 0) or 0) for c in cache)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """What `PromptCache.take_hit` found: a cache holding `length` prompt tokens (None: nothing),
+    and the disk file it was read from when it came from disk (a generation that fails on it
+    drops it: `discard`)."""
+
+    cache: Optional[list[Any]]
+    length: int
+    disk: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -108,37 +125,47 @@ class PromptCache:
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self._entries.values())
 
-    def take(self, prompt: list[int]) -> tuple[Optional[list[Any]], int]:
-        """A cache holding the longest prefix `prompt` shares with an entry, and the number of
-        prompt tokens it covers; (None, 0) when nothing is worth it. An entry the prompt continues
-        is handed over; one it shares only part of stays, and a copy of the part is returned."""
+    def take(self, prompt: list[int], scope: str = "") -> tuple[Optional[list[Any]], int]:
+        """A cache holding the longest prefix `prompt` shares with an entry of `scope`, and the
+        number of prompt tokens it covers; (None, 0) when nothing is worth it. An entry the prompt
+        continues is handed over; one it shares only part of stays, and a copy of the part is
+        returned."""
+        hit = self.take_hit(prompt, scope)
+        return hit.cache, hit.length
+
+    def take_hit(self, prompt: list[int], scope: str = "") -> Hit:
+        """`take`, saying whether the cache was read from disk."""
+        cache, length, disk = self._take(prompt, scope)
+        return Hit(cache, length, disk if cache is not None else None)
+
+    def _take(self, prompt: list[int], scope: str) -> tuple[Optional[list[Any]], int, Optional[str]]:
         from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-        best_key, best_len = None, 0
+        best_key, best_len, disk = None, 0, None
         for key, entry in self._entries.items():
-            n = _usable(entry.tokens, entry.cache, prompt)
+            n = _usable(entry.tokens, entry.cache, prompt) if entry.scope == scope else 0
             if n > best_len:
                 best_key, best_len = key, n
         if self.disk is not None:  # a longer prefix on disk (kept from before a restart) is read in
-            name, on_disk = self.disk.best(prompt)
+            name, on_disk = self.disk.best(prompt, scope)
             loaded = self.disk.load(name) if name is not None and on_disk >= best_len + self.min_reuse else None
             if loaded is not None:
-                key = self._add(_Entry(loaded[0], loaded[1], self._cost(loaded[1]), len(loaded[0])))
+                key = self._add(_Entry(loaded[0], loaded[1], self._cost(loaded[1]), len(loaded[0]), scope=scope))
                 if key in self._entries:  # (not if it alone is over the byte bound)
-                    best_key, best_len = key, _usable(loaded[0], loaded[1], prompt)
+                    best_key, best_len, disk = key, _usable(loaded[0], loaded[1], prompt), name
         best_len = min(best_len, len(prompt) - 1)  # at least one token must be processed
         if best_key is None or best_len < self.min_reuse:
             self.misses += 1
-            return None, 0
+            return None, 0, None
         entry = self._entries[best_key]
         if not can_trim_prompt_cache(entry.cache):  # a snapshot: copied, it stays for the next taker
             copied = snapshot(entry.cache)
             if copied is None:
                 self.misses += 1
-                return None, 0
+                return None, 0, None
             self._entries.move_to_end(best_key)
             self.hits += 1
-            return copied, best_len
+            return copied, best_len, disk
         excess = len(entry.tokens) - best_len
         # The conversation's next turn (it holds the entry's whole prompt) takes the entry over.
         continues = not entry.offered and best_len >= entry.prompt_len and can_trim_prompt_cache(entry.cache)
@@ -147,55 +174,69 @@ class PromptCache:
             if shared is not None:
                 self._entries.move_to_end(best_key)
                 self.hits += 1
-                return shared, best_len
+                return shared, best_len, disk
             if entry.offered:
                 self.misses += 1
-                return None, 0
+                return None, 0, None
         if excess and not can_trim_prompt_cache(entry.cache):
             self.misses += 1
-            return None, 0
+            return None, 0, None
         del self._entries[best_key]
         if excess:
             trim_prompt_cache(entry.cache, excess)
         self.hits += 1
         if quantized_kv(entry.cache):  # handed out plain: every stream kind runs on a plain cache
-            return _prefix_copy(entry.cache, best_len), best_len
-        return entry.cache, best_len
+            return _prefix_copy(entry.cache, best_len), best_len, disk
+        return entry.cache, best_len, disk
 
-    def put(self, tokens: list[int], cache: list[Any], prompt_len: Optional[int] = None) -> None:
-        """Keep `cache`, which holds the first `offset` of `tokens`; the first `prompt_len` of
-        them were the prompt (all of them when not given), the rest the model's answer."""
+    def discard(self, prompt: list[int], hit: Hit, scope: str = "") -> None:
+        """A generation failed on what `hit` read from disk: that file goes, and so does every
+        entry of `scope` made from it (holding its prefix of `prompt`), so nothing of it is reused
+        or written again."""
+        for key in [k for k, e in self._entries.items()
+                    if e.scope == scope and common_prefix(e.tokens, prompt) >= hit.length]:
+            del self._entries[key]
+        if self.disk is not None and hit.disk is not None:
+            self.disk.drop(hit.disk)
+
+    def put(self, tokens: list[int], cache: list[Any], prompt_len: Optional[int] = None, scope: str = "") -> None:
+        """Keep `cache`, which holds the first `offset` of `tokens`, for `scope`; the first
+        `prompt_len` of them were the prompt (all of them when not given), the rest the model's
+        answer."""
         held = _offset(cache)
         if held <= 0 or held > len(tokens):
             return
         cache = _compact(cache)
-        entry = _Entry(tokens[:held], cache, self._cost(cache), min(held, prompt_len if prompt_len is not None else held))
+        entry = _Entry(tokens[:held], cache, self._cost(cache), min(held, prompt_len if prompt_len is not None else held),
+                       scope=scope)
         if self.disk is not None:
-            self.disk.save(entry.tokens, cache)
+            self.disk.save(entry.tokens, cache, scope)
         self._keep(entry)
 
-    def share(self, tokens: list[int], cache: list[Any]) -> None:
-        """Offer a prompt being prefilled to requests that share its prefix: an entry over the
-        first len(tokens) positions of `cache`, sharing its arrays (MLX copies on the next write),
-        in memory only. The request's own entry replaces it when it ends."""
+    def share(self, tokens: list[int], cache: list[Any], scope: str = "") -> None:
+        """Offer a prompt being prefilled to requests of `scope` that share its prefix: an entry
+        over the first len(tokens) positions of `cache`, sharing its arrays (MLX copies on the
+        next write), in memory only. The request's own entry replaces it when it ends."""
         shared = _prefix_copy(cache, len(tokens))
         if shared is None and not _trimmable(cache) and _offset(cache) == len(tokens):
             shared = snapshot(cache)  # a snapshot of exactly these tokens
         if shared is not None:
-            self._keep(_Entry(list(tokens), shared, self._cost(shared), len(tokens), offered=True))
+            self._keep(_Entry(list(tokens), shared, self._cost(shared), len(tokens), offered=True, scope=scope))
 
-    def peek(self, prompt: list[int]) -> int:
-        """The longest prefix of `prompt` an entry in memory holds (nothing is taken)."""
-        return max((_usable(e.tokens, e.cache, prompt) for e in list(self._entries.values())), default=0)
+    def peek(self, prompt: list[int], scope: str = "") -> int:
+        """The longest prefix of `prompt` an entry of `scope` in memory holds (nothing is taken)."""
+        return max((_usable(e.tokens, e.cache, prompt) for e in list(self._entries.values()) if e.scope == scope),
+                   default=0)
 
     def _keep(self, entry: _Entry) -> None:
         if not self._fits(entry):
             return
-        # A cache whose tokens are a prefix of the new one's is now redundant, if the new one can
-        # be cut back to it (a snapshot can't: earlier snapshots stay, but for the same tokens
-        # again or a prompt's passes offered while it was read).
+        # A cache of the same scope whose tokens are a prefix of the new one's is now redundant, if
+        # the new one can be cut back to it (a snapshot can't: earlier snapshots stay, but for the
+        # same tokens again or a prompt's passes offered while it was read).
         trimmable = _trimmable(entry.cache)
-        for key in [k for k, e in self._entries.items() if common_prefix(e.tokens, entry.tokens) == len(e.tokens)
+        for key in [k for k, e in self._entries.items()
+                    if e.scope == entry.scope and common_prefix(e.tokens, entry.tokens) == len(e.tokens)
                     and (trimmable or e.offered or len(e.tokens) == len(entry.tokens))]:
             del self._entries[key]
         self._add(entry)

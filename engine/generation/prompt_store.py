@@ -1,12 +1,23 @@
 """The prompt cache on disk (`--prompt-cache-dir`): KV caches that survive a restart.
 
 Each entry the prompt cache keeps is also written here: one safetensors file per token sequence
-(keys and values per layer, cut to the tokens held; the tokens and the model's identity in the
-header), under a folder per model identity, so another model's segments are never read. The
-arrays are copied out on the worker (MLX evaluates there); the file is written by a thread of its
-own, to a temporary name and then renamed, so a crash never leaves half a file under a real name.
-A file that can't be read (corrupt, foreign, another format) is removed and ignored. The folder
-is bounded by bytes: the least recently used files go first.
+and cache scope (keys and values per layer, cut to the tokens held; the tokens, the scope and the
+model's identity in the header), under a folder per model identity, so another model's segments
+are never read. The identity includes a fingerprint of the weight files (`weights_fingerprint`),
+so weights replaced under the same id and configuration start a new folder. The arrays are copied
+out on the worker (MLX evaluates there); the file is written by a thread of its own, to a
+temporary name and then renamed, so a crash never leaves half a file under a real name. The
+folder is bounded by bytes: the least recently used files go first.
+
+The folder may be writable by others (a shared or /tmp folder), so a file is trusted no more than
+a request body: only regular files are opened (no symlinks, FIFOs or devices; `O_NOFOLLOW |
+O_NONBLOCK`, then `S_ISREG` on the open file), the header is read and checked before any tensor:
+its size, the tensors' names, dtypes, shapes and offsets against the file's size, the layer
+count, heads, head size and dtype against the model (`KVShape`), the bytes it would take against
+the prompt cache's bound, the tokens against the context; the tensors are checked for NaN and
+infinity as they are read. A file that fails is removed, or skipped when another user owns it
+(one warning each). What can't be checked is what finite, well-shaped values mean: keep the
+folder private to the server's user.
 """
 from __future__ import annotations
 
@@ -15,6 +26,9 @@ import json
 import logging
 import os
 import queue
+import re
+import stat
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +40,9 @@ from engine.generation.prompt_cache import common_prefix, plain_kv
 
 log = logging.getLogger("openmlx.engine")
 MIN_TOKENS = 32  # shorter prompts are cheap to compute again: not worth a file
+MAX_HEADER = 16 << 20  # a header holds the tokens as JSON: 16 MiB is over a million of them
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}  # what an entry's dtype costs in memory, per value
+_NAME = re.compile(r"^[0-9a-f]{32}\.safetensors$")
 
 
 @dataclass
@@ -33,17 +50,140 @@ class _File:
     path: Path
     tokens: list[int]
     nbytes: int
-    exact: bool = False  # a snapshot (recurrent layers): resumable at all of its tokens only
+    scope: str = ""
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What the loaded model's KV cache looks like: per layer (key heads, key size, value heads,
+    value size), and the dtype it holds them in. A file must match it exactly."""
+
+    layers: tuple[tuple[int, int, int, int], ...]
+    dtype: str
+
+    @property
+    def values_per_token(self) -> int:
+        return sum(kh * kd + vh * vd for kh, kd, vh, vd in self.layers)
+
+
+def kv_shape(model: Any) -> Optional[KVShape]:
+    """The model's KV shape, from one token run through it (what its attention really keeps, for
+    every architecture); None when its cache is not plain KV (rotating, SSM): no file fits then."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    model(mx.array([[0]]), cache=cache)
+    if not plain_kv(cache):
+        return None
+    mx.eval([x for c in cache for x in (c.keys, c.values)])
+    layers = tuple((int(c.keys.shape[1]), int(c.keys.shape[3]), int(c.values.shape[1]), int(c.values.shape[3]))
+                   for c in cache)
+    return KVShape(layers, str(cache[0].keys.dtype).removeprefix("mlx.core."))
+
+
+# --- the weights' fingerprint --------------------------------------------------------------------
+SAMPLE = 64 << 10  # bytes per sampled block
+SAMPLES = 32  # blocks spread evenly over a file, besides its first MiB and last block
+_fingerprints: dict[tuple[str, int, int, int], str] = {}  # (path, size, mtime_ns, inode) -> digest
+_fingerprint_lock = threading.Lock()
+
+
+def file_fingerprint(path: Path) -> str:
+    """A cheap digest of one weight file: its size, its first MiB (the safetensors header and the
+    first tensors), SAMPLES blocks of 64 KiB evenly spread, and its last block: about 3 MiB read
+    whatever the file's size. Computed once per file, remembered by path, size, mtime and inode."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    with _fingerprint_lock:
+        if key in _fingerprints:
+            return _fingerprints[key]
+    h = hashlib.sha256(str(st.st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        span = max(st.st_size - SAMPLE, 0)
+        for i in range(SAMPLES + 1):
+            f.seek(span * i // SAMPLES)
+            h.update(f.read(SAMPLE))
+    digest = h.hexdigest()
+    with _fingerprint_lock:
+        _fingerprints[key] = digest
+    return digest
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """The fingerprint of a model folder's weights (every *.safetensors file in it)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        h.update(path.name.encode() + b"\0" + file_fingerprint(path).encode())
+    return h.hexdigest()[:32]
+
+
+# --- reading a file that may be hostile ----------------------------------------------------------
+def entry_name(tokens: list[int], scope: str) -> str:
+    """A file's name: its scope and tokens hashed (a file under another name is not ours)."""
+    return hashlib.sha256(json.dumps([scope, tokens]).encode()).hexdigest()[:32] + ".safetensors"
+
+
+class BadFile(ValueError):
+    """A file that is not a prompt cache entry this model can use (the message says why)."""
+
+
+class NotOurs(BadFile):
+    """A file another user owns: skipped, left in place."""
+
+
+@dataclass(frozen=True)
+class _Header:
+    tokens: list[int]
+    scope: str
+    dtype: str  # the entry's dtype in memory (the file holds float32)
+    tensors: dict[str, tuple[tuple[int, ...], int, int]]  # name -> (shape, start, end) in the file
+    nbytes: int  # what the entry takes in memory
+
+
+def _open(path: Path) -> tuple[int, os.stat_result]:
+    """An fd of `path` when it is a regular file of ours: never follows a symlink, never blocks on
+    a FIFO, never opens a device."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise (NotOurs if st.st_uid != os.geteuid() else BadFile)("not a regular file")
+    if st.st_uid != os.geteuid():
+        raise NotOurs(f"owned by uid {st.st_uid}, not this server's")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # swapped between the two looks
+            raise BadFile("not a regular file")
+        return fd, st
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_exactly(fd: int, offset: int, n: int) -> bytes:
+    data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise BadFile("shorter than its header says")
+    return data
 
 
 class PromptStore:
-    """KV caches on disk for one model (its `identity`: id, dtype and configuration)."""
+    """KV caches on disk for one model (its `identity`: id, dtype, configuration and weights).
 
-    def __init__(self, root: Path, identity: str, max_bytes: int) -> None:
+    `shape`: the model's KV shape (every file must match it; None only in tests, where the files
+    are checked for consistency alone). `max_entry_bytes`: the most one entry may take in memory
+    (the prompt cache's bound: a larger one could not be kept); `max_tokens`: the model's context."""
+
+    def __init__(self, root: Path, identity: str, max_bytes: int, shape: Optional[KVShape] = None,
+                 max_entry_bytes: Optional[int] = None, max_tokens: Optional[int] = None) -> None:
         self.folder = Path(root).expanduser() / hashlib.sha256(identity.encode()).hexdigest()[:24]
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.identity = identity
         self.max_bytes = max_bytes
+        self.shape = shape
+        self.max_entry_bytes = max_entry_bytes
+        self.max_tokens = max_tokens
         self._files: dict[str, _File] = {}
         self._lock = threading.Lock()
         self._queue: "queue.Queue[Optional[tuple[str, dict[str, np.ndarray], dict[str, str]]]]" = queue.Queue(8)
@@ -51,23 +191,91 @@ class PromptStore:
         self._writer = threading.Thread(target=self._write_loop, name="openmlx-prompt-store", daemon=True)
         self._writer.start()
 
+    # --- checks ----------------------------------------------------------------------------
+    @property
+    def entry_limit(self) -> int:
+        return min(self.max_bytes, self.max_entry_bytes or self.max_bytes)
+
+
+    def _header(self, fd: int, size: int, name: str) -> _Header:
+        """The file's header, checked before any tensor is read."""
+        if size < 8:
+            raise BadFile("too short")
+        (length,) = struct.unpack("<Q", _read_exactly(fd, 0, 8))
+        if length > min(MAX_HEADER, size - 8):
+            raise BadFile(f"a header of {length} bytes")
+        header = json.loads(_read_exactly(fd, 8, length))
+        if not isinstance(header, dict):
+            raise BadFile("a header that is not an object")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or meta.get("identity") != self.identity:
+            raise BadFile("another model's file")
+        tokens = json.loads(meta["tokens"])
+        scope, dtype = meta.get("scope", ""), meta.get("dtype")
+        if not isinstance(tokens, list) or not all(type(t) is int for t in tokens) or not isinstance(scope, str):
+            raise BadFile("tokens or scope malformed")
+        if dtype not in ITEMSIZE or (self.shape is not None and dtype != self.shape.dtype):
+            raise BadFile(f"dtype {dtype!r}, the model's KV is {self.shape.dtype if self.shape else 'float'}")
+        if name != entry_name(tokens, scope):
+            raise BadFile("its name is not its contents'")
+        n = len(tokens)
+        if n < MIN_TOKENS or (self.max_tokens is not None and n > self.max_tokens):
+            raise BadFile(f"{n} tokens (the model's context is {self.max_tokens})")
+        layers = len(header) // 2
+        if not layers or set(header) != {f"{kind}.{i}" for i in range(layers) for kind in "kv"}:
+            raise BadFile("tensors that are not one key and one value per layer")
+        if self.shape is not None and layers != len(self.shape.layers):
+            raise BadFile(f"{layers} layers, the model has {len(self.shape.layers)}")
+        tensors, spans, values = {}, [], 0
+        for i in range(layers):
+            for kind, at in (("k", 0), ("v", 2)):
+                t = header[f"{kind}.{i}"]
+                shape, (start, end) = tuple(t["shape"]), t["data_offsets"]
+                if t.get("dtype") != "F32" or len(shape) != 4 or shape[0] != 1 or shape[2] != n \
+                        or not all(type(d) is int and d > 0 for d in shape):
+                    raise BadFile(f"{kind}.{i}: {t.get('dtype')} {list(shape)} for {n} tokens")
+                if self.shape is not None and (shape[1], shape[3]) != self.shape.layers[i][at:at + 2]:
+                    raise BadFile(f"{kind}.{i}: {shape[1]} heads of {shape[3]}, the model's layer has "
+                                  f"{self.shape.layers[i][at]} of {self.shape.layers[i][at + 1]}")
+                count = shape[1] * shape[2] * shape[3]
+                if type(start) is not int or type(end) is not int or end - start != 4 * count or start < 0:
+                    raise BadFile(f"{kind}.{i}: offsets disagree with its shape")
+                values += count
+                spans.append((start, end))
+                tensors[f"{kind}.{i}"] = (shape, 8 + length + start, 8 + length + end)
+        spans.sort()
+        if any(a[1] > b[0] for a, b in zip(spans, spans[1:])) or (spans and 8 + length + spans[-1][1] > size):
+            raise BadFile("tensors overlap or lie past the end of the file")
+        nbytes = values * ITEMSIZE[dtype]
+        if nbytes > self.entry_limit:
+            raise BadFile(f"{nbytes} bytes of KV, over the bound of {self.entry_limit}")
+        return _Header(tokens, scope, dtype, tensors, nbytes)
+
+    def _reject(self, path: Path, e: Exception) -> None:
+        if isinstance(e, NotOurs):
+            log.warning("prompt cache: skipping %s (%s)", path.name, e)
+            return
+        log.warning("prompt cache: removing %s (%s)", path.name, e)
+        try:
+            path.unlink(missing_ok=True)  # a symlink goes, never what it points at
+        except OSError as err:
+            log.warning("prompt cache: can't remove %s (%s)", path.name, err)
+
     # --- reading ---------------------------------------------------------------------------
     def _index(self) -> None:
-        """Read every file's header (tokens, identity); what can't be read is removed."""
-        from safetensors import safe_open
-
+        """Read every file's header (tokens, scope, identity); what can't be used is removed."""
         for path in sorted(self.folder.glob("*.safetensors")):
             try:
-                with safe_open(str(path), framework="numpy") as f:
-                    meta = f.metadata() or {}
-                if meta.get("identity") != self.identity:
-                    raise ValueError("another model's file")
-                tokens = json.loads(meta["tokens"])
-                self._files[path.name] = _File(path, [int(t) for t in tokens], path.stat().st_size,
-                                               "layers" in meta)
-            except Exception as e:  # noqa: BLE001 - any unreadable file is dropped, never fatal
-                log.warning("prompt cache: removing unreadable %s (%s)", path.name, e)
-                path.unlink(missing_ok=True)
+                if not _NAME.match(path.name):
+                    raise BadFile("not a name this server writes")
+                fd, st = _open(path)
+                try:
+                    head = self._header(fd, st.st_size, path.name)
+                finally:
+                    os.close(fd)
+                self._files[path.name] = _File(path, head.tokens, st.st_size, head.scope)
+            except Exception as e:  # noqa: BLE001 - any unusable file is dropped, never fatal
+                self._reject(path, e)
         for tmp in self.folder.glob("*.tmp"):  # a write a crash interrupted
             tmp.unlink(missing_ok=True)
 
@@ -76,81 +284,86 @@ class PromptStore:
         with self._lock:
             return sum(f.nbytes for f in self._files.values())
 
-    def best(self, prompt: list[int]) -> tuple[Optional[str], int]:
-        """The file sharing the longest prefix with `prompt`, and that length."""
+    def best(self, prompt: list[int], scope: str = "") -> tuple[Optional[str], int]:
+        """The file of `scope` sharing the longest prefix with `prompt`, and that length."""
         with self._lock:
-            scored = [(_usable(f, prompt), name) for name, f in self._files.items()]
+            scored = [(common_prefix(f.tokens, prompt), name) for name, f in self._files.items() if f.scope == scope]
         length, name = max(scored, default=(0, None))
         return name, length
 
     def load(self, name: str) -> Optional[tuple[list[int], list[Any]]]:
-        """(tokens, KV caches) of a file, or None (and the file removed) if it can't be read.
-        Runs on the worker."""
+        """(tokens, KV caches) of a file, or None (and the file removed) if it can't be used.
+        Runs on the worker. A layer at a time: its float32 copy is freed before the next is read."""
         import mlx.core as mx
         from mlx_lm.models.cache import KVCache
-        from safetensors import safe_open
 
         with self._lock:
             entry = self._files.get(name)
         if entry is None:
             return None
         try:
-            with safe_open(str(entry.path), framework="numpy") as f:
-                meta = f.metadata()
-                dtype = getattr(mx, meta["dtype"])
-                arrays = {k: f.get_tensor(k) for k in f.keys()}
-            if "layers" in meta:
-                cache = _snapshot_layers(arrays, meta, len(entry.tokens))
-                os.utime(entry.path)
-                return entry.tokens, cache
-            layers = len(arrays) // 2
-            cache = []
-            for i in range(layers):
-                c = KVCache()
-                c.keys = mx.array(arrays[f"k.{i}"]).astype(dtype)
-                c.values = mx.array(arrays[f"v.{i}"]).astype(dtype)
-                c.offset = int(c.keys.shape[2])
-                if c.offset != len(entry.tokens):
-                    raise ValueError("tokens and arrays disagree")
-                cache.append(c)
+            fd, st = _open(entry.path)
+            try:
+                head = self._header(fd, st.st_size, name)
+                if head.tokens != entry.tokens or head.scope != entry.scope:
+                    raise BadFile("changed since it was indexed")
+                dtype = getattr(mx, head.dtype)
+                cache = []
+                for i in range(len(head.tensors) // 2):
+                    c = KVCache()
+                    parts = []
+                    for kind in "kv":
+                        shape, start, end = head.tensors[f"{kind}.{i}"]
+                        a = np.frombuffer(_read_exactly(fd, start, end - start), dtype="<f4").reshape(shape)
+                        if not np.isfinite(a).all():
+                            raise BadFile(f"{kind}.{i} holds NaN or infinity")
+                        parts.append(mx.array(a).astype(dtype))
+                    mx.eval(parts)
+                    c.keys, c.values = parts
+                    c.offset = len(head.tokens)
+                    cache.append(c)
+            finally:
+                os.close(fd)
             os.utime(entry.path)  # used: the last the byte bound removes
-            return entry.tokens, cache
+            return head.tokens, cache
         except Exception as e:  # noqa: BLE001
-            log.warning("prompt cache: removing unreadable %s (%s)", entry.path.name, e)
-            self._forget(name)
+            self._reject(entry.path, e)
+            with self._lock:
+                self._files.pop(name, None)
             return None
 
+    def drop(self, name: str) -> None:
+        """Remove a file (a generation failed on what it held)."""
+        log.warning("prompt cache: removing %s (a generation failed on it)", name)
+        self._forget(name)
+
     # --- writing ---------------------------------------------------------------------------
-    def save(self, tokens: list[int], cache: list[Any]) -> None:
-        """Queue `cache` (holding `tokens`) for writing. Copies the arrays out on the caller's
-        thread (the worker); skipped for short prompts, known sequences and other cache kinds."""
+    def save(self, tokens: list[int], cache: list[Any], scope: str = "") -> None:
+        """Queue `cache` (holding `tokens`, made by requests of `scope`) for writing. Copies the
+        arrays out on the caller's thread (the worker); skipped for short prompts, known sequences,
+        other cache kinds and what `load` would refuse."""
         import mlx.core as mx
 
-        snapshot = not plain_kv(cache)
-        if len(tokens) < MIN_TOKENS or (snapshot and not _snapshot_kinds(cache)):
+        if len(tokens) < MIN_TOKENS or not plain_kv(cache) or (self.max_tokens and len(tokens) > self.max_tokens):
             return
-        name = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:32] + ".safetensors"
+        name = entry_name(tokens, scope)
         with self._lock:
             if name in self._files:
                 return
-        if snapshot:
-            arrays, layers, dtypes = _snapshot_arrays(cache, len(tokens))
-            meta = {"identity": self.identity, "tokens": json.dumps(tokens), "dtype": dtypes[0] if dtypes else "float32",
-                    "layers": json.dumps(layers), "dtypes": json.dumps(dtypes)}
-            try:
-                self._queue.put_nowait((name, arrays, meta))
-            except queue.Full:
-                pass
-            return
         n = len(tokens)
         dtype = str(cache[0].keys.dtype).removeprefix("mlx.core.")
+        if dtype not in ITEMSIZE or (self.shape is not None and dtype != self.shape.dtype):
+            return
+        values = sum(n * (c.keys.shape[1] * c.keys.shape[3] + c.values.shape[1] * c.values.shape[3]) for c in cache)
+        if values * ITEMSIZE[dtype] > self.entry_limit:
+            return
         arrays = {}
         for i, c in enumerate(cache):
             for kind, a in (("k", c.keys), ("v", c.values)):
                 part = a[..., :n, :].astype(mx.float32)  # numpy has no bfloat16: widened, narrowed on load
                 mx.eval(part)
                 arrays[f"{kind}.{i}"] = np.array(part)
-        meta = {"identity": self.identity, "tokens": json.dumps(tokens), "dtype": dtype}
+        meta = {"identity": self.identity, "tokens": json.dumps(tokens), "dtype": dtype, "scope": scope}
         try:
             self._queue.put_nowait((name, arrays, meta))
         except queue.Full:  # the disk is behind: this one is not kept, generation never waits
@@ -169,6 +382,8 @@ class PromptStore:
                 self._queue.task_done()
 
     def _write(self, name: str, arrays: dict[str, np.ndarray], meta: dict[str, str], save_file: Any) -> None:
+        if not all(np.isfinite(a).all() for a in arrays.values()):  # (an overflow): load would refuse it
+            return
         path = self.folder / name
         tmp = path.with_suffix(".tmp")
         try:
@@ -179,7 +394,7 @@ class PromptStore:
             tmp.unlink(missing_ok=True)
             return
         with self._lock:
-            self._files[name] = _File(path, json.loads(meta["tokens"]), path.stat().st_size, "layers" in meta)
+            self._files[name] = _File(path, json.loads(meta["tokens"]), path.stat().st_size, meta["scope"])
         self._bound()
 
     def _bound(self) -> None:

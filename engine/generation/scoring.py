@@ -36,17 +36,19 @@ class Prefix:
         return copy.deepcopy(self.cache), self.reused
 
 
-def prefill(runner: Any, prompt: list[int], top: Optional[int] = None) -> Generator[Pass, None, Prefix]:
+def prefill(runner: Any, prompt: list[int], top: Optional[int] = None,
+            scope: str = "") -> Generator[Pass, None, Prefix]:
     """Run the prompt (without its last token) through `runner`'s model (a TextRunner) in chunks;
     with `top` not None, also score each prompt token with `top` alternatives. Yields `Pass`
-    after each chunk (the worker runs other streams between them) and returns the Prefix."""
+    after each chunk (the worker runs other streams between them) and returns the Prefix. Only
+    `scope`'s prompt cache entries are reused (engine/request.py CacheScope.key)."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
     reused = 0
     cache = None
     if top is None:  # scores need the logits of every position: only a plain prefill reuses a cache
-        cache, reused = runner.prompt_cache.take(prompt)
+        cache, reused = runner.prompt_cache.take(prompt, scope)
     if cache is None:
         cache, reused = make_prompt_cache(runner.model), 0
     body = prompt[:-1]
@@ -80,5 +82,5 @@ def prefill(runner: Any, prompt: list[int], top: Optional[int] = None) -> Genera
 
         held = snapshot(cache) if needs_snapshots(cache) else None
         if held is not None:  # where the same prompt and the next turn resume (prompt_cache.py)
-            runner.prompt_cache.put(body, held)
+            runner.prompt_cache.put(body, held, scope=scope)
     return Prefix(cache, tuple(scored), reused)

@@ -225,15 +225,16 @@ class Speculation:
     draft_model: Optional[nn.Module] = None
     draft_cache: PromptCache = field(default_factory=PromptCache)
 
-    def drafter(self, prompt: Sequence[int], cache: list[Any]) -> Optional[Drafter]:
+    def drafter(self, prompt: Sequence[int], cache: list[Any], scope: str = "") -> Optional[Drafter]:
         """A drafter for one generation, or None where speculation is off or can't run (a KV
-        cache that can't be trimmed back, e.g. a rotating window)."""
+        cache that can't be trimmed back, e.g. a rotating window). The draft model's cache is
+        reused within `scope` only, as the model's own (timing would tell the rest)."""
         from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
         if self.mode == "off" or not can_trim_prompt_cache(cache):
             return None
         if self.draft_model is not None and self.mode in ("auto", "draft"):
-            draft_cache, reused = self.draft_cache.take(list(prompt))
+            draft_cache, reused = self.draft_cache.take(list(prompt), scope)
             if draft_cache is None:
                 draft_cache, reused = make_prompt_cache(self.draft_model), 0
             if not can_trim_prompt_cache(draft_cache):
@@ -243,10 +244,10 @@ class Speculation:
             return PromptLookup()
         return None
 
-    def done(self, drafter: Drafter) -> None:
-        """The generation ended: keep the draft model's cache for the next turn."""
+    def done(self, drafter: Drafter, scope: str = "") -> None:
+        """The generation ended: keep the draft model's cache for the next turn (of `scope`)."""
         if isinstance(drafter, DraftModel) and drafter.fed:
-            self.draft_cache.put(drafter.fed, drafter.cache)
+            self.draft_cache.put(drafter.fed, drafter.cache, scope=scope)
 
     def close(self) -> None:
         self.draft_cache.clear()

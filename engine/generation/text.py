@@ -20,7 +20,7 @@ from engine.errors import InvalidRequest, Unsupported
 from engine.models.memory import MemoryEstimate, MemoryGate
 from engine.models.probe import Probe
 from engine.generation.passes import InFlight, keep_prompt_end, read_in_passes
-from engine.generation.prompt_cache import PromptCache, common_prefix, needs_snapshots
+from engine.generation.prompt_cache import Hit, PromptCache, common_prefix, needs_snapshots
 from engine.generation.sampling import make_sampler, penalty_processor
 from engine.generation.speculative import Speculation, SpecStats, speculative_tokens
 from engine.generation.stopping import StopMatcher
@@ -251,7 +251,7 @@ class TextRunner:
         `score_top` its tokens scored (engine/generation/scoring.py); a `Pass` after each pass."""
         from engine.generation.scoring import prefill
 
-        prefix = yield from prefill(self, prepared.prompt, score_top)
+        prefix = yield from prefill(self, prepared.prompt, score_top, prepared.cache.key)
         return replace(prepared, prefix=prefix)
 
     def run(self, prepared: "Prepared", cancelled: Callable[[], bool]) -> Iterator[GenerationEvent]:
@@ -262,7 +262,8 @@ class TextRunner:
             return
         start = prepared.prefix.fork() if prepared.prefix is not None else None
         yield from self.generate(prepared.prompt, prepared.max_tokens, prepared.params, cancelled,
-                                 keep_leading_space=prepared.raw_text, start=start, resume_at=prepared.resume_at)
+                                 keep_leading_space=prepared.raw_text, start=start, resume_at=prepared.resume_at,
+                                 scope=prepared.cache.key)
 
     def close(self) -> None:
         """Free what the runner holds beyond its weights (unload)."""
@@ -308,7 +309,7 @@ class TextRunner:
     def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams,
                  cancelled: Callable[[], bool], keep_leading_space: bool = False,
                  start: Optional[tuple[list[Any], int]] = None,
-                 resume_at: Sequence[int] = ()) -> Iterator[GenerationEvent]:
+                 resume_at: Sequence[int] = (), scope: str = "") -> Iterator[GenerationEvent]:
         """Generate up to `max_tokens` tokens; stop strings and cancellation end it early.
 
         mlx-lm's streaming detokenizer drops the first token's leading space, right for a chat
@@ -317,30 +318,40 @@ class TextRunner:
         but its last token (a shared prefill, engine/generation/scoring.py) and how many of those tokens it
         took from the prompt cache (reported as cached), used instead of the prompt cache.
         `resume_at`: prompt positions where a model whose cache can't be cut back keeps snapshots
-        (besides the prompt's end)."""
+        (besides the prompt's end). `scope`: the prompt cache entries it may reuse and adds to
+        (engine/request.py CacheScope.key). A generation that fails on a cache read from disk drops
+        that file and keeps nothing of it."""
         from mlx_lm import stream_generate
         from mlx_lm.models.cache import make_prompt_cache
 
         sampler, processors = self.sampling(params)
+        hit = Hit(None, 0)
         if start is not None:  # the shared prefill's cache, and what it took from the prompt cache
             cache, cached = start
             reused = len(prompt) - 1
         else:  # a prefix another request is reading now is waited for, not read twice
-            yield from self.in_flight.wait(prompt, self.prompt_cache, cancelled)
-            cache, reused = self.prompt_cache.take(prompt)
+            yield from self.in_flight.wait(prompt, self.prompt_cache, cancelled, scope)
+            hit = self.prompt_cache.take_hit(prompt, scope)
+            cache, reused = hit.cache, hit.length
             cached = reused
         if cache is None:
             cache = make_prompt_cache(self.model)
         if start is None:  # a long prompt's whole passes, the other streams running between them
-            reused, left = yield from read_in_passes(self.model, prompt, reused, cache, PREFILL_STEP, cancelled,
-                                                     self.prompt_cache, self.in_flight,
-                                                     min((p for p in resume_at if p > reused), default=None))
+            try:
+                reused, left = yield from read_in_passes(self.model, prompt, reused, cache, PREFILL_STEP, cancelled,
+                                                         self.prompt_cache, self.in_flight,
+                                                         min((p for p in resume_at if p > reused), default=None),
+                                                         scope)
+            except Exception:
+                if hit.disk is not None:
+                    self.prompt_cache.discard(prompt, hit, scope)
+                raise
             if left:
                 yield Started(len(prompt), cached)
                 yield Finished("cancelled", len(prompt), 0, cached)
                 return
             if needs_snapshots(cache):  # a recurrent state resumes only where it was kept
-                reused = keep_prompt_end(self.model, prompt, reused, cache, self.prompt_cache, resume_at)
+                reused = keep_prompt_end(self.model, prompt, reused, cache, self.prompt_cache, resume_at, scope)
         tokens: list[int] = []
         batch: dict[str, Any] = {}  # its uid in the batch; the batch hands its KV cache back here
         kept = False
@@ -358,12 +369,12 @@ class TextRunner:
                     batch["cache"] = self.decoder.remove(batch["uid"])
                 held = batch["cache"]
             if held is not None:
-                self.prompt_cache.put(prompt + tokens, held, prompt_len=len(prompt))
+                self.prompt_cache.put(prompt + tokens, held, prompt_len=len(prompt), scope=scope)
 
         stats = SpecStats()
         drafter = None
         if start is None and self.streams == 0:  # a stream that starts alone speculates
-            drafter = self.speculation.drafter(prompt, cache)
+            drafter = self.speculation.drafter(prompt, cache, scope)
         if drafter is not None:
             pairs = self._speculate(cache, prompt, reused, drafter, max_tokens, sampler, processors, stats, batch)
             steps = detokenized(pairs, self.tokenizer, _eos_ids(self.tokenizer), max_tokens)
@@ -385,12 +396,17 @@ class TextRunner:
                     if drafter is not None:
                         event = replace(event, drafted=stats.proposed, accepted=stats.accepted)
                 yield event
+        except Exception:
+            if hit.disk is not None:  # what was read from disk may be what failed: not kept, not written again
+                kept = True
+                self.prompt_cache.discard(prompt, hit, scope)
+            raise
         finally:
             self.streams -= 1
             steps.close()
             keep()
             if drafter is not None:
-                self.speculation.done(drafter)
+                self.speculation.done(drafter, scope)
 
 
     def _speculate(self, cache: list[Any], prompt: list[int], reused: int, drafter: Any, max_tokens: int,

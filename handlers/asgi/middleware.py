@@ -5,7 +5,7 @@ import asyncio
 import json
 import uuid
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Optional
 
 from handlers.wire.errors import BodyTooLarge, BodyTooSlow, error_payload
 
@@ -306,7 +306,8 @@ class ApiKeyMiddleware:
         self.app = app
         self.keys = [k.encode() for k in keys if k]
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _authorized(self, scope: Scope) -> Optional[bytes]:
+        """The request's key when it is one of ours, else None."""
         import hmac
 
         header = _header(scope, b"authorization") or b""
@@ -314,14 +315,23 @@ class ApiKeyMiddleware:
         if scheme.lower() != b"bearer" or not token:
             token = _header(scope, b"x-api-key") or b""
             if not token:
-                return False
+                return None
         token = token.strip()
         # Check every key (no early exit) so timing says nothing about which matched.
-        return any([hmac.compare_digest(token, key) for key in self.keys])
+        return token if any([hmac.compare_digest(token, key) for key in self.keys]) else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.keys or not scope.get("path", "").startswith("/v1/") \
-                or scope.get("method") == "OPTIONS" or self._authorized(scope):
+                or scope.get("method") == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        token = self._authorized(scope)
+        if token is not None:
+            # Each key's prompt cache entries are its own (handlers/conversation/cache_scope.py): the engine
+            # gets a hash of the key, never the key.
+            from handlers.conversation.cache_scope import key_owner
+
+            scope.setdefault("state", {})["cache_owner"] = key_owner(token)
             await self.app(scope, receive, send)
             return
         missing = _header(scope, b"authorization") is None and _header(scope, b"x-api-key") is None
