@@ -20,6 +20,7 @@ is pointed at `BoundedEnvironment` once, here.
 """
 from __future__ import annotations
 
+import builtins
 import functools
 import json
 import re
@@ -324,14 +325,12 @@ def _bounded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     return bounded
 
 
-def _bounded_lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:
+def _bounded_lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:  # noqa: A002
+    """Jinja's `lipsum` (its keyword names), sized before it is made: n paragraphs of up to `max` words."""
     from jinja2.utils import generate_lorem_ipsum
 
-    _grow(max_(n, 0) * max_(max, 1) * 12)
+    _grow(builtins.max(n, 0) * builtins.max(max, 1) * 12)
     return generate_lorem_ipsum(n, html, min, max)
-
-
-max_ = max  # the builtin, under a name lipsum's keyword arguments don't hide
 
 
 class _BoundedCodeGenerator(CodeGenerator):
@@ -369,7 +368,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
             if getattr(func, "__openmlx_bounded__", False):
                 continue
             if name == "tojson" and getattr(func, "jinja_pass_arg", None) is None:  # transformers' json.dumps
-                func = functools.wraps(func)(_streamed_tojson)
+                func = _streamed_tojson
             self.filters[name] = _bounded_filter(name, func)
 
     def from_string(self, source: Any, *args: Any, **kwargs: Any) -> Any:

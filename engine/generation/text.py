@@ -24,7 +24,7 @@ from engine.generation.prompt_cache import PromptCache
 from engine.generation.sampling import make_sampler, penalty_processor
 from engine.generation.speculative import Speculation, SpecStats, speculative_tokens
 from engine.generation.stopping import StopMatcher
-from engine.generation.templates import TEMPLATE_ERRORS, render_chat  # noqa: F401  (TEMPLATE_ERRORS: vision's)
+from engine.generation.templates import render_chat
 from engine.generation.tokens import encode_prefix, guarded, prompt_chars
 from engine.generation.turns import render_turn, with_tool_prompt
 from engine.constrained.toolcalls import ToolFormat, for_template
