@@ -253,10 +253,12 @@ class Engine:
         return Embeddings(np.concatenate([p.vectors for p in parts]), [n for p in parts for n in p.token_counts])
 
     # --- rerank --------------------------------------------------------------------------
-    async def rerank(self, model_id: str, query: str, documents: Sequence[str]) -> ranking.Ranking:
+    async def rerank(self, model_id: str, query: str, documents: Sequence[str],
+                     max_tokens: Optional[int] = None) -> ranking.Ranking:
         """Each document's relevance to `query` (input order), by the model's kind: an embedding
         model's cosine, a cross-encoder's classifier, or a text model judging yes/no
-        (engine/media/rerank.py). Each batch is its own short job on the worker."""
+        (engine/media/rerank.py). Each batch is its own short job on the worker; a judge's
+        prompts together must fit `max_tokens` (--max-batch-tokens)."""
         kind = await self.scheduler.call(lambda: self.residency.kind(model_id))
         if kind == "embedding":
             embedder = await self.scheduler.call(lambda: self.residency.embedder(model_id))
@@ -264,7 +266,8 @@ class Engine:
         if kind == "text":
             runner = await self.scheduler.call(lambda: self.residency.runner(model_id),
                                                exclusive=lambda: self.residency.needs_switch(model_id))
-            return await ranking.by_judge(runner, query, documents, self.scheduler.call)
+            return await ranking.by_judge(runner, query, documents, self.scheduler.call, self.scheduler.call_in_passes,
+                                          max_tokens)
         raise InvalidRequest(f"The model '{model_id}' is a {kind} model; rerank with an embedding model, a "
                              "cross-encoder or a text model.", param="model", code="model_not_reranker")
 

@@ -19,6 +19,7 @@ from handlers.wire import errors
 from handlers.metrics import MetricsMiddleware
 from handlers.conversation.images import ImageSources
 from handlers.conversation.response_store import ResponseStore
+from handlers.asgi.security import OriginMiddleware, host_policy
 from handlers.asgi.middleware import (ApiKeyMiddleware, BodyLimitMiddleware, DrainMiddleware, RequestIdMiddleware,
                                  RequestLifetimeMiddleware, SpecMiddleware)
 
@@ -41,6 +42,8 @@ class ServerConfig:
     validate_responses: bool = True
     api_keys: list[str] = field(default_factory=list)  # empty: no auth
     cors_origins: list[str] = field(default_factory=list)  # empty: CORS off
+    bind_host: str = "127.0.0.1"  # the address listened on: loopback answers loopback Host names only
+    allowed_hosts: list[str] = field(default_factory=list)  # more Host names (--allowed-hosts; "*": any)
     responses_max: int = 1024  # stored Responses API responses
     responses_ttl: float = 24 * 3600
     responses_dir: Optional[Path] = None
@@ -84,9 +87,14 @@ def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] =
                 resolver=HandlerResolver())
     errors.register(app)
     # Connexion runs middleware added at one position in the order added: the request id wraps
-    # everything, CORS answers preflights before auth, auth runs before a body is read.
+    # everything, Host and Origin are checked before any route, CORS answers preflights before auth,
+    # auth runs before a body is read.
     app.add_middleware(RequestIdMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
     app.add_middleware(MetricsMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
+    # Host and Origin before anything that does work (CORS preflights included: a foreign Host gets
+    # nothing); counted by the metrics like any response.
+    app.add_middleware(OriginMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION,
+                       policy=host_policy(config.bind_host, config.allowed_hosts, config.cors_origins))
     if config.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 

@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key-file", help="a file of API keys, one per line")
     s.add_argument("--cors-origin", action="append",
                    help="allow browser requests from this origin (repeatable; '*' only if you mean it). Off by default")
+    s.add_argument("--allowed-hosts", action="append", metavar="HOST",
+                   help="also answer requests whose Host header names HOST (repeatable or comma-separated; "
+                        "'.example.com' for its subdomains, '*' for any). On a loopback --host only localhost, "
+                        "127.0.0.1 and [::1] are answered without it (a guard against DNS rebinding); on another "
+                        "--host every name is, unless this is given")
     s.add_argument("--responses-max", type=positive_int, default=1024,
                    help="stored Responses API responses kept (least recently used out first)")
     s.add_argument("--responses-max-bytes", type=positive_int, default=256 << 20,

@@ -24,7 +24,7 @@ async def _rerank(body: dict[str, Any], documents_by_default: bool) -> dict[str,
     if not model:
         raise InvalidRequest("No model given and this server has no rerank model (--rerank-model).", param="model")
     documents = [_text(d) for d in body["documents"]]
-    ranking = await engine.rerank(model, body["query"], documents)
+    ranking = await engine.rerank(model, body["query"], documents, request.state.max_batch_tokens)
     order = sorted(range(len(documents)), key=lambda i: ranking.scores[i], reverse=True)
     if body.get("top_n"):
         order = order[:body["top_n"]]

@@ -16,7 +16,7 @@ import mlx.nn as nn
 from engine.generation.batching import PREFILL_STEP, BatchDecoder, batch_tokens, detokenized
 from engine.generation import reasoning
 from engine.generation.budget import BudgetPolicy, max_new_tokens
-from engine.errors import InvalidRequest, Unsupported
+from engine.errors import ContextLengthExceeded, InvalidRequest, Unsupported
 from engine.models.memory import MemoryEstimate, MemoryGate
 from engine.models.probe import Probe
 from engine.generation.passes import InFlight, keep_prompt_end, read_in_passes
@@ -24,7 +24,8 @@ from engine.generation.prompt_cache import Hit, PromptCache, common_prefix, need
 from engine.generation.sampling import make_sampler, penalty_processor
 from engine.generation.speculative import Speculation, SpecStats, speculative_tokens
 from engine.generation.stopping import StopMatcher
-from engine.generation.templates import render_bounded
+from engine.generation.templates import render_chat
+from engine.generation.tokens import encode_prefix, guarded, prompt_chars
 from engine.generation.turns import render_turn, with_tool_prompt
 from engine.constrained.toolcalls import ToolFormat, for_template
 from engine.constrained.toolcalls.common import added_tokens
@@ -37,13 +38,6 @@ from engine.request import (ChatMessage, Conversation, Fields, Finished, Generat
 log = logging.getLogger("openmlx.engine")
 COMPLETION_FIELDS = Fields(prompt="prompt", media="prompt")
 
-# What a chat template raises for messages it won't render (role order, missing fields); anything
-# else from a template call is a bug, not the client's fault.
-try:
-    from jinja2 import TemplateError as _TemplateError
-except ImportError:  # pragma: no cover - transformers brings jinja2
-    _TemplateError = ValueError
-TEMPLATE_ERRORS = (_TemplateError, ValueError, TypeError, KeyError, IndexError, RecursionError)
 
 
 @dataclass
@@ -119,13 +113,26 @@ class TextRunner:
             # continue_final: the last assistant turn is a prefix to go on with (Anthropic's prefill).
             prefill = {"continue_final_message": True} if continue_final and turns[-1]["role"] == "assistant" \
                 else {"add_generation_prompt": generation_prompt}
-            try:
-                return list(render_bounded(lambda: self.tokenizer.apply_chat_template(turns, **prefill, **extra)))
-            except TEMPLATE_ERRORS as e:  # templates raise their own errors for e.g. role order
-                raise InvalidRequest(f"The model's chat template rejected the messages: {e}",
-                                     param=param) from e
+            # Rendered as text within a bound (engine/generation/templates.py), then tokenized as
+            # apply_chat_template would (no special tokens added), no further than the context.
+            text = render_chat(lambda: self.tokenizer.apply_chat_template(turns, tokenize=False, **prefill, **extra),
+                               prompt_chars(self.tokenizer, self.context_length), param)
+            return self.encode_within_context(text, param)
         text = "\n".join(f"{t['role']}: {t['content']}" for t in turns) + "\nassistant:"
         return self.encode_text(text)
+
+    def encode_within_context(self, text: str, param: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`, or ContextLengthExceeded as soon as it is known to have more tokens
+        than the context (nothing past that is tokenized)."""
+        if len(text) > prompt_chars(self.tokenizer, self.context_length):
+            ids, cut = [], True
+        else:
+            ids, cut = encode_prefix(self.tokenizer, text, self.context_length, add_special_tokens)
+        if cut:
+            raise ContextLengthExceeded(f"This model's maximum context length is {self.context_length} tokens, but "
+                                        f"the prompt has more ({len(text):,} characters). Shorten the {param}.",
+                                        param=param)
+        return ids
 
     @cached_property
     def ll_tokenizer(self) -> Any:
@@ -166,7 +173,7 @@ class TextRunner:
 
     def encode_text(self, prompt: str) -> list[int]:
         """Token ids of a plain completion prompt (with BOS where the tokenizer adds one)."""
-        return list(self.tokenizer.encode(prompt))
+        return guarded(lambda: list(self.tokenizer.encode(prompt)))
 
     @property
     def vocab_size(self) -> int:

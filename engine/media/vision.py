@@ -23,8 +23,9 @@ from engine.media.images import check, decode, numbering
 from engine.models.memory import MemoryEstimate, MemoryGate
 from engine.models.probe import Probe
 from engine.generation.prompt_cache import PromptCache
-from engine.generation.templates import render_bounded
-from engine.generation.text import (ChatMessage, Finished, GenerationEvent, SamplingParams, Started, TEMPLATE_ERRORS, TextDelta,
+from engine.generation.templates import render_chat
+from engine.generation.tokens import TokenizerFailed, is_panic, prompt_chars
+from engine.generation.text import (ChatMessage, Finished, GenerationEvent, SamplingParams, Started, TextDelta,
                          TextRunner, decode_steps)
 from engine.generation.turns import render_turn, with_tool_prompt
 from engine.models.weights import KV_HEADROOM_TOKENS, kv_bytes_per_token
@@ -129,11 +130,9 @@ class VisionRunner(TextRunner):
     def _pass(self, turns: list[dict], images: list[Any], numbers: tuple[int, ...], continue_final: bool) -> VisionPass:
         from mlx_vlm.utils import prepare_inputs
 
-        try:
-            prompt = render_bounded(lambda: self.processor.apply_chat_template(
-                turns, **({"continue_final_message": True} if continue_final else {"add_generation_prompt": True})))
-        except TEMPLATE_ERRORS as e:  # templates raise their own errors for e.g. role order
-            raise InvalidRequest(f"The model's chat template rejected the messages: {e}", param="messages") from e
+        prompt = render_chat(lambda: self.processor.apply_chat_template(
+            turns, **({"continue_final_message": True} if continue_final else {"add_generation_prompt": True})),
+            prompt_chars(self.tokenizer, self.context_length))
         # mlx-vlm does not check placeholders against images (one placeholder and two images
         # silently drops one): count them ourselves.
         placeholders = prompt.count("<|image_pad|>") if "<|image_pad|>" in self.tokenizer.get_vocab() else len(images)
@@ -145,6 +144,11 @@ class VisionRunner(TextRunner):
                                     image_token_index=getattr(self.model.config, "image_token_index", None))
         except Exception as e:  # the processor's own complaint about an image it can't take
             raise InvalidRequest(f"The model's processor could not take the images: {e}", param="messages") from e
+        except BaseException as e:  # tokenizers' Rust panic is not an Exception
+            if not is_panic(e):
+                raise
+            raise TokenizerFailed(f"The model's tokenizer failed on the prompt (a panic in tokenizers: "
+                                  f"{str(e)[:200]}).") from None
         return VisionPass(dict(inputs), int(inputs["input_ids"].shape[-1]), numbers)
 
     def passes(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = (), continue_final: bool = False,

@@ -130,7 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.config.dictConfig(_logging(args.log_json, args.log_level))
     config = ServerConfig(engine=engine_config(args), max_body_bytes=args.max_body_bytes,
                           max_audio_bytes=args.max_audio_bytes,
-                          api_keys=api_keys, cors_origins=args.cors_origin or [],
+                          api_keys=api_keys, cors_origins=args.cors_origin or [], bind_host=args.host,
+                          allowed_hosts=[h for v in args.allowed_hosts or [] for h in v.split(",") if h.strip()],
                           responses_max=args.responses_max, responses_ttl=args.responses_ttl,
                           responses_dir=args.responses_dir, responses_max_bytes=args.responses_max_bytes,
                           image_sources=_image_sources(args), max_batch_tokens=args.max_batch_tokens,
