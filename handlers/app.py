@@ -86,7 +86,7 @@ def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] =
     # Connexion runs middleware added at one position in the order added: the request id wraps
     # everything, CORS answers preflights before auth, auth runs before a body is read.
     app.add_middleware(RequestIdMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
-    app.add_middleware(MetricsMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
+    app.add_middleware(MetricsMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION, spec=spec)
     if config.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
