@@ -23,12 +23,13 @@ async def create(body: dict):
     prepared = await generation.prepare(engine, conv, request.state.image_sources)
     mid = mp.new_id("msg")
     model = body["model"]
+    warnings = prepared.warnings + mp.left_out_tools(body)
     if not body.get("stream"):
         out = await generation.answer(engine, conv, prepared, ROUTE)
         content = ([mp.thinking_block(out.reasoning)] if out.reasoning else []) \
             + ([mp.text_block(out.text)] if out.text or not out.calls else []) \
             + [mp.tool_use_block(c) for c in out.calls]
-        return json_ok(mp.message(mid, model, content, out.done, out.calls), prepared.warnings)
+        return json_ok(mp.message(mid, model, content, out.done, out.calls), warnings)
 
     # Without tools the text block opens with the message, as Anthropic's does; with tools (or a
     # thinking block first) it opens on the first text, since the answer may be calls only.
@@ -97,7 +98,7 @@ async def create(body: dict):
 
     return sse.choices_response(choices.events([lambda: engine.stream(prepared)], ROUTE, model), (),
                                 lambda _i, ev: [c for n in stream.on(ev) for c in encode(n)],
-                                headers=warning_headers(prepared.warnings), encode=sse.named_event, done=None,
+                                headers=warning_headers(warnings), encode=sse.named_event, done=None,
                                 on_error=on_error, keepalive=keepalive)
 
 

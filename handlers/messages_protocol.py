@@ -152,8 +152,8 @@ def conversation(body: dict[str, Any], max_tokens: Optional[int]) -> Conversatio
         for turn in _message(i, m, open_calls):
             newest_media = newest_media or (i == newest and bool(turn.images))
             turns.append(turn)
-    specs = [ToolSpec(t["name"], t.get("description") or "", json.dumps(t.get("input_schema") or {}))
-             for t in body.get("tools") or []]
+    specs = [ToolSpec(t["name"], t.get("description") or "", json.dumps(t["input_schema"]))
+             for t in client_tools(body)]
     choice = body.get("tool_choice") or {}
     tools, tool_choice = offer_tools(specs, _CHOICES[choice["type"]] if choice else None, choice.get("name"))
     fmt = (body.get("output_config") or {}).get("format")
@@ -170,6 +170,27 @@ def conversation(body: dict[str, Any], max_tokens: Optional[int]) -> Conversatio
     return Conversation(body["model"], turns, params, tuple(tools), frozenset({"image"} if newest_media else ()),
                         continue_final=messages[-1]["role"] == "assistant", tool_choice=tool_choice,
                         thinking=thinking(body.get("thinking"), max_tokens))
+
+
+def client_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The client tools the model is offered; Anthropic's versioned tool types are left out
+    (`left_out_tools`). A client tool needs its input_schema."""
+    tools = []
+    for i, tool in enumerate(body.get("tools") or []):
+        if tool.get("type", "custom") != "custom":
+            continue
+        if tool.get("input_schema") is None:
+            raise InvalidRequest(f"Tool '{tool['name']}' needs input_schema.", param=f"tools.{i}.input_schema")
+        tools.append(tool)
+    return tools
+
+
+def left_out_tools(body: dict[str, Any]) -> tuple[str, ...]:
+    """The warning for Anthropic's own tool types (web search, code execution, bash, text editor...):
+    the server can neither run them nor describe them to the model, so they are left out."""
+    kinds = [t["type"] for t in body.get("tools") or [] if t.get("type", "custom") != "custom"]
+    return (f"Anthropic tool types this server can't run were left out of the prompt: {', '.join(kinds)}",) \
+        if kinds else ()
 
 
 def thinking(value: Optional[dict[str, Any]], max_tokens: Optional[int]) -> Thinking:

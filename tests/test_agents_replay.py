@@ -306,6 +306,19 @@ def test_hosted_tools_are_left_out_with_a_warning(agents, tool):
     assert tool["type"] in r.headers["x-openmlx-warning"] and r.json()["tools"] == []
 
 
+def test_anthropic_tool_types_are_left_out_with_a_warning(agents):
+    tools = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3},
+             {"type": "bash_20250124", "name": "bash"},
+             {"name": "Read", "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}}]
+    body = {"model": BIG, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}], "tools": tools}
+    r = httpx.post(agents.url + "/v1/messages", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert "web_search_20250305, bash_20250124" in r.headers["x-openmlx-warning"]
+    body["tools"] = [{"name": "Read"}]  # a client tool without its input_schema
+    r = httpx.post(agents.url + "/v1/messages", json=body, timeout=60)
+    assert r.status_code == 400 and "input_schema" in r.json()["error"]["message"], r.text
+
+
 @pytest.mark.parametrize("path,body,param", [
     ("/v1/responses", {"input": "Hi", "tools": [{"type": "namespace", "name": "ns", "description": "d", "tools": []}]},
      "tools.0.tools"),
