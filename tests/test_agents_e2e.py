@@ -39,7 +39,9 @@ CODERS = {
 CODER_FILE, CODER_SHA256, CODER_SIZE, CODER_PARTS = CODERS[os.environ.get("OPENMLX_AGENTS_MODEL", "1.5b")]
 AGENTS_DIR = Path(os.environ.get("OPENMLX_AGENTS_DIR", "/tmp/agents"))
 QUIET = {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1",
-         "DISABLE_ERROR_REPORTING": "1", "IS_SANDBOX": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+         "DISABLE_ERROR_REPORTING": "1", "IS_SANDBOX": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+         # Claude Code's event watchdog ignores pings and gives up after 300 s (docs/agents.md).
+         "CLAUDE_STREAM_IDLE_TIMEOUT_MS": "3600000"}
 CODEX_CONFIG = """model = "{model}"
 model_provider = "openmlx"
 check_for_update_on_startup = false
