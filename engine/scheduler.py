@@ -299,6 +299,22 @@ class StreamHandle:
         if deadline is not None and (self._job.deadline is None or deadline < self._job.deadline):
             self._job.deadline = deadline
 
+    async def remaining(self, timeout: float) -> list[Any]:
+        """After cancel(): what the worker still hands over until the stream ends (its last
+        event is a Finished "cancelled" with the tokens read and written by then), within
+        `timeout` seconds; whatever came if the worker takes longer."""
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                item = await asyncio.wait_for(self._out.get(), left)
+            except asyncio.TimeoutError:
+                break
+            if item is _END or isinstance(item, BaseException):
+                break
+            out.append(item)
+        return out
+
     async def __aiter__(self) -> AsyncIterator[Any]:  # type: ignore[override]
         try:
             while True:

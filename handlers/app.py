@@ -90,7 +90,7 @@ def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] =
     # everything, Host and Origin are checked before any route, CORS answers preflights before auth,
     # auth runs before a body is read.
     app.add_middleware(RequestIdMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
-    app.add_middleware(MetricsMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
+    app.add_middleware(MetricsMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION, spec=spec)
     # Host and Origin before anything that does work (CORS preflights included: a foreign Host gets
     # nothing); counted by the metrics like any response.
     app.add_middleware(OriginMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION,

@@ -26,18 +26,20 @@ async def create(body: dict):
     prepared = await generation.prepare(engine, conv, request.state.image_sources)
     mid = mp.new_id("msg")
     model = body["model"]
+    warnings = prepared.warnings + mp.left_out_tools(body)
     if not body.get("stream"):
         out = await generation.answer(engine, conv, prepared, ROUTE)
         content = ([mp.thinking_block(out.reasoning)] if out.reasoning else []) \
             + ([mp.text_block(out.text)] if out.text or not out.calls else []) \
             + [mp.tool_use_block(c) for c in out.calls]
-        return json_ok(mp.message(mid, model, content, out.done, out.calls), prepared.warnings)
+        return json_ok(mp.message(mid, model, content, out.done, out.calls), warnings)
 
     # Without tools the text block opens with the message, as Anthropic's does; with tools (or a
     # thinking block first) it opens on the first text, since the answer may be calls only.
     opened = not conv.tools and prepared.reasoning is None
     stream = AnswerStream(conv, prepared, text_opened=opened)
     blocks = {"next": 0, "text": 0, "thinking": None}  # the next block's index; the open ones'
+    started = {"sent": False}  # message_start went out (at the answer's start, or with the first ping)
 
     def open_block(kind: str, block: dict[str, Any]) -> list[dict[str, Any]]:
         blocks[kind], blocks["next"] = blocks["next"], blocks["next"] + 1
@@ -46,6 +48,9 @@ async def create(body: dict):
     def encode(ev: answer.AnswerEvent) -> list[dict[str, Any]]:
         """Anthropic's stream events for one answer's neutral events."""
         if isinstance(ev, answer.AnswerStarted):
+            if started["sent"]:
+                return []
+            started["sent"] = True
             start = {"type": "message_start",
                      "message": mp.message(mid, model, [], None, (), ev.prompt_tokens, ev.cached_tokens)}
             return [start, *(open_block("text", mp.text_block("")) if opened else []), {"type": "ping"}]
@@ -87,10 +92,17 @@ async def create(body: dict):
             return anthropic_error_body(500, "The server had an error while generating.")
         return anthropic_error_body(exc.status, exc.message)
 
+    def keepalive() -> str:
+        """Anthropic's `ping`; while the prompt is still being read, message_start goes first (its
+        usage counts the whole prompt as input; message_delta has the cached share at the end)."""
+        if started["sent"]:
+            return sse.named_event({"type": "ping"})
+        return "".join(sse.named_event(c) for c in encode(answer.AnswerStarted(len(prepared.prompt), 0)))
+
     return sse.choices_response(choices.events([lambda: engine.stream(prepared)], ROUTE, model), (),
                                 lambda _i, ev: [c for n in stream.on(ev) for c in encode(n)],
-                                headers=warning_headers(prepared.warnings), encode=sse.named_event, done=None,
-                                on_error=on_error)
+                                headers=warning_headers(warnings), encode=sse.named_event, done=None,
+                                on_error=on_error, keepalive=keepalive)
 
 
 async def count_tokens(body: dict):

@@ -7,7 +7,9 @@ One registry per process; the HTTP layer owns it (the engine only reports its st
 from __future__ import annotations
 
 import logging
+import re
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from connexion import request
@@ -23,7 +25,6 @@ log = logging.getLogger("openmlx.requests")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, cpu seconds, open fds
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 HTTP_REQUESTS = Counter("openmlx_http_requests", "HTTP requests by route and status", ["route", "status"],
@@ -47,17 +48,33 @@ MLX_MEMORY = Gauge("openmlx_mlx_memory_bytes", "MLX arrays: active now, peak sin
                    registry=REGISTRY)
 
 
-def _route(path: str) -> str:
-    if path.startswith("/v1/models/"):
-        return "/v1/models/{model}"
-    return path if path in ROUTES else "other"
+def spec_routes(spec: Path) -> list[tuple[re.Pattern, str]]:
+    """openapi.yaml's paths as (matcher, label): the route labels are the spec's own templates
+    (`/v1/responses/{response_id}`), so every operation is named and none is hand-listed. Fixed
+    paths come before templated ones (`/v1/responses/input_tokens` is not a response id)."""
+    import yaml
+
+    paths = list((yaml.safe_load(spec.read_text()).get("paths") or {}).keys())
+    paths.sort(key=lambda p: ("{" in p, -p.count("/")))  # fixed first; then the longest templates
+    def pattern(path: str) -> re.Pattern:
+        # A parameter ends a segment, except at the end, where it may hold slashes (org/model ids).
+        body = re.sub(r"\\{[^/]+?\\}$", ".+", re.escape(path))
+        return re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", body) + "$")
+
+    return [(pattern(p), p) for p in paths]
+
+
+def route_label(routes: list[tuple[re.Pattern, str]], path: str) -> str:
+    """The spec path a request path matches ("other" for none: 404s stay one label)."""
+    return next((label for pattern, label in routes if pattern.match(path)), "other")
 
 
 class MetricsMiddleware:
-    """Counts every response by route and status, and times it to its last byte."""
+    """Counts every response by route (the spec's paths) and status, and times it to its last byte."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, spec: Path) -> None:
         self.app = app
+        self.routes = spec_routes(spec)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -74,7 +91,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            route = _route(scope.get("path", ""))
+            route = route_label(self.routes, scope.get("path", ""))
             HTTP_REQUESTS.labels(route, str(status["code"])).inc()
             HTTP_LATENCY.labels(route).observe(time.perf_counter() - start)
 
@@ -96,6 +113,8 @@ class GenerationObserver:
             TTFT.labels(self.model).observe(self.ttft)
 
     def finished(self, done: Finished) -> None:
+        """Count a generation's tokens and log it; one the client abandoned (finish_reason
+        "cancelled") too, with what it had read and written by then."""
         TOKENS.labels(self.model, "prompt").inc(done.prompt_tokens)
         TOKENS.labels(self.model, "completion").inc(done.completion_tokens)
         # Prompt tokens the prompt cache covered ("cached") and those computed ("computed").
@@ -107,6 +126,7 @@ class GenerationObserver:
             SPECULATIVE.labels(self.model, "accepted").inc(done.accepted)
         log.info("%s %s finished (%s)", self.endpoint, self.model, done.finish_reason, extra={
             "request_id": self.request_id, "model": self.model, "endpoint": self.endpoint,
+            "cancelled": done.finish_reason == "cancelled", "cached_tokens": done.cached_tokens,
             "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
             "finish_reason": done.finish_reason, "draft_proposed": done.drafted, "draft_accepted": done.accepted,
             "ttft_s": round(self.ttft, 4) if self.ttft else None,

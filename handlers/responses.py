@@ -40,8 +40,9 @@ def _parse(body: dict[str, Any]) -> rp.ParsedResponseRequest:
     previous = body.get("previous_response_id")
     if previous:
         entry = _stored(previous, "previous_response_id")
-        calls = {i["call_id"] for i in entry.response["output"] if i["type"] == "function_call"}
-        calls |= {i["call_id"] for i in entry.input_items if i["type"] == "function_call"}
+        kinds = ("function_call", "custom_tool_call")
+        calls = {i["call_id"] for i in entry.response["output"] if i["type"] in kinds}
+        calls |= {i["call_id"] for i in entry.input_items if i["type"] in kinds}
         return rp.parse(body, entry.history, calls)
     return rp.parse(body)
 
@@ -64,11 +65,11 @@ async def create(body: dict):
         output = [rp.reasoning_item(rp.new_id("rs"), out.reasoning, status)] if out.reasoning else []
         if out.text or not out.calls:
             output.append(rp.message_item(rp.new_id("msg"), out.text, status))
-        output += [rp.call_item(c) for c in out.calls]
+        output += [parsed.tools.call_item(c) for c in out.calls]
         response = rp.response_object(rid, created, parsed.echo, output, out.done,
                                       reasoning_tokens=out.reasoning_tokens)
         _keep(parsed, response, out.text, out.calls)
-        return json_ok(response, prepared.warnings)
+        return json_ok(response, prepared.warnings + parsed.tools.warnings)
 
     return _stream(engine, parsed, prepared, rid, created)
 
@@ -128,14 +129,20 @@ class _Encoder:
                     self.ev("response.content_part.done", **msg, part=rp.output_text(ev.text)),
                     self.ev("response.output_item.done", output_index=self.msg_index, item=item)]
         if isinstance(ev, answer.CallMade):
-            i, item = len(self.output), rp.call_item(ev.call)
+            i, item = len(self.output), self.parsed.tools.call_item(ev.call)
             self.output.append(item)
+            where = {"item_id": item["id"], "output_index": i}
+            if item["type"] == "custom_tool_call":
+                return [self.ev("response.output_item.added", output_index=i,
+                                item=item | {"status": "in_progress", "input": ""}),
+                        self.ev("response.custom_tool_call_input.delta", **where, delta=item["input"]),
+                        self.ev("response.custom_tool_call_input.done", **where, input=item["input"]),
+                        self.ev("response.output_item.done", output_index=i, item=item)]
             return [self.ev("response.output_item.added", output_index=i,
                             item=item | {"status": "in_progress", "arguments": ""}),
-                    self.ev("response.function_call_arguments.delta", item_id=item["id"], output_index=i,
-                            delta=ev.call.arguments),
-                    self.ev("response.function_call_arguments.done", item_id=item["id"], output_index=i,
-                            name=ev.call.name, arguments=ev.call.arguments),
+                    self.ev("response.function_call_arguments.delta", **where, delta=ev.call.arguments),
+                    self.ev("response.function_call_arguments.done", **where,
+                            name=item["name"], arguments=ev.call.arguments),
                     self.ev("response.output_item.done", output_index=i, item=item)]
         if isinstance(ev, answer.AnswerFinished):
             response = rp.response_object(self.rid, self.created, self.parsed.echo, self.output, ev.done,
@@ -155,8 +162,8 @@ def _stream(engine: Any, parsed: rp.ParsedResponseRequest, prepared: Any, rid: s
     encoder = _Encoder(parsed, rid, created)
     return sse.choices_response(choices.events([lambda: engine.stream(prepared)], ROUTE, parsed.conv.model),
                                 encoder.first(), lambda _i, ev: [c for n in stream.on(ev) for c in encoder(n)],
-                                headers=warning_headers(prepared.warnings), encode=sse.named_event, done=None,
-                                on_error=encoder.error)
+                                headers=warning_headers(prepared.warnings + parsed.tools.warnings),
+                                encode=sse.named_event, done=None, on_error=encoder.error)
 
 
 async def input_tokens(body: dict):

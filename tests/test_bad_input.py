@@ -30,8 +30,6 @@ CASES = [
      None, 400, "max_tokens", None),
     ("zero max_tokens", "/v1/chat/completions", {"model": MODEL, "messages": OK_MSG, "max_tokens": 0},
      None, 400, "max_tokens", None),
-    ("huge max_tokens", "/v1/chat/completions", {"model": MODEL, "messages": OK_MSG, "max_tokens": 10**9},
-     None, 400, "max_tokens", "context_length_exceeded"),
     ("n above 16", "/v1/chat/completions", {"model": MODEL, "messages": OK_MSG, "n": 17}, None, 400, "n", None),
     ("five stop strings", "/v1/chat/completions", {"model": MODEL, "messages": OK_MSG, "stop": list("abcde")},
      None, 400, "stop", None),
@@ -118,15 +116,11 @@ LONG = "word " * 9000  # past the default model's 8,192-token context
 
 
 @pytest.mark.parametrize("path,body,param", [
-    ("/v1/chat/completions", {"messages": OK_MSG, "max_tokens": 10**6}, "max_tokens"),
-    ("/v1/chat/completions", {"messages": OK_MSG, "max_completion_tokens": 10**6}, "max_completion_tokens"),
+    # A max_tokens larger than the room left is clamped, not refused (tests/test_agents_replay.py).
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, "messages"),
-    ("/v1/completions", {"prompt": "Hi", "max_tokens": 10**6}, "max_tokens"),
     ("/v1/completions", {"prompt": LONG}, "prompt"),
-    ("/v1/responses", {"input": "Hi", "max_output_tokens": 10**6}, "max_output_tokens"),
     ("/v1/responses", {"input": LONG}, "input"),
-], ids=["chat-max_tokens", "chat-max_completion_tokens", "chat-prompt", "completions-max_tokens",
-        "completions-prompt", "responses-max_output_tokens", "responses-input"])
+], ids=["chat-prompt", "completions-prompt", "responses-input"])
 def test_budget_errors_name_the_field_the_client_sent(server, path, body, param):
     r = httpx.post(server.url + path, json={"model": MODEL, **body}, timeout=120)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
@@ -135,9 +129,8 @@ def test_budget_errors_name_the_field_the_client_sent(server, path, body, param)
 
 
 @pytest.mark.parametrize("body,field", [
-    ({"messages": OK_MSG, "max_tokens": 10**6}, "max_tokens"),
     ({"messages": [{"role": "user", "content": LONG}], "max_tokens": 5}, "messages"),
-], ids=["max_tokens", "messages"])
+], ids=["messages"])
 def test_messages_budget_errors_name_the_field(server, body, field):
     r = httpx.post(server.url + "/v1/messages", json={"model": MODEL, **body}, timeout=120)
     assert r.status_code == 400 and r.json()["type"] == "error"

@@ -155,7 +155,10 @@ def test_text_format_json_schema_is_constrained(client):
     ({"model": MODEL, "input": "hi", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}},
      "tool_choice"),
     ({"model": MODEL, "input": "hi", "background": True}, "background"),
-    ({"model": MODEL, "input": "hi", "tools": [{"type": "web_search"}]}, "tools.0"),
+    # A hosted tool is left out with a warning (tests/test_agents_replay.py); one with a field its
+    # type doesn't have, or a type no one defines, is a 400.
+    ({"model": MODEL, "input": "hi", "tools": [{"type": "web_search", "bogus": 1}]}, "tools.0.bogus"),
+    ({"model": MODEL, "input": "hi", "tools": [{"type": "teleport"}]}, "tools.0.type"),
     ({"model": MODEL, "input": [{"role": "user", "content": [
         {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo="}]}]}, "input"),
 ])

@@ -1,7 +1,8 @@
 """The one rule for how many tokens a generation may make (`max_tokens` in openapi.yaml, called
 `max_output_tokens` by the Responses API and `max_tokens` by Messages): the request's value, else
-the server's `--max-tokens`, else the room the context leaves, never above `--max-tokens-cap`.
-A prompt that doesn't fit, or a request that can't, is a 400 naming the field the client sent.
+the server's `--max-tokens`, else the room the context leaves, never above `--max-tokens-cap`
+and never above the room the context leaves (a larger request is clamped to it). A prompt that
+alone fills the context, or a value above the cap, is a 400 naming the field the client sent.
 """
 from __future__ import annotations
 
@@ -41,10 +42,8 @@ def max_new_tokens(prompt_len: int, requested: Optional[int], context_length: in
             f"This model's maximum context length is {context_length} tokens, but the prompt has {prompt_len} "
             f"tokens. Shorten the {fields.prompt}.", param=fields.prompt)
     if requested is not None:
-        if requested > room:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {context_length} tokens. However, you requested "
-                f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the completion). "
-                f"Reduce the {fields.prompt} or {fields.max_tokens}.", param=fields.max_tokens)
-        return requested
+        # More than the context leaves is clamped to what it leaves, as local servers do: agents send
+        # their cloud model's max_tokens (Claude Code 32000) whatever the context; the answer then
+        # ends with finish_reason "length" when the room runs out.
+        return min(requested, room)
     return min(x for x in (policy.default, policy.cap, room) if x)

@@ -81,8 +81,11 @@ class ReasoningSplitter:
                 if stripped.startswith(OPEN):
                     self.buffer, self.state, self.at_section_start = stripped[len(OPEN):], "thinking", True
                     continue
-                if not stripped or OPEN.startswith(stripped):
-                    return out  # whitespace, or maybe the opening tag: wait
+                if stripped.startswith(CLOSE):  # closing a block the template opened and closed (thinking off)
+                    self.buffer, self.state, self.at_section_start = stripped[len(CLOSE):], "answer", True
+                    continue
+                if not stripped or OPEN.startswith(stripped) or CLOSE.startswith(stripped):
+                    return out  # whitespace, or maybe a tag: wait
                 self.state = "answer"
                 continue
             if self.state == "thinking":
@@ -130,10 +133,13 @@ def budget_processor(tokenizer: Any, budget: int, opened: bool) -> Callable[[Any
     close_ids = list(tokenizer.encode(FORCED_CLOSE, add_special_tokens=False))
     state: dict[str, Any] = {"seen": None, "generated": [], "forced": 0, "done": False}
 
-    def inside(text: str) -> bool:
+    def inside(text: str) -> Optional[bool]:
+        """Whether the model is thinking; None: it may be opening a block (wait and see)."""
         if CLOSE in text:
             return False
-        return opened or text.lstrip().startswith(OPEN) or OPEN.startswith(text.lstrip())
+        if opened or text.lstrip().startswith(OPEN):
+            return True
+        return None if OPEN.startswith(text.lstrip()) else False
 
     def process(tokens: Any, logits: Any) -> Any:
         # The first call sees the (uncached part of the) prompt; later calls add one token each.
@@ -147,7 +153,10 @@ def budget_processor(tokenizer: Any, budget: int, opened: bool) -> Callable[[Any
         if state["forced"] == 0:
             if len(state["generated"]) < budget:
                 return logits
-            if not inside(tokenizer.decode(state["generated"])):
+            thinking = inside(tokenizer.decode(state["generated"]))
+            if thinking is None:  # nothing written yet, or part of `<think>`: no close to force yet
+                return logits
+            if not thinking:
                 state["done"] = True
                 return logits
         if state["forced"] >= len(close_ids):
@@ -181,8 +190,12 @@ def plan(template: str, parser: Optional[str], thinking: Thinking, template_kwar
     reasoning_model = is_reasoning_model(template, parser)
     if thinking.enabled is False or (reasoning_model and constrained):
         kwargs.setdefault("enable_thinking", False)
-    if not reasoning_model or constrained:
+    if not reasoning_model:
         return ReasoningPlan(kwargs, False, None)
+    if constrained:
+        # Thinking switched off, a model may still write a block before the grammar's part starts
+        # (auto tool calls start the grammar at the call): it is split out all the same.
+        return ReasoningPlan(kwargs, thinking.enabled is False, None)
     # Said explicitly: mlx-lm's tokenizer otherwise passes enable_thinking=False for a vocabulary
     # without single <think> tokens, whatever the template does.
     kwargs.setdefault("enable_thinking", thinking.enabled is not False)

@@ -16,8 +16,8 @@ from handlers.commands.settings import engine_config
 class JsonFormatter(logging.Formatter):
     """One JSON object per log line (for `--log-json`), with a request's fields when it has them."""
 
-    FIELDS = ("request_id", "model", "endpoint", "prompt_tokens", "completion_tokens", "finish_reason",
-              "ttft_s", "duration_s")
+    FIELDS = ("request_id", "model", "endpoint", "prompt_tokens", "completion_tokens", "cached_tokens",
+              "finish_reason", "cancelled", "ttft_s", "duration_s")
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {"ts": round(record.created, 3), "level": record.levelname.lower(),

@@ -18,6 +18,16 @@ from handlers.metrics import GenerationObserver
 
 LIMIT = 8  # choices generating at once for one request
 _END = object()
+ABANDONED_WAIT_S = 60.0  # how long an abandoned stream's final count is waited for (the worker stops within a pass)
+_accounting: set[asyncio.Task] = set()  # abandoned streams' counts being awaited (held, or asyncio drops them)
+
+
+async def _account_abandoned(handle: StreamHandle, observer: GenerationObserver) -> None:
+    """A stream whose client went away: its Finished "cancelled" (what it read and wrote by then)
+    still goes to /metrics and the request log."""
+    done = [ev for ev in await handle.remaining(ABANDONED_WAIT_S) if isinstance(ev, Finished)]
+    # None: it was still queued (nothing read), or the worker took too long to say.
+    observer.finished(done[-1] if done else Finished("cancelled", 0, 0))
 
 
 @dataclass
@@ -63,6 +73,7 @@ async def events(starts: Sequence[Callable[[], StreamHandle]], route: str, model
 
     async def pump(index: int) -> None:
         observer = GenerationObserver(route, model)
+        finished = False
         try:
             handle = handles[index] = starts[index]()
             if deadline:
@@ -73,8 +84,17 @@ async def events(starts: Sequence[Callable[[], StreamHandle]], route: str, model
                 if isinstance(ev, TextDelta):
                     observer.first_text()
                 elif isinstance(ev, Finished):
+                    finished = True
                     observer.finished(ev)
                 await queue.put((index, ev))
+        except asyncio.CancelledError:
+            handle = handles.get(index)
+            if handle is not None and not finished:
+                handle.cancel()
+                task = asyncio.get_running_loop().create_task(_account_abandoned(handle, observer))
+                _accounting.add(task)
+                task.add_done_callback(_accounting.discard)
+            raise
         except Exception as e:  # handed to the consumer, which raises it
             await queue.put((index, e))
         finally:

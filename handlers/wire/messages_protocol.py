@@ -26,10 +26,26 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
+# Claude Code's first system block: a tag for Anthropic's billing whose suffix changes with every
+# prompt. Shown to the model it would only make every run's prompt differ from its first token,
+# and the prompt cache would miss the 12-19k tokens of identical system prompt and tools after it.
+BILLING_HEADER = "x-anthropic-billing-header:"
+
+
 def _system(value: Any) -> str:
+    """The `system` field's text, without Claude Code's billing tag."""
     if value is None:
         return ""
-    return value if isinstance(value, str) else "\n".join(b["text"] for b in value)
+    if isinstance(value, str):
+        return _drop_billing(value)
+    return "\n".join(b["text"] for b in value if not b["text"].lstrip().startswith(BILLING_HEADER))
+
+
+def _drop_billing(text: str) -> str:
+    """A system string whose first line is the billing tag, without that line."""
+    if not text.lstrip().startswith(BILLING_HEADER):
+        return text
+    return text.lstrip().partition("\n")[2]
 
 
 def _result_text(content: Any) -> str:
@@ -55,6 +71,8 @@ def _message(index: int, message: dict[str, Any], open_calls: set[str]) -> list[
     """One message as engine turns: a user message's tool results become tool turns (before
     the text it carries), an assistant message's tool_use blocks its calls."""
     role, content = message["role"], message["content"]
+    if role == "system":
+        return [ChatMessage("system", _system_turn(index, content))]
     if isinstance(content, str):
         return [ChatMessage(role, content)]
     texts: list[str] = []
@@ -99,13 +117,28 @@ def _message(index: int, message: dict[str, Any], open_calls: set[str]) -> list[
     return [ChatMessage(role, text, tuple(images), tool_calls=tuple(calls))]
 
 
+def _system_turn(index: int, content: Any) -> str:
+    """A `system` message in `messages` (Claude Code sends its environment, deferred tools and
+    skills this way): text blocks only."""
+    if isinstance(content, str):
+        return _drop_billing(content)
+    for j, block in enumerate(content):
+        if block["type"] != "text":
+            raise InvalidRequest(f"A system message holds text blocks only, not '{block['type']}'.",
+                                 param=f"messages.{index}.content.{j}.type")
+    return _system(content)
+
+
 def conversation(body: dict[str, Any], max_tokens: Optional[int]) -> Conversation:
     """A messages (or count_tokens) body -> a Conversation."""
     messages = body["messages"]
     if not messages:
         raise InvalidRequest("messages: at least one message is required.", param="messages")
-    if messages[0]["role"] != "user":
-        raise InvalidRequest("The first message must use the 'user' role.", param="messages.0.role")
+    first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
+    if first is None or messages[first]["role"] != "user":
+        where = len(messages) - 1 if first is None else first
+        raise InvalidRequest("The first message (after any system messages) must use the 'user' role.",
+                             param=f"messages.{where}.role")
     newest = newest_user_index([m["role"] for m in messages])
     turns: list[ChatMessage] = []
     system = _system(body.get("system"))
@@ -114,11 +147,13 @@ def conversation(body: dict[str, Any], max_tokens: Optional[int]) -> Conversatio
     open_calls: set[str] = set()
     newest_media = False
     for i, m in enumerate(messages):
+        if m["role"] == "system" and not _system_turn(i, m["content"]):
+            continue  # nothing left once the billing tag is gone
         for turn in _message(i, m, open_calls):
             newest_media = newest_media or (i == newest and bool(turn.images))
             turns.append(turn)
-    specs = [ToolSpec(t["name"], t.get("description") or "", json.dumps(t.get("input_schema") or {}))
-             for t in body.get("tools") or []]
+    specs = [ToolSpec(t["name"], t.get("description") or "", json.dumps(t["input_schema"]))
+             for t in client_tools(body)]
     choice = body.get("tool_choice") or {}
     tools, tool_choice = offer_tools(specs, _CHOICES[choice["type"]] if choice else None, choice.get("name"))
     fmt = (body.get("output_config") or {}).get("format")
@@ -135,6 +170,27 @@ def conversation(body: dict[str, Any], max_tokens: Optional[int]) -> Conversatio
     return Conversation(body["model"], turns, params, tuple(tools), frozenset({"image"} if newest_media else ()),
                         continue_final=messages[-1]["role"] == "assistant", tool_choice=tool_choice,
                         thinking=thinking(body.get("thinking"), max_tokens))
+
+
+def client_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The client tools the model is offered; Anthropic's versioned tool types are left out
+    (`left_out_tools`). A client tool needs its input_schema."""
+    tools = []
+    for i, tool in enumerate(body.get("tools") or []):
+        if tool.get("type", "custom") != "custom":
+            continue
+        if tool.get("input_schema") is None:
+            raise InvalidRequest(f"Tool '{tool['name']}' needs input_schema.", param=f"tools.{i}.input_schema")
+        tools.append(tool)
+    return tools
+
+
+def left_out_tools(body: dict[str, Any]) -> tuple[str, ...]:
+    """The warning for Anthropic's own tool types (web search, code execution, bash, text editor...):
+    the server can neither run them nor describe them to the model, so they are left out."""
+    kinds = [t["type"] for t in body.get("tools") or [] if t.get("type", "custom") != "custom"]
+    return (f"Anthropic tool types this server can't run were left out of the prompt: {', '.join(kinds)}",) \
+        if kinds else ()
 
 
 def thinking(value: Optional[dict[str, Any]], max_tokens: Optional[int]) -> Thinking:

@@ -19,6 +19,7 @@ from engine.request import ImageInput
 from engine.request import Fields
 from handlers.conversation.generation import newest_user_index
 from handlers.wire.protocol import check_strict, effort_thinking, now, offer_tools
+from handlers.wire.response_tools import ResponseTools, parse_tools
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
@@ -32,6 +33,7 @@ class ParsedResponseRequest:
     history: list[ChatMessage]  # from previous_response_id
     call_ids: set[str]  # function calls the conversation has made so far
     echo: dict[str, Any] = field(default_factory=dict)  # the request's settings a Response object repeats
+    tools: ResponseTools = field(default_factory=ResponseTools)  # what the model is offered, and calls' shapes
 
 
 def _part_text(part: dict[str, Any]) -> str:
@@ -66,9 +68,14 @@ def _item_with_id(item: dict[str, Any]) -> dict[str, Any]:
                "status": "completed", "content": content}
         return out
     if kind == "function_call":
+        ns = {"namespace": item["namespace"]} if item.get("namespace") else {}
         return {"id": item.get("id") or new_id("fc"), "type": "function_call", "status": "completed",
-                "call_id": item["call_id"], "name": item["name"], "arguments": item.get("arguments") or "{}"}
-    return {"id": item.get("id") or new_id("fco"), "type": "function_call_output", "status": "completed",
+                "call_id": item["call_id"], **ns, "name": item["name"], "arguments": item.get("arguments") or "{}"}
+    if kind == "custom_tool_call":
+        ns = {"namespace": item["namespace"]} if item.get("namespace") else {}
+        return {"id": item.get("id") or new_id("ctc"), "type": "custom_tool_call", "status": "completed",
+                "call_id": item["call_id"], **ns, "name": item["name"], "input": item.get("input") or ""}
+    return {"id": item.get("id") or new_id("fco"), "type": kind, "status": "completed",
             "call_id": item["call_id"], "output": item["output"]}
 
 
@@ -99,16 +106,21 @@ def input_messages(raw: Any, call_ids: set[str]) -> tuple[list[ChatMessage], lis
                 raise InvalidRequest("Only user messages can carry images.", param=f"{where}.content")
             newest_media = newest_media or (index == newest and bool(images))
             messages.append(ChatMessage(item["role"], text, images))
-        elif kind == "function_call":
+        elif kind in ("function_call", "custom_tool_call"):
             _required(item, index, "call_id", "name")
-            call = ToolCall(item["call_id"], item["name"], item.get("arguments") or "{}")
+            # The model wrote it under the name it was offered (NAMESPACE__NAME; a custom tool's
+            # input as the one string argument): shown again the same way.
+            name = ResponseTools().exposed(item["name"], item.get("namespace"))
+            arguments = (item.get("arguments") or "{}") if kind == "function_call" \
+                else json.dumps({"input": item.get("input") or ""})
+            call = ToolCall(item["call_id"], name, arguments)
             call_ids.add(item["call_id"])
             if messages and messages[-1].role == "assistant":  # calls join the assistant turn they belong to
                 last = messages.pop()
                 messages.append(replace(last, tool_calls=last.tool_calls + (call,)))
             else:
                 messages.append(ChatMessage("assistant", "", tool_calls=(call,)))
-        elif kind == "function_call_output":
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             _required(item, index, "call_id", "output")
             if item["call_id"] not in call_ids:
                 raise InvalidRequest(f"No function call with call_id '{item['call_id']}' precedes this output.",
@@ -133,15 +145,13 @@ def _format(text: Optional[dict[str, Any]]) -> dict[str, Any]:
     return {"type": fmt["type"]}
 
 
-def _tools(body: dict[str, Any]) -> tuple[list[ToolSpec], Optional[ToolChoice]]:
-    specs = [ToolSpec(t["name"], t.get("description") or "",
-                      json.dumps(t.get("parameters") or {"type": "object", "properties": {}}))
-             for t in body.get("tools") or []]
-    check_strict(list(enumerate(body.get("tools") or [])), "tools.{i}.parameters")
+def _tools(body: dict[str, Any], offered: ResponseTools) -> tuple[list[ToolSpec], Optional[ToolChoice]]:
+    raw = body.get("tools") or []
+    check_strict([(i, t) for i, t in enumerate(raw) if t["type"] == "function"], "tools.{i}.parameters")
     choice = body.get("tool_choice")
     if isinstance(choice, dict):
-        return offer_tools(specs, "named", choice["name"])
-    return offer_tools(specs, choice)
+        return offer_tools(offered.specs, "named", offered.exposed(choice["name"], choice.get("namespace")))
+    return offer_tools(offered.specs, choice)
 
 
 # How the Responses API names max_tokens, the prompt and its media, for every 400.
@@ -154,7 +164,8 @@ def parse(body: dict[str, Any], history: Sequence[ChatMessage] = (), call_ids: O
     new, items, newest_media = input_messages(body.get("input", ""), call_ids)
     instructions = body.get("instructions")
     messages = ([ChatMessage("system", instructions)] if instructions else []) + list(history) + new
-    tools, choice = _tools(body)
+    offered = parse_tools(body.get("tools") or [])
+    tools, choice = _tools(body, offered)
     params = SamplingParams(
         max_tokens=body.get("max_output_tokens"),
         temperature=None if body.get("temperature") is None else float(body["temperature"]),
@@ -164,7 +175,7 @@ def parse(body: dict[str, Any], history: Sequence[ChatMessage] = (), call_ids: O
     conv = Conversation(body["model"], messages, params, tuple(tools), frozenset({"image"} if newest_media else ()),
                         tool_choice=choice, fields=FIELDS,
                         thinking=effort_thinking((body.get("reasoning") or {}).get("effort")))
-    return ParsedResponseRequest(conv, items, new, list(history), call_ids, echo_fields(body))
+    return ParsedResponseRequest(conv, items, new, list(history), call_ids, echo_fields(body, offered), offered)
 
 
 # --- shaping ---------------------------------------------------------------------------
@@ -192,20 +203,13 @@ def output_text(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def call_item(call: ToolCall) -> dict[str, Any]:
-    """A function_call output item; one cut off by max_output_tokens is "incomplete"."""
-    status = "completed" if call.complete else "incomplete"
-    return {"id": "fc_" + call.id.removeprefix("call_"), "type": "function_call", "status": status,
-            "call_id": call.id, "name": call.name, "arguments": call.arguments}
-
-
 def status_of(done: Finished) -> tuple[str, Optional[dict[str, str]]]:
     if done.finish_reason == "length":
         return "incomplete", {"reason": "max_output_tokens"}
     return "completed", None
 
 
-def echo_fields(body: dict[str, Any]) -> dict[str, Any]:
+def echo_fields(body: dict[str, Any], offered: Optional[ResponseTools] = None) -> dict[str, Any]:
     """The request's settings a Response object repeats, as OpenAI does, read once from the body."""
     text = body.get("text") or {}
     return {
@@ -216,10 +220,7 @@ def echo_fields(body: dict[str, Any]) -> dict[str, Any]:
         "temperature": body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0,
         "top_p": body.get("top_p") if body.get("top_p") is not None else 1.0,
         "tool_choice": body.get("tool_choice") or "auto",
-        "tools": [{"type": "function", "name": t["name"], "description": t.get("description"),
-                   "parameters": t.get("parameters") or {"type": "object", "properties": {}},
-                   "strict": t.get("strict", True) if t.get("strict") is not None else True}
-                  for t in body.get("tools") or []],
+        "tools": (offered or parse_tools(body.get("tools") or [])).echo,  # the tools offered (no hosted ones)
         "text": {"format": text.get("format") or {"type": "text"}},
         "store": body.get("store") is not False,
         "metadata": body.get("metadata") or {},

