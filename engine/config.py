@@ -96,7 +96,7 @@ class EngineConfig:
     # of kv_group_size: more histories in the same bytes, a little drift on what is reused.
     kv_bits: Optional[int] = None
     kv_group_size: int = 64
-    request_timeout_s: Optional[float] = None  # a generation running longer is cut off (504)
+    request_timeout_s: Optional[float] = 600.0  # a generation running longer is cut off (504); None: never
     max_models: int = 1  # resident models; the least recently used is unloaded beyond this
     idle_unload_s: Optional[float] = None  # unload models unused for this long
     # Memory gate: override the measured available bytes (for tests and constrained hosts).
