@@ -1,4 +1,5 @@
-"""Engine settings: one dataclass the CLI fills and tests construct directly."""
+"""Engine settings: one dataclass the CLI fills (from handlers/commands/settings.py) and tests
+construct directly. Each default is stated here, once; the CLI's flags take it from here."""
 from __future__ import annotations
 
 import os
@@ -119,7 +120,7 @@ class EngineConfig:
     draft_model: Optional[str] = None
     # Per-model settings from a config file (handlers/commands/config_file.py).
     models: list[ModelSettings] = field(default_factory=list)
-    # Distributed serving (engine/distributed.py): this process is rank 0 of `world_size` ranks.
+    # Distributed serving (engine/distributed/): this process is rank 0 of `world_size` ranks.
     world_size: int = 1
     shard: str = "auto"  # auto | tensor | pipeline
     backend: str = "ring"  # ring | mpi

@@ -1,4 +1,6 @@
-"""The `openmlx` command: serve, list, show."""
+"""The `openmlx` command: serve (and a rank's hidden `follow`), config-schema, pull, rm, list, show.
+The flags of `serve` are declared in handlers/commands/settings.py; what each command does is in
+handlers/commands/."""
 from __future__ import annotations
 
 import argparse

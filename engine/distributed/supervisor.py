@@ -1,6 +1,6 @@
 """`openmlx serve --ranks N`: start, watch and restart the ranks of a distributed model.
 
-Before anything starts, the model's split is checked (engine/distributed.py `plan_shards`): a
+Before anything starts, the model's split is checked (engine/distributed/__init__.py `plan_shards`): a
 model that can't be split fails here with the reason. On one machine the ranks are started
 directly with MLX's ring environment (`MLX_RANK`, `MLX_HOSTFILE` on free 127.0.0.1 ports), which
 is what `mlx.launch` does locally, but lets rank 0 outlive a dead worker: it answers 503 and ends

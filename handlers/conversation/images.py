@@ -25,7 +25,7 @@ from typing import Optional
 from urllib.parse import unquote, urlparse
 
 from engine.config import ImageLimits
-from engine.addresses import Network, address_allowed  # noqa: F401  (address_allowed: tests use it from here)
+from engine.engine import Network, address_allowed  # noqa: F401  (address_allowed: tests use it from here)
 from engine.errors import InvalidRequest
 from engine.request import ImageInput
 from engine.request import ChatMessage

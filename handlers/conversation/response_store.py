@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from engine.request import ImageInput
 from engine.request import ChatMessage
-from engine.constrained.tools import ToolCall
+from engine.request import ToolCall
 
 log = logging.getLogger("openmlx.http")
 _SAFE_ID = re.compile(r"^resp_[0-9a-f]{1,64}$")
