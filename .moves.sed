@@ -1,4 +1,6 @@
 # handlers/ moved by role (issue 45). Run over Python, docs and openapi.yaml: sed -E -i -f .moves.sed FILES
+# handlers/answer.py went on to engine/generation/answer.py (handlers reach it as engine.engine's
+# `answer`, `AnswerStream`, `split_answer`; split_calls moved there from handlers/generation.py too).
 # Dotted names (imports, mock.patch targets, openapi.yaml's x-*InfoFunc), longest first:
 s/\bhandlers\.responses_protocol\b/handlers.wire.responses_protocol/g
 s/\bhandlers\.messages_protocol\b/handlers.wire.messages_protocol/g
@@ -12,7 +14,7 @@ s/\bhandlers\.protocol\b/handlers.wire.protocol/g
 s/\bhandlers\.security\b/handlers.asgi.security/g
 s/\bhandlers\.settings\b/handlers.commands.settings/g
 s/\bhandlers\.choices\b/handlers.conversation.choices/g
-s/\bhandlers\.answer\b/handlers.conversation.answer/g
+s/\bhandlers\.(conversation\.)?answer\b/engine.generation.answer/g
 s/\bhandlers\.images\b/handlers.conversation.images/g
 s/\bhandlers\.errors\b/handlers.wire.errors/g
 s/\bhandlers\.serve\b/handlers.commands.serve/g
@@ -30,7 +32,7 @@ s#\bhandlers/protocol\.py\b#handlers/wire/protocol.py#g
 s#\bhandlers/security\.py\b#handlers/asgi/security.py#g
 s#\bhandlers/settings\.py\b#handlers/commands/settings.py#g
 s#\bhandlers/choices\.py\b#handlers/conversation/choices.py#g
-s#\bhandlers/answer\.py\b#handlers/conversation/answer.py#g
+s#\bhandlers/(conversation/)?answer\.py\b#engine/generation/answer.py#g
 s#\bhandlers/images\.py\b#handlers/conversation/images.py#g
 s#\bhandlers/errors\.py\b#handlers/wire/errors.py#g
 s#\bhandlers/serve\.py\b#handlers/commands/serve.py#g
@@ -49,7 +51,7 @@ s/^([[:space:]]*)from handlers import protocol([[:space:]]+as[[:space:]]+[A-Za-z
 s/^([[:space:]]*)from handlers import security([[:space:]]+as[[:space:]]+[A-Za-z_]+)?[[:space:]]*(#.*)?$/\1from handlers.asgi import security\2\3/
 s/^([[:space:]]*)from handlers import settings([[:space:]]+as[[:space:]]+[A-Za-z_]+)?[[:space:]]*(#.*)?$/\1from handlers.commands import settings\2\3/
 s/^([[:space:]]*)from handlers import choices([[:space:]]+as[[:space:]]+[A-Za-z_]+)?[[:space:]]*(#.*)?$/\1from handlers.conversation import choices\2\3/
-s/^([[:space:]]*)from handlers import answer([[:space:]]+as[[:space:]]+[A-Za-z_]+)?[[:space:]]*(#.*)?$/\1from handlers.conversation import answer\2\3/
+s/^([[:space:]]*)from handlers import answer([[:space:]]+as[[:space:]]+[A-Za-z_]+)?[[:space:]]*(#.*)?$/\1from engine.engine import answer\2\3/
 s/^([[:space:]]*)from handlers import images([[:space:]]+as[[:space:]]+[A-Za-z_]+)?[[:space:]]*(#.*)?$/\1from handlers.conversation import images\2\3/
 s/^([[:space:]]*)from handlers import errors([[:space:]]+as[[:space:]]+[A-Za-z_]+)?[[:space:]]*(#.*)?$/\1from handlers.wire import errors\2\3/
 s/^([[:space:]]*)from handlers import serve([[:space:]]+as[[:space:]]+[A-Za-z_]+)?[[:space:]]*(#.*)?$/\1from handlers.commands import serve\2\3/

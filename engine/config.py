@@ -1,10 +1,14 @@
-"""Engine settings: one dataclass the CLI fills and tests construct directly."""
+"""Engine settings: one dataclass the CLI fills (from handlers/commands/settings.py) and tests
+construct directly. Each default is stated here, once; the CLI's flags take it from here."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from engine.generation.budget import BudgetPolicy
+from engine.generation.prompt_cache import CacheSettings
 
 
 def openmlx_home() -> Path:
@@ -84,19 +88,19 @@ class EngineConfig:
     # Hard ceiling on max_tokens per request (400 above it); bounds fuzzing and shared servers.
     max_tokens_cap: Optional[int] = None
     # Thinking budgets (tokens) that reasoning efforts low, medium and high stand for.
-    reasoning_budgets: tuple[int, int, int] = (512, 2048, 8192)
+    reasoning_budgets: tuple[int, int, int] = BudgetPolicy.effort_budgets
     cpu_dtype: str = "auto"  # auto | keep | float32 | float16
     max_queue: int = 64
     # KV caches kept for reuse (engine/generation/prompt_cache.py), per loaded text model.
-    prompt_cache_bytes: int = 512 << 20
+    prompt_cache_bytes: int = CacheSettings.max_bytes
     # ...and on disk, across restarts (engine/generation/prompt_store.py): None = off.
     prompt_cache_dir: Optional[Path] = None
     prompt_cache_dir_bytes: int = 4 << 30
     # Prompt-cache entries held quantized to this many bits (8 or 4; None = as computed) in groups
     # of kv_group_size: more histories in the same bytes, a little drift on what is reused.
     kv_bits: Optional[int] = None
-    kv_group_size: int = 64
-    request_timeout_s: Optional[float] = None  # a generation running longer is cut off (504)
+    kv_group_size: int = CacheSettings.kv_group_size
+    request_timeout_s: Optional[float] = 600.0  # a generation running longer is cut off (504); None: never
     max_models: int = 1  # resident models; the least recently used is unloaded beyond this
     idle_unload_s: Optional[float] = None  # unload models unused for this long
     # Memory gate: override the measured available bytes (for tests and constrained hosts).
@@ -119,7 +123,7 @@ class EngineConfig:
     draft_model: Optional[str] = None
     # Per-model settings from a config file (handlers/commands/config_file.py).
     models: list[ModelSettings] = field(default_factory=list)
-    # Distributed serving (engine/distributed.py): this process is rank 0 of `world_size` ranks.
+    # Distributed serving (engine/distributed/): this process is rank 0 of `world_size` ranks.
     world_size: int = 1
     shard: str = "auto"  # auto | tensor | pipeline
     backend: str = "ring"  # ring | mpi
@@ -128,10 +132,8 @@ class EngineConfig:
         """The config file's entry for `model_id` (by the id it is served under), if any."""
         return next((m for m in self.models if m.served_id == model_id), None)
 
-    def prompt_cache_settings(self) -> "CacheSettings":
+    def prompt_cache_settings(self) -> CacheSettings:
         """The prompt cache's bound and quantization, for every text model (and every rank)."""
-        from engine.generation.prompt_cache import CacheSettings
-
         return CacheSettings(self.prompt_cache_bytes, self.kv_bits, self.kv_group_size)
 
     @property

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +18,14 @@ import numpy as np
 
 from engine.cpu import blas
 from engine.media.audio import AudioRunner, TranscribeOptions, check_audio_header, decode_audio
+# Values and checks handlers use, named here so that they import only the facade:
+from engine.addresses import Network, address_allowed  # noqa: F401  (image URLs' addresses)
+from engine.constrained.structured import grammar_for, schema_problem  # noqa: F401  (schemas checked early)
+from engine.media.audio import TranscriptDelta, TranscriptDone  # noqa: F401  (a transcription's events)
 from engine.generation.budget import BudgetPolicy
+# The API-neutral answer (events, tool calls and thinking split out) handlers encode: reached here.
+from engine.generation import answer  # noqa: F401
+from engine.generation.answer import Answer, AnswerStream, split_answer  # noqa: F401
 from engine.config import EngineConfig
 from engine.models.default_model import (DEFAULT_AUDIO_ID, DEFAULT_EMBEDDING_ID, DEFAULT_MODEL_ID, DefaultModelUnavailable,
                                   ensure_default_audio_model, ensure_default_embedding_model, ensure_default_model)
@@ -33,7 +39,6 @@ from engine.models.probe import Probe, probe
 from engine.request import CacheScope, Conversation, Prepared
 from engine.residency import MlxMemory, Residency, mlx_memory
 from engine.models.resolution import ModelEntry, ModelStore, locate
-from engine.runners import FaultyRunner
 from engine.scheduler import Scheduler, StreamHandle
 from engine.generation.text import ChatMessage, SamplingParams
 
@@ -103,8 +108,6 @@ class Engine:
         self.default_rerank_id: Optional[str] = None
         self.lockstep: Optional[Lockstep] = None  # set when this is rank 0 of a distributed group
         self.shard_plan: Optional[ShardPlan] = None
-        # Tests only: a generation whose max_tokens equals this fails half-way (FaultyRunner).
-        self._fault_max_tokens = int(os.environ.get("OPENMLX_FAULT_MAX_TOKENS", "0") or 0) or None
         self._decoding = asyncio.Semaphore(1)  # audio uploads decoded one at a time, off the worker
         self.downloads = Downloads(self.store, config.models_dir, self.gate, config.download_timeout_s,
                                    config.max_waiting_downloads, config.max_store_bytes, self._in_use)
@@ -201,7 +204,7 @@ class Engine:
         split = self.shard_plan if runner is not None and self.lockstep is not None else None
         return ModelInfo(entry.id, created, owner, p.type, p.context_length, p.size_bytes,
                          p.runnable, p.reason, self.residency.loaded(entry.id), entry.path, entry.source,
-                         p.architecture, runner.dtype if runner else None, getattr(runner, "dtype_reason", None) or None,
+                         p.architecture, runner.dtype if runner else None, runner.dtype_reason or None if runner else None,
                          p.embedding_dim, split.world_size if split else 1, split.mode if split else None)
 
     def list_models(self, include_unusable: bool = False) -> list[ModelInfo]:
@@ -219,9 +222,9 @@ class Engine:
         """From the event loop: in-memory state only, no MLX call (the worker may hold MLX)."""
         current = self.residency.current  # one read: the worker may replace it meanwhile
         loaded = current.model_id if current else None
-        cache = getattr(current, "prompt_cache", None)  # None: no model loaded, or a runner without one
+        cache = current.prompt_cache if current is not None else None  # None: no model loaded
         hits = cache.hits if cache is not None else 0
-        decoder = getattr(current, "decoder", None)
+        decoder = current.decoder if current is not None else None
         status = "rank_failed" if self.lockstep is not None and self.lockstep.failed else \
             "shutting_down" if self.scheduler.closing else "ok"
         plan = self.shard_plan
@@ -229,7 +232,7 @@ class Engine:
         return Health(status, loaded, time.monotonic() - self._started, blas.active(), self._device,
                       self.scheduler.load(), hits, decoder.peak if decoder is not None else None,
                       plan.world_size if plan else 1, plan.mode if plan else None, entries, held, on_disk,
-                      getattr(current, "decode_path", None), quantized)
+                      current.decode_path if current is not None else None, quantized)
 
     def resident_models(self) -> int:
         return self.residency.count()
@@ -406,8 +409,6 @@ class Engine:
         """Queue the generation; iterate the handle for TextDelta events and one Finished."""
         self._check_group()
         runner = prepared.runner
-        if self._fault_max_tokens == prepared.max_tokens:
-            runner = FaultyRunner(runner)
 
         def run(cancelled: Callable[[], bool]):
             yield from runner.run(prepared, cancelled)

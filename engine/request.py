@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional, Protocol
 
+from engine.constrained.toolcalls import ToolFormat
 from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec
 
 
@@ -65,7 +66,7 @@ class SamplingParams:
     """Decoding settings for one request (already validated by the API layer)."""
 
     max_tokens: Optional[int] = None
-    temperature: Optional[float] = None  # None: the model's configured default, else 1.0 (engine.defaults)
+    temperature: Optional[float] = None  # None: the model's configured default, else 1.0 (Engine._defaults)
     top_p: float = 1.0
     top_k: int = 0  # 0: off (Anthropic's top_k)
     seed: Optional[int] = None
@@ -185,6 +186,45 @@ class Conversation:
     cache: CacheScope = CacheScope()  # whose prompt cache entries it may reuse
 
 
+class Planner(Protocol):
+    """What a Prepared and the facade call on the runner that planned it (engine/runners.py
+    `Runner` is one); the runner's other parts are the engine's business."""
+
+    tokenizer: Any  # mlx_lm's TokenizerWrapper (a library type this module does not import)
+    warnings: tuple[str, ...]
+
+    @property
+    def tool_format(self) -> tuple[ToolFormat, bool]: ...
+
+    def split_calls(self, text: str) -> tuple[str, list[ToolCall]]: ...
+
+    def share_prefill(self, prepared: Prepared, score_top: Optional[int] = None) -> Iterator[Pass]: ...
+
+    def run(self, prepared: Prepared, cancelled: Callable[[], bool]) -> Iterator[GenerationEvent]: ...
+
+
+class SharedPrefix(Protocol):
+    """A prompt's shared prefill (engine/generation/scoring.py `Prefix`), as far as a Prepared reads it."""
+
+    logprobs: tuple[TokenLogprob, ...]
+
+
+class ThinkingSplitter(Protocol):
+    """Thinking and answer apart while they stream: (channel, text) pieces."""
+
+    def feed(self, text: str) -> list[tuple[str, str]]: ...
+
+    def finish(self) -> list[tuple[str, str]]: ...
+
+
+class ThinkingFormat(Protocol):
+    """How a reasoning model marks its thinking (engine/generation/reasoning.py `ReasoningFormat`)."""
+
+    def splitter(self) -> ThinkingSplitter: ...
+
+    def split(self, text: str) -> tuple[str, str]: ...
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A request that passed every check and is ready to generate (Runner.plan makes it)."""
@@ -193,11 +233,13 @@ class Prepared:
     prompt: list[int]
     max_tokens: int
     params: SamplingParams
-    runner: Any  # the loaded Runner (engine/runners.py)
+    runner: Planner  # the loaded model's runner (engine/runners.py)
     raw_text: bool = False  # a text completion (keeps the first token's leading space)
-    vision: Any = None  # a vision model's passes, engine/media/vision.py VisionPlan (prompt is then unused)
-    prefix: Any = None  # a shared prefill of the prompt, engine/generation/scoring.py Prefix (n choices, echoed logprobs)
-    reasoning: Any = None  # engine/generation/reasoning.py ReasoningFormat: a reasoning model's output is thinking, then the answer
+    # A vision model's passes: engine/media/vision.py VisionPlan, which only its runner reads (the
+    # prompt is then unused); `object` keeps this module below the media it would otherwise import.
+    vision: Optional[object] = None
+    prefix: Optional[SharedPrefix] = None  # a shared prefill of the prompt (n choices, echoed logprobs)
+    reasoning: Optional[ThinkingFormat] = None  # a reasoning model's output is thinking, then the answer
     # Where a later prompt may resume a model whose cache can't be cut back (hybrid/recurrent,
     # engine/generation/prompt_cache.py), besides the prompt's end: the start of the generation prompt.
     resume_at: tuple[int, ...] = ()
@@ -227,6 +269,6 @@ class Prepared:
         return self.runner.split_calls(text)
 
     @property
-    def tool_format(self) -> Any:
-        """How this model writes tool calls (engine/toolcalls ToolFormat)."""
+    def tool_format(self) -> ToolFormat:
+        """How this model writes tool calls (engine/constrained/toolcalls ToolFormat)."""
         return self.runner.tool_format[0]

@@ -9,8 +9,8 @@ Every generating runner has the same steps, called on the worker thread:
 - `run(prepared, cancelled) -> Iterator[GenerationEvent]`: Started, TextDeltas, one Finished;
 - `close()` on unload.
 A new kind of model is one runner module and one line in LOADERS. Rank 0 of a distributed group
-wraps its shard's runner (engine/distributed `LockstepRunner`); tests wrap runners too
-(`FaultyRunner`).
+wraps its shard's runner (engine/distributed `LockstepRunner`); the error paths' tests wrap one
+too (tests/faulty_server.py).
 """
 from __future__ import annotations
 
@@ -18,20 +18,30 @@ import json
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
+from engine.generation.batching import BatchDecoder
 from engine.generation.budget import BudgetPolicy
+from engine.generation.prompt_cache import PromptCache
 from engine.errors import Unsupported
 from engine.config import EngineConfig
 from engine.models.memory import MemoryGate
 from engine.models.probe import Probe
-from engine.request import Conversation, Pass, Prepared
-from engine.generation.text import GenerationEvent, SamplingParams, TextDelta
+from engine.request import Conversation, Planner, Prepared
+from engine.generation.text import SamplingParams
 
 
-class Runner(Protocol):
+class Runner(Planner, Protocol):
+    """What the facade and the residency read of a loaded model, beyond what a Prepared calls
+    (`Planner`: tokenizer, warnings, tool_format, split_calls, share_prefill, run). TextRunner has it
+    all; VisionRunner is one; rank 0's LockstepRunner passes every read on to its shard's runner."""
+
     model_id: str
-    warnings: tuple[str, ...]
+    dtype: str  # how the weights are held (/v1/models)
+    dtype_reason: str  # why (/v1/models); "" when there is nothing to say
+    prompt_cache: PromptCache  # hits and sizes for /health
+    decoder: Optional[BatchDecoder]  # set while concurrent streams decode together (/health's peak)
+    decode_path: str  # which path decodes a lone stream (/health)
 
     def plan(self, conv: Conversation, policy: BudgetPolicy) -> Prepared: ...
 
@@ -39,11 +49,6 @@ class Runner(Protocol):
                         echo: bool = False) -> Prepared: ...
 
     def count_tokens(self, conv: Conversation) -> int: ...
-
-    def share_prefill(self, prepared: Prepared, score_top: Optional[int] = None) -> Iterator[Pass]:
-        """A generator: yields `Pass` between passes over the prompt, returns the Prepared."""
-
-    def run(self, prepared: Prepared, cancelled: Callable[[], bool]) -> Iterator[GenerationEvent]: ...
 
     def close(self) -> None: ...
 
@@ -100,22 +105,3 @@ def load(model_id: str, probe: Probe, config: EngineConfig, gate: MemoryGate) ->
         template = Path(settings.chat_template).expanduser()
         runner.tokenizer.chat_template = template.read_text() if template.is_file() else settings.chat_template
     return runner
-
-
-class FaultyRunner:
-    """A runner that fails half-way through each generation, as a bug in a model or kernel
-    would (the error paths' tests; OPENMLX_FAULT_MAX_TOKENS). Everything else is the runner's."""
-
-    def __init__(self, runner: Runner) -> None:
-        self._runner = runner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._runner, name)
-
-    def run(self, prepared: Prepared, cancelled: Callable[[], bool]) -> Iterator[GenerationEvent]:
-        sent = 0
-        for event in self._runner.run(prepared, cancelled):
-            yield event
-            sent += isinstance(event, TextDelta)
-            if sent > prepared.max_tokens // 2:
-                raise RuntimeError("injected fault (OPENMLX_FAULT_MAX_TOKENS)")

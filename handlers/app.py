@@ -18,6 +18,7 @@ from engine.errors import EngineError
 from handlers.wire import errors
 from handlers.metrics import MetricsMiddleware
 from handlers.conversation.images import ImageSources
+from handlers.conversation import response_store
 from handlers.conversation.response_store import ResponseStore
 from handlers.asgi.security import OriginMiddleware, host_policy
 from handlers.asgi.middleware import (ApiKeyMiddleware, BodyLimitMiddleware, DrainMiddleware, RequestIdMiddleware,
@@ -44,10 +45,10 @@ class ServerConfig:
     cors_origins: list[str] = field(default_factory=list)  # empty: CORS off
     bind_host: str = "127.0.0.1"  # the address listened on: loopback answers loopback Host names only
     allowed_hosts: list[str] = field(default_factory=list)  # more Host names (--allowed-hosts; "*": any)
-    responses_max: int = 1024  # stored Responses API responses
-    responses_ttl: float = 24 * 3600
+    responses_max: int = response_store.DEFAULT_MAX_ENTRIES  # stored Responses API responses
+    responses_ttl: float = response_store.DEFAULT_TTL_S
     responses_dir: Optional[Path] = None
-    responses_max_bytes: int = 256 << 20  # stored responses' bytes (each inline image counted once)
+    responses_max_bytes: int = response_store.DEFAULT_MAX_BYTES  # stored responses' bytes (each inline image counted once)
     image_sources: ImageSources = field(default_factory=ImageSources)  # what image URLs may point at
     max_batch_tokens: int = 65536  # prompts plus max_tokens, times n/best_of, in one request
     body_timeout_s: float = 60.0  # a request body arrives whole within this long, or 408

@@ -6,7 +6,7 @@ from typing import Any, AsyncIterator, Optional
 from connexion import request
 from starlette.responses import StreamingResponse
 
-from engine.media.audio import TranscribeOptions, TranscriptDelta, TranscriptDone
+from engine.engine import TranscribeOptions, TranscriptDelta, TranscriptDone
 from engine.errors import EngineError, InvalidRequest
 from handlers.wire import sse
 

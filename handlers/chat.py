@@ -8,10 +8,10 @@ from typing import Any, Optional
 from connexion import request
 
 from engine.request import Conversation, Finished
-from engine.constrained.tools import ToolCall
-from handlers.conversation import answer, cache_scope, choices, generation
+from engine.request import ToolCall
+from engine.engine import AnswerStream, answer
+from handlers.conversation import cache_scope, choices, generation
 from handlers.wire import protocol, sse
-from handlers.conversation.answer import AnswerStream
 
 ROUTE = "chat.completions"
 

@@ -16,7 +16,7 @@ from starlette.responses import StreamingResponse
 
 from engine.engine import Engine
 from engine.request import CacheScope, Finished, Prepared, TextDelta, TokenLogprob
-from engine.scheduler import StreamHandle
+from engine.engine import StreamHandle
 from handlers.conversation import cache_scope, choices
 from handlers.wire import protocol, sse
 

@@ -9,9 +9,9 @@ from typing import Any, Optional
 from connexion import request
 
 from engine.errors import EngineError
-from handlers.conversation import answer, cache_scope, choices, generation
+from engine.engine import AnswerStream, answer
+from handlers.conversation import cache_scope, choices, generation
 from handlers.wire import sse
-from handlers.conversation.answer import AnswerStream
 from handlers.wire import responses_protocol as rp
 from handlers.wire.protocol import json_ok, now, warning_headers
 from handlers.conversation.response_store import ResponseStore, StoredResponse

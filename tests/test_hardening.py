@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -109,7 +111,8 @@ def test_slow_reader_does_not_stall_others(server):
 
 @pytest.fixture(scope="module")
 def faulty(default_model_dir):
-    s = Server(["--request-timeout", "3"], env={"OPENMLX_FAULT_MAX_TOKENS": "10"})
+    # max_tokens 10 fails half-way (tests/faulty_server.py)
+    s = Server(["--request-timeout", "3"], entry=[sys.executable, str(Path(__file__).with_name("faulty_server.py"))])
     yield s
     s.stop()
 

@@ -1,4 +1,4 @@
-"""Tool-call formats (engine/toolcalls): detection by template, parsing recorded model outputs
+"""Tool-call formats (engine/constrained/toolcalls): detection by template, parsing recorded model outputs
 (malformed ones stay text), rendering, and the grammars that constrain calls."""
 from __future__ import annotations
 

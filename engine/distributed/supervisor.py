@@ -1,6 +1,6 @@
 """`openmlx serve --ranks N`: start, watch and restart the ranks of a distributed model.
 
-Before anything starts, the model's split is checked (engine/distributed.py `plan_shards`): a
+Before anything starts, the model's split is checked (engine/distributed/__init__.py `plan_shards`): a
 model that can't be split fails here with the reason. On one machine the ranks are started
 directly with MLX's ring environment (`MLX_RANK`, `MLX_HOSTFILE` on free 127.0.0.1 ports), which
 is what `mlx.launch` does locally, but lets rank 0 outlive a dead worker: it answers 503 and ends
@@ -12,7 +12,6 @@ removes the temporary hostfile.
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import logging
@@ -24,8 +23,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from engine.config import EngineConfig
 
 from engine.distributed import launch
 
@@ -59,43 +61,52 @@ def free_ports(n: int, first: Optional[int] = None) -> list[int]:
     return ports
 
 
-def _model_folder(args: argparse.Namespace) -> Path:
-    from engine.config import EngineConfig
+@dataclass(frozen=True)
+class RankLaunch:
+    """How the ranks are started (serve's --hostfile, --ring-port and --log-level)."""
+
+    hostfile: Optional[Path] = None  # other hosts, through mlx.launch; None: this machine
+    ring_port: Optional[int] = None  # the ring's first port; None: free ports
+    log_level: str = "info"
+
+
+def _model_folder(config: EngineConfig) -> Path:
     from engine.models.default_model import ensure_default_model
     from engine.models.resolution import ModelStore, locate
 
-    config = EngineConfig()
-    if args.model is None:
+    if config.model is None:
         return ensure_default_model(config.models_dir, config.home)
-    return locate(ModelStore(config.models_dir, config.hf_cache, []), args.model).path
+    return locate(ModelStore(config.models_dir, config.hf_cache, []), config.model).path
 
 
 class Group:
     """One start of all the ranks."""
 
-    def __init__(self, args: argparse.Namespace, serve_argv: list[str], folder: Path, workdir: Path) -> None:
+    def __init__(self, config: EngineConfig, ranks: RankLaunch, serve_argv: list[str], folder: Path,
+                 workdir: Path) -> None:
         self.procs: list[subprocess.Popen] = []
-        n = args.ranks
+        n = config.world_size
         env = {**os.environ, "OPENMLX_WORLD_SIZE": str(n)}
-        follow_argv = ["follow", "--model", str(folder), "--world-size", str(n), "--shard", args.shard,
-                       "--backend", args.backend, "--log-level", args.log_level,
+        follow_argv = ["follow", "--model", str(folder), "--world-size", str(n), "--shard", config.shard,
+                       "--backend", config.backend, "--log-level", ranks.log_level,
                        # the same prompt cache on every rank: they keep and drop the same entries
-                       "--prompt-cache-bytes", str(args.prompt_cache_bytes), "--kv-group-size", str(args.kv_group_size),
-                       *(["--kv-bits", str(args.kv_bits)] if args.kv_bits else [])]
+                       "--prompt-cache-bytes", str(config.prompt_cache_bytes),
+                       "--kv-group-size", str(config.kv_group_size),
+                       *(["--kv-bits", str(config.kv_bits)] if config.kv_bits else [])]
         serve, follow = launch.command(["serve", *serve_argv]), launch.command(follow_argv)
-        if args.hostfile or args.backend == "mpi":
+        if ranks.hostfile or config.backend == "mpi":
             self.launcher = True
             script = launch.SCRIPT
             launcher = Path(sys.executable).with_name("mlx.launch")  # installed with mlx, beside python
-            cmd = [str(launcher) if launcher.exists() else "mlx.launch", "--backend", args.backend,
+            cmd = [str(launcher) if launcher.exists() else "mlx.launch", "--backend", config.backend,
                    "--python", sys.executable]
-            cmd += ["--hostfile", str(args.hostfile)] if args.hostfile else ["-n", str(n)]
+            cmd += ["--hostfile", str(ranks.hostfile)] if ranks.hostfile else ["-n", str(n)]
             env["OPENMLX_SERVE_ARGV"] = json.dumps(serve_argv)
             env["OPENMLX_FOLLOW_ARGV"] = json.dumps(follow_argv)
             self.procs.append(subprocess.Popen([*cmd, str(script)], env=env, start_new_session=True))
             return
         self.launcher = False
-        ports = free_ports(n, args.ring_port)
+        ports = free_ports(n, ranks.ring_port)
         hostfile = workdir / "hostfile.json"
         hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
         for rank in range(n):
@@ -139,18 +150,19 @@ class Group:
                 p.wait()
 
 
-def supervise(args: argparse.Namespace, serve_argv: list[str]) -> int:
+def supervise(config: EngineConfig, ranks: RankLaunch, serve_argv: list[str]) -> int:
     """Run the ranks until told to stop; restart them all when one dies."""
     from engine.distributed import plan_shards
     from engine.errors import EngineError
 
     try:
-        folder = _model_folder(args)
-        plan = plan_shards(folder, args.ranks, args.shard)
+        folder = _model_folder(config)
+        plan = plan_shards(folder, config.world_size, config.shard)
     except EngineError as e:
         print(f"openmlx: {e.message}", file=sys.stderr)
         return 2
-    log.info("serving %s on %d ranks (%s parallel, %s backend)", folder.name, args.ranks, plan.mode, args.backend)
+    log.info("serving %s on %d ranks (%s parallel, %s backend)", folder.name, config.world_size, plan.mode,
+             config.backend)
     workdir = Path(tempfile.mkdtemp(prefix="openmlx-ranks-"))
     stopping = {"signal": None}
 
@@ -160,7 +172,7 @@ def supervise(args: argparse.Namespace, serve_argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     restarts: list[float] = []
-    group = Group(args, serve_argv, folder, workdir)
+    group = Group(config, ranks, serve_argv, folder, workdir)
     started = time.monotonic()
     try:
         while stopping["signal"] is None:
@@ -172,7 +184,7 @@ def supervise(args: argparse.Namespace, serve_argv: list[str]) -> int:
             if dead == 0 and time.monotonic() - started < 60 and status not in (0, -9, -15) and not restarts:
                 log.error("rank 0 failed to start (exit %s)", status)
                 return status or 1
-            log.error("rank %d exited (status %s): restarting all %d ranks", dead, status, args.ranks)
+            log.error("rank %d exited (status %s): restarting all %d ranks", dead, status, config.world_size)
             group.tell_rank0_failed()
             time.sleep(GRACE_S)  # rank 0 answers 503 meanwhile
             group.stop(graceful=False)
@@ -181,7 +193,7 @@ def supervise(args: argparse.Namespace, serve_argv: list[str]) -> int:
             if len(restarts) > MAX_RESTARTS:
                 log.error("ranks failed %d times in %.0f s: giving up", len(restarts), RESTART_WINDOW_S)
                 return 1
-            group = Group(args, serve_argv, folder, workdir)
+            group = Group(config, ranks, serve_argv, folder, workdir)
             started = now
         return 0
     finally:

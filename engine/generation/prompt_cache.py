@@ -103,7 +103,7 @@ class CacheSettings:
 class PromptCache:
     """An LRU of KV caches keyed by the token sequence each holds."""
 
-    def __init__(self, max_entries: int = 16, max_bytes: int = 512 << 20, min_reuse: int = 8) -> None:
+    def __init__(self, max_entries: int = 16, max_bytes: int = CacheSettings.max_bytes, min_reuse: int = 8) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.min_reuse = min_reuse
@@ -113,7 +113,7 @@ class PromptCache:
         self.misses = 0
         self.disk: Any = None  # a PromptStore (engine/generation/prompt_store.py) with --prompt-cache-dir
         self.kv_bits: Optional[int] = None  # entries held quantized to this many bits (--kv-bits)
-        self.kv_group_size = 64
+        self.kv_group_size = CacheSettings.kv_group_size
         # Set on a model split over ranks: an entry counts as its tokens times the whole model's
         # KV bytes per token (at `token_itemsize` bytes a value), not the bytes of this rank's
         # shard. Every rank must make the same keep/quantize/evict decisions (they repeat rank 0's

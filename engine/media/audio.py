@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from engine.config import EngineConfig
 from engine.errors import InvalidRequest
 from engine.models.memory import MemoryEstimate, MemoryGate
 from engine.models.probe import Probe
@@ -87,7 +88,7 @@ MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
 # hold at most len(data) / 500 seconds: decoded float32 at 16 kHz is then at most
 # 64000 / 500 = 128 bytes per uploaded byte (and at most --max-audio-seconds in all).
 MIN_BYTES_PER_SECOND = 500
-DEFAULT_MAX_SECONDS = 2 * 3600.0
+DEFAULT_MAX_SECONDS = EngineConfig.max_audio_seconds  # --max-audio-seconds
 _UNCHECKED = object()
 
 

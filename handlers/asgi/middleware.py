@@ -1,4 +1,8 @@
-"""ASGI middleware that sees every response: X-Request-ID and the request body size limit."""
+"""ASGI middlewares around every request (handlers/app.py stacks them): X-Request-ID
+(`RequestIdMiddleware`), the body's size and deadline (`BodyLimitMiddleware`), a request's work
+ended when its client goes or --request-timeout passes (`RequestLifetimeMiddleware`), the spec as
+written at /openapi.json (`SpecMiddleware`), 503 while shutting down (`DrainMiddleware`) and API
+keys (`ApiKeyMiddleware`)."""
 from __future__ import annotations
 
 import asyncio

@@ -51,7 +51,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     from engine.errors import EngineError
     from engine.models.probe import probe
 
-    engine = Engine(_config(args))
+    config = _config(args)
+    engine = Engine(config)
     try:
         path = Path(args.name).expanduser()
         entry_path = path if path.is_dir() else engine.store.resolve(args.name).path
@@ -66,7 +67,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         from engine.models.weights import choose_cpu_dtype, kv_bytes_per_token
 
         kv = kv_bytes_per_token(p.config)
-        dtype = choose_cpu_dtype(getattr(args, "cpu_dtype", None) or "auto", p, MemoryGate(), kv)
+        dtype = choose_cpu_dtype(config.cpu_dtype, p, MemoryGate(), kv)
     info = {"id": args.name, "path": str(p.path), "type": p.type, "architecture": p.architecture,
             "runnable": p.runnable, "reason": p.reason or None, "context_length": p.context_length,
             "size_bytes": p.size_bytes, "quantization": p.quantization,
@@ -76,10 +77,10 @@ def cmd_show(args: argparse.Namespace) -> int:
             "kv_bytes_per_token": kv,
             "blas": b.name, "blas_path": b.path, "blas_version": b.version, "blas_threads": b.threads,
             "blas_note": b.reason}
-    cache_dir = getattr(args, "prompt_cache_dir", None)
+    cache_dir = config.prompt_cache_dir
     if cache_dir:  # every model's segments there (each model has a folder of its own)
-        files = list(Path(cache_dir).expanduser().glob("*/*.safetensors"))
-        info["prompt_cache_dir"] = {"path": str(Path(cache_dir).expanduser()), "files": len(files),
+        files = list(cache_dir.glob("*/*.safetensors"))
+        info["prompt_cache_dir"] = {"path": str(cache_dir), "files": len(files),
                                     "bytes": sum(f.stat().st_size for f in files)}
     print(json.dumps(info, indent=2))
     return 0
@@ -94,7 +95,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     config = _config(args)
     try:
-        pulled = hub.pull(args.name, config.models_dir, MemoryGate(), gguf_file=getattr(args, "file", None))
+        pulled = hub.pull(args.name, config.models_dir, MemoryGate(), gguf_file=args.file)
     except EngineError as e:
         print(f"openmlx: {e.message}", file=sys.stderr)
         return 1

@@ -9,8 +9,9 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
-from handlers.commands.settings import engine_config
+from handlers.commands.settings import engine_config, fields_of
 
 
 class JsonFormatter(logging.Formatter):
@@ -55,20 +56,20 @@ def _logging(log_json: bool, level: str) -> dict:
     }
 
 
-def _image_sources(args: argparse.Namespace):
+def _image_sources(args: argparse.Namespace, request_timeout_s: Optional[float]):
     """What image URLs and files requests may name; one fetch deadline inside --request-timeout."""
     import ipaddress
+    from dataclasses import replace
 
     from handlers.conversation.images import PRIVATE_NETWORKS, ImageSources
 
     networks = [ipaddress.ip_network(n, strict=False) for n in args.image_url_allow_network or []]
     if args.image_url_allow_private:
         networks += PRIVATE_NETWORKS
-    timeout = args.image_fetch_timeout
-    if args.request_timeout:
-        timeout = min(timeout, args.request_timeout)
-    return ImageSources(args.allow_image_urls, args.image_dir, args.max_image_bytes, timeout, args.max_images,
-                        tuple(networks))
+    sources = ImageSources(**fields_of(args, "sources"), allowed_networks=tuple(networks))
+    if request_timeout_s:
+        sources = replace(sources, timeout_s=min(sources.timeout_s, request_timeout_s))
+    return sources
 
 
 class NoKeys(ValueError):
@@ -103,23 +104,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import threading
     import time
 
-    if args.speculative == "draft" and not args.draft_model:
+    engine_settings = engine_config(args)
+    if engine_settings.speculative == "draft" and not engine_settings.draft_model:
         raise SystemExit("openmlx: --speculative draft needs --draft-model ID|PATH")
-    if args.num_draft_tokens < 1:
-        raise SystemExit("openmlx: --num-draft-tokens must be at least 1")
     try:
         api_keys = _api_keys(args)  # before anything starts, ranks included: no keys must not mean no auth
     except NoKeys as e:
         raise SystemExit(f"openmlx: {e}") from None
-    if args.ranks > 1 and args.prompt_cache_dir:
+    if engine_settings.world_size > 1 and engine_settings.prompt_cache_dir:
         # Each rank would need its own shard's files, kept in step with the others': not built.
         raise SystemExit("openmlx: --prompt-cache-dir is not supported with --ranks > 1 (the prompt cache "
                          "stays in memory on every rank)")
-    if args.ranks > 1 and os.environ.get("OPENMLX_RANK_ROLE") != "serve":
-        from engine.distributed.supervisor import supervise
+    if engine_settings.world_size > 1 and os.environ.get("OPENMLX_RANK_ROLE") != "serve":
+        from engine.distributed.supervisor import RankLaunch, supervise
 
         logging.config.dictConfig(_logging(args.log_json, args.log_level))
-        return supervise(args, list(sys.argv[2:]) if argv_is_cli() else [])
+        launch = RankLaunch(args.hostfile, args.ring_port, args.log_level)
+        return supervise(engine_settings, launch, list(sys.argv[2:]) if argv_is_cli() else [])
 
     import uvicorn
 
@@ -128,23 +129,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from handlers.asgi.connections import guarded_protocol, raise_file_limit
 
     logging.config.dictConfig(_logging(args.log_json, args.log_level))
-    config = ServerConfig(engine=engine_config(args), max_body_bytes=args.max_body_bytes,
-                          max_audio_bytes=args.max_audio_bytes,
-                          api_keys=api_keys, cors_origins=args.cors_origin or [], bind_host=args.host,
-                          allowed_hosts=[h for v in args.allowed_hosts or [] for h in v.split(",") if h.strip()],
-                          responses_max=args.responses_max, responses_ttl=args.responses_ttl,
-                          responses_dir=args.responses_dir, responses_max_bytes=args.responses_max_bytes,
-                          image_sources=_image_sources(args), max_batch_tokens=args.max_batch_tokens,
-                          body_timeout_s=args.body_timeout)
+    config = ServerConfig(engine=engine_settings, api_keys=api_keys, cors_origins=args.cors_origin or [],
+                          bind_host=args.host,
+                          image_sources=_image_sources(args, engine_settings.request_timeout_s),
+                          **fields_of(args, "server"))
     from engine.models.external import PREFIXES
 
-    if args.model and (args.model.lower().endswith(".gguf") and Path(args.model).expanduser().is_file()
-                       or args.model.startswith(PREFIXES)):
+    model = engine_settings.model
+    if model and (model.lower().endswith(".gguf") and Path(model).expanduser().is_file()
+                  or model.startswith(PREFIXES)):
         # Converted before the server starts: a file openmlx can't run is one clear line, not a
         # failed lifespan's traceback.
         from engine.models.resolution import ModelStore, locate
 
-        entry = locate(ModelStore(config.engine.models_dir, config.engine.hf_cache), args.model)
+        entry = locate(ModelStore(config.engine.models_dir, config.engine.hf_cache), model)
         config.engine.model = str(entry.path)
     engine = Engine(config.engine)
     if config.engine.world_size > 1:  # the supervisor says a worker rank died: 503 until restarted
@@ -204,15 +202,14 @@ def cmd_follow(args: argparse.Namespace) -> int:
     import logging.config
 
     import engine  # noqa: F401  (OpenBLAS before MLX)
-    from engine.config import EngineConfig
     from engine.distributed import follow, join_group
-    from engine.generation.prompt_cache import CacheSettings
     from engine.models.memory import MemoryGate
     from engine.models.resolution import ModelStore, locate
 
     logging.config.dictConfig(_logging(False, args.log_level))
-    config = EngineConfig()
+    config = engine_config(args)
     entry = locate(ModelStore(config.models_dir, config.hf_cache, []), args.model)
-    cache = CacheSettings(args.prompt_cache_bytes, args.kv_bits, args.kv_group_size)  # rank 0's, as given
-    rank = join_group(args.model, entry.path, args.world_size, args.shard, args.backend, MemoryGate(), cache)
+    # rank 0's prompt cache, as given: every rank keeps and drops the same entries
+    rank = join_group(args.model, entry.path, args.world_size, config.shard, config.backend, MemoryGate(),
+                      config.prompt_cache_settings())
     return follow(rank.lockstep, rank.runner)

@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from engine.errors import InvalidRequest
 from engine.request import Finished, Prepared, TextDelta, TokenLogprob
-from engine.scheduler import StreamHandle
+from engine.engine import StreamHandle
 from handlers.metrics import GenerationObserver
 
 LIMIT = 8  # choices generating at once for one request

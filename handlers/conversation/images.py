@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote, urlparse
 
-from engine.addresses import Network, address_allowed  # noqa: F401  (address_allowed: tests use it from here)
+from engine.config import ImageLimits
+from engine.engine import Network, address_allowed  # noqa: F401  (address_allowed: tests use it from here)
 from engine.errors import InvalidRequest
 from engine.request import ImageInput
 from engine.request import ChatMessage
@@ -41,9 +42,9 @@ class ImageSources:
 
     allow_urls: bool = False
     directory: Optional[Path] = None
-    max_bytes: int = 20 << 20
+    max_bytes: int = ImageLimits.max_bytes  # --max-image-bytes limits both
     timeout_s: float = 10.0  # all of one request's fetches together
-    max_images: int = 32  # counted before anything is fetched
+    max_images: int = ImageLimits.max_images  # counted before anything is fetched
     allowed_networks: tuple[Network, ...] = field(default_factory=tuple)  # non-public ranges let through
 
 

@@ -25,12 +25,14 @@ from typing import Any, Optional
 
 from engine.request import ImageInput
 from engine.request import ChatMessage
-from engine.constrained.tools import ToolCall
+from engine.request import ToolCall
 
 log = logging.getLogger("openmlx.http")
 _SAFE_ID = re.compile(r"^resp_[0-9a-f]{1,64}$")
 _SAFE_BLOB = re.compile(r"^[0-9a-f]{64}$")
 BLOB_MIN = 1024  # inline inputs at least this long (data: URLs) are kept once, by digest
+DEFAULT_MAX_ENTRIES = 1024
+DEFAULT_TTL_S = 24 * 3600.0
 DEFAULT_MAX_BYTES = 256 << 20
 
 
@@ -80,7 +82,7 @@ def _map_strings(value: Any, fn) -> Any:
 
 
 class ResponseStore:
-    def __init__(self, max_entries: int = 1024, ttl: float = 24 * 3600, directory: Optional[Path] = None,
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, ttl: float = DEFAULT_TTL_S, directory: Optional[Path] = None,
                  max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes

@@ -11,11 +11,11 @@ import uuid
 from typing import Any, Optional, Sequence
 
 from engine.errors import InvalidRequest
-from engine.constrained.structured import grammar_for
+from engine.engine import grammar_for
 from engine.request import ChatMessage, Conversation, Finished, SamplingParams
-from engine.constrained.tools import ToolCall, ToolSpec
+from engine.request import ToolCall, ToolSpec
 from engine.request import ImageInput, attachment_marker
-from engine.generation.reasoning import Thinking
+from engine.request import Thinking
 from handlers.conversation.generation import newest_user_index
 from handlers.wire.protocol import offer_tools
 

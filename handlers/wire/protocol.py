@@ -13,11 +13,11 @@ from typing import Any, Optional, Sequence
 
 from engine.request import Fields
 from engine.errors import InvalidRequest
-from engine.constrained.structured import grammar_for
-from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec
+from engine.engine import grammar_for
+from engine.request import ToolCall, ToolChoice, ToolSpec
 from engine.request import ChatMessage, SamplingParams, TokenLogprob
 from engine.request import ImageInput, attachment_marker
-from engine.generation.reasoning import Thinking
+from engine.request import Thinking
 
 SYSTEM_FINGERPRINT = "openmlx-0.1.0"
 
@@ -251,7 +251,7 @@ def offer_tools(specs: list[ToolSpec], choice: Optional[str], name: Optional[str
 def check_strict(tools: list[tuple[int, dict[str, Any]]], param: str) -> None:
     """`strict: true` promises the arguments match the schema: a schema the grammar compiler
     can't take (unsupported keywords) is a 400 naming it, before anything runs."""
-    from engine.constrained.structured import schema_problem
+    from engine.engine import schema_problem
 
     for i, tool in tools:
         if tool.get("strict"):

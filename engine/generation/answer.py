@@ -5,19 +5,61 @@ model's thinking, in pieces, then closed; its text opened, pieces of it, its tex
 tool call, whole; the answer finished. With tools on offer,
 text goes out as it comes until a call may be starting (the model's call trigger); the rest is
 held and parsed at the end, so call markup never reaches the text. Chat completions, Responses
-and Messages are each a small encoder of these events (handlers/chat.py, responses.py,
-messages.py).
+and Messages are each a small encoder of these events (handlers/chat.py, handlers/responses.py,
+handlers/messages.py); the non-streamed answer is split the same way (`split_answer`). Handlers
+reach this module through the facade (engine.engine).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from engine.request import Conversation, Finished, Prepared, Started, TextDelta, TokenLogprob
-from engine.constrained.toolcalls import CallWatcher
+from engine.constrained.toolcalls import CallWatcher, cut_call
+from engine.constrained.toolcalls.common import bare_call
 from engine.generation.reasoning import REASONING
 from engine.constrained.tools import ToolCall
-from handlers.conversation.generation import split_calls
+
+
+@dataclass
+class Answer:
+    """A finished generation: text with tool calls (and a reasoning model's thinking) taken out,
+    and the accounting."""
+
+    text: str
+    calls: list[ToolCall]
+    done: Finished
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    reasoning: Optional[str] = None  # a reasoning model's thinking (None: not a reasoning model)
+    reasoning_tokens: Optional[int] = None
+
+
+def split_answer(conv: Conversation, prepared: Prepared, text: str, done: Finished) -> Answer:
+    """A finished output as an Answer: a reasoning model's thinking (and the tokens it took)
+    apart, then the tool calls taken out of the rest (`split_calls`)."""
+    reasoning, tokens = None, None
+    if prepared.reasoning is not None:
+        reasoning, text = prepared.reasoning.split(text)
+        tokens = prepared.reasoning_tokens(reasoning)
+    text, calls = split_calls(conv, prepared, text, done)
+    return Answer(text, calls, done, reasoning=reasoning, reasoning_tokens=tokens)
+
+
+def split_calls(conv: Conversation, prepared: Prepared, text: str, done: Finished) -> tuple[str, list[ToolCall]]:
+    """With tools on offer, the text and the calls in it (in the model's format); else the text.
+    A call that max_tokens cut off comes back as a call with the arguments written so far
+    (`complete=False`), never as markup in the text."""
+    if not conv.tools:
+        return text, []
+    text, calls = prepared.split_calls(text)
+    if not calls and done.finish_reason == "stop":
+        bare = bare_call(text, conv.tools)  # the whole answer is one call object, without tags
+        if bare is not None:
+            return "", [bare]
+    if done.finish_reason == "length":
+        text, cut = cut_call(prepared.tool_format, text, conv.tools)
+        calls += [cut] if cut else []
+    return text, calls
 
 
 @dataclass(frozen=True)
