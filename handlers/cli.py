@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from handlers import config_file, model_commands
 from handlers.serve import cmd_follow, cmd_serve
-from handlers.settings import effort_budgets, port_number, positive_float, positive_int
+from handlers.settings import effort_budgets, keep_alive, port_number, positive_float, positive_int
 
 
 def prompt_cache_flags(p: argparse.ArgumentParser) -> None:
@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-models", type=positive_int, default=1, help="models kept loaded (least recently used goes)")
     s.add_argument("--idle-unload", type=positive_float, default=None, metavar="SECONDS",
                    help="unload models unused for this long")
+    s.add_argument("--keep-alive", type=keep_alive, default=300.0, metavar="DURATION",
+                   help="Ollama's API: keep a model loaded this long after a request that sets no keep_alive "
+                        "(seconds or e.g. 5m, 1h30m; negative: until the server stops)")
     s.add_argument("--assume-available-memory", type=positive_int, default=None, metavar="BYTES",
                    help="use this instead of the measured available memory in the memory gate")
     s.add_argument("--max-body-bytes", type=positive_int, default=10 << 20)

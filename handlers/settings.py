@@ -33,6 +33,17 @@ def positive_float(text: str) -> float:
     return _number(text, float, "a number", lambda v: math.isfinite(v) and v > 0, "must be a finite number above 0")
 
 
+def keep_alive(text: str) -> float:
+    """Ollama's keep_alive: seconds or a duration ("5m", "1h30m"); negative: forever."""
+    from engine.errors import EngineError
+    from handlers.ollama_protocol import parse_duration
+
+    try:
+        return parse_duration(text, "--keep-alive")
+    except EngineError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
 def port_number(text: str) -> int:
     """A TCP port, 0-65535 (0: the system picks a free one)."""
     return _number(text, int, "a port number", lambda v: 0 <= v <= 65535, "is not a port (0-65535)")
@@ -86,6 +97,7 @@ def engine_config(args: argparse.Namespace) -> "EngineConfig":
                         max_models=getattr(args, "max_models", 1),
                         request_timeout_s=getattr(args, "request_timeout", None),
                         idle_unload_s=getattr(args, "idle_unload", None),
+                        keep_alive_s=getattr(args, "keep_alive", 300.0),
                         available_memory_override=getattr(args, "assume_available_memory", None),
                         image_limits=_image_limits(args),
                         max_audio_seconds=getattr(args, "max_audio_seconds", 2 * 3600.0),
