@@ -44,7 +44,8 @@ class Residency:
         self.pinned: Optional[str] = None  # a distributed group's model: the only one served
         self.default_ids: dict[str, Optional[str]] = {"text": None, "embedding": None, "audio": None}
         # Ollama's keep_alive: model id -> when (time.monotonic) it is unloaded; math.inf: never.
-        # A model without an entry follows --idle-unload (the OpenAI routes' rule).
+        # Set when an Ollama request ends, dropped when any request uses the model: a model
+        # without an entry follows --idle-unload (the OpenAI routes' rule).
         self.expires: dict[str, float] = {}
 
     def touch(self) -> None:
@@ -92,6 +93,7 @@ class Residency:
     def runner(self, model_id: str) -> runners.Runner:
         """The loaded runner for a text or vision model (loaded now if needed)."""
         self.touch()
+        self.expires.pop(model_id, None)  # in use: an Ollama request sets a new keep_alive when it ends
         found = self.runners.get(model_id)
         if found is not None:
             self.runners.move_to_end(model_id)
@@ -168,6 +170,7 @@ class Residency:
     # --- side models -----------------------------------------------------------------------
     def _side(self, model_id: str, kind: str, loaded: dict, label: str, code: str,
               load: Callable[[Probe], Any]) -> Any:
+        self.expires.pop(model_id, None)
         found = loaded.get(model_id)
         if found is not None:
             return found

@@ -73,7 +73,7 @@ async def tags() -> dict[str, Any]:
         out = []
         for info in engine.list_models():
             try:
-                out.append(op.tag(*engine.describe(info.id)))
+                out.append(op.tag(info, engine.describe(info.id)[1]))  # a copy keeps its own name
             except EngineError:  # removed meanwhile
                 continue
         return out
@@ -126,20 +126,24 @@ def _run(engine: Engine, conv: Conversation, prepared: Prepared, route: str, nam
 
     async def lines() -> AsyncIterator[dict[str, Any]]:
         done: Optional[Finished] = None
-        async for _i, ev in choices.events([lambda: engine.stream(prepared)], route, name):
-            if isinstance(ev, Started):
-                timing.started = time.monotonic()
-            elif isinstance(ev, TextDelta) and not timing.first:
-                timing.first = time.monotonic()
-            for n in stream.on(ev):
-                if isinstance(n, answer.ReasoningPiece) and n.text:
-                    yield piece("", n.text, [])
-                elif isinstance(n, answer.TextPiece) and n.text:
-                    yield piece(n.text, None, [])
-                elif isinstance(n, answer.CallMade):
-                    yield piece("", None, [n.call])
-                elif isinstance(n, answer.AnswerFinished):
-                    done = n.done
+        events = choices.events([lambda: engine.stream(prepared)], route, name)
+        try:
+            async for _i, ev in events:
+                if isinstance(ev, Started):
+                    timing.started = time.monotonic()
+                elif isinstance(ev, TextDelta) and not timing.first:
+                    timing.first = time.monotonic()
+                for n in stream.on(ev):
+                    if isinstance(n, answer.ReasoningPiece) and n.text:
+                        yield piece("", n.text, [])
+                    elif isinstance(n, answer.TextPiece) and n.text:
+                        yield piece(n.text, None, [])
+                    elif isinstance(n, answer.CallMade):
+                        yield piece("", None, [n.call])
+                    elif isinstance(n, answer.AnswerFinished):
+                        done = n.done
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]  (cancels the generation if we stop early)
         timing.end = time.monotonic()
         if done is not None:
             yield {**piece("", None, []), "done": True, **timing.stats(done)}

@@ -274,3 +274,39 @@ def test_keep_alive_zero_unloads(server, client):
     assert loaded.done_reason == "load" and f"{MODEL}:latest" in _running(server)
     assert client.generate(model=MODEL, keep_alive=0).done_reason == "unload"
     assert f"{MODEL}:latest" not in _running(server)
+
+
+# --- tools with a real model (slow: a 0.5B GGUF, converted once) --------------------------
+@pytest.fixture(scope="module")
+def qwen_server(default_model_dir):
+    from engine.config import openmlx_home
+    from tests.assets import assemble
+    from tests.test_real_models import PARTS, QWEN_FILE, QWEN_SHA256, QWEN_SIZE
+
+    path = assemble(openmlx_home() / "test-assets" / "qwen2.5-coder-0.5b" / QWEN_FILE, PARTS, QWEN_SHA256, QWEN_SIZE)
+    s = Server(["--model", str(path), "--embedding-model", "none", "--audio-model", "none"], wait=False)
+    s.wait_ready(timeout=600)
+    yield s
+    s.stop()
+
+
+@pytest.mark.slow
+def test_tool_call_round_trip_with_a_real_model(qwen_server):
+    """Qwen2.5-Coder-0.5B calls get_weather (arguments as an object), gets the result back in a
+    `tool` message with `tool_name`, and answers with it; /api/show says it takes tools."""
+    from tests.test_real_models import QWEN_ID, WEATHER
+
+    qwen = ollama.Client(host=qwen_server.url, timeout=300)
+    assert "tools" in qwen.show(QWEN_ID).capabilities
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = qwen.chat(model=QWEN_ID, messages=messages, tools=[WEATHER], options={"temperature": 0, "num_predict": 64})
+    (call,) = first.message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments == {"city": "Paris"}
+    assert first.done_reason == "stop"
+    messages += [first.message, {"role": "tool", "tool_name": "get_weather", "content": "22 degrees and sunny"}]
+    second = qwen.chat(model=QWEN_ID, messages=messages, tools=[WEATHER], options={"temperature": 0, "num_predict": 48})
+    assert not second.message.tool_calls and "22" in second.message.content
+    streamed = list(qwen.chat(model=QWEN_ID, messages=messages[:1], tools=[WEATHER], stream=True,
+                              options={"temperature": 0, "num_predict": 64}))
+    calls = [c for chunk in streamed for c in chunk.message.tool_calls or ()]
+    assert [c.function.name for c in calls] == ["get_weather"] and streamed[-1].done
