@@ -103,7 +103,7 @@ def options(body: dict[str, Any], context_length: Optional[int]) -> Options:
     if ignored:
         warnings.append("options not applied by openmlx: " + ", ".join(ignored))
     stop = opts.get("stop")
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    stops = tuple(s for s in ((stop,) if isinstance(stop, str) else (stop or ())) if s)  # "" stops nothing
     max_tokens = opts.get("num_predict")
     if max_tokens is not None and max_tokens < 0:  # -1 (and -2): until the context is full
         max_tokens = None
