@@ -58,6 +58,28 @@ def test_keep_alive_that_is_not_a_duration_is_refused(value):
     assert e.value.status == 400
 
 
+def test_an_expired_keep_alive_unloads_on_the_idle_hook():
+    import time
+
+    from engine.config import EngineConfig
+    from engine.residency import Residency
+
+    r = Residency(EngineConfig(), store=None, gate=None)  # type: ignore[arg-type]
+    r.embedders["e"] = object()
+    r.keep("e", 0.01)
+    r.keep("not-loaded", 60)  # nothing to keep
+    assert set(r.expires) == {"e"}
+    time.sleep(0.05)
+    r.idle()
+    assert "e" not in r.embedders and not r.expires
+    r.embedders["e"] = object()
+    r.keep("e", math.inf)
+    r.idle()
+    assert "e" in r.embedders
+    r.keep("e", 0)  # 0: unloaded now
+    assert "e" not in r.embedders
+
+
 def test_names_carry_ollamas_tag():
     assert ollama_name("SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct:latest"
     assert ollama_name("org/model") == "org/model:latest"
