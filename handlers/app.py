@@ -62,6 +62,25 @@ class HandlerResolver(Resolver):
         return operation._operation.get("x-openmlx-handler") or super().resolve_operation_id(operation)
 
 
+class StreamPassThrough:
+    """Connexion's response validator for NDJSON: none. Its `*/*json` validator would match
+    application/x-ndjson and buffer a whole stream to parse it as one JSON document; each line
+    is checked in contract/ instead (as SSE events are)."""
+
+    def __init__(self, *_args: Any, **_kwargs: Any) -> None:
+        pass
+
+    def wrap_send(self, send: Any) -> Any:
+        return send
+
+
+def validator_map() -> dict[str, Any]:
+    from connexion.datastructures import MediaTypeDict
+    from connexion.validators import VALIDATOR_MAP
+
+    return {"response": MediaTypeDict({**VALIDATOR_MAP["response"], "application/x-ndjson": StreamPassThrough})}
+
+
 def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] = None) -> connexion.AsyncApp:
     """The ASGI app. The engine starts (and preloads its model) in the lifespan."""
     config = config or ServerConfig()
@@ -85,7 +104,7 @@ def create_app(config: Optional[ServerConfig] = None, engine: Optional[Engine] =
     app = connexion.AsyncApp(__name__, specification_dir=str(spec.parent), lifespan=lifespan,
                              swagger_ui_options=connexion.options.SwaggerUIOptions(swagger_ui_path="/docs"))
     app.add_api(spec.name, validate_responses=config.validate_responses, strict_validation=False,
-                resolver=HandlerResolver())
+                resolver=HandlerResolver(), validator_map=validator_map())
     errors.register(app)
     # Connexion runs middleware added at one position in the order added: the request id wraps
     # everything, Host and Origin are checked before any route, CORS answers preflights before auth,

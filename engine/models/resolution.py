@@ -70,6 +70,9 @@ class ModelStore:
         self.local_models = [Path(p).expanduser().resolve() for p in (local_models or [])]
         # id -> source (a folder, or an id of the other sources): a config file's `models:` ids.
         self.aliases = dict(aliases or {})
+        # name -> model id: Ollama's /api/copy. A copy is the same model under another name (one
+        # loaded copy serves both), unlike a config alias, which may have settings of its own.
+        self.copies: dict[str, str] = {}
 
     def add_local(self, path: Path) -> ModelEntry:
         """Register a local folder (CLI only) and return its entry."""
@@ -91,14 +94,26 @@ class ModelStore:
                 named[alias] = ModelEntry(alias, folder.resolve(), "config")
             elif source in seen:
                 named[alias] = ModelEntry(alias, seen[source].path, "config")
-        return list({**named, **{k: v for k, v in seen.items() if k not in named}}.values())
+        listed = {**named, **{k: v for k, v in seen.items() if k not in named}}
+        for name, model_id in self.copies.items():
+            if model_id in listed and name not in listed:
+                listed[name] = ModelEntry(name, listed[model_id].path, "copy")
+        return list(listed.values())
 
     def resolve(self, model_id: str) -> ModelEntry:
         """The entry named `model_id`, or ModelNotFound (404)."""
+        if model_id in self.copies:
+            return self.resolve(self.copies[model_id])
         entries = self.entries()  # one scan of the store and the HF cache
         for entry in entries:
             if entry.id == model_id:
                 return entry
+        # Ollama's names: `name:latest` is `name` (its apps send the tag /api/tags lists).
+        if model_id.endswith(":latest") and len(model_id) > len(":latest"):
+            try:
+                return self.resolve(model_id[: -len(":latest")])
+            except ModelNotFound:
+                raise ModelNotFound(model_id) from None
         # Accept the bare repo name of a cached HF model ("SmolLM2" for "org/SmolLM2") only
         # when it is unambiguous.
         if "/" not in model_id:

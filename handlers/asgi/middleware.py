@@ -278,7 +278,7 @@ class DrainMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         engine = scope.get("state", {}).get("engine") if scope["type"] == "http" else None
-        if engine is None or not engine.scheduler.closing or not scope.get("path", "").startswith("/v1/"):
+        if engine is None or not engine.scheduler.closing or not scope.get("path", "").startswith(("/v1/", "/api/")):
             await self.app(scope, receive, send)
             return
         await send_error(scope, send, 503, engine.scheduler.shutdown_reason, "shutting_down",
@@ -299,8 +299,13 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
+def _needs_key(path: str) -> bool:
+    """The OpenAI and Anthropic routes, and Ollama's except /api/version (apps probe it first)."""
+    return path.startswith("/v1/") or (path.startswith("/api/") and path != "/api/version")
+
+
 class ApiKeyMiddleware:
-    """When API keys are configured, `/v1/*` needs `Authorization: Bearer KEY` or (as Anthropic's
+    """When API keys are configured, `/v1/*` and `/api/*` need `Authorization: Bearer KEY` or (as Anthropic's
     clients send it) `x-api-key: KEY`; 401 otherwise.
 
     `/health`, the spec and the docs stay open. Keys are compared in constant time and never logged.
@@ -325,7 +330,7 @@ class ApiKeyMiddleware:
         return token if any([hmac.compare_digest(token, key) for key in self.keys]) else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or not scope.get("path", "").startswith("/v1/") \
+        if scope["type"] != "http" or not self.keys or not _needs_key(scope.get("path", "")) \
                 or scope.get("method") == "OPTIONS":
             await self.app(scope, receive, send)
             return

@@ -44,6 +44,17 @@ def positive_float(text: str) -> float:
     return _number(text, float, "a number", lambda v: math.isfinite(v) and v > 0, "must be a finite number above 0")
 
 
+def keep_alive(text: str) -> float:
+    """Ollama's keep_alive: seconds or a duration ("5m", "1h30m"); negative: forever."""
+    from engine.errors import EngineError
+    from handlers.wire.ollama_protocol import parse_duration
+
+    try:
+        return parse_duration(text, "--keep-alive")
+    except EngineError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
 def port_number(text: str) -> int:
     """A TCP port, 0-65535 (0: the system picks a free one)."""
     return _number(text, int, "a port number", lambda v: 0 <= v <= 65535, "is not a port (0-65535)")
@@ -171,6 +182,9 @@ SERVE: tuple[Setting, ...] = (
     Setting("max-models", type=positive_int, into=("engine.max_models",),
             help="models kept loaded (least recently used goes)"),
     Setting("idle-unload", **_TIMEOUT, into=("engine.idle_unload_s",), help="unload models unused for this long"),
+    Setting("keep-alive", type=keep_alive, metavar="DURATION", into=("engine.keep_alive_s",),
+            help="Ollama's API: keep a model loaded this long after a request that sets no keep_alive "
+                 "(seconds or e.g. 5m, 1h30m; negative: until the server stops)"),
     Setting("assume-available-memory", type=positive_int, metavar="BYTES", into=("engine.available_memory_override",),
             help="use this instead of the measured available memory in the memory gate"),
     Setting("max-body-bytes", type=positive_int, into=("server.max_body_bytes",)),

@@ -47,9 +47,17 @@ def is_anthropic_path(path: str) -> bool:
     return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
+def is_ollama_path(path: str) -> bool:
+    """Routes that speak Ollama's API, and so its error shape `{"error": "..."}`."""
+    return path.startswith("/api/")
+
+
 def error_payload(path: str, status: int, message: str, type_: Optional[str] = None, param: Optional[str] = None,
                   code: Optional[str] = None, request_id: Optional[str] = None) -> dict[str, Any]:
-    """The error body a client of `path` expects: Anthropic's on /v1/messages, OpenAI's elsewhere."""
+    """The error body a client of `path` expects: Anthropic's on /v1/messages, Ollama's on /api/*,
+    OpenAI's elsewhere."""
+    if is_ollama_path(path):
+        return {"error": message}
     if is_anthropic_path(path):
         return anthropic_error_body(status, message, request_id)
     return error_body(message, type_ or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
