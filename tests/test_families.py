@@ -214,3 +214,227 @@ def test_effort_and_thinking_reach_the_templates():
     assert plan(gemma, None, Thinking(enabled=True), {}, False, (1, 2, 3)).template_kwargs["enable_thinking"] is True
     assert prompt_opens_block("<|turn>model\n<|channel>thought\n", "gemma4")
     assert not prompt_opens_block("<|turn>model\n<|channel>thought\n<channel|>", "gemma4")
+
+
+# --- history: an earlier call and its result, rendered through the family's template ---------------
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(default_model_dir))
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]}}}
+
+
+@pytest.mark.parametrize("template", ["Qwen3-Coder.jinja", "Qwen3.5-4B.jinja", "GLM-4.6.jinja", "GLM-4.7-Flash.jinja",
+                                      "deepseek-ai-DeepSeek-V3.1.jinja", "deepseek-ai-DeepSeek-V3.2.jinja",
+                                      "moonshotai-Kimi-K2.jinja", "MiniMax-M2.jinja", "google-gemma-4-31B-it.jinja",
+                                      "openai-gpt-oss-120b.jinja"])
+def test_follow_up_turn_renders_as_the_template_renders_it(hf_tokenizer, template):
+    """The call and the tool's result, as the server hands them to the template, give the same
+    prompt tokens as transformers' apply_chat_template on the client's messages."""
+    from engine.constrained.tools import ToolCall
+    from engine.generation.turns import render_turn
+    from engine.request import ChatMessage
+
+    text = (TEMPLATES / template).read_text()
+    fmt, native = for_template(text)
+    call_id = "functions.get_weather:0" if fmt.name == "kimi_k2" else "call_1"
+    ours = [ChatMessage("user", "Weather in Paris?"),
+            ChatMessage("assistant", "", tool_calls=(ToolCall(call_id, "get_weather", '{"city": "Paris", "days": 3}'),)),
+            ChatMessage("tool", "Sunny, 21C", tool_call_id=call_id)]
+    client = [{"role": "user", "content": "Weather in Paris?"},
+              {"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function", "function": {
+                  "name": "get_weather", "arguments": {"city": "Paris", "days": 3}}}]},
+              {"role": "tool", "content": "Sunny, 21C", "tool_call_id": call_id}]
+
+    def ids(messages):
+        out = hf_tokenizer.apply_chat_template(messages, tools=[WEATHER_TOOL], chat_template=text,
+                                               add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(out["input_ids"] if isinstance(out, dict) else out)
+
+    assert native
+    assert ids([render_turn(m, fmt, native) for m in ours]) == ids(client)
+
+
+# --- end to end through HTTP: tiny models trained to write each family's call ------------------------
+
+WEATHER_ARGS = {"city": "Paris", "days": 3}
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+HARMONY_TOKENS = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>"]
+FAMILIES = {
+    # Qwen3-Coder: <tool_call> is an added token that is not special (as in Qwen's vocabulary).
+    "qwen3-coder-tiny": dict(
+        template="Qwen3-Coder.jinja", added=[("<tool_call>", False), ("</tool_call>", False)], eos=["<|im_end|>"],
+        continuation="<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n"
+                     "</parameter>\n</function>\n</tool_call>", reasoning=None),
+    # gpt-oss: harmony's markup are special tokens; <|call|> and <|return|> end the generation.
+    "gpt-oss-tiny": dict(
+        template="openai-gpt-oss-120b.jinja", added=[(t, True) for t in HARMONY_TOKENS], eos=["<|call|>", "<|return|>"],
+        continuation="<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
+                     "to=functions.get_weather <|constrain|>json<|message|>{\"city\":\"Paris\",\"days\":3}",
+        reasoning="Need the weather."),
+}
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory, default_model_dir):
+    from tests.tiny_family import Example, build
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: build(root / name, default_model_dir, f["template"], f["added"], f["eos"],
+                        [Example(ASK, f["continuation"], [WEATHER_TOOL])])
+            for name, f in FAMILIES.items()}
+
+
+@pytest.fixture(scope="module")
+def family_server(family_models):
+    from tests.process import Server
+
+    args = [a for folder in family_models.values() for a in ("--model-dir", str(folder))]
+    s = Server(args + ["--max-models", "2"], env={"HF_HUB_OFFLINE": "1"})
+    yield s
+    s.stop()
+
+
+def _post(server, path, body):
+    import httpx
+
+    r = httpx.post(server.url + path, json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _stream(server, path, body):
+    import httpx
+
+    events = []
+    with httpx.stream("POST", server.url + path, json={**body, "stream": True}, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[len("data: "):]))
+    return events
+
+
+@pytest.mark.parametrize("model", list(FAMILIES))
+def test_chat_call_in_the_familys_format(family_server, model):
+    out = _post(family_server, "/v1/chat/completions", {"model": model, "messages": ASK, "tools": [WEATHER_TOOL],
+                                                        "max_tokens": 80, "temperature": 0})
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == WEATHER_ARGS
+    assert not choice["message"].get("content")  # no markup left as text
+    assert choice["message"].get("reasoning_content") == FAMILIES[model]["reasoning"]
+
+
+@pytest.mark.parametrize("model", list(FAMILIES))
+def test_chat_stream_sends_the_call_whole(family_server, model):
+    chunks = _stream(family_server, "/v1/chat/completions", {"model": model, "messages": ASK, "tools": [WEATHER_TOOL],
+                                                             "max_tokens": 80, "temperature": 0})
+    deltas = [c["choices"][0]["delta"] for c in chunks if c.get("choices")]
+    text = "".join(d.get("content") or "" for d in deltas)
+    reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)
+    calls = [tc for d in deltas for tc in d.get("tool_calls") or ()]
+    assert text == ""  # never markup as text
+    assert reasoning == (FAMILIES[model]["reasoning"] or "")
+    assert len(calls) == 1 and calls[0]["function"]["name"] == "get_weather"
+    assert json.loads(calls[0]["function"]["arguments"]) == WEATHER_ARGS
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")][-1] == "tool_calls"
+
+
+@pytest.mark.parametrize("model", list(FAMILIES))
+def test_responses_function_call_item(family_server, model):
+    tool = {"type": "function", "name": "get_weather", "description": WEATHER_TOOL["function"]["description"],
+            "parameters": WEATHER_TOOL["function"]["parameters"]}
+    out = _post(family_server, "/v1/responses", {"model": model, "input": ASK[0]["content"], "tools": [tool],
+                                                 "max_output_tokens": 80, "temperature": 0})
+    calls = [item for item in out["output"] if item["type"] == "function_call"]
+    assert len(calls) == 1 and calls[0]["name"] == "get_weather" and json.loads(calls[0]["arguments"]) == WEATHER_ARGS
+    assert not [item for item in out["output"] if item["type"] == "message"]
+
+
+@pytest.mark.parametrize("model", list(FAMILIES))
+def test_messages_tool_use_block(family_server, model):
+    tool = {"name": "get_weather", "description": WEATHER_TOOL["function"]["description"],
+            "input_schema": WEATHER_TOOL["function"]["parameters"]}
+    out = _post(family_server, "/v1/messages", {"model": model, "messages": ASK, "tools": [tool], "max_tokens": 80,
+                                                "temperature": 0})
+    uses = [b for b in out["content"] if b["type"] == "tool_use"]
+    assert out["stop_reason"] == "tool_use"
+    assert len(uses) == 1 and uses[0]["name"] == "get_weather" and uses[0]["input"] == WEATHER_ARGS
+    assert not [b for b in out["content"] if b["type"] == "text" and "<" in b["text"]]
+
+
+@pytest.mark.parametrize("model", list(FAMILIES))
+def test_follow_up_prompt_is_the_templates_own(family_server, family_models, model):
+    """The call and its result in history: the server's prompt has exactly as many tokens as
+    transformers' apply_chat_template renders for the client's messages (the same tokens: the
+    unit test above compares them one by one)."""
+    from transformers import AutoTokenizer
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps(WEATHER_ARGS)}}
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21C"}]
+    out = _post(family_server, "/v1/chat/completions", {"model": model, "messages": history, "tools": [WEATHER_TOOL],
+                                                        "max_tokens": 1, "temperature": 0})
+    hf = AutoTokenizer.from_pretrained(str(family_models[model]))
+    client = [dict(m) for m in history]
+    client[1] = {**client[1], "tool_calls": [{**call, "function": {**call["function"], "arguments": WEATHER_ARGS}}]}
+    ids = hf.apply_chat_template(client, tools=[WEATHER_TOOL], add_generation_prompt=True, tokenize=True,
+                                 return_dict=False, **({"enable_thinking": True} if model == "gpt-oss-tiny" else {}))
+    assert out["usage"]["prompt_tokens"] == len(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+
+# --- forced calls (tool_choice required / named): a grammar in the family's own format -------------
+
+CITY = _tool("get_weather", {"city": {"type": "string"}, "days": {"type": "integer"}}, ("city",))
+FORCED = [
+    (qwen3_xml.FORMAT, "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n"
+                       "</parameter>\n</function>\n</tool_call>", "<parameter=town>"),
+    (glm.FORMAT, "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key>"
+                 "<arg_value>3</arg_value></tool_call>", "<arg_key>town"),
+    (invoke_xml.MINIMAX, "<minimax:tool_call>\n<invoke name=\"get_weather\">\n<parameter name=\"city\">Paris</parameter>\n"
+                         "<parameter name=\"days\">3</parameter>\n</invoke>\n</minimax:tool_call>", "name=\"town\""),
+    (deepseek.FORMAT, "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"city\":\"Paris\",\"days\":3}"
+                      "<｜tool▁call▁end｜><｜tool▁calls▁end｜>", "{\"town\""),
+    (kimi.FORMAT, "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+                  "{\"city\":\"Paris\",\"days\":3}<|tool_call_end|><|tool_calls_section_end|>", "{\"town\""),
+    (harmony.FORMAT, "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\":\"Paris\","
+                     "\"days\":3}", "{\"town\""),
+    (gemma4.FORMAT, "<|tool_call>call:get_weather{city:<|\"|>Paris<|\"|>}<tool_call|>", "{town"),
+]
+
+
+@pytest.fixture(scope="module")
+def mlx_tokenizer(default_model_dir):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    return load_tokenizer(default_model_dir)
+
+
+@pytest.mark.parametrize("fmt, call, wrong", FORCED)
+def test_forced_call_grammar_takes_the_familys_own_call(mlx_tokenizer, fmt, call, wrong):
+    import llguidance
+
+    from engine.constrained.structured import ll_tokenizer
+
+    grammar = fmt.call_grammar([CITY])
+    assert llguidance.LLMatcher.validate_grammar(grammar) == ""
+
+    def accepted(text: str) -> bool:
+        matcher = llguidance.LLMatcher(ll_tokenizer(mlx_tokenizer), grammar)
+        tokens = mlx_tokenizer.encode(text, add_special_tokens=False)
+        return matcher.validate_tokens(tokens) == len(tokens)
+
+    assert accepted(call)
+    assert not accepted("Sure! " + call)
+    bad = call.replace("city", "town")
+    assert not accepted(bad) and wrong in bad
+    _, calls = fmt.parse(call, [CITY])
+    assert json.loads(calls[0].arguments)["city"] == "Paris"

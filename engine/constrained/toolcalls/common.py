@@ -206,17 +206,23 @@ def tool_properties(tool: ToolSpec) -> tuple[list[tuple[str, Any]], set[str]]:
     return list(props.items()), set(schema.get("required") or ())
 
 
-def text_value_rule(schema: Any) -> str:
-    """A Lark rule for one bare-text parameter value (the XML formats): a string is text without
-    markup (`<`), anything else JSON of its schema."""
-    return '/[^<]*/' if _types(schema) in (set(), {"string"}) else json_schema_rule(schema)
+def text_value_rule(schema: Any, close: str, tags: Any = {}) -> str:
+    """A Lark rule for one bare-text parameter value (the XML formats) and the markup that closes
+    it: a string is text without `<`, the close folded into the same regex (the text can't run
+    into it); anything else JSON of its schema, then the close."""
+    if _types(schema) in (set(), {"string"}):
+        if close in tags:
+            return f"/[^<]*/ {tag(close, tags)}"
+        escaped = "".join("\\n" if c == "\n" else "\\" + c if c in ".^$*+?()[]{}|\\/" else c for c in close)
+        return "/[^<]*" + escaped + "/"
+    return f"{json_schema_rule(schema)} {tag(close, tags)}"
 
 
-def params_rule(tool: ToolSpec, write: Callable[[str, str], str]) -> str:
+def params_rule(tool: ToolSpec, write: Callable[[str, Any], str]) -> str:
     """A Lark sequence of a tool's parameters in schema order, the required ones mandatory;
-    `write(key, value_rule)` is one parameter in the format's markup."""
+    `write(key, schema)` is one parameter in the format's markup (text_value_rule for its value)."""
     props, required = tool_properties(tool)
-    items = [write(key, text_value_rule(schema)) for key, schema in props]
+    items = [write(key, schema) for key, schema in props]
     return " ".join(item if key in required else f"({item})?" for (key, _), item in zip(props, items)) or '""'
 
 

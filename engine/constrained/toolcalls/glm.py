@@ -7,7 +7,8 @@ import json
 import re
 from typing import Mapping, Optional, Sequence
 
-from engine.constrained.toolcalls.common import lark, new_call, params_rule, property_schema, tag, typed_value
+from engine.constrained.toolcalls.common import (lark, new_call, params_rule, property_schema, tag,
+                                                  text_value_rule, typed_value)
 from engine.constrained.tools import ToolCall, ToolSpec
 
 _CALL = re.compile(r"<tool_call>\s*([^<>\n{]+?)\s*((?:<arg_key>.*?</arg_key>\s*<arg_value>.*?</arg_value>\s*)*)"
@@ -43,9 +44,9 @@ class Glm:
 
     def call_grammar(self, tools: Sequence[ToolSpec], only: str | None = None,
                      tags: Mapping[str, int] = {}) -> str:
-        def param(key: str, value: str) -> str:
+        def param(key: str, schema: object) -> str:
             return (f'{tag("<arg_key>", tags)} {json.dumps(key)} {tag("</arg_key>", tags)} '
-                    f'{tag("<arg_value>", tags)} {value} {tag("</arg_value>", tags)}')
+                    f'{tag("<arg_value>", tags)} {text_value_rule(schema, "</arg_value>", tags)}')
 
         calls = " | ".join(f"{json.dumps(t.name)} {params_rule(t, param)}"
                            for t in tools if only is None or t.name == only)

@@ -11,7 +11,8 @@ import json
 import re
 from typing import Mapping, Optional, Sequence
 
-from engine.constrained.toolcalls.common import lark, new_call, params_rule, property_schema, tag, typed_value
+from engine.constrained.toolcalls.common import (lark, new_call, params_rule, property_schema, tag,
+                                                  text_value_rule, typed_value)
 from engine.constrained.tools import ToolCall, ToolSpec
 
 
@@ -63,8 +64,8 @@ class InvokeXml:
                      tags: Mapping[str, int] = {}) -> str:
         p = self.prefix
 
-        def param(key: str, value: str) -> str:
-            return f'{json.dumps(f"<{p}parameter name={json.dumps(key)}>")} {value} {json.dumps(f"</{p}parameter>{chr(10)}")}'
+        def param(key: str, schema: object) -> str:
+            return f'{json.dumps(f"<{p}parameter name={json.dumps(key)}>")} {text_value_rule(schema, f"</{p}parameter>{chr(10)}")}'
 
         calls = " | ".join(f'{json.dumps(f"<{p}invoke name={json.dumps(t.name)}>{chr(10)}")} {params_rule(t, param)} '
                            f'{json.dumps(f"</{p}invoke>{chr(10)}")}' for t in tools if only is None or t.name == only)

@@ -15,7 +15,8 @@ import json
 import re
 from typing import Mapping, Optional, Sequence
 
-from engine.constrained.toolcalls.common import lark, new_call, params_rule, property_schema, tag, typed_value
+from engine.constrained.toolcalls.common import (lark, new_call, params_rule, property_schema, tag,
+                                                  text_value_rule, typed_value)
 from engine.constrained.tools import ToolCall, ToolSpec
 
 _CALL = re.compile(r"(?:<tool_call>\s*)?<function=([^>\n]+)>(.*?)</function>(?:\s*</tool_call>)?", re.DOTALL)
@@ -59,8 +60,8 @@ class Qwen3Xml:
 
     def call_grammar(self, tools: Sequence[ToolSpec], only: str | None = None,
                      tags: Mapping[str, int] = {}) -> str:
-        def param(key: str, value: str) -> str:
-            return f'{json.dumps(f"<parameter={key}>" + chr(10))} {value} "\\n</parameter>\\n"'
+        def param(key: str, schema: object) -> str:
+            return f'{json.dumps(f"<parameter={key}>" + chr(10))} {text_value_rule(schema, chr(10) + "</parameter>" + chr(10))}'
 
         calls = " | ".join(f'{json.dumps(f"<function={t.name}>" + chr(10))} {params_rule(t, param)} "</function>"'
                            for t in tools if only is None or t.name == only)
