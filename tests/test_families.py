@@ -57,6 +57,25 @@ def test_reasoning_style_from_the_real_template(template, style):
     assert template_style((TEMPLATES / template).read_text()) == style
 
 
+def test_a_special_call_trigger_is_not_masked_under_auto(default_model_dir):
+    """Where a tokenizer holds the call's opening tag as a special token, a lazy grammar written
+    as text could never emit it: tool_choice auto then parses instead of constraining."""
+    from transformers import AutoTokenizer
+
+    from engine.constrained.toolcalls import hermes
+    from engine.constrained.toolcalls.common import special_trigger
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir))
+    assert not special_trigger(hermes.FORMAT, tok)
+    tok.add_tokens(["<tool_call>"])  # Qwen's kind: an added token that is plain text
+    assert not special_trigger(hermes.FORMAT, tok)
+    assert special_trigger(harmony.FORMAT, tok) is False
+    tok.add_special_tokens({"additional_special_tokens": ["<|channel|>"]})
+    assert not special_trigger(harmony.FORMAT, tok)  # harmony's trigger is the whole call header
+    tok.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]"]})
+    assert special_trigger(mistral.FORMAT, tok)
+
+
 def test_override_by_name_and_generic():
     qwen = (TEMPLATES / "Qwen3-Coder.jinja").read_text()
     assert for_template(qwen, "glm")[0].name == "glm"
@@ -212,6 +231,7 @@ def test_effort_and_thinking_reach_the_templates():
     gemma = (TEMPLATES / "google-gemma-4-31B-it.jinja").read_text()
     assert "enable_thinking" not in plan(gemma, None, Thinking(), {}, False, (1, 2, 3)).template_kwargs  # its default: off
     assert plan(gemma, None, Thinking(enabled=True), {}, False, (1, 2, 3)).template_kwargs["enable_thinking"] is True
+    assert plan(gemma, None, Thinking(effort="low"), {}, False, (1, 2, 3)).template_kwargs["enable_thinking"] is True
     assert prompt_opens_block("<|turn>model\n<|channel>thought\n", "gemma4")
     assert not prompt_opens_block("<|turn>model\n<|channel>thought\n<channel|>", "gemma4")
 
@@ -284,9 +304,12 @@ FAMILIES = {
 def family_models(tmp_path_factory, default_model_dir):
     from tests.tiny_family import Example, build
 
+    from engine.config import openmlx_home
+
     root = tmp_path_factory.mktemp("families")
+    cache = openmlx_home() / "test-assets" / "families"  # trained once per machine (minutes on a busy CPU)
     return {name: build(root / name, default_model_dir, f["template"], f["added"], f["eos"],
-                        [Example(ASK, f["continuation"], [WEATHER_TOOL])])
+                        [Example(ASK, f["continuation"], [WEATHER_TOOL])], cache=cache)
             for name, f in FAMILIES.items()}
 
 

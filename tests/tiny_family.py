@@ -15,11 +15,13 @@ a different prompt gets noise back and the test fails.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
 
@@ -33,9 +35,29 @@ class Example:
 
 
 def build(folder: Path, default_model_dir: Path, template: str, added: Sequence[tuple[str, bool]],
-          eos: Sequence[str], examples: Sequence[Example], hidden: int = 64, seed: int = 0) -> Path:
+          eos: Sequence[str], examples: Sequence[Example], hidden: int = 64, seed: int = 0,
+          cache: Optional[Path] = None) -> Path:
     """Write the model folder and return it. `added`: (token text, special) pairs; `eos`: the
-    end-of-sequence tokens (the first ends every continuation)."""
+    end-of-sequence tokens (the first ends every continuation). `cache`: a folder where a model
+    built from the same inputs (and this file) is kept and reused: training takes minutes on a
+    busy CPU."""
+    key = hashlib.sha256(json.dumps([template, (TEMPLATES / template).read_text(), list(added), list(eos),
+                                     [vars(e) for e in examples], hidden, seed, Path(__file__).read_text(),
+                                     (default_model_dir / "tokenizer.json").stat().st_size],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    kept = cache / key if cache is not None else None
+    if kept is not None and (kept / "config.json").is_file():
+        shutil.copytree(kept, folder, dirs_exist_ok=True)
+        return folder
+    _train(folder, default_model_dir, template, added, eos, examples, hidden, seed)
+    if kept is not None:
+        shutil.copytree(folder, kept.with_suffix(".tmp"), dirs_exist_ok=True)
+        os.replace(kept.with_suffix(".tmp"), kept)
+    return folder
+
+
+def _train(folder: Path, default_model_dir: Path, template: str, added: Sequence[tuple[str, bool]],
+           eos: Sequence[str], examples: Sequence[Example], hidden: int, seed: int) -> None:
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -86,7 +108,8 @@ def build(folder: Path, default_model_dir: Path, template: str, added: Sequence[
             total = total + ce[s:].mean()  # only the answers matter
         return total
 
-    opt = optim.Adam(learning_rate=1e-2)
+    # A high rate finds the answers fast; decayed, so the model settles instead of bouncing off them.
+    opt = optim.Adam(learning_rate=optim.cosine_decay(1e-2, 400, 5e-4))
     step = nn.value_and_grad(small, loss_fn)
     for i in range(1500):
         loss, grads = step(small)
@@ -113,7 +136,6 @@ def build(folder: Path, default_model_dir: Path, template: str, added: Sequence[
               "rope_theta": 10000.0, "max_position_embeddings": 4096, "eos_token_id": eos_ids,
               "torch_dtype": "float32"}
     (folder / "config.json").write_text(json.dumps(config))
-    return folder
 
 
 def _reproduces(model: Any, inputs: list, targets: list, starts: list[int], other: int) -> bool:

@@ -238,8 +238,10 @@ def plan(template: str, parser: Optional[str], thinking: Thinking, template_kwar
         return ReasoningPlan(kwargs, False, None, style or "think")
     # Said explicitly: mlx-lm's tokenizer otherwise passes enable_thinking=False for a vocabulary
     # without single <think> tokens, whatever the template does. Gemma 4 thinks only when asked:
-    # its template's own default (off) stands unless the request says.
-    if style != "gemma4" or thinking.enabled is not None:
+    # its template's own default (off) stands unless the request asks for thinking (on/off, a
+    # budget or an effort).
+    asked = thinking.enabled is not None or thinking.budget is not None or thinking.effort is not None
+    if style != "gemma4" or asked:
         kwargs.setdefault("enable_thinking", thinking.enabled is not False)
     budget = thinking.budget
     levels = {"low": 0, "medium": 1, "high": 2, "xhigh": 2}
