@@ -300,6 +300,11 @@ FAMILIES = {
 }
 
 
+# Training the two tiny models takes minutes on a busy 2-core CPU the first time (then they are
+# cached under ~/.cache/openmlx/test-assets/families): behind --run-slow.
+e2e = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def family_models(tmp_path_factory, default_model_dir):
     from tests.tiny_family import Example, build
@@ -343,6 +348,7 @@ def _stream(server, path, body):
     return events
 
 
+@e2e
 @pytest.mark.parametrize("model", list(FAMILIES))
 def test_chat_call_in_the_familys_format(family_server, model):
     out = _post(family_server, "/v1/chat/completions", {"model": model, "messages": ASK, "tools": [WEATHER_TOOL],
@@ -355,6 +361,7 @@ def test_chat_call_in_the_familys_format(family_server, model):
     assert choice["message"].get("reasoning_content") == FAMILIES[model]["reasoning"]
 
 
+@e2e
 @pytest.mark.parametrize("model", list(FAMILIES))
 def test_chat_stream_sends_the_call_whole(family_server, model):
     chunks = _stream(family_server, "/v1/chat/completions", {"model": model, "messages": ASK, "tools": [WEATHER_TOOL],
@@ -362,14 +369,19 @@ def test_chat_stream_sends_the_call_whole(family_server, model):
     deltas = [c["choices"][0]["delta"] for c in chunks if c.get("choices")]
     text = "".join(d.get("content") or "" for d in deltas)
     reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)
-    calls = [tc for d in deltas for tc in d.get("tool_calls") or ()]
+    calls: dict[int, dict] = {}  # OpenAI's pieces of each call, by index
+    for tc in (tc for d in deltas for tc in d.get("tool_calls") or ()):
+        call = calls.setdefault(tc["index"], {"name": "", "arguments": ""})
+        call["name"] += tc.get("function", {}).get("name") or ""
+        call["arguments"] += tc.get("function", {}).get("arguments") or ""
     assert text == ""  # never markup as text
     assert reasoning == (FAMILIES[model]["reasoning"] or "")
-    assert len(calls) == 1 and calls[0]["function"]["name"] == "get_weather"
-    assert json.loads(calls[0]["function"]["arguments"]) == WEATHER_ARGS
+    assert list(calls) == [0] and calls[0]["name"] == "get_weather"
+    assert json.loads(calls[0]["arguments"]) == WEATHER_ARGS
     assert [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")][-1] == "tool_calls"
 
 
+@e2e
 @pytest.mark.parametrize("model", list(FAMILIES))
 def test_responses_function_call_item(family_server, model):
     tool = {"type": "function", "name": "get_weather", "description": WEATHER_TOOL["function"]["description"],
@@ -381,6 +393,7 @@ def test_responses_function_call_item(family_server, model):
     assert not [item for item in out["output"] if item["type"] == "message"]
 
 
+@e2e
 @pytest.mark.parametrize("model", list(FAMILIES))
 def test_messages_tool_use_block(family_server, model):
     tool = {"name": "get_weather", "description": WEATHER_TOOL["function"]["description"],
@@ -393,6 +406,7 @@ def test_messages_tool_use_block(family_server, model):
     assert not [b for b in out["content"] if b["type"] == "text" and "<" in b["text"]]
 
 
+@e2e
 @pytest.mark.parametrize("model", list(FAMILIES))
 def test_follow_up_prompt_is_the_templates_own(family_server, family_models, model):
     """The call and its result in history: the server's prompt has exactly as many tokens as
