@@ -107,8 +107,10 @@ def added_tokens(tokenizer: Any) -> dict[str, int]:
 def special_trigger(fmt: Any, tokenizer: Any) -> bool:
     """Whether the tokenizer holds one of the format's call triggers as a special token (one a
     grammar written as text can't emit: llguidance keeps special tokens apart from text)."""
-    inner = getattr(tokenizer, "_tokenizer", tokenizer)
-    decoder = getattr(inner, "added_tokens_decoder", None)
+    # A transformers tokenizer has the table itself; mlx-lm's wrapper holds one as `_tokenizer`.
+    decoder = getattr(tokenizer, "added_tokens_decoder", None)
+    if not isinstance(decoder, dict):
+        decoder = getattr(getattr(tokenizer, "_tokenizer", None), "added_tokens_decoder", None)
     if not isinstance(decoder, dict):
         return False
     special = {str(t.content) for t in decoder.values() if getattr(t, "special", False)}
