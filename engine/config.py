@@ -40,8 +40,11 @@ class ModelSettings:
     chat_template: Optional[str] = None  # a Jinja file or the template itself
     draft_model: Optional[str] = None
     preload: bool = False
-    # think: the output is split at <think>...</think>; none: never; None: found from the chat template.
+    # think: the output is split at <think>...</think>; harmony / gemma4: at those channels; none: never;
+    # None: found from the chat template.
     reasoning_parser: Optional[str] = None
+    # A tool-call format's name (engine/constrained/toolcalls) or "generic"; None: found from the template.
+    tool_parser: Optional[str] = None
 
     @property
     def is_gguf(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 from engine.constrained.toolcalls import ToolFormat
 from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec
@@ -81,6 +81,7 @@ class SamplingParams:
     # (engine/generation/reasoning.py), knowing whether the template opened it.
     thinking_budget: Optional[int] = None
     thinking_opened: bool = False
+    thinking_style: str = "think"  # how the family writes its thinking (reasoning.STYLES)
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ class Planner(Protocol):
     @property
     def tool_format(self) -> tuple[ToolFormat, bool]: ...
 
-    def split_calls(self, text: str) -> tuple[str, list[ToolCall]]: ...
+    def split_calls(self, text: str, tools: Sequence[ToolSpec] = ()) -> tuple[str, list[ToolCall]]: ...
 
     def share_prefill(self, prepared: Prepared, score_top: Optional[int] = None) -> Iterator[Pass]: ...
 
@@ -264,9 +265,9 @@ class Prepared:
     def warnings(self) -> tuple[str, ...]:
         return self.runner.warnings
 
-    def split_calls(self, text: str) -> tuple[str, list[ToolCall]]:
+    def split_calls(self, text: str, tools: Sequence[ToolSpec] = ()) -> tuple[str, list[ToolCall]]:
         """The text and the tool calls in it, in this model's format."""
-        return self.runner.split_calls(text)
+        return self.runner.split_calls(text, tools)
 
     @property
     def tool_format(self) -> ToolFormat:

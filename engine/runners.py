@@ -99,6 +99,10 @@ def load(model_id: str, probe: Probe, config: EngineConfig, gate: MemoryGate) ->
     runner = LOADERS[probe.type](model_id, probe, config, gate)
     if settings is not None and settings.reasoning_parser:
         runner.reasoning_parser = settings.reasoning_parser
+    if settings is not None and settings.tool_parser:
+        if probe.type != "text":
+            raise Unsupported(f"{model_id}: tool_parser in the config file is for text models only")
+        runner.tool_parser = settings.tool_parser
     if settings is not None and settings.chat_template:
         if probe.type != "text":  # a vision model's prompt comes from its processor's template
             raise Unsupported(f"{model_id}: chat_template in the config file is for text models only")

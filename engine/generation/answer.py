@@ -51,7 +51,7 @@ def split_calls(conv: Conversation, prepared: Prepared, text: str, done: Finishe
     (`complete=False`), never as markup in the text."""
     if not conv.tools:
         return text, []
-    text, calls = prepared.split_calls(text)
+    text, calls = prepared.split_calls(text, conv.tools)
     if not calls and done.finish_reason == "stop":
         bare = bare_call(text, conv.tools)  # the whole answer is one call object, without tags
         if bare is not None:

@@ -27,8 +27,8 @@ from engine.generation.stopping import StopMatcher
 from engine.generation.templates import render_chat
 from engine.generation.tokens import encode_prefix, guarded, prompt_chars
 from engine.generation.turns import render_turn, with_tool_prompt
-from engine.constrained.toolcalls import ToolFormat, for_template
-from engine.constrained.toolcalls.common import added_tokens
+from engine.constrained.toolcalls import ToolFormat, for_template, own_tool_prompt
+from engine.constrained.toolcalls.common import added_tokens, special_trigger
 from engine.generation.last_rows import SplitHead, split_head
 from engine.models.weights import load_gated
 from engine.constrained.tools import ToolCall, ToolChoice, ToolSpec, tool_schema
@@ -59,7 +59,8 @@ class TextRunner:
     speculation: Speculation = field(default_factory=Speculation)
     streams: int = 0  # generations running now (on the worker thread)
     last_rows: Optional[SplitHead] = None  # logits for a pass's last rows only (engine/generation/last_rows.py)
-    reasoning_parser: Optional[str] = None  # think | none (config file); None: found from the chat template
+    reasoning_parser: Optional[str] = None  # think | harmony | gemma4 | none (config file); None: from the chat template
+    tool_parser: Optional[str] = None  # a tool-call format's name or generic (config file); None: from the template
     solo: Any = None  # what a lone stream's passes call (engine/cpu/decode.py); None: the model
     decode_path: str = "mlx"  # which path decodes a lone stream, and why (/health)
     dtype_reason: str = ""  # why the weights are held as `dtype` (/v1/models, engine/models/weights.py)
@@ -107,9 +108,12 @@ class TextRunner:
         fmt, native = self.tool_format
         if tools and not native:
             messages = with_tool_prompt(messages, tools)
+        elif (own := own_tool_prompt(fmt, template, tools)) is not None:
+            messages = with_tool_prompt(messages, tools, own)
         turns = [render_turn(m, fmt, native) for m in messages]
         if template:
-            extra = {**(template_kwargs or {}), **({"tools": [tool_schema(t) for t in tools]} if native and tools else {})}
+            extra = {**(template_kwargs or {}),
+                     **({"tools": [tool_schema(t) for t in tools]} if native and tools and "tools" in template else {})}
             # continue_final: the last assistant turn is a prefix to go on with (Anthropic's prefill).
             prefill = {"continue_final_message": True} if continue_final and turns[-1]["role"] == "assistant" \
                 else {"add_generation_prompt": generation_prompt}
@@ -144,7 +148,7 @@ class TextRunner:
     @cached_property
     def tool_format(self) -> tuple[ToolFormat, bool]:
         """How this model writes tool calls, and whether its template renders tools itself."""
-        return for_template(getattr(self.tokenizer, "chat_template", None) or "")
+        return for_template(getattr(self.tokenizer, "chat_template", None) or "", self.tool_parser)
 
     def tool_grammar(self, tools: Sequence[ToolSpec], choice: ToolChoice) -> Optional[str]:
         """The grammar for a tool choice: one valid call (required/named) or, for auto, free
@@ -154,9 +158,15 @@ class TextRunner:
         from llguidance import LLMatcher
 
         fmt, _ = self.tool_format
+        if choice.mode == "auto" and special_trigger(fmt, self.tokenizer):
+            # The model opens its calls with a special token, which a lazy grammar's text trigger
+            # never sees: it would mask that token and the model could not call at all.
+            return None
         try:
             grammar = fmt.auto_grammar(tools) if choice.mode == "auto" else \
                 fmt.call_grammar(tools, choice.name if choice.mode == "named" else None, added_tokens(self.tokenizer))
+            if grammar is None:  # this format's calls under auto are parsed, not constrained
+                return None
             problem = LLMatcher.validate_grammar(grammar)
         except (ValueError, RuntimeError) as e:
             grammar, problem = None, str(e)
@@ -167,9 +177,10 @@ class TextRunner:
             raise InvalidRequest(f"A tool's parameters schema can't be used: {problem}", param="tools")
         return grammar
 
-    def split_calls(self, text: str) -> tuple[str, list[ToolCall]]:
-        """The text and the tool calls in it, read in this model's format."""
-        return self.tool_format[0].parse(text)
+    def split_calls(self, text: str, tools: Sequence[ToolSpec] = ()) -> tuple[str, list[ToolCall]]:
+        """The text and the tool calls in it, read in this model's format (`tools` type the
+        values of formats that write them as bare text)."""
+        return self.tool_format[0].parse(text, tools)
 
     def encode_text(self, prompt: str) -> list[int]:
         """Token ids of a plain completion prompt (with BOS where the tokenizer adds one)."""
@@ -209,10 +220,12 @@ class TextRunner:
         prompt = self.encode_chat(conv.messages, conv.tools, conv.continue_final, conv.fields.prompt,
                                   thinking.template_kwargs)
         budget = max_new_tokens(len(prompt), params.max_tokens, self.context_length, policy, conv.fields)
-        fmt = reasoning.ReasoningFormat(reasoning.prompt_opens_block(self.tokenizer.decode(prompt[-16:]))) \
+        tail = self.tokenizer.decode(prompt[-16:])
+        fmt = reasoning.ReasoningFormat(reasoning.prompt_opens_block(tail, thinking.style), thinking.style) \
             if thinking.parse else None
         if fmt is not None and thinking.budget is not None:
-            params = replace(params, thinking_budget=thinking.budget, thinking_opened=fmt.opened)
+            params = replace(params, thinking_budget=thinking.budget, thinking_opened=fmt.opened,
+                             thinking_style=fmt.style)
         resume_at: tuple[int, ...] = ()
         if self.snapshots and not conv.continue_final and getattr(self.tokenizer, "chat_template", None):
             # The next turn re-renders this turn's answer after the history, often not as the
@@ -306,7 +319,7 @@ class TextRunner:
                                                  self.vocab_size))
         if params.thinking_budget is not None:
             processors.append(reasoning.budget_processor(self.tokenizer, params.thinking_budget,
-                                                         params.thinking_opened))
+                                                         params.thinking_opened, params.thinking_style))
         if params.grammar:  # last, after biases and penalties
             from engine.constrained.structured import grammar_processor
 

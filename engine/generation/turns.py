@@ -3,7 +3,7 @@ templates that render tools themselves, as text in the generic prompt's format f
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from engine.constrained.toolcalls import ToolFormat
 from engine.constrained.toolcalls.common import json_or_text
@@ -31,10 +31,12 @@ def render_turn(m: ChatMessage, fmt: ToolFormat, native: bool) -> dict[str, Any]
 
 
 
-def with_tool_prompt(messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]) -> list[ChatMessage]:
-    """Messages with the generic tool instructions in the system turn (added if there is none)."""
+def with_tool_prompt(messages: Sequence[ChatMessage], tools: Sequence[ToolSpec],
+                     prompt: Optional[str] = None) -> list[ChatMessage]:
+    """Messages with tool instructions (the generic ones unless `prompt` is given) in the system
+    turn (added if there is none)."""
     out = list(messages)
-    prompt = tool_prompt(tools)
+    prompt = prompt if prompt is not None else tool_prompt(tools)
     if out and out[0].role in ("system", "developer"):
         out[0] = replace(out[0], content=out[0].content + "\n\n" + prompt)
     else:

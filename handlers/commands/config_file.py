@@ -22,6 +22,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from engine.constrained.toolcalls import names as toolcall_names
+
 # Flags that make no sense in a file (they name the file, or are per-process plumbing).
 _NOT_IN_FILE = {"config", "help"}
 _MODEL_ENTRY = {
@@ -39,9 +41,13 @@ _MODEL_ENTRY = {
         "cpu_dtype": {"enum": ["auto", "keep", "float32", "float16"]},
         "chat_template": {"type": "string", "description": "a Jinja chat template file, or the template itself"},
         "draft_model": {"type": "string", "description": "a draft model (folder or id) for speculative decoding"},
-        "reasoning_parser": {"enum": ["think", "none"],
-                             "description": "think: split <think>...</think> from the answer; none: never (default: "
-                                            "found from the chat template)"},
+        "reasoning_parser": {"enum": ["think", "harmony", "gemma4", "none"],
+                             "description": "think: split <think>...</think> from the answer; harmony: gpt-oss's "
+                                            "analysis channel; gemma4: Gemma 4's thought channel; none: never "
+                                            "(default: found from the chat template)"},
+        "tool_parser": {"enum": [*toolcall_names(), "generic"],
+                        "description": "the model's tool-call format (default: found from the chat template); "
+                                       "generic: the generic tool prompt and Hermes calls"},
     },
 }
 

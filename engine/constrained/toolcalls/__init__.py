@@ -27,34 +27,71 @@ class ToolFormat(Protocol):
     def render_call(self, name: str, arguments: str) -> str:
         """An earlier call as the model writes it (for prompts without native rendering)."""
 
-    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
-        """(text without the calls, calls). Malformed calls stay in the text."""
+    def parse(self, text: str, tools: Sequence[ToolSpec] = ()) -> tuple[str, list[ToolCall]]:
+        """(text without the calls, calls). Malformed calls stay in the text. `tools` types the
+        formats whose values are bare text (a string parameter stays text, a number is JSON)."""
 
     def call_grammar(self, tools: Sequence[ToolSpec], only: str | None = None,
                      tags: Mapping[str, int] = {}) -> str:
         """llguidance grammar: exactly one valid call (of `only` when given). `tags`: the call's
         markup strings that this tokenizer holds as single tokens (written as those tokens)."""
 
-    def auto_grammar(self, tools: Sequence[ToolSpec]) -> str:
-        """llguidance grammar: free text, and a call once started is valid."""
+    def auto_grammar(self, tools: Sequence[ToolSpec]) -> Optional[str]:
+        """llguidance grammar: free text, and a call once started is valid (None: calls under
+        auto are parsed only, the format's call start being markup a text trigger can't see)."""
 
 
 def formats() -> list[ToolFormat]:
-    from engine.constrained.toolcalls import hermes, llama3, mistral
+    from engine.constrained.toolcalls import (deepseek, gemma4, glm, harmony, hermes, invoke_xml, kimi, llama3,
+                                              mistral, qwen3_xml)
 
-    # Most specific first: Mistral and Llama templates may mention JSON too.
-    return [mistral.FORMAT, llama3.FORMAT, hermes.FORMAT]
+    # Most specific first: GLM's and Qwen3's XML templates write <tool_call> too, Mistral and
+    # Llama templates may mention JSON.
+    return [harmony.FORMAT, gemma4.FORMAT, kimi.FORMAT, deepseek.FORMAT, invoke_xml.DSML, invoke_xml.MINIMAX,
+            glm.FORMAT, qwen3_xml.FORMAT, mistral.FORMAT, llama3.FORMAT, hermes.FORMAT]
 
 
-def for_template(template: str) -> tuple[ToolFormat, bool]:
-    """The format a chat template uses and whether it renders tools itself (native)."""
+def names() -> list[str]:
+    """Every format's name (the config file's `tool_parser` takes one)."""
+    return [f.name for f in formats()]
+
+
+def by_name(name: str) -> ToolFormat:
+    """The format called `name` (KeyError when there is none)."""
+    return {f.name: f for f in formats()}[name]
+
+
+def for_template(template: str, override: Optional[str] = None) -> tuple[ToolFormat, bool]:
+    """The format a chat template uses and whether it renders tools itself (native).
+    `override`: the config file's `tool_parser`, a format's name (the template must then render
+    the tools itself to count as native) or `generic` (the generic prompt and Hermes format)."""
     from engine.constrained.toolcalls import hermes
 
-    if template and "tools" in template:
+    renders_tools = bool(template) and "tools" in template
+    if override == "generic":
+        return hermes.FORMAT, False
+    if override:
+        return by_name(override), renders_tools
+    if renders_tools:
         for fmt in formats():
             if fmt.detect(template):
                 return fmt, True
+    from engine.constrained.toolcalls import deepseek
+
+    if template and deepseek.FORMAT.detect(template):
+        # DeepSeek V3.1's template renders calls and results but not the tools: its model card's
+        # own tool prompt describes them (deepseek.tool_prompt), not the generic one.
+        return deepseek.FORMAT, True
     return hermes.FORMAT, False
+
+
+def own_tool_prompt(fmt: ToolFormat, template: str, tools: Sequence[ToolSpec]) -> Optional[str]:
+    """The system text that describes `tools` in the family's own words, for a native template
+    that renders calls but not the tool list (DeepSeek V3.1); None when the template lists them."""
+    write = getattr(fmt, "tool_prompt", None)
+    if not tools or write is None or "tools" in template:
+        return None
+    return write(tools)
 
 
 _NAME = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)(")?')
@@ -69,6 +106,10 @@ def cut_call(fmt: ToolFormat, text: str, tools: Sequence[ToolSpec]) -> tuple[str
     if not hits:
         return text, None
     start = min(hits)
+    if fmt.name not in ("hermes", "llama3", "mistral"):  # markup, not JSON: the tool's name if it was written
+        written = [t.name for t in tools if t.name in text[start:]]
+        return text[:start].strip(), ToolCall(f"call_{uuid.uuid4().hex[:24]}", written[0] if written else "", "",
+                                              complete=False)
     if not fmt.anywhere and text[:start].strip():
         return text, None  # this format's calls only open an answer: this is text
     payload = text[start:]

@@ -24,7 +24,7 @@ class Hermes:
         args = json_or_text(arguments)
         return "<tool_call>" + json.dumps({"name": name, "arguments": args}, separators=COMPACT) + "</tool_call>"
 
-    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+    def parse(self, text: str, tools: Sequence[ToolSpec] = ()) -> tuple[str, list[ToolCall]]:
         calls: list[ToolCall] = []
 
         def take(match: re.Match) -> str:

@@ -23,7 +23,7 @@ class Llama3:
         args = json_or_text(arguments)
         return json.dumps({"name": name, "parameters": args}, separators=COMPACT)
 
-    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+    def parse(self, text: str, tools: Sequence[ToolSpec] = ()) -> tuple[str, list[ToolCall]]:
         body = text.strip()
         if body.startswith(TAG):
             body = body[len(TAG):].strip()

@@ -25,7 +25,7 @@ class Mistral:
         args = json_or_text(arguments)
         return TAG + json.dumps([{"name": name, "arguments": args}], separators=COMPACT)
 
-    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+    def parse(self, text: str, tools: Sequence[ToolSpec] = ()) -> tuple[str, list[ToolCall]]:
         at = text.find(TAG)
         if at < 0:
             return text.strip(), []
