@@ -49,10 +49,10 @@ def _run(runner, ids, max_tokens: int = 10) -> tuple[list[int], int]:
     tokens: list[int] = []
     original = runner.prompt_cache.put
 
-    def put(all_tokens, cache, prompt_len=None):  # what was generated: the tail of the final entry
+    def put(all_tokens, cache, prompt_len=None, scope=""):  # what was generated: the tail of the final entry
         if prompt_len is not None:
             tokens[:] = all_tokens[len(prompt):]
-        return original(all_tokens, cache, prompt_len)
+        return original(all_tokens, cache, prompt_len, scope)
 
     runner.prompt_cache.put = put
     try:
