@@ -6,21 +6,22 @@ model's identity in the header), under a folder per model identity, so another m
 are never read. A hybrid model's entry (recurrent `ArraysCache` layers beside attention layers)
 is a snapshot: its attention layers' keys and values ("k.i", "v.i") and its recurrent layers'
 state arrays as they are ("s.i.j"; metadata "layers" names each layer's kind, "dtypes" each
-tensor's dtype); it serves a prompt all of its tokens or nothing. The identity includes a fingerprint of the weight files (`weights_fingerprint`),
-so weights replaced under the same id and configuration start a new folder. The arrays are copied
-out on the worker (MLX evaluates there); the file is written by a thread of its own, to a
-temporary name and then renamed, so a crash never leaves half a file under a real name. The
-folder is bounded by bytes: the least recently used files go first.
+tensor's dtype); it serves a prompt all of its tokens or nothing. The identity includes a
+fingerprint of the weight files (`weights_fingerprint`), so weights replaced under the same id and
+configuration start a new folder. The arrays are copied out on the worker (MLX evaluates there);
+the file is written by a thread of its own, to a temporary name and then renamed, so a crash never
+leaves half a file under a real name. The folder is bounded by bytes: the least recently used
+files go first.
 
 The folder may be writable by others (a shared or /tmp folder), so a file is trusted no more than
 a request body: only regular files are opened (no symlinks, FIFOs or devices; `O_NOFOLLOW |
 O_NONBLOCK`, then `S_ISREG` on the open file), the header is read and checked before any tensor:
-its size, the tensors' names, dtypes, shapes and offsets against the file's size, the layer
-count and kinds, heads, head size, state shapes and dtypes against the model (`KVShape`), the bytes it would take against
-the prompt cache's bound, the tokens against the context; the tensors are checked for NaN and
-infinity as they are read. A file that fails is removed, or skipped when another user owns it
-(one warning each). What can't be checked is what finite, well-shaped values mean: keep the
-folder private to the server's user.
+its size, the tensors' names, dtypes, shapes and offsets against the file's size, the layer count
+and kinds, heads, head size, state shapes and dtypes against the model (`KVShape`), the bytes it
+would take against the prompt cache's bound, the tokens against the context; the tensors are
+checked for NaN and infinity as they are read. A file that fails is removed, or skipped when
+another user owns it (one warning each). What can't be checked is what finite, well-shaped values
+mean: keep the folder private to the server's user.
 """
 from __future__ import annotations
 
@@ -439,6 +440,8 @@ class PromptStore:
         if layout is None or layout.dtype not in ITEMSIZE or (self.shape is not None and layout != self.shape):
             return
         n = len(tokens)
+        if layout.states and any(type(c) is KVCache and c.offset != n for c in cache):
+            return  # a snapshot's recurrent state is of all its tokens: its keys can't be cut to fewer
         parts: dict[str, Any] = {}
         for i, c in enumerate(cache):
             if type(c) is KVCache:
