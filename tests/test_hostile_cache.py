@@ -347,6 +347,84 @@ def test_unit_planted_files_are_refused_before_any_tensor_is_read(tmp_path):
     store.close()
 
 
+def _hybrid(tokens: int, seed: int = 0) -> list:
+    """A hybrid model's cache: a recurrent layer (two state arrays), then an attention layer."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import ArraysCache
+
+    mx.random.seed(seed)
+    states = ArraysCache(2)
+    states.cache = [mx.random.normal((1, 3, 8)), mx.random.normal((1, 2, 4, 4))]
+    return [states, _kv(tokens, 1, seed)[0]]
+
+
+def test_unit_planted_snapshot_files_are_refused_before_any_tensor_is_read(tmp_path):
+    """A hybrid model's snapshot files against the model's layout (state shapes and dtypes, the
+    layers' kinds), NaN in a state, another scope, a name that is not the contents'; and a
+    snapshot serves all of its tokens or nothing."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.models.cache import ArraysCache, KVCache
+    from safetensors.numpy import save_file
+
+    from engine.generation.prompt_store import KVShape, PromptStore, entry_name
+
+    shape = KVShape((None, (2, 64, 2, 64)), "float32", ((((1, 3, 8), "float32"), ((1, 2, 4, 4), "float32")), None))
+    store = PromptStore(tmp_path, "model-h", 1 << 30, shape)
+    tokens = list(range(40))
+    cache = _hybrid(40)
+    store.save(tokens, cache, "a")
+    store.save(tokens, _kv(40), "b")  # not the model's layout: never written
+    store.flush()
+    store.close()
+    [genuine] = store.folder.glob("*.safetensors")
+    meta, arrays = _read_entry(genuine)
+    assert json.loads(meta["layers"]) == [["arrays", 2], ["kv"]] and set(arrays) == {"s.0.0", "s.0.1", "k.1", "v.1"}
+    planted = {}
+    for i, kind in enumerate(["state-shape", "state-dtype", "layers", "plain", "extra", "nan", "misnamed"]):
+        planted_tokens = [1000 + i] + tokens[1:]
+        m, a = {**meta, "tokens": json.dumps(planted_tokens)}, dict(arrays)
+        if kind == "state-shape":
+            a["s.0.1"] = np.zeros((1, 2, 4, 5), np.float32)
+        elif kind == "state-dtype":
+            m["dtypes"] = json.dumps({**json.loads(meta["dtypes"]), "s.0.0": "float16"})
+        elif kind == "layers":
+            m["layers"] = json.dumps([["arrays", 2], ["arrays", 2]])
+        elif kind == "plain":  # keys and values only, as a plain model's file
+            del m["layers"], m["dtypes"]
+            a = {"k.0": arrays["k.1"], "v.0": arrays["v.1"], "k.1": arrays["k.1"], "v.1": arrays["v.1"]}
+        elif kind == "extra":
+            a["s.0.2"] = np.zeros((1, 3, 8), np.float32)
+            m["dtypes"] = json.dumps({**json.loads(meta["dtypes"]), "s.0.2": "float32"})
+        elif kind == "nan":
+            a["s.0.1"] = a["s.0.1"].copy()
+            a["s.0.1"][0, 1, 2, 3] = np.nan
+        if kind == "misnamed":  # scope "a" inside, under the shared scope's name
+            planted[kind] = store.folder / entry_name(planted_tokens, "")
+            save_file(a, str(planted[kind]), metadata=m)
+        else:
+            planted[kind] = _plant(store.folder, m, a)
+    store = PromptStore(tmp_path, "model-h", 1 << 30, shape)
+    for kind in ("state-shape", "state-dtype", "layers", "plain", "extra", "misnamed"):
+        assert not planted[kind].exists(), kind
+    # The NaN file's header is sound: it goes when it is read.
+    name, n = store.best([1005] + tokens[1:] + [7], "a")
+    assert n == 40 and name == planted["nan"].name
+    assert store.load(name) is None and not planted["nan"].exists()
+    # Another scope never sees the snapshot; its own scope gets all of it or nothing.
+    assert store.best(tokens + [7], "") == (None, 0) and store.best(tokens + [7], "b") == (None, 0)
+    assert store.best(tokens + [7], "a") == (genuine.name, 40)
+    assert store.best(tokens[:-1] + [7], "a")[1] == 0 and store.best(tokens, "a")[1] == 0
+    got, loaded = store.load(genuine.name)
+    assert got == tokens and [type(c) for c in loaded] == [ArraysCache, KVCache]
+    assert all(mx.array_equal(x, y) for x, y in zip(loaded[0].cache, cache[0].cache))
+    assert mx.array_equal(loaded[1].keys, cache[1].keys[..., :40, :]) and loaded[1].offset == 40
+    store.close()
+    # A plain model's store refuses the snapshot.
+    PromptStore(tmp_path, "model-h", 1 << 30, KVShape(((2, 64, 2, 64),) * 2, "float32")).close()
+    assert not genuine.exists()
+
+
 @pytest.mark.slow  # two server starts; tests/test_hostile_cache.py's unit test covers each file by default
 def test_planted_cache_files_change_no_answer(default_model_dir, tmp_path):
     """The attacker's five files (half head size, 2 layers, NaN, a sparse 1.5 GB file, a FIFO) in

@@ -49,10 +49,10 @@ def _run(runner, ids, max_tokens: int = 10) -> tuple[list[int], int]:
     tokens: list[int] = []
     original = runner.prompt_cache.put
 
-    def put(all_tokens, cache, prompt_len=None, scope=""):  # what was generated: the tail of the final entry
+    def put(all_tokens, cache, prompt_len=None, **kwargs):  # what was generated: the tail of the final entry
         if prompt_len is not None:
             tokens[:] = all_tokens[len(prompt):]
-        return original(all_tokens, cache, prompt_len, scope)
+        return original(all_tokens, cache, prompt_len, **kwargs)
 
     runner.prompt_cache.put = put
     try:
@@ -180,16 +180,17 @@ def test_a_snapshot_is_copied_and_a_partial_match_is_no_match(hybrid):
 
 def test_snapshots_on_disk_survive_a_new_cache(hybrid, tmp_path):
     from engine.generation.prompt_cache import PromptCache
-    from engine.generation.prompt_store import PromptStore
+    from engine.generation.prompt_store import PromptStore, kv_shape
 
     ids = hybrid.encode_text("A long enough prompt for the disk: " + "alpha beta gamma delta " * 6)
+    shape = kv_shape(hybrid.model)
     hybrid.prompt_cache = PromptCache()
-    hybrid.prompt_cache.disk = PromptStore(tmp_path, "tiny-hybrid", 1 << 30)
+    hybrid.prompt_cache.disk = PromptStore(tmp_path, "tiny-hybrid", 1 << 30, shape)
     first, _ = _run(hybrid, ids)
     hybrid.prompt_cache.disk.flush()
     assert len(list(tmp_path.rglob("*.safetensors"))) == 2
     hybrid.prompt_cache = PromptCache()  # a restart: only the disk is left
-    hybrid.prompt_cache.disk = PromptStore(tmp_path, "tiny-hybrid", 1 << 30)
+    hybrid.prompt_cache.disk = PromptStore(tmp_path, "tiny-hybrid", 1 << 30, shape)
     again, cached = _run(hybrid, ids)
     assert cached == len(ids) - 1 and again == first
     hybrid.prompt_cache = PromptCache()
@@ -199,12 +200,12 @@ def test_the_snapshot_file_holds_each_layer_as_it_was(hybrid, tmp_path):
     import mlx.core as mx
     from mlx_lm.models.cache import ArraysCache, KVCache, make_prompt_cache
 
-    from engine.generation.prompt_store import PromptStore
+    from engine.generation.prompt_store import PromptStore, kv_shape
 
     ids = list(range(100, 140))
     cache = make_prompt_cache(hybrid.model)
     hybrid.model(mx.array(ids)[None], cache=cache)
-    store = PromptStore(tmp_path, "x", 1 << 30)
+    store = PromptStore(tmp_path, "x", 1 << 30, kv_shape(hybrid.model))
     store.save(ids, cache)
     store.flush()
     name, n = store.best(ids + [7])

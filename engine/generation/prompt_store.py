@@ -3,21 +3,25 @@
 Each entry the prompt cache keeps is also written here: one safetensors file per token sequence
 and cache scope (keys and values per layer, cut to the tokens held; the tokens, the scope and the
 model's identity in the header), under a folder per model identity, so another model's segments
-are never read. The identity includes a fingerprint of the weight files (`weights_fingerprint`),
-so weights replaced under the same id and configuration start a new folder. The arrays are copied
-out on the worker (MLX evaluates there); the file is written by a thread of its own, to a
-temporary name and then renamed, so a crash never leaves half a file under a real name. The
-folder is bounded by bytes: the least recently used files go first.
+are never read. A hybrid model's entry (recurrent `ArraysCache` layers beside attention layers)
+is a snapshot: its attention layers' keys and values ("k.i", "v.i") and its recurrent layers'
+state arrays as they are ("s.i.j"; metadata "layers" names each layer's kind, "dtypes" each
+tensor's dtype); it serves a prompt all of its tokens or nothing. The identity includes a
+fingerprint of the weight files (`weights_fingerprint`), so weights replaced under the same id and
+configuration start a new folder. The arrays are copied out on the worker (MLX evaluates there);
+the file is written by a thread of its own, to a temporary name and then renamed, so a crash never
+leaves half a file under a real name. The folder is bounded by bytes: the least recently used
+files go first.
 
 The folder may be writable by others (a shared or /tmp folder), so a file is trusted no more than
 a request body: only regular files are opened (no symlinks, FIFOs or devices; `O_NOFOLLOW |
 O_NONBLOCK`, then `S_ISREG` on the open file), the header is read and checked before any tensor:
-its size, the tensors' names, dtypes, shapes and offsets against the file's size, the layer
-count, heads, head size and dtype against the model (`KVShape`), the bytes it would take against
-the prompt cache's bound, the tokens against the context; the tensors are checked for NaN and
-infinity as they are read. A file that fails is removed, or skipped when another user owns it
-(one warning each). What can't be checked is what finite, well-shaped values mean: keep the
-folder private to the server's user.
+its size, the tensors' names, dtypes, shapes and offsets against the file's size, the layer count
+and kinds, heads, head size, state shapes and dtypes against the model (`KVShape`), the bytes it
+would take against the prompt cache's bound, the tokens against the context; the tensors are
+checked for NaN and infinity as they are read. A file that fails is removed, or skipped when
+another user owns it (one warning each). What can't be checked is what finite, well-shaped values
+mean: keep the folder private to the server's user.
 """
 from __future__ import annotations
 
@@ -51,35 +55,70 @@ class _File:
     tokens: list[int]
     nbytes: int
     scope: str = ""
+    exact: bool = False  # a snapshot (recurrent layers): resumable at all of its tokens only
+
+
+StateSpec = tuple[tuple[tuple[int, ...], str], ...]  # a recurrent layer's arrays: (shape, dtype) each
 
 
 @dataclass(frozen=True)
 class KVShape:
-    """What the loaded model's KV cache looks like: per layer (key heads, key size, value heads,
-    value size), and the dtype it holds them in. A file must match it exactly."""
+    """What the loaded model's cache looks like: per layer (key heads, key size, value heads, value
+    size) for an attention layer, None for a recurrent one; the dtype the keys and values are held
+    in; and for a hybrid model (`states` not empty) per layer None for an attention layer, or each
+    state array's exact shape and dtype for a recurrent one. A file must match it exactly."""
 
-    layers: tuple[tuple[int, int, int, int], ...]
+    layers: tuple[Optional[tuple[int, int, int, int]], ...]
     dtype: str
+    states: tuple[Optional[StateSpec], ...] = ()
 
     @property
     def values_per_token(self) -> int:
-        return sum(kh * kd + vh * vd for kh, kd, vh, vd in self.layers)
+        return sum(kh * kd + vh * vd for kh, kd, vh, vd in filter(None, self.layers))
 
 
 def kv_shape(model: Any) -> Optional[KVShape]:
-    """The model's KV shape, from one token run through it (what its attention really keeps, for
-    every architecture); None when its cache is not plain KV (rotating, SSM): no file fits then."""
+    """The model's cache layout, from one token run through it (what its layers really keep, for
+    every architecture); None when it is neither plain KV nor attention and recurrent layers
+    (rotating, quantized): no file fits then."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
     model(mx.array([[0]]), cache=cache)
-    if not plain_kv(cache):
+    return _layout(cache)
+
+
+def _dtype(a: Any) -> str:
+    return str(a.dtype).removeprefix("mlx.core.")
+
+
+def _layout(cache: list[Any]) -> Optional[KVShape]:
+    """A cache's layout (heads, sizes, state shapes and dtypes; not its length), or None when no
+    file can hold it."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import ArraysCache, KVCache
+
+    if plain_kv(cache):
+        mx.eval([x for c in cache for x in (c.keys, c.values)])
+        if len({_dtype(x) for c in cache for x in (c.keys, c.values)}) != 1:
+            return None
+        return KVShape(tuple((int(c.keys.shape[1]), int(c.keys.shape[3]), int(c.values.shape[1]),
+                              int(c.values.shape[3])) for c in cache), _dtype(cache[0].keys))
+    if not cache or not all((type(c) is KVCache and c.keys is not None)
+                            or (type(c) is ArraysCache and c.cache and all(a is not None for a in c.cache))
+                            for c in cache):
         return None
-    mx.eval([x for c in cache for x in (c.keys, c.values)])
+    arrays = [x for c in cache for x in ((c.keys, c.values) if type(c) is KVCache else c.cache)]
+    mx.eval(arrays)
+    kv = {_dtype(x) for c in cache if type(c) is KVCache for x in (c.keys, c.values)}
+    if len(kv) > 1:
+        return None
     layers = tuple((int(c.keys.shape[1]), int(c.keys.shape[3]), int(c.values.shape[1]), int(c.values.shape[3]))
+                   if type(c) is KVCache else None for c in cache)
+    states = tuple(None if type(c) is KVCache else tuple((tuple(int(d) for d in a.shape), _dtype(a)) for a in c.cache)
                    for c in cache)
-    return KVShape(layers, str(cache[0].keys.dtype).removeprefix("mlx.core."))
+    return KVShape(layers, kv.pop() if kv else _dtype(arrays[0]), states)
 
 
 # --- the weights' fingerprint --------------------------------------------------------------------
@@ -137,9 +176,11 @@ class NotOurs(BadFile):
 class _Header:
     tokens: list[int]
     scope: str
-    dtype: str  # the entry's dtype in memory (the file holds float32)
+    kinds: list[list[Any]]  # per layer ["kv"], or ["arrays", count] for a recurrent layer
+    dtypes: dict[str, str]  # tensor name -> its dtype in memory (the file holds float32)
     tensors: dict[str, tuple[tuple[int, ...], int, int]]  # name -> (shape, start, end) in the file
     nbytes: int  # what the entry takes in memory
+    exact: bool  # a snapshot
 
 
 def _open(path: Path) -> tuple[int, os.stat_result]:
@@ -221,35 +262,72 @@ class PromptStore:
         n = len(tokens)
         if n < MIN_TOKENS or (self.max_tokens is not None and n > self.max_tokens):
             raise BadFile(f"{n} tokens (the model's context is {self.max_tokens})")
-        layers = len(header) // 2
-        if not layers or set(header) != {f"{kind}.{i}" for i in range(layers) for kind in "kv"}:
-            raise BadFile("tensors that are not one key and one value per layer")
-        if self.shape is not None and layers != len(self.shape.layers):
-            raise BadFile(f"{layers} layers, the model has {len(self.shape.layers)}")
-        tensors, spans, values = {}, [], 0
-        for i in range(layers):
-            for kind, at in (("k", 0), ("v", 2)):
-                t = header[f"{kind}.{i}"]
-                shape, (start, end) = tuple(t["shape"]), t["data_offsets"]
-                if t.get("dtype") != "F32" or len(shape) != 4 or shape[0] != 1 or shape[2] != n \
-                        or not all(type(d) is int and d > 0 for d in shape):
-                    raise BadFile(f"{kind}.{i}: {t.get('dtype')} {list(shape)} for {n} tokens")
-                if self.shape is not None and (shape[1], shape[3]) != self.shape.layers[i][at:at + 2]:
-                    raise BadFile(f"{kind}.{i}: {shape[1]} heads of {shape[3]}, the model's layer has "
-                                  f"{self.shape.layers[i][at]} of {self.shape.layers[i][at + 1]}")
-                count = shape[1] * shape[2] * shape[3]
-                if type(start) is not int or type(end) is not int or end - start != 4 * count or start < 0:
-                    raise BadFile(f"{kind}.{i}: offsets disagree with its shape")
-                values += count
-                spans.append((start, end))
-                tensors[f"{kind}.{i}"] = (shape, 8 + length + start, 8 + length + end)
+        exact = "layers" in meta
+        kinds, dtypes = self._kinds(meta, header, dtype) if exact else self._plain_kinds(header, dtype)
+        # What each tensor must be: [1, heads, n, size] for keys and values, the model's state shape.
+        expect: dict[str, Optional[tuple[int, ...]]] = {}
+        for i, kind in enumerate(kinds):
+            if kind[0] == "kv":
+                for kind_, at in (("k", 0), ("v", 2)):
+                    layer = self.shape.layers[i] if self.shape is not None else None
+                    expect[f"{kind_}.{i}"] = (1, layer[at], n, layer[at + 1]) if layer else None
+            else:
+                for j in range(kind[1]):
+                    expect[f"s.{i}.{j}"] = self.shape.states[i][j][0] if self.shape is not None else None
+        if set(header) != set(expect):
+            raise BadFile("tensors that are not each layer's keys and values or states")
+        tensors, spans, nbytes = {}, [], 0
+        for tname, want in expect.items():
+            t = header[tname]
+            shape, (start, end) = tuple(t["shape"]), t["data_offsets"]
+            if t.get("dtype") != "F32" or not 1 <= len(shape) <= 8 or not all(type(d) is int and d > 0 for d in shape):
+                raise BadFile(f"{tname}: {t.get('dtype')} {list(shape)}")
+            if want is not None and shape != want:
+                raise BadFile(f"{tname}: {list(shape)}, the model's layer holds {list(want)}")
+            if tname[0] in "kv" and (len(shape) != 4 or shape[0] != 1 or shape[2] != n):
+                raise BadFile(f"{tname}: {list(shape)} for {n} tokens")
+            count = int(np.prod(shape, dtype=object))
+            if type(start) is not int or type(end) is not int or end - start != 4 * count or start < 0:
+                raise BadFile(f"{tname}: offsets disagree with its shape")
+            nbytes += count * ITEMSIZE[dtypes[tname]]
+            spans.append((start, end))
+            tensors[tname] = (shape, 8 + length + start, 8 + length + end)
         spans.sort()
         if any(a[1] > b[0] for a, b in zip(spans, spans[1:])) or (spans and 8 + length + spans[-1][1] > size):
             raise BadFile("tensors overlap or lie past the end of the file")
-        nbytes = values * ITEMSIZE[dtype]
         if nbytes > self.entry_limit:
             raise BadFile(f"{nbytes} bytes of KV, over the bound of {self.entry_limit}")
-        return _Header(tokens, scope, dtype, tensors, nbytes)
+        return _Header(tokens, scope, kinds, dtypes, tensors, nbytes, exact)
+
+    def _plain_kinds(self, header: dict, dtype: str) -> tuple[list[list[Any]], dict[str, str]]:
+        """A plain file's layers: a key and a value each, all of `dtype`."""
+        layers = len(header) // 2
+        if not layers or (self.shape is not None and (self.shape.states or layers != len(self.shape.layers))):
+            raise BadFile(f"{layers} layers of keys and values, the model has "
+                          f"{len(self.shape.layers) if self.shape else 'others'}")
+        return [["kv"]] * layers, {f"{kind}.{i}": dtype for i in range(layers) for kind in "kv"}
+
+    def _kinds(self, meta: dict, header: dict, dtype: str) -> tuple[list[list[Any]], dict[str, str]]:
+        """A snapshot's layers (metadata "layers") and each tensor's dtype (metadata "dtypes"),
+        checked against the model's layout."""
+        kinds, dtypes = json.loads(meta["layers"]), json.loads(meta.get("dtypes", "null"))
+        if not isinstance(kinds, list) or not kinds or not isinstance(dtypes, dict) \
+                or not all(k == ["kv"] or (isinstance(k, list) and len(k) == 2 and k[0] == "arrays"
+                                           and type(k[1]) is int and 0 < k[1] <= 16) for k in kinds):
+            raise BadFile("layers or dtypes malformed")
+        if self.shape is not None:
+            want = [["kv"] if st is None else ["arrays", len(st)] for st in self.shape.states]
+            if kinds != want:
+                raise BadFile("its layers are not the model's")
+        for i, kind in enumerate(kinds):
+            names = [f"k.{i}", f"v.{i}"] if kind[0] == "kv" else [f"s.{i}.{j}" for j in range(kind[1])]
+            for j, tname in enumerate(names):
+                want = dtype if kind[0] == "kv" else self.shape.states[i][j][1] if self.shape is not None else None
+                if dtypes.get(tname) not in ITEMSIZE or (want is not None and dtypes[tname] != want):
+                    raise BadFile(f"{tname}: dtype {dtypes.get(tname)!r}, the model's is {want}")
+        if set(dtypes) != set(header):
+            raise BadFile("dtypes that are not its tensors'")
+        return kinds, dtypes
 
     def _reject(self, path: Path, e: Exception) -> None:
         if isinstance(e, NotOurs):
@@ -273,7 +351,7 @@ class PromptStore:
                     head = self._header(fd, st.st_size, path.name)
                 finally:
                     os.close(fd)
-                self._files[path.name] = _File(path, head.tokens, st.st_size, head.scope)
+                self._files[path.name] = _File(path, head.tokens, st.st_size, head.scope, head.exact)
             except Exception as e:  # noqa: BLE001 - any unusable file is dropped, never fatal
                 self._reject(path, e)
         for tmp in self.folder.glob("*.tmp"):  # a write a crash interrupted
@@ -285,17 +363,18 @@ class PromptStore:
             return sum(f.nbytes for f in self._files.values())
 
     def best(self, prompt: list[int], scope: str = "") -> tuple[Optional[str], int]:
-        """The file of `scope` sharing the longest prefix with `prompt`, and that length."""
+        """The file of `scope` sharing the longest prefix with `prompt` (a snapshot: all of its
+        tokens or none), and that length."""
         with self._lock:
-            scored = [(common_prefix(f.tokens, prompt), name) for name, f in self._files.items() if f.scope == scope]
+            scored = [(_usable(f, prompt), name) for name, f in self._files.items() if f.scope == scope]
         length, name = max(scored, default=(0, None))
         return name, length
 
     def load(self, name: str) -> Optional[tuple[list[int], list[Any]]]:
-        """(tokens, KV caches) of a file, or None (and the file removed) if it can't be used.
-        Runs on the worker. A layer at a time: its float32 copy is freed before the next is read."""
+        """(tokens, caches) of a file, or None (and the file removed) if it can't be used. Runs on
+        the worker. A layer at a time: its float32 copy is freed before the next is read."""
         import mlx.core as mx
-        from mlx_lm.models.cache import KVCache
+        from mlx_lm.models.cache import ArraysCache, KVCache
 
         with self._lock:
             entry = self._files.get(name)
@@ -305,22 +384,27 @@ class PromptStore:
             fd, st = _open(entry.path)
             try:
                 head = self._header(fd, st.st_size, name)
-                if head.tokens != entry.tokens or head.scope != entry.scope:
+                if (head.tokens, head.scope, head.exact) != (entry.tokens, entry.scope, entry.exact):
                     raise BadFile("changed since it was indexed")
-                dtype = getattr(mx, head.dtype)
+
+                def read(tname: str) -> Any:
+                    shape, start, end = head.tensors[tname]
+                    a = np.frombuffer(_read_exactly(fd, start, end - start), dtype="<f4").reshape(shape)
+                    if not np.isfinite(a).all():
+                        raise BadFile(f"{tname} holds NaN or infinity")
+                    return mx.array(a).astype(getattr(mx, head.dtypes[tname]))
+
                 cache = []
-                for i in range(len(head.tensors) // 2):
-                    c = KVCache()
-                    parts = []
-                    for kind in "kv":
-                        shape, start, end = head.tensors[f"{kind}.{i}"]
-                        a = np.frombuffer(_read_exactly(fd, start, end - start), dtype="<f4").reshape(shape)
-                        if not np.isfinite(a).all():
-                            raise BadFile(f"{kind}.{i} holds NaN or infinity")
-                        parts.append(mx.array(a).astype(dtype))
-                    mx.eval(parts)
-                    c.keys, c.values = parts
-                    c.offset = len(head.tokens)
+                for i, kind in enumerate(head.kinds):
+                    if kind[0] == "kv":
+                        c = KVCache()
+                        c.keys, c.values = read(f"k.{i}"), read(f"v.{i}")
+                        c.offset = len(head.tokens)
+                        mx.eval(c.keys, c.values)
+                    else:
+                        c = ArraysCache(kind[1])
+                        c.cache = [read(f"s.{i}.{j}") for j in range(kind[1])]
+                        mx.eval(c.cache)
                     cache.append(c)
             finally:
                 os.close(fd)
@@ -339,31 +423,44 @@ class PromptStore:
 
     # --- writing ---------------------------------------------------------------------------
     def save(self, tokens: list[int], cache: list[Any], scope: str = "") -> None:
-        """Queue `cache` (holding `tokens`, made by requests of `scope`) for writing. Copies the
-        arrays out on the caller's thread (the worker); skipped for short prompts, known sequences,
-        other cache kinds and what `load` would refuse."""
+        """Queue `cache` (holding `tokens`, made by requests of `scope`) for writing: keys and
+        values cut to the tokens, and a hybrid model's recurrent states as they are (a snapshot).
+        Copies the arrays out on the caller's thread (the worker); skipped for short prompts, known
+        sequences, other cache kinds and what `load` would refuse."""
         import mlx.core as mx
+        from mlx_lm.models.cache import KVCache
 
-        if len(tokens) < MIN_TOKENS or not plain_kv(cache) or (self.max_tokens and len(tokens) > self.max_tokens):
+        if len(tokens) < MIN_TOKENS or (self.max_tokens and len(tokens) > self.max_tokens):
             return
         name = entry_name(tokens, scope)
         with self._lock:
             if name in self._files:
                 return
-        n = len(tokens)
-        dtype = str(cache[0].keys.dtype).removeprefix("mlx.core.")
-        if dtype not in ITEMSIZE or (self.shape is not None and dtype != self.shape.dtype):
+        layout = _layout(cache)
+        if layout is None or layout.dtype not in ITEMSIZE or (self.shape is not None and layout != self.shape):
             return
-        values = sum(n * (c.keys.shape[1] * c.keys.shape[3] + c.values.shape[1] * c.values.shape[3]) for c in cache)
-        if values * ITEMSIZE[dtype] > self.entry_limit:
+        n = len(tokens)
+        if layout.states and any(type(c) is KVCache and c.offset != n for c in cache):
+            return  # a snapshot's recurrent state is of all its tokens: its keys can't be cut to fewer
+        parts: dict[str, Any] = {}
+        for i, c in enumerate(cache):
+            if type(c) is KVCache:
+                parts[f"k.{i}"], parts[f"v.{i}"] = c.keys[..., :n, :], c.values[..., :n, :]
+            else:
+                parts.update((f"s.{i}.{j}", a) for j, a in enumerate(c.cache))
+        dtypes = {k: _dtype(a) for k, a in parts.items()}
+        if not set(dtypes.values()) <= set(ITEMSIZE) \
+                or sum(a.size * ITEMSIZE[dtypes[k]] for k, a in parts.items()) > self.entry_limit:
             return
         arrays = {}
-        for i, c in enumerate(cache):
-            for kind, a in (("k", c.keys), ("v", c.values)):
-                part = a[..., :n, :].astype(mx.float32)  # numpy has no bfloat16: widened, narrowed on load
-                mx.eval(part)
-                arrays[f"{kind}.{i}"] = np.array(part)
-        meta = {"identity": self.identity, "tokens": json.dumps(tokens), "dtype": dtype, "scope": scope}
+        for k, a in parts.items():
+            part = a.astype(mx.float32)  # numpy has no bfloat16: widened, narrowed on load
+            mx.eval(part)
+            arrays[k] = np.array(part)
+        meta = {"identity": self.identity, "tokens": json.dumps(tokens), "dtype": layout.dtype, "scope": scope}
+        if layout.states:
+            meta["layers"] = json.dumps([["kv"] if st is None else ["arrays", len(st)] for st in layout.states])
+            meta["dtypes"] = json.dumps(dtypes)
         try:
             self._queue.put_nowait((name, arrays, meta))
         except queue.Full:  # the disk is behind: this one is not kept, generation never waits
@@ -394,7 +491,8 @@ class PromptStore:
             tmp.unlink(missing_ok=True)
             return
         with self._lock:
-            self._files[name] = _File(path, json.loads(meta["tokens"]), path.stat().st_size, meta["scope"])
+            self._files[name] = _File(path, json.loads(meta["tokens"]), path.stat().st_size, meta["scope"],
+                                      "layers" in meta)
         self._bound()
 
     def _bound(self) -> None:
@@ -428,81 +526,9 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-# --- snapshots: caches with recurrent layers (engine/generation/prompt_cache.py) ---------------
-# A file holds each layer as it is: an attention layer's keys and values ("k.i", "v.i", cut to the
-# tokens held) or a recurrent layer's state arrays ("s.i.j"); metadata "layers" names each layer's
-# kind (["kv"] or ["arrays", size]) and "dtypes" each array's dtype, in the order written.
-
 def _usable(f: _File, prompt: list[int]) -> int:
     """What a file gives `prompt`: the common prefix, or a snapshot's whole length or nothing."""
     if not f.exact:
         return common_prefix(f.tokens, prompt)
     n = len(f.tokens)
     return n if n < len(prompt) and prompt[:n] == f.tokens else 0
-
-
-def _snapshot_kinds(cache: list[Any]) -> bool:
-    """Every layer an attention KVCache or a recurrent ArraysCache (what a snapshot file holds)."""
-    from mlx_lm.models.cache import ArraysCache, KVCache
-
-    return bool(cache) and all(type(c) is KVCache or type(c) is ArraysCache for c in cache)
-
-
-def _snapshot_arrays(cache: list[Any], n: int) -> tuple[dict[str, np.ndarray], list[list[Any]], list[str]]:
-    """Each layer's arrays as float32 numpy (numpy has no bfloat16), its kind, each array's dtype."""
-    import mlx.core as mx
-    from mlx_lm.models.cache import KVCache
-
-    arrays: dict[str, np.ndarray] = {}
-    layers: list[list[Any]] = []
-    dtypes: list[str] = []
-
-    def add(name: str, a: Any) -> None:
-        part = a.astype(mx.float32)
-        mx.eval(part)
-        arrays[name] = np.array(part)
-        dtypes.append(str(a.dtype).removeprefix("mlx.core."))
-
-    for i, c in enumerate(cache):
-        if type(c) is KVCache:
-            layers.append(["kv"])
-            if c.keys is not None:
-                add(f"k.{i}", c.keys[..., :n, :])
-                add(f"v.{i}", c.values[..., :n, :])
-        else:
-            layers.append(["arrays", len(c.cache)])
-            for j, a in enumerate(c.cache):
-                if a is not None:
-                    add(f"s.{i}.{j}", a)
-    return arrays, layers, dtypes
-
-
-def _snapshot_layers(arrays: dict[str, np.ndarray], meta: dict[str, str], n: int) -> list[Any]:
-    """The caches a snapshot file holds, each array back in its dtype (the order `_snapshot_arrays`
-    wrote them in); raises ValueError where the file and its tokens disagree."""
-    import mlx.core as mx
-    from mlx_lm.models.cache import ArraysCache, KVCache
-
-    dtypes = iter(json.loads(meta["dtypes"]))
-
-    def get(name: str) -> Any:
-        return mx.array(arrays[name]).astype(getattr(mx, next(dtypes)))
-
-    cache: list[Any] = []
-    for i, kind in enumerate(json.loads(meta["layers"])):
-        if kind[0] == "kv":
-            c = KVCache()
-            if f"k.{i}" in arrays:
-                c.keys, c.values = get(f"k.{i}"), get(f"v.{i}")
-                c.offset = int(c.keys.shape[2])
-                if c.offset != n:
-                    raise ValueError("tokens and arrays disagree")
-        elif kind[0] == "arrays":
-            c = ArraysCache(int(kind[1]))
-            for j in range(int(kind[1])):
-                if f"s.{i}.{j}" in arrays:
-                    c[j] = get(f"s.{i}.{j}")
-        else:
-            raise ValueError(f"unknown layer kind {kind[0]!r}")
-        cache.append(c)
-    return cache
