@@ -70,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reasoning-budgets", type=effort_budgets, default=(512, 2048, 8192), metavar="LOW,MEDIUM,HIGH",
                    help="thinking tokens a reasoning model may spend for reasoning efforts low, medium and high "
                         "(chat reasoning_effort, Responses reasoning.effort); past it the server closes the block")
-    s.add_argument("--cpu-dtype", choices=["auto", "keep", "float32", "float16"],
+    s.add_argument("--cpu-dtype", choices=["auto", "keep", "float32", "float16", "quantized"],
                    default=os.environ.get("OPENMLX_CPU_DTYPE", "auto"),
-                   help="CPU weights: auto = float32 when memory allows (fast with OpenBLAS), keep = as shipped")
+                   help="CPU weights: auto = float32 when memory allows (fast with OpenBLAS), keep = as shipped, "
+                        "quantized = held as blocks, products through onnxruntime MatMulNBits (opt-in)")
     s.add_argument("--max-batch-tokens", type=positive_int, default=65536,
                    help="tokens one request may ask for: prompts plus max_tokens, times n or best_of (400 beyond)")
     s.add_argument("--max-queue", type=positive_int, default=64, help="requests queued or running before 429")

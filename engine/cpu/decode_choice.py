@@ -25,6 +25,8 @@ log = logging.getLogger("openmlx.engine")
 def _signature(model: nn.Module, step: decode.OneTokenStep) -> str:
     info = blas.active()
     shapes = [step.embed.shape, step.head.shape, len(step.layers)] + [w.shape for w in step.layers[0].qkv.weights]
+    # the weights' kind too: float32 arrays and block-held projections (--cpu-dtype quantized) time differently
+    shapes += [type(w).__name__ for w in step.layers[0].qkv.weights]
     return json.dumps([blas.cpu_name(), info.name, info.path, info.threads, step.blas.name, str(shapes)])
 
 
