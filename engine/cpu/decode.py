@@ -21,8 +21,10 @@ didn't allocate (or that MLX copied since) is first copied into a buffer of its 
 Which path decodes is measured (engine/cpu/decode_choice.py): the numpy step is used only where it
 checked out against the model's own step at load (logits within float rounding, `checked_step`)
 and was faster on this machine.
-Architectures: the llama layout (llama, mistral, qwen2, qwen3's q/k norms); anything else, a
-quantized or half-precision weight, a rotating or quantized cache, more than one row keeps MLX.
+Projections held as blocks (`--cpu-dtype quantized`, engine/cpu/quant_linear.py) run through
+their own `matvec` instead of sgemv; the rest of the step is the same.
+Architectures: the llama layout (llama, mistral, qwen2, qwen3's q/k norms); anything else, an
+MLX-quantized or half-precision weight, a rotating or quantized cache, more than one row keeps MLX.
 `OPENMLX_FAST_DECODE=off` turns it off.
 """
 from __future__ import annotations

@@ -65,7 +65,7 @@ def _measure(model: nn.Module, step: decode.OneTokenStep) -> tuple[float, float]
 
 def install(model: nn.Module) -> tuple[Any, str]:
     """(what to call for a solo stream's passes, why): a `FastDecode` where the numpy step checks
-    out and is faster on this machine, else the model itself. CPU and float32 weights only."""
+    out and is faster on this machine, else the model itself. CPU, float32 or block-held weights."""
     if os.environ.get("OPENMLX_FAST_DECODE", "").lower() in ("off", "0", "no"):
         return model, "mlx (OPENMLX_FAST_DECODE=off)"
     if mx.default_device() != mx.cpu:
