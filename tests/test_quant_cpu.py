@@ -41,6 +41,15 @@ def test_each_gguf_block_type_dequantizes_as_llama_cpp_does(type_name):
     assert blocks.dequantize(3).tolist() == got[3].tolist()  # one row, as an embedding looks it up
 
 
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q8_0"])
+def test_a_large_tensor_converts_in_chunks_to_the_same_blocks(type_name, monkeypatch):
+    data = _random_blocks(type_name, 10, 256, seed=5)
+    whole = qb.from_gguf("t", type_name, data, 256)
+    monkeypatch.setattr(qb, "_CHUNK_ROWS", 3)
+    chunked = qb.from_gguf("t", type_name, data, 256)
+    assert np.array_equal(chunked.dequantize(), whole.dequantize())
+
+
 def test_unmapped_types_say_so():
     with pytest.raises(qb.Unmapped, match="Q5_K"):
         qb.from_gguf("t", "Q5_K", np.zeros((1, 176), np.uint8), 256)

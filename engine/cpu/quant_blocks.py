@@ -140,9 +140,41 @@ def _f16(b: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(b).view(np.float16).astype(np.float32)[..., 0]
 
 
+_CHUNK_ROWS = 8192  # rows converted at a time: the unpacking's temporaries stay ~100 MB on a 151936-row head
+
+
 def from_gguf(name: str, type_name: str, data: np.ndarray, k: int) -> Blocks:
     """Blocks for a GGUF tensor `name` of `type_name` whose rows (`data`, uint8, one row a
-    matrix row of `k` values) are ggml blocks. Raises Unmapped or Malformed."""
+    matrix row of `k` values) are ggml blocks. Raises Unmapped or Malformed. A large tensor is
+    converted `_CHUNK_ROWS` rows at a time into the final arrays."""
+    data = np.asarray(data)
+    if data.ndim != 2 or data.shape[0] <= _CHUNK_ROWS:
+        return _from_gguf(name, type_name, data, k)
+    parts = [_from_gguf(name, type_name, data[:_CHUNK_ROWS], k)]
+    first = parts[0]
+    n = data.shape[0]
+    packed = np.empty((n,) + first.packed.shape[1:], np.uint8)
+    scales = np.empty((n,) + first.scales.shape[1:], np.float32)
+    zeros = np.empty((n,) + first.zeros.shape[1:], np.uint8)
+    offsets: Optional[np.ndarray] = None
+    for at in range(0, n, _CHUNK_ROWS):
+        part = first if at == 0 else _from_gguf(name, type_name, data[at:at + _CHUNK_ROWS], k)
+        rows = slice(at, at + part.packed.shape[0])
+        packed[rows], scales[rows], zeros[rows] = part.packed, part.scales, part.zeros
+        if part.offsets is not None and offsets is None:  # from here on, offsets: earlier rows' zero points become them
+            offsets = np.empty(scales.shape, np.float32)
+            offsets[:at] = -scales[:at] * zeros[:at].astype(np.float32)
+            zeros[:at] = 0
+        if offsets is not None:
+            if part.offsets is None:
+                offsets[rows] = -part.scales * part.zeros.astype(np.float32)
+                zeros[rows] = 0
+            else:
+                offsets[rows] = part.offsets
+    return Blocks(packed, scales, zeros, offsets, first.bits, first.block)
+
+
+def _from_gguf(name: str, type_name: str, data: np.ndarray, k: int) -> Blocks:
     if type_name not in _GGUF:
         raise Unmapped(f"GGUF {type_name} (mapped: {', '.join(MAPPED_GGUF)})")
     size, per = _GGUF[type_name]

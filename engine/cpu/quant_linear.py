@@ -229,7 +229,19 @@ def install(model: nn.Module, folder: Path) -> int:
     model.update(nn.utils.tree_map(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
                                    model.parameters()))
     mx.eval(model.parameters())
+    _trim()
     return held
+
+
+def _trim() -> None:
+    """Hand back to the system the heap the graphs' build left free (each session's protobuf and
+    serialized copy): measured 285 -> 206 MB held for a 150 MB head here."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def describe(model: nn.Module) -> str:
