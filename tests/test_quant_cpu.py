@@ -164,3 +164,28 @@ def test_http_with_the_quantized_path(default_model_dir, float32_text):
         assert r.json()["choices"][0]["message"]["content"] == float32_text
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("failure", ["malformed", "unmapped"])
+def test_the_loader_refuses_malformed_blocks_and_falls_back_on_unmapped_ones(default_model_dir, monkeypatch, failure):
+    """The load's plumbing (the detection itself is tested per type above): a malformed tensor
+    is a clear 400-class refusal naming the file; a type the path doesn't map keeps float32 and
+    says why."""
+    from engine.errors import InvalidRequest
+    from engine.models.memory import MemoryGate
+    from engine.models.probe import probe
+    from engine.models.weights import load_gated
+
+    def broken(*args, **kwargs):
+        raise (qb.Malformed("tensor blk.0.attn_q.weight (Q4_0): bad") if failure == "malformed"
+               else qb.Unmapped("GGUF IQ4_NL"))
+
+    monkeypatch.setattr("engine.cpu.quant_linear.from_mlx", broken)
+    monkeypatch.setenv("OPENMLX_FAST_DECODE", "off")
+    if failure == "malformed":
+        with pytest.raises(InvalidRequest, match="malformed quantized weights: tensor blk.0.attn_q.weight"):
+            load_gated("m", probe(default_model_dir), "quantized", MemoryGate())
+    else:
+        loaded = load_gated("m", probe(default_model_dir), "quantized", MemoryGate())
+        assert loaded.dtype == "float32" and loaded.model.model.layers[0].mlp.down_proj.weight.dtype == mx.float32
+        assert "doesn't cover this model (GGUF IQ4_NL)" in loaded.dtype_reason and loaded.warnings
