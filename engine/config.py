@@ -92,7 +92,7 @@ class EngineConfig:
     max_tokens_cap: Optional[int] = None
     # Thinking budgets (tokens) that reasoning efforts low, medium and high stand for.
     reasoning_budgets: tuple[int, int, int] = BudgetPolicy.effort_budgets
-    cpu_dtype: str = "auto"  # auto | keep | float32 | float16
+    cpu_dtype: str = "auto"  # auto | keep | float32 | float16 | quantized
     max_queue: int = 64
     # KV caches kept for reuse (engine/generation/prompt_cache.py), per loaded text model.
     prompt_cache_bytes: int = CacheSettings.max_bytes

@@ -21,8 +21,10 @@ didn't allocate (or that MLX copied since) is first copied into a buffer of its 
 Which path decodes is measured (engine/cpu/decode_choice.py): the numpy step is used only where it
 checked out against the model's own step at load (logits within float rounding, `checked_step`)
 and was faster on this machine.
-Architectures: the llama layout (llama, mistral, qwen2, qwen3's q/k norms); anything else, a
-quantized or half-precision weight, a rotating or quantized cache, more than one row keeps MLX.
+Projections held as blocks (`--cpu-dtype quantized`, engine/cpu/quant_linear.py) run through
+their own `matvec` instead of sgemv; the rest of the step is the same.
+Architectures: the llama layout (llama, mistral, qwen2, qwen3's q/k norms); anything else, an
+MLX-quantized or half-precision weight, a rotating or quantized cache, more than one row keeps MLX.
 `OPENMLX_FAST_DECODE=off` turns it off.
 """
 from __future__ import annotations
@@ -93,8 +95,21 @@ def _view(a: mx.array) -> np.ndarray:
     return np.asarray(a)
 
 
-def _linear(module: Any) -> Optional[tuple[np.ndarray, Optional[np.ndarray]]]:
-    """A float32 nn.Linear's weight and bias as numpy views, or None for anything else."""
+def _quantized(module: Any) -> bool:
+    """A projection held as blocks (`--cpu-dtype quantized`, engine/cpu/quant_linear.py)."""
+    return hasattr(module, "matvec") and hasattr(module, "shape")
+
+
+def _matvec(products: "_Products", w: Any, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    return w.matvec(x, out) if _quantized(w) else products.gemv(w, x, out)
+
+
+def _linear(module: Any) -> Optional[tuple[Any, Optional[np.ndarray]]]:
+    """A float32 nn.Linear's weight and bias as numpy views (a block-held projection itself and
+    its bias), or None for anything else."""
+    if _quantized(module):
+        bias = getattr(module, "_bias", None)
+        return module, bias
     if type(module) is not nn.Linear or module.weight.dtype != mx.float32:
         return None
     bias = _view(module.bias) if "bias" in module else None
@@ -147,6 +162,8 @@ def _group(parts: list[tuple[np.ndarray, Optional[np.ndarray]]]) -> Optional[tup
     """The weights of `parts` as one matrix where they lie back to back in one buffer (`fuse`),
     with their biases joined; None where they don't."""
     first = parts[0][0]
+    if not all(isinstance(w, np.ndarray) for w, _ in parts):
+        return None
     at = first.ctypes.data
     for w, _ in parts:
         if not w.flags.c_contiguous or w.ctypes.data != at or w.shape[1] != first.shape[1]:
@@ -185,7 +202,7 @@ class _Group:
         out = np.empty(self.rows, np.float32)
         at = 0
         for w in self.weights:
-            products.gemv(w, x, out[at:at + w.shape[0]])
+            _matvec(products, w, x, out[at:at + w.shape[0]])
             at += w.shape[0]
         if self.bias is not None:
             out += self.bias
@@ -282,7 +299,8 @@ class OneTokenStep:
             raise Unsupported(f"architecture {getattr(model, 'model_type', None)!r} (supported: {ARCHITECTURES})")
         backbone = model.model
         embed = getattr(backbone, "embed_tokens", None)
-        if type(embed) is not nn.Embedding or embed.weight.dtype != mx.float32:
+        quantized = _quantized(getattr(embed, "_head", None)) or hasattr(embed, "_blocks")
+        if not quantized and (type(embed) is not nn.Embedding or embed.weight.dtype != mx.float32):
             raise Unsupported("the embedding isn't a float32 Embedding")
         self.layers, self.ropes = _layers(model)
         self.partners = [_partners(_rotation(r, self.layers[0].head_dim, 777)) for r in self.ropes]
@@ -290,14 +308,14 @@ class OneTokenStep:
         if final is None:
             raise Unsupported("the final norm isn't a float32 RMSNorm")
         self.final_norm = final
-        self.embed = _view(embed.weight)
+        self.embed = embed if quantized else _view(embed.weight)
         if "lm_head" in model:
             head = _linear(model.lm_head)
             if head is None or head[1] is not None:
                 raise Unsupported("the output head isn't a float32 Linear")
             self.head = head[0]
         else:
-            self.head = self.embed
+            self.head = embed._head if quantized else self.embed
         self.blas = products
         self._owned: "weakref.WeakKeyDictionary[Any, tuple[int, int]]" = weakref.WeakKeyDictionary()
         self._logits = np.empty(self.head.shape[0], np.float32)
@@ -327,7 +345,7 @@ class OneTokenStep:
         """The logits after `token`; the cache takes its keys and values (one more position)."""
         position = cache[0].offset
         rotations = [_rotation(r, self.layers[0].head_dim, position) for r in self.ropes]
-        x = self.embed[token].copy()
+        x = np.array(self.embed[token], np.float32)
         for layer, c in zip(self.layers, cache):
             d = layer.head_dim
             qkv = layer.qkv(self.blas, _rms_norm(x, layer.attn_norm))
@@ -349,7 +367,7 @@ class OneTokenStep:
             gate, up = gate_up[:gate_up.shape[0] // 2], gate_up[gate_up.shape[0] // 2:]
             x = x + layer.down(self.blas, gate / (np.float32(1) + np.exp(-gate)) * up)
         h = _rms_norm(x, self.final_norm)
-        return self.blas.gemv(self.head, h, self._logits).copy()
+        return _matvec(self.blas, self.head, h, self._logits).copy()
 
     def _rotate(self, x: np.ndarray, rot: np.ndarray, rope: int) -> np.ndarray:
         """x Rᵀ: where rope pairs each dimension with at most one other (every variant mlx-lm has),

@@ -25,6 +25,8 @@ log = logging.getLogger("openmlx.engine")
 def _signature(model: nn.Module, step: decode.OneTokenStep) -> str:
     info = blas.active()
     shapes = [step.embed.shape, step.head.shape, len(step.layers)] + [w.shape for w in step.layers[0].qkv.weights]
+    # the weights' kind too: float32 arrays and block-held projections (--cpu-dtype quantized) time differently
+    shapes += [type(w).__name__ for w in step.layers[0].qkv.weights]
     return json.dumps([blas.cpu_name(), info.name, info.path, info.threads, step.blas.name, str(shapes)])
 
 
@@ -63,7 +65,7 @@ def _measure(model: nn.Module, step: decode.OneTokenStep) -> tuple[float, float]
 
 def install(model: nn.Module) -> tuple[Any, str]:
     """(what to call for a solo stream's passes, why): a `FastDecode` where the numpy step checks
-    out and is faster on this machine, else the model itself. CPU and float32 weights only."""
+    out and is faster on this machine, else the model itself. CPU, float32 or block-held weights."""
     if os.environ.get("OPENMLX_FAST_DECODE", "").lower() in ("off", "0", "no"):
         return model, "mlx (OPENMLX_FAST_DECODE=off)"
     if mx.default_device() != mx.cpu:

@@ -15,7 +15,7 @@ from engine.models.probe import Probe
 
 log = logging.getLogger("openmlx.engine")
 
-CPU_DTYPES = ("auto", "keep", "float32", "float16")
+CPU_DTYPES = ("auto", "keep", "float32", "float16", "quantized")
 # KV-cache headroom reserved at load time (tokens); the gate checks weights + this much cache.
 KV_HEADROOM_TOKENS = 4096
 
@@ -60,6 +60,9 @@ def choose_cpu_dtype(requested: str, probe: Probe, gate: MemoryGate, kv_bytes: i
     shipped = f"as shipped ({bits}-bit)" if bits else "as shipped"
     if on_gpu():
         return DtypeChoice("keep", f"{shipped}: on a GPU the quantized kernels are the fast path")
+    if requested == "quantized":
+        return DtypeChoice("quantized", "quantized: --cpu-dtype quantized (weights held as blocks, products through "
+                                        "onnxruntime MatMulNBits)")
     if requested != "auto":
         return DtypeChoice(requested, f"{shipped if requested == 'keep' else requested}: --cpu-dtype {requested}")
     weights, kv = dequantized_bytes(probe), KV_HEADROOM_TOKENS * kv_bytes
@@ -96,7 +99,8 @@ def load_gated(label: str, probe: Probe, cpu_dtype: str, gate: MemoryGate) -> Lo
     kv_bytes = kv_bytes_per_token(probe.config)
     choice = choose_cpu_dtype(cpu_dtype, probe, gate, kv_bytes)
     dtype = choice.dtype
-    weights = probe.size_bytes if dtype == "keep" else dequantized_bytes(probe)
+    # quantized: about the file's bytes (a Q5_0 tensor is carried as 8-bit blocks, ~1.8x its bytes)
+    weights = probe.size_bytes if dtype in ("keep", "quantized") else dequantized_bytes(probe)
     if dtype == "float16":
         weights //= 2
     need = MemoryEstimate(weights, KV_HEADROOM_TOKENS * kv_bytes)
@@ -104,18 +108,32 @@ def load_gated(label: str, probe: Probe, cpu_dtype: str, gate: MemoryGate) -> Lo
     if cpu_dtype == "auto" and dtype == "keep" and not on_gpu() and probe.quantized:
         warnings.append("the CPU fast path (float32 weights) was skipped: not enough memory; "
                         "generation is several times slower")
-    model, tokenizer = _load_weights(probe, dtype)
+    reason = choice.reason
+    if dtype == "quantized":
+        model, tokenizer, held, why = _load_quantized(probe)
+        if held:
+            reason = f"{reason}: {why}"
+        else:  # not mappable: the float32 path, and why
+            dtype, reason = "float32", f"float32: --cpu-dtype quantized doesn't cover this model ({why})"
+            warnings.append(reason)
+            if probe.quantized:
+                from mlx_lm.utils import dequantize_model
+                model = dequantize_model(model)
+            _cast_floats(model, mx.float32)
+            mx.eval(model.parameters())
+    else:
+        model, tokenizer = _load_weights(probe, dtype)
     if on_gpu() and dtype == "keep" and not probe.quantized and probe.config.get("gguf_bits"):
         quantize_as_the_file(model, probe.config["gguf_bits"])
     keep_whole_windows(model)
     solo, decode_path = model, "mlx"
-    if dtype == "float32" and not on_gpu():
+    if dtype in ("float32", "quantized") and not on_gpu():
         cpu_math.install(model)
         solo, decode_path = decode_choice.install(model)
     log.info("loaded %s (%s, weights held as %s)", label, probe.architecture, dtype)
     for w in warnings:
         log.warning("%s: %s", label, w)
-    return Loaded(model, tokenizer, dtype, choice.reason, need, tuple(warnings), solo, decode_path)
+    return Loaded(model, tokenizer, dtype, reason, need, tuple(warnings), solo, decode_path)
 
 
 def quantize_as_the_file(model: nn.Module, bits: dict[str, int], group_size: int = 64) -> None:
@@ -152,6 +170,29 @@ def keep_whole_windows(model: Any) -> bool:
     layers = len(model.layers)
     model.make_cache = lambda: [KVCache() for _ in range(layers)]
     return True
+
+
+def _load_quantized(probe: Probe) -> tuple[nn.Module, Any, int, str]:
+    """(model, tokenizer, bytes the blocks hold, what they are) for `--cpu-dtype quantized`; held 0
+    and the reason where the model can't be held as blocks (the model then as mlx-lm loaded it,
+    not yet evaluated). A malformed GGUF tensor is refused (InvalidRequest)."""
+    from mlx_lm import load as lm_load
+
+    from engine.cpu import quant_linear
+    from engine.errors import InvalidRequest
+
+    # lazy: the projections a GGUF source replaces are never read from the converted folder
+    model, tokenizer = lm_load(str(probe.path), lazy=True)
+    if getattr(model, "model_type", None) not in quant_linear.ARCHITECTURES:
+        return model, tokenizer, 0, f"architecture {getattr(model, 'model_type', None)!r} isn't one of " \
+                                    f"{quant_linear.ARCHITECTURES}"
+    try:
+        held = quant_linear.install(model, probe.path)
+    except quant_linear.Malformed as e:
+        raise InvalidRequest(f"{probe.path.name}: malformed quantized weights: {e}", code="malformed_weights") from None
+    except quant_linear.Unmapped as e:
+        return model, tokenizer, 0, str(e)
+    return model, tokenizer, held, f"{held / 1e9:.2f} GB of blocks ({quant_linear.describe(model)})"
 
 
 def _load_weights(probe: Probe, dtype: str) -> tuple[nn.Module, Any]:

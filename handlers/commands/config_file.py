@@ -38,7 +38,7 @@ _MODEL_ENTRY = {
                        "description": "max_tokens when a request sets none"},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2,
                         "description": "temperature when a request sets none"},
-        "cpu_dtype": {"enum": ["auto", "keep", "float32", "float16"]},
+        "cpu_dtype": {"enum": ["auto", "keep", "float32", "float16", "quantized"]},
         "chat_template": {"type": "string", "description": "a Jinja chat template file, or the template itself"},
         "draft_model": {"type": "string", "description": "a draft model (folder or id) for speculative decoding"},
         "reasoning_parser": {"enum": ["think", "harmony", "gemma4", "none"],

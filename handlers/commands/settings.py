@@ -171,9 +171,10 @@ SERVE: tuple[Setting, ...] = (
     Setting("reasoning-budgets", type=effort_budgets, metavar="LOW,MEDIUM,HIGH", into=("engine.reasoning_budgets",),
             help="thinking tokens a reasoning model may spend for reasoning efforts low, medium and high "
                  "(chat reasoning_effort, Responses reasoning.effort); past it the server closes the block"),
-    Setting("cpu-dtype", choices=["auto", "keep", "float32", "float16"], env="OPENMLX_CPU_DTYPE",
+    Setting("cpu-dtype", choices=["auto", "keep", "float32", "float16", "quantized"], env="OPENMLX_CPU_DTYPE",
             into=("engine.cpu_dtype",),
-            help="CPU weights: auto = float32 when memory allows (fast with OpenBLAS), keep = as shipped"),
+            help="CPU weights: auto = float32 when memory allows (fast with OpenBLAS), keep = as shipped, "
+                 "quantized = held as blocks, products through onnxruntime MatMulNBits (opt-in)"),
     Setting("max-batch-tokens", type=positive_int, into=("server.max_batch_tokens",),
             help="tokens one request may ask for: prompts plus max_tokens, times n or best_of (400 beyond)"),
     Setting("max-queue", type=positive_int, into=("engine.max_queue",), help="requests queued or running before 429"),

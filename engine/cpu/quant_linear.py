@@ -1,0 +1,258 @@
+"""`--cpu-dtype quantized`: a model's weight products through onnxruntime's `MatMulNBits` over
+weights held as blocks (engine/cpu/quant_blocks.py), never widened to float32 as a whole.
+
+Every projection of the llama layout (q/k/v/o, gate/up/down, the head) becomes a `QuantLinear`:
+an MLX module whose call hands its input rows to one onnxruntime session (one `MatMulNBits`
+node) and returns the product as an MLX array. So every pass goes through the blockwise kernel:
+prefill (M rows: 4-bit ran 27 ms against float32 sgemm's 62 ms on 896 x 4864 here, shared/CPU.md),
+batched decode, speculation, and the numpy one-token step (engine/cpu/decode.py), which calls
+`matvec` directly. The embedding becomes a `QuantEmbedding` that dequantizes only the rows it
+looks up; a tied head multiplies through its own session over the same blocks.
+
+Where the blocks come from: an MLX affine-quantized module (mlx-community folders, and GGUF
+Q4_0/Q4_1/Q8_0 files, which `mx.load` reads as such), else the original GGUF file a store folder
+was converted from (`.openmlx-gguf.json`), read with llama.cpp's `gguf` package (memory-mapped).
+
+onnxruntime is imported here only, and this module only where `--cpu-dtype quantized` asks for it.
+Sessions: 2 intra-op threads, spinning off (with ~150 sessions spinning, a step took ~1 s instead
+of 16 ms here); one session a product, not one a layer (a later step: one graph per layer saves
+~2 ms a step on the 0.5B, shared/CPU.md).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from engine.cpu.quant_blocks import Blocks, Malformed, Unmapped, from_gguf, from_mlx
+
+log = logging.getLogger("openmlx.engine")
+
+# onnxruntime's accuracy_level: 1 keeps the activation row in float32, 4 quantizes it to int8
+# blockwise first (as llama.cpp does for its own dot products). Measured here (2026-12-07, under
+# load, one 49152 x 576 product): 4-bit 8.8 ms at level 1, 3.0 ms at level 4; 8-bit 9.4 ms at level
+# 4 and 570 ms at level 1 (a fallback path). Level 4 moves the logits visibly (SmolLM2: max 1.2 of
+# 18 after 30 layers, against 1e-4 at level 1), so 4-bit blocks keep float32 activations (exact up
+# to float rounding) and 8-bit blocks take level 4, the only fast one. OPENMLX_QUANT_ACCURACY sets
+# one level for both.
+ACCURACY: dict[int, int] = {4: 1, 8: 4}
+if os.environ.get("OPENMLX_QUANT_ACCURACY"):
+    ACCURACY = {4: int(os.environ["OPENMLX_QUANT_ACCURACY"]), 8: int(os.environ["OPENMLX_QUANT_ACCURACY"])}
+THREADS = int(os.environ.get("OPENMLX_QUANT_THREADS", "2"))
+
+
+def _session(blocks: Blocks, accuracy: Optional[int]) -> Any:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    n, k = blocks.shape
+    zeros = blocks.zeros.reshape(n, -1)
+    if blocks.bits == 4:  # two 4-bit zero points a byte, each row's padded to whole bytes
+        if zeros.shape[1] % 2:
+            zeros = np.concatenate([zeros, np.zeros((n, 1), np.uint8)], axis=1)
+        zeros = zeros[:, 0::2] | (zeros[:, 1::2] << 4)
+    zeros = np.ascontiguousarray(zeros).reshape(-1)
+    node = helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"], domain="com.microsoft",
+                            K=k, N=n, bits=blocks.bits, block_size=blocks.block,
+                            accuracy_level=ACCURACY[blocks.bits] if accuracy is None else accuracy)
+    graph = helper.make_graph(
+        [node], "product",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
+        [numpy_helper.from_array(blocks.packed, "B"), numpy_helper.from_array(blocks.scales.reshape(-1), "S"),
+         numpy_helper.from_array(zeros, "Z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+class QuantLinear(nn.Module):
+    """y = x Wᵀ (+ bias) with W as MatMulNBits blocks in an onnxruntime session."""
+
+    def __init__(self, blocks: Blocks, bias: Optional[np.ndarray], accuracy: Optional[int] = None) -> None:
+        super().__init__()
+        self.shape = blocks.shape
+        self.bits, self.block = blocks.bits, blocks.block
+        self.held_bytes = blocks.nbytes
+        self._session = _session(blocks, accuracy)
+        self._bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
+        self._offsets = blocks.offsets  # (n, k/block) or None
+
+    def _product(self, x: np.ndarray) -> np.ndarray:
+        y = self._session.run(None, {"x": x})[0]
+        if self._offsets is not None:  # + Σ_b offset[n, b] · (the sum of x over block b)
+            sums = x.reshape(x.shape[0], -1, self.block).sum(axis=-1)
+            y += sums @ self._offsets.T
+        return y
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        """x (m, k) float32 -> (m, n), bias added."""
+        y = self._product(x)
+        if self._bias is not None:
+            y += self._bias
+        return y
+
+    def matvec(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """out = W x (no bias: the numpy step adds its group's); x (k,), out (n,)."""
+        out[:] = self._product(x.reshape(1, -1))[0]
+        return out
+
+    def __call__(self, x: mx.array) -> mx.array:
+        lead = x.shape[:-1]
+        rows = np.ascontiguousarray(np.asarray(x.astype(mx.float32)).reshape(-1, x.shape[-1]))
+        return mx.array(self.rows(rows)).reshape(*lead, self.shape[0])
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table held as blocks: a lookup dequantizes only its rows; `as_linear` (a tied
+    head) multiplies through a session over the same blocks."""
+
+    def __init__(self, blocks: Blocks, tied: bool, accuracy: Optional[int] = None) -> None:
+        super().__init__()
+        self._blocks = blocks
+        self.shape = blocks.shape
+        self.held_bytes = blocks.nbytes
+        self._head = QuantLinear(blocks, None, accuracy) if tied else None
+        if self._head is not None:
+            self.held_bytes += self._head.held_bytes
+
+    def __getitem__(self, token: int) -> np.ndarray:
+        return self._blocks.dequantize(int(token))
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        flat = np.asarray(ids).reshape(-1)
+        return mx.array(self._blocks.dequantize(flat)).reshape(*ids.shape, self.shape[1])
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if self._head is None:
+            raise RuntimeError("an untied embedding has no head")
+        return self._head(x)
+
+
+def _gguf_source(folder: Path) -> Optional[Path]:
+    """The GGUF file a store folder was converted from, while it is still the same file."""
+    try:
+        stamp = json.loads((folder / ".openmlx-gguf.json").read_text())
+        source = Path(stamp["source"])
+        if source.stat().st_size == stamp.get("size"):
+            return source
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+class _Source:
+    """Where a module's blocks come from: its own MLX affine quantization, else the GGUF file."""
+
+    def __init__(self, folder: Path) -> None:
+        self.gguf: dict[str, Any] = {}
+        path = _gguf_source(folder)
+        if path is None:
+            return
+        from gguf import GGUFReader
+
+        from engine.formats.gguf import mlx_tensor_name
+        from engine.formats.gguf_archs import ARCHITECTURES
+
+        reader = GGUFReader(str(path))
+        field = reader.fields.get("general.architecture")
+        arch = ARCHITECTURES.get(bytes(field.parts[-1]).decode() if field else "")
+        if arch is None:
+            return
+        for t in reader.tensors:
+            try:
+                self.gguf[mlx_tensor_name(t.name, arch.layers).removesuffix(".weight")] = t
+            except ValueError:
+                continue
+
+    def blocks(self, path: str, module: Any) -> Blocks:
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            if getattr(module, "mode", "affine") != "affine":
+                raise Unmapped(f"{path}: MLX {module.mode} quantization")
+            return from_mlx(np.asarray(module.weight), np.asarray(module.scales.astype(mx.float32)),
+                            np.asarray(module.biases.astype(mx.float32)), module.bits, module.group_size)
+        tensor = self.gguf.get(path)
+        if tensor is None:
+            raise Unmapped(f"{path}: {type(module).__name__} with no quantized blocks (not MLX-quantized, "
+                           "no GGUF source file)")
+        return from_gguf(tensor.name, tensor.tensor_type.name, np.asarray(tensor.data), int(tensor.shape[0]))
+
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")  # the llama layout (engine/cpu/decode.py's)
+_PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+
+
+def install(model: nn.Module, folder: Path) -> int:
+    """Replace the model's projections, head and embedding by block-held modules, then cast what
+    is left (norms, q/k norms) to float32. Returns the bytes the blocks hold. Raises Unmapped
+    (the model keeps another path) or Malformed (the file is refused)."""
+    source = _Source(folder)
+    backbone = getattr(model, "model", None)
+    layers = getattr(backbone, "layers", None)
+    if not layers:
+        raise Unmapped("no model.layers")
+    # map everything first, replace after: a model that can't be mapped whole is left as it was
+    plan: list[tuple[Any, str, nn.Module]] = []
+    for i, layer in enumerate(layers):
+        for part, names in _PROJECTIONS:
+            parent = getattr(layer, part, None)
+            for name in names:
+                module = getattr(parent, name, None)
+                if module is None:
+                    raise Unmapped(f"layer {i} has no {part}.{name}")
+                bias = np.asarray(module.bias.astype(mx.float32)) if "bias" in module else None
+                path = f"model.layers.{i}.{part}.{name}"
+                plan.append((parent, name, QuantLinear(source.blocks(path, module), bias)))
+    embed = getattr(backbone, "embed_tokens", None)
+    tied = "lm_head" not in model
+    plan.append((backbone, "embed_tokens", QuantEmbedding(source.blocks("model.embed_tokens", embed), tied)))
+    if not tied:
+        head = model.lm_head
+        if "bias" in head:
+            raise Unmapped("an output head with a bias")
+        plan.append((model, "lm_head", QuantLinear(source.blocks("lm_head", head), None)))
+    held = 0
+    for parent, name, module in plan:
+        setattr(parent, name, module)
+        held += module.held_bytes
+    model.update(nn.utils.tree_map(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
+                                   model.parameters()))
+    mx.eval(model.parameters())
+    _trim()
+    return held
+
+
+def _trim() -> None:
+    """Hand back to the system the heap the graphs' build left free (each session's protobuf and
+    serialized copy): measured 285 -> 206 MB held for a 150 MB head here."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def describe(model: nn.Module) -> str:
+    """Which block formats the model's products hold, e.g. '4-bit/32 x 96, 8-bit/16 x 12'."""
+    from collections import Counter
+
+    kinds: Counter[str] = Counter()
+    for _, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            kinds[f"{m.bits}-bit/{m.block}"] += 1
+    return ", ".join(f"{k} x {n}" for k, n in sorted(kinds.items()))
+
+
+__all__ = ["QuantLinear", "QuantEmbedding", "install", "describe", "Malformed", "Unmapped"]
