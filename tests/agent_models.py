@@ -15,11 +15,13 @@ on the bodies as sent (parsing, the template, the budget, the prompt cache, the 
 """
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
 
 END_TOKENS = (0, 2)  # SmolLM2's <|endoftext|> and <|im_end|>
+BIG, SMALL = "agents-32k", "talker-256"  # the models agent_config serves
 
 
 def write_tiny_llama(folder: Path, tokenizer_from: Path, context: int, ends_at_once: bool) -> Path:
@@ -71,3 +73,49 @@ def agent_config(root: Path, default_model_dir: Path) -> Path:
 def recorded(name: str) -> dict:
     """A recorded request (tests/data/agents/NAME.json): client, path, headers, body as sent."""
     return json.loads((Path(__file__).parent / "data" / "agents" / f"{name}.json").read_text())
+
+
+def _cut(text: str, keep: int = 400) -> str:
+    return text if len(text) <= keep else text[:keep]
+
+
+def claude_body(name: str, trimmed: bool = True) -> tuple[str, dict, dict]:
+    """(path, headers, body) of a recorded Claude Code request; trimmed: texts cut to 400
+    characters and three tools kept, every field (billing block, system message, max_tokens
+    32000, thinking, context_management, metadata...) as sent."""
+    rec = recorded(name)
+    body = copy.deepcopy(rec["body"])
+    body["model"] = BIG
+    if trimmed:
+        for block in body["system"]:
+            block["text"] = _cut(block["text"])
+        for m in body["messages"]:
+            if isinstance(m["content"], str):
+                m["content"] = _cut(m["content"])
+            else:
+                for block in m["content"]:
+                    block["text"] = _cut(block["text"])
+        body["tools"] = [t for t in body["tools"] if t["name"] in ("Bash", "Read", "Write")]
+        for t in body["tools"]:
+            t["description"] = _cut(t["description"], 200)
+    return rec["path"], rec["headers"], body
+
+
+def codex_body(trimmed: bool = True) -> tuple[str, dict, dict]:
+    """(path, headers, body) of Codex's recorded request; trimmed: texts cut, the tools kept are
+    exec_command, the namespace multi_agent_v1 (all its functions) and web_search."""
+    rec = recorded("codex_hello")
+    body = copy.deepcopy(rec["body"])
+    body["model"] = BIG
+    if trimmed:
+        for item in body["input"]:
+            for part in item["content"]:
+                part["text"] = _cut(part["text"])
+        body["tools"] = [t for t in body["tools"] if t.get("name") in ("exec_command", "multi_agent_v1")
+                         or t["type"] == "web_search"]
+        for t in body["tools"]:
+            if "description" in t:
+                t["description"] = _cut(t["description"], 200)
+            for inner in t.get("tools") or []:
+                inner["description"] = _cut(inner["description"], 200)
+    return "/v1/responses", rec["headers"], body
