@@ -4,13 +4,15 @@ The map (imports run downwards only: handlers -> the facade and the request valu
 no sub-package imports the facade):
 
     engine.py, request.py, errors.py   the facade handlers call, the values they pass, the errors they map
+    model_manager.py  the facade's model management (list, show, keep, load, pull, copy, delete)
     config.py, scheduler.py, runners.py  settings, the worker queue, the runner interface every model kind meets
     residency.py  which models are loaded (loads runners and side models on first use, unloads by LRU/idle)
     addresses.py  which network addresses may be fetched (image URLs, Hub downloads)
     models/       finding and loading a model: store, hub and its downloads, default model, GGUF import, probe,
                   policy, memory gate, weights
     formats/      reading files MLX can't load itself: GGUF, CTranslate2 Whisper
-    generation/   the text path: runner, batching, speculation, sampling, stopping, scoring, prompt cache, budget
+    generation/   the text path: runner and its chat prompts, batching, speculation, sampling, stopping, scoring,
+                  prompt cache (in memory, on disk and its files' checks), budget
     constrained/  grammar-constrained output (llguidance) and tool calls in each model family's format
     media/        side models and inputs: vision (mlx-vlm), images, speech (mlx-audio), embeddings
     cpu/          the CPU fast path: the BLAS choice and numpy's vectorized elementwise math

@@ -27,6 +27,13 @@ class ImageLimits:
     max_chunk_size: int = 8  # the most one pass may take, whatever the request asks
 
 
+def tool_parsers() -> list[str]:
+    """The values a model's `tool_parser` setting takes: a tool-call format's name, or generic."""
+    from engine.constrained.toolcalls import names  # imported when asked: config stays light for handlers
+
+    return [*names(), "generic"]
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     """One model of a config file's `models:` list: where it comes from, the id it is served

@@ -59,7 +59,8 @@ def _text(model_id: str, probe: Probe, config: EngineConfig, gate: MemoryGate) -
     runner = TextRunner.load(model_id, probe, config.cpu_dtype, gate, batch=config.batch in ("on", "auto"))
     config.prompt_cache_settings().apply(runner.prompt_cache)
     if config.prompt_cache_dir is not None:
-        from engine.generation.prompt_store import PromptStore, kv_shape, weights_fingerprint
+        from engine.generation.prompt_files import kv_shape, weights_fingerprint
+        from engine.generation.prompt_store import PromptStore
 
         # The weights themselves are part of the identity: others under the same id, size and
         # configuration (a replaced GGUF) must not reuse KV computed with these.

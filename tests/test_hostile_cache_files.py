@@ -53,7 +53,7 @@ def test_weights_changed_under_the_same_id_reuse_nothing_from_disk(default_model
 
 
 def test_the_fingerprint_reads_little_and_sees_a_change_anywhere_sampled(tmp_path):
-    from engine.generation.prompt_store import SAMPLE, file_fingerprint
+    from engine.generation.prompt_files import SAMPLE, file_fingerprint
 
     f = tmp_path / "w.safetensors"
     f.write_bytes(bytes(64 << 20))
@@ -68,7 +68,8 @@ def test_the_fingerprint_reads_little_and_sees_a_change_anywhere_sampled(tmp_pat
 
 # --- a generation that fails on what was read from disk (issue 50 item 3) -----------------------
 def test_a_generation_failing_after_a_disk_hit_drops_the_entry(fixture_models, tmp_path):
-    from engine.generation.prompt_store import PromptStore, kv_shape
+    from engine.generation.prompt_files import kv_shape
+    from engine.generation.prompt_store import PromptStore
     from engine.generation.text import SamplingParams, Started, TextRunner
     from engine.models.memory import MemoryGate
     from engine.models.probe import probe
@@ -112,7 +113,7 @@ def _read_entry(path: Path) -> tuple[dict, dict]:
 def _plant(folder: Path, meta: dict, arrays: dict) -> Path:
     from safetensors.numpy import save_file
 
-    from engine.generation.prompt_store import entry_name
+    from engine.generation.prompt_files import entry_name
 
     path = folder / entry_name(json.loads(meta["tokens"]), meta.get("scope", ""))
     save_file(arrays, str(path), metadata=meta)
@@ -124,7 +125,8 @@ def test_unit_planted_files_are_refused_before_any_tensor_is_read(tmp_path):
     outside, which stays), FIFO, header past the file, overlapping tensors, another user's file."""
     import numpy as np
 
-    from engine.generation.prompt_store import KVShape, PromptStore, entry_name
+    from engine.generation.prompt_files import KVShape, entry_name
+    from engine.generation.prompt_store import PromptStore
 
     shape = KVShape(((2, 64, 2, 64),) * 2, "float32")
     store = PromptStore(tmp_path, "model-a", 1 << 30, shape)
@@ -204,7 +206,8 @@ def test_unit_planted_snapshot_files_are_refused_before_any_tensor_is_read(tmp_p
     from mlx_lm.models.cache import ArraysCache, KVCache
     from safetensors.numpy import save_file
 
-    from engine.generation.prompt_store import KVShape, PromptStore, entry_name
+    from engine.generation.prompt_files import KVShape, entry_name
+    from engine.generation.prompt_store import PromptStore
 
     shape = KVShape((None, (2, 64, 2, 64)), "float32", ((((1, 3, 8), "float32"), ((1, 2, 4, 4), "float32")), None))
     store = PromptStore(tmp_path, "model-h", 1 << 30, shape)
@@ -269,7 +272,7 @@ def test_planted_cache_files_change_no_answer(default_model_dir, tmp_path):
     nothing on disk, stays small, and writes nothing bad under a genuine name."""
     import numpy as np
 
-    from engine.generation.prompt_store import entry_name
+    from engine.generation.prompt_files import entry_name
 
     folder = tmp_path / "pc"
     systems = [f"{topic} are your favourite subject. Answer briefly and politely in plain English words. " * 3

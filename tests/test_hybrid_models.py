@@ -180,7 +180,8 @@ def test_a_snapshot_is_copied_and_a_partial_match_is_no_match(hybrid):
 
 def test_snapshots_on_disk_survive_a_new_cache(hybrid, tmp_path):
     from engine.generation.prompt_cache import PromptCache
-    from engine.generation.prompt_store import PromptStore, kv_shape
+    from engine.generation.prompt_files import kv_shape
+    from engine.generation.prompt_store import PromptStore
 
     ids = hybrid.encode_text("A long enough prompt for the disk: " + "alpha beta gamma delta " * 6)
     shape = kv_shape(hybrid.model)
@@ -200,7 +201,8 @@ def test_the_snapshot_file_holds_each_layer_as_it_was(hybrid, tmp_path):
     import mlx.core as mx
     from mlx_lm.models.cache import ArraysCache, KVCache, make_prompt_cache
 
-    from engine.generation.prompt_store import PromptStore, kv_shape
+    from engine.generation.prompt_files import kv_shape
+    from engine.generation.prompt_store import PromptStore
 
     ids = list(range(100, 140))
     cache = make_prompt_cache(hybrid.model)

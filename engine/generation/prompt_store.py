@@ -21,7 +21,8 @@ and kinds, heads, head size, state shapes and dtypes against the model (`KVShape
 would take against the prompt cache's bound, the tokens against the context; the tensors are
 checked for NaN and infinity as they are read. A file that fails is removed, or skipped when
 another user owns it (one warning each). What can't be checked is what finite, well-shaped values
-mean: keep the folder private to the server's user.
+mean: keep the folder private to the server's user. The layout, fingerprint and low-level reads
+live in engine/generation/prompt_files.py; the header's checks and the store are here.
 """
 from __future__ import annotations
 
@@ -30,8 +31,6 @@ import json
 import logging
 import os
 import queue
-import re
-import stat
 import struct
 import threading
 from dataclasses import dataclass
@@ -40,13 +39,12 @@ from typing import Any, Optional
 
 import numpy as np
 
-from engine.generation.prompt_cache import common_prefix, plain_kv
+from engine.generation.prompt_cache import common_prefix
+from engine.generation.prompt_files import (ENTRY_NAME, ITEMSIZE, MAX_HEADER, BadFile, Header, KVShape, NotOurs,
+                                            cache_layout, dtype_of, entry_name, open_regular, read_exactly)
 
 log = logging.getLogger("openmlx.engine")
 MIN_TOKENS = 32  # shorter prompts are cheap to compute again: not worth a file
-MAX_HEADER = 16 << 20  # a header holds the tokens as JSON: 16 MiB is over a million of them
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}  # what an entry's dtype costs in memory, per value
-_NAME = re.compile(r"^[0-9a-f]{32}\.safetensors$")
 
 
 @dataclass
@@ -57,156 +55,6 @@ class _File:
     scope: str = ""
     exact: bool = False  # a snapshot (recurrent layers): resumable at all of its tokens only
 
-
-StateSpec = tuple[tuple[tuple[int, ...], str], ...]  # a recurrent layer's arrays: (shape, dtype) each
-
-
-@dataclass(frozen=True)
-class KVShape:
-    """What the loaded model's cache looks like: per layer (key heads, key size, value heads, value
-    size) for an attention layer, None for a recurrent one; the dtype the keys and values are held
-    in; and for a hybrid model (`states` not empty) per layer None for an attention layer, or each
-    state array's exact shape and dtype for a recurrent one. A file must match it exactly."""
-
-    layers: tuple[Optional[tuple[int, int, int, int]], ...]
-    dtype: str
-    states: tuple[Optional[StateSpec], ...] = ()
-
-    @property
-    def values_per_token(self) -> int:
-        return sum(kh * kd + vh * vd for kh, kd, vh, vd in filter(None, self.layers))
-
-
-def kv_shape(model: Any) -> Optional[KVShape]:
-    """The model's cache layout, from one token run through it (what its layers really keep, for
-    every architecture); None when it is neither plain KV nor attention and recurrent layers
-    (rotating, quantized): no file fits then."""
-    import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
-    model(mx.array([[0]]), cache=cache)
-    return _layout(cache)
-
-
-def _dtype(a: Any) -> str:
-    return str(a.dtype).removeprefix("mlx.core.")
-
-
-def _layout(cache: list[Any]) -> Optional[KVShape]:
-    """A cache's layout (heads, sizes, state shapes and dtypes; not its length), or None when no
-    file can hold it."""
-    import mlx.core as mx
-    from mlx_lm.models.cache import ArraysCache, KVCache
-
-    if plain_kv(cache):
-        mx.eval([x for c in cache for x in (c.keys, c.values)])
-        if len({_dtype(x) for c in cache for x in (c.keys, c.values)}) != 1:
-            return None
-        return KVShape(tuple((int(c.keys.shape[1]), int(c.keys.shape[3]), int(c.values.shape[1]),
-                              int(c.values.shape[3])) for c in cache), _dtype(cache[0].keys))
-    if not cache or not all((type(c) is KVCache and c.keys is not None)
-                            or (type(c) is ArraysCache and c.cache and all(a is not None for a in c.cache))
-                            for c in cache):
-        return None
-    arrays = [x for c in cache for x in ((c.keys, c.values) if type(c) is KVCache else c.cache)]
-    mx.eval(arrays)
-    kv = {_dtype(x) for c in cache if type(c) is KVCache for x in (c.keys, c.values)}
-    if len(kv) > 1:
-        return None
-    layers = tuple((int(c.keys.shape[1]), int(c.keys.shape[3]), int(c.values.shape[1]), int(c.values.shape[3]))
-                   if type(c) is KVCache else None for c in cache)
-    states = tuple(None if type(c) is KVCache else tuple((tuple(int(d) for d in a.shape), _dtype(a)) for a in c.cache)
-                   for c in cache)
-    return KVShape(layers, kv.pop() if kv else _dtype(arrays[0]), states)
-
-
-# --- the weights' fingerprint --------------------------------------------------------------------
-SAMPLE = 64 << 10  # bytes per sampled block
-SAMPLES = 32  # blocks spread evenly over a file, besides its first MiB and last block
-_fingerprints: dict[tuple[str, int, int, int], str] = {}  # (path, size, mtime_ns, inode) -> digest
-_fingerprint_lock = threading.Lock()
-
-
-def file_fingerprint(path: Path) -> str:
-    """A cheap digest of one weight file: its size, its first MiB (the safetensors header and the
-    first tensors), SAMPLES blocks of 64 KiB evenly spread, and its last block: about 3 MiB read
-    whatever the file's size. Computed once per file, remembered by path, size, mtime and inode."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-    with _fingerprint_lock:
-        if key in _fingerprints:
-            return _fingerprints[key]
-    h = hashlib.sha256(str(st.st_size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        span = max(st.st_size - SAMPLE, 0)
-        for i in range(SAMPLES + 1):
-            f.seek(span * i // SAMPLES)
-            h.update(f.read(SAMPLE))
-    digest = h.hexdigest()
-    with _fingerprint_lock:
-        _fingerprints[key] = digest
-    return digest
-
-
-def weights_fingerprint(folder: Path) -> str:
-    """The fingerprint of a model folder's weights (every *.safetensors file in it)."""
-    h = hashlib.sha256()
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        h.update(path.name.encode() + b"\0" + file_fingerprint(path).encode())
-    return h.hexdigest()[:32]
-
-
-# --- reading a file that may be hostile ----------------------------------------------------------
-def entry_name(tokens: list[int], scope: str) -> str:
-    """A file's name: its scope and tokens hashed (a file under another name is not ours)."""
-    return hashlib.sha256(json.dumps([scope, tokens]).encode()).hexdigest()[:32] + ".safetensors"
-
-
-class BadFile(ValueError):
-    """A file that is not a prompt cache entry this model can use (the message says why)."""
-
-
-class NotOurs(BadFile):
-    """A file another user owns: skipped, left in place."""
-
-
-@dataclass(frozen=True)
-class _Header:
-    tokens: list[int]
-    scope: str
-    kinds: list[list[Any]]  # per layer ["kv"], or ["arrays", count] for a recurrent layer
-    dtypes: dict[str, str]  # tensor name -> its dtype in memory (the file holds float32)
-    tensors: dict[str, tuple[tuple[int, ...], int, int]]  # name -> (shape, start, end) in the file
-    nbytes: int  # what the entry takes in memory
-    exact: bool  # a snapshot
-
-
-def _open(path: Path) -> tuple[int, os.stat_result]:
-    """An fd of `path` when it is a regular file of ours: never follows a symlink, never blocks on
-    a FIFO, never opens a device."""
-    st = os.lstat(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise (NotOurs if st.st_uid != os.geteuid() else BadFile)("not a regular file")
-    if st.st_uid != os.geteuid():
-        raise NotOurs(f"owned by uid {st.st_uid}, not this server's")
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):  # swapped between the two looks
-            raise BadFile("not a regular file")
-        return fd, st
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _read_exactly(fd: int, offset: int, n: int) -> bytes:
-    data = os.pread(fd, n, offset)
-    if len(data) != n:
-        raise BadFile("shorter than its header says")
-    return data
 
 
 class PromptStore:
@@ -238,14 +86,14 @@ class PromptStore:
         return min(self.max_bytes, self.max_entry_bytes or self.max_bytes)
 
 
-    def _header(self, fd: int, size: int, name: str) -> _Header:
+    def _header(self, fd: int, size: int, name: str) -> Header:
         """The file's header, checked before any tensor is read."""
         if size < 8:
             raise BadFile("too short")
-        (length,) = struct.unpack("<Q", _read_exactly(fd, 0, 8))
+        (length,) = struct.unpack("<Q", read_exactly(fd, 0, 8))
         if length > min(MAX_HEADER, size - 8):
             raise BadFile(f"a header of {length} bytes")
-        header = json.loads(_read_exactly(fd, 8, length))
+        header = json.loads(read_exactly(fd, 8, length))
         if not isinstance(header, dict):
             raise BadFile("a header that is not an object")
         meta = header.pop("__metadata__", None) or {}
@@ -297,7 +145,7 @@ class PromptStore:
             raise BadFile("tensors overlap or lie past the end of the file")
         if nbytes > self.entry_limit:
             raise BadFile(f"{nbytes} bytes of KV, over the bound of {self.entry_limit}")
-        return _Header(tokens, scope, kinds, dtypes, tensors, nbytes, exact)
+        return Header(tokens, scope, kinds, dtypes, tensors, nbytes, exact)
 
     def _plain_kinds(self, header: dict, dtype: str) -> tuple[list[list[Any]], dict[str, str]]:
         """A plain file's layers: a key and a value each, all of `dtype`."""
@@ -344,9 +192,9 @@ class PromptStore:
         """Read every file's header (tokens, scope, identity); what can't be used is removed."""
         for path in sorted(self.folder.glob("*.safetensors")):
             try:
-                if not _NAME.match(path.name):
+                if not ENTRY_NAME.match(path.name):
                     raise BadFile("not a name this server writes")
-                fd, st = _open(path)
+                fd, st = open_regular(path)
                 try:
                     head = self._header(fd, st.st_size, path.name)
                 finally:
@@ -381,7 +229,7 @@ class PromptStore:
         if entry is None:
             return None
         try:
-            fd, st = _open(entry.path)
+            fd, st = open_regular(entry.path)
             try:
                 head = self._header(fd, st.st_size, name)
                 if (head.tokens, head.scope, head.exact) != (entry.tokens, entry.scope, entry.exact):
@@ -389,7 +237,7 @@ class PromptStore:
 
                 def read(tname: str) -> Any:
                     shape, start, end = head.tensors[tname]
-                    a = np.frombuffer(_read_exactly(fd, start, end - start), dtype="<f4").reshape(shape)
+                    a = np.frombuffer(read_exactly(fd, start, end - start), dtype="<f4").reshape(shape)
                     if not np.isfinite(a).all():
                         raise BadFile(f"{tname} holds NaN or infinity")
                     return mx.array(a).astype(getattr(mx, head.dtypes[tname]))
@@ -436,7 +284,7 @@ class PromptStore:
         with self._lock:
             if name in self._files:
                 return
-        layout = _layout(cache)
+        layout = cache_layout(cache)
         if layout is None or layout.dtype not in ITEMSIZE or (self.shape is not None and layout != self.shape):
             return
         n = len(tokens)
@@ -448,7 +296,7 @@ class PromptStore:
                 parts[f"k.{i}"], parts[f"v.{i}"] = c.keys[..., :n, :], c.values[..., :n, :]
             else:
                 parts.update((f"s.{i}.{j}", a) for j, a in enumerate(c.cache))
-        dtypes = {k: _dtype(a) for k, a in parts.items()}
+        dtypes = {k: dtype_of(a) for k, a in parts.items()}
         if not set(dtypes.values()) <= set(ITEMSIZE) \
                 or sum(a.size * ITEMSIZE[dtypes[k]] for k, a in parts.items()) > self.entry_limit:
             return

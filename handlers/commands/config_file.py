@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from engine.constrained.toolcalls import names as toolcall_names
+from engine.config import tool_parsers
 
 # Flags that make no sense in a file (they name the file, or are per-process plumbing).
 _NOT_IN_FILE = {"config", "help"}
@@ -45,7 +45,7 @@ _MODEL_ENTRY = {
                              "description": "think: split <think>...</think> from the answer; harmony: gpt-oss's "
                                             "analysis channel; gemma4: Gemma 4's thought channel; none: never "
                                             "(default: found from the chat template)"},
-        "tool_parser": {"enum": [*toolcall_names(), "generic"],
+        "tool_parser": {"enum": tool_parsers(),
                         "description": "the model's tool-call format (default: found from the chat template); "
                                        "generic: the generic tool prompt and Hermes calls"},
     },
