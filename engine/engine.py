@@ -36,7 +36,7 @@ from engine.media import rerank as ranking
 from engine.media.embeddings import BATCH, Embeddings
 from engine.errors import EngineError, InvalidRequest
 from engine.models.downloads import Downloads
-from engine.models.card import ModelCard, size_label  # noqa: F401  (Ollama's cards and size labels)
+from engine.model_card import ModelCard, size_label  # noqa: F401  (Ollama's cards and size labels)
 from engine.models.memory import MemoryGate
 from engine.request import CacheScope, Conversation, Prepared
 from engine.residency import MlxMemory, Residency, mlx_memory

@@ -16,7 +16,7 @@ from typing import Optional
 from engine.config import EngineConfig
 from engine.distributed import Lockstep, ShardPlan
 from engine.errors import EngineError, InvalidRequest
-from engine.models.card import ModelCard, card
+from engine.model_card import ModelCard, card
 from engine.models.downloads import Downloads
 from engine.models.probe import Probe, probe
 from engine.models.resolution import ModelEntry, ModelStore

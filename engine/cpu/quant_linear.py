@@ -143,7 +143,9 @@ class QuantEmbedding(nn.Module):
 def _gguf_source(folder: Path) -> Optional[Path]:
     """The GGUF file a store folder was converted from, while it is still the same file."""
     try:
-        stamp = json.loads((folder / ".openmlx-gguf.json").read_text())
+        from engine.formats.gguf import SOURCE_MARK
+
+        stamp = json.loads((folder / SOURCE_MARK).read_text())
         source = Path(stamp["source"])
         if source.stat().st_size == stamp.get("size"):
             return source

@@ -22,6 +22,10 @@ from engine.formats.gguf_rope import ROPE_TENSORS, rope_scaling
 _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|scales|biases|bias)$")
 _TOP = re.compile(r"^([a-z_]+)\.(weight|scales|biases|bias)$")
 
+# The stamp a store folder converted from a GGUF file carries (engine/models/gguf_import.py writes
+# it: the file's path, size, mtime and sha256); --cpu-dtype quantized reads the blocks from that file.
+SOURCE_MARK = ".openmlx-gguf.json"
+
 
 class GGUFConversionError(ValueError):
     """The GGUF file is not one we can convert (architecture, tensor names, metadata)."""

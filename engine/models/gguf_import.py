@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from engine.errors import EngineError, InsufficientMemory, InvalidRequest, Unsupported
-from engine.formats.gguf import GGUFConversionError, GGUFPlan, convert_gguf
+from engine.formats.gguf import SOURCE_MARK, GGUFConversionError, GGUFPlan, convert_gguf
 from engine.models.memory import MemoryEstimate, MemoryGate
+from engine.models.store_marks import PULLED_MARK
 
 log = logging.getLogger("openmlx.engine")
-MARK = ".openmlx-gguf.json"
 
 
 def _stamp(path: Path) -> dict:
@@ -55,13 +55,11 @@ def store_folder(models_dir: Path, name: str) -> Path:
 def _replaceable(folder: Path) -> bool:
     """Whether an existing store folder may be replaced by a conversion: one an import or a pull
     made (another model of that name, or an ORG folder holding several, is not ours to delete)."""
-    from engine.models.hub import PULLED_MARK
-
     if not folder.exists() and not folder.is_symlink():
         return True
     if folder.is_symlink() or not folder.is_dir():
         return False
-    return (folder / MARK).is_file() or (folder / PULLED_MARK).is_file() or not any(folder.iterdir())
+    return (folder / SOURCE_MARK).is_file() or (folder / PULLED_MARK).is_file() or not any(folder.iterdir())
 
 
 def check_room(name: str, plan: GGUFPlan, models_dir: Path, gate: Optional[MemoryGate] = None) -> None:
@@ -90,7 +88,7 @@ def import_gguf(path: Path, models_dir: Path, say: Callable[[str], None] = lambd
     name = name or path.name[: -len(path.suffix)]
     folder = store_folder(models_dir, name)
     stamp = _stamp(path)
-    mark = folder / MARK
+    mark = folder / SOURCE_MARK
     if mark.is_file() and (folder / "config.json").is_file():
         try:
             recorded = json.loads(mark.read_text())
@@ -117,6 +115,6 @@ def import_gguf(path: Path, models_dir: Path, say: Callable[[str], None] = lambd
         raise InsufficientMemory(f"Converting {path.name} ran out of memory; nothing was kept") from None
     except (ValueError, IndexError, KeyError, OSError, EOFError) as e:  # the reader's, on a damaged file
         raise Unsupported(f"{path.name} is not a GGUF file openmlx can read ({type(e).__name__}: {e})") from None
-    (folder / MARK).write_text(json.dumps({**stamp, "sha256": sha256(path)}))
+    (folder / SOURCE_MARK).write_text(json.dumps({**stamp, "sha256": sha256(path)}))
     log.info("converted %s into %s", path, folder)
     return folder

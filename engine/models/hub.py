@@ -40,6 +40,7 @@ from engine.errors import DownloadFailed, EngineError, InvalidRequest, ModelAcce
 from engine.models import hub_transfer
 from engine.models.memory import MemoryEstimate, MemoryGate
 from engine.models.probe import Probe, config_problem, probe
+from engine.models.store_marks import PULLED_MARK
 
 log = logging.getLogger("openmlx.hub")
 
@@ -55,7 +56,6 @@ _REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}")
 _REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-/]{0,199}")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 DOWNLOAD_TIMEOUT_S = 3600.0
-PULLED_MARK = ".openmlx-pull.json"  # a model the Hub put in the store (what a quota may evict)
 USED_MARK = ".openmlx-used"  # touched when such a model is loaded: least recently used goes first
 
 
