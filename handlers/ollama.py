@@ -3,7 +3,7 @@ copy, delete, version, and HEAD /.
 
 Chat and generate take the same path as the OpenAI and Anthropic APIs (handlers/conversation/generation.py:
 prepare, the scheduler, the prompt cache, tool-call parsing, the neutral answer events of
-handlers/conversation/answer.py); this module only maps Ollama's wire types (handlers/wire/ollama_protocol.py) and
+engine/generation/answer.py); this module only maps Ollama's wire types (handlers/wire/ollama_protocol.py) and
 the model manager's keep_alive onto the engine. Streams are NDJSON, on unless `stream: false`.
 """
 from __future__ import annotations
