@@ -22,7 +22,7 @@ from contract import schemas
 from tests.agent_models import BIG, SMALL, agent_config, claude_body, codex_body
 from tests.process import Server
 
-KEEPALIVE_S = 0.3  # the server's keep-alive interval here (5 s by default)
+KEEPALIVE_S = 0.05  # the server's keep-alive interval here (5 s by default): shorter than a warm tiny model's read of PREFILL
 
 
 # --- end to end ------------------------------------------------------------------------------
@@ -251,7 +251,7 @@ def test_max_tokens_over_the_room_left_is_clamped(agents, path, body):
         assert usage["input_tokens"] + usage["cache_read_input_tokens"] + usage["output_tokens"] == 256
 
 
-PREFILL = "Read this slowly. " + "The quick brown fox jumps over the lazy dog. " * 150  # ~1.5k tokens
+PREFILL = "Read this slowly. " + "The quick brown fox jumps over the lazy dog. " * 400  # ~4k tokens
 
 
 def _gaps(server, path: str, body: dict) -> tuple[list[float], str]:
@@ -272,7 +272,7 @@ def _gaps(server, path: str, body: dict) -> tuple[list[float], str]:
     ("/v1/messages", {"messages": [{"role": "user", "content": "PROMPT"}], "max_tokens": 2}, "event: ping"),
 ], ids=["chat", "responses", "messages"])
 def test_a_stream_keeps_alive_while_the_prompt_is_read(agents, path, body, keepalive):
-    """Bytes keep coming while a long prompt is read (here every 0.3 s; 5 s by default)."""
+    """Bytes keep coming while a long prompt is read (here every 0.05 s; 5 s by default)."""
     fresh = json.loads(json.dumps(body).replace("PROMPT", str(time.time()) + PREFILL))  # no cache hit
     gaps, text = _gaps(agents, path, {"model": BIG, "stream": True, **fresh})
     assert keepalive in text, text[:500]
