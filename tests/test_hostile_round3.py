@@ -95,7 +95,7 @@ def guarded(default_model_dir):
 
 def _chat_request(body: dict, path: str = "/v1/chat/completions") -> bytes:
     raw = json.dumps(body).encode()
-    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(raw)}\r\n\r\n").encode() + raw
 
 
@@ -139,7 +139,7 @@ def test_abandoned_non_streamed_requests_free_the_queue(guarded):
 
 def test_a_slow_body_is_cut_with_408(guarded):
     s = socket.create_connection(("127.0.0.1", guarded.port))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
               b"Content-Length: 1000\r\n\r\n{")
     start = time.monotonic()
     s.settimeout(0.5)
@@ -185,7 +185,7 @@ def test_a_pipelined_request_is_answered(guarded):
             "logit_bias": {"2": -100, "0": -100}}
     s = socket.create_connection(("127.0.0.1", guarded.port))
     s.settimeout(60)
-    s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" + _chat_request(slow, "/v1/completions"))
+    s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" + _chat_request(slow, "/v1/completions"))
     reader = s.makefile("rb")
     first = _read_response(reader)
     second = _read_response(reader)
