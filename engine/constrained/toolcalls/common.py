@@ -169,6 +169,13 @@ def _types(schema: Any) -> set[str]:
     return found
 
 
+def text_values(arguments: str) -> list[tuple[str, str]]:
+    """A call's JSON arguments as the XML formats write them back into history: (key, text) pairs,
+    a string as it is and anything else as JSON (the inverse of `typed_value`)."""
+    args = json.loads(arguments) if arguments.strip() else {}
+    return [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in args.items()]
+
+
 def typed_value(raw: str, schema: Any) -> Any:
     """A parameter value written as bare text (the XML formats: Qwen3-Coder, GLM, MiniMax), typed
     by the tool's schema: a string stays the text; a number, boolean, array, object or null is

@@ -8,7 +8,7 @@ import re
 from typing import Mapping, Optional, Sequence
 
 from engine.constrained.toolcalls.common import (lark, new_call, params_rule, property_schema, tag,
-                                                  text_value_rule, typed_value)
+                                                  text_value_rule, text_values, typed_value)
 from engine.constrained.tools import ToolCall, ToolSpec
 
 _CALL = re.compile(r"<tool_call>\s*([^<>\n{]+?)\s*((?:<arg_key>.*?</arg_key>\s*<arg_value>.*?</arg_value>\s*)*)"
@@ -25,9 +25,7 @@ class Glm:
         return "<arg_key>" in template
 
     def render_call(self, name: str, arguments: str) -> str:
-        args = json.loads(arguments) if arguments.strip() else {}
-        pairs = "".join(f"<arg_key>{k}</arg_key><arg_value>{v if isinstance(v, str) else json.dumps(v)}</arg_value>"
-                        for k, v in args.items())
+        pairs = "".join(f"<arg_key>{k}</arg_key><arg_value>{v}</arg_value>" for k, v in text_values(arguments))
         return f"<tool_call>{name}{pairs}</tool_call>"
 
     def parse(self, text: str, tools: Sequence[ToolSpec] = ()) -> tuple[str, list[ToolCall]]:

@@ -12,7 +12,7 @@ import re
 from typing import Mapping, Optional, Sequence
 
 from engine.constrained.toolcalls.common import (lark, new_call, params_rule, property_schema, tag,
-                                                  text_value_rule, typed_value)
+                                                  text_value_rule, text_values, typed_value)
 from engine.constrained.tools import ToolCall, ToolSpec
 
 
@@ -34,9 +34,8 @@ class InvokeXml:
         return self.open in template or (self.prefix and self.prefix in template and "invoke" in template)
 
     def render_call(self, name: str, arguments: str) -> str:
-        args = json.loads(arguments) if arguments.strip() else {}
-        params = "".join(f'<{self.prefix}parameter name="{k}">{v if isinstance(v, str) else json.dumps(v)}'
-                         f'</{self.prefix}parameter>\n' for k, v in args.items())
+        params = "".join(f'<{self.prefix}parameter name="{k}">{v}</{self.prefix}parameter>\n'
+                         for k, v in text_values(arguments))
         return f'{self.open}\n<{self.prefix}invoke name="{name}">\n{params}</{self.prefix}invoke>\n{self.close}'
 
     def parse(self, text: str, tools: Sequence[ToolSpec] = ()) -> tuple[str, list[ToolCall]]:

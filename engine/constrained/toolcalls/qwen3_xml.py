@@ -16,7 +16,7 @@ import re
 from typing import Mapping, Optional, Sequence
 
 from engine.constrained.toolcalls.common import (lark, new_call, params_rule, property_schema, tag,
-                                                  text_value_rule, typed_value)
+                                                  text_value_rule, text_values, typed_value)
 from engine.constrained.tools import ToolCall, ToolSpec
 
 _CALL = re.compile(r"(?:<tool_call>\s*)?<function=([^>\n]+)>(.*?)</function>(?:\s*</tool_call>)?", re.DOTALL)
@@ -40,9 +40,7 @@ class Qwen3Xml:
         return "<function=" in template and "<parameter=" in template
 
     def render_call(self, name: str, arguments: str) -> str:
-        args = json.loads(arguments) if arguments.strip() else {}
-        params = "".join(f"<parameter={k}>\n{v if isinstance(v, str) else json.dumps(v)}\n</parameter>\n"
-                         for k, v in args.items())
+        params = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in text_values(arguments))
         return f"<tool_call>\n<function={name}>\n{params}</function>\n</tool_call>"
 
     def parse(self, text: str, tools: Sequence[ToolSpec] = ()) -> tuple[str, list[ToolCall]]:
