@@ -297,3 +297,30 @@ def test_default_model_greedy_tokens_and_logits_match_llama_cpp(server, llama_cp
 
     gguf = find_gguf(openmlx_home(), lambda _m: None)
     _check_parity(server, MODEL, _llama_cpp(llama_cpp_python, gguf, 5), 5)
+
+
+def test_ollama_chat_calls_a_tool_and_takes_its_result(qwen):
+    """Through Ollama's own client: Qwen2.5-Coder-0.5B calls get_weather (arguments as an
+    object, streamed and not; the bare-JSON call never also comes back as content), and the
+    tool's result, sent back as a `tool` message with `tool_name`, reaches the model."""
+    import ollama
+
+    client = ollama.Client(host=qwen.url, timeout=300)
+    assert "tools" in client.show(QWEN_ID).capabilities
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.chat(model=QWEN_ID, messages=messages, tools=[WEATHER], options={"temperature": 0, "num_predict": 64})
+    (call,) = first.message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments == {"city": "Paris"}
+    assert first.done_reason == "stop" and first.message.content == ""
+    streamed = list(client.chat(model=QWEN_ID, messages=messages, tools=[WEATHER], stream=True,
+                                options={"temperature": 0, "num_predict": 64}))
+    calls = [c for chunk in streamed for c in chunk.message.tool_calls or ()]
+    assert [c.function.name for c in calls] == ["get_weather"] and streamed[-1].done
+    assert "".join(chunk.message.content or "" for chunk in streamed) == ""
+    messages += [first.message, {"role": "tool", "tool_name": "get_weather",
+                                 "content": '{"temperature_c": 21, "sky": "sunny"}'}]
+    second = client.chat(model=QWEN_ID, messages=messages, tools=[WEATHER], options={"temperature": 0, "num_predict": 48})
+    # At greedy this 0.5B model restates its call and then the result it was given (the same
+    # answer comes through /v1/chat/completions): 21 and sunny are known only from the tool message.
+    text = second.message.content
+    assert "21" in text and "sunny" in text.lower(), text

@@ -90,6 +90,17 @@ def test_call_watcher_streams_text_and_holds_calls():
     assert w.feed("The {x}") == "The {x}" and w.feed(" {y}") == " {y}"
 
 
+def test_call_watcher_holds_an_answer_that_opens_like_a_bare_call():
+    """Qwen2.5-Coder-0.5B writes its call as bare JSON (no <tool_call>): held whole, so the
+    stream does not send the call as text and then as a call."""
+    w = CallWatcher(hermes.FORMAT)
+    assert w.feed(" {") == "" and w.feed('"name": "f"') == "" and w.unsent() == ' {"name": "f"'
+    w = CallWatcher(hermes.FORMAT)
+    assert w.feed("``") == "" and w.feed("`json\n{") == "" and w.unsent() == "```json\n{"
+    w = CallWatcher(hermes.FORMAT)  # a code block that is not JSON streams once it says so
+    assert w.feed("``") == "" and w.feed("`python\nx") == "```python\nx" and w.feed(" = 1") == " = 1"
+
+
 @pytest.fixture(scope="module")
 def tokenizer(default_model_dir):
     from mlx_lm.tokenizer_utils import load as load_tokenizer

@@ -132,6 +132,9 @@ def cut_call(fmt: ToolFormat, text: str, tools: Sequence[ToolSpec]) -> tuple[str
     return text[:start].strip(), ToolCall(f"call_{uuid.uuid4().hex[:24]}", name, arguments, complete=False)
 
 
+BARE_STARTS = ("{", "```json")  # how an answer that is one bare call object opens
+
+
 class CallWatcher:
     """While streaming with tools on offer: text is sent as it comes until a call may be
     starting; from the format's trigger on, it is held so the call can be parsed whole."""
@@ -149,6 +152,16 @@ class CallWatcher:
             self.pending += piece
             return ""
         text = self.pending + piece
+        if not self.sent:
+            # An answer that opens like a bare JSON call (small models drop their tags; `bare_call`
+            # reads it at the end) is held whole, so the call never streams out as text too.
+            head = text.lstrip()
+            if any(head.startswith(t) for t in BARE_STARTS):
+                self.capturing, self.pending = True, text
+                return ""
+            if not head or any(t.startswith(head) for t in BARE_STARTS):
+                self.pending = text
+                return ""
         if self.anywhere:
             hits = [i for i in (text.find(t) for t in self.triggers) if i >= 0]
             if hits:
