@@ -148,6 +148,19 @@ def test_pull_refusals_are_clear_and_leave_nothing(hub, tmp_path, repo, expect):
         assert not any(p.endswith(".safetensors") for m, p, _ in hub.requests if m == "GET")
 
 
+def _ollama_pull(s: Server) -> None:
+    """Ollama's client pulls through /api/pull: NDJSON progress that ends in success, the model
+    then listed by /api/tags; a repo the Hub lacks ends the stream with Ollama's error line."""
+    import ollama
+
+    client = ollama.Client(host=s.url, timeout=120)
+    statuses = [p.status for p in client.pull("acme/tiny", stream=True)]
+    assert statuses[0] == "pulling manifest" and statuses[-1] == "success", statuses
+    assert "acme/tiny:latest" in [m.model for m in client.list().models]
+    with pytest.raises(ollama.ResponseError):
+        list(client.pull("acme/missing", stream=True))
+
+
 def test_serve_with_allow_download_fetches_on_first_request(hub, tmp_path):
     env = _env(hub, tmp_path)
     plain = Server(["--embedding-model", "none", "--audio-model", "none"], env=env)
@@ -159,6 +172,7 @@ def test_serve_with_allow_download_fetches_on_first_request(hub, tmp_path):
         plain.stop()
     s = Server(["--allow-download", "--embedding-model", "none", "--audio-model", "none"], env=env)
     try:
+        _ollama_pull(s)
         body = {"model": "acme/tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
         r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=120)
         assert r.status_code == 200, r.text
