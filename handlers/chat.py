@@ -39,7 +39,8 @@ async def create(body: dict):
         for c in results:
             a = generation.split_answer(conv, prepared, c.text, c.done)
             out.append(protocol.chat_choice(c.index, a.text, _finish(c.done, a.calls),
-                                            c.logprobs if req.params.logprobs else None, a.calls, a.reasoning))
+                                            c.logprobs if req.params.logprobs else None, a.calls, a.reasoning,
+                                            req.custom_tools))
             if a.reasoning_tokens is not None:
                 thought = (thought or 0) + a.reasoning_tokens
         done = results[0].done
@@ -62,7 +63,8 @@ async def create(body: dict):
         if isinstance(ev, answer.TextPiece):
             return [chunk(index, {"content": ev.text}, logprobs=ev.logprobs if req.params.logprobs else None)]
         if isinstance(ev, answer.CallMade):
-            return [chunk(index, d) for d in protocol.tool_call_deltas([ev.call], first_index=ev.index)]
+            return [chunk(index, d) for d in protocol.tool_call_deltas([ev.call], first_index=ev.index,
+                                                                         custom=req.custom_tools)]
         if isinstance(ev, answer.AnswerFinished):
             totals["prompt"], totals["cached"] = ev.done.prompt_tokens, ev.done.cached_tokens
             totals["completion"] += ev.done.completion_tokens

@@ -265,3 +265,69 @@ def test_cut_call_parser_per_format():
     _, call = cut_call(llama3.FORMAT, '{"name": "get_weather", "parameters": {"city": "Pa', tools)
     assert call.name == "get_weather" and call.arguments == '{"city": "Pa'
     assert cut_call(llama3.FORMAT, '{"answer": 42, "more', tools)[1] is None  # plain JSON text
+
+
+# --- custom (freeform) tools and allowed_tools on chat/completions ----------------------------------
+PATCH = {"type": "custom", "custom": {"name": "apply_patch", "description": "Apply a patch to the repository",
+                                      "format": {"type": "grammar", "grammar": {
+                                          "definition": 'start: "*** Begin Patch" /(.|\\n)*/ "*** End Patch"',
+                                          "syntax": "lark"}}}}
+FORCE_PATCH = {"type": "custom", "custom": {"name": "apply_patch"}}
+
+
+def test_a_custom_tool_call_comes_back_as_a_custom_call(server):
+    """Codex-style freeform tool on chat/completions: the call carries the tool's free-text
+    `input` (OpenAI's ChatCompletionMessageCustomToolCall), in our spec and OpenAI's."""
+    from contract import schemas
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Create hello.py"}], "tools": [PATCH, WEATHER],
+            "tool_choice": FORCE_PATCH, "max_tokens": 40, "temperature": 0}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    (call,) = out["choices"][0]["message"]["tool_calls"]
+    assert call["type"] == "custom" and call["custom"]["name"] == "apply_patch" and "function" not in call
+    assert isinstance(call["custom"]["input"], str)  # what this 135M model writes there (at greedy: "")
+    assert not schemas.ours("CreateChatCompletionResponse", out)
+    assert not schemas.openai("CreateChatCompletionResponse", out)
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    deltas = [d for c in chunks for d in c["choices"][0]["delta"].get("tool_calls") or ()]
+    assert [d["type"] for d in deltas] == ["custom"] and deltas[0]["custom"] == call["custom"]
+    assert all(not schemas.ours("CreateChatCompletionStreamResponse", c) for c in chunks)
+    # The call goes back into history as sent; its result follows as a tool message.
+    history = body["messages"] + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                                  {"role": "tool", "tool_call_id": call["id"], "content": "Done."}]
+    after = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={**body, "messages": history,
+                                                                               "tool_choice": "none", "max_tokens": 4})
+    assert after.status_code == 200, after.text
+
+
+def test_allowed_tools_offers_only_those(server):
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+        "model": MODEL, "messages": MSG, "tools": [WEATHER, TIME, PATCH], "max_tokens": 40, "temperature": 0,
+        "tool_choice": {"type": "allowed_tools", "allowed_tools": {
+            "mode": "required", "tools": [{"type": "function", "function": {"name": "get_time"}}]}}})
+    assert r.status_code == 200, r.text
+    (call,) = r.json()["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_time"
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"tools": [{"type": "custom"}]}, "tools.0.custom"),
+    ({"tools": [{"type": "function"}]}, "tools.0.function"),
+    ({"tools": [PATCH], "tool_choice": {"type": "custom", "custom": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [PATCH], "tool_choice": {"type": "custom"}}, "tool_choice.custom"),
+    ({"tools": [PATCH, WEATHER], "tool_choice": {"type": "allowed_tools"}}, "tool_choice.allowed_tools"),
+    ({"tools": [PATCH], "tool_choice": {"type": "allowed_tools", "allowed_tools": {
+        "mode": "auto", "tools": [{"type": "function", "function": {"name": "get_weather"}}]}}},
+     "tool_choice.allowed_tools.tools"),
+    ({"tools": [PATCH, {"type": "custom", "custom": {"name": "apply_patch"}}]}, "tools"),
+    ({"messages": MSG + [{"role": "assistant", "tool_calls": [{"id": "c1", "type": "custom"}]}]},
+     "messages.1.tool_calls.0.custom"),
+])
+def test_bad_custom_tool_input(server, extra, param):
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                   json={"model": MODEL, "messages": MSG, "max_tokens": 5, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.headers.get("x-request-id")

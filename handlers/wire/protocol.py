@@ -18,6 +18,7 @@ from engine.request import ToolCall, ToolChoice, ToolSpec
 from engine.request import ChatMessage, SamplingParams, TokenLogprob
 from engine.request import ImageInput, attachment_marker
 from engine.request import Thinking
+from handlers.wire.response_tools import custom_input, custom_spec
 
 SYSTEM_FINGERPRINT = "openmlx-0.1.0"
 
@@ -37,6 +38,7 @@ class ChatRequest:
     fields: Fields = Fields()  # max_completion_tokens is named when the client sent it
     thinking: Thinking = Thinking()
     template_kwargs: tuple[tuple[str, Any], ...] = ()
+    custom_tools: frozenset[str] = frozenset()  # names of the custom (freeform) tools on offer
 
     @property
     def tools_active(self) -> bool:
@@ -131,8 +133,7 @@ def _flatten(index: int, message: dict[str, Any]) -> ChatMessage:
         text = content if isinstance(content, str) else _flatten(index, {"role": "user", "content": content}).content
         return ChatMessage("tool", text or "", tool_call_id=message["tool_call_id"])
     if role == "assistant" and message.get("tool_calls"):
-        calls = tuple(ToolCall(c.get("id") or f"call_{i}", c["function"]["name"], c["function"].get("arguments") or "{}")
-                      for i, c in enumerate(message["tool_calls"]))
+        calls = tuple(_history_call(index, i, c) for i, c in enumerate(message["tool_calls"]))
         text = _flatten(index, {"role": "assistant", "content": content}).content
         return ChatMessage("assistant", text, tool_calls=calls)
     if content is None:
@@ -155,6 +156,17 @@ def _flatten(index: int, message: dict[str, Any]) -> ChatMessage:
     return ChatMessage(role, "\n".join(t for t in texts if t), tuple(images))
 
 
+def _history_call(index: int, i: int, call: dict[str, Any]) -> ToolCall:
+    """An earlier turn's call: a function's arguments as sent; a custom tool's input as the
+    one-string-parameter call the model was offered (`custom_spec`)."""
+    kind = call.get("type") or "function"
+    if not isinstance(call.get(kind), dict):
+        raise InvalidRequest(f"A {kind} tool call needs '{kind}'.", param=f"messages.{index}.tool_calls.{i}.{kind}")
+    if kind == "custom":
+        return ToolCall(call.get("id") or f"call_{i}", call["custom"]["name"], json.dumps({"input": call["custom"]["input"]}))
+    return ToolCall(call.get("id") or f"call_{i}", call["function"]["name"], call["function"].get("arguments") or "{}")
+
+
 def parse_chat(body: dict[str, Any]) -> ChatRequest:
     """Validate what the schema can't and build the engine's view of a chat request."""
     messages = body["messages"]
@@ -165,7 +177,7 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
     stream = bool(body.get("stream"))
     flat = [_flatten(i, m) for i, m in enumerate(messages)]
     params = sampling_params(body)
-    tools, choice = _tools(body)
+    tools, choice, custom = _tools(body)
     return ChatRequest(
         model=body["model"],
         messages=flat,
@@ -181,6 +193,7 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
                       else "max_tokens"),
         thinking=chat_thinking(body),
         template_kwargs=template_kwargs(body.get("chat_template_kwargs")),
+        custom_tools=custom,
     )
 
 
@@ -218,17 +231,48 @@ def chat_thinking(body: dict[str, Any]) -> Thinking:
     return effort_thinking(reasoning.get("effort") or body.get("reasoning_effort"), reasoning.get("max_tokens"))
 
 
-def _tools(body: dict[str, Any]) -> tuple[list[ToolSpec], Optional[ToolChoice]]:
-    """Chat completions' tools and tool_choice -> what the engine gets (see `offer_tools`)."""
+def _tool_spec(i: int, tool: dict[str, Any]) -> ToolSpec:
+    kind = tool["type"]
+    if not isinstance(tool.get(kind), dict):
+        raise InvalidRequest(f"A {kind} tool needs '{kind}'.", param=f"tools.{i}.{kind}")
+    if kind == "custom":
+        custom = tool["custom"]
+        return custom_spec(custom["name"], custom.get("description") or "", custom.get("format"))
+    f = tool["function"]
+    return ToolSpec(f["name"], f.get("description", ""),
+                    json.dumps(f.get("parameters") or {"type": "object", "properties": {}}))
+
+
+def _chosen_name(choice: dict[str, Any], param: str) -> str:
+    kind = choice["type"]
+    if not isinstance(choice.get(kind), dict):
+        raise InvalidRequest(f"A {kind} tool_choice needs '{kind}'.", param=f"{param}.{kind}")
+    return choice[kind]["name"]
+
+
+def _tools(body: dict[str, Any]) -> tuple[list[ToolSpec], Optional[ToolChoice], frozenset[str]]:
+    """Chat completions' tools and tool_choice -> what the engine gets (see `offer_tools`), and
+    the names of the custom tools (their calls go back as `custom` calls)."""
     raw = body.get("tools") or []
-    specs = [ToolSpec(t["function"]["name"], t["function"].get("description", ""),
-                      json.dumps(t["function"].get("parameters") or {"type": "object", "properties": {}}))
-             for t in raw]
-    check_strict([(i, t["function"]) for i, t in enumerate(raw)], "tools.{i}.function.parameters")
+    specs = [_tool_spec(i, t) for i, t in enumerate(raw)]
+    custom = frozenset(t["custom"]["name"] for t in raw if t["type"] == "custom")
+    check_strict([(i, t["function"]) for i, t in enumerate(raw) if t["type"] == "function"],
+                 "tools.{i}.function.parameters")
     choice = body.get("tool_choice")
-    if isinstance(choice, dict):
-        return offer_tools(specs, "named", choice["function"]["name"])
-    return offer_tools(specs, choice)
+    if not isinstance(choice, dict):
+        return (*offer_tools(specs, choice), custom)
+    if choice["type"] != "allowed_tools":
+        return (*offer_tools(specs, "named", _chosen_name(choice, "tool_choice")), custom)
+    allowed = choice.get("allowed_tools")
+    if not isinstance(allowed, dict):
+        raise InvalidRequest("An allowed_tools tool_choice needs 'allowed_tools'.", param="tool_choice.allowed_tools")
+    names = [_chosen_name(t, f"tool_choice.allowed_tools.tools.{j}") for j, t in enumerate(allowed["tools"])]
+    unknown = next((n for n in names if n not in {s.name for s in specs}), None)
+    if unknown is not None:
+        raise InvalidRequest(f"tool_choice.allowed_tools names '{unknown}', which is not in tools.",
+                             param="tool_choice.allowed_tools.tools")
+    offer_tools(specs, None)  # the full list's own checks (unique names) first
+    return (*offer_tools([s for s in specs if s.name in names], allowed["mode"]), custom)
 
 
 def offer_tools(specs: list[ToolSpec], choice: Optional[str], name: Optional[str] = None,
@@ -354,18 +398,22 @@ def completion_logprobs(entries: Optional[Sequence[TokenLogprob]], offset: int =
             "text_offset": offsets}
 
 
-def tool_call_object(call: ToolCall) -> dict[str, Any]:
+def tool_call_object(call: ToolCall, custom: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """A call as chat completions returns it: a function call, or a custom tool's call."""
+    if call.name in custom:
+        return {"id": call.id, "type": "custom", "custom": {"name": call.name, "input": custom_input(call.arguments)}}
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def chat_choice(index: int, text: str, finish: str, logprobs: Optional[Sequence[TokenLogprob]] = None,
-                tool_calls: Sequence[ToolCall] = (), reasoning: Optional[str] = None) -> dict[str, Any]:
+                tool_calls: Sequence[ToolCall] = (), reasoning: Optional[str] = None,
+                custom: frozenset[str] = frozenset()) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text if (text or not tool_calls) else None,
                                "refusal": None}
     if reasoning:  # a reasoning model's thinking (vLLM's and DeepSeek's name); absent when it did not think
         message["reasoning_content"] = reasoning
     if tool_calls:
-        message["tool_calls"] = [tool_call_object(c) for c in tool_calls]
+        message["tool_calls"] = [tool_call_object(c, custom) for c in tool_calls]
     return {"index": index, "message": message, "finish_reason": finish, "logprobs": chat_logprobs(logprobs)}
 
 
@@ -379,10 +427,15 @@ def chat_completion(cid: str, created: int, model: str, choices: Sequence[dict[s
     }
 
 
-def tool_call_deltas(calls: Sequence[ToolCall], piece: int = 24, first_index: int = 0) -> list[dict[str, Any]]:
-    """Streamed calls as OpenAI sends them: index, id, type and name first, then argument pieces."""
+def tool_call_deltas(calls: Sequence[ToolCall], piece: int = 24, first_index: int = 0,
+                     custom: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """Streamed calls as OpenAI sends them: index, id, type and name first, then argument pieces;
+    a custom tool's call whole, in one delta."""
     deltas = []
     for i, call in enumerate(calls, start=first_index):
+        if call.name in custom:
+            deltas.append({"tool_calls": [{"index": i, **tool_call_object(call, custom)}]})
+            continue
         deltas.append({"tool_calls": [{"index": i, "id": call.id, "type": "function",
                                        "function": {"name": call.name, "arguments": ""}}]})
         for start in range(0, len(call.arguments), piece):

@@ -101,15 +101,22 @@ def _function(tool: dict[str, Any], where: str, namespace: Optional[str], out: R
     exposed = out.exposed(tool["name"], namespace)
     custom = tool["type"] == "custom"
     if custom:
-        fmt = tool.get("format") or {}
-        grammar = f"\nIts input follows this {fmt.get('syntax') or ''} grammar:\n{fmt['definition']}" \
-            if fmt.get("type") == "grammar" and fmt.get("definition") else ""
-        description, parameters = (tool.get("description") or "") + grammar, CUSTOM_PARAMETERS
+        out.specs.append(custom_spec(exposed, tool.get("description") or "", tool.get("format")))
     else:
-        description = tool.get("description") or ""
         parameters = tool.get("parameters") or {"type": "object", "properties": {}}
-    out.specs.append(ToolSpec(exposed, description, json.dumps(parameters)))
+        out.specs.append(ToolSpec(exposed, tool.get("description") or "", json.dumps(parameters)))
     out.offered[exposed] = Offered(exposed, tool["name"], namespace, custom)
+
+
+def custom_spec(name: str, description: str, fmt: Optional[dict[str, Any]]) -> ToolSpec:
+    """A custom (freeform) tool as the model is offered it: a function with one string parameter
+    `input`; a grammar format is told to the model in the description (not enforced). `fmt` is the
+    Responses shape (`definition`, `syntax` beside `type`) or chat's (`grammar: {definition, syntax}`)."""
+    fmt = fmt or {}
+    grammar = fmt.get("grammar") if isinstance(fmt.get("grammar"), dict) else fmt
+    told = f"\nIts input follows this {grammar.get('syntax') or ''} grammar:\n{grammar['definition']}" \
+        if fmt.get("type") == "grammar" and grammar.get("definition") else ""
+    return ToolSpec(name, description + told, json.dumps(CUSTOM_PARAMETERS))
 
 
 def parse_tools(raw: list[dict[str, Any]]) -> ResponseTools:
