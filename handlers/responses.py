@@ -29,9 +29,16 @@ def _store() -> ResponseStore:
     return request.state.responses
 
 
+def _owner() -> str:
+    """Who is asking: the hash of the request's API key ("" on a server without keys)."""
+    return getattr(request.state, "cache_owner", "") or ""
+
+
 def _stored(response_id: str, param: Optional[str] = None) -> StoredResponse:
+    """A stored response the caller's API key made; another key's is not found (404, not 403:
+    whether an id exists under another key is not told)."""
     entry = _store().get(response_id)
-    if entry is None:
+    if entry is None or entry.owner != _owner():
         raise ResponseNotFound(f"No response with id '{response_id}' is stored on this server.", param=param)
     return entry
 
@@ -47,10 +54,11 @@ def _parse(body: dict[str, Any]) -> rp.ParsedResponseRequest:
     return rp.parse(body)
 
 
-def _keep(parsed: rp.ParsedResponseRequest, response: dict[str, Any], text: str, calls: list) -> None:
+def _keep(parsed: rp.ParsedResponseRequest, response: dict[str, Any], text: str, calls: list, owner: str) -> None:
     if not parsed.echo["store"]:
         return
-    _store().put(StoredResponse(response, parsed.input_items, rp.history_after(parsed, text, calls), time.time()))
+    _store().put(StoredResponse(response, parsed.input_items, rp.history_after(parsed, text, calls), time.time(),
+                                owner))
 
 
 async def create(body: dict):
@@ -68,7 +76,7 @@ async def create(body: dict):
         output += [parsed.tools.call_item(c) for c in out.calls]
         response = rp.response_object(rid, created, parsed.echo, output, out.done,
                                       reasoning_tokens=out.reasoning_tokens)
-        _keep(parsed, response, out.text, out.calls)
+        _keep(parsed, response, out.text, out.calls, _owner())
         return json_ok(response, prepared.warnings + parsed.tools.warnings)
 
     return _stream(engine, parsed, prepared, rid, created)
@@ -79,8 +87,8 @@ class _Encoder:
     when a reasoning model thought, a message item when there is text, then a function_call item
     per call, then the response."""
 
-    def __init__(self, parsed: rp.ParsedResponseRequest, rid: str, created: int) -> None:
-        self.parsed, self.rid, self.created = parsed, rid, created
+    def __init__(self, parsed: rp.ParsedResponseRequest, rid: str, created: int, owner: str) -> None:
+        self.parsed, self.rid, self.created, self.owner = parsed, rid, created, owner
         self.seq = iter(range(1 << 62))
         self.msg_id = rp.new_id("msg")
         self.rs_id = rp.new_id("rs")
@@ -147,7 +155,7 @@ class _Encoder:
         if isinstance(ev, answer.AnswerFinished):
             response = rp.response_object(self.rid, self.created, self.parsed.echo, self.output, ev.done,
                                           reasoning_tokens=ev.reasoning_tokens)
-            _keep(self.parsed, response, ev.text, list(ev.calls))
+            _keep(self.parsed, response, ev.text, list(ev.calls), self.owner)
             return [self.ev("response.completed" if response["status"] == "completed" else "response.incomplete",
                             response=response)]
         return []
@@ -159,7 +167,7 @@ class _Encoder:
 
 def _stream(engine: Any, parsed: rp.ParsedResponseRequest, prepared: Any, rid: str, created: int):
     stream = AnswerStream(parsed.conv, prepared)  # with tools, a call is held until it can be parsed
-    encoder = _Encoder(parsed, rid, created)
+    encoder = _Encoder(parsed, rid, created, _owner())
     return sse.choices_response(choices.events([lambda: engine.stream(prepared)], ROUTE, parsed.conv.model),
                                 encoder.first(), lambda _i, ev: [c for n in stream.on(ev) for c in encoder(n)],
                                 headers=warning_headers(prepared.warnings + parsed.tools.warnings),
@@ -178,6 +186,7 @@ async def retrieve(response_id: str):
 
 
 async def delete(response_id: str):
+    _stored(response_id, "response_id")  # another key's response is not found
     if not _store().delete(response_id):
         raise ResponseNotFound(f"No response with id '{response_id}' is stored on this server.", param="response_id")
     return {"id": response_id, "object": "response", "deleted": True}

@@ -129,6 +129,28 @@ def test_every_api_keeps_keys_apart(keyed):
         assert cached("alice", route, "Three") > 40, route
 
 
+def test_a_stored_response_is_read_only_with_the_key_that_made_it(keyed):
+    """Stored Responses belong to the API key that made them: another key can neither read,
+    list the input of, continue from, nor delete one (404, as for an id never stored)."""
+    def call(method: str, path: str, key: str, **kw) -> httpx.Response:
+        return httpx.request(method, keyed.url + path, headers={"Authorization": f"Bearer {key}"}, timeout=120, **kw)
+
+    made = call("POST", "/v1/responses", "sk-alice", json={"model": MODEL, "input": "My PIN is 4321.",
+                                                          "max_output_tokens": 2})
+    assert made.status_code == 200, made.text
+    rid = made.json()["id"]
+    for method, path, body in (("GET", f"/v1/responses/{rid}", None), ("GET", f"/v1/responses/{rid}/input_items", None),
+                               ("POST", "/v1/responses", {"model": MODEL, "input": "What is my PIN?",
+                                                          "previous_response_id": rid, "max_output_tokens": 2}),
+                               ("DELETE", f"/v1/responses/{rid}", None)):
+        r = call(method, path, "sk-bob", json=body) if body else call(method, path, "sk-bob")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "response_not_found", (method, path, r.text)
+        assert "4321" not in r.text
+    assert call("GET", f"/v1/responses/{rid}/input_items", "sk-alice").json()["data"][0]["content"][0]["text"] \
+        == "My PIN is 4321."
+    assert call("DELETE", f"/v1/responses/{rid}", "sk-alice").status_code == 200
+
+
 def test_cache_salt_shares_only_with_the_same_salt(keyed):
     user = "Tell me a colour."
     assert _chat(keyed, "sk-alice", user, cache_salt="tenant-1-" + "x" * 30) == 0  # not the unsalted entries

@@ -42,6 +42,7 @@ class StoredResponse:
     input_items: list[dict[str, Any]]  # this request's input, as items with ids
     history: list[ChatMessage]  # the conversation through this response's output (no instructions)
     stored_at: float
+    owner: str = ""  # the hash of the API key that made it ("" on a server without keys): only it may read it
 
 
 def _message_json(m: ChatMessage) -> dict[str, Any]:
@@ -57,12 +58,12 @@ def _message_from_json(d: dict[str, Any]) -> ChatMessage:
 
 def _document(entry: StoredResponse) -> dict[str, Any]:
     return {"response": entry.response, "input_items": entry.input_items, "stored_at": entry.stored_at,
-            "history": [_message_json(m) for m in entry.history]}
+            "history": [_message_json(m) for m in entry.history], "owner": entry.owner}
 
 
 def _from_document(doc: dict[str, Any]) -> StoredResponse:
     return StoredResponse(doc["response"], doc["input_items"], [_message_from_json(m) for m in doc["history"]],
-                          doc["stored_at"])
+                          doc["stored_at"], str(doc.get("owner") or ""))
 
 
 def _is_blob(value: Any) -> bool:
