@@ -40,7 +40,10 @@ def test_unknown_architecture_is_501_and_not_listed(multi):
 def test_not_enough_memory_is_507(multi):
     r = chat(multi, "huge-llama")
     assert r.status_code == 507 and r.json()["error"]["code"] == "insufficient_memory"
-    # The refusal left the running model alone.
+    # A load Ollama's /api/chat asks for goes through the same gate (Ollama's error shape there).
+    r = httpx.post(multi.url + "/api/chat", timeout=120, json={"model": "huge-llama", "messages": MSG, "stream": False})
+    assert r.status_code == 507 and isinstance(r.json()["error"], str) and "GiB" in r.json()["error"], r.text
+    # The refusals left the running model alone.
     assert chat(multi, MODEL).status_code == 200
 
 
