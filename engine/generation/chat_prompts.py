@@ -43,7 +43,7 @@ class ChatPrompts:
             messages = with_tool_prompt(messages, tools)
         elif (own := own_tool_prompt(fmt, template, tools)) is not None:
             messages = with_tool_prompt(messages, tools, own)
-        turns = [render_turn(m, fmt, native) for m in messages]
+        turns = [render_turn(m, fmt, native, renders_calls="tool_calls" in template) for m in messages]
         if template:
             extra = {**(template_kwargs or {}),
                      **({"tools": [tool_schema(t) for t in tools]} if native and tools and "tools" in template else {})}

@@ -36,6 +36,8 @@ class Style:
 STYLES = {
     "think": Style("think", OPEN, CLOSE, FORCED_CLOSE),  # Qwen3/3.5, DeepSeek, GLM, Kimi-K2-Thinking, MiniMax
     "gemma4": Style("gemma4", "<|channel>thought", "<channel|>", "<channel|>"),  # Gemma 4's thought channel
+    # MiniMax M3: its own tags; a turn without thinking starts with a bare close.
+    "minimax3": Style("minimax3", "<mm:think>", "</mm:think>", "\n</mm:think>"),
     # gpt-oss: the analysis channel, then the final one (engine/constrained/toolcalls/harmony.py).
     "harmony": Style("harmony", "<|channel|>analysis", "<|end|>", "<|end|><|start|>assistant<|channel|>final<|message|>"),
 }
@@ -47,6 +49,8 @@ def template_style(template: str) -> Optional[str]:
         return "harmony"
     if "<|channel>" in template and "<channel|>" in template:
         return "gemma4"
+    if "<mm:think>" in template:
+        return "minimax3"
     if OPEN in template or CLOSE in template:
         return "think"
     return None
@@ -58,7 +62,7 @@ def template_thinks(template: str) -> bool:
 
 
 def style_of(template: str, parser: Optional[str]) -> Optional[str]:
-    """The config file's `reasoning_parser` (think | harmony | gemma4 | none), else the template's."""
+    """The config file's `reasoning_parser` (think | harmony | gemma4 | minimax3 | none), else the template's."""
     if parser == "none":
         return None
     return parser or template_style(template)
@@ -231,7 +235,7 @@ def plan(template: str, parser: Optional[str], thinking: Thinking, template_kwar
          constrained: bool, effort_budgets: tuple[int, int, int]) -> ReasoningPlan:
     """Whether to parse thinking, what the template is told, and the budget.
 
-    `parser`: the config file's `reasoning_parser` (think | harmony | gemma4 | none), else found
+    `parser`: the config file's `reasoning_parser` (think | harmony | gemma4 | minimax3 | none), else found
     from the template.
     With a grammar in force (JSON output, a required tool call) the model is asked not to think
     (`enable_thinking: false`) and nothing is parsed: the grammar holds from the first token."""
@@ -248,6 +252,8 @@ def plan(template: str, parser: Optional[str], thinking: Thinking, template_kwar
     if constrained:
         # Thinking switched off, a model may still write a block before the grammar's part starts
         # (auto tool calls start the grammar at the call): it is split out all the same.
+        if style == "minimax3":
+            kwargs.setdefault("thinking_mode", "disabled")
         return ReasoningPlan(kwargs, thinking.enabled is False, None, style)
     # Said explicitly: mlx-lm's tokenizer otherwise passes enable_thinking=False for a vocabulary
     # without single <think> tokens, whatever the template does. Gemma 4 thinks only when asked:
@@ -256,6 +262,10 @@ def plan(template: str, parser: Optional[str], thinking: Thinking, template_kwar
     asked = thinking.enabled is not None or thinking.budget is not None or thinking.effort is not None
     if style != "gemma4" or asked:
         kwargs.setdefault("enable_thinking", thinking.enabled is not False)
+    if style == "minimax3":
+        # M3's template takes `thinking_mode` (enabled | disabled | adaptive, its default) instead.
+        kwargs.setdefault("thinking_mode", "disabled" if thinking.enabled is False else "enabled" if asked
+                          else "adaptive")
     budget = thinking.budget
     levels = {"low": 0, "medium": 1, "high": 2, "xhigh": 2}
     if budget is None and thinking.effort in levels:

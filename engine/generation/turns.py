@@ -11,21 +11,25 @@ from engine.constrained.tools import ToolSpec, render_result, tool_prompt
 from engine.request import ChatMessage
 
 
-def render_turn(m: ChatMessage, fmt: ToolFormat, native: bool) -> dict[str, Any]:
+def render_turn(m: ChatMessage, fmt: ToolFormat, native: bool, renders_calls: bool = True) -> dict[str, Any]:
     """One message as a chat-template turn. Templates with tool support get calls and results
-    as structured fields; others get them as text in the generic prompt's format."""
+    as structured fields; others get them as text in the generic prompt's format.
+    `renders_calls` False: a template that lists the tools but writes no calls of its own
+    (LFM2.5-Instruct's) gets an earlier call as the text the model wrote, in its content."""
     role = "system" if m.role == "developer" else m.role
     if m.role == "tool":
         if native:
             return {"role": "tool", "content": m.text_only, "tool_call_id": m.tool_call_id}
         return {"role": "user", "content": render_result(m.text_only)}
     if m.tool_calls:
-        if native:
+        if native and renders_calls:
             return {"role": "assistant", "content": m.content,
                     "tool_calls": [{"id": c.id, "type": "function",
                                     "function": {"name": c.name, "arguments": json_or_text(c.arguments)}}
                                    for c in m.tool_calls]}
         calls = "".join(fmt.render_call(c.name, c.arguments) for c in m.tool_calls)
+        if native:  # the model's own call text, as it wrote it
+            return {"role": role, "content": m.content + calls}
         return {"role": role, "content": (m.content + "\n" if m.content else "") + calls}
     return {"role": role, "content": m.text_only}
 

@@ -41,7 +41,7 @@ _MODEL_ENTRY = {
         "cpu_dtype": {"enum": ["auto", "keep", "float32", "float16", "quantized"]},
         "chat_template": {"type": "string", "description": "a Jinja chat template file, or the template itself"},
         "draft_model": {"type": "string", "description": "a draft model (folder or id) for speculative decoding"},
-        "reasoning_parser": {"enum": ["think", "harmony", "gemma4", "none"],
+        "reasoning_parser": {"enum": ["think", "harmony", "gemma4", "minimax3", "none"],
                              "description": "think: split <think>...</think> from the answer; harmony: gpt-oss's "
                                             "analysis channel; gemma4: Gemma 4's thought channel; none: never "
                                             "(default: found from the chat template)"},

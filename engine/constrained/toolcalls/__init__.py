@@ -43,12 +43,13 @@ class ToolFormat(Protocol):
 
 def formats() -> list[ToolFormat]:
     from engine.constrained.toolcalls import (deepseek, gemma4, glm, harmony, hermes, invoke_xml, kimi, llama3,
-                                              mistral, qwen3_xml)
+                                              minimax_m3, mistral, pythonic, qwen3_xml)
 
-    # Most specific first: GLM's and Qwen3's XML templates write <tool_call> too, Mistral and
-    # Llama templates may mention JSON.
+    # Most specific first: GLM's and Qwen3's XML templates write <tool_call> too (MiniMax M3's
+    # behind its marker), Mistral and Llama templates may mention JSON.
     return [harmony.FORMAT, gemma4.FORMAT, kimi.FORMAT, deepseek.FORMAT, invoke_xml.DSML, invoke_xml.MINIMAX,
-            glm.FORMAT, qwen3_xml.FORMAT, mistral.FORMAT, llama3.FORMAT, hermes.FORMAT]
+            minimax_m3.FORMAT, pythonic.FORMAT, glm.FORMAT, qwen3_xml.FORMAT, mistral.FORMAT, llama3.FORMAT,
+            hermes.FORMAT]
 
 
 def names() -> list[str]:
