@@ -232,3 +232,90 @@ def test_forced_call_grammar_takes_the_familys_own_call(mlx_tokenizer, fmt, call
     assert not accepted(call.replace("city", "town"))
     _, (parsed,) = fmt.parse(call, [CITY])
     assert json.loads(parsed.arguments)["city"] == "Paris"
+
+
+# --- end to end through HTTP (slow: tiny models trained to write each call, tests/call_writers.py) ---
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]}}}
+ARGS = {"city": "Paris", "days": 3}
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+NEWER = {
+    # LFM2.5-Instruct: its call markup are special tokens; its template writes no calls of its own.
+    "lfm25-tiny": dict(template="LFM2.5-Instruct.jinja", added=[("<|tool_call_start|>", True), ("<|tool_call_end|>", True)],
+                       eos=["<|im_end|>"], kwargs={},
+                       continuation='<|tool_call_start|>[get_weather(city="Paris", days=3)]<|tool_call_end|>',
+                       reasoning=None),
+    # MiniMax M3: the marker as an added token; thinking in <mm:think>, adaptive by default.
+    "minimax-m3-tiny": dict(template="MiniMax-M3.jinja", added=[(M3, False), ("<mm:think>", False), ("</mm:think>", False)],
+                            eos=["[e~["], kwargs={"thinking_mode": "adaptive"},
+                            continuation="<mm:think>Need the weather.</mm:think>" + _m3(_invoke(
+                                "get_weather", f"{M3}<city>Paris{M3}</city>{M3}<days>3{M3}</days>")),
+                            reasoning="Need the weather."),
+}
+
+
+@pytest.fixture(scope="module")
+def newer_server(tmp_path_factory, default_model_dir):
+    from engine.config import openmlx_home
+    from tests.call_writers import Example, build
+    from tests.process import Server
+
+    root = tmp_path_factory.mktemp("newer-families")
+    cache = openmlx_home() / "test-assets" / "families"
+    folders = {name: build(root / name, default_model_dir, f["template"], f["added"], f["eos"],
+                           [Example(ASK, f["continuation"], [WEATHER], f["kwargs"])], cache=cache)
+               for name, f in NEWER.items()}
+    s = Server([a for folder in folders.values() for a in ("--model-dir", str(folder))] + ["--max-models", "2"],
+               env={"HF_HUB_OFFLINE": "1"})
+    s.folders = folders
+    yield s
+    s.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", list(NEWER))
+def test_newer_family_calls_end_to_end(newer_server, model):
+    """Chat (stream and not), Responses and Messages get the call; thinking apart; the follow-up
+    turn's prompt is as long as the template renders it for the client's messages."""
+    import httpx
+    from transformers import AutoTokenizer
+
+    url, fam = newer_server.url, NEWER[model]
+    body = {"model": model, "messages": ASK, "tools": [WEATHER], "max_tokens": 80, "temperature": 0}
+    out = httpx.post(url + "/v1/chat/completions", json=body, timeout=120).json()
+    choice = out["choices"][0]
+    (call,) = choice["message"]["tool_calls"]
+    assert choice["finish_reason"] == "tool_calls" and not choice["message"].get("content"), out
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == ARGS
+    assert choice["message"].get("reasoning_content") == fam["reasoning"]
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120) as r:
+        deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in r.iter_lines()
+                  if line.startswith("data: {") and json.loads(line[6:])["choices"]]
+    assert "".join(d.get("content") or "" for d in deltas) == ""
+    streamed = [tc for d in deltas for tc in d.get("tool_calls") or ()]
+    assert streamed[0]["function"]["name"] == "get_weather"
+    assert json.loads("".join(tc["function"].get("arguments") or "" for tc in streamed)) == ARGS
+    described = {"description": WEATHER["function"]["description"], "parameters": WEATHER["function"]["parameters"]}
+    tool = {"type": "function", "name": "get_weather", **described}
+    resp = httpx.post(url + "/v1/responses", timeout=120, json={"model": model, "input": ASK[0]["content"],
+                                                                "tools": [tool], "max_output_tokens": 80,
+                                                                "temperature": 0}).json()
+    assert [json.loads(i["arguments"]) for i in resp["output"] if i["type"] == "function_call"] == [ARGS]
+    msg = httpx.post(url + "/v1/messages", timeout=120, json={
+        "model": model, "messages": ASK, "max_tokens": 80, "temperature": 0,
+        "tools": [{"name": "get_weather", "description": described["description"],
+                   "input_schema": described["parameters"]}]}).json()
+    assert [b["input"] for b in msg["content"] if b["type"] == "tool_use"] == [ARGS] and msg["stop_reason"] == "tool_use"
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": call["id"], "content": "Sunny, 21C"}]
+    after = httpx.post(url + "/v1/chat/completions", timeout=120,
+                       json={**body, "messages": history, "max_tokens": 1}).json()
+    hf = AutoTokenizer.from_pretrained(str(newer_server.folders[model]))
+    client = [dict(m) for m in history]
+    if model == "lfm25-tiny":  # its template writes no calls: the client sends the model's text back
+        client[1] = {"role": "assistant", "content": fam["continuation"]}
+    else:
+        client[1] = {**client[1], "tool_calls": [{**call, "function": {"name": "get_weather", "arguments": ARGS}}]}
+    ids = hf.apply_chat_template(client, tools=[WEATHER], add_generation_prompt=True, tokenize=True, return_dict=False,
+                                 **fam["kwargs"])
+    assert after["usage"]["prompt_tokens"] == len(ids["input_ids"] if isinstance(ids, dict) else ids)
