@@ -74,6 +74,20 @@ def choose_cpu_dtype(requested: str, probe: Probe, gate: MemoryGate, kv_bytes: i
                                "(quantized matmuls are several times slower on the CPU)")
 
 
+def quantized_bytes(probe: Probe) -> int:
+    """What `--cpu-dtype quantized` will hold: its blocks as onnxruntime holds them, counted from
+    the GGUF source's tensor types or the MLX folder's bits (engine/cpu/quant_linear.py
+    `estimate_held`), not the converted folder's bytes on disk (2.6x the held bytes for
+    Qwen2.5-Coder-0.5B Q4_K_M, whose store folder is float16). The bytes on disk where it can't tell."""
+    from engine.cpu import quant_linear
+
+    try:
+        held = quant_linear.estimate_held(probe.path, probe.quantization, dequantized_bytes(probe) // 4)
+    except (OSError, ValueError):
+        held = None
+    return held if held is not None else probe.size_bytes
+
+
 def _cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
     model.update(nn.utils.tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
                                    model.parameters()))
@@ -99,8 +113,8 @@ def load_gated(label: str, probe: Probe, cpu_dtype: str, gate: MemoryGate) -> Lo
     kv_bytes = kv_bytes_per_token(probe.config)
     choice = choose_cpu_dtype(cpu_dtype, probe, gate, kv_bytes)
     dtype = choice.dtype
-    # quantized: about the file's bytes (a Q5_0 tensor is carried as 8-bit blocks, ~1.8x its bytes)
-    weights = probe.size_bytes if dtype in ("keep", "quantized") else dequantized_bytes(probe)
+    weights = probe.size_bytes if dtype == "keep" else quantized_bytes(probe) if dtype == "quantized" \
+        else dequantized_bytes(probe)
     if dtype == "float16":
         weights //= 2
     need = MemoryEstimate(weights, KV_HEADROOM_TOKENS * kv_bytes)
