@@ -20,9 +20,11 @@ of 16 ms here); one session a product, not one a layer (a later step: one graph 
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -215,34 +217,75 @@ def _gguf_source(folder: Path) -> Optional[Path]:
     return None
 
 
+@dataclass(frozen=True)
+class _Tensor:
+    """One GGUF tensor's place in its file: what `FileRows` needs, and what the estimate counts."""
+
+    name: str
+    type_name: str
+    k: int  # values a row
+    rows: int
+    row_bytes: int
+    offset: int
+
+    @property
+    def values(self) -> int:
+        return self.k * self.rows
+
+
+@dataclass(frozen=True)
+class _GGUFFile:
+    architecture: str
+    tensors: tuple[_Tensor, ...]
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_file(path: str, size: int, mtime_ns: int) -> _GGUFFile:
+    """The file's architecture and tensor table, read once per file version: gguf's reader parses
+    every metadata field (a 151936-token vocabulary: ~10 s and ~1.5 M small objects here), and the
+    gate's estimate and the load both need the table. The reader itself isn't kept."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    field = reader.fields.get("general.architecture")
+    arch = bytes(field.parts[-1]).decode() if field else ""
+    tensors = []
+    for t in reader.tensors:
+        rows, row_bytes = t.data.shape if t.data.ndim == 2 else (1, int(t.n_bytes))
+        tensors.append(_Tensor(t.name, t.tensor_type.name, int(t.shape[0]), int(rows), int(row_bytes),
+                               int(t.data_offset)))
+    return _GGUFFile(arch, tuple(tensors))
+
+
+def _read_gguf(path: Path) -> _GGUFFile:
+    stat = path.stat()
+    return _gguf_file(str(path), stat.st_size, stat.st_mtime_ns)
+
+
 class _Source:
     """Where a module's blocks come from: its own MLX affine quantization, else the GGUF file."""
 
     def __init__(self, folder: Path) -> None:
-        self.gguf: dict[str, Any] = {}
+        self.gguf: dict[str, _Tensor] = {}
         path = _gguf_source(folder)
         if path is None:
             return
-        from gguf import GGUFReader
-
         from engine.formats.gguf import mlx_tensor_name
         from engine.formats.gguf_archs import ARCHITECTURES
 
-        reader = GGUFReader(str(path))
-        field = reader.fields.get("general.architecture")
-        arch = ARCHITECTURES.get(bytes(field.parts[-1]).decode() if field else "")
+        file = _read_gguf(path)
+        arch = ARCHITECTURES.get(file.architecture)
         if arch is None:
             return
         self.path = str(path)
-        for t in reader.tensors:
+        for t in file.tensors:
             try:
                 self.gguf[mlx_tensor_name(t.name, arch.layers).removesuffix(".weight")] = t
             except ValueError:
                 continue
 
-    def _file_rows(self, tensor: Any) -> FileRows:
-        rows, row_bytes = tensor.data.shape if tensor.data.ndim == 2 else (1, tensor.n_bytes)
-        return FileRows(self.path, int(tensor.data_offset), int(rows), int(row_bytes))
+    def _file_rows(self, tensor: _Tensor) -> FileRows:
+        return FileRows(self.path, tensor.offset, tensor.rows, tensor.row_bytes)
 
     def table(self, path: str, module: Any, tied: bool) -> Blocks | GGUFRows:
         """An embedding's table: the file's own bytes where it comes from a GGUF file and isn't
@@ -250,7 +293,7 @@ class _Source:
         tensor = self.gguf.get(path)
         if tied or tensor is None or isinstance(module, nn.QuantizedEmbedding):
             return self.blocks(path, module)
-        return gguf_rows(tensor.name, tensor.tensor_type.name, self._file_rows(tensor), int(tensor.shape[0]))
+        return gguf_rows(tensor.name, tensor.type_name, self._file_rows(tensor), tensor.k)
 
     def blocks(self, path: str, module: Any) -> Blocks:
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
@@ -262,7 +305,7 @@ class _Source:
         if tensor is None:
             raise Unmapped(f"{path}: {type(module).__name__} with no quantized blocks (not MLX-quantized, "
                            "no GGUF source file)")
-        return from_gguf(tensor.name, tensor.tensor_type.name, self._file_rows(tensor), int(tensor.shape[0]))
+        return from_gguf(tensor.name, tensor.type_name, self._file_rows(tensor), tensor.k)
 
     def parts(self, path: str, module: Any) -> Blocks | Iterator[Blocks]:
         """A product's blocks: a large GGUF matrix (the head) as consecutive slices of PART_ROWS
@@ -278,7 +321,7 @@ class _Source:
             rows, row_bytes = whole.shape
             for at in range(0, rows, PART_ROWS):
                 part = FileRows(whole.path, whole.offset + at * row_bytes, min(PART_ROWS, rows - at), row_bytes)
-                yield from_gguf(f"{tensor.name}[{at}:]", tensor.tensor_type.name, part, int(tensor.shape[0]))
+                yield from_gguf(f"{tensor.name}[{at}:]", tensor.type_name, part, tensor.k)
                 _trim()
         return slices()
 
@@ -312,20 +355,17 @@ def estimate_held(folder: Path, quantization: Optional[dict[str, Any]] = None, v
             return None
         bits, group = int(quantization.get("bits", 4)), int(quantization.get("group_size", 64))
         return int(values * (block_bytes(bits, group, False) * SESSION_FACTOR + 4 / group))
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    names = {t.name for t in reader.tensors}
+    tensors = _read_gguf(path).tensors
+    names = {t.name for t in tensors}
     held = 0.0
-    for t in reader.tensors:
-        kind = t.tensor_type.name
-        if kind in ("F32", "F16", "BF16"):
-            held += 4 * int(t.n_elements)
+    for t in tensors:
+        if t.type_name in ("F32", "F16", "BF16"):
+            held += 4 * t.values
         elif t.name == "token_embd.weight" and "output.weight" in names:
-            held += int(t.n_bytes)  # looked up, never multiplied: the file's bytes
-        elif kind in _AS_BLOCKS:
-            bits, block, offsets = _AS_BLOCKS[kind]
-            held += t.n_elements * (block_bytes(bits, block, False) * SESSION_FACTOR + (4 / block if offsets else 0))
+            held += t.rows * t.row_bytes  # looked up, never multiplied: the file's bytes
+        elif t.type_name in _AS_BLOCKS:
+            bits, block, offsets = _AS_BLOCKS[t.type_name]
+            held += t.values * (block_bytes(bits, block, False) * SESSION_FACTOR + (4 / block if offsets else 0))
         else:
             return None
     return int(held)
