@@ -148,11 +148,13 @@ class QuantLinear(nn.Module):
         return y
 
     def _product(self, x: np.ndarray) -> np.ndarray:
-        if len(self._parts) == 1:
+        if len(self._parts) == 1 and x.shape[0] <= ROWS_A_RUN:
             return self._run(x, self._parts[0])
         y = np.empty((x.shape[0], self.shape[0]), np.float32)
-        for part in self._parts:
-            y[:, part[0]:part[1]] = self._run(x, part)
+        for at in range(0, x.shape[0], ROWS_A_RUN):
+            rows = slice(at, at + ROWS_A_RUN)
+            for part in self._parts:
+                y[rows, part[0]:part[1]] = self._run(x[rows], part)
         return y
 
     def rows(self, x: np.ndarray) -> np.ndarray:
@@ -330,6 +332,9 @@ class _Source:
 # blocks while it is built (the whole head: 157 MB, on top of onnxruntime's ~205 MB copy); five calls
 # a token instead of one cost ~0.1 ms.
 PART_ROWS = 32768
+# rows of a pass handed to one run: onnxruntime's output comes from its arena, which keeps its
+# largest block, so a 256-row prefill pass through the 151936-wide head would pin ~156 MB there.
+ROWS_A_RUN = 64
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")  # the llama layout (engine/cpu/decode.py's)
 _PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
