@@ -147,7 +147,19 @@ def test_the_default_model_decodes_the_float32_text_held_as_blocks(default_model
     assert isinstance(layer.mlp.down_proj, QuantLinear) and isinstance(runner.model.model.embed_tokens, QuantEmbedding)
     # nothing float32 the size of a weight matrix is left in MLX: only norms
     assert max(p.size for _, p in __import__("mlx.utils").utils.tree_flatten(runner.model.parameters())) <= 576
-    assert _greedy(runner) == float32_text
+    head, rows = runner.model.model.embed_tokens._head, []
+    real = QuantLinear.rows
+
+    def counted(self, x):
+        if self is head:
+            rows.append(x.shape[0])
+        return real(self, x)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(QuantLinear, "rows", counted)
+        assert _greedy(runner) == float32_text
+    # the prompt's rows go through the backbone only: the eager head multiplies the last row of a pass
+    assert rows and max(rows) == 1, rows
 
 
 def test_http_with_the_quantized_path(default_model_dir, float32_text):
