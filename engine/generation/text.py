@@ -72,7 +72,7 @@ class TextRunner(ChatPrompts):
         runner.last_rows = split_head(loaded.model)
         runner.solo, runner.decode_path, runner.dtype_reason = loaded.solo, loaded.decode, loaded.dtype_reason
         if batch:
-            runner.decoder = BatchDecoder(loaded.model, _eos_ids(loaded.tokenizer))
+            runner.decoder = BatchDecoder(runner._last_row(loaded.model), _eos_ids(loaded.tokenizer))
         return runner
 
     def _last_row(self, model: Any) -> Any:
