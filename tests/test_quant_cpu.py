@@ -246,31 +246,40 @@ def test_an_embedding_kept_in_the_files_bytes_looks_up_llama_cpps_rows():
         qb.gguf_rows("token_embd.weight", "Q5_0", bad, 128)
 
 
-def test_a_gguf_model_is_held_from_its_file_head_in_slices_and_the_gate_counts_the_blocks(tmp_path, monkeypatch):
-    """A tiny llama written by llama.cpp's own writer (Q5_0 matrices, a Q8_0 head), converted to the
-    store (float16 there): the quantized path reads its blocks from the GGUF file, the head in
-    row slices, the embedding in the file's own bytes, and gives the float32 path's logits; the
-    memory gate counts the blocks as held, not the float16 folder."""
+@pytest.fixture(scope="module")
+def tiny_gguf_folder(tmp_path_factory):
+    """A tiny llama written by llama.cpp's own writer (Q5_0 matrices, a Q8_0 head), imported into a
+    store (float16 there, marked with its source file)."""
     import gguf.quants
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
 
-    from engine.cpu import quant_linear
     from engine.models.gguf_import import import_gguf
-    from engine.models.memory import MemoryGate
-    from engine.models.probe import probe
-    from engine.models.weights import load_gated
     from tests.test_gguf_families import FAMILIES, _write
 
+    tmp = tmp_path_factory.mktemp("tiny-gguf")
     config, extra_meta, names, norm_shift = FAMILIES["llama"]
     model = llama.Model(llama.ModelArgs.from_dict(config))
     rng = np.random.default_rng(3)
     params = {k: (rng.standard_normal(v.shape) * 0.2).astype(np.float32) for k, v in tree_flatten(model.parameters())}
-    path = tmp_path / "tiny-q5.gguf"
+    path = tmp / "tiny-q5.gguf"
     T = gguf.GGMLQuantizationType
     _write(path, "llama", config, extra_meta, names, norm_shift, params,
            quantize=lambda name: T.Q8_0 if name == "lm_head.weight" else T.Q5_0)
-    folder = import_gguf(path, tmp_path / "models", say=lambda _m: None)  # marks the folder with its source file
+    return import_gguf(path, tmp / "models", say=lambda _m: None)
+
+
+def test_a_gguf_model_is_held_from_its_file_head_in_slices_and_the_gate_counts_the_blocks(tiny_gguf_folder,
+                                                                                          monkeypatch):
+    """The quantized path reads the tiny model's blocks from its GGUF file, the head in row slices,
+    the embedding in the file's own bytes, and gives the float32 path's logits; the memory gate
+    counts the blocks as held, not the float16 folder."""
+    from engine.cpu import quant_linear
+    from engine.models.memory import MemoryGate
+    from engine.models.probe import probe
+    from engine.models.weights import load_gated
+
+    folder = tiny_gguf_folder
     monkeypatch.setenv("OPENMLX_FAST_DECODE", "off")
     monkeypatch.setattr(quant_linear, "PART_ROWS", 128)  # the 300-row head in 3 slices
     plain = load_gated("tiny", probe(folder), "float32", MemoryGate())
@@ -285,3 +294,30 @@ def test_a_gguf_model_is_held_from_its_file_head_in_slices_and_the_gate_counts_t
     assert held.need.weights == estimate < probe(folder).size_bytes
     blocks = sum(m.held_bytes for _, m in held.model.named_modules() if isinstance(m, (quant_linear.QuantLinear,)))
     assert blocks < estimate < 2 * blocks + held.model.model.embed_tokens.held_bytes
+
+
+def test_auto_holds_a_model_as_blocks_where_float32_would_not_fit(tiny_gguf_folder, monkeypatch):
+    """`--cpu-dtype auto`: float32 where it fits; where it doesn't but the blocks do, quantized
+    (not the shipped weights through MLX's slow quantized kernels), saying why; neither: as shipped."""
+    from engine.cpu import quant_linear
+    from engine.models.memory import SAFETY_MARGIN, MemoryGate, dequantized_bytes
+    from engine.models.probe import probe
+    from engine.models.weights import KV_HEADROOM_TOKENS, choose_cpu_dtype, kv_bytes_per_token, load_gated
+
+    p = probe(tiny_gguf_folder)
+    kv = kv_bytes_per_token(p.config)
+    f32, blocks = dequantized_bytes(p), quant_linear.estimate_held(tiny_gguf_folder)
+    assert blocks < f32
+    budget = KV_HEADROOM_TOKENS * kv + SAFETY_MARGIN
+    assert choose_cpu_dtype("auto", p, MemoryGate(override=budget + f32), kv).dtype == "float32"
+    between = MemoryGate(override=budget + (blocks + f32) // 2)
+    choice = choose_cpu_dtype("auto", p, between, kv)
+    assert choice.dtype == "quantized" and "would not fit" in choice.reason and "held as blocks" in choice.reason
+    assert choose_cpu_dtype("auto", p, MemoryGate(override=budget + blocks // 2), kv).dtype == "keep"
+    monkeypatch.setenv("OPENMLX_FAST_DECODE", "off")
+    loaded = load_gated("tiny", p, "auto", between)
+    assert loaded.dtype == "quantized" and "held as blocks" in loaded.dtype_reason
+    assert isinstance(loaded.model.lm_head, quant_linear.QuantLinear)
+    # where onnxruntime isn't there, auto doesn't pick it
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "onnxruntime" else object())
+    assert choose_cpu_dtype("auto", p, between, kv).dtype == "keep"
