@@ -332,9 +332,11 @@ class _Source:
 # blocks while it is built (the whole head: 157 MB, on top of onnxruntime's ~205 MB copy); five calls
 # a token instead of one cost ~0.1 ms.
 PART_ROWS = 32768
-# rows of a pass handed to one run: onnxruntime's output comes from its arena, which keeps its
-# largest block, so a 256-row prefill pass through the 151936-wide head would pin ~156 MB there.
-ROWS_A_RUN = 64
+# rows handed to one run at most: onnxruntime's output comes from its arena, which keeps its largest
+# block. A prefill pass (256 rows) runs whole; the head sees one row of it (LastRowOnly,
+# engine/generation/last_rows.py), and a caller that wants every row's logits (prompt logprobs)
+# gets them 256 rows at a time, pinning at most ~156 MB there.
+ROWS_A_RUN = 256
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")  # the llama layout (engine/cpu/decode.py's)
 _PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
