@@ -1,11 +1,23 @@
 """Float32 against `--cpu-dtype quantized` (weights held as blocks, products through onnxruntime's
-MatMulNBits) on one model: decode tok/s, prefill tok/s, peak RSS, and whether the greedy tokens agree.
+MatMulNBits) against llama.cpp, on the same GGUF file, each server alone: decode tok/s, prefill
+tok/s, peak RSS.
 
-`python -m bench.quant_cpu [--model FOLDER] [--rounds 2] [--tokens 48]` loads the model in a fresh
-process per path and per round, the two paths in turns (float32, quantized, float32, ...), so
-whatever else the machine does at the time weighs on both alike; each process reports its own peak
-RSS (ru_maxrss: the load's transient copies included). Prints a markdown table; `--json` writes
-the raw figures. Default model: the Qwen2.5-Coder-0.5B Q4_K_M store folder, else the default model.
+`python -m bench.quant_cpu [--gguf FILE] [--rounds 2]` starts each server fresh in turn, rounds
+alternating (float32, quantized, llama.cpp, then the next round in the opposite order), so a
+machine whose speed drifts weighs on all alike; each run:
+
+- prefill: time to the first token of a fresh ~`--prompt`-token prompt (a number at its start:
+  no server reuses a cached prefix); tok/s = prompt tokens / that time; median of 2;
+- decode: a `--tokens`-token story (greedy, end-of-sequence banned), tokens per second after the
+  first; openmlx with `--speculative off` and llama.cpp without drafting, so both decode a
+  token a pass;
+- peak RSS: the server's own high-water mark (VmHWM: its load included) and the process tree's
+  resident memory polled every 0.1 s, the larger;
+- the 1-minute load average when the server started and when it stopped (the machine is shared).
+
+Prints a markdown table (medians over rounds, each round's figures listed under it); `--json`
+writes the raw figures. Needs llama-cpp-python (the wheel in ../shared/peers) for the llama.cpp
+column. Default file: the Qwen2.5-Coder-0.5B Q4_K_M the tests assemble.
 """
 from __future__ import annotations
 
@@ -13,96 +25,179 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Optional
 
-PROMPT = "Write a long story about a lighthouse keeper and a storm."
+import psutil
 
-_CHILD = r"""
-import json, resource, sys, time
-from engine.cpu import blas  # OpenBLAS before mlx, as the server does
-import mlx.core as mx
-from pathlib import Path
-from mlx_lm.models.cache import make_prompt_cache
-from engine.models.memory import MemoryGate
-from engine.models.probe import probe
-from engine.models.weights import load_gated
-folder, dtype, tokens, prompt = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-t0 = time.perf_counter()
-loaded = load_gated("bench", probe(Path(folder)), dtype, MemoryGate())
-load_s = time.perf_counter() - t0
-ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-cache = make_prompt_cache(loaded.model)
-t0 = time.perf_counter()
-logits = loaded.model(mx.array([ids]), cache=cache)[0, -1]
-out = [int(mx.argmax(logits))]
-prefill_s = time.perf_counter() - t0
-t0 = time.perf_counter()
-for _ in range(tokens - 1):
-    out.append(int(mx.argmax(loaded.solo(mx.array([[out[-1]]]), cache=cache)[0, -1])))
-decode_s = time.perf_counter() - t0
-print(json.dumps({"dtype": loaded.dtype, "reason": loaded.dtype_reason, "decode": loaded.decode,
-                  "load_s": load_s, "prefill_tps": len(ids) / prefill_s, "prompt_tokens": len(ids),
-                  "decode_tps": (tokens - 1) / decode_s, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6 * 1.024,
-                  "tokens": out}))
-"""
+from bench import workload
+from bench.servers import Peer, Running, llama_cpp_peer
+
+STORY = "Write a long story about a lighthouse keeper and a storm."
+NAMES = ("float32", "quantized", "llama.cpp")
 
 
-def default_folder() -> Path:
-    home = Path(os.environ.get("OPENMLX_HOME", Path.home() / ".cache" / "openmlx"))
-    qwen = home / "models" / "qwen2.5-coder-0.5b-instruct-q4_k_m"
-    return qwen if qwen.exists() else home / "models" / "SmolLM2-135M-Instruct"
+def default_gguf() -> Path:
+    from engine.config import openmlx_home
+
+    return openmlx_home() / "test-assets" / "qwen2.5-coder-0.5b" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 
 
-def run_one(folder: Path, dtype: str, tokens: int) -> dict:
-    root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(folder), dtype, str(tokens), PROMPT], cwd=root,
-                         capture_output=True, text=True)
-    if out.returncode:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+class PeakRSS:
+    """The largest resident memory a server's process tree reaches while it runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _tree(self) -> list[psutil.Process]:
+        p = psutil.Process(self.pid)
+        return [p, *p.children(recursive=True)]
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.1):
+            try:
+                self.peak = max(self.peak, sum(c.memory_info().rss for c in self._tree()))
+            except psutil.Error:
+                pass
+
+    def stop(self) -> int:
+        """The peak: the polled one, or the kernel's high-water mark of any one process if larger."""
+        self._stop.set()
+        self._thread.join()
+        marks = []
+        try:
+            for c in self._tree():
+                with open(f"/proc/{c.pid}/status") as f:
+                    marks += [int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")]
+        except (OSError, psutil.Error):
+            pass
+        return max([self.peak, *marks])
 
 
-def markdown(folder: Path, runs: dict[str, list[dict]]) -> str:
-    lines = [f"model: `{folder.name}`", "",
-             "| path | decode tok/s | prefill tok/s | peak RSS GB | load s | greedy tokens equal to float32 |",
+def measure(run: Running, prompt: str, tokens: int, eos: list[int]) -> dict:
+    url, model = run.url, run.peer.model_id
+    workload.stream_chat(url, model, "Hi", 4, eos)  # warm-up
+    fills = [workload.stream_chat(url, model, f"Request {i} {time.time_ns()}. {prompt}", 2, eos) for i in range(2)]
+    for r in fills:
+        if not r.ok:
+            raise RuntimeError(r.error)
+    ttft = statistics.median(r.ttft_s for r in fills)
+    story = workload.stream_chat(url, model, STORY, tokens, eos)
+    if not story.ok:
+        raise RuntimeError(story.error)
+    return {"prefill_tps": fills[0].prompt_tokens / ttft, "prompt_tokens": fills[0].prompt_tokens, "ttft_s": ttft,
+            "decode_tps": story.decode_tps}
+
+
+def run_one(peer: Peer, out: Path, prompt: str, tokens: int, eos: list[int]) -> dict:
+    load0 = os.getloadavg()[0]
+    start = time.perf_counter()
+    run = Running(peer, out)
+    rss = PeakRSS(run.proc.pid)
+    try:
+        run.wait_ready(600)
+        ready_s = time.perf_counter() - start
+        figures = measure(run, prompt, tokens, eos)
+        figures["ready_s"] = ready_s
+        if peer.ready_path == "/health":
+            model = workload.client().get(run.url + "/v1/models").json()["data"][0]
+            figures["health"] = {"dtype_reason": model.get("dtype_reason", ""),
+                                 "decode": workload.client().get(run.url + "/health").json().get("decode", "")}
+    except Exception as e:  # a server that fails is reported, not fatal
+        figures = {"error": repr(e)[:300]}
+    finally:
+        peak = rss.stop()
+        run.stop()
+    figures.update(peak_rss_gb=peak / 1e9, load=[round(load0, 2), round(os.getloadavg()[0], 2)])
+    return figures
+
+
+def openmlx(gguf: Path, model_id: str, dtype: str) -> Peer:
+    return Peer(dtype, [sys.executable, "-m", "handlers.cli", "serve", "--model", str(gguf), "--port", "{port}",
+                        "--cpu-dtype", dtype, "--speculative", "off", "--embedding-model", "none",
+                        "--audio-model", "none", "--log-level", "warning"], model_id, "/health")
+
+
+def llama_cpp(gguf: Path, alias: str) -> Optional[Peer]:
+    """llama.cpp's server on 2 threads: from this interpreter where llama-cpp-python is installed
+    here, else from a venv of its own with the wheel in ../shared/peers (bench/servers.py)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return llama_cpp_peer(gguf=gguf, alias=alias, n_ctx=4096)
+    return Peer("llama.cpp", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", "{port}",
+                              "--n_ctx", "4096", "--n_threads", "2", "--model_alias", alias], alias)
+
+
+def markdown(model: str, runs: dict[str, list[dict]]) -> str:
+    lines = [f"Model: `{model}`, each server alone, medians over rounds (load average: 1-minute, at start and at stop "
+             "of each run, over all runs)", "",
+             "| server | decode tok/s | prefill tok/s (prompt tokens) | peak RSS GB | ready s | load average |",
              "|---|---|---|---|---|---|"]
-    ref = next((r["tokens"] for r in runs.get("float32", []) if "tokens" in r), None)
-    for dtype, rs in runs.items():
+    for name, rs in runs.items():
         ok = [r for r in rs if "error" not in r]
         if not ok:
-            lines.append(f"| {dtype} | {rs[0]['error'][:80]} | | | | |")
+            lines.append(f"| {name} | {rs[0].get('error', 'not run')[:90]} | | | | |")
             continue
         med = lambda key: statistics.median(r[key] for r in ok)  # noqa: E731
-        same = "-" if ref is None else ("yes" if all(r["tokens"] == ref for r in ok) else
-                                        f"first {next(i for i, (a, b) in enumerate(zip(ok[0]['tokens'] + [None], ref)) if a != b)}")
-        lines.append(f"| {dtype} | {med('decode_tps'):.1f} | {med('prefill_tps'):.1f} | {med('peak_rss_gb'):.2f} | "
-                     f"{med('load_s'):.0f} | {same} |")
-    for dtype, rs in runs.items():
-        for r in rs[:1]:
-            if "error" not in r:
-                lines.append(f"\n{dtype}: {r['reason']}; decode: {r['decode']}")
-    return "\n".join(lines)
+        loads = [x for r in ok for x in r["load"]]
+        lines.append(f"| {name} | {med('decode_tps'):.1f} | {med('prefill_tps'):.0f} ({ok[0]['prompt_tokens']}) | "
+                     f"{med('peak_rss_gb'):.2f} | {med('ready_s'):.0f} | {min(loads):.1f}-{max(loads):.1f} |")
+    lines.append("")
+    for name, rs in runs.items():
+        for i, r in enumerate(rs):
+            if "error" in r:
+                lines.append(f"- {name}, round {i + 1}: {r['error'][:200]}")
+            else:
+                lines.append(f"- {name}, round {i + 1}: decode {r['decode_tps']:.1f}, prefill {r['prefill_tps']:.0f}, "
+                             f"peak {r['peak_rss_gb']:.2f} GB, load {r['load'][0]}-{r['load'][1]}")
+    for name, rs in runs.items():
+        health = next((r["health"] for r in rs if "health" in r), None)
+        if health:
+            lines.append(f"- {name}: {health.get('dtype_reason', '')}; decode: {health.get('decode', '')}")
+    return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=None, help="a model folder in the store")
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.quant_cpu", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", type=Path, default=None, help="the GGUF file every server serves")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--tokens", type=int, default=128, help="decode: the story's length")
+    ap.add_argument("--prompt", type=int, default=1000, help="prefill: the fresh prompt's length in tokens")
+    ap.add_argument("--only", action="append", choices=NAMES, help="run only these (repeatable)")
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
-    folder = args.model or default_folder()
-    runs: dict[str, list[dict]] = {"float32": [], "quantized": []}
-    for _ in range(args.rounds):
-        for dtype in runs:
-            runs[dtype].append(run_one(folder, dtype, args.tokens))
-            print(dtype, {k: v for k, v in runs[dtype][-1].items() if k != "tokens"}, file=sys.stderr)
+    args = ap.parse_args(argv)
+    from engine.config import openmlx_home
+    from engine.models.gguf_import import import_gguf
+
+    gguf = (args.gguf or default_gguf()).resolve()
+    folder = import_gguf(gguf, openmlx_home() / "models")  # the conversion `serve` makes, done before timing
+    count, eos = workload.count_with(folder)
+    prompt = workload.prompt_of(args.prompt, count)
+    names = args.only or list(NAMES)
+    table: dict[str, Optional[Peer]] = {n: openmlx(gguf, folder.name, n) for n in names if n != "llama.cpp"}
+    if "llama.cpp" in names:
+        table["llama.cpp"] = llama_cpp(gguf, folder.name)
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            peer = table[name]
+            runs[name].append(run_one(peer, args.out, prompt, args.tokens, eos) if peer else
+                              {"error": "llama-cpp-python isn't installed"})
+            print(name, runs[name][-1], file=sys.stderr, flush=True)
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))
-    print(markdown(folder, runs))
+    print(markdown(folder.name, runs))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

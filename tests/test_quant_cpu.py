@@ -147,7 +147,19 @@ def test_the_default_model_decodes_the_float32_text_held_as_blocks(default_model
     assert isinstance(layer.mlp.down_proj, QuantLinear) and isinstance(runner.model.model.embed_tokens, QuantEmbedding)
     # nothing float32 the size of a weight matrix is left in MLX: only norms
     assert max(p.size for _, p in __import__("mlx.utils").utils.tree_flatten(runner.model.parameters())) <= 576
-    assert _greedy(runner) == float32_text
+    head, rows = runner.model.model.embed_tokens._head, []
+    real = QuantLinear.rows
+
+    def counted(self, x):
+        if self is head:
+            rows.append(x.shape[0])
+        return real(self, x)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(QuantLinear, "rows", counted)
+        assert _greedy(runner) == float32_text
+    # the prompt's rows go through the backbone only: the eager head multiplies the last row of a pass
+    assert rows and max(rows) == 1, rows
 
 
 def test_http_with_the_quantized_path(default_model_dir, float32_text):
@@ -189,3 +201,123 @@ def test_the_loader_refuses_malformed_blocks_and_falls_back_on_unmapped_ones(def
         loaded = load_gated("m", probe(default_model_dir), "quantized", MemoryGate())
         assert loaded.dtype == "float32" and loaded.model.model.layers[0].mlp.down_proj.weight.dtype == mx.float32
         assert "doesn't cover this model (GGUF IQ4_NL)" in loaded.dtype_reason and loaded.warnings
+
+
+def test_a_session_keeps_no_reference_to_the_blocks_it_was_built_from():
+    """The weights reach onnxruntime as external initializers from memory; once the session is
+    built our arrays are freed (that is the memory saved), so it must not read them afterwards:
+    freed and overwritten, the product stays the same."""
+    from engine.cpu.quant_linear import QuantLinear
+
+    k, n = 512, 4096  # large enough that numpy's arrays are their own mappings, unmapped when freed
+    blocks = qb.from_gguf("t", "Q8_0", _random_blocks("Q8_0", n, k, seed=7), k)
+    x = np.random.default_rng(2).standard_normal((3, k)).astype(np.float32)
+    module = QuantLinear(blocks, None)
+    want = module.rows(x)
+    del blocks
+    litter = [np.full(n * k, 0x7F, np.uint8) for _ in range(4)]  # reuse whatever was freed
+    assert np.array_equal(module.rows(x), want) and litter
+
+
+def test_file_rows_read_a_tensor_a_slice_at_a_time_and_a_short_file_is_refused(tmp_path):
+    data = _random_blocks("Q5_0", 40, 256, seed=4)
+    path = tmp_path / "t.bin"
+    path.write_bytes(b"head" + data.tobytes())
+    rows = qb.FileRows(str(path), 4, 40, data.shape[1])
+    assert np.array_equal(rows[10:25], data[10:25]) and np.array_equal(rows[:], data)
+    whole = qb.from_gguf("t", "Q5_0", data, 256)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(qb, "_CHUNK_ROWS", 16)
+        assert np.array_equal(qb.from_gguf("t", "Q5_0", rows, 256).dequantize(), whole.dequantize())
+    short = qb.FileRows(str(path), 4, 41, data.shape[1])
+    with pytest.raises(qb.Malformed, match="the file ends inside the tensor"):
+        qb.from_gguf("t", "Q5_0", short, 256)
+
+
+def test_an_embedding_kept_in_the_files_bytes_looks_up_llama_cpps_rows():
+    data = _random_blocks("Q5_0", 20, 128, seed=9)
+    table = qb.gguf_rows("token_embd.weight", "Q5_0", data, 128)
+    want = gguf.dequantize(data, gguf.GGMLQuantizationType.Q5_0).reshape(20, 128)
+    assert table.nbytes == data.nbytes and table.shape == (20, 128)
+    assert np.array_equal(table.dequantize(7), want[7]) and np.array_equal(table.dequantize(np.array([3, 19])), want[[3, 19]])
+    bad = data.copy()
+    bad[5, 0:2] = np.array([np.nan], np.float16).view(np.uint8)
+    with pytest.raises(qb.Malformed, match="token_embd.weight"):
+        qb.gguf_rows("token_embd.weight", "Q5_0", bad, 128)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf_folder(tmp_path_factory):
+    """A tiny llama written by llama.cpp's own writer (Q5_0 matrices, a Q8_0 head), imported into a
+    store (float16 there, marked with its source file)."""
+    import gguf.quants
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    from engine.models.gguf_import import import_gguf
+    from tests.test_gguf_families import FAMILIES, _write
+
+    tmp = tmp_path_factory.mktemp("tiny-gguf")
+    config, extra_meta, names, norm_shift = FAMILIES["llama"]
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    rng = np.random.default_rng(3)
+    params = {k: (rng.standard_normal(v.shape) * 0.2).astype(np.float32) for k, v in tree_flatten(model.parameters())}
+    path = tmp / "tiny-q5.gguf"
+    T = gguf.GGMLQuantizationType
+    _write(path, "llama", config, extra_meta, names, norm_shift, params,
+           quantize=lambda name: T.Q8_0 if name == "lm_head.weight" else T.Q5_0)
+    return import_gguf(path, tmp / "models", say=lambda _m: None)
+
+
+def test_a_gguf_model_is_held_from_its_file_head_in_slices_and_the_gate_counts_the_blocks(tiny_gguf_folder,
+                                                                                          monkeypatch):
+    """The quantized path reads the tiny model's blocks from its GGUF file, the head in row slices,
+    the embedding in the file's own bytes, and gives the float32 path's logits; the memory gate
+    counts the blocks as held, not the float16 folder."""
+    from engine.cpu import quant_linear
+    from engine.models.memory import MemoryGate
+    from engine.models.probe import probe
+    from engine.models.weights import load_gated
+
+    folder = tiny_gguf_folder
+    monkeypatch.setenv("OPENMLX_FAST_DECODE", "off")
+    monkeypatch.setattr(quant_linear, "PART_ROWS", 128)  # the 300-row head in 3 slices
+    plain = load_gated("tiny", probe(folder), "float32", MemoryGate())
+    held = load_gated("tiny", probe(folder), "quantized", MemoryGate())
+    assert held.dtype == "quantized", held.dtype_reason
+    assert len(held.model.lm_head._parts) == 3 and held.model.lm_head.shape == (300, 64)
+    assert isinstance(held.model.model.embed_tokens._blocks, qb.GGUFRows)
+    ids = mx.array([[5, 17, 250, 3, 99, 42]])
+    a, b = np.array(plain.model(ids)), np.array(held.model(ids))
+    assert np.abs(a - b).max() <= 3e-2 * np.abs(a).max(), np.abs(a - b).max()
+    estimate = quant_linear.estimate_held(folder)
+    assert held.need.weights == estimate < probe(folder).size_bytes
+    blocks = sum(m.held_bytes for _, m in held.model.named_modules() if isinstance(m, (quant_linear.QuantLinear,)))
+    assert blocks < estimate < 2 * blocks + held.model.model.embed_tokens.held_bytes
+
+
+def test_auto_holds_a_model_as_blocks_where_float32_would_not_fit(tiny_gguf_folder, monkeypatch):
+    """`--cpu-dtype auto`: float32 where it fits; where it doesn't but the blocks do, quantized
+    (not the shipped weights through MLX's slow quantized kernels), saying why; neither: as shipped."""
+    from engine.cpu import quant_linear
+    from engine.models.memory import SAFETY_MARGIN, MemoryGate, dequantized_bytes
+    from engine.models.probe import probe
+    from engine.models.weights import KV_HEADROOM_TOKENS, choose_cpu_dtype, kv_bytes_per_token, load_gated
+
+    p = probe(tiny_gguf_folder)
+    kv = kv_bytes_per_token(p.config)
+    f32, blocks = dequantized_bytes(p), quant_linear.estimate_held(tiny_gguf_folder)
+    assert blocks < f32
+    budget = KV_HEADROOM_TOKENS * kv + SAFETY_MARGIN
+    assert choose_cpu_dtype("auto", p, MemoryGate(override=budget + f32), kv).dtype == "float32"
+    between = MemoryGate(override=budget + (blocks + f32) // 2)
+    choice = choose_cpu_dtype("auto", p, between, kv)
+    assert choice.dtype == "quantized" and "would not fit" in choice.reason and "held as blocks" in choice.reason
+    assert choose_cpu_dtype("auto", p, MemoryGate(override=budget + blocks // 2), kv).dtype == "keep"
+    monkeypatch.setenv("OPENMLX_FAST_DECODE", "off")
+    loaded = load_gated("tiny", p, "auto", between)
+    assert loaded.dtype == "quantized" and "held as blocks" in loaded.dtype_reason
+    assert isinstance(loaded.model.lm_head, quant_linear.QuantLinear)
+    # where onnxruntime isn't there, auto doesn't pick it
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "onnxruntime" else object())
+    assert choose_cpu_dtype("auto", p, between, kv).dtype == "keep"

@@ -129,6 +129,22 @@ def from_mlx(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: i
 _GGUF = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q5_0": (22, 32), "Q8_0": (34, 32), "Q4_K": (144, 256),
          "Q6_K": (210, 256)}
 MAPPED_GGUF = tuple(_GGUF)
+# what each type becomes, per value: (bits, block, has a float offset a block); see the module docstring
+_AS_BLOCKS = {"Q4_0": (4, 32, False), "Q4_1": (4, 32, True), "Q4_K": (4, 32, True), "Q8_0": (8, 32, False),
+              "Q5_0": (8, 32, False), "Q6_K": (8, 16, False)}
+
+
+def block_bytes(bits: int, block: int, offsets: bool) -> float:
+    """Bytes a value as `Blocks` of `bits`/`block`: the values, a float scale and a zero point a
+    block, and a float offset a block where the format has one."""
+    return bits / 8 + (4 + 1 + (4 if offsets else 0)) / block
+
+
+def gguf_block_bytes(type_name: str, values: int) -> int:
+    """Bytes `values` of a GGUF tensor of `type_name` take as Blocks (Unmapped if it maps to none)."""
+    if type_name not in _AS_BLOCKS:
+        raise Unmapped(f"GGUF {type_name} (mapped: {', '.join(MAPPED_GGUF)})")
+    return int(values * block_bytes(*_AS_BLOCKS[type_name]))
 
 
 def _nibbles(qs: np.ndarray, half: int) -> np.ndarray:
@@ -143,13 +159,40 @@ def _f16(b: np.ndarray) -> np.ndarray:
 _CHUNK_ROWS = 8192  # rows converted at a time: the unpacking's temporaries stay ~100 MB on a 151936-row head
 
 
-def from_gguf(name: str, type_name: str, data: np.ndarray, k: int) -> Blocks:
-    """Blocks for a GGUF tensor `name` of `type_name` whose rows (`data`, uint8, one row a
-    matrix row of `k` values) are ggml blocks. Raises Unmapped or Malformed. A large tensor is
-    converted `_CHUNK_ROWS` rows at a time into the final arrays."""
-    data = np.asarray(data)
+class FileRows:
+    """A GGUF tensor's rows read from the file a slice at a time (`pread`, not a memory map): the
+    bytes of a converted chunk are freed with it, where a mapped file's touched pages stay in the
+    process's RSS until the whole map goes (~0.49 GB, the whole file, at the end of a 0.5B's load)."""
+
+    ndim = 2
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, path: str, offset: int, rows: int, row_bytes: int) -> None:
+        self.path, self.offset = path, offset
+        self.shape = (rows, row_bytes)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("FileRows reads contiguous rows only")
+        count = max(0, stop - start)
+        data = np.fromfile(self.path, np.uint8, count=count * self.shape[1], offset=self.offset + start * self.shape[1])
+        if data.size != count * self.shape[1]:
+            raise Malformed(f"the file ends inside the tensor ({data.size} of {count * self.shape[1]} bytes)")
+        return data.reshape(count, self.shape[1])
+
+
+def _rows(data: Any) -> Any:
+    return data if isinstance(data, FileRows) else np.asarray(data)
+
+
+def from_gguf(name: str, type_name: str, data: Any, k: int) -> Blocks:
+    """Blocks for a GGUF tensor `name` of `type_name` whose rows (`data`: uint8 rows, or FileRows;
+    one row a matrix row of `k` values) are ggml blocks. Raises Unmapped or Malformed. A large
+    tensor is converted `_CHUNK_ROWS` rows at a time into the final arrays."""
+    data = _rows(data)
     if data.ndim != 2 or data.shape[0] <= _CHUNK_ROWS:
-        return _from_gguf(name, type_name, data, k)
+        return _from_gguf(name, type_name, data[:] if isinstance(data, FileRows) else data, k)
     parts = [_from_gguf(name, type_name, data[:_CHUNK_ROWS], k)]
     first = parts[0]
     n = data.shape[0]
@@ -172,6 +215,45 @@ def from_gguf(name: str, type_name: str, data: np.ndarray, k: int) -> Blocks:
             else:
                 offsets[rows] = part.offsets
     return Blocks(packed, scales, zeros, offsets, first.bits, first.block)
+
+
+@dataclass(frozen=True)
+class GGUFRows:
+    """An embedding table kept in the file's own bytes (e.g. Q5_0: 0.69 bytes a weight, against
+    1.16 as 8-bit blocks): a lookup dequantizes only its rows, with llama.cpp's `gguf` package."""
+
+    raw: np.ndarray  # (n, row bytes) uint8
+    type_name: str
+    k: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.raw.shape[0], self.k
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.nbytes
+
+    def dequantize(self, rows: Any = slice(None)) -> np.ndarray:
+        """`rows` as float32 (n', k), or (k,) for one row."""
+        from gguf import GGMLQuantizationType, dequantize
+
+        raw = self.raw[rows]
+        w = dequantize(raw.reshape(-1, raw.shape[-1]), GGMLQuantizationType[self.type_name])
+        return np.asarray(w, np.float32).reshape(raw.shape[:-1] + (self.k,))
+
+
+def gguf_rows(name: str, type_name: str, data: Any, k: int) -> GGUFRows:
+    """An embedding table as GGUFRows, checked as `from_gguf` checks a tensor (chunk by chunk,
+    the blocks dropped): a malformed table is refused at load, not at its first lookup."""
+    data = _rows(data)
+    n = data.shape[0]
+    raw = np.empty(data.shape, np.uint8)
+    for at in range(0, n, _CHUNK_ROWS):
+        chunk = data[at:at + _CHUNK_ROWS]
+        _from_gguf(name, type_name, chunk, k)  # raises Unmapped or Malformed
+        raw[at:at + chunk.shape[0]] = chunk
+    return GGUFRows(raw, type_name, k)
 
 
 def _from_gguf(name: str, type_name: str, data: np.ndarray, k: int) -> Blocks:

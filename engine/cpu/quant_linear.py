@@ -20,17 +20,19 @@ of 16 ms here); one session a product, not one a layer (a later step: one graph 
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from engine.cpu.quant_blocks import Blocks, Malformed, Unmapped, from_gguf, from_mlx
+from engine.cpu.quant_blocks import Blocks, FileRows, GGUFRows, Malformed, Unmapped, from_gguf, from_mlx, gguf_rows
 
 log = logging.getLogger("openmlx.engine")
 
@@ -47,9 +49,43 @@ if os.environ.get("OPENMLX_QUANT_ACCURACY"):
 THREADS = int(os.environ.get("OPENMLX_QUANT_THREADS", "2"))
 
 
+def _initializer(name: str, array: np.ndarray) -> Any:
+    """A graph initializer that names its bytes as external data: the bytes themselves reach
+    onnxruntime from memory (`add_external_initializers`), never through the protobuf."""
+    from onnx import TensorProto, helper
+
+    t = TensorProto()
+    t.name = name
+    t.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+    t.dims.extend(array.shape)
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", f"memory-{name}"), ("offset", "0"), ("length", str(array.nbytes))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+_ARENA: list[bool] = []
+
+
+def _shared_arena(ort: Any) -> None:
+    """One CPU arena in onnxruntime's environment for every session (`session.use_env_allocators`):
+    ~170 sessions each with an arena of its own held ~1 MB more apiece for a 5 MB product here
+    (7.2 against 6.1 MB a session, measured), ~60 MB over the 0.5B."""
+    if not _ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, None)
+        _ARENA.append(True)
+
+
 def _session(blocks: Blocks, accuracy: Optional[int]) -> Any:
+    """One `MatMulNBits` session over `blocks`. The weights go in as external initializers from
+    memory: with them inside the protobuf, onnxruntime kept ~2.2x the blocks' bytes per session
+    (the model's copy, its initializer and the prepacked weights; 351 MB for a 157 MB 8-bit head,
+    measured here), from memory ~1.3x (205 MB), and it holds no reference to our arrays afterwards
+    (it copies or prepacks them while the session is built), so they can be freed."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     n, k = blocks.shape
     zeros = blocks.zeros.reshape(n, -1)
@@ -57,7 +93,8 @@ def _session(blocks: Blocks, accuracy: Optional[int]) -> Any:
         if zeros.shape[1] % 2:
             zeros = np.concatenate([zeros, np.zeros((n, 1), np.uint8)], axis=1)
         zeros = zeros[:, 0::2] | (zeros[:, 1::2] << 4)
-    zeros = np.ascontiguousarray(zeros).reshape(-1)
+    arrays = {"B": np.ascontiguousarray(blocks.packed), "S": np.ascontiguousarray(blocks.scales.reshape(-1)),
+              "Z": np.ascontiguousarray(zeros).reshape(-1)}
     node = helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"], domain="com.microsoft",
                             K=k, N=n, bits=blocks.bits, block_size=blocks.block,
                             accuracy_level=ACCURACY[blocks.bits] if accuracy is None else accuracy)
@@ -65,35 +102,59 @@ def _session(blocks: Blocks, accuracy: Optional[int]) -> Any:
         [node], "product",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
-        [numpy_helper.from_array(blocks.packed, "B"), numpy_helper.from_array(blocks.scales.reshape(-1), "S"),
-         numpy_helper.from_array(zeros, "Z")])
+        [_initializer(name, a) for name, a in arrays.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
+    _shared_arena(ort)
+    options.add_session_config_entry("session.use_env_allocators", "1")
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()])
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 class QuantLinear(nn.Module):
-    """y = x Wᵀ (+ bias) with W as MatMulNBits blocks in an onnxruntime session."""
+    """y = x Wᵀ (+ bias) with W as MatMulNBits blocks in onnxruntime sessions: one session, or for
+    a large matrix one per slice of rows (`blocks` an iterable of consecutive row slices), each
+    slice's blocks freed once its session holds them, so a 151936-row head never exists whole
+    outside onnxruntime while it is built."""
 
-    def __init__(self, blocks: Blocks, bias: Optional[np.ndarray], accuracy: Optional[int] = None) -> None:
+    def __init__(self, blocks: Blocks | Iterable[Blocks], bias: Optional[np.ndarray],
+                 accuracy: Optional[int] = None) -> None:
         super().__init__()
-        self.shape = blocks.shape
-        self.bits, self.block = blocks.bits, blocks.block
-        self.held_bytes = blocks.nbytes
-        self._session = _session(blocks, accuracy)
+        self._parts: list[tuple[int, int, Any, Optional[np.ndarray]]] = []  # (first row, end, session, offsets)
+        n, self.held_bytes, k = 0, 0, 0
+        for part in [blocks] if isinstance(blocks, Blocks) else blocks:
+            rows, k = part.shape
+            self.bits, self.block = part.bits, part.block
+            self._parts.append((n, n + rows, _session(part, accuracy), part.offsets))  # offsets: (rows, k/block) or None
+            n += rows
+            self.held_bytes += part.nbytes
+            del part  # the next slice is made only after this one's blocks are gone
+        if not self._parts:
+            raise Malformed("a matrix with no rows")
+        self.shape = (n, k)
         self._bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
-        self._offsets = blocks.offsets  # (n, k/block) or None
+
+    def _run(self, x: np.ndarray, part: tuple[int, int, Any, Optional[np.ndarray]]) -> np.ndarray:
+        _, _, session, offsets = part
+        y = session.run(None, {"x": x})[0]
+        if offsets is not None:  # + Σ_b offset[n, b] · (the sum of x over block b)
+            sums = x.reshape(x.shape[0], -1, self.block).sum(axis=-1)
+            y += sums @ offsets.T
+        return y
 
     def _product(self, x: np.ndarray) -> np.ndarray:
-        y = self._session.run(None, {"x": x})[0]
-        if self._offsets is not None:  # + Σ_b offset[n, b] · (the sum of x over block b)
-            sums = x.reshape(x.shape[0], -1, self.block).sum(axis=-1)
-            y += sums @ self._offsets.T
+        if len(self._parts) == 1 and x.shape[0] <= ROWS_A_RUN:
+            return self._run(x, self._parts[0])
+        y = np.empty((x.shape[0], self.shape[0]), np.float32)
+        for at in range(0, x.shape[0], ROWS_A_RUN):
+            rows = slice(at, at + ROWS_A_RUN)
+            for part in self._parts:
+                y[rows, part[0]:part[1]] = self._run(x[rows], part)
         return y
 
     def rows(self, x: np.ndarray) -> np.ndarray:
@@ -115,16 +176,20 @@ class QuantLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """An embedding table held as blocks: a lookup dequantizes only its rows; `as_linear` (a tied
-    head) multiplies through a session over the same blocks."""
+    """An embedding table held as blocks, or in the GGUF file's own bytes where it isn't also the
+    head: a lookup dequantizes only its rows; `as_linear` (a tied head) multiplies through a session
+    over the same blocks."""
 
-    def __init__(self, blocks: Blocks, tied: bool, accuracy: Optional[int] = None) -> None:
+    def __init__(self, table: Blocks | GGUFRows, tied: bool, accuracy: Optional[int] = None) -> None:
         super().__init__()
-        self._blocks = blocks
-        self.shape = blocks.shape
-        self.held_bytes = blocks.nbytes
-        self._head = QuantLinear(blocks, None, accuracy) if tied else None
-        if self._head is not None:
+        self._blocks = table  # what a lookup reads: anything with `shape` and `dequantize(rows)`
+        self.shape = table.shape
+        self.held_bytes = table.nbytes
+        self._head = None
+        if tied:
+            if not isinstance(table, Blocks):
+                raise TypeError("a tied head needs the table as blocks")
+            self._head = QuantLinear(table, None, accuracy)
             self.held_bytes += self._head.held_bytes
 
     def __getitem__(self, token: int) -> np.ndarray:
@@ -154,29 +219,83 @@ def _gguf_source(folder: Path) -> Optional[Path]:
     return None
 
 
+@dataclass(frozen=True)
+class _Tensor:
+    """One GGUF tensor's place in its file: what `FileRows` needs, and what the estimate counts."""
+
+    name: str
+    type_name: str
+    k: int  # values a row
+    rows: int
+    row_bytes: int
+    offset: int
+
+    @property
+    def values(self) -> int:
+        return self.k * self.rows
+
+
+@dataclass(frozen=True)
+class _GGUFFile:
+    architecture: str
+    tensors: tuple[_Tensor, ...]
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_file(path: str, size: int, mtime_ns: int) -> _GGUFFile:
+    """The file's architecture and tensor table, read once per file version: gguf's reader parses
+    every metadata field (a 151936-token vocabulary: ~10 s and ~1.5 M small objects here), and the
+    gate's estimate and the load both need the table. The reader itself isn't kept."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    field = reader.fields.get("general.architecture")
+    arch = bytes(field.parts[-1]).decode() if field else ""
+    tensors = []
+    for t in reader.tensors:
+        rows, row_bytes = t.data.shape if t.data.ndim == 2 else (1, int(t.n_bytes))
+        tensors.append(_Tensor(t.name, t.tensor_type.name, int(t.shape[0]), int(rows), int(row_bytes),
+                               int(t.data_offset)))
+    return _GGUFFile(arch, tuple(tensors))
+
+
+def _read_gguf(path: Path) -> _GGUFFile:
+    stat = path.stat()
+    return _gguf_file(str(path), stat.st_size, stat.st_mtime_ns)
+
+
 class _Source:
     """Where a module's blocks come from: its own MLX affine quantization, else the GGUF file."""
 
     def __init__(self, folder: Path) -> None:
-        self.gguf: dict[str, Any] = {}
+        self.gguf: dict[str, _Tensor] = {}
         path = _gguf_source(folder)
         if path is None:
             return
-        from gguf import GGUFReader
-
         from engine.formats.gguf import mlx_tensor_name
         from engine.formats.gguf_archs import ARCHITECTURES
 
-        reader = GGUFReader(str(path))
-        field = reader.fields.get("general.architecture")
-        arch = ARCHITECTURES.get(bytes(field.parts[-1]).decode() if field else "")
+        file = _read_gguf(path)
+        arch = ARCHITECTURES.get(file.architecture)
         if arch is None:
             return
-        for t in reader.tensors:
+        self.path = str(path)
+        for t in file.tensors:
             try:
                 self.gguf[mlx_tensor_name(t.name, arch.layers).removesuffix(".weight")] = t
             except ValueError:
                 continue
+
+    def _file_rows(self, tensor: _Tensor) -> FileRows:
+        return FileRows(self.path, tensor.offset, tensor.rows, tensor.row_bytes)
+
+    def table(self, path: str, module: Any, tied: bool) -> Blocks | GGUFRows:
+        """An embedding's table: the file's own bytes where it comes from a GGUF file and isn't
+        also the head, else blocks."""
+        tensor = self.gguf.get(path)
+        if tied or tensor is None or isinstance(module, nn.QuantizedEmbedding):
+            return self.blocks(path, module)
+        return gguf_rows(tensor.name, tensor.type_name, self._file_rows(tensor), tensor.k)
 
     def blocks(self, path: str, module: Any) -> Blocks:
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
@@ -188,11 +307,75 @@ class _Source:
         if tensor is None:
             raise Unmapped(f"{path}: {type(module).__name__} with no quantized blocks (not MLX-quantized, "
                            "no GGUF source file)")
-        return from_gguf(tensor.name, tensor.tensor_type.name, np.asarray(tensor.data), int(tensor.shape[0]))
+        return from_gguf(tensor.name, tensor.type_name, self._file_rows(tensor), tensor.k)
 
+    def parts(self, path: str, module: Any) -> Blocks | Iterator[Blocks]:
+        """A product's blocks: a large GGUF matrix (the head) as consecutive slices of PART_ROWS
+        rows, each read from the file only when the one before is held by its session."""
+        tensor = self.gguf.get(path)
+        if tensor is None or isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            return self.blocks(path, module)
+        whole = self._file_rows(tensor)
+        if whole.shape[0] <= PART_ROWS:
+            return self.blocks(path, module)
+
+        def slices() -> Iterator[Blocks]:
+            rows, row_bytes = whole.shape
+            for at in range(0, rows, PART_ROWS):
+                part = FileRows(whole.path, whole.offset + at * row_bytes, min(PART_ROWS, rows - at), row_bytes)
+                yield from_gguf(f"{tensor.name}[{at}:]", tensor.type_name, part, tensor.k)
+                _trim()
+        return slices()
+
+
+# rows of one session over a large GGUF matrix: a Q8_0 slice of Qwen's 151936 x 896 head is ~37 MB of
+# blocks while it is built (the whole head: 157 MB, on top of onnxruntime's ~205 MB copy); five calls
+# a token instead of one cost ~0.1 ms.
+PART_ROWS = 32768
+# rows handed to one run at most: onnxruntime's output comes from its arena, which keeps its largest
+# block. A prefill pass (256 rows) runs whole; the head sees one row of it (LastRowOnly,
+# engine/generation/last_rows.py), and a caller that wants every row's logits (prompt logprobs)
+# gets them 256 rows at a time, pinning at most ~156 MB there.
+ROWS_A_RUN = 256
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")  # the llama layout (engine/cpu/decode.py's)
 _PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+
+
+# onnxruntime holds a session's blocks as ~1.2-1.35x their bytes (its prepacked weights, with a float
+# sum a block for the int8 path, plus the scales and zero points it keeps): measured 1.21 on a
+# 4864 x 896 8-bit product, 1.34 on 896 x 896, 1.3 on the 151936 x 896 head; our offsets stay in numpy.
+SESSION_FACTOR = 1.3
+
+
+def estimate_held(folder: Path, quantization: Optional[dict[str, Any]] = None, values: int = 0) -> Optional[int]:
+    """Bytes the model will hold on this path, before loading it: each GGUF tensor as its blocks
+    in onnxruntime (SESSION_FACTOR) and its offsets, an untied GGUF embedding in the file's own
+    bytes, float tensors as float32. For an MLX-quantized folder (`quantization`: bits, group_size;
+    `values`: its weight count), the same from its bits and group. None where neither applies or a
+    type doesn't map (the load then says why)."""
+    from engine.cpu.quant_blocks import _AS_BLOCKS, block_bytes
+
+    path = _gguf_source(folder)
+    if path is None:
+        if not quantization or not values:
+            return None
+        bits, group = int(quantization.get("bits", 4)), int(quantization.get("group_size", 64))
+        return int(values * (block_bytes(bits, group, False) * SESSION_FACTOR + 4 / group))
+    tensors = _read_gguf(path).tensors
+    names = {t.name for t in tensors}
+    held = 0.0
+    for t in tensors:
+        if t.type_name in ("F32", "F16", "BF16"):
+            held += 4 * t.values
+        elif t.name == "token_embd.weight" and "output.weight" in names:
+            held += t.rows * t.row_bytes  # looked up, never multiplied: the file's bytes
+        elif t.type_name in _AS_BLOCKS:
+            bits, block, offsets = _AS_BLOCKS[t.type_name]
+            held += t.values * (block_bytes(bits, block, False) * SESSION_FACTOR + (4 / block if offsets else 0))
+        else:
+            return None
+    return int(held)
 
 
 def install(model: nn.Module, folder: Path) -> int:
@@ -216,14 +399,15 @@ def install(model: nn.Module, folder: Path) -> int:
                 bias = np.asarray(module.bias.astype(mx.float32)) if "bias" in module else None
                 path = f"model.layers.{i}.{part}.{name}"
                 plan.append((parent, name, QuantLinear(source.blocks(path, module), bias)))
+        _trim()  # each layer's conversion temporaries, before the next layer's pile on (0.5B peak 1.26 -> 1.20 GB)
     embed = getattr(backbone, "embed_tokens", None)
     tied = "lm_head" not in model
-    plan.append((backbone, "embed_tokens", QuantEmbedding(source.blocks("model.embed_tokens", embed), tied)))
+    plan.append((backbone, "embed_tokens", QuantEmbedding(source.table("model.embed_tokens", embed, tied), tied)))
     if not tied:
         head = model.lm_head
         if "bias" in head:
             raise Unmapped("an output head with a bias")
-        plan.append((model, "lm_head", QuantLinear(source.blocks("lm_head", head), None)))
+        plan.append((model, "lm_head", QuantLinear(source.parts("lm_head", head), None)))
     held = 0
     for parent, name, module in plan:
         setattr(parent, name, module)

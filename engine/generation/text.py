@@ -23,7 +23,7 @@ from engine.generation.prompt_cache import Hit, PromptCache, common_prefix, need
 from engine.generation.sampling import make_sampler, penalty_processor
 from engine.generation.speculative import Speculation, SpecStats, speculative_tokens
 from engine.generation.stopping import StopMatcher
-from engine.generation.last_rows import SplitHead, split_head
+from engine.generation.last_rows import LastRowOnly, SplitHead, split_head
 from engine.models.weights import load_gated
 from engine.generation.chat_prompts import ChatPrompts
 from engine.constrained.tools import ToolChoice
@@ -72,8 +72,13 @@ class TextRunner(ChatPrompts):
         runner.last_rows = split_head(loaded.model)
         runner.solo, runner.decode_path, runner.dtype_reason = loaded.solo, loaded.decode, loaded.dtype_reason
         if batch:
-            runner.decoder = BatchDecoder(loaded.model, _eos_ids(loaded.tokenizer))
+            runner.decoder = BatchDecoder(runner._last_row(loaded.model), _eos_ids(loaded.tokenizer))
         return runner
+
+    def _last_row(self, model: Any) -> Any:
+        """`model` for a caller that reads only the last row's logits: on the quantized path, whose
+        head is eager, the head over that row only (engine/generation/last_rows.py LastRowOnly)."""
+        return LastRowOnly(self.last_rows, model) if self.dtype == "quantized" and self.last_rows else model
 
     def load_draft(self, folder: str, cpu_dtype: str, gate: MemoryGate) -> None:
         """Load the draft model for speculative decoding (engine/generation/speculative.py); it must share
@@ -247,7 +252,8 @@ class TextRunner(ChatPrompts):
             cache = make_prompt_cache(self.model)
         if start is None:  # a long prompt's whole passes, the other streams running between them
             try:
-                reused, left = yield from read_in_passes(self.model, prompt, reused, cache, PREFILL_STEP, cancelled,
+                passes = self._last_row(self.model)
+                reused, left = yield from read_in_passes(passes, prompt, reused, cache, PREFILL_STEP, cancelled,
                                                          self.prompt_cache, self.in_flight,
                                                          min((p for p in resume_at if p > reused), default=None),
                                                          scope)
@@ -292,7 +298,8 @@ class TextRunner(ChatPrompts):
             steps = detokenized(batch_tokens(self.decoder, batch["uid"], batch), self.tokenizer,
                                 _eos_ids(self.tokenizer), max_tokens)
         else:
-            steps = stream_generate(self.solo or self.model, self.tokenizer, mx.array(prompt[reused:]), max_tokens=max_tokens,
+            steps = stream_generate(self._last_row(self.solo or self.model), self.tokenizer, mx.array(prompt[reused:]),
+                                    max_tokens=max_tokens,
                                     sampler=sampler, prompt_cache=cache, logits_processors=processors or None,
                                     prefill_step_size=PREFILL_STEP)
         self.streams += 1

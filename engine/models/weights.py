@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -50,9 +50,11 @@ def _gb(n: int) -> str:
 def choose_cpu_dtype(requested: str, probe: Probe, gate: MemoryGate, kv_bytes: int) -> DtypeChoice:
     """The load-time CPU policy: which dtype to hold weights in, and why.
 
-    On CPU only float32 goes through BLAS (quantized/half matmuls are 5-50x slower there), so
+    On CPU MLX multiplies fast only in float32 (its quantized/half matmuls are 5-50x slower), so
     `auto` expands to float32 when the expanded weights and a KV budget of KV_HEADROOM_TOKENS fit
-    in the memory available now; else the weights stay as shipped. Never on a GPU.
+    in the memory available now (float32 prefill is the faster one on a small model); else it holds
+    the weights as blocks through onnxruntime (`quantized`, engine/cpu/quant_linear.py) where that
+    path maps the model and its blocks fit; else the weights stay as shipped. Never on a GPU.
     """
     if requested not in CPU_DTYPES:
         raise ValueError(f"cpu dtype must be one of {CPU_DTYPES}")
@@ -70,8 +72,41 @@ def choose_cpu_dtype(requested: str, probe: Probe, gate: MemoryGate, kv_bytes: i
     if gate.fits(MemoryEstimate(weights, kv).total):
         return DtypeChoice("float32", f"float32, the CPU fast path: {sizes} fit in the {_gb(gate.available())} "
                                       "available")
+    blocks = _quantized_fit(probe)
+    if blocks is not None and gate.fits(MemoryEstimate(blocks, kv).total):
+        return DtypeChoice("quantized", f"quantized: {sizes} would not fit in the {_gb(gate.available())} available; "
+                                        f"held as blocks (onnxruntime MatMulNBits) it needs {_gb(blocks)} + the KV budget")
     return DtypeChoice("keep", f"{shipped}: {sizes} would not fit in the {_gb(gate.available())} available "
                                "(quantized matmuls are several times slower on the CPU)")
+
+
+def _quantized_fit(probe: Probe) -> Optional[int]:
+    """The bytes `--cpu-dtype quantized` would hold for this model, or None where that path can't
+    take it (onnxruntime not installed, another architecture, block types it doesn't map)."""
+    import importlib.util
+
+    from engine.cpu import quant_linear
+
+    if probe.architecture not in quant_linear.ARCHITECTURES or importlib.util.find_spec("onnxruntime") is None:
+        return None
+    try:
+        return quant_linear.estimate_held(probe.path, probe.quantization, dequantized_bytes(probe) // 4)
+    except (OSError, ValueError):
+        return None
+
+
+def quantized_bytes(probe: Probe) -> int:
+    """What `--cpu-dtype quantized` will hold: its blocks as onnxruntime holds them, counted from
+    the GGUF source's tensor types or the MLX folder's bits (engine/cpu/quant_linear.py
+    `estimate_held`), not the converted folder's bytes on disk (2.6x the held bytes for
+    Qwen2.5-Coder-0.5B Q4_K_M, whose store folder is float16). The bytes on disk where it can't tell."""
+    from engine.cpu import quant_linear
+
+    try:
+        held = quant_linear.estimate_held(probe.path, probe.quantization, dequantized_bytes(probe) // 4)
+    except (OSError, ValueError):
+        held = None
+    return held if held is not None else probe.size_bytes
 
 
 def _cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
@@ -99,8 +134,8 @@ def load_gated(label: str, probe: Probe, cpu_dtype: str, gate: MemoryGate) -> Lo
     kv_bytes = kv_bytes_per_token(probe.config)
     choice = choose_cpu_dtype(cpu_dtype, probe, gate, kv_bytes)
     dtype = choice.dtype
-    # quantized: about the file's bytes (a Q5_0 tensor is carried as 8-bit blocks, ~1.8x its bytes)
-    weights = probe.size_bytes if dtype in ("keep", "quantized") else dequantized_bytes(probe)
+    weights = probe.size_bytes if dtype == "keep" else quantized_bytes(probe) if dtype == "quantized" \
+        else dequantized_bytes(probe)
     if dtype == "float16":
         weights //= 2
     need = MemoryEstimate(weights, KV_HEADROOM_TOKENS * kv_bytes)
