@@ -33,8 +33,12 @@ def serve(port: int, upstream: str, out: Path, client: str) -> None:
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             up = http.client.HTTPConnection(target.hostname, target.port, timeout=3600)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "accept-encoding")}
-            up.request(self.command, self.path, body=raw or None, headers=headers)
-            answer = up.getresponse()
+            try:
+                up.request(self.command, self.path, body=raw or None, headers=headers)
+                answer = up.getresponse()
+            except OSError:  # the server is not up yet
+                self.send_error(502)
+                return
             count[0] += 1
             try:
                 body = json.loads(raw) if raw else None

@@ -120,13 +120,13 @@ def test_agent_runs_against_openmlx(coder_gguf, tmp_path, client):
     server_log = tmp_path / "server.log"
     server = [sys.executable, "-m", "handlers.cli", "serve", "--port", str(port), "--model", str(coder_gguf),
               "--embedding-model", "none", "--audio-model", "none", "--log-json",
-              "--request-timeout", "0"]  # a first prompt read on a loaded CPU can pass the default 600 s
+              "--request-timeout", "86400"]  # a first prompt read on a loaded CPU can pass the default 600 s
     relay = [sys.executable, "-m", "tests.agent_relay", str(relay_port), server_url, str(tmp_path / "requests"), client]
     command = _client_command(client, model, url, home)
     # One shell in a fresh namespace: loopback up, the server and the relay, the client, both stopped.
     script = (f"ip link set lo up; cd {Path.cwd()}; {' '.join(map(_quote, server))} > {server_log} 2>&1 & S=$!; "
               f"{' '.join(map(_quote, relay))} 2> {tmp_path}/relay.err & R=$!; "
-              f"for i in $(seq 1 600); do curl -sf {url}/health >/dev/null && break; sleep 1; done; "
+              f"for i in $(seq 1 600); do curl -sf {server_url}/health >/dev/null && break; sleep 1; done; "
               f"cd {project}; timeout 3000 {' '.join(map(_quote, command))} > {tmp_path}/client.out "
               f"2> {tmp_path}/client.err; echo $? > {tmp_path}/client.rc; kill $R $S; wait $S")
     subprocess.run(["unshare", "-n", "bash", "-c", script], env=_client_env(client, model, url, home),

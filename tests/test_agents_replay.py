@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from contract import schemas
-from tests.agent_models import BIG, SMALL, agent_config, claude_body, codex_body
+from tests.agent_models import BIG, SMALL, agent_config, claude_body, codex_body, recorded
 from tests.process import Server
 
 KEEPALIVE_S = 0.05  # the server's keep-alive interval here (5 s by default): shorter than a warm tiny model's read of PREFILL
@@ -135,6 +135,25 @@ def test_codex_body_streams_to_its_end(agents):
         assert schemas.event_errors(schemas.openai_spec_path(), "ResponseStreamEvent", data) == [], data
     tools = events[-1][1]["response"]["tools"]
     assert [t["type"] for t in tools] == ["function", "namespace"]  # web_search was not offered
+
+
+@pytest.mark.parametrize("name", ["opencode_hello", "aider_hello"])
+def test_chat_completions_agents_bodies_stream_to_their_end(agents, name):
+    """opencode's (10 tools, max_tokens 32000, include_usage) and aider's (no tools, no
+    max_tokens) first requests, whole and as sent: 200, every chunk valid, a finish, [DONE]."""
+    rec = recorded(name)
+    body = {**rec["body"], "model": BIG}
+    r, text = _stream(agents, rec["path"], body, {k: v for k, v in rec["headers"].items() if k != "accept"})
+    assert r.status_code == 200, text
+    data = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]", data[-3:]
+    chunks = [json.loads(d) for d in data[:-1]]
+    for c in chunks:
+        assert schemas.openai("CreateChatCompletionStreamResponse", c) == [], c
+    finishes = [ch["finish_reason"] for c in chunks for ch in c["choices"] if ch.get("finish_reason")]
+    assert finishes and finishes[-1] in ("stop", "length", "tool_calls"), finishes
+    if body.get("stream_options", {}).get("include_usage"):
+        assert chunks[-1]["usage"]["prompt_tokens"] > 1000 and chunks[-1]["choices"] == []
 
 
 def test_codex_namespaced_call_and_its_follow_up(agents):
