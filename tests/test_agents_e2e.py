@@ -42,6 +42,7 @@ CODERS = {
 CODER_FILE, CODER_SHA256, CODER_SIZE, CODER_PARTS = CODERS[os.environ.get("OPENMLX_AGENTS_MODEL", "1.5b")]
 AGENTS_DIR = Path(os.environ.get("OPENMLX_AGENTS_DIR", "/tmp/agents"))
 AIDER = os.environ.get("OPENMLX_AIDER") or shutil.which("aider")
+AIDER_MAX_TOKENS = 512
 QUIET = {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1",
          "DISABLE_ERROR_REPORTING": "1", "IS_SANDBOX": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
 CODEX_CONFIG = """model = "{model}"
@@ -117,6 +118,10 @@ def test_agent_runs_against_openmlx(coder_gguf, tmp_path, client):
         _opencode_config(project, model, url)
     if client == "aider":
         (project / "hello.py").write_text("")
+        # aider sends no max_tokens: a small model that loops would write until the context is
+        # full (hours on a CPU). Its own model settings file bounds the answer.
+        (project / ".aider.model.settings.yml").write_text(
+            f"- name: openai/{model}\n  extra_params:\n    max_tokens: {AIDER_MAX_TOKENS}\n")
     server_log = tmp_path / "server.log"
     server = [sys.executable, "-m", "handlers.cli", "serve", "--port", str(port), "--model", str(coder_gguf),
               "--embedding-model", "none", "--audio-model", "none", "--log-json",
