@@ -129,7 +129,9 @@ def test_agent_runs_against_openmlx(coder_gguf, tmp_path, client):
     relay = [sys.executable, "-m", "tests.agent_relay", str(relay_port), server_url, str(tmp_path / "requests"), client]
     command = _client_command(client, model, url, home)
     # One shell in a fresh namespace: loopback up, the server and the relay, the client, both stopped.
-    script = (f"ip link set lo up; cd {Path.cwd()}; {' '.join(map(_quote, server))} > {server_log} 2>&1 & S=$!; "
+    # The server keeps the real HOME (its store: the model converted once); the client gets a fresh one.
+    script = (f"ip link set lo up; cd {Path.cwd()}; HOME={_quote(str(Path.home()))} "
+              f"{' '.join(map(_quote, server))} > {server_log} 2>&1 & S=$!; "
               f"{' '.join(map(_quote, relay))} 2> {tmp_path}/relay.err & R=$!; "
               f"for i in $(seq 1 600); do curl -sf {server_url}/health >/dev/null && break; sleep 1; done; "
               f"cd {project}; timeout 3000 {' '.join(map(_quote, command))} > {tmp_path}/client.out "
