@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import replace
 from typing import Any, Optional
 
@@ -39,14 +40,39 @@ async def create(body: dict):
     opened = not conv.tools and prepared.reasoning is None
     stream = AnswerStream(conv, prepared, text_opened=opened)
     blocks = {"next": 0, "text": 0, "thinking": None}  # the next block's index; the open ones'
+    # The block a content event may go to now: ("text" | "thinking", index), or None between blocks;
+    # `early`: a text block a keep-alive opened before the answer had any (see keepalive()).
+    state: dict[str, Any] = {"open": None, "early": None,
+                             "last_event": time.monotonic()}
     started = {"sent": False}  # message_start went out (at the answer's start, or with the first ping)
 
     def open_block(kind: str, block: dict[str, Any]) -> list[dict[str, Any]]:
         blocks[kind], blocks["next"] = blocks["next"], blocks["next"] + 1
+        state["open"] = (kind, blocks[kind])
         return [{"type": "content_block_start", "index": blocks[kind], "content_block": block}]
 
+    def close_early() -> list[dict[str, Any]]:
+        """The keep-alive's empty text block ends where the answer starts another kind of block."""
+        if state["early"] is None:
+            return []
+        i, state["early"], state["open"] = state["early"], None, None
+        return [{"type": "content_block_stop", "index": i}]
+
     def encode(ev: answer.AnswerEvent) -> list[dict[str, Any]]:
+        out = encode_event(ev)
+        if any(c["type"] != "ping" for c in out):
+            state["last_event"] = time.monotonic()
+        return out
+
+    def encode_event(ev: answer.AnswerEvent) -> list[dict[str, Any]]:
         """Anthropic's stream events for one answer's neutral events."""
+        if isinstance(ev, answer.TextOpened) and state["early"] is not None:
+            state["early"] = None  # the answer's text goes on in the block the keep-alive opened
+            return []
+        if isinstance(ev, (answer.ReasoningPiece, answer.CallMade, answer.AnswerFinished)):
+            head = close_early()
+            if head:
+                return head + encode_event(ev)
         if isinstance(ev, answer.AnswerStarted):
             if started["sent"]:
                 return []
@@ -61,6 +87,7 @@ async def create(body: dict):
         if isinstance(ev, answer.ReasoningClosed):
             if blocks["thinking"] is None:
                 return []
+            state["open"] = None
             return [{"type": "content_block_delta", "index": blocks["thinking"],
                      "delta": {"type": "signature_delta", "signature": ""}},
                     {"type": "content_block_stop", "index": blocks["thinking"]}]
@@ -70,6 +97,7 @@ async def create(body: dict):
             return [{"type": "content_block_delta", "index": blocks["text"],
                      "delta": {"type": "text_delta", "text": ev.text}}] if ev.text else []
         if isinstance(ev, answer.TextClosed):
+            state["open"] = None
             return [{"type": "content_block_stop", "index": blocks["text"]}]
         if isinstance(ev, answer.CallMade):
             i, block = blocks["next"], mp.tool_use_block(ev.call)
@@ -94,10 +122,24 @@ async def create(body: dict):
 
     def keepalive() -> str:
         """Anthropic's `ping`; while the prompt is still being read, message_start goes first (its
-        usage counts the whole prompt as input; message_delta has the cached share at the end)."""
-        if started["sent"]:
-            return sse.named_event({"type": "ping"})
-        return "".join(sse.named_event(c) for c in encode(answer.AnswerStarted(len(prepared.prompt), 0)))
+        usage counts the whole prompt as input; message_delta has the cached share at the end).
+        After sse.EVENT_KEEPALIVE_S with nothing but pings (Claude Code's watchdog skips
+        them: its SDK drops pings before it looks), also an empty delta in the open block (a
+        text block opened for it when none is: the answer's text goes on in it, or it is closed
+        empty before a thinking or tool_use block), which every client's watchdog counts."""
+        if not started["sent"]:
+            return "".join(sse.named_event(c) for c in encode(answer.AnswerStarted(len(prepared.prompt), 0)))
+        out = [{"type": "ping"}]
+        if time.monotonic() - state["last_event"] >= sse.EVENT_KEEPALIVE_S:
+            if state["open"] is None:
+                out += open_block("text", mp.text_block(""))
+                state["early"] = blocks["text"]
+            kind, i = state["open"]
+            out.append({"type": "content_block_delta", "index": i,
+                        "delta": {"type": "thinking_delta", "thinking": ""} if kind == "thinking"
+                        else {"type": "text_delta", "text": ""}})
+            state["last_event"] = time.monotonic()
+        return "".join(sse.named_event(c) for c in out)
 
     return sse.choices_response(choices.events([lambda: engine.stream(prepared)], ROUTE, model), (),
                                 lambda _i, ev: [c for n in stream.on(ev) for c in encode(n)],

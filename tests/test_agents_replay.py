@@ -19,18 +19,23 @@ import httpx
 import pytest
 
 from contract import schemas
-from tests.agent_models import BIG, SMALL, agent_config, claude_body, codex_body
+from tests.agent_models import BIG, SMALL, agent_config, claude_body, codex_body, recorded
 from tests.process import Server
 
 KEEPALIVE_S = 0.05  # the server's keep-alive interval here (5 s by default): shorter than a warm tiny model's read of PREFILL
+EVENT_KEEPALIVE_S = 0.1  # silence before a keep-alive carries an event of the API (60 s by default)
 
 
 # --- end to end ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def agents(tmp_path_factory, default_model_dir):
-    config = agent_config(tmp_path_factory.mktemp("agent-models"), default_model_dir)
-    s = Server(["--config", str(config), "--max-models", "2", "--log-json"],
-               env={"OPENMLX_KEEPALIVE_S": str(KEEPALIVE_S)})
+def agents_config(tmp_path_factory, default_model_dir):
+    return agent_config(tmp_path_factory.mktemp("agent-models"), default_model_dir)
+
+
+@pytest.fixture(scope="module")
+def agents(agents_config):
+    s = Server(["--config", str(agents_config), "--max-models", "2", "--log-json"],
+               env={"OPENMLX_KEEPALIVE_S": str(KEEPALIVE_S), "OPENMLX_EVENT_KEEPALIVE_S": str(EVENT_KEEPALIVE_S)})
     yield s
     s.stop()
 
@@ -130,6 +135,25 @@ def test_codex_body_streams_to_its_end(agents):
         assert schemas.event_errors(schemas.openai_spec_path(), "ResponseStreamEvent", data) == [], data
     tools = events[-1][1]["response"]["tools"]
     assert [t["type"] for t in tools] == ["function", "namespace"]  # web_search was not offered
+
+
+@pytest.mark.parametrize("name", ["opencode_hello", "aider_hello"])
+def test_chat_completions_agents_bodies_stream_to_their_end(agents, name):
+    """opencode's (10 tools, max_tokens 32000, include_usage) and aider's (no tools, no
+    max_tokens) first requests, whole and as sent: 200, every chunk valid, a finish, [DONE]."""
+    rec = recorded(name)
+    body = {**rec["body"], "model": BIG}
+    r, text = _stream(agents, rec["path"], body, {k: v for k, v in rec["headers"].items() if k != "accept"})
+    assert r.status_code == 200, text
+    data = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]", data[-3:]
+    chunks = [json.loads(d) for d in data[:-1]]
+    for c in chunks:
+        assert schemas.openai("CreateChatCompletionStreamResponse", c) == [], c
+    finishes = [ch["finish_reason"] for c in chunks for ch in c["choices"] if ch.get("finish_reason")]
+    assert finishes and finishes[-1] in ("stop", "length", "tool_calls"), finishes
+    if body.get("stream_options", {}).get("include_usage"):
+        assert chunks[-1]["usage"]["prompt_tokens"] > 1000 and chunks[-1]["choices"] == []
 
 
 def test_codex_namespaced_call_and_its_follow_up(agents):
@@ -277,6 +301,76 @@ def test_a_stream_keeps_alive_while_the_prompt_is_read(agents, path, body, keepa
     gaps, text = _gaps(agents, path, {"model": BIG, "stream": True, **fresh})
     assert keepalive in text, text[:500]
     assert max(gaps) < 10, gaps
+
+
+def _event_times(server, path: str, body: dict) -> list[tuple[float, str, dict]]:
+    """(seconds since the request, name, data) of each event of a stream."""
+    out, name, t0 = [], None, time.monotonic()
+    with httpx.stream("POST", server.url + path, json=body, timeout=600) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                out.append((time.monotonic() - t0, name, json.loads(line[6:])))
+    return out
+
+
+@pytest.mark.parametrize("tools", [False, True], ids=["text", "tools"])
+def test_messages_keep_alive_with_events_a_watchdog_counts(agents, tools):
+    """Claude Code's stream watchdog drops `ping` before it looks and hangs up after 300 s with no
+    other event: while a long prompt is read, after EVENT_KEEPALIVE_S with only pings an empty
+    text_delta goes out (in a text block opened for it when the answer may be calls only), and
+    the stream stays a valid Anthropic stream that the SDK reads to the same message."""
+    import anthropic
+
+    prompt = str(time.time()) + PREFILL * 2  # ~8k tokens: longer to read than 4 x EVENT_KEEPALIVE_S
+    body = {"model": BIG, "max_tokens": 8, "stream": True, "messages": [{"role": "user", "content": prompt}]}
+    if tools:
+        body["tools"] = [{"name": "Write", "description": "Write a file",
+                          "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}}]
+    events = _event_times(agents, "/v1/messages", body)
+    for _, name, data in events:
+        if name != "ping":  # not in Anthropic's MessageStreamEvent union
+            assert schemas.event_errors(schemas.anthropic_spec_path(), "MessageStreamEvent", data) == [], data
+    content = [(t, n, d) for t, n, d in events if n != "ping"]
+    first_token = next(t for t, n, d in content if n == "message_delta")
+    assert first_token > 4 * EVENT_KEEPALIVE_S, "the prompt was read too fast to test anything"
+    gaps = [b[0] - a[0] for a, b in zip(content, content[1:])]
+    assert max(gaps) < first_token / 2, (gaps, [n for _, n, _ in content])  # pings alone: the whole read
+    empty = [d for _, n, d in content if n == "content_block_delta" and d["delta"] == {"type": "text_delta", "text": ""}]
+    assert len(empty) >= 2
+    starts = [d["content_block"]["type"] for _, n, d in content if n == "content_block_start"]
+    assert starts[0] == "text"  # one text block, the answer's text (if any) in it
+    names = [n for _, n, _ in content]
+    assert names.count("content_block_start") == names.count("content_block_stop")
+    an = anthropic.Anthropic(base_url=agents.url, api_key="x", max_retries=0)
+    with an.messages.stream(**{k: v for k, v in body.items() if k != "stream"}) as s:
+        final = s.get_final_message()
+    assert final.stop_reason in ("end_turn", "max_tokens") and final.content[0].type == "text"
+
+
+def test_responses_keep_alive_with_events_an_idle_timeout_counts(agents):
+    """Codex's idle timeout counts SSE events and never sees comment lines: after
+    EVENT_KEEPALIVE_S with only comments, `response.in_progress` goes out again (OpenAI's own
+    event, the response so far), and the SDK reads the stream to the same end."""
+    import openai
+
+    prompt = str(time.time()) + PREFILL * 2
+    body = {"model": BIG, "max_output_tokens": 8, "stream": True, "input": prompt}
+    events = _event_times(agents, "/v1/responses", body)
+    for _, name, data in events:
+        assert schemas.event_errors(schemas.openai_spec_path(), "ResponseStreamEvent", data) == [], data
+    names = [n for _, n, _ in events]
+    first_output = next(t for t, n, _ in events if n not in ("response.created", "response.in_progress"))
+    assert first_output > 4 * EVENT_KEEPALIVE_S, ("the prompt was read too fast to test anything", [(round(t, 2), n) for t, n, _ in events])
+    gaps = [b[0] - a[0] for a, b in zip(events, events[1:])]
+    assert max(gaps) < first_output / 2, (gaps, names)  # comments alone: the whole read
+    assert names.count("response.in_progress") >= 3 and names[-1] == "response.completed", names
+    assert [d["sequence_number"] for _, _, d in events] == list(range(len(events)))
+    oa = openai.OpenAI(base_url=agents.url + "/v1", api_key="x", max_retries=0)
+    streamed = list(oa.responses.create(**{**body, "input": prompt + "b"}))
+    assert streamed[-1].type == "response.completed"
 
 
 def test_sdk_parsers_skip_keep_alives(agents):

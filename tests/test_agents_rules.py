@@ -30,8 +30,8 @@ def test_recorded_bodies_are_what_the_clients_send():
     assert "namespace" in kinds and "web_search" in kinds
     namespace = next(t for t in cx["tools"] if t["type"] == "namespace")
     assert namespace["name"] == "multi_agent_v1" and namespace["tools"]
-    for name in ("claude_code_hello", "claude_code_add", "codex_hello"):
-        text = json.dumps(recorded(name))
+    for name in ("claude_code_hello", "claude_code_add", "codex_hello", "aider_hello", "opencode_hello"):
+        text = json.dumps(recorded(name)).replace("/tmp/opencode", "")  # opencode's own scratch dir, in its tool text
         assert "/tmp/" not in text and "/root/" not in text  # local paths scrubbed
 
 

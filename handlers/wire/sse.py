@@ -25,6 +25,10 @@ log = logging.getLogger("openmlx.http")
 KEEPALIVE_S = float(os.environ.get("OPENMLX_KEEPALIVE_S", "") or 5.0)
 # An SSE comment line: every SSE parser (the openai and anthropic SDKs' included) skips it.
 COMMENT_KEEPALIVE = ": keep-alive\n\n"
+# Seconds with nothing but keep-alives before one carries an event of the API's own as well:
+# clients' stream watchdogs count events, not bytes (Claude Code's skips `ping` and hangs up after
+# 300 s; Codex's idle timeout, 300 s, never sees comment lines). The variable is for tests.
+EVENT_KEEPALIVE_S = float(os.environ.get("OPENMLX_EVENT_KEEPALIVE_S", "") or 60.0)
 
 
 def event(data: Any) -> str:
