@@ -321,12 +321,24 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [("--max-queue", "0"), ("--max-queue", "-1"), ("--request-timeout", "nan"),
-                                         ("--request-timeout", "inf"), ("--header-timeout", "0"),
+                                         ("--request-timeout", "inf"), ("--request-timeout", "-1"), ("--header-timeout", "0"),
                                          ("--max-body-bytes", "-5"), ("--body-timeout", "nan"), ("--port", "70000"),
                                          ("--kv-bits", "3"), ("--kv-bits", "16"), ("--kv-group-size", "48")])
 def test_limits_that_would_disable_themselves_are_refused(tmp_path, flag, value):
     r = _serve([flag, value], tmp_path)
     assert r.returncode == 2 and flag in r.stderr, r.stderr[-1000:]
+
+
+@pytest.mark.parametrize("argv, timeout", [([], 600.0), (["--request-timeout", "0"], None),
+                                           (["--request-timeout", "86400"], 86400.0)])
+def test_request_timeout_zero_means_no_limit(argv, timeout):
+    """0 turns the deadline off, as the README says (a coding agent's first prompt can take longer
+    than the default to read on a CPU); a negative one is still refused (above)."""
+    from handlers.cli import build_parser
+    from handlers.commands.settings import engine_config
+
+    args = build_parser().parse_args(["serve", *argv])
+    assert engine_config(args).request_timeout_s == timeout
 
 
 @pytest.mark.parametrize("line", ["request-timeout: .nan", "max-queue: 0", "header-timeout: -1"])

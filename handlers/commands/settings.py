@@ -44,6 +44,11 @@ def positive_float(text: str) -> float:
     return _number(text, float, "a number", lambda v: math.isfinite(v) and v > 0, "must be a finite number above 0")
 
 
+def seconds_or_off(text: str) -> float:
+    """A deadline flag where 0 turns the deadline off: a finite number of at least 0."""
+    return _number(text, float, "a number", lambda v: math.isfinite(v) and v >= 0, "must be 0 (off) or a finite number above 0")
+
+
 def keep_alive(text: str) -> float:
     """Ollama's keep_alive: seconds or a duration ("5m", "1h30m"); negative: forever."""
     from engine.errors import EngineError
@@ -73,6 +78,7 @@ def effort_budgets(text: str | tuple[int, int, int]) -> tuple[int, int, int]:
 # The same rules for a config file's values (argparse does not convert a file's values).
 FLAG_SCHEMAS = {positive_int: {"type": "integer", "minimum": 1},
                 positive_float: {"type": "number", "exclusiveMinimum": 0, "maximum": 1e15},
+                seconds_or_off: {"type": "number", "minimum": 0, "maximum": 1e15},
                 port_number: {"type": "integer", "minimum": 0, "maximum": 65535},
                 effort_budgets: {"type": "string", "pattern": "^ *[1-9][0-9]* *, *[1-9][0-9]* *, *[1-9][0-9]* *$"}}
 
@@ -178,8 +184,10 @@ SERVE: tuple[Setting, ...] = (
     Setting("max-batch-tokens", type=positive_int, into=("server.max_batch_tokens",),
             help="tokens one request may ask for: prompts plus max_tokens, times n or best_of (400 beyond)"),
     Setting("max-queue", type=positive_int, into=("engine.max_queue",), help="requests queued or running before 429"),
-    Setting("request-timeout", **_TIMEOUT, into=("engine.request_timeout_s",),
-            help="cut off a generation after this long, queue time included (504)"),
+    Setting("request-timeout", type=seconds_or_off, metavar="SECONDS", into=("engine.request_timeout_s",),
+            to_field=lambda v: None if float(v) == 0 else float(v),
+            help="cut off a generation after this long, queue time included (504); 0: never (coding agents' "
+                 "first prompts can take longer than the default to read on a CPU)"),
     Setting("max-models", type=positive_int, into=("engine.max_models",),
             help="models kept loaded (least recently used goes)"),
     Setting("idle-unload", **_TIMEOUT, into=("engine.idle_unload_s",), help="unload models unused for this long"),
