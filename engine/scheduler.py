@@ -232,14 +232,23 @@ class Scheduler:
 
     def _step(self, job: _Job) -> Optional[Pass]:
         """Take one item from the stream and hand it over; the Pass, when it was one."""
-        if job.deadline is not None and time.monotonic() > job.deadline:
-            if job.gen is not None:
-                job.gen.close()
-            self._active.remove(job)
-            self._job_done()
-            job.deliver(RequestTimeout(f"The request took longer than this server's limit of {self.timeout_s:g} s "
-                                       "(--request-timeout).", headers={"Retry-After": "1"}))
-            return None
+        if job.deadline is not None and time.monotonic() > job.deadline and not job.cancelled.is_set():
+            timeout = RequestTimeout(f"The request took longer than this server's limit of {self.timeout_s:g} s "
+                                     "(--request-timeout).", headers={"Retry-After": "1"})
+            if job.gen is None or job.returns:  # nothing read yet (or a call's result): ends here
+                if job.gen is not None:
+                    job.gen.close()
+                self._active.remove(job)
+                self._job_done()
+                job.deliver(timeout)
+                if not job.returns:
+                    job.deliver(_END)
+                return None
+            # The client hears of it at once; the stream, told to stop, ends within a pass with
+            # its Finished "cancelled" (what it read and wrote), which the request's accounting
+            # reads after the error (handlers/conversation/choices.py).
+            job.deliver(timeout)
+            job.cancelled.set()
         try:
             if job.gen is None:
                 job.gen = job.stream(job.cancelled.is_set)

@@ -140,6 +140,19 @@ def test_request_timeout(faulty):
         events = [l[6:] for l in s.iter_lines() if l.startswith("data: ")]
     assert json.loads(events[-1])["error"]["code"] == "timeout"
     assert httpx.get(faulty.url + "/health").json()["queued"] == 0
+    # Both cut-off generations are counted and logged, with the tokens they had read and written.
+    import time
+
+    def timed_out() -> float:
+        metrics = httpx.get(faulty.url + "/metrics").text
+        return sum(float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("openmlx_generations_total") and 'finish_reason="timeout"' in line)
+
+    deadline = time.monotonic() + 30
+    while timed_out() < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert timed_out() >= 2, [l for l in faulty.log().splitlines() if 'finished' in l or 'imeout' in l]
+    assert faulty.log().count("finished (timeout)") >= 2
 
 
 def test_too_many_messages_is_400(server):

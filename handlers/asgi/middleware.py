@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
@@ -167,6 +168,17 @@ class BodyLimitMiddleware:
                 await self._timed_out(scope, send)
 
 
+# Set for the request being handled when --request-timeout cuts it off (before the cancellation
+# reaches its generation), so the accounting of what it generated says "timeout", not "cancelled".
+_DEADLINE_PASSED: ContextVar[Optional[list[bool]]] = ContextVar("openmlx_deadline_passed", default=None)
+
+
+def deadline_passed() -> bool:
+    """Whether --request-timeout cut off the request this task works for."""
+    flag = _DEADLINE_PASSED.get()
+    return bool(flag and flag[0])
+
+
 class RequestLifetimeMiddleware:
     """Ends a request's work when its client has gone, or when --request-timeout passes before
     its answer has started.
@@ -226,10 +238,13 @@ class RequestLifetimeMiddleware:
             nonlocal timed_out
             await asyncio.sleep(self.timeout_s or 0)
             if not started:
-                timed_out = True
+                timed_out = passed[0] = True
                 app.cancel()
 
+        passed = [False]
+        token = _DEADLINE_PASSED.set(passed)  # the app's task (and the tasks it starts) copy it
         app = asyncio.ensure_future(self.app(scope, app_receive, app_send))
+        _DEADLINE_PASSED.reset(token)
         helpers = [asyncio.ensure_future(watch())]
         if self.timeout_s:
             helpers.append(asyncio.ensure_future(clock()))

@@ -11,9 +11,10 @@ import asyncio
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from engine.errors import InvalidRequest
+from engine.errors import InvalidRequest, RequestTimeout
 from engine.request import Finished, Prepared, TextDelta, TokenLogprob
 from engine.engine import StreamHandle
+from handlers.asgi.middleware import deadline_passed
 from handlers.metrics import GenerationObserver
 
 LIMIT = 8  # choices generating at once for one request
@@ -22,12 +23,19 @@ ABANDONED_WAIT_S = 60.0  # how long an abandoned stream's final count is waited 
 _accounting: set[asyncio.Task] = set()  # abandoned streams' counts being awaited (held, or asyncio drops them)
 
 
-async def _account_abandoned(handle: StreamHandle, observer: GenerationObserver) -> None:
-    """A stream whose client went away: its Finished "cancelled" (what it read and wrote by then)
-    still goes to /metrics and the request log."""
+async def _account_abandoned(handle: StreamHandle, observer: GenerationObserver, reason: str = "cancelled") -> None:
+    """A stream whose client went away, or that --request-timeout cut off (`reason` "timeout"):
+    its Finished "cancelled" (what it read and wrote by then) still goes to /metrics and the
+    request log, under `reason`."""
     done = [ev for ev in await handle.remaining(ABANDONED_WAIT_S) if isinstance(ev, Finished)]
     # None: it was still queued (nothing read), or the worker took too long to say.
-    observer.finished(done[-1] if done else Finished("cancelled", 0, 0))
+    observer.finished(replace(done[-1] if done else Finished("cancelled", 0, 0), finish_reason=reason))
+
+
+def _account_later(handle: StreamHandle, observer: GenerationObserver, reason: str) -> None:
+    task = asyncio.get_running_loop().create_task(_account_abandoned(handle, observer, reason))
+    _accounting.add(task)
+    task.add_done_callback(_accounting.discard)
 
 
 @dataclass
@@ -91,11 +99,12 @@ async def events(starts: Sequence[Callable[[], StreamHandle]], route: str, model
             handle = handles.get(index)
             if handle is not None and not finished:
                 handle.cancel()
-                task = asyncio.get_running_loop().create_task(_account_abandoned(handle, observer))
-                _accounting.add(task)
-                task.add_done_callback(_accounting.discard)
+                _account_later(handle, observer, "timeout" if deadline_passed() else "cancelled")
             raise
         except Exception as e:  # handed to the consumer, which raises it
+            handle = handles.get(index)
+            if isinstance(e, RequestTimeout) and handle is not None and not finished:
+                _account_later(handle, observer, "timeout")
             await queue.put((index, e))
         finally:
             await queue.put((index, _END))
