@@ -375,3 +375,29 @@ def test_forced_call_grammar_takes_the_familys_own_call(mlx_tokenizer, fmt, call
     assert not accepted(bad) and wrong in bad
     _, calls = fmt.parse(call, [CITY])
     assert json.loads(calls[0].arguments)["city"] == "Paris"
+
+
+@pytest.mark.parametrize("fmt, call", [
+    (mistral.ARGS_FORMAT, "[TOOL_CALLS]get_weather[ARGS]{}"),
+    (deepseek.FORMAT, "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{}<｜tool▁call▁end｜><｜tool▁calls▁end｜>"),
+    (kimi.FORMAT, "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{}"
+                  "<|tool_call_end|><|tool_calls_section_end|>"),
+    (harmony.FORMAT, "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{}")])
+def test_forced_json_arguments_may_take_the_models_own_spacing(mlx_tokenizer, fmt, call):
+    """Devstral, DeepSeek and Kimi write `{"city": "Paris", "days": 3}` (as their templates render
+    earlier calls): a forced call's grammar takes that as well as the compact form (gpt-oss's), and
+    no more than one space (the e2e test saw Devstral, held to the compact form, write `": "` as
+    the city)."""
+    import llguidance
+
+    from engine.constrained.structured import ll_tokenizer
+
+    grammar = fmt.call_grammar([CITY])
+
+    def accepted(args: str) -> bool:
+        matcher = llguidance.LLMatcher(ll_tokenizer(mlx_tokenizer), grammar)
+        tokens = mlx_tokenizer.encode(call.replace("{}", args), add_special_tokens=False)
+        return matcher.validate_tokens(tokens) == len(tokens)
+
+    assert accepted('{"city":"Paris","days":3}') and accepted('{"city": "Paris", "days": 3}')
+    assert not accepted('{"city":  "Paris"}') and not accepted('{"city":\n"Paris"}')
