@@ -335,6 +335,9 @@ FORCED = [
                        "</parameter>\n</function>\n</tool_call>", "<parameter=town>"),
     (glm.FORMAT, "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key>"
                  "<arg_value>3</arg_value></tool_call>", "<arg_key>town"),
+    # GLM-4.6's own newlines (a grammar without them made the e2e model write garbage values)
+    (glm.FORMAT, "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>days</arg_key>"
+                 "\n<arg_value>3</arg_value>\n</tool_call>", "<arg_key>town"),
     (invoke_xml.MINIMAX, "<minimax:tool_call>\n<invoke name=\"get_weather\">\n<parameter name=\"city\">Paris</parameter>\n"
                          "<parameter name=\"days\">3</parameter>\n</invoke>\n</minimax:tool_call>", "name=\"town\""),
     (deepseek.FORMAT, "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"city\":\"Paris\",\"days\":3}"
