@@ -149,16 +149,20 @@ e2e = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def family_models(tmp_path_factory, default_model_dir):
+def family_models(request, tmp_path_factory, default_model_dir):
+    """The tiny models of the families this session's selected tests name (`-k glm` trains and
+    serves only GLM's)."""
     from tests.call_writers import build
 
     from engine.config import openmlx_home
 
+    selected = {item.callspec.params["model"] for item in request.session.items
+                if item.module is request.module and "model" in getattr(getattr(item, "callspec", None), "params", {})}
     root = tmp_path_factory.mktemp("families")
     cache = openmlx_home() / "test-assets" / "families"  # trained once per machine (minutes on a busy CPU)
     return {name: build(root / name, default_model_dir, f["template"], f["added"], f["eos"],
                         examples(name), cache=cache)
-            for name, f in FAMILIES.items()}
+            for name, f in FAMILIES.items() if name in selected}
 
 
 @pytest.fixture(scope="module")
