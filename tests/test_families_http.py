@@ -1,6 +1,7 @@
 """The 2026 model families' tool calls and reasoning end to end through HTTP, on tiny models
-trained to write each family's call (tests/call_writers.py): chat, streamed chat, responses and
-messages, and a follow-up turn's prompt as the family's template renders it. The parsers, formats
+trained to write each family's call and thinking (tests/call_writers.py): chat, streamed chat,
+responses and messages, a named forced call, and a follow-up turn's prompt as the family's template
+renders it; one server for all (`-k FAMILY` trains and serves only that one). The parsers, formats
 and grammars themselves: tests/test_families.py."""
 from __future__ import annotations
 
