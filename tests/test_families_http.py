@@ -241,7 +241,7 @@ def _same_thought(got, want) -> bool:
 def test_chat_call_in_the_familys_format(family_server, model, thinking):
     extra = _asks(thinking)
     out = _post(family_server, "/v1/chat/completions", {"model": model, "messages": ASK, "tools": [WEATHER_TOOL],
-                                                        "max_tokens": 120, "temperature": 0, **extra})
+                                                        "max_tokens": 300, "temperature": 0, **extra})
     choice = out["choices"][0]
     assert choice["finish_reason"] == "tool_calls", choice
     (call,) = choice["message"]["tool_calls"]
@@ -255,7 +255,7 @@ def test_chat_call_in_the_familys_format(family_server, model, thinking):
 def test_chat_stream_sends_the_call_whole(family_server, model, thinking):
     extra = _asks(thinking)
     chunks = _stream(family_server, "/v1/chat/completions", {"model": model, "messages": ASK, "tools": [WEATHER_TOOL],
-                                                             "max_tokens": 120, "temperature": 0, **extra})
+                                                             "max_tokens": 300, "temperature": 0, **extra})
     deltas = [c["choices"][0]["delta"] for c in chunks if c.get("choices")]
     text = "".join(d.get("content") or "" for d in deltas)
     reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)
@@ -277,7 +277,7 @@ def test_responses_function_call_item(family_server, model):
     tool = {"type": "function", "name": "get_weather", "description": WEATHER_TOOL["function"]["description"],
             "parameters": WEATHER_TOOL["function"]["parameters"]}
     out = _post(family_server, "/v1/responses", {"model": model, "input": ASK[0]["content"], "tools": [tool],
-                                                 "max_output_tokens": 120, "temperature": 0})
+                                                 "max_output_tokens": 300, "temperature": 0})
     calls = [item for item in out["output"] if item["type"] == "function_call"]
     assert len(calls) == 1 and calls[0]["name"] == "get_weather" and json.loads(calls[0]["arguments"]) == WEATHER_ARGS
     assert not [item for item in out["output"] if item["type"] == "message"], out["output"]
@@ -290,7 +290,7 @@ def test_responses_function_call_item(family_server, model):
 def test_messages_tool_use_block(family_server, model):
     tool = {"name": "get_weather", "description": WEATHER_TOOL["function"]["description"],
             "input_schema": WEATHER_TOOL["function"]["parameters"]}
-    out = _post(family_server, "/v1/messages", {"model": model, "messages": ASK, "tools": [tool], "max_tokens": 120,
+    out = _post(family_server, "/v1/messages", {"model": model, "messages": ASK, "tools": [tool], "max_tokens": 300,
                                                 "temperature": 0})
     uses = [b for b in out["content"] if b["type"] == "tool_use"]
     assert out["stop_reason"] == "tool_use", out
@@ -348,7 +348,7 @@ def test_forced_call_is_written_in_the_familys_format(family_server, model):
     think here, so its prompt is not the one the tiny model learned: only the call's shape and the
     schema are certain then; the others write their learned call exactly."""
     out = _post(family_server, "/v1/chat/completions", {
-        "model": model, "messages": ASK, "tools": [WEATHER_TOOL], "max_tokens": 120, "temperature": 0,
+        "model": model, "messages": ASK, "tools": [WEATHER_TOOL], "max_tokens": 300, "temperature": 0,
         "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
     choice = out["choices"][0]
     assert choice["finish_reason"] == "tool_calls", choice
