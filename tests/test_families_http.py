@@ -81,7 +81,7 @@ FAMILIES = {
     # GLM-4.7: the template opens <think>; no newlines; its tags special tokens here.
     "glm-4.7-tiny": dict(
         template="GLM-4.7-Flash.jinja", added=GLM_ROLES + [(t, True) for t in GLM_TAGS], eos=["<|observation|>", "<|user|>"],
-        reasoning=THOUGHT,
+        reasoning=THOUGHT, seed=1,  # seed 0's model had not learned it in 1,500 steps
         continuation=THOUGHT + "</think><tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value>"
                      "<arg_key>days</arg_key><arg_value>3</arg_value></tool_call>"),
     # DeepSeek V3.1: thinking on (the template opens <think>), tools described in the system turn.
@@ -166,7 +166,7 @@ def family_models(request, tmp_path_factory, default_model_dir):
         if name in selected:
             try:
                 models[name] = build(root / name, default_model_dir, f["template"], f["added"], f["eos"],
-                                     examples(name), cache=cache)
+                                     examples(name), seed=f.get("seed", 0), cache=cache)
             except RuntimeError as e:  # the tiny model did not learn its text: that family's tests skip, not all
                 models[name] = e
     return models
