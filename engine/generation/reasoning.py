@@ -257,11 +257,12 @@ def plan(template: str, parser: Optional[str], thinking: Thinking, template_kwar
         return ReasoningPlan(kwargs, thinking.enabled is False, None, style)
     # Said explicitly: mlx-lm's tokenizer otherwise passes enable_thinking=False for a vocabulary
     # without single <think> tokens, whatever the template does. Gemma 4 thinks only when asked:
-    # its template's own default (off) stands unless the request asks for thinking (on/off, a
-    # budget or an effort).
+    # its template's own default (off) stands unless the request asks for thinking (on, a budget
+    # or an effort).
     asked = thinking.enabled is not None or thinking.budget is not None or thinking.effort is not None
-    if style != "gemma4" or asked:
-        kwargs.setdefault("enable_thinking", thinking.enabled is not False)
+    # Gemma 4's default is said explicitly too: left unset, mlx-lm's tokenizer passes
+    # enable_thinking=True for any vocabulary holding <|channel> and <channel|>.
+    kwargs.setdefault("enable_thinking", thinking.enabled is not False and (style != "gemma4" or asked))
     if style == "minimax3":
         # M3's template takes `thinking_mode` (enabled | disabled | adaptive, its default) instead.
         kwargs.setdefault("thinking_mode", "disabled" if thinking.enabled is False else "enabled" if asked

@@ -48,8 +48,8 @@ def formats() -> list[ToolFormat]:
     # Most specific first: GLM's and Qwen3's XML templates write <tool_call> too (MiniMax M3's
     # behind its marker), Mistral and Llama templates may mention JSON.
     return [harmony.FORMAT, gemma4.FORMAT, kimi.FORMAT, deepseek.FORMAT, invoke_xml.DSML, invoke_xml.MINIMAX,
-            minimax_m3.FORMAT, pythonic.FORMAT, glm.FORMAT, qwen3_xml.FORMAT, mistral.FORMAT, llama3.FORMAT,
-            hermes.FORMAT]
+            minimax_m3.FORMAT, pythonic.FORMAT, glm.FORMAT, qwen3_xml.FORMAT, mistral.ARGS_FORMAT, mistral.FORMAT,
+            llama3.FORMAT, hermes.FORMAT]
 
 
 def names() -> list[str]:
@@ -107,6 +107,10 @@ def cut_call(fmt: ToolFormat, text: str, tools: Sequence[ToolSpec]) -> tuple[str
     if not hits:
         return text, None
     start = min(hits)
+    if fmt.name == "mistral_args" and "[ARGS]" in text[start:]:  # `[TOOL_CALLS]name[ARGS]{partial`
+        name, arguments = text[start + len(fmt.triggers[0]):].split("[ARGS]", 1)
+        return text[:start].strip(), ToolCall(f"call_{uuid.uuid4().hex[:24]}", name.strip(), arguments.lstrip(),
+                                              complete=False)
     if fmt.name not in ("hermes", "llama3", "mistral"):  # markup, not JSON: the tool's name if it was written
         written = [t.name for t in tools if t.name in text[start:]]
         return text[:start].strip(), ToolCall(f"call_{uuid.uuid4().hex[:24]}", written[0] if written else "", "",

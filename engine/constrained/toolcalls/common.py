@@ -202,10 +202,18 @@ def tag(text: str, tags: Any) -> str:
     return f"<[{tags[text]}]>" if text in tags else json.dumps(text)
 
 
+# Where JSON allows whitespace, a family's forced call may write one space: the models write their
+# arguments compactly (gpt-oss) or as json.dumps and Jinja's tojson do (`{"city": "Paris"}`:
+# Devstral, DeepSeek, Kimi), and a grammar that forbids their own spacing makes them write garbage
+# values instead. One space at most, so a weak model can't run on in whitespace.
+CALL_JSON_SPACING = {"whitespace_flexible": True, "whitespace_pattern": "[ ]?"}
+
+
 def json_schema_rule(schema: Any) -> str:
-    """A Lark `%json` rule for one value of `schema`, written compactly."""
+    """A Lark `%json` rule for one value of `schema` in a family's call, compact or with single
+    spaces (CALL_JSON_SPACING)."""
     body = schema if isinstance(schema, dict) else {}
-    return "%json " + json.dumps({**closed(body), "x-guidance": {"whitespace_flexible": False}})
+    return "%json " + json.dumps({**closed(body), "x-guidance": CALL_JSON_SPACING})
 
 
 def tool_properties(tool: ToolSpec) -> tuple[list[tuple[str, Any]], set[str]]:

@@ -81,9 +81,11 @@ class Gemma4:
 
     def call_grammar(self, tools: Sequence[ToolSpec], only: str | None = None,
                      tags: Mapping[str, int] = {}) -> str:
-        # The required parameters, sorted as Gemma's template writes them: strings between quote
-        # marks, numbers, booleans and null as JSON; arrays and objects as bare notation text.
+        # The parameters (the required ones, and any of the others), sorted as Gemma's template
+        # writes them: strings between quote marks, numbers, booleans and null as JSON; arrays and
+        # objects as bare notation text.
         quote = tag(QUOTE, tags)
+        rules: list[str] = []
 
         def value(schema: Any) -> str:
             kind = schema.get("type") if isinstance(schema, dict) else None
@@ -93,14 +95,24 @@ class Gemma4:
                 return json_schema_rule(schema)
             return '/[^<]*/'
 
-        def call(tool: ToolSpec) -> str:
+        def call(index: int, tool: ToolSpec) -> str:
             props, required = tool_properties(tool)
-            items = [f'{json.dumps(k + ":")} {value(s)}' for k, s in sorted(props) if k in required]
-            body = ' "," '.join(items) or '""'
-            return f'{json.dumps("call:" + tool.name + "{")} {body} "}}"'
+            props = sorted(props)
+            # args_T_I_S: the parameters from the I-th on; S: whether one was written (a comma first).
+            for i in range(len(props), -1, -1):
+                for started in (0, 1):
+                    name = f"args_{index}_{i}_{started}"
+                    if i == len(props):
+                        rules.append(f'{name}: ""')
+                        continue
+                    key, schema = props[i]
+                    item = f'{json.dumps(("," if started else "") + key + ":")} {value(schema)} args_{index}_{i + 1}_1'
+                    skip = f" | args_{index}_{i + 1}_{started}" if key not in required else ""
+                    rules.append(f"{name}: {item}{skip}")
+            return f'{json.dumps("call:" + tool.name + "{")} args_{index}_0_0 "}}"'
 
-        calls = " | ".join(call(t) for t in tools if only is None or t.name == only)
-        return lark(f"start: {tag(OPEN, tags)} ({calls}) {tag(CLOSE, tags)}")
+        calls = " | ".join(call(i, t) for i, t in enumerate(tools) if only is None or t.name == only)
+        return lark(f"start: {tag(OPEN, tags)} ({calls}) {tag(CLOSE, tags)}\n" + "\n".join(rules))
 
     def auto_grammar(self, tools: Sequence[ToolSpec]) -> Optional[str]:
         return None  # calls under auto are parsed, not constrained

@@ -42,13 +42,15 @@ class Glm:
 
     def call_grammar(self, tools: Sequence[ToolSpec], only: str | None = None,
                      tags: Mapping[str, int] = {}) -> str:
+        # GLM-4.5/4.6 write a newline after the name and after each tag pair, 4.7 none: either is
+        # the model's own call.
         def param(key: str, schema: object) -> str:
-            return (f'{tag("<arg_key>", tags)} {json.dumps(key)} {tag("</arg_key>", tags)} '
-                    f'{tag("<arg_value>", tags)} {text_value_rule(schema, "</arg_value>", tags)}')
+            return (f'{tag("<arg_key>", tags)} {json.dumps(key)} {tag("</arg_key>", tags)} NL? '
+                    f'{tag("<arg_value>", tags)} {text_value_rule(schema, "</arg_value>", tags)} NL?')
 
-        calls = " | ".join(f"{json.dumps(t.name)} {params_rule(t, param)}"
+        calls = " | ".join(f"{json.dumps(t.name)} NL? {params_rule(t, param)}"
                            for t in tools if only is None or t.name == only)
-        return lark(f'start: {tag("<tool_call>", tags)} ({calls}) {tag("</tool_call>", tags)}')
+        return lark(f'start: {tag("<tool_call>", tags)} ({calls}) {tag("</tool_call>", tags)}\nNL: "\\n"')
 
     def auto_grammar(self, tools: Sequence[ToolSpec]) -> Optional[str]:
         return None  # calls under auto are parsed, not constrained
