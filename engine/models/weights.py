@@ -148,6 +148,9 @@ def load_gated(label: str, probe: Probe, cpu_dtype: str, gate: MemoryGate) -> Lo
         model, tokenizer, held, why = _load_quantized(probe)
         if held:
             reason = f"{reason}: {why}"
+            if cpu_dtype == "auto":
+                warnings.append("the CPU fast path (float32 weights) was skipped: not enough memory; "
+                                "the weights are held as quantized blocks instead")
         else:  # not mappable: the float32 path, and why
             dtype, reason = "float32", f"float32: --cpu-dtype quantized doesn't cover this model ({why})"
             warnings.append(reason)
