@@ -221,6 +221,7 @@ async def generate(body: dict[str, Any]):
         return await _load_only(engine, model_id, keep, "generate")
     info = await asyncio.to_thread(engine.model_info, model_id)
     opts = op.options(body, info.context_length)
+    op.refuse_suffix(body)
     if body.get("raw"):
         if body.get("images"):
             from engine.errors import InvalidRequest
@@ -228,7 +229,7 @@ async def generate(body: dict[str, Any]):
             raise InvalidRequest("raw prompts can't carry images; send them without raw.", param="images")
         conv = Conversation(model_id, [], opts.params, fields=op.GENERATE_FIELDS)
         await engine.ensure_model(model_id)
-        prepared = await engine.prepare_completion(model_id, body["prompt"], opts.params)
+        prepared = await engine.prepare_completion(model_id, body.get("prompt") or "", opts.params)
         timing.loaded = time.monotonic()
         timing.load_s = 0.0 if info.loaded else timing.loaded - timing.start
     else:

@@ -134,6 +134,8 @@ def test_x_api_key_and_bearer_both_work(default_model_dir):
     {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "document"}]}]},
     {"model": MODEL, "max_tokens": 0, "messages": QUESTION},
     {"model": MODEL, "max_tokens": 5, "messages": QUESTION, "temperature": 1.5},
+    # a system message's text block without its text (found by the fuzzer: a 500 before)
+    {"model": MODEL, "max_tokens": 5, "messages": QUESTION + [{"role": "system", "content": [{"type": "text"}]}]},
 ])
 def test_bad_input_is_a_clear_400_in_anthropic_shape(server, body):
     r = httpx.post(server.url + "/v1/messages", json=body, timeout=60)

@@ -266,6 +266,8 @@ def test_num_ctx_past_the_context_is_clamped_with_a_warning(server):
 
 def test_suffix_and_bad_format_and_images(server):
     _error(_post(server, "/api/generate", json={"model": MODEL, "prompt": "def f(", "suffix": "return 1"}), 400)
+    # raw, and no prompt (found by the fuzzer: a 500 before)
+    _error(_post(server, "/api/generate", json={"model": MODEL, "suffix": "x", "raw": True, "stream": False}), 400)
     _error(_post(server, "/api/generate", json={"model": MODEL, "prompt": "hi", "format": "yaml"}), 400)
     _error(_post(server, "/api/chat", json={"model": MODEL, "messages": [{"role": "user", "content": "hi",
                                                                           "images": ["not base64!"]}]}), 400)

@@ -38,7 +38,8 @@ def _system(value: Any) -> str:
         return ""
     if isinstance(value, str):
         return _drop_billing(value)
-    return "\n".join(b["text"] for b in value if not b["text"].lstrip().startswith(BILLING_HEADER))
+    texts = [b.get("text") or "" for b in value]
+    return "\n".join(t for t in texts if not t.lstrip().startswith(BILLING_HEADER))
 
 
 def _drop_billing(text: str) -> str:
@@ -126,6 +127,8 @@ def _system_turn(index: int, content: Any) -> str:
         if block["type"] != "text":
             raise InvalidRequest(f"A system message holds text blocks only, not '{block['type']}'.",
                                  param=f"messages.{index}.content.{j}.type")
+        if not isinstance(block.get("text"), str):
+            raise InvalidRequest("A text block needs 'text'.", param=f"messages.{index}.content.{j}.text")
     return _system(content)
 
 

@@ -206,11 +206,16 @@ def chat_conversation(model_id: str, body: dict[str, Any], opts: Options) -> Con
                         continue_final=bool(messages) and messages[-1]["role"] == "assistant")
 
 
-def generate_conversation(model_id: str, body: dict[str, Any], opts: Options) -> Conversation:
-    """A templated /api/generate: the system prompt and the prompt as one user turn."""
+def refuse_suffix(body: dict[str, Any]) -> None:
+    """/api/generate's `suffix` (fill-in-the-middle), raw or not: a 400."""
     if body.get("suffix"):
         raise InvalidRequest("suffix (fill-in-the-middle) is not supported by openmlx; send the prompt only.",
                              param="suffix", code="unsupported_parameter")
+
+
+def generate_conversation(model_id: str, body: dict[str, Any], opts: Options) -> Conversation:
+    """A templated /api/generate: the system prompt and the prompt as one user turn."""
+    refuse_suffix(body)
     turns = [ChatMessage("system", body["system"])] if body.get("system") else []
     pics = images(body.get("images"), "images")
     turns.append(ChatMessage("user", body.get("prompt") or "", pics))
