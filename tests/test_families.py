@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from engine.constrained.toolcalls import (by_name, deepseek, for_template, gemma4, glm, harmony, invoke_xml, kimi,
-                                          mistral, qwen3_xml)
+                                          minimax_m3, mistral, pythonic, qwen3_xml)
 from engine.constrained.tools import ToolSpec
 from engine.generation.reasoning import ReasoningFormat, plan, prompt_opens_block, template_style
 from engine.request import Thinking
@@ -350,6 +350,11 @@ FORCED = [
     # an optional parameter too (the grammar held Gemma 4 to the required ones: the e2e call lost `days`)
     (gemma4.FORMAT, "<|tool_call>call:get_weather{city:<|\"|>Paris<|\"|>,days:3}<tool_call|>", "{town"),
     (mistral.ARGS_FORMAT, "[TOOL_CALLS]get_weather[ARGS]{\"city\":\"Paris\",\"days\":3}", "{\"town\""),
+    (pythonic.FORMAT, '<|tool_call_start|>[get_weather(city="Paris", days=3)]<|tool_call_end|>', "(town="),
+    (pythonic.FORMAT, '<|tool_call_start|>[get_weather(city="Paris")]<|tool_call_end|>', "(town="),
+    (minimax_m3.FORMAT, f"{minimax_m3.NS}<tool_call>\n{minimax_m3.NS}<invoke name=\"get_weather\">{minimax_m3.NS}<city>"
+                        f"Paris{minimax_m3.NS}</city>{minimax_m3.NS}<days>3{minimax_m3.NS}</days>{minimax_m3.NS}</invoke>\n"
+                        f"{minimax_m3.NS}</tool_call>", "<town>"),
 ]
 
 

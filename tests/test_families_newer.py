@@ -191,47 +191,13 @@ def test_minimax_m3_thinking_mode_reaches_its_template():
     assert plan(text, None, Thinking(), {}, True, budgets).template_kwargs["thinking_mode"] == "disabled"
 
 
-# --- forced calls: a grammar in the family's own format --------------------------------------------
-CITY = _tool("get_time", {"city": {"type": "string"}, "days": {"type": "integer"}}, ("city",))
-
-
+# --- fixtures (forced-call grammars of these formats: tests/test_families.py FORCED) --------------
 @pytest.fixture(scope="module")
 def hf_tokenizer(default_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(default_model_dir))
 
-
-@pytest.fixture(scope="module")
-def mlx_tokenizer(default_model_dir):
-    from mlx_lm.tokenizer_utils import load as load_tokenizer
-
-    return load_tokenizer(default_model_dir)
-
-
-@pytest.mark.parametrize("fmt, call", [
-    (pythonic.FORMAT, '<|tool_call_start|>[get_time(city="Paris", days=3)]<|tool_call_end|>'),
-    (pythonic.FORMAT, '<|tool_call_start|>[get_time(city="Paris")]<|tool_call_end|>'),
-    (minimax_m3.FORMAT, _m3(_invoke("get_time", f"{M3}<city>Paris{M3}</city>{M3}<days>3{M3}</days>"))),
-])
-def test_forced_call_grammar_takes_the_familys_own_call(mlx_tokenizer, fmt, call):
-    import llguidance
-
-    from engine.constrained.structured import ll_tokenizer
-
-    grammar = fmt.call_grammar([CITY])
-    assert llguidance.LLMatcher.validate_grammar(grammar) == ""
-
-    def accepted(text: str) -> bool:
-        matcher = llguidance.LLMatcher(ll_tokenizer(mlx_tokenizer), grammar)
-        tokens = mlx_tokenizer.encode(text, add_special_tokens=False)
-        return matcher.validate_tokens(tokens) == len(tokens)
-
-    assert accepted(call)
-    assert not accepted("Sure! " + call)
-    assert not accepted(call.replace("city", "town"))
-    _, (parsed,) = fmt.parse(call, [CITY])
-    assert json.loads(parsed.arguments)["city"] == "Paris"
 
 
 # --- end to end through HTTP (slow: tiny models trained to write each call, tests/call_writers.py) ---

@@ -214,8 +214,8 @@ def refuse_suffix(body: dict[str, Any]) -> None:
 
 
 def generate_conversation(model_id: str, body: dict[str, Any], opts: Options) -> Conversation:
-    """A templated /api/generate: the system prompt and the prompt as one user turn."""
-    refuse_suffix(body)
+    """A templated /api/generate: the system prompt and the prompt as one user turn (`suffix`
+    was refused before: `refuse_suffix`)."""
     turns = [ChatMessage("system", body["system"])] if body.get("system") else []
     pics = images(body.get("images"), "images")
     turns.append(ChatMessage("user", body.get("prompt") or "", pics))
