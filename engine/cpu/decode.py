@@ -415,17 +415,37 @@ class FastDecode:
 
 
 def _check(model: nn.Module, step: OneTokenStep) -> None:
-    """The numpy step's logits against the model's own, two steps after a short prefill."""
+    """The numpy step's logits against the model's own, two steps after a short prefill: within
+    float rounding, or where block-held products round their input rows to int8 (8-bit blocks,
+    engine/cpu/quant_linear.py), the same best token and within 5% of the largest logit. There
+    the two paths' float rounding (~1e-7) flips some int8 roundings, and 24 layers carry that to
+    the logits: 0.22-0.24 of 16.9 on Qwen2.5-Coder-0.5B Q4_K_M (measured), as llama.cpp's own
+    8-bit rounding differs from both; a wrong step (rope, a bias, the cache) is off by whole units."""
     from mlx_lm.models.cache import make_prompt_cache
 
+    rounded = any(getattr(w, "rounds_activations", False) for w in _projections(step))
     prompt = mx.array([[1, 2, 3, 4, 5, 6, 7]]) % step.embed.shape[0]
     theirs, ours = make_prompt_cache(model), make_prompt_cache(model)
     mx.eval(model(prompt, cache=theirs), model(prompt, cache=ours))
     for token in (11, 12):
         want = np.array(model(mx.array([[token]]), cache=theirs)[0, -1])
         got = step(token, ours)
-        if not np.allclose(got, want, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(want).max()))):
+        scale = max(1.0, float(np.abs(want).max()))
+        if rounded:
+            close = int(got.argmax()) == int(want.argmax()) and float(np.abs(got - want).max()) <= 0.05 * scale
+        else:
+            close = np.allclose(got, want, rtol=1e-3, atol=1e-3 * scale)
+        if not close:
             raise Unsupported(f"its logits differ from the model's own (max {float(np.abs(got - want).max()):.3g})")
+
+
+def _projections(step: OneTokenStep) -> list[Any]:
+    """Every weight the step multiplies by: each layer's groups' and the head."""
+    weights = [step.head]
+    for layer in step.layers:
+        for group in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            weights += group.weights
+    return weights
 
 
 def checked_step(model: nn.Module) -> OneTokenStep:

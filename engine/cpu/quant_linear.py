@@ -137,6 +137,9 @@ class QuantLinear(nn.Module):
         if not self._parts:
             raise Malformed("a matrix with no rows")
         self.shape = (n, k)
+        # accuracy level 4 rounds each input row to int8 blocks first (as llama.cpp does): a tiny
+        # difference in the input can then move an output by a rounding step (engine/cpu/decode.py)
+        self.rounds_activations = (ACCURACY[self.bits] if accuracy is None else accuracy) >= 4
         self._bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
 
     def _run(self, x: np.ndarray, part: tuple[int, int, Any, Optional[np.ndarray]]) -> np.ndarray:

@@ -43,6 +43,14 @@ class Drafter(Protocol):
     def propose(self, history: Sequence[int], k: int) -> list[int]: ...
 
 
+class NoGuess:
+    """Proposes nothing: `speculative_tokens` then decodes a token a pass through the solo step,
+    and still hands the stream to the batch when another starts."""
+
+    def propose(self, history: Sequence[int], k: int) -> list[int]:
+        return []
+
+
 class PromptLookup:
     """n-gram drafting over the prompt and the answer so far (no second model).
 
@@ -154,7 +162,11 @@ def speculative_tokens(model: nn.Module, cache: list[Any], prompt: Sequence[int]
     pending = todo[len(todo) - merged:] if merged <= MERGE_TAIL else []
     ahead = todo[:len(todo) - len(pending)]  # prefilled before the first pass
     for at in range(0, len(ahead), PREFILL_CHUNK):
-        model(mx.array(ahead[at:at + PREFILL_CHUNK])[None], cache=cache)
+        chunk = mx.array(ahead[at:at + PREFILL_CHUNK])[None]
+        if last_rows is not None:  # no logits are read: the head over one row (it runs eagerly when held as blocks)
+            last_rows(chunk, cache, 1)
+        else:
+            model(chunk, cache=cache)
         mx.eval([c.state for c in cache])
         mx.clear_cache()
     fed = len(history) - 1 - len(pending)  # tokens the cache holds
