@@ -48,7 +48,7 @@ def serve(port: int, upstream: str, out: Path, client: str) -> None:
                 "client": client, "recorded": time.strftime("%Y-%m-%d"), "method": self.command,
                 "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()
                                                if k.lower() not in DROPPED},
-                "body": body, "status": answer.status}, indent=1))
+                "body": body, "status": answer.status, "request_id": answer.getheader("x-request-id")}, indent=1))
             self.send_response(answer.status)
             for k, v in answer.getheaders():
                 if k.lower() not in ("transfer-encoding", "connection", "content-length"):

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -146,15 +147,37 @@ def test_agent_runs_against_openmlx(coder_gguf, tmp_path, client):
     generations = [x for x in lines if x.get("logger") == "openmlx.requests"]
     assert generations, "the client made no generation request"
     assert all(g["finish_reason"] in ("stop", "length") for g in generations), generations
-    # A later turn: a request sent after an earlier one had ended (opencode names the session and
-    # starts the task at once, two different prompts: neither is a later turn of the other).
-    ends = [g["ts"] for g in generations]
-    later = [g for g in generations if any(end < g["ts"] - g["duration_s"] for end in ends)]
+    # A later turn: a request sent after an earlier one of the same conversation (the same system
+    # prompt or instructions) had ended. Others are new conversations: opencode names the session
+    # and starts the task at once, aider asks for a commit message under a prompt of its own.
+    bodies = {}
+    for f in sorted((tmp_path / "requests").glob("*.json")):
+        recorded = json.loads(f.read_text())
+        bodies[recorded.get("request_id")] = recorded["body"]
+    opening = {g["request_id"]: _opening(bodies.get(g["request_id"])) for g in generations}
+    later = [g for g in generations if any(e["ts"] < g["ts"] - g["duration_s"] and opening[e["request_id"]] is not None
+                                           and opening[e["request_id"]] == opening[g["request_id"]] for e in generations)]
     assert all(g.get("cached_tokens", 0) > 0 for g in later), [(g["prompt_tokens"], g.get("cached_tokens"))
                                                                for g in generations]
     written = (project / "hello.py").is_file() and "hello" in (project / "hello.py").read_text().lower()
     print(f"{client}: {len(generations)} requests, rc {(tmp_path / 'client.rc').read_text().strip()}, "
           f"hello.py written: {written}")
+
+
+def _opening(body: object) -> Optional[str]:
+    """What a conversation's requests share from the start: Responses' instructions, Messages'
+    system blocks (less Claude Code's billing line, which changes with each prompt), else the
+    first chat message; None for a body that isn't a generation request."""
+    if not isinstance(body, dict):
+        return None
+    if body.get("instructions"):
+        return json.dumps(body["instructions"])
+    system = body.get("system")
+    if system is not None:
+        blocks = [system] if isinstance(system, str) else [b.get("text", "") for b in system if isinstance(b, dict)]
+        return json.dumps([b for b in blocks if not b.startswith("x-anthropic-billing-header")])
+    messages = body.get("messages") or body.get("input") or []
+    return json.dumps(messages[0]) if isinstance(messages, list) and messages else None
 
 
 def _quote(arg: str) -> str:

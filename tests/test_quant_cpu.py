@@ -102,6 +102,39 @@ def test_the_product_is_the_dequantized_weights_product(type_name):
     assert y.shape == (1, 5, n) and np.abs(np.array(y)[0] - got).max() <= 1e-6 * scale
 
 
+def test_projections_that_read_one_input_share_one_product(monkeypatch):
+    """q/k/v (and gate/up) of one block format become rows of one product: the same outputs as
+    each alone, one onnxruntime run for the three calls of a pass on the same input, and the
+    numpy step multiplies the joined matrix once. A projection of another format stays alone."""
+    from engine.cpu import decode
+    from engine.cpu.quant_linear import QuantLinear, QuantRows, _products, _shared_input_runs
+
+    k = 256
+    held = [(name, qb.from_gguf(name, t, _random_blocks(t, n, k, seed=i), k),
+             np.linspace(-1, 1, n, dtype=np.float32) if name != "v_proj" else None)
+            for i, (name, t, n) in enumerate([("q_proj", "Q8_0", 64), ("k_proj", "Q8_0", 32), ("v_proj", "Q8_0", 32),
+                                              ("o_proj", "Q8_0", 64)])]
+    mixed = held[:2] + [("v_proj", qb.from_gguf("v", "Q4_K", _random_blocks("Q4_K", 32, k, seed=9), k), None)]
+    assert [len(r) for r in _shared_input_runs(held)] == [3, 1]  # o_proj reads another input
+    assert [len(r) for r in _shared_input_runs(mixed)] == [2, 1]  # another format: its own product
+    modules = dict(_products(_shared_input_runs(held)[0]))
+    assert all(isinstance(m, QuantRows) for m in modules.values())
+    runs = []
+    real = QuantLinear.rows
+    monkeypatch.setattr(QuantLinear, "rows", lambda self, x: runs.append(x.shape) or real(self, x))
+    x = np.random.default_rng(2).standard_normal((1, 3, k)).astype(np.float32)
+    xs = mx.array(x)
+    outputs = [np.array(modules[n](xs)) for n in ("q_proj", "k_proj", "v_proj")]
+    assert len(runs) == 1
+    for (name, blocks, bias), got in zip(held, outputs):
+        want = np.array(QuantLinear(blocks, bias)(xs))
+        assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
+    group = decode._Group.of([decode._linear(modules[n]) for n in ("q_proj", "k_proj", "v_proj")])
+    assert len(group.weights) == 1 and group.weights[0] is modules["q_proj"].joined
+    out = group(decode._Products(None), x[0, 0])
+    assert np.abs(out - np.concatenate(outputs, axis=-1)[0, 0]).max() <= 2e-2 * np.abs(out).max()
+
+
 def test_onnxruntime_is_not_imported_by_a_default_start():
     import subprocess
     import sys
@@ -292,7 +325,8 @@ def test_a_gguf_model_is_held_from_its_file_head_in_slices_and_the_gate_counts_t
     assert np.abs(a - b).max() <= 3e-2 * np.abs(a).max(), np.abs(a - b).max()
     estimate = quant_linear.estimate_held(folder)
     assert held.need.weights == estimate < probe(folder).size_bytes
-    blocks = sum(m.held_bytes for _, m in held.model.named_modules() if isinstance(m, (quant_linear.QuantLinear,)))
+    blocks = sum(m.held_bytes for _, m in held.model.named_modules()
+                 if isinstance(m, (quant_linear.QuantLinear, quant_linear.QuantRows)))  # joined products once
     assert blocks < estimate < 2 * blocks + held.model.model.embed_tokens.held_bytes
 
 

@@ -180,6 +180,26 @@ def _group(parts: list[tuple[np.ndarray, Optional[np.ndarray]]]) -> Optional[tup
     return joined, np.concatenate(biases)
 
 
+def _whole_products(parts: list[tuple[Any, Optional[np.ndarray]]]) -> list[tuple[Any, Optional[np.ndarray]]]:
+    """Block-held projections that are consecutive rows of one product (`QuantRows` of a joined
+    `QuantLinear`, engine/cpu/quant_linear.py), covering it in order, as that product: one run."""
+    out: list[tuple[Any, Optional[np.ndarray]]] = []
+    i = 0
+    while i < len(parts):
+        joined = getattr(parts[i][0], "joined", None)
+        j, at = i, 0
+        while j < len(parts) and joined is not None and getattr(parts[j][0], "joined", None) is joined \
+                and parts[j][0].start == at:
+            at, j = parts[j][0].end, j + 1
+        if joined is not None and at == joined.shape[0]:
+            out.append((joined, joined._bias))
+            i = j
+        else:
+            out.append(parts[i])
+            i += 1
+    return out
+
+
 @dataclass
 class _Group:
     """Products that read the same input: one gemv where their weights are one buffer (`fuse`),
@@ -191,6 +211,7 @@ class _Group:
 
     @classmethod
     def of(cls, parts: list[tuple[np.ndarray, Optional[np.ndarray]]]) -> "_Group":
+        parts = _whole_products(parts)
         joined = _group(parts)
         if joined is not None:
             return cls([joined[0]], joined[1], joined[0].shape[0])

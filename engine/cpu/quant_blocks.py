@@ -68,6 +68,10 @@ class Blocks:
         q[..., 1::2] = p >> 4
         return q
 
+    def format(self) -> tuple[int, int, bool]:
+        """(bits, block, has offsets): blocks of one format can share one product."""
+        return self.bits, self.block, self.offsets is not None
+
     def dequantize(self, rows: Any = slice(None)) -> np.ndarray:
         """`rows` of the weight as float32 (n', k): for tests, and for an embedding's looked-up rows."""
         q = self.values(rows).astype(np.float32)
@@ -75,6 +79,17 @@ class Blocks:
         if self.offsets is not None:
             w += self.offsets[rows][..., None]
         return w.reshape(w.shape[0], -1) if w.ndim == 3 else w.reshape(-1)
+
+
+def join(parts: list[Blocks]) -> Blocks:
+    """Matrices of one format (`Blocks.format`) and the same input width, stacked by rows: the
+    products that read the same input (q/k/v, gate/up) as one."""
+    first = parts[0]
+    if any(b.format() != first.format() or b.shape[1] != first.shape[1] for b in parts):
+        raise ValueError("blocks of different formats or widths can't be joined")
+    offsets = None if first.offsets is None else np.concatenate([b.offsets for b in parts])
+    return Blocks(np.concatenate([b.packed for b in parts]), np.concatenate([b.scales for b in parts]),
+                  np.concatenate([b.zeros for b in parts]), offsets, first.bits, first.block)
 
 
 def from_affine(q: np.ndarray, scale: np.ndarray, bias: np.ndarray, bits: int) -> Blocks:
