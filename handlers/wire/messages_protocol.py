@@ -17,7 +17,7 @@ from engine.request import ToolCall, ToolSpec
 from engine.request import ImageInput, attachment_marker
 from engine.request import Thinking
 from handlers.conversation.generation import newest_user_index
-from handlers.wire.protocol import offer_tools
+from handlers.wire.tools import offer_tools
 
 _CHOICES = {"auto": "auto", "any": "required", "none": "none", "tool": "named"}
 

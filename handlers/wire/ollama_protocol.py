@@ -20,7 +20,8 @@ from engine.engine import ModelCard, ModelInfo, Resident, grammar_for, size_labe
 from engine.errors import InvalidRequest
 from engine.request import ChatMessage, ToolCall, ToolSpec, Conversation, Fields, Finished, ImageInput, SamplingParams, Thinking
 from handlers.conversation.generation import newest_user_index
-from handlers.wire.protocol import effort_thinking, offer_tools
+from handlers.wire.protocol import effort_thinking
+from handlers.wire.tools import offer_tools
 
 # The Ollama version /api/version reports: the API this module follows (api/types.go, docs/api.md).
 # Clients gate features on it (Copilot Chat needs >= 0.6.4).

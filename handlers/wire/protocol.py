@@ -5,7 +5,6 @@ schema can't say (e.g. logit_bias keys must be token ids, images only for vision
 """
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -18,7 +17,8 @@ from engine.request import ToolCall, ToolChoice, ToolSpec
 from engine.request import ChatMessage, SamplingParams, TokenLogprob
 from engine.request import ImageInput, attachment_marker
 from engine.request import Thinking
-from handlers.wire.response_tools import custom_input, custom_spec
+from handlers.wire.response_tools import custom_input
+from handlers.wire.tools import chat_tools, history_call
 
 SYSTEM_FINGERPRINT = "openmlx-0.1.0"
 
@@ -133,7 +133,7 @@ def _flatten(index: int, message: dict[str, Any]) -> ChatMessage:
         text = content if isinstance(content, str) else _flatten(index, {"role": "user", "content": content}).content
         return ChatMessage("tool", text or "", tool_call_id=message["tool_call_id"])
     if role == "assistant" and message.get("tool_calls"):
-        calls = tuple(_history_call(index, i, c) for i, c in enumerate(message["tool_calls"]))
+        calls = tuple(history_call(index, i, c) for i, c in enumerate(message["tool_calls"]))
         text = _flatten(index, {"role": "assistant", "content": content}).content
         return ChatMessage("assistant", text, tool_calls=calls)
     if content is None:
@@ -156,17 +156,6 @@ def _flatten(index: int, message: dict[str, Any]) -> ChatMessage:
     return ChatMessage(role, "\n".join(t for t in texts if t), tuple(images))
 
 
-def _history_call(index: int, i: int, call: dict[str, Any]) -> ToolCall:
-    """An earlier turn's call: a function's arguments as sent; a custom tool's input as the
-    one-string-parameter call the model was offered (`custom_spec`)."""
-    kind = call.get("type") or "function"
-    if not isinstance(call.get(kind), dict):
-        raise InvalidRequest(f"A {kind} tool call needs '{kind}'.", param=f"messages.{index}.tool_calls.{i}.{kind}")
-    if kind == "custom":
-        return ToolCall(call.get("id") or f"call_{i}", call["custom"]["name"], json.dumps({"input": call["custom"]["input"]}))
-    return ToolCall(call.get("id") or f"call_{i}", call["function"]["name"], call["function"].get("arguments") or "{}")
-
-
 def parse_chat(body: dict[str, Any]) -> ChatRequest:
     """Validate what the schema can't and build the engine's view of a chat request."""
     messages = body["messages"]
@@ -177,7 +166,7 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
     stream = bool(body.get("stream"))
     flat = [_flatten(i, m) for i, m in enumerate(messages)]
     params = sampling_params(body)
-    tools, choice, custom = _tools(body)
+    tools, choice, custom = chat_tools(body)
     return ChatRequest(
         model=body["model"],
         messages=flat,
@@ -229,80 +218,6 @@ def chat_thinking(body: dict[str, Any]) -> Thinking:
     if reasoning.get("enabled") is False or (body.get("chat_template_kwargs") or {}).get("enable_thinking") is False:
         return Thinking(enabled=False)
     return effort_thinking(reasoning.get("effort") or body.get("reasoning_effort"), reasoning.get("max_tokens"))
-
-
-def _tool_spec(i: int, tool: dict[str, Any]) -> ToolSpec:
-    kind = tool["type"]
-    if not isinstance(tool.get(kind), dict):
-        raise InvalidRequest(f"A {kind} tool needs '{kind}'.", param=f"tools.{i}.{kind}")
-    if kind == "custom":
-        custom = tool["custom"]
-        return custom_spec(custom["name"], custom.get("description") or "", custom.get("format"))
-    f = tool["function"]
-    return ToolSpec(f["name"], f.get("description", ""),
-                    json.dumps(f.get("parameters") or {"type": "object", "properties": {}}))
-
-
-def _chosen_name(choice: dict[str, Any], param: str) -> str:
-    kind = choice["type"]
-    if not isinstance(choice.get(kind), dict):
-        raise InvalidRequest(f"A {kind} tool_choice needs '{kind}'.", param=f"{param}.{kind}")
-    return choice[kind]["name"]
-
-
-def _tools(body: dict[str, Any]) -> tuple[list[ToolSpec], Optional[ToolChoice], frozenset[str]]:
-    """Chat completions' tools and tool_choice -> what the engine gets (see `offer_tools`), and
-    the names of the custom tools (their calls go back as `custom` calls)."""
-    raw = body.get("tools") or []
-    specs = [_tool_spec(i, t) for i, t in enumerate(raw)]
-    custom = frozenset(t["custom"]["name"] for t in raw if t["type"] == "custom")
-    check_strict([(i, t["function"]) for i, t in enumerate(raw) if t["type"] == "function"],
-                 "tools.{i}.function.parameters")
-    choice = body.get("tool_choice")
-    if not isinstance(choice, dict):
-        return (*offer_tools(specs, choice), custom)
-    if choice["type"] != "allowed_tools":
-        return (*offer_tools(specs, "named", _chosen_name(choice, "tool_choice")), custom)
-    allowed = choice.get("allowed_tools")
-    if not isinstance(allowed, dict):
-        raise InvalidRequest("An allowed_tools tool_choice needs 'allowed_tools'.", param="tool_choice.allowed_tools")
-    names = [_chosen_name(t, f"tool_choice.allowed_tools.tools.{j}") for j, t in enumerate(allowed["tools"])]
-    unknown = next((n for n in names if n not in {s.name for s in specs}), None)
-    if unknown is not None:
-        raise InvalidRequest(f"tool_choice.allowed_tools names '{unknown}', which is not in tools.",
-                             param="tool_choice.allowed_tools.tools")
-    offer_tools(specs, None)  # the full list's own checks (unique names) first
-    return (*offer_tools([s for s in specs if s.name in names], allowed["mode"]), custom)
-
-
-def offer_tools(specs: list[ToolSpec], choice: Optional[str], name: Optional[str] = None,
-                param: str = "tool_choice") -> tuple[list[ToolSpec], Optional[ToolChoice]]:
-    """The tools on offer (none when the choice is "none") and what the client chose: the engine
-    turns it into the model's call grammar. Shared by chat, responses and messages."""
-    if choice is not None and not specs and choice != "none":
-        raise InvalidRequest(f"{param} needs tools.", param=param)
-    names = [t.name for t in specs]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate:
-        raise InvalidRequest(f"Two tools are named '{duplicate}'; tool names must be unique.", param="tools")
-    if not specs or choice == "none":
-        return [], None
-    if choice == "named" and name not in names:
-        raise InvalidRequest(f"{param} names '{name}', which is not in tools.", param=param)
-    return specs, ToolChoice(choice or "auto", name if choice == "named" else None)
-
-
-def check_strict(tools: list[tuple[int, dict[str, Any]]], param: str) -> None:
-    """`strict: true` promises the arguments match the schema: a schema the grammar compiler
-    can't take (unsupported keywords) is a 400 naming it, before anything runs."""
-    from engine.engine import schema_problem
-
-    for i, tool in tools:
-        if tool.get("strict"):
-            problem = schema_problem(tool.get("parameters") or {"type": "object"})
-            if problem:
-                raise InvalidRequest(f"Tool '{tool.get('name')}' is strict, and its parameters schema can't be "
-                                     f"enforced: {problem}", param=param.format(i=i))
 
 
 def completion_prompts(prompt: Any) -> list[str | list[int]]:

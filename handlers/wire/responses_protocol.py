@@ -18,7 +18,8 @@ from engine.request import ToolCall, ToolChoice, ToolSpec
 from engine.request import ImageInput
 from engine.request import Fields
 from handlers.conversation.generation import newest_user_index
-from handlers.wire.protocol import check_strict, effort_thinking, now, offer_tools
+from handlers.wire.protocol import effort_thinking, now
+from handlers.wire.tools import check_strict, offer_tools
 from handlers.wire.response_tools import ResponseTools, parse_tools
 
 def new_id(prefix: str) -> str:
