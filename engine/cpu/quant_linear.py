@@ -177,14 +177,16 @@ class QuantLinear(nn.Module):
         rows = np.ascontiguousarray(np.asarray(x.astype(mx.float32)).reshape(-1, x.shape[-1]))
         return mx.array(self.rows(rows)).reshape(*lead, self.shape[0])
 
-    def shared(self, x: mx.array) -> mx.array:
-        """`self(x)`, computed once for the several `QuantRows` that read the same input in turn
-        (mlx-lm's `q_proj(x), k_proj(x), v_proj(x)`): the last input is kept with its product, and
-        the same array object (immutable, held here, so its id can't be reused) gets the same one."""
+    def shared(self, x: mx.array, readers: int) -> mx.array:
+        """`self(x)`, computed once for the `readers` `QuantRows` that read the same input in turn
+        (mlx-lm's `q_proj(x), k_proj(x), v_proj(x)`): the input is kept with its product (the same
+        array object, immutable and held here, so its id can't be reused, gets the same one) until
+        the last reader has it: a prefill pass's gate/up product is ~10 MB a layer."""
         last = getattr(self, "_last", None)
         if last is None or last[0] is not x:
-            last = (x, self(x))
-            object.__setattr__(self, "_last", last)  # not an MLX parameter
+            last = [x, self(x), 0]
+        last[2] += 1
+        object.__setattr__(self, "_last", None if last[2] >= readers else last)  # not an MLX parameter
         return last[1]
 
 
@@ -193,16 +195,16 @@ class QuantRows(nn.Module):
     that read the same input (`join`ed at install: q/k/v, gate/up). A pass runs the shared product
     once; the numpy step (engine/cpu/decode.py) multiplies the shared matrix as one group."""
 
-    def __init__(self, joined: QuantLinear, start: int, end: int, first: bool) -> None:
+    def __init__(self, joined: QuantLinear, start: int, end: int, first: bool, readers: int) -> None:
         super().__init__()
         object.__setattr__(self, "joined", joined)  # outside MLX's module tree: counted and walked once, here
-        self.start, self.end = start, end
+        self.start, self.end, self.readers = start, end, readers
         self.shape = (end - start, joined.shape[1])
         self.bits, self.block = joined.bits, joined.block
         self.held_bytes = joined.held_bytes if first else 0  # the shared blocks, counted once
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.joined.shared(x)[..., self.start:self.end]
+        return self.joined.shared(x, self.readers)[..., self.start:self.end]
 
     @property
     def _bias(self) -> Optional[np.ndarray]:
@@ -491,7 +493,7 @@ def _products(run: list[tuple[str, Blocks, Optional[np.ndarray]]]) -> list[tuple
     joined = QuantLinear(join([blocks for _, blocks, _ in run]), bias)
     out, at = [], 0
     for i, (name, blocks, _) in enumerate(run):
-        out.append((name, QuantRows(joined, at, at + blocks.shape[0], first=i == 0)))
+        out.append((name, QuantRows(joined, at, at + blocks.shape[0], first=i == 0, readers=len(run))))
         at += blocks.shape[0]
     return out
 
