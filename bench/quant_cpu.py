@@ -12,7 +12,8 @@ machine whose speed drifts weighs on all alike; each run:
   first; openmlx with `--speculative off` and llama.cpp without drafting, so both decode a
   token a pass;
 - peak RSS: the server's own high-water mark (VmHWM: its load included) and the process tree's
-  resident memory polled every 0.1 s, the larger;
+  resident memory polled every 0.1 s, the larger; beside it the polled peak of its anonymous part
+  (RssAnon: without mapped file pages, which llama.cpp's RSS counts for the GGUF it maps);
 - the 1-minute load average when the server started and when it stopped (the machine is shared).
 
 - the memory ceiling, before the first server and after the last: one process summing a
@@ -101,11 +102,19 @@ def default_gguf() -> Path:
     return openmlx_home() / "test-assets" / "qwen2.5-coder-0.5b" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 
 
+def _anon(pid: int) -> int:
+    """A process's anonymous resident bytes (RssAnon): its own memory, without the pages of files
+    it maps (llama.cpp maps the GGUF; those pages are the page cache's, and reclaimable)."""
+    with open(f"/proc/{pid}/status") as f:
+        return sum(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
 class PeakRSS:
-    """The largest resident memory a server's process tree reaches while it runs."""
+    """The largest resident memory a server's process tree reaches while it runs, and the largest
+    anonymous part of it (`anon`, Linux only, else 0)."""
 
     def __init__(self, pid: int) -> None:
-        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self.pid, self.peak, self.anon, self._stop = pid, 0, 0, threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
 
@@ -116,8 +125,10 @@ class PeakRSS:
     def _poll(self) -> None:
         while not self._stop.wait(0.1):
             try:
-                self.peak = max(self.peak, sum(c.memory_info().rss for c in self._tree()))
-            except psutil.Error:
+                tree = self._tree()
+                self.peak = max(self.peak, sum(c.memory_info().rss for c in tree))
+                self.anon = max(self.anon, sum(_anon(c.pid) for c in tree))
+            except (psutil.Error, OSError):
                 pass
 
     def stop(self) -> int:
@@ -168,7 +179,7 @@ def run_one(peer: Peer, out: Path, prompt: str, tokens: int, eos: list[int]) -> 
     finally:
         peak = rss.stop()
         run.stop()
-    figures.update(peak_rss_gb=peak / 1e9, load=[round(load0, 2), round(os.getloadavg()[0], 2)])
+    figures.update(peak_rss_gb=peak / 1e9, peak_anon_gb=rss.anon / 1e9, load=[round(load0, 2), round(os.getloadavg()[0], 2)])
     return figures
 
 
@@ -203,7 +214,7 @@ def markdown(model: str, runs: dict[str, list[dict]], ceiling: Optional[dict] = 
         lines += [f"Memory ceiling: one process {one_s} GB/s, two at once {two_s} GB/s (before the first server, "
                   f"after the last); a decode step reads {sizes.per_token / 1e9:.2f} GB (the file's {sizes.tensors / 1e9:.2f} GB "
                   f"of tensors less the embedding table), so {two * 1e9 / sizes.per_token:.0f} tok/s at most", ""]
-    lines += ["| server | decode tok/s | prefill tok/s (prompt tokens) | peak RSS GB | ready s | load average |"
+    lines += ["| server | decode tok/s | prefill tok/s (prompt tokens) | peak RSS GB (anonymous) | ready s | load average |"
               + (" decode GB/s (share of ceiling) |" if share else ""),
               "|---|---|---|---|---|---|" + ("---|" if share else "")]
     for name, rs in runs.items():
@@ -211,14 +222,14 @@ def markdown(model: str, runs: dict[str, list[dict]], ceiling: Optional[dict] = 
         if not ok:
             lines.append(f"| {name} | {rs[0].get('error', 'not run')[:90]} | | | | |" + (" |" if share else ""))
             continue
-        med = lambda key: statistics.median(r[key] for r in ok)  # noqa: E731
+        med = lambda key: statistics.median(r.get(key, 0.0) for r in ok)  # noqa: E731
         loads = [x for r in ok for x in r["load"]]
         extra = ""
         if share:
             gbs = med("decode_tps") * sizes.per_token / 1e9
             extra = f" {gbs:.1f} ({gbs / two:.0%}) |"
         lines.append(f"| {name} | {med('decode_tps'):.1f} | {med('prefill_tps'):.0f} ({ok[0]['prompt_tokens']}) | "
-                     f"{med('peak_rss_gb'):.2f} | {med('ready_s'):.0f} | {min(loads):.1f}-{max(loads):.1f} |{extra}")
+                     f"{med('peak_rss_gb'):.2f} ({med('peak_anon_gb'):.2f}) | {med('ready_s'):.0f} | {min(loads):.1f}-{max(loads):.1f} |{extra}")
     lines.append("")
     for name, rs in runs.items():
         for i, r in enumerate(rs):
