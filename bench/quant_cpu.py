@@ -179,7 +179,8 @@ def run_one(peer: Peer, out: Path, prompt: str, tokens: int, eos: list[int]) -> 
     finally:
         peak = rss.stop()
         run.stop()
-    figures.update(peak_rss_gb=peak / 1e9, peak_anon_gb=rss.anon / 1e9, load=[round(load0, 2), round(os.getloadavg()[0], 2)])
+    figures.update(peak_rss_gb=peak / 1e9, peak_anon_gb=rss.anon / 1e9,
+                   load=[round(load0, 2), round(os.getloadavg()[0], 2)])
     return figures
 
 
@@ -212,9 +213,11 @@ def markdown(model: str, runs: dict[str, list[dict]], ceiling: Optional[dict] = 
         one_s = ", ".join(f"{c['one_gbs']:.1f}" for c in ceiling)
         two_s = ", ".join(f"{c['two_gbs']:.1f}" for c in ceiling)
         lines += [f"Memory ceiling: one process {one_s} GB/s, two at once {two_s} GB/s (before the first server, "
-                  f"after the last); a decode step reads {sizes.per_token / 1e9:.2f} GB (the file's {sizes.tensors / 1e9:.2f} GB "
-                  f"of tensors less the embedding table), so {two * 1e9 / sizes.per_token:.0f} tok/s at most", ""]
-    lines += ["| server | decode tok/s | prefill tok/s (prompt tokens) | peak RSS GB (anonymous) | ready s | load average |"
+                  f"after the last); a decode step reads {sizes.per_token / 1e9:.2f} GB (the file's "
+                  f"{sizes.tensors / 1e9:.2f} GB of tensors less the embedding table), so "
+                  f"{two * 1e9 / sizes.per_token:.0f} tok/s at most", ""]
+    lines += ["| server | decode tok/s | prefill tok/s (prompt tokens) | peak RSS GB (anonymous) | ready s "
+              "| load average |"
               + (" decode GB/s (share of ceiling) |" if share else ""),
               "|---|---|---|---|---|---|" + ("---|" if share else "")]
     for name, rs in runs.items():
@@ -229,7 +232,8 @@ def markdown(model: str, runs: dict[str, list[dict]], ceiling: Optional[dict] = 
             gbs = med("decode_tps") * sizes.per_token / 1e9
             extra = f" {gbs:.1f} ({gbs / two:.0%}) |"
         lines.append(f"| {name} | {med('decode_tps'):.1f} | {med('prefill_tps'):.0f} ({ok[0]['prompt_tokens']}) | "
-                     f"{med('peak_rss_gb'):.2f} ({med('peak_anon_gb'):.2f}) | {med('ready_s'):.0f} | {min(loads):.1f}-{max(loads):.1f} |{extra}")
+                     f"{med('peak_rss_gb'):.2f} ({med('peak_anon_gb'):.2f}) | {med('ready_s'):.0f} | "
+                     f"{min(loads):.1f}-{max(loads):.1f} |{extra}")
     lines.append("")
     for name, rs in runs.items():
         for i, r in enumerate(rs):

@@ -154,8 +154,8 @@ def write_shaped(out: Path, shape: Shape, tokenizer_from: Optional[Path], seed: 
     if tokenizer_from is not None:
         for key, value, vtype, sub in tokenizer_fields(tokenizer_from):
             if key == "tokenizer.ggml.tokens" and len(value) != shape.vocab:  # type: ignore[arg-type]
-                raise ValueError(f"{tokenizer_from.name} has {len(value)} tokens; the shape's vocabulary "  # type: ignore
-                                 f"is {shape.vocab}")
+                raise ValueError(f"{tokenizer_from.name} has {len(value)} tokens "  # type: ignore[arg-type]
+                                 f"and the shape's vocabulary is {shape.vocab}")
             w.add_key_value(key, value, vtype, sub)
     plan = tensors(shape)
     for t in plan:

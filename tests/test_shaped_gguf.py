@@ -78,7 +78,7 @@ def test_the_bench_counts_what_a_decode_step_reads_and_its_share_of_the_ceiling(
     embd = SHAPE.vocab * SHAPE.hidden // 32 * 18
     assert sizes.tensors == size and sizes.per_token == size - embd  # one row of the table is read, not all
     assert sizes.matrix_values == sum(t.rows * t.cols for t in tensors(SHAPE) if t.quantized)
-    run = {"decode_tps": 1e9 / sizes.per_token * 5, "prefill_tps": 9.0, "prompt_tokens": 12, "peak_rss_gb": 1.0, "peak_anon_gb": 0.8,
-           "ready_s": 3.0, "load": [1.0, 1.0]}  # 5 GB/s read, against a 20 GB/s ceiling
+    run = {"decode_tps": 1e9 / sizes.per_token * 5, "prefill_tps": 9.0, "prompt_tokens": 12, "peak_rss_gb": 1.0,
+           "peak_anon_gb": 0.8, "ready_s": 3.0, "load": [1.0, 1.0]}  # 5 GB/s read, against a 20 GB/s ceiling
     table = markdown("tiny", {"quantized": [run]}, [{"one_gbs": 12.0, "two_gbs": 20.0}], sizes)
     assert "| 5.0 (25%) |" in table and "two at once 20.0 GB/s" in table and "| 1.00 (0.80) |" in table
