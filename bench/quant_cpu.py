@@ -227,12 +227,13 @@ def markdown(model: str, runs: dict[str, list[dict]], ceiling: Optional[dict] = 
             continue
         med = lambda key: statistics.median(r.get(key, 0.0) for r in ok)  # noqa: E731
         loads = [x for r in ok for x in r["load"]]
+        anon = f"{med('peak_anon_gb'):.2f}" if all(r.get("peak_anon_gb") for r in ok) else "-"  # not measured
         extra = ""
         if share:
             gbs = med("decode_tps") * sizes.per_token / 1e9
             extra = f" {gbs:.1f} ({gbs / two:.0%}) |"
         lines.append(f"| {name} | {med('decode_tps'):.1f} | {med('prefill_tps'):.0f} ({ok[0]['prompt_tokens']}) | "
-                     f"{med('peak_rss_gb'):.2f} ({med('peak_anon_gb'):.2f}) | {med('ready_s'):.0f} | "
+                     f"{med('peak_rss_gb'):.2f} ({anon}) | {med('ready_s'):.0f} | "
                      f"{min(loads):.1f}-{max(loads):.1f} |{extra}")
     lines.append("")
     for name, rs in runs.items():
