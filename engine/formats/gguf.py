@@ -147,6 +147,10 @@ class GGUFPlan:
     mlx_blocks: bool  # every tensor is one MLX keeps as it is (Q4_0, Q4_1, Q8_0, F16, F32), else float16
 
 
+# A dequantized conversion writes its weights in shards of about this many bytes (mlx-lm loads
+# every model*.safetensors), so a 7B's 15 GB of float16 never sit in memory at once.
+SHARD_BYTES = 1 << 30
+
 # Tensor types MLX's own GGUF loader reads, kept as MLX blocks (bits per weight; 0: float, as is).
 _MLX_READS = {"F32": 0, "F16": 0, "Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
 
@@ -193,8 +197,10 @@ def plan_conversion(reader: Any, file_bytes: int) -> GGUFPlan:
         else:  # float16 matrices, float32 norms and biases (and float32 kept as is where MLX reads it)
             converted += n * (4 if len(t.shape) < 2 or t.tensor_type.name == "F32" else 2)
     # Besides what is kept: the tensor in flight (float32 from the dequantizer, a shifted copy,
-    # the float16 copy and MLX's own).
-    peak = converted + (0 if mlx_blocks else 12 * largest)
+    # the float16 copy and MLX's own). A dequantized conversion keeps at most a shard and the
+    # largest tensor in memory (_convert_dequantized writes shards as it goes).
+    kept = converted if mlx_blocks else min(converted, SHARD_BYTES + 4 * largest)
+    peak = kept + (0 if mlx_blocks else 12 * largest)
     return GGUFPlan(file_bytes, declared, converted, peak, mlx_blocks)
 
 
@@ -333,7 +339,18 @@ def _convert_dequantized(reader: Any, tmp: Path, out_dir: Path, say: Callable[[s
     _check_tokenizer(meta)  # before the long dequantizing pass, not after it
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights: dict[str, Any] = {}
+    weights: dict[str, Any] = {}  # the shard being filled
+    names: set[str] = set()
+    shards: list[Path] = []
+    held = 0
+
+    def flush() -> None:
+        nonlocal held
+        shards.append(tmp / f"model-{len(shards) + 1:05d}.safetensors")
+        mx.save_safetensors(str(shards[-1]), weights, metadata={"format": "mlx"})
+        weights.clear()
+        held = 0
+
     total, last = len(reader.tensors), -1
     rope: dict[str, Any] = {}  # rope scaling the file keeps as tensors (engine/formats/gguf_rope.py)
     for i, tensor in enumerate(reader.tensors):
@@ -346,6 +363,11 @@ def _convert_dequantized(reader: Any, tmp: Path, out_dir: Path, say: Callable[[s
         if arch.norm_offset and name.endswith("norm.weight"):
             values = values - arch.norm_offset
         weights[name] = mx.array(values if values.ndim == 1 else values.astype(np.float16))
+        names.add(name)
+        held += weights[name].nbytes
+        del values
+        if held >= SHARD_BYTES:
+            flush()
         done = (i + 1) * 10 // total
         if done != last:
             last = done
@@ -356,12 +378,16 @@ def _convert_dequantized(reader: Any, tmp: Path, out_dir: Path, say: Callable[[s
         config["gguf_bits"] = bits
     _add_rope_scaling(config, rope)
     config["vocab_size"] = len(meta["tokenizer.ggml.tokens"])
-    config["tie_word_embeddings"] = "lm_head.weight" not in weights
+    config["tie_word_embeddings"] = "lm_head.weight" not in names
     eos = meta.get("tokenizer.ggml.eos_token_id")
     config["eos_token_id"] = int(eos) if eos is not None else None
     if meta.get("tokenizer.ggml.bos_token_id") is not None:
         config["bos_token_id"] = int(meta["tokenizer.ggml.bos_token_id"])
     say("writing weights")
-    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-    del weights
+    if shards:
+        if weights:
+            flush()
+    else:  # a model that fits one shard keeps one file, model.safetensors
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+    weights.clear()
     return _finish(tmp, out_dir, config, meta, say)
