@@ -173,7 +173,6 @@ def test_a_family_written_as_llama_cpp_does_converts_back_to_the_same_logits(arc
         float(np.abs(np.array(got) - np.array(expected)).max())
 
 
-
 def test_a_large_conversion_is_written_in_shards_and_loads_the_same(tmp_path, monkeypatch):
     """Weights are written a shard at a time (a 7B's 15 GB of float16 never held at once): with
     one tensor a shard here, the folder holds many model-*.safetensors and the logits are unchanged."""
@@ -183,6 +182,7 @@ def test_a_large_conversion_is_written_in_shards_and_loads_the_same(tmp_path, mo
     test_a_family_written_as_llama_cpp_does_converts_back_to_the_same_logits("gemma2", tmp_path)
     folder = tmp_path / "converted"
     assert len(list(folder.glob("model-*.safetensors"))) > 5 and not (folder / "model.safetensors").exists()
+
 
 def test_a_quantized_file_is_quantized_back_to_its_level_on_a_gpu(tmp_path, monkeypatch):
     """On a GPU a model converted from a quantized GGUF is held at the file's level (Q8_0 here, the
