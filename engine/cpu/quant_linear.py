@@ -37,15 +37,17 @@ from engine.cpu.quant_blocks import Blocks, FileRows, GGUFRows, Malformed, Unmap
 log = logging.getLogger("openmlx.engine")
 
 # onnxruntime's accuracy_level: 1 keeps the activation row in float32, 4 quantizes it to int8
-# blockwise first (as llama.cpp does for its own dot products). Measured here (2026-12-07, under
-# load, one 49152 x 576 product): 4-bit 8.8 ms at level 1, 3.0 ms at level 4; 8-bit 9.4 ms at level
-# 4 and 570 ms at level 1 (a fallback path). Level 4 moves the logits visibly (SmolLM2: max 1.2 of
-# 18 after 30 layers, against 1e-4 at level 1), so 4-bit blocks keep float32 activations (exact up
-# to float rounding) and 8-bit blocks take level 4, the only fast one. OPENMLX_QUANT_ACCURACY sets
-# one level for both.
-ACCURACY: dict[int, int] = {4: 1, 8: 4}
+# blockwise first, as llama.cpp does for its own dot products (its Q4_K/Q5_0/Q6_K/Q8_0 kernels take
+# 8-bit activations). Measured here: one 49152 x 576 product, 4-bit 8.8 ms at level 1 and 3.0 ms at
+# level 4, 8-bit 570 ms at level 1 (a fallback path) and 9.4 ms at level 4; a whole decode step of
+# Qwen2.5-Coder-1.5B Q4_K_M (quiet, 2026-12-07), 100-127 ms with 4-bit at level 1 against 50-72 ms
+# at level 4. Both take level 4: greedy text stays the float32 path's on the default model and
+# llama.cpp's on Qwen2.5-Coder-0.5B (tests/test_quant_cpu.py, tests/test_real_models.py); logits
+# move by ~1 % of their range. OPENMLX_QUANT_ACCURACY=1 keeps 4-bit blocks' activations float32
+# (8-bit blocks stay at 4: level 1 is the fallback path there).
+ACCURACY: dict[int, int] = {4: 4, 8: 4}
 if os.environ.get("OPENMLX_QUANT_ACCURACY"):
-    ACCURACY = {4: int(os.environ["OPENMLX_QUANT_ACCURACY"]), 8: int(os.environ["OPENMLX_QUANT_ACCURACY"])}
+    ACCURACY = {4: int(os.environ["OPENMLX_QUANT_ACCURACY"]), 8: max(4, int(os.environ["OPENMLX_QUANT_ACCURACY"]))}
 THREADS = int(os.environ.get("OPENMLX_QUANT_THREADS", "2"))
 
 

@@ -47,14 +47,23 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+# `auto` holds a model shipped quantized as blocks from this many bytes of float32 weights: a decode
+# step reads every weight, and at this size reading blocks wins. Measured here (quiet, 2 cores,
+# numpy step both ways): Qwen2.5-Coder-0.5B Q4_K_M, 1.98 GB at float32, 28 against 59 ms a token
+# and prefill as fast (docs/benchmarks.md); SmolLM2-135M (0.54 GB) 24 against 16 ms: float32 wins.
+QUANTIZED_ABOVE = 1 << 30
+
+
 def choose_cpu_dtype(requested: str, probe: Probe, gate: MemoryGate, kv_bytes: int) -> DtypeChoice:
     """The load-time CPU policy: which dtype to hold weights in, and why.
 
     On CPU MLX multiplies fast only in float32 (its quantized/half matmuls are 5-50x slower), so
-    `auto` expands to float32 when the expanded weights and a KV budget of KV_HEADROOM_TOKENS fit
-    in the memory available now (float32 prefill is the faster one on a small model); else it holds
-    the weights as blocks through onnxruntime (`quantized`, engine/cpu/quant_linear.py) where that
-    path maps the model and its blocks fit; else the weights stay as shipped. Never on a GPU.
+    `auto` holds a model shipped quantized (MLX bits, or a GGUF file's blocks) of QUANTIZED_ABOVE or
+    more float32 bytes as blocks through onnxruntime (`quantized`, engine/cpu/quant_linear.py) where
+    that path maps it and the blocks fit: faster there. Otherwise it expands to float32 when the
+    expanded weights and a KV budget of KV_HEADROOM_TOKENS fit in the memory available now (the
+    faster path for a small model); else blocks where they fit; else the weights stay as shipped.
+    Never on a GPU.
     """
     if requested not in CPU_DTYPES:
         raise ValueError(f"cpu dtype must be one of {CPU_DTYPES}")
@@ -69,6 +78,11 @@ def choose_cpu_dtype(requested: str, probe: Probe, gate: MemoryGate, kv_bytes: i
         return DtypeChoice(requested, f"{shipped if requested == 'keep' else requested}: --cpu-dtype {requested}")
     weights, kv = dequantized_bytes(probe), KV_HEADROOM_TOKENS * kv_bytes
     sizes = f"float32 weights {_gb(weights)} + a {KV_HEADROOM_TOKENS}-token KV budget {_gb(kv)}"
+    if weights >= QUANTIZED_ABOVE:
+        blocks = _quantized_fit(probe)
+        if blocks is not None and gate.fits(MemoryEstimate(blocks, kv).total):
+            return DtypeChoice("quantized", f"quantized: shipped as blocks and {_gb(weights)} at float32, a size "
+                                            "at which blocks decode faster (onnxruntime MatMulNBits)")
     if gate.fits(MemoryEstimate(weights, kv).total):
         return DtypeChoice("float32", f"float32, the CPU fast path: {sizes} fit in the {_gb(gate.available())} "
                                       "available")
