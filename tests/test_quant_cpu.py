@@ -183,6 +183,7 @@ def test_the_default_model_decodes_the_float32_text_held_as_blocks(default_model
     assert runner.dtype == "quantized" and "4-bit/32 x 210" in runner.dtype_reason
     layer = runner.model.model.layers[0]
     assert isinstance(layer.mlp.down_proj, QuantLinear) and isinstance(runner.model.model.embed_tokens, QuantEmbedding)
+    assert not layer.mlp.down_proj.rounds_activations  # an MLX folder's 4-bit blocks: float32 activations, as MLX
     # nothing float32 the size of a weight matrix is left in MLX: only norms
     assert max(p.size for _, p in __import__("mlx.utils").utils.tree_flatten(runner.model.parameters())) <= 576
     head, rows = runner.model.model.embed_tokens._head, []
@@ -324,6 +325,7 @@ def test_a_gguf_model_is_held_from_its_file_head_in_slices_and_the_gate_counts_t
     held = load_gated("tiny", probe(folder), "quantized", MemoryGate())
     assert held.dtype == "quantized", held.dtype_reason
     assert len(held.model.lm_head._parts) == 3 and held.model.lm_head.shape == (300, 64)
+    assert held.model.lm_head.rounds_activations  # a GGUF file's blocks: int8 activations, as llama.cpp
     assert isinstance(held.model.model.embed_tokens._blocks, qb.GGUFRows)
     ids = mx.array([[5, 17, 250, 3, 99, 42]])
     a, b = np.array(plain.model(ids)), np.array(held.model(ids))

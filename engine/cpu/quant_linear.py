@@ -37,17 +37,20 @@ from engine.cpu.quant_blocks import Blocks, FileRows, GGUFRows, Malformed, Unmap
 log = logging.getLogger("openmlx.engine")
 
 # onnxruntime's accuracy_level: 1 keeps the activation row in float32, 4 quantizes it to int8
-# blockwise first, as llama.cpp does for its own dot products (its Q4_K/Q5_0/Q6_K/Q8_0 kernels take
-# 8-bit activations). Measured here: one 49152 x 576 product, 4-bit 8.8 ms at level 1 and 3.0 ms at
-# level 4, 8-bit 570 ms at level 1 (a fallback path) and 9.4 ms at level 4; a whole decode step of
-# Qwen2.5-Coder-1.5B Q4_K_M (quiet, 2026-12-07), 100-127 ms with 4-bit at level 1 against 50-72 ms
-# at level 4. Both take level 4: greedy text stays the float32 path's on the default model and
-# llama.cpp's on Qwen2.5-Coder-0.5B (tests/test_quant_cpu.py, tests/test_real_models.py); logits
-# move by ~1 % of their range. OPENMLX_QUANT_ACCURACY=1 keeps 4-bit blocks' activations float32
-# (8-bit blocks stay at 4: level 1 is the fallback path there).
-ACCURACY: dict[int, int] = {4: 4, 8: 4}
+# blockwise first. A model from a GGUF file is multiplied as llama.cpp multiplies that file (its
+# Q4_0/Q4_K/Q5_0/Q6_K/Q8_0 kernels take 8-bit activations): level 4. An MLX folder's 4-bit blocks
+# as MLX's own kernels do, with float32 activations (level 1: greedy text stays the float32 path's,
+# whichever decode step runs; at level 4 the default model's answer flipped a near-tie, "add_numbers"
+# for "add_two_numbers", through HTTP); its 8-bit blocks take level 4, as level 1 is a fallback path
+# there. Measured here: one 49152 x 576 product, 4-bit 8.8 ms at level 1 and 3.0 ms at level 4, 8-bit
+# 570 ms at level 1 and 9.4 ms at level 4; a decode step of Qwen2.5-Coder-1.5B Q4_K_M (quiet,
+# 2026-12-07) 100-127 ms with its 4-bit blocks at level 1, 50-72 ms at level 4.
+# OPENMLX_QUANT_ACCURACY sets one level for all (8-bit blocks never below 4).
+ACCURACY: dict[int, int] = {4: 1, 8: 4}  # an MLX folder's blocks (bits -> level)
+GGUF_ACCURACY: dict[int, int] = {4: 4, 8: 4}  # a GGUF file's
 if os.environ.get("OPENMLX_QUANT_ACCURACY"):
-    ACCURACY = {4: int(os.environ["OPENMLX_QUANT_ACCURACY"]), 8: max(4, int(os.environ["OPENMLX_QUANT_ACCURACY"]))}
+    _level = int(os.environ["OPENMLX_QUANT_ACCURACY"])
+    ACCURACY = GGUF_ACCURACY = {4: _level, 8: max(4, _level)}
 THREADS = int(os.environ.get("OPENMLX_QUANT_THREADS", "2"))
 
 
@@ -80,7 +83,7 @@ def _shared_arena(ort: Any) -> None:
         _ARENA.append(True)
 
 
-def _session(blocks: Blocks, accuracy: Optional[int]) -> Any:
+def _session(blocks: Blocks, accuracy: Optional[int], levels: Optional[dict[int, int]] = None) -> Any:
     """One `MatMulNBits` session over `blocks`. The weights go in as external initializers from
     memory: with them inside the protobuf, onnxruntime kept ~2.2x the blocks' bytes per session
     (the model's copy, its initializer and the prepacked weights; 351 MB for a 157 MB 8-bit head,
@@ -99,7 +102,7 @@ def _session(blocks: Blocks, accuracy: Optional[int]) -> Any:
               "Z": np.ascontiguousarray(zeros).reshape(-1)}
     node = helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"], domain="com.microsoft",
                             K=k, N=n, bits=blocks.bits, block_size=blocks.block,
-                            accuracy_level=ACCURACY[blocks.bits] if accuracy is None else accuracy)
+                            accuracy_level=_level_of(blocks.bits, accuracy, levels))
     graph = helper.make_graph(
         [node], "product",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
@@ -118,6 +121,12 @@ def _session(blocks: Blocks, accuracy: Optional[int]) -> Any:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def _level_of(bits: int, accuracy: Optional[int], levels: Optional[dict[int, int]]) -> int:
+    """The accuracy level a product of `bits`-bit blocks runs at: `accuracy` where given, else
+    from `levels` (GGUF_ACCURACY for a GGUF file's blocks), else ACCURACY."""
+    return accuracy if accuracy is not None else (levels or ACCURACY)[bits]
+
+
 class QuantLinear(nn.Module):
     """y = x Wᵀ (+ bias) with W as MatMulNBits blocks in onnxruntime sessions: one session, or for
     a large matrix one per slice of rows (`blocks` an iterable of consecutive row slices), each
@@ -125,14 +134,14 @@ class QuantLinear(nn.Module):
     outside onnxruntime while it is built."""
 
     def __init__(self, blocks: Blocks | Iterable[Blocks], bias: Optional[np.ndarray],
-                 accuracy: Optional[int] = None) -> None:
+                 accuracy: Optional[int] = None, levels: Optional[dict[int, int]] = None) -> None:
         super().__init__()
         self._parts: list[tuple[int, int, Any, Optional[np.ndarray]]] = []  # (first row, end, session, offsets)
         n, self.held_bytes, k = 0, 0, 0
         for part in [blocks] if isinstance(blocks, Blocks) else blocks:
             rows, k = part.shape
             self.bits, self.block = part.bits, part.block
-            self._parts.append((n, n + rows, _session(part, accuracy), part.offsets))  # offsets: (rows, k/block) or None
+            self._parts.append((n, n + rows, _session(part, accuracy, levels), part.offsets))  # offsets: (rows, k/block) or None
             n += rows
             self.held_bytes += part.nbytes
             del part  # the next slice is made only after this one's blocks are gone
@@ -141,7 +150,7 @@ class QuantLinear(nn.Module):
         self.shape = (n, k)
         # accuracy level 4 rounds each input row to int8 blocks first (as llama.cpp does): a tiny
         # difference in the input can then move an output by a rounding step (engine/cpu/decode.py)
-        self.rounds_activations = (ACCURACY[self.bits] if accuracy is None else accuracy) >= 4
+        self.rounds_activations = _level_of(self.bits, accuracy, levels) >= 4
         self._bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
 
     def _run(self, x: np.ndarray, part: tuple[int, int, Any, Optional[np.ndarray]]) -> np.ndarray:
@@ -224,7 +233,8 @@ class QuantEmbedding(nn.Module):
     head: a lookup dequantizes only its rows; `as_linear` (a tied head) multiplies through a session
     over the same blocks."""
 
-    def __init__(self, table: Blocks | GGUFRows, tied: bool, accuracy: Optional[int] = None) -> None:
+    def __init__(self, table: Blocks | GGUFRows, tied: bool, accuracy: Optional[int] = None,
+                 levels: Optional[dict[int, int]] = None) -> None:
         super().__init__()
         self._blocks = table  # what a lookup reads: anything with `shape` and `dequantize(rows)`
         self.shape = table.shape
@@ -233,7 +243,7 @@ class QuantEmbedding(nn.Module):
         if tied:
             if not isinstance(table, Blocks):
                 raise TypeError("a tied head needs the table as blocks")
-            self._head = QuantLinear(table, None, accuracy)
+            self._head = QuantLinear(table, None, accuracy, levels)
             self.held_bytes += self._head.held_bytes
 
     def __getitem__(self, token: int) -> np.ndarray:
@@ -314,6 +324,9 @@ class _Source:
     def __init__(self, folder: Path) -> None:
         self.gguf: dict[str, _Tensor] = {}
         path = _gguf_source(folder)
+        # multiplied as the file's own runtime multiplies it: llama.cpp's int8 activations for a
+        # GGUF file's blocks (read from it, or by MLX's GGUF loader), MLX's float ones for its folders
+        self.levels = ACCURACY if path is None else GGUF_ACCURACY
         if path is None:
             return
         from engine.formats.gguf import mlx_tensor_name
@@ -444,16 +457,17 @@ def install(model: nn.Module, folder: Path) -> int:
                 bias = np.asarray(module.bias.astype(mx.float32)) if "bias" in module else None
                 held.append((name, source.blocks(f"model.layers.{i}.{part}.{name}", module), bias))
             for run in _shared_input_runs(held):
-                plan += [(parent, name, module) for name, module in _products(run)]
+                plan += [(parent, name, module) for name, module in _products(run, source.levels)]
         _trim()  # each layer's conversion temporaries, before the next layer's pile on (0.5B peak 1.26 -> 1.20 GB)
     embed = getattr(backbone, "embed_tokens", None)
     tied = "lm_head" not in model
-    plan.append((backbone, "embed_tokens", QuantEmbedding(source.table("model.embed_tokens", embed, tied), tied)))
+    plan.append((backbone, "embed_tokens", QuantEmbedding(source.table("model.embed_tokens", embed, tied), tied,
+                                                          levels=source.levels)))
     if not tied:
         head = model.lm_head
         if "bias" in head:
             raise Unmapped("an output head with a bias")
-        plan.append((model, "lm_head", QuantLinear(source.parts("lm_head", head), None)))
+        plan.append((model, "lm_head", QuantLinear(source.parts("lm_head", head), None, levels=source.levels)))
     held = 0
     for parent, name, module in plan:
         setattr(parent, name, module)
@@ -485,14 +499,15 @@ def _shared_input_runs(held: list[tuple[str, Blocks, Optional[np.ndarray]]]
     return runs
 
 
-def _products(run: list[tuple[str, Blocks, Optional[np.ndarray]]]) -> list[tuple[str, nn.Module]]:
+def _products(run: list[tuple[str, Blocks, Optional[np.ndarray]]],
+              levels: Optional[dict[int, int]] = None) -> list[tuple[str, nn.Module]]:
     """A run's modules: a lone projection's own `QuantLinear`, or `QuantRows` of one joined."""
     if len(run) == 1:
         name, blocks, bias = run[0]
-        return [(name, QuantLinear(blocks, bias))]
+        return [(name, QuantLinear(blocks, bias, levels=levels))]
     biases = [b if b is not None else np.zeros(blocks.shape[0], np.float32) for _, blocks, b in run]
     bias = None if all(b is None for _, _, b in run) else np.concatenate(biases)
-    joined = QuantLinear(join([blocks for _, blocks, _ in run]), bias)
+    joined = QuantLinear(join([blocks for _, blocks, _ in run]), bias, levels=levels)
     out, at = [], 0
     for i, (name, blocks, _) in enumerate(run):
         out.append((name, QuantRows(joined, at, at + blocks.shape[0], first=i == 0, readers=len(run))))
