@@ -231,7 +231,7 @@ def test_the_loader_refuses_malformed_blocks_and_falls_back_on_unmapped_ones(def
         raise (qb.Malformed("tensor blk.0.attn_q.weight (Q4_0): bad") if failure == "malformed"
                else qb.Unmapped("GGUF IQ4_NL"))
 
-    monkeypatch.setattr("engine.cpu.quant_linear.from_mlx", broken)
+    monkeypatch.setattr("engine.cpu.quant_source.from_mlx", broken)
     monkeypatch.setenv("OPENMLX_FAST_DECODE", "off")
     if failure == "malformed":
         with pytest.raises(InvalidRequest, match="malformed quantized weights: tensor blk.0.attn_q.weight"):
@@ -320,7 +320,7 @@ def test_a_gguf_model_is_held_from_its_file_head_in_slices_and_the_gate_counts_t
 
     folder = tiny_gguf_folder
     monkeypatch.setenv("OPENMLX_FAST_DECODE", "off")
-    monkeypatch.setattr(quant_linear, "PART_ROWS", 128)  # the 300-row head in 3 slices
+    monkeypatch.setattr("engine.cpu.quant_source.PART_ROWS", 128)  # the 300-row head in 3 slices
     plain = load_gated("tiny", probe(folder), "float32", MemoryGate())
     held = load_gated("tiny", probe(folder), "quantized", MemoryGate())
     assert held.dtype == "quantized", held.dtype_reason

@@ -68,9 +68,11 @@ class Blocks:
         q[..., 1::2] = p >> 4
         return q
 
-    def format(self) -> tuple[int, int, bool]:
-        """(bits, block, has offsets): blocks of one format can share one product."""
-        return self.bits, self.block, self.offsets is not None
+    def stacks_with(self, other: "Blocks") -> bool:
+        """Whether `other` can be stacked under these rows as one product (`join`): the same bits,
+        block and kind (with or without offsets), and the same input width."""
+        return ((self.bits, self.block, self.offsets is None, self.shape[1])
+                == (other.bits, other.block, other.offsets is None, other.shape[1]))
 
     def dequantize(self, rows: Any = slice(None)) -> np.ndarray:
         """`rows` of the weight as float32 (n', k): for tests, and for an embedding's looked-up rows."""
@@ -82,10 +84,10 @@ class Blocks:
 
 
 def join(parts: list[Blocks]) -> Blocks:
-    """Matrices of one format (`Blocks.format`) and the same input width, stacked by rows: the
-    products that read the same input (q/k/v, gate/up) as one."""
+    """Matrices that stack (`Blocks.stacks_with`), stacked by rows: the products that read the
+    same input (q/k/v, gate/up) as one."""
     first = parts[0]
-    if any(b.format() != first.format() or b.shape[1] != first.shape[1] for b in parts):
+    if not all(first.stacks_with(b) for b in parts):
         raise ValueError("blocks of different formats or widths can't be joined")
     offsets = None if first.offsets is None else np.concatenate([b.offsets for b in parts])
     return Blocks(np.concatenate([b.packed for b in parts]), np.concatenate([b.scales for b in parts]),
@@ -149,17 +151,10 @@ _AS_BLOCKS = {"Q4_0": (4, 32, False), "Q4_1": (4, 32, True), "Q4_K": (4, 32, Tru
               "Q5_0": (8, 32, False), "Q6_K": (8, 16, False)}
 
 
-def block_bytes(bits: int, block: int, offsets: bool) -> float:
+def block_bytes(bits: int, block: int) -> float:
     """Bytes a value as `Blocks` of `bits`/`block`: the values, a float scale and a zero point a
-    block, and a float offset a block where the format has one."""
-    return bits / 8 + (4 + 1 + (4 if offsets else 0)) / block
-
-
-def gguf_block_bytes(type_name: str, values: int) -> int:
-    """Bytes `values` of a GGUF tensor of `type_name` take as Blocks (Unmapped if it maps to none)."""
-    if type_name not in _AS_BLOCKS:
-        raise Unmapped(f"GGUF {type_name} (mapped: {', '.join(MAPPED_GGUF)})")
-    return int(values * block_bytes(*_AS_BLOCKS[type_name]))
+    block (a format's float offsets, where it has them, are counted apart: 4 bytes a block)."""
+    return bits / 8 + (4 + 1) / block
 
 
 def _nibbles(qs: np.ndarray, half: int) -> np.ndarray:

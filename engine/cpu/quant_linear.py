@@ -9,9 +9,8 @@ batched decode, speculation, and the numpy one-token step (engine/cpu/decode.py)
 `matvec` directly. The embedding becomes a `QuantEmbedding` that dequantizes only the rows it
 looks up; a tied head multiplies through its own session over the same blocks.
 
-Where the blocks come from: an MLX affine-quantized module (mlx-community folders, and GGUF
-Q4_0/Q4_1/Q8_0 files, which `mx.load` reads as such), else the original GGUF file a store folder
-was converted from (`.openmlx-gguf.json`), read with llama.cpp's `gguf` package (memory-mapped).
+Where the blocks come from (an MLX folder's own quantization, or the GGUF file a store folder was
+converted from): engine/cpu/quant_source.py.
 
 onnxruntime is imported here only, and this module only where `--cpu-dtype quantized` asks for it.
 Sessions: 2 intra-op threads, spinning off (with ~150 sessions spinning, a step took ~1 s instead
@@ -20,19 +19,17 @@ of 16 ms here); one session a product, not one a layer (a later step: one graph 
 """
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from engine.cpu.quant_blocks import Blocks, FileRows, GGUFRows, Malformed, Unmapped, from_gguf, from_mlx, gguf_rows, join
+from engine.cpu.quant_blocks import Blocks, GGUFRows, Malformed, Unmapped, join
+from engine.cpu.quant_source import Source, gguf_source, read_gguf, trim
 
 log = logging.getLogger("openmlx.engine")
 
@@ -259,136 +256,6 @@ class QuantEmbedding(nn.Module):
         return self._head(x)
 
 
-def _gguf_source(folder: Path) -> Optional[Path]:
-    """The GGUF file a store folder was converted from, while it is still the same file."""
-    try:
-        from engine.formats.gguf import SOURCE_MARK
-
-        stamp = json.loads((folder / SOURCE_MARK).read_text())
-        source = Path(stamp["source"])
-        if source.stat().st_size == stamp.get("size"):
-            return source
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    """One GGUF tensor's place in its file: what `FileRows` needs, and what the estimate counts."""
-
-    name: str
-    type_name: str
-    k: int  # values a row
-    rows: int
-    row_bytes: int
-    offset: int
-
-    @property
-    def values(self) -> int:
-        return self.k * self.rows
-
-
-@dataclass(frozen=True)
-class _GGUFFile:
-    architecture: str
-    tensors: tuple[_Tensor, ...]
-
-
-@functools.lru_cache(maxsize=2)
-def _gguf_file(path: str, size: int, mtime_ns: int) -> _GGUFFile:
-    """The file's architecture and tensor table, read once per file version: gguf's reader parses
-    every metadata field (a 151936-token vocabulary: ~10 s and ~1.5 M small objects here), and the
-    gate's estimate and the load both need the table. The reader itself isn't kept."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
-    field = reader.fields.get("general.architecture")
-    arch = bytes(field.parts[-1]).decode() if field else ""
-    tensors = []
-    for t in reader.tensors:
-        rows, row_bytes = t.data.shape if t.data.ndim == 2 else (1, int(t.n_bytes))
-        tensors.append(_Tensor(t.name, t.tensor_type.name, int(t.shape[0]), int(rows), int(row_bytes),
-                               int(t.data_offset)))
-    return _GGUFFile(arch, tuple(tensors))
-
-
-def _read_gguf(path: Path) -> _GGUFFile:
-    stat = path.stat()
-    return _gguf_file(str(path), stat.st_size, stat.st_mtime_ns)
-
-
-class _Source:
-    """Where a module's blocks come from: its own MLX affine quantization, else the GGUF file."""
-
-    def __init__(self, folder: Path) -> None:
-        self.gguf: dict[str, _Tensor] = {}
-        path = _gguf_source(folder)
-        # multiplied as the file's own runtime multiplies it: llama.cpp's int8 activations for a
-        # GGUF file's blocks (read from it, or by MLX's GGUF loader), MLX's float ones for its folders
-        self.levels = ACCURACY if path is None else GGUF_ACCURACY
-        if path is None:
-            return
-        from engine.formats.gguf import mlx_tensor_name
-        from engine.formats.gguf_archs import ARCHITECTURES
-
-        file = _read_gguf(path)
-        arch = ARCHITECTURES.get(file.architecture)
-        if arch is None:
-            return
-        self.path = str(path)
-        for t in file.tensors:
-            try:
-                self.gguf[mlx_tensor_name(t.name, arch.layers).removesuffix(".weight")] = t
-            except ValueError:
-                continue
-
-    def _file_rows(self, tensor: _Tensor) -> FileRows:
-        return FileRows(self.path, tensor.offset, tensor.rows, tensor.row_bytes)
-
-    def table(self, path: str, module: Any, tied: bool) -> Blocks | GGUFRows:
-        """An embedding's table: the file's own bytes where it comes from a GGUF file and isn't
-        also the head, else blocks."""
-        tensor = self.gguf.get(path)
-        if tied or tensor is None or isinstance(module, nn.QuantizedEmbedding):
-            return self.blocks(path, module)
-        return gguf_rows(tensor.name, tensor.type_name, self._file_rows(tensor), tensor.k)
-
-    def blocks(self, path: str, module: Any) -> Blocks:
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            if getattr(module, "mode", "affine") != "affine":
-                raise Unmapped(f"{path}: MLX {module.mode} quantization")
-            return from_mlx(np.asarray(module.weight), np.asarray(module.scales.astype(mx.float32)),
-                            np.asarray(module.biases.astype(mx.float32)), module.bits, module.group_size)
-        tensor = self.gguf.get(path)
-        if tensor is None:
-            raise Unmapped(f"{path}: {type(module).__name__} with no quantized blocks (not MLX-quantized, "
-                           "no GGUF source file)")
-        return from_gguf(tensor.name, tensor.type_name, self._file_rows(tensor), tensor.k)
-
-    def parts(self, path: str, module: Any) -> Blocks | Iterator[Blocks]:
-        """A product's blocks: a large GGUF matrix (the head) as consecutive slices of PART_ROWS
-        rows, each read from the file only when the one before is held by its session."""
-        tensor = self.gguf.get(path)
-        if tensor is None or isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            return self.blocks(path, module)
-        whole = self._file_rows(tensor)
-        if whole.shape[0] <= PART_ROWS:
-            return self.blocks(path, module)
-
-        def slices() -> Iterator[Blocks]:
-            rows, row_bytes = whole.shape
-            for at in range(0, rows, PART_ROWS):
-                part = FileRows(whole.path, whole.offset + at * row_bytes, min(PART_ROWS, rows - at), row_bytes)
-                yield from_gguf(f"{tensor.name}[{at}:]", tensor.type_name, part, tensor.k)
-                _trim()
-        return slices()
-
-
-# rows of one session over a large GGUF matrix: a Q8_0 slice of Qwen's 151936 x 896 head is ~37 MB of
-# blocks while it is built (the whole head: 157 MB, on top of onnxruntime's ~205 MB copy); five calls
-# a token instead of one cost ~0.1 ms.
-PART_ROWS = 32768
 # rows handed to one run at most: onnxruntime's output comes from its arena, which keeps its largest
 # block. A prefill pass (256 rows) runs whole; the head sees one row of it (LastRowOnly,
 # engine/generation/last_rows.py), and a caller that wants every row's logits (prompt logprobs)
@@ -413,13 +280,13 @@ def estimate_held(folder: Path, quantization: Optional[dict[str, Any]] = None, v
     type doesn't map (the load then says why)."""
     from engine.cpu.quant_blocks import _AS_BLOCKS, block_bytes
 
-    path = _gguf_source(folder)
+    path = gguf_source(folder)
     if path is None:
         if not quantization or not values:
             return None
         bits, group = int(quantization.get("bits", 4)), int(quantization.get("group_size", 64))
-        return int(values * (block_bytes(bits, group, False) * SESSION_FACTOR + 4 / group))
-    tensors = _read_gguf(path).tensors
+        return int(values * (block_bytes(bits, group) * SESSION_FACTOR + 4 / group))
+    tensors = read_gguf(path).tensors
     names = {t.name for t in tensors}
     held = 0.0
     for t in tensors:
@@ -429,7 +296,7 @@ def estimate_held(folder: Path, quantization: Optional[dict[str, Any]] = None, v
             held += t.rows * t.row_bytes  # looked up, never multiplied: the file's bytes
         elif t.type_name in _AS_BLOCKS:
             bits, block, offsets = _AS_BLOCKS[t.type_name]
-            held += t.values * (block_bytes(bits, block, False) * SESSION_FACTOR + (4 / block if offsets else 0))
+            held += t.values * (block_bytes(bits, block) * SESSION_FACTOR + (4 / block if offsets else 0))
         else:
             return None
     return int(held)
@@ -439,7 +306,10 @@ def install(model: nn.Module, folder: Path) -> int:
     """Replace the model's projections, head and embedding by block-held modules, then cast what
     is left (norms, q/k norms) to float32. Returns the bytes the blocks hold. Raises Unmapped
     (the model keeps another path) or Malformed (the file is refused)."""
-    source = _Source(folder)
+    source = Source(folder)
+    # multiplied as the file's own runtime multiplies it: llama.cpp's int8 activations for a GGUF
+    # file's blocks, MLX's float ones for an MLX folder's
+    levels = GGUF_ACCURACY if source.from_gguf_file else ACCURACY
     backbone = getattr(model, "model", None)
     layers = getattr(backbone, "layers", None)
     if not layers:
@@ -457,17 +327,17 @@ def install(model: nn.Module, folder: Path) -> int:
                 bias = np.asarray(module.bias.astype(mx.float32)) if "bias" in module else None
                 held.append((name, source.blocks(f"model.layers.{i}.{part}.{name}", module), bias))
             for run in _shared_input_runs(held):
-                plan += [(parent, name, module) for name, module in _products(run, source.levels)]
-        _trim()  # each layer's conversion temporaries, before the next layer's pile on (0.5B peak 1.26 -> 1.20 GB)
+                plan += [(parent, name, module) for name, module in _products(run, levels)]
+        trim()  # each layer's conversion temporaries, before the next layer's pile on (0.5B peak 1.26 -> 1.20 GB)
     embed = getattr(backbone, "embed_tokens", None)
     tied = "lm_head" not in model
-    plan.append((backbone, "embed_tokens", QuantEmbedding(source.table("model.embed_tokens", embed, tied), tied,
-                                                          levels=source.levels)))
+    plan.append((backbone, "embed_tokens",
+                 QuantEmbedding(source.table("model.embed_tokens", embed, tied), tied, levels=levels)))
     if not tied:
         head = model.lm_head
         if "bias" in head:
             raise Unmapped("an output head with a bias")
-        plan.append((model, "lm_head", QuantLinear(source.parts("lm_head", head), None, levels=source.levels)))
+        plan.append((model, "lm_head", QuantLinear(source.parts("lm_head", head), None, levels=levels)))
     held = 0
     for parent, name, module in plan:
         setattr(parent, name, module)
@@ -475,7 +345,7 @@ def install(model: nn.Module, folder: Path) -> int:
     model.update(nn.utils.tree_map(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
                                    model.parameters()))
     mx.eval(model.parameters())
-    _trim()
+    trim()
     return held
 
 
@@ -492,7 +362,7 @@ def _shared_input_runs(held: list[tuple[str, Blocks, Optional[np.ndarray]]]
     for entry in held:
         last = runs[-1][-1] if runs else None
         if (last is not None and any({last[0], entry[0]} <= group for group in _SAME_INPUT)
-                and last[1].format() == entry[1].format() and last[1].shape[1] == entry[1].shape[1]):
+                and last[1].stacks_with(entry[1])):
             runs[-1].append(entry)
         else:
             runs.append([entry])
@@ -513,17 +383,6 @@ def _products(run: list[tuple[str, Blocks, Optional[np.ndarray]]],
         out.append((name, QuantRows(joined, at, at + blocks.shape[0], first=i == 0, readers=len(run))))
         at += blocks.shape[0]
     return out
-
-
-def _trim() -> None:
-    """Hand back to the system the heap the graphs' build left free (each session's protobuf and
-    serialized copy): measured 285 -> 206 MB held for a 150 MB head here."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def describe(model: nn.Module) -> str:
