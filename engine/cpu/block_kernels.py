@@ -1,0 +1,410 @@
+"""Products with weights held in their GGUF file's own bit widths (engine/cpu/file_blocks.py),
+compiled at run time with numba and llvmlite (wheels; no compiler).
+
+A decode row is multiplied as llama.cpp multiplies it: the input row rounded to int8 a block of 32
+(a float scale each), each chunk's integer dot product of its unsigned values with those int8s
+(LLVM turns it into `vpdpbusd` on a CPU with AVX-512 VNNI, `vpmaddwd` on AVX2), times the chunk's
+scale and the input block's, less the chunk's min times the input block's sum:
+
+    y_r = Σ_c scale_c·xd_c·Σ_j q_j·xq_j − Σ_c min_c·xd_c·Σ_j xq_j
+
+The inner dot over one row's chunks is LLVM IR written here (`_row`): numba's own loops widen
+every integer to 64 bits and ran 3-4x slower. Rows are split between `THREADS` threads (numba's
+`prange`). A few rows at once (speculation's guesses, a batch's decode) read each weight row once
+for all of them. Many rows (a prefill pass) dequantize the weights a tile of rows at a time to
+float32 and multiply through numpy's sgemm: at 16+ rows that is faster than any row kernel here.
+
+Everything here compiles on first use (a few seconds per block type); `available()` says whether
+numba and llvmlite import.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from engine.cpu.file_blocks import FileBlocks
+
+THREADS = int(os.environ.get("OPENMLX_QUANT_THREADS", "2"))
+FEW_ROWS = 16  # more rows than this: dequantized tiles and sgemm (see the module docstring)
+_TILE_ROWS = 512  # weight rows dequantized at a time for a many-row pass: ~1.8 MB at k = 896
+
+_lock = threading.Lock()  # one product at a time: numba's thread pool is shared by the process
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """Whether numba and llvmlite import (and the kernels can be compiled)."""
+    try:
+        import llvmlite  # noqa: F401
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _numba() -> Any:
+    import numba
+
+    numba.set_num_threads(max(1, min(THREADS, numba.config.NUMBA_NUM_THREADS)))
+    return numba
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the row kernel reads of one block type (engine/cpu/file_blocks.py): value bits, chunk
+    size, how a chunk's scale is stored (float16 bits, or a float32 a super-block of `per` chunks
+    times an unsigned or signed byte a chunk), its mins (none, float16 bits a chunk, or two
+    levels as the scale), and the whole zero."""
+
+    bits: int
+    chunk: int
+    scale: str  # "f16" | "u8" | "i8"
+    per: int
+    mins: str  # "" | "f16" | "u8"
+    zero: int
+
+
+def layout(w: FileBlocks) -> Layout:
+    scale = "f16" if w.half else ("i8" if w.sub.dtype == np.int8 else "u8")
+    mins = "" if w.mins is None else ("u8" if w.min_sub is not None else "f16")
+    return Layout(w.bits, w.chunk, scale, w.per, mins, w.zero)
+
+
+def _row(spec: Layout) -> Any:
+    """A numba intrinsic, for one layout: float32 row(q, high, scale, sub, mins, min_sub, xq, xd,
+    xsum, chunks), the addresses of one weight row's arrays and one int8 input row's:
+    Σ_c s_c·xd_c·Σ_j q_cj·xq_cj − Σ_c (s_c·zero + min_c)·xsum_c."""
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    bits, chunk = spec.bits, spec.chunk
+    i1, i8, i16, i32, i64 = (ir.IntType(w) for w in (1, 8, 16, 32, 64))
+    f32 = ir.FloatType()
+    vec = ir.VectorType
+    qbytes = chunk if bits == 8 else chunk // 2
+    shift = spec.per.bit_length() - 1  # c // per, per a power of two
+    step = 32 // chunk  # chunks a step of the loop
+    sbytes = 32 if bits == 8 else 16  # value bytes a step
+    lanes = 8
+    vnni = _vnni(lanes)
+
+    def splat(builder: Any, value: Any, n: int) -> Any:
+        v = builder.insert_element(ir.Constant(vec(value.type, n), None), value, ir.Constant(i32, 0))
+        return builder.shuffle_vector(v, v, ir.Constant(vec(i32, n), [0] * n))
+
+    def load(builder: Any, addr: Any, ty: Any, index: Any, align: int = 1) -> Any:
+        p = builder.inttoptr(addr, ty.as_pointer())
+        return builder.load(builder.gep(p, [index]), align=align)
+
+    def half(builder: Any, bits16: Any) -> Any:
+        return builder.fpext(builder.bitcast(bits16, ir.HalfType()), f32)
+
+    def small(builder: Any, addr: Any, index: Any, signed: bool) -> Any:
+        byte = load(builder, addr, i8, index)
+        return builder.sitofp(byte, f32) if signed else builder.uitofp(byte, f32)
+
+    @intrinsic
+    def row(typingctx: Any, q_addr: Any, high_addr: Any, scale_addr: Any, sub_addr: Any, mins_addr: Any,
+            min_sub_addr: Any, x_addr: Any, xd_addr: Any, xsum_addr: Any, chunks: Any) -> Any:
+        sig = types.float32(*([types.uintp] * 9), types.intp)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            qa, ha, sa, suba, ma, msuba, xa, xda, xsa, n = args
+            const = functools.partial(ir.Constant, n.type)
+
+            def step_at(c: Any, acc: Any, low: Any) -> tuple[Any, Any]:
+                # one step: 32 values, one chunk of 32 or two of 16
+                p = builder.inttoptr(builder.add(qa, builder.mul(c, ir.Constant(n.type, qbytes))), vec(i8, sbytes).as_pointer())
+                raw = builder.load(p, align=1)
+                if bits == 8:
+                    q = raw
+                else:
+                    lo = builder.and_(raw, ir.Constant(vec(i8, sbytes), [15] * sbytes))
+                    hi = builder.lshr(raw, ir.Constant(vec(i8, sbytes), [4] * sbytes))
+                    interleave = [v for j in range(sbytes) for v in (j, j + sbytes)]
+                    q = builder.shuffle_vector(lo, hi, ir.Constant(vec(i32, 32), interleave))
+                    if bits == 5:
+                        plane = builder.zext(builder.bitcast(load(builder, ha, i32, c, 4), vec(i1, 32)), vec(i8, 32))
+                        q = builder.or_(q, builder.shl(plane, ir.Constant(vec(i8, 32), [4] * 32)))
+                    elif bits == 6:  # two chunks' words: bits 0-15 a chunk's fifth bits, 16-31 its sixth
+                        words = builder.load(builder.gep(builder.inttoptr(ha, i64.as_pointer()),
+                                                         [builder.lshr(c, ir.Constant(n.type, 1))]), align=4)
+                        plane = builder.zext(builder.bitcast(words, vec(i1, 64)), vec(i8, 64))
+                        b4 = builder.shuffle_vector(plane, plane, ir.Constant(vec(i32, 32), list(range(16)) + list(range(32, 48))))
+                        b5 = builder.shuffle_vector(plane, plane, ir.Constant(vec(i32, 32), list(range(16, 32)) + list(range(48, 64))))
+                        q = builder.or_(q, builder.or_(builder.shl(b4, ir.Constant(vec(i8, 32), [4] * 32)),
+                                                       builder.shl(b5, ir.Constant(vec(i8, 32), [5] * 32))))
+                px = builder.inttoptr(builder.add(xa, builder.mul(c, ir.Constant(n.type, chunk))), vec(i8, 32).as_pointer())
+                x = builder.load(px, align=1)
+                if vnni:  # lane l: the sum of values 4l..4l+3's products, unsigned x signed bytes
+                    fn = builder.module.globals.get(vnni) or ir.Function(
+                        builder.module, ir.FunctionType(vec(i32, 8), [vec(i32, 8)] * 3), name=vnni)
+                    prod = builder.call(fn, [ir.Constant(vec(i32, 8), [0] * 8), builder.bitcast(q, vec(i32, 8)),
+                                             builder.bitcast(x, vec(i32, 8))])
+                else:  # the same lanes in plain IR
+                    wide = builder.mul(builder.zext(q, vec(i32, 32)), builder.sext(x, vec(i32, 32)))
+                    prod = None
+                    for t in range(4):
+                        part = builder.shuffle_vector(wide, wide, ir.Constant(vec(i32, 8), list(range(t, 32, 4))))
+                        prod = part if prod is None else builder.add(prod, part)
+                # each chunk's scale and min, scalar beside the vector work
+                factors, new_low = [], low
+                for sub_chunk in range(step):
+                    cc = builder.add(c, ir.Constant(n.type, sub_chunk)) if sub_chunk else c
+                    if spec.scale == "f16":
+                        s = half(builder, load(builder, sa, i16, cc, 2))
+                    else:
+                        sup = load(builder, sa, f32, builder.lshr(cc, ir.Constant(n.type, shift)), 4)
+                        s = builder.fmul(sup, small(builder, suba, cc, spec.scale == "i8"))
+                    m = builder.fmul(s, ir.Constant(f32, float(spec.zero)))
+                    if spec.mins == "f16":
+                        m = builder.fadd(m, half(builder, load(builder, ma, i16, cc, 2)))
+                    elif spec.mins == "u8":
+                        msup = load(builder, ma, f32, builder.lshr(cc, ir.Constant(n.type, shift)), 4)
+                        m = builder.fadd(m, builder.fmul(msup, small(builder, msuba, cc, False)))
+                    new_low = builder.fadd(new_low, builder.fmul(m, load(builder, xsa, f32, cc, 4)))
+                    factors.append(builder.fmul(s, load(builder, xda, f32, cc, 4)))
+                if step == 1:
+                    scale = splat(builder, factors[0], 8)
+                else:  # lanes 0-3 the first chunk's, 4-7 the second's
+                    first, second = splat(builder, factors[0], 8), splat(builder, factors[1], 8)
+                    scale = builder.shuffle_vector(first, second, ir.Constant(vec(i32, 8), [0, 1, 2, 3, 12, 13, 14, 15]))
+                new = builder.fadd(acc, builder.fmul(builder.sitofp(prod, vec(f32, 8)), scale))
+                return new, new_low
+
+            # two steps a turn into two accumulators (a float add's latency, not the work, bound one
+            # chain: 4 cycles a step), then the odd step left, if any
+            entry = builder.block
+            pairs, after = builder.append_basic_block("pairs"), builder.append_basic_block("after")
+            tail, done = builder.append_basic_block("tail"), builder.append_basic_block("done")
+            zero = ir.Constant(vec(f32, 8), [0.0] * 8)
+            nil = ir.Constant(f32, 0.0)
+            even = builder.sub(n, builder.srem(n, const(2 * step)))
+            builder.cbranch(builder.icmp_signed(">", even, const(0)), pairs, after)
+            builder.position_at_end(pairs)
+            c, acc0, acc1, low0, low1 = (builder.phi(t) for t in (n.type, zero.type, zero.type, f32, f32))
+            for phi, start in ((c, const(0)), (acc0, zero), (acc1, zero), (low0, nil), (low1, nil)):
+                phi.add_incoming(start, entry)
+            new0, lnew0 = step_at(c, acc0, low0)
+            new1, lnew1 = step_at(builder.add(c, const(step)), acc1, low1)
+            following = builder.add(c, const(2 * step))
+            for phi, value in ((c, following), (acc0, new0), (acc1, new1), (low0, lnew0), (low1, lnew1)):
+                phi.add_incoming(value, builder.block)
+            builder.cbranch(builder.icmp_signed("<", following, even), pairs, after)
+            builder.position_at_end(after)
+            merged = []
+            for value, start in ((following, const(0)), (new0, zero), (new1, zero), (lnew0, nil), (lnew1, nil)):
+                phi = builder.phi(value.type)
+                phi.add_incoming(start, entry)
+                phi.add_incoming(value, pairs)
+                merged.append(phi)
+            at, acc0, acc1, low0, low1 = merged
+            builder.cbranch(builder.icmp_signed("<", at, n), tail, done)
+            builder.position_at_end(tail)
+            last, last_low = step_at(at, acc0, low0)
+            builder.branch(done)
+            builder.position_at_end(done)
+            total, lows = builder.phi(zero.type), builder.phi(f32)
+            total.add_incoming(acc0, after)
+            total.add_incoming(last, tail)
+            lows.add_incoming(low0, after)
+            lows.add_incoming(last_low, tail)
+            v = builder.fadd(total, acc1)
+            width = 8
+            while width > 1:
+                width //= 2
+                left = builder.shuffle_vector(v, v, ir.Constant(vec(i32, width), list(range(width))))
+                right = builder.shuffle_vector(v, v, ir.Constant(vec(i32, width), list(range(width, 2 * width))))
+                v = builder.fadd(left, right)
+            return builder.fsub(builder.extract_element(v, ir.Constant(i32, 0)), builder.fadd(lows, low1))
+        return sig, codegen
+    return row
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_kernel(spec: Layout) -> Callable[..., Any]:
+    """y (m, n) = x (m rows, int8 blocks) · Wᵀ for one block layout, weight rows split across threads."""
+    nb = _numba()
+    row = _row(spec)
+    chunk = spec.chunk
+
+    @nb.njit(parallel=True, boundscheck=False, nogil=True)
+    def product(q, high, scale, sub, mins, min_sub, xq, xd, xsum, out):
+        n, chunks = q.shape[0], xq.shape[1] // chunk
+        m_rows = xq.shape[0]
+        tiles = (n + 31) // 32
+        for t in nb.prange(tiles):
+            for r in range(t * 32, min(n, t * 32 + 32)):
+                for i in range(m_rows):
+                    out[i, r] = row(q.ctypes.data + r * q.strides[0], high.ctypes.data + r * high.strides[0],
+                                    scale.ctypes.data + r * scale.strides[0], sub.ctypes.data + r * sub.strides[0],
+                                    mins.ctypes.data + r * mins.strides[0],
+                                    min_sub.ctypes.data + r * min_sub.strides[0],
+                                    xq.ctypes.data + i * xq.strides[0], xd.ctypes.data + i * xd.strides[0],
+                                    xsum.ctypes.data + i * xsum.strides[0], chunks)
+    return product
+
+
+@functools.lru_cache(maxsize=None)
+def _dequantize_kernel(spec: Layout) -> Callable[..., Any]:
+    """Rows [start, start + out rows) of W as float32 into `out`, rows split across threads: the
+    row kernel's arithmetic on an identity input would do, but plain loops vectorize well enough
+    for a pass that then runs sgemm over the tile."""
+    nb = _numba()
+    bits, chunk, per, zero = spec.bits, spec.chunk, spec.per, np.float32(spec.zero)
+    halves, signed, min_mode = spec.scale == "f16", spec.scale == "i8", {"": 0, "f16": 1, "u8": 2}[spec.mins]
+    half = _half()
+    pairs = chunk // 2
+
+    qbytes = chunk if bits == 8 else chunk // 2
+
+    @nb.njit(parallel=True, boundscheck=False, nogil=True, fastmath=True)
+    def dequantize(q, high, scale, sub, mins, min_sub, start, out):
+        rows, chunks = out.shape[0], out.shape[1] // chunk
+        for i in nb.prange(rows):
+            r = start + i
+            for c in range(chunks):
+                if halves:
+                    s = half(scale[r].view(np.uint16)[c])
+                elif signed:
+                    s = scale[r].view(np.float32)[c // per] * np.float32(sub[r].view(np.int8)[c])
+                else:
+                    s = scale[r].view(np.float32)[c // per] * np.float32(sub[r, c])
+                m = s * zero
+                if min_mode == 1:
+                    m += half(mins[r].view(np.uint16)[c])
+                elif min_mode == 2:
+                    m += mins[r].view(np.float32)[c // per] * np.float32(min_sub[r, c])
+                base, at = c * chunk, c * qbytes
+                if bits == 8:
+                    for j in range(chunk):
+                        out[i, base + j] = s * np.float32(q[r, at + j]) - m
+                else:
+                    h = high[r].view(np.uint32)[c] if bits != 4 else np.uint32(0)
+                    for j in range(pairs):
+                        byte = q[r, at + j]
+                        a = np.uint32(byte & 15)
+                        b = np.uint32(byte >> 4)
+                        if bits == 5:
+                            a |= ((h >> np.uint32(2 * j)) & np.uint32(1)) << np.uint32(4)
+                            b |= ((h >> np.uint32(2 * j + 1)) & np.uint32(1)) << np.uint32(4)
+                        elif bits == 6:
+                            a |= (((h >> np.uint32(2 * j)) & np.uint32(1)) << np.uint32(4)) \
+                                | (((h >> np.uint32(2 * j + 16)) & np.uint32(1)) << np.uint32(5))
+                            b |= (((h >> np.uint32(2 * j + 1)) & np.uint32(1)) << np.uint32(4)) \
+                                | (((h >> np.uint32(2 * j + 17)) & np.uint32(1)) << np.uint32(5))
+                        out[i, base + 2 * j] = s * np.float32(a) - m
+                        out[i, base + 2 * j + 1] = s * np.float32(b) - m
+    return dequantize
+
+
+def _vnni(lanes: int) -> str:
+    """LLVM's VNNI intrinsic for `lanes` int32 lanes where this CPU has AVX-512 VNNI (with VL),
+    else "" (plain IR: LLVM picks vpmaddwd). Measured here: ~7 of ~33 instructions a chunk fewer."""
+    if os.environ.get("OPENMLX_VNNI") == "off":
+        return ""
+    try:
+        from llvmlite import binding
+
+        features = binding.get_host_cpu_features()
+    except Exception:  # noqa: BLE001 - no feature list: the plain IR is correct everywhere
+        return ""
+    if features.get("avx512vnni") and features.get("avx512vl"):
+        return f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _half() -> Any:
+    """A numba intrinsic: a float16's bits (uint16) as float32."""
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def half(typingctx: Any, bits: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return types.float32(types.uint16), codegen
+    return half
+
+
+@functools.lru_cache(maxsize=None)
+def _quantize_kernel() -> Callable[..., Any]:
+    """Input rows (m, k) float32 -> int8 blocks of 32 (llama.cpp's Q8_0 rounding), and for chunks
+    of `chunk` values each chunk's input scale and its scaled sum."""
+    nb = _numba()
+
+    @nb.njit(boundscheck=False, nogil=True)
+    def quantize(x, chunk, xq, xd, xsum):
+        m, k = x.shape
+        for i in range(m):
+            for b in range(k // 32):
+                amax = np.float32(0.0)
+                for j in range(32):
+                    amax = max(amax, abs(x[i, b * 32 + j]))
+                d = amax / np.float32(127.0)
+                inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+                for j in range(32):
+                    xq[i, b * 32 + j] = np.int8(np.rint(x[i, b * 32 + j] * inv))
+                for part in range(32 // chunk):
+                    c = b * (32 // chunk) + part
+                    total = 0
+                    for j in range(chunk):
+                        total += xq[i, c * chunk + j]
+                    xd[i, c] = d
+                    xsum[i, c] = d * np.float32(total)
+    return quantize
+
+
+_PLACEHOLDER = np.zeros((1, 1), np.uint8)
+
+
+def _fields(w: FileBlocks) -> tuple[np.ndarray, ...]:
+    """The kernels' weight arguments, as byte-typed 2-D arrays (one signature for every layout;
+    a field the layout lacks is a 1x1 placeholder the kernel never reads)."""
+    def as_bytes(a: Any) -> np.ndarray:
+        return _PLACEHOLDER if a is None else a.reshape(a.shape[0], -1).view(np.uint8)
+    return (w.q.reshape(w.q.shape[0], -1), as_bytes(w.high), as_bytes(w.scale), as_bytes(w.sub),
+            as_bytes(w.mins), as_bytes(w.min_sub))
+
+
+def product(w: FileBlocks, x: np.ndarray) -> np.ndarray:
+    """x (m, k) float32 -> x Wᵀ (m, n) float32."""
+    x = np.ascontiguousarray(x, np.float32)
+    m, k = x.shape
+    n = w.shape[0]
+    if m > FEW_ROWS:
+        return _many_rows(w, x)
+    chunks = k // w.chunk
+    xq = np.empty((m, k), np.int8)
+    xd = np.empty((m, chunks), np.float32)
+    xsum = np.empty((m, chunks), np.float32)
+    out = np.empty((m, n), np.float32)
+    with _lock:
+        _quantize_kernel()(x, w.chunk, xq, xd, xsum)
+        _rows_kernel(layout(w))(*_fields(w), xq, xd, xsum, out)
+    return out
+
+
+def dequantize_rows(w: FileBlocks, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of W as float32."""
+    out = np.empty((stop - start, w.shape[1]), np.float32)
+    with _lock:
+        _dequantize_kernel(layout(w))(*_fields(w), start, out)
+    return out
+
+
+def _many_rows(w: FileBlocks, x: np.ndarray) -> np.ndarray:
+    n = w.shape[0]
+    out = np.empty((x.shape[0], n), np.float32)
+    for at in range(0, n, _TILE_ROWS):
+        stop = min(n, at + _TILE_ROWS)
+        np.matmul(x, dequantize_rows(w, at, stop).T, out=out[:, at:stop])
+    return out
