@@ -308,24 +308,33 @@ def tiny_gguf_folder(tmp_path_factory):
     return import_gguf(path, tmp / "models", say=lambda _m: None)
 
 
-def test_a_gguf_model_is_held_from_its_file_head_in_slices_and_the_gate_counts_the_blocks(tiny_gguf_folder,
-                                                                                          monkeypatch):
-    """The quantized path reads the tiny model's blocks from its GGUF file, the head in row slices,
-    the embedding in the file's own bytes, and gives the float32 path's logits; the memory gate
-    counts the blocks as held, not the float16 folder."""
+@pytest.mark.parametrize("kernel", ["file", "onnxruntime"])
+def test_a_gguf_model_is_held_from_its_file_and_the_gate_counts_the_blocks(tiny_gguf_folder, monkeypatch, kernel):
+    """The quantized path reads the tiny model's blocks from its GGUF file (in the file's own bit
+    widths for the compiled kernels; as onnxruntime blocks, the head in row slices), the embedding
+    in the file's own bytes, and gives the float32 path's logits; the memory gate counts the blocks
+    as held, not the float16 folder."""
     from engine.cpu import quant_linear
+    from engine.cpu.file_blocks import FileBlocks
     from engine.models.memory import MemoryGate
     from engine.models.probe import probe
     from engine.models.weights import load_gated
 
     folder = tiny_gguf_folder
     monkeypatch.setenv("OPENMLX_FAST_DECODE", "off")
-    monkeypatch.setattr("engine.cpu.quant_source.PART_ROWS", 128)  # the 300-row head in 3 slices
+    monkeypatch.setattr("engine.cpu.quant_source.KERNEL", kernel)
+    monkeypatch.setattr("engine.cpu.quant_source.PART_ROWS", 128)  # onnxruntime: the 300-row head in 3 slices
     plain = load_gated("tiny", probe(folder), "float32", MemoryGate())
     held = load_gated("tiny", probe(folder), "quantized", MemoryGate())
     assert held.dtype == "quantized", held.dtype_reason
-    assert len(held.model.lm_head._parts) == 3 and held.model.lm_head.shape == (300, 64)
-    assert held.model.lm_head.rounds_activations  # a GGUF file's blocks: int8 activations, as llama.cpp
+    head = held.model.lm_head
+    assert head.shape == (300, 64)
+    if kernel == "file":
+        assert isinstance(head._file, FileBlocks) and head.kind == "Q8_0" and not head._parts
+        assert quant_linear.describe(held.model).startswith("Q5_0 x ")
+    else:
+        assert len(head._parts) == 3 and head._file is None
+    assert head.rounds_activations  # a GGUF file's blocks: int8 activations, as llama.cpp
     assert isinstance(held.model.model.embed_tokens._blocks, qb.GGUFRows)
     ids = mx.array([[5, 17, 250, 3, 99, 42]])
     a, b = np.array(plain.model(ids)), np.array(held.model(ids))

@@ -68,11 +68,11 @@ class Blocks:
         q[..., 1::2] = p >> 4
         return q
 
-    def stacks_with(self, other: "Blocks") -> bool:
+    def stacks_with(self, other: Any) -> bool:
         """Whether `other` can be stacked under these rows as one product (`join`): the same bits,
         block and kind (with or without offsets), and the same input width."""
-        return ((self.bits, self.block, self.offsets is None, self.shape[1])
-                == (other.bits, other.block, other.offsets is None, other.shape[1]))
+        return isinstance(other, Blocks) and ((self.bits, self.block, self.offsets is None, self.shape[1])
+                                              == (other.bits, other.block, other.offsets is None, other.shape[1]))
 
     def dequantize(self, rows: Any = slice(None)) -> np.ndarray:
         """`rows` of the weight as float32 (n', k): for tests, and for an embedding's looked-up rows."""

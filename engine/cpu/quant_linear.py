@@ -28,8 +28,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from engine.cpu import block_kernels, file_blocks
+from engine.cpu.file_blocks import FileBlocks
 from engine.cpu.quant_blocks import Blocks, GGUFRows, Malformed, Unmapped, join
-from engine.cpu.quant_source import Source, gguf_source, read_gguf, trim
+from engine.cpu.quant_source import Source, file_kernels, gguf_source, read_gguf, trim
 
 log = logging.getLogger("openmlx.engine")
 
@@ -130,10 +132,17 @@ class QuantLinear(nn.Module):
     slice's blocks freed once its session holds them, so a 151936-row head never exists whole
     outside onnxruntime while it is built."""
 
-    def __init__(self, blocks: Blocks | Iterable[Blocks], bias: Optional[np.ndarray],
+    def __init__(self, blocks: Blocks | FileBlocks | Iterable[Blocks], bias: Optional[np.ndarray],
                  accuracy: Optional[int] = None, levels: Optional[dict[int, int]] = None) -> None:
         super().__init__()
         self._parts: list[tuple[int, int, Any, Optional[np.ndarray]]] = []  # (first row, end, session, offsets)
+        self._file: Optional[FileBlocks] = None  # or: a GGUF file's blocks, for the compiled kernels
+        self._bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
+        if isinstance(blocks, FileBlocks):
+            self._file, self.shape, self.held_bytes = blocks, blocks.shape, blocks.nbytes
+            self.bits, self.block, self.kind = blocks.bits, blocks.chunk, blocks.type_name
+            self.rounds_activations = True  # int8 input rows, as llama.cpp's kernels take them
+            return
         n, self.held_bytes, k = 0, 0, 0
         for part in [blocks] if isinstance(blocks, Blocks) else blocks:
             rows, k = part.shape
@@ -145,10 +154,10 @@ class QuantLinear(nn.Module):
         if not self._parts:
             raise Malformed("a matrix with no rows")
         self.shape = (n, k)
+        self.kind = f"{self.bits}-bit/{self.block}"
         # accuracy level 4 rounds each input row to int8 blocks first (as llama.cpp does): a tiny
         # difference in the input can then move an output by a rounding step (engine/cpu/decode.py)
         self.rounds_activations = _level_of(self.bits, accuracy, levels) >= 4
-        self._bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
 
     def _run(self, x: np.ndarray, part: tuple[int, int, Any, Optional[np.ndarray]]) -> np.ndarray:
         _, _, session, offsets = part
@@ -159,6 +168,8 @@ class QuantLinear(nn.Module):
         return y
 
     def _product(self, x: np.ndarray) -> np.ndarray:
+        if self._file is not None:
+            return block_kernels.product(self._file, x)
         if len(self._parts) == 1 and x.shape[0] <= ROWS_A_RUN:
             return self._run(x, self._parts[0])
         y = np.empty((x.shape[0], self.shape[0]), np.float32)
@@ -208,7 +219,7 @@ class QuantRows(nn.Module):
         object.__setattr__(self, "joined", joined)  # outside MLX's module tree: counted and walked once, here
         self.start, self.end, self.readers = start, end, readers
         self.shape = (end - start, joined.shape[1])
-        self.bits, self.block = joined.bits, joined.block
+        self.bits, self.block, self.kind = joined.bits, joined.block, joined.kind
         self.held_bytes = joined.held_bytes if first else 0  # the shared blocks, counted once
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -230,7 +241,7 @@ class QuantEmbedding(nn.Module):
     head: a lookup dequantizes only its rows; `as_linear` (a tied head) multiplies through a session
     over the same blocks."""
 
-    def __init__(self, table: Blocks | GGUFRows, tied: bool, accuracy: Optional[int] = None,
+    def __init__(self, table: Blocks | FileBlocks | GGUFRows, tied: bool, accuracy: Optional[int] = None,
                  levels: Optional[dict[int, int]] = None) -> None:
         super().__init__()
         self._blocks = table  # what a lookup reads: anything with `shape` and `dequantize(rows)`
@@ -238,7 +249,7 @@ class QuantEmbedding(nn.Module):
         self.held_bytes = table.nbytes
         self._head = None
         if tied:
-            if not isinstance(table, Blocks):
+            if not isinstance(table, (Blocks, FileBlocks)):
                 raise TypeError("a tied head needs the table as blocks")
             self._head = QuantLinear(table, None, accuracy, levels)
             self.held_bytes += self._head.held_bytes
@@ -294,6 +305,8 @@ def estimate_held(folder: Path, quantization: Optional[dict[str, Any]] = None, v
             held += 4 * t.values
         elif t.name == "token_embd.weight" and "output.weight" in names:
             held += t.rows * t.row_bytes  # looked up, never multiplied: the file's bytes
+        elif file_kernels(t.type_name):
+            held += t.values * file_blocks.bytes_per_value(t.type_name)
         elif t.type_name in _AS_BLOCKS:
             bits, block, offsets = _AS_BLOCKS[t.type_name]
             held += t.values * (block_bytes(bits, block) * SESSION_FACTOR + (4 / block if offsets else 0))
@@ -319,7 +332,7 @@ def install(model: nn.Module, folder: Path) -> int:
     for i, layer in enumerate(layers):
         for part, names in _PROJECTIONS:
             parent = getattr(layer, part, None)
-            held: list[tuple[str, Blocks, Optional[np.ndarray]]] = []
+            held: list[tuple[str, Blocks | FileBlocks, Optional[np.ndarray]]] = []
             for name in names:
                 module = getattr(parent, name, None)
                 if module is None:
@@ -354,11 +367,11 @@ def install(model: nn.Module, folder: Path) -> int:
 _SAME_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
 
 
-def _shared_input_runs(held: list[tuple[str, Blocks, Optional[np.ndarray]]]
-                       ) -> list[list[tuple[str, Blocks, Optional[np.ndarray]]]]:
+def _shared_input_runs(held: list[tuple[str, Blocks | FileBlocks, Optional[np.ndarray]]]
+                       ) -> list[list[tuple[str, Blocks | FileBlocks, Optional[np.ndarray]]]]:
     """`held` (name, blocks, bias) in order, cut into runs of consecutive projections that read
     the same input and hold one block format; anything else is a run of one."""
-    runs: list[list[tuple[str, Blocks, Optional[np.ndarray]]]] = []
+    runs: list[list[tuple[str, Blocks | FileBlocks, Optional[np.ndarray]]]] = []
     for entry in held:
         last = runs[-1][-1] if runs else None
         if (last is not None and any({last[0], entry[0]} <= group for group in _SAME_INPUT)
@@ -369,7 +382,7 @@ def _shared_input_runs(held: list[tuple[str, Blocks, Optional[np.ndarray]]]
     return runs
 
 
-def _products(run: list[tuple[str, Blocks, Optional[np.ndarray]]],
+def _products(run: list[tuple[str, Blocks | FileBlocks, Optional[np.ndarray]]],
               levels: Optional[dict[int, int]] = None) -> list[tuple[str, nn.Module]]:
     """A run's modules: a lone projection's own `QuantLinear`, or `QuantRows` of one joined."""
     if len(run) == 1:
@@ -377,7 +390,9 @@ def _products(run: list[tuple[str, Blocks, Optional[np.ndarray]]],
         return [(name, QuantLinear(blocks, bias, levels=levels))]
     biases = [b if b is not None else np.zeros(blocks.shape[0], np.float32) for _, blocks, b in run]
     bias = None if all(b is None for _, _, b in run) else np.concatenate(biases)
-    joined = QuantLinear(join([blocks for _, blocks, _ in run]), bias, levels=levels)
+    parts = [blocks for _, blocks, _ in run]
+    joined = QuantLinear(file_blocks.join(parts) if isinstance(parts[0], FileBlocks) else join(parts), bias,
+                         levels=levels)
     out, at = [], 0
     for i, (name, blocks, _) in enumerate(run):
         out.append((name, QuantRows(joined, at, at + blocks.shape[0], first=i == 0, readers=len(run))))
@@ -386,13 +401,14 @@ def _products(run: list[tuple[str, Blocks, Optional[np.ndarray]]],
 
 
 def describe(model: nn.Module) -> str:
-    """Which block formats the model's products hold, e.g. '4-bit/32 x 96, 8-bit/16 x 12'."""
+    """Which block formats the model's products hold, e.g. '4-bit/32 x 96, 8-bit/16 x 12' (onnxruntime's
+    blocks) or 'Q5_0 x 120, Q8_0 x 13' (a GGUF file's own, engine/cpu/file_blocks.py)."""
     from collections import Counter
 
     kinds: Counter[str] = Counter()
     for _, m in model.named_modules():
         if isinstance(m, (QuantLinear, QuantRows)):  # a joined product: each of its projections
-            kinds[f"{m.bits}-bit/{m.block}"] += 1
+            kinds[m.kind] += 1
     return ", ".join(f"{k} x {n}" for k, n in sorted(kinds.items()))
 
 

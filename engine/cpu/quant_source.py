@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -16,7 +17,19 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from engine.cpu import block_kernels, file_blocks
+from engine.cpu.file_blocks import FileBlocks
 from engine.cpu.quant_blocks import Blocks, FileRows, GGUFRows, Unmapped, from_gguf, from_mlx, gguf_rows
+
+# "file": a GGUF file's blocks held in the file's own bit widths and multiplied by the compiled
+# kernels of engine/cpu/block_kernels.py where numba is there and the type maps; "onnxruntime":
+# always as MatMulNBits blocks (the path before; for comparison, `bench/quant_cpu.py`).
+KERNEL = os.environ.get("OPENMLX_QUANT_KERNEL", "file")
+
+
+def file_kernels(type_name: str) -> bool:
+    """Whether a GGUF tensor of `type_name` is held as FileBlocks (else as MatMulNBits blocks)."""
+    return KERNEL != "onnxruntime" and type_name in file_blocks.MAPPED and block_kernels.available()
 
 
 def gguf_source(folder: Path) -> Optional[Path]:
@@ -104,7 +117,7 @@ class Source:
     def _file_rows(self, tensor: _Tensor) -> FileRows:
         return FileRows(self.path, tensor.offset, tensor.rows, tensor.row_bytes)
 
-    def table(self, path: str, module: Any, tied: bool) -> Blocks | GGUFRows:
+    def table(self, path: str, module: Any, tied: bool) -> Blocks | FileBlocks | GGUFRows:
         """An embedding's table: the file's own bytes where it comes from a GGUF file and isn't
         also the head, else blocks."""
         tensor = self.gguf.get(path)
@@ -112,7 +125,7 @@ class Source:
             return self.blocks(path, module)
         return gguf_rows(tensor.name, tensor.type_name, self._file_rows(tensor), tensor.k)
 
-    def blocks(self, path: str, module: Any) -> Blocks:
+    def blocks(self, path: str, module: Any) -> Blocks | FileBlocks:
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             if getattr(module, "mode", "affine") != "affine":
                 raise Unmapped(f"{path}: MLX {module.mode} quantization")
@@ -122,13 +135,17 @@ class Source:
         if tensor is None:
             raise Unmapped(f"{path}: {type(module).__name__} with no quantized blocks (not MLX-quantized, "
                            "no GGUF source file)")
+        if file_kernels(tensor.type_name):
+            return file_blocks.from_gguf(tensor.name, tensor.type_name, self._file_rows(tensor), tensor.k)
         return from_gguf(tensor.name, tensor.type_name, self._file_rows(tensor), tensor.k)
 
-    def parts(self, path: str, module: Any) -> Blocks | Iterator[Blocks]:
+    def parts(self, path: str, module: Any) -> Blocks | FileBlocks | Iterator[Blocks]:
         """A product's blocks: a large GGUF matrix (the head) as consecutive slices of PART_ROWS
-        rows, each read from the file only when the one before is held by its session."""
+        rows, each read from the file only when the one before is held by its session (as
+        FileBlocks, whole: those are converted into their final arrays a chunk at a time)."""
         tensor = self.gguf.get(path)
-        if tensor is None or isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        if tensor is None or isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) \
+                or file_kernels(tensor.type_name):
             return self.blocks(path, module)
         whole = self._file_rows(tensor)
         if whole.shape[0] <= PART_ROWS:

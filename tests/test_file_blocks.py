@@ -1,0 +1,119 @@
+"""A GGUF file's blocks held in their own bit widths (engine/cpu/file_blocks.py) and the compiled
+kernels over them (engine/cpu/block_kernels.py): every type holds the file's exact values in
+about the file's bytes; a row product is the int8-rounded input row times those values (as
+llama.cpp computes it), with VNNI and with plain IR, for one row, a few rows and many rows."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("numba")
+
+from engine.cpu import block_kernels as bk  # noqa: E402
+from engine.cpu import file_blocks as fb  # noqa: E402
+from engine.cpu.quant_blocks import Malformed, Unmapped  # noqa: E402
+
+# where each type's float16 scale fields lie in a block
+_F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2),
+               "Q6_K": (208,)}
+
+
+def _random_blocks(type_name: str, rows: int, k: int, seed: int = 0) -> np.ndarray:
+    """Random bytes in the layout of `type_name`, its float16 scales set to small finite values."""
+    size, per = fb._LAYOUT[type_name]
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, (rows, k // per, size), dtype=np.uint8)
+    for at in _F16_FIELDS[type_name]:
+        d = (rng.random((rows, k // per)) * 0.02 + 0.001).astype(np.float16)
+        data[..., at:at + 2] = d.view(np.uint8).reshape(rows, k // per, 2)
+    return data.reshape(rows, -1)
+
+
+def _int8_rows(x: np.ndarray) -> np.ndarray:
+    """x as llama.cpp's Q8_0 rounds it (int8 blocks of 32, scale amax/127), back in float64."""
+    blocks = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+    d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
+    q = np.rint(blocks * np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0))
+    return (q * d).astype(np.float64).reshape(x.shape)
+
+
+@pytest.mark.parametrize("type_name", fb.MAPPED)
+def test_each_type_holds_the_files_values_in_about_its_bytes(type_name):
+    k, n = 512, 6
+    data = _random_blocks(type_name, n, k)
+    blocks = fb.from_gguf("t", type_name, data, k)
+    want = gguf.dequantize(data, gguf.GGMLQuantizationType[type_name]).reshape(n, k)
+    assert np.array_equal(blocks.dequantize(), want)
+    assert blocks.dequantize(4).tolist() == want[4].tolist()  # one row, as an embedding looks it up
+    assert blocks.nbytes == pytest.approx(fb.bytes_per_value(type_name) * n * k)
+    assert blocks.nbytes <= 1.06 * data.nbytes  # K-quants: their 6-bit scales as bytes
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_0", "Q6_K"])
+def test_a_large_tensor_converts_a_chunk_of_rows_at_a_time_to_the_same_values(type_name, monkeypatch):
+    data = _random_blocks(type_name, 10, 256, seed=5)
+    whole = fb.from_gguf("t", type_name, data, 256)
+    monkeypatch.setattr(fb, "_CHUNK_ROWS", 3)
+    assert np.array_equal(fb.from_gguf("t", type_name, data, 256).dequantize(), whole.dequantize())
+
+
+@pytest.mark.parametrize("plain_ir", [False, True], ids=["vnni-if-there", "plain-ir"])
+@pytest.mark.parametrize("type_name", fb.MAPPED)
+def test_the_product_is_the_int8_rounded_rows_times_the_files_values(type_name, plain_ir, monkeypatch):
+    if plain_ir:
+        monkeypatch.setattr(bk, "_vnni", lambda lanes: "")
+        bk._rows_kernel.cache_clear()
+    try:
+        # k: an odd number of 32-value steps where the type allows it (the loop's last step alone)
+        k = 96 if type_name in ("Q4_0", "Q4_1", "Q5_0", "Q8_0") else 768
+        data = _random_blocks(type_name, 70, k, seed=7)
+        blocks = fb.from_gguf("t", type_name, data, k)
+        w = blocks.dequantize().astype(np.float64)
+        rng = np.random.default_rng(1)
+        for m in (1, 3, bk.FEW_ROWS + 4):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            got = bk.product(blocks, x)
+            assert got.shape == (m, 70) and got.dtype == np.float32
+            if m <= bk.FEW_ROWS:  # the row kernel: int8 input rows
+                want = _int8_rows(x) @ w.T
+            else:  # dequantized tiles and sgemm: the float rows
+                want = x.astype(np.float64) @ w.T
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (m, np.abs(got - want).max())
+    finally:
+        bk._rows_kernel.cache_clear()
+
+
+def test_rows_stack_into_one_product_and_a_row_slice_is_those_rows():
+    a = fb.from_gguf("a", "Q5_0", _random_blocks("Q5_0", 5, 64, seed=1), 64)
+    b = fb.from_gguf("b", "Q5_0", _random_blocks("Q5_0", 3, 64, seed=2), 64)
+    joined = fb.join([a, b])
+    assert joined.shape == (8, 64)
+    assert np.array_equal(joined.dequantize(), np.concatenate([a.dequantize(), b.dequantize()]))
+    assert np.array_equal(joined.rows(slice(5, 8)).dequantize(), b.dequantize())
+    other = fb.from_gguf("c", "Q8_0", _random_blocks("Q8_0", 2, 64), 64)
+    assert not a.stacks_with(other)
+    with pytest.raises(ValueError):
+        fb.join([a, other])
+
+
+@pytest.mark.parametrize("bad", ["short row", "not a block multiple", "nan scale", "inf min"])
+def test_malformed_blocks_are_refused_with_the_tensor_named(bad):
+    type_name = "Q4_K" if bad == "inf min" else "Q5_0"
+    k = 256 if type_name == "Q4_K" else 64
+    data = _random_blocks(type_name, 2, k)
+    if bad == "short row":
+        data = data[:, :-1]
+    elif bad == "not a block multiple":
+        k += 16
+    elif bad == "nan scale":
+        data[0, 0:2] = np.array([np.nan], np.float16).view(np.uint8)
+    else:
+        data[1, 2:4] = np.array([np.inf], np.float16).view(np.uint8)
+    with pytest.raises(Malformed, match="tensor w"):
+        fb.from_gguf("w", type_name, data, k)
+
+
+def test_a_type_held_no_other_way_says_which_types_are():
+    with pytest.raises(Unmapped, match="Q2_K.*Q6_K"):
+        fb.from_gguf("t", "Q2_K", np.zeros((1, 84), np.uint8), 256)
