@@ -1,6 +1,7 @@
-"""Float32 against `--cpu-dtype quantized` (weights held as blocks, products through onnxruntime's
-MatMulNBits) against llama.cpp, on the same GGUF file, each server alone: decode tok/s, prefill
-tok/s, peak RSS.
+"""Float32 against `--cpu-dtype quantized` (weights held as blocks: a GGUF file's in their own bit
+widths through the compiled kernels of engine/cpu/block_kernels.py; `--only quantized-onnxruntime`
+as onnxruntime's MatMulNBits blocks) against llama.cpp, on the same GGUF file, each server alone:
+decode tok/s, prefill tok/s, peak RSS.
 
 `python -m bench.quant_cpu [--gguf FILE] [--rounds 2]` starts each server fresh in turn, rounds
 alternating (float32, quantized, llama.cpp, then the next round in the opposite order), so a
@@ -47,7 +48,8 @@ from bench import workload
 from bench.servers import Peer, Running, llama_cpp_peer
 
 STORY = "Write a long story about a lighthouse keeper and a storm."
-NAMES = ("float32", "quantized", "llama.cpp")
+NAMES = ("float32", "quantized", "quantized-onnxruntime", "llama.cpp")
+DEFAULT_NAMES = ("float32", "quantized", "llama.cpp")
 
 
 _CEILING = """
@@ -184,10 +186,14 @@ def run_one(peer: Peer, out: Path, prompt: str, tokens: int, eos: list[int]) -> 
     return figures
 
 
-def openmlx(gguf: Path, model_id: str, dtype: str) -> Peer:
-    return Peer(dtype, [sys.executable, "-m", "handlers.cli", "serve", "--model", str(gguf), "--port", "{port}",
-                        "--cpu-dtype", dtype, "--speculative", "off", "--embedding-model", "none",
-                        "--audio-model", "none", "--log-level", "warning"], model_id, "/health")
+def openmlx(gguf: Path, model_id: str, name: str) -> Peer:
+    """openmlx at `--cpu-dtype` float32 or quantized; "quantized-onnxruntime": quantized with the GGUF
+    file's blocks as MatMulNBits blocks (OPENMLX_QUANT_KERNEL=onnxruntime), the path before."""
+    dtype, _, kernel = name.partition("-")
+    env = ["env", f"OPENMLX_QUANT_KERNEL={kernel}"] if kernel else []
+    return Peer(name, env + [sys.executable, "-m", "handlers.cli", "serve", "--model", str(gguf), "--port", "{port}",
+                             "--cpu-dtype", dtype, "--speculative", "off", "--embedding-model", "none",
+                             "--audio-model", "none", "--log-level", "warning"], model_id, "/health")
 
 
 def llama_cpp(gguf: Path, alias: str) -> Optional[Peer]:
@@ -279,7 +285,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     folder = import_gguf(gguf, openmlx_home() / "models")  # the conversion `serve` makes, done before timing
     count, eos = workload.count_with(folder)
     prompt = workload.prompt_of(args.prompt, count)
-    names = args.only or list(NAMES)
+    names = args.only or list(DEFAULT_NAMES)
     sizes = file_bytes(gguf)
     float32_gb, available_gb = sizes.matrix_values * 4 / 1e9, psutil.virtual_memory().available / 1e9
     if "float32" in names and float32_gb > available_gb:

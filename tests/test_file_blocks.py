@@ -58,12 +58,17 @@ def test_a_large_tensor_converts_a_chunk_of_rows_at_a_time_to_the_same_values(ty
     assert np.array_equal(fb.from_gguf("t", type_name, data, 256).dequantize(), whole.dequantize())
 
 
+def _recompile() -> None:
+    for cached in (bk._intrinsics, bk._rows_kernel, bk._dequantize_kernel):
+        cached.cache_clear()
+
+
 @pytest.mark.parametrize("plain_ir", [False, True], ids=["vnni-if-there", "plain-ir"])
 @pytest.mark.parametrize("type_name", fb.MAPPED)
 def test_the_product_is_the_int8_rounded_rows_times_the_files_values(type_name, plain_ir, monkeypatch):
     if plain_ir:
         monkeypatch.setattr(bk, "_vnni", lambda lanes: "")
-        bk._rows_kernel.cache_clear()
+        _recompile()
     try:
         # k: an odd number of 32-value steps where the type allows it (the loop's last step alone)
         k = 96 if type_name in ("Q4_0", "Q4_1", "Q5_0", "Q8_0") else 768
@@ -81,7 +86,8 @@ def test_the_product_is_the_int8_rounded_rows_times_the_files_values(type_name, 
                 want = x.astype(np.float64) @ w.T
             assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (m, np.abs(got - want).max())
     finally:
-        bk._rows_kernel.cache_clear()
+        if plain_ir:
+            _recompile()
 
 
 def test_rows_stack_into_one_product_and_a_row_slice_is_those_rows():

@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
+
 # Debian/Ubuntu (libopenblas0-pthread / -openmp / -serial) and common other layouts.
 _KNOWN_PATHS = (
     "libopenblas.so.0",
@@ -229,3 +231,59 @@ def _loaded_version(lib: ctypes.CDLL) -> Optional[str]:
 def active() -> BlasInfo:
     """The BLAS in use (activating on first call)."""
     return activate()
+
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+
+class Products:
+    """Matrix products on float32 numpy arrays: OpenBLAS's cblas through ctypes where MLX loaded
+    OpenBLAS (the same library and thread pool MLX uses), numpy's own matmul elsewhere."""
+
+    def __init__(self, path: Optional[str]) -> None:
+        self.name = "numpy"
+        self._gemv = self._gemm = None
+        if path:
+            try:
+                lib = ctypes.CDLL(path)
+                gemv, gemm = lib.cblas_sgemv, lib.cblas_sgemm
+            except (OSError, AttributeError):
+                return
+            f, i, p = ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+            gemv.restype = gemm.restype = None
+            gemv.argtypes = [i, i, i, i, f, p, i, p, i, f, p, i]
+            gemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
+            self._gemv, self._gemm, self.name = gemv, gemm, "cblas_sgemv"
+
+    def gemv(self, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """out = w @ x; w (n, k) C-contiguous, x (k,), out (n,)."""
+        if self._gemv is None:
+            np.matmul(w, x, out=out)
+            return out
+        n, k = w.shape
+        self._gemv(_ROW_MAJOR, _NO_TRANS, n, k, 1.0, w.ctypes.data, k, x.ctypes.data, 1, 0.0, out.ctypes.data, 1)
+        return out
+
+    def gemm(self, a: np.ndarray, b: np.ndarray, out: np.ndarray, transpose_b: bool, alpha: float = 1.0) -> None:
+        """out = alpha * a @ (b.T if transpose_b else b); rows of each operand contiguous."""
+        if self._gemm is None:
+            np.matmul(a, b.T if transpose_b else b, out=out)
+            if alpha != 1.0:
+                out *= np.float32(alpha)
+            return
+        m, k = a.shape
+        n = b.shape[0] if transpose_b else b.shape[1]
+        self._gemm(_ROW_MAJOR, _NO_TRANS, _TRANS if transpose_b else _NO_TRANS, m, n, k, alpha,
+                   a.ctypes.data, a.strides[0] // 4, b.ctypes.data, b.strides[0] // 4, 0.0,
+                   out.ctypes.data, out.strides[0] // 4)
+
+
+_products: list[Products] = []
+
+
+def products() -> Products:
+    """One `Products` over the BLAS MLX uses (its cblas where that is OpenBLAS)."""
+    if not _products:
+        info = active()
+        _products.append(Products(info.path if info.name == "openblas" else None))
+    return _products[0]

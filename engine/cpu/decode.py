@@ -29,7 +29,6 @@ MLX-quantized or half-precision weight, a rotating or quantized cache, more than
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import weakref
 from dataclasses import dataclass
@@ -44,50 +43,7 @@ from engine.cpu import blas
 log = logging.getLogger("openmlx.engine")
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _KV_STEP = 256  # grow the cache's buffer in mlx-lm's steps
-
-
-class _Products:
-    """Matrix products on float32 numpy arrays: OpenBLAS's cblas through ctypes where MLX loaded
-    OpenBLAS (the same library and thread pool MLX uses), numpy's own matmul elsewhere."""
-
-    def __init__(self, path: Optional[str]) -> None:
-        self.name = "numpy"
-        self._gemv = self._gemm = None
-        if path:
-            try:
-                lib = ctypes.CDLL(path)
-                gemv, gemm = lib.cblas_sgemv, lib.cblas_sgemm
-            except (OSError, AttributeError):
-                return
-            f, i, p = ctypes.c_float, ctypes.c_int, ctypes.c_void_p
-            gemv.restype = gemm.restype = None
-            gemv.argtypes = [i, i, i, i, f, p, i, p, i, f, p, i]
-            gemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
-            self._gemv, self._gemm, self.name = gemv, gemm, "cblas_sgemv"
-
-    def gemv(self, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """out = w @ x; w (n, k) C-contiguous, x (k,), out (n,)."""
-        if self._gemv is None:
-            np.matmul(w, x, out=out)
-            return out
-        n, k = w.shape
-        self._gemv(_ROW_MAJOR, _NO_TRANS, n, k, 1.0, w.ctypes.data, k, x.ctypes.data, 1, 0.0, out.ctypes.data, 1)
-        return out
-
-    def gemm(self, a: np.ndarray, b: np.ndarray, out: np.ndarray, transpose_b: bool, alpha: float = 1.0) -> None:
-        """out = alpha * a @ (b.T if transpose_b else b); rows of each operand contiguous."""
-        if self._gemm is None:
-            np.matmul(a, b.T if transpose_b else b, out=out)
-            if alpha != 1.0:
-                out *= np.float32(alpha)
-            return
-        m, k = a.shape
-        n = b.shape[0] if transpose_b else b.shape[1]
-        self._gemm(_ROW_MAJOR, _NO_TRANS, _TRANS if transpose_b else _NO_TRANS, m, n, k, alpha,
-                   a.ctypes.data, a.strides[0] // 4, b.ctypes.data, b.strides[0] // 4, 0.0,
-                   out.ctypes.data, out.strides[0] // 4)
 
 
 def _view(a: mx.array) -> np.ndarray:
@@ -100,7 +56,7 @@ def _quantized(module: Any) -> bool:
     return hasattr(module, "matvec") and hasattr(module, "shape")
 
 
-def _matvec(products: "_Products", w: Any, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+def _matvec(products: "blas.Products", w: Any, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     return w.matvec(x, out) if _quantized(w) else products.gemv(w, x, out)
 
 
@@ -219,7 +175,7 @@ class _Group:
         bias = None if all(b is None for _, b in parts) else np.concatenate(biases)
         return cls([w for w, _ in parts], bias, sum(w.shape[0] for w, _ in parts))
 
-    def __call__(self, products: "_Products", x: np.ndarray) -> np.ndarray:
+    def __call__(self, products: "blas.Products", x: np.ndarray) -> np.ndarray:
         out = np.empty(self.rows, np.float32)
         at = 0
         for w in self.weights:
@@ -315,7 +271,7 @@ def _same_rope(a: Any, b: Any, head_dim: int) -> bool:
 class OneTokenStep:
     """The model's forward pass for one token of one sequence, in numpy over its own weights."""
 
-    def __init__(self, model: nn.Module, products: _Products) -> None:
+    def __init__(self, model: nn.Module, products: blas.Products) -> None:
         if getattr(model, "model_type", None) not in ARCHITECTURES:
             raise Unsupported(f"architecture {getattr(model, 'model_type', None)!r} (supported: {ARCHITECTURES})")
         backbone = model.model
@@ -472,8 +428,7 @@ def _projections(step: OneTokenStep) -> list[Any]:
 def checked_step(model: nn.Module) -> OneTokenStep:
     """The model's numpy step (its q/k/v and gate/up weights fused first), checked against the
     model's own step; raises Unsupported saying why where it can't be had."""
-    info = blas.active()
     fuse(model)
-    step = OneTokenStep(model, _Products(info.path if info.name == "openblas" else None))
+    step = OneTokenStep(model, blas.products())
     _check(model, step)
     return step

@@ -355,6 +355,10 @@ def install(model: nn.Module, folder: Path) -> int:
     for parent, name, module in plan:
         setattr(parent, name, module)
         held += module.held_bytes
+    products = [getattr(m, "joined", None) or getattr(m, "_head", None) or m for _, _, m in plan]
+    files = [p._file for p in products if isinstance(p, QuantLinear) and p._file is not None]
+    if files:
+        block_kernels.compile_for(files)
     model.update(nn.utils.tree_map(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
                                    model.parameters()))
     mx.eval(model.parameters())
