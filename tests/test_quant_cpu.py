@@ -106,19 +106,24 @@ def test_the_product_is_the_dequantized_weights_product(type_name):
     assert y.shape == (1, 5, n) and np.abs(np.array(y)[0] - got).max() <= 1e-6 * scale
 
 
-def test_projections_that_read_one_input_share_one_product(monkeypatch):
+@pytest.mark.parametrize("kind", ["onnxruntime", "file"])
+def test_projections_that_read_one_input_share_one_product(monkeypatch, kind):
     """q/k/v (and gate/up) of one block format become rows of one product: the same outputs as
-    each alone, one onnxruntime run for the three calls of a pass on the same input, and the
-    numpy step multiplies the joined matrix once. A projection of another format stays alone."""
-    from engine.cpu import decode
+    each alone, one run for the three calls of a pass on the same input, and the numpy step
+    multiplies the joined matrix once. A projection of another format stays alone. Both kinds of
+    blocks: onnxruntime's, and a GGUF file's own (engine/cpu/file_blocks.py)."""
+    from engine.cpu import blas, decode, file_blocks
     from engine.cpu.quant_linear import QuantLinear, QuantRows, _products, _shared_input_runs
 
+    if kind == "file":
+        pytest.importorskip("numba")
+    convert = qb.from_gguf if kind == "onnxruntime" else file_blocks.from_gguf
     k = 256
-    held = [(name, qb.from_gguf(name, t, _random_blocks(t, n, k, seed=i), k),
+    held = [(name, convert(name, t, _random_blocks(t, n, k, seed=i), k),
              np.linspace(-1, 1, n, dtype=np.float32) if name != "v_proj" else None)
             for i, (name, t, n) in enumerate([("q_proj", "Q8_0", 64), ("k_proj", "Q8_0", 32), ("v_proj", "Q8_0", 32),
                                               ("o_proj", "Q8_0", 64)])]
-    mixed = held[:2] + [("v_proj", qb.from_gguf("v", "Q4_K", _random_blocks("Q4_K", 32, k, seed=9), k), None)]
+    mixed = held[:2] + [("v_proj", convert("v", "Q4_K", _random_blocks("Q4_K", 32, k, seed=9), k), None)]
     assert [len(r) for r in _shared_input_runs(held)] == [3, 1]  # o_proj reads another input
     assert [len(r) for r in _shared_input_runs(mixed)] == [2, 1]  # another format: its own product
     modules = dict(_products(_shared_input_runs(held)[0]))
@@ -136,7 +141,7 @@ def test_projections_that_read_one_input_share_one_product(monkeypatch):
         assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
     group = decode._Group.of([decode._linear(modules[n]) for n in ("q_proj", "k_proj", "v_proj")])
     assert len(group.weights) == 1 and group.weights[0] is modules["q_proj"].joined
-    out = group(decode._Products(None), x[0, 0])
+    out = group(blas.Products(None), x[0, 0])
     assert np.abs(out - np.concatenate(outputs, axis=-1)[0, 0]).max() <= 2e-2 * np.abs(out).max()
 
 

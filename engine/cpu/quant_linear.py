@@ -1,21 +1,27 @@
-"""`--cpu-dtype quantized`: a model's weight products through onnxruntime's `MatMulNBits` over
-weights held as blocks (engine/cpu/quant_blocks.py), never widened to float32 as a whole.
+"""`--cpu-dtype quantized`: a model's weight products over weights held as blocks, never widened
+to float32 as a whole. Two kinds of blocks:
+
+- a GGUF file's own (engine/cpu/file_blocks.py: each type in its own bit width, about the file's
+  bytes), multiplied by kernels compiled at load with numba and llvmlite
+  (engine/cpu/block_kernels.py): int8 input rows as llama.cpp multiplies that file, a prefill pass
+  through dequantized tiles and sgemm. Measured on Qwen2.5-Coder-0.5B Q4_K_M here: a decode step's
+  products 26 -> 18-21 ms against onnxruntime's, the blocks 0.65 -> 0.49 GB;
+- onnxruntime's `MatMulNBits` blocks (engine/cpu/quant_blocks.py) for an MLX folder's affine
+  groups, and for a GGUF file where numba isn't installed or `OPENMLX_QUANT_KERNEL=onnxruntime`.
 
 Every projection of the llama layout (q/k/v/o, gate/up/down, the head) becomes a `QuantLinear`:
-an MLX module whose call hands its input rows to one onnxruntime session (one `MatMulNBits`
-node) and returns the product as an MLX array. So every pass goes through the blockwise kernel:
-prefill (M rows: 4-bit ran 27 ms against float32 sgemm's 62 ms on 896 x 4864 here, shared/CPU.md),
-batched decode, speculation, and the numpy one-token step (engine/cpu/decode.py), which calls
-`matvec` directly. The embedding becomes a `QuantEmbedding` that dequantizes only the rows it
-looks up; a tied head multiplies through its own session over the same blocks.
+an MLX module whose call hands its input rows to its blocks' product and returns the result as an
+MLX array. So every pass goes through the blockwise kernels: prefill, batched decode, speculation,
+and the numpy one-token step (engine/cpu/decode.py), which calls `matvec` directly. The embedding
+becomes a `QuantEmbedding` that dequantizes only the rows it looks up; a tied head multiplies
+through its own product over the same blocks.
 
 Where the blocks come from (an MLX folder's own quantization, or the GGUF file a store folder was
 converted from): engine/cpu/quant_source.py.
 
 onnxruntime is imported here only, and this module only where `--cpu-dtype quantized` asks for it.
 Sessions: 2 intra-op threads, spinning off (with ~150 sessions spinning, a step took ~1 s instead
-of 16 ms here); one session a product, not one a layer (a later step: one graph per layer saves
-~2 ms a step on the 0.5B, shared/CPU.md).
+of 16 ms here); one session a product, not one a layer.
 """
 from __future__ import annotations
 
@@ -284,7 +290,8 @@ SESSION_FACTOR = 1.3
 
 
 def estimate_held(folder: Path, quantization: Optional[dict[str, Any]] = None, values: int = 0) -> Optional[int]:
-    """Bytes the model will hold on this path, before loading it: each GGUF tensor as its blocks
+    """Bytes the model will hold on this path, before loading it: each GGUF tensor in its own bit
+    width where the compiled kernels take its type (engine/cpu/file_blocks.py), else as its blocks
     in onnxruntime (SESSION_FACTOR) and its offsets, an untied GGUF embedding in the file's own
     bytes, float tensors as float32. For an MLX-quantized folder (`quantization`: bits, group_size;
     `values`: its weight count), the same from its bits and group. None where neither applies or a

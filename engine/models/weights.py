@@ -59,7 +59,7 @@ def choose_cpu_dtype(requested: str, probe: Probe, gate: MemoryGate, kv_bytes: i
 
     On CPU MLX multiplies fast only in float32 (its quantized/half matmuls are 5-50x slower), so
     `auto` holds a model shipped quantized (MLX bits, or a GGUF file's blocks) of QUANTIZED_ABOVE or
-    more float32 bytes as blocks through onnxruntime (`quantized`, engine/cpu/quant_linear.py) where
+    more float32 bytes as blocks (`quantized`, engine/cpu/quant_linear.py) where
     that path maps it and the blocks fit: faster there. Otherwise it expands to float32 when the
     expanded weights and a KV budget of KV_HEADROOM_TOKENS fit in the memory available now (the
     faster path for a small model); else blocks where they fit; else the weights stay as shipped.
@@ -72,8 +72,7 @@ def choose_cpu_dtype(requested: str, probe: Probe, gate: MemoryGate, kv_bytes: i
     if on_gpu():
         return DtypeChoice("keep", f"{shipped}: on a GPU the quantized kernels are the fast path")
     if requested == "quantized":
-        return DtypeChoice("quantized", "quantized: --cpu-dtype quantized (weights held as blocks, products through "
-                                        "onnxruntime MatMulNBits)")
+        return DtypeChoice("quantized", f"quantized: --cpu-dtype quantized ({_BLOCKS})")
     if requested != "auto":
         return DtypeChoice(requested, f"{shipped if requested == 'keep' else requested}: --cpu-dtype {requested}")
     weights, kv = dequantized_bytes(probe), KV_HEADROOM_TOKENS * kv_bytes
@@ -82,16 +81,21 @@ def choose_cpu_dtype(requested: str, probe: Probe, gate: MemoryGate, kv_bytes: i
         blocks = _quantized_fit(probe)
         if blocks is not None and gate.fits(MemoryEstimate(blocks, kv).total):
             return DtypeChoice("quantized", f"quantized: shipped as blocks and {_gb(weights)} at float32, a size "
-                                            "at which blocks decode faster (onnxruntime MatMulNBits)")
+                                            f"at which blocks decode faster ({_BLOCKS})")
     if gate.fits(MemoryEstimate(weights, kv).total):
         return DtypeChoice("float32", f"float32, the CPU fast path: {sizes} fit in the {_gb(gate.available())} "
                                       "available")
     blocks = _quantized_fit(probe)
     if blocks is not None and gate.fits(MemoryEstimate(blocks, kv).total):
         return DtypeChoice("quantized", f"quantized: {sizes} would not fit in the {_gb(gate.available())} available; "
-                                        f"held as blocks (onnxruntime MatMulNBits) it needs {_gb(blocks)} + the KV budget")
+                                        f"held as blocks ({_BLOCKS}) it needs {_gb(blocks)} + the KV budget")
     return DtypeChoice("keep", f"{shipped}: {sizes} would not fit in the {_gb(gate.available())} available "
                                "(quantized matmuls are several times slower on the CPU)")
+
+
+# how `quantized` holds and multiplies blocks (engine/cpu/quant_linear.py), for the reasons given
+_BLOCKS = ("weights held as blocks: a GGUF file's in their own bit widths through compiled kernels, "
+           "an MLX folder's through onnxruntime MatMulNBits")
 
 
 def _quantized_fit(probe: Probe) -> Optional[int]:
@@ -110,7 +114,8 @@ def _quantized_fit(probe: Probe) -> Optional[int]:
 
 
 def quantized_bytes(probe: Probe) -> int:
-    """What `--cpu-dtype quantized` will hold: its blocks as onnxruntime holds them, counted from
+    """What `--cpu-dtype quantized` will hold: its blocks as held (a GGUF file's in about the file's
+    bytes, an MLX folder's as onnxruntime holds them), counted from
     the GGUF source's tensor types or the MLX folder's bits (engine/cpu/quant_linear.py
     `estimate_held`), not the converted folder's bytes on disk (2.6x the held bytes for
     Qwen2.5-Coder-0.5B Q4_K_M, whose store folder is float16). The bytes on disk where it can't tell."""

@@ -180,7 +180,8 @@ SERVE: tuple[Setting, ...] = (
     Setting("cpu-dtype", choices=["auto", "keep", "float32", "float16", "quantized"], env="OPENMLX_CPU_DTYPE",
             into=("engine.cpu_dtype",),
             help="CPU weights: auto = float32 when memory allows (fast with OpenBLAS), keep = as shipped, "
-                 "quantized = held as blocks, products through onnxruntime MatMulNBits (opt-in)"),
+                 "quantized = held as blocks (a GGUF file's in its own bit widths through compiled kernels, "
+                 "an MLX folder's through onnxruntime MatMulNBits)"),
     Setting("max-batch-tokens", type=positive_int, into=("server.max_batch_tokens",),
             help="tokens one request may ask for: prompts plus max_tokens, times n or best_of (400 beyond)"),
     Setting("max-queue", type=positive_int, into=("engine.max_queue",), help="requests queued or running before 429"),
