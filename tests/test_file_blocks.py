@@ -70,13 +70,14 @@ def test_the_product_is_the_int8_rounded_rows_times_the_files_values(type_name, 
         monkeypatch.setattr(bk, "_vnni", lambda lanes: "")
         _recompile()
     try:
-        # k: an odd number of 32-value steps where the type allows it (the loop's last step alone)
-        k = 96 if type_name in ("Q4_0", "Q4_1", "Q5_0", "Q8_0") else 768
-        data = _random_blocks(type_name, 70, k, seed=7)
-        blocks = fb.from_gguf("t", type_name, data, k)
-        w = blocks.dequantize().astype(np.float64)
-        rng = np.random.default_rng(1)
-        for m in (1, 3, bk.FEW_ROWS + 4):
+        # k: for one-level types, whole fours of chunks (taken 4 at a time) and 3 chunks (a step at
+        # a time, the last alone); K-quants, 3 super-blocks
+        widths = (384, 96) if type_name in ("Q4_0", "Q4_1", "Q5_0", "Q8_0") else (768,)
+        for k, m in [(k, m) for k in widths for m in (1, 3, bk.FEW_ROWS + 4)]:
+            data = _random_blocks(type_name, 70, k, seed=7)
+            blocks = fb.from_gguf("t", type_name, data, k)
+            w = blocks.dequantize().astype(np.float64)
+            rng = np.random.default_rng(1)
             x = rng.standard_normal((m, k)).astype(np.float32)
             got = bk.product(blocks, x)
             assert got.shape == (m, 70) and got.dtype == np.float32
@@ -84,7 +85,7 @@ def test_the_product_is_the_int8_rounded_rows_times_the_files_values(type_name, 
                 want = _int8_rows(x) @ w.T
             else:  # dequantized tiles and sgemm: the float rows
                 want = x.astype(np.float64) @ w.T
-            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (m, np.abs(got - want).max())
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (k, m, np.abs(got - want).max())
     finally:
         if plain_ir:
             _recompile()

@@ -146,6 +146,7 @@ class QuantLinear(nn.Module):
         self._bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
         if isinstance(blocks, FileBlocks):
             self._file, self.shape, self.held_bytes = blocks, blocks.shape, blocks.nbytes
+            self._kernel = block_kernels.Product(blocks)
             self.bits, self.block, self.kind = blocks.bits, blocks.chunk, blocks.type_name
             self.rounds_activations = True  # int8 input rows, as llama.cpp's kernels take them
             return
@@ -175,7 +176,7 @@ class QuantLinear(nn.Module):
 
     def _product(self, x: np.ndarray) -> np.ndarray:
         if self._file is not None:
-            return block_kernels.product(self._file, x)
+            return self._kernel(x)
         if len(self._parts) == 1 and x.shape[0] <= ROWS_A_RUN:
             return self._run(x, self._parts[0])
         y = np.empty((x.shape[0], self.shape[0]), np.float32)
