@@ -207,8 +207,12 @@ def speculative_tokens(model: nn.Module, cache: list[Any], prompt: Sequence[int]
                     context = mx.array(history)
                     for p in processors:
                         row = p(context, row)
-                    row = row - mx.logsumexp(row, axis=-1, keepdims=True)
-                    token = int(sampler(row).item())
+                    if _is_greedy(sampler):  # the pick from the processed logits; the log-softmax stays lazy
+                        token = int(mx.argmax(row, axis=-1).item())
+                        row = row - mx.logsumexp(row, axis=-1, keepdims=True)
+                    else:
+                        row = row - mx.logsumexp(row, axis=-1, keepdims=True)
+                        token = int(sampler(row).item())
                 history.append(token)
                 made += 1
                 yield token, row
