@@ -13,22 +13,7 @@ pytest.importorskip("numba")
 from engine.cpu import block_kernels as bk  # noqa: E402
 from engine.cpu import file_blocks as fb  # noqa: E402
 from engine.cpu.quant_blocks import Malformed, Unmapped  # noqa: E402
-
-# where each type's float16 scale fields lie in a block
-_F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2),
-               "Q6_K": (208,)}
-
-
-def _random_blocks(type_name: str, rows: int, k: int, seed: int = 0) -> np.ndarray:
-    """Random bytes in the layout of `type_name`, its float16 scales set to small finite values."""
-    size, per = fb._LAYOUT[type_name]
-    rng = np.random.default_rng(seed)
-    data = rng.integers(0, 256, (rows, k // per, size), dtype=np.uint8)
-    for at in _F16_FIELDS[type_name]:
-        d = (rng.random((rows, k // per)) * 0.02 + 0.001).astype(np.float16)
-        data[..., at:at + 2] = d.view(np.uint8).reshape(rows, k // per, 2)
-    return data.reshape(rows, -1)
-
+from tests.test_quant_cpu import _random_blocks  # noqa: E402
 
 def _int8_rows(x: np.ndarray) -> np.ndarray:
     """x as llama.cpp's Q8_0 rounds it (int8 blocks of 32, scale amax/127), back in float64."""
