@@ -1,21 +1,25 @@
 """Products with weights held in their GGUF file's own bit widths (engine/cpu/file_blocks.py),
-compiled at run time with numba and llvmlite (wheels; no compiler).
+compiled at load with numba and llvmlite (wheels; no compiler).
 
 A decode row is multiplied as llama.cpp multiplies it: the input row rounded to int8 a block of 32
 (a float scale each), each chunk's integer dot product of its unsigned values with those int8s
-(LLVM turns it into `vpdpbusd` on a CPU with AVX-512 VNNI, `vpmaddwd` on AVX2), times the chunk's
-scale and the input block's, less the chunk's min times the input block's sum:
+(`vpdpbusd` through LLVM's intrinsic on a CPU with AVX-512 VNNI, plain IR elsewhere, which LLVM
+lowers to `vpmaddwd`), times the chunk's scale and the input block's, less the chunk's min times
+the input block's sum:
 
     y_r = Σ_c scale_c·xd_c·Σ_j q_j·xq_j − Σ_c min_c·xd_c·Σ_j xq_j
 
-The inner dot over one row's chunks is LLVM IR written here (`_row`): numba's own loops widen
-every integer to 64 bits and ran 3-4x slower. Rows are split between `THREADS` threads (numba's
-`prange`). A few rows at once (speculation's guesses, a batch's decode) read each weight row once
-for all of them. Many rows (a prefill pass) dequantize the weights a tile of rows at a time to
-float32 and multiply through numpy's sgemm: at 16+ rows that is faster than any row kernel here.
+The loop over one row's chunks is LLVM IR written here (`_intrinsics`): numba's own loops widened
+every integer to 64 bits and ran 3-4x slower. A row's scales, mins and input factors are taken as
+vectors a K-quant super-block (or 4 chunks) at a time, and the products go into two accumulators.
+Rows are split between `THREADS` threads (numba's `prange`, libgomp here). Up to FEW_ROWS input
+rows (speculation's guesses, a batch's decode) read each weight row once for all of them. More
+(a prefill pass) dequantize the product's weights to float32 (the same IR unpacking, in Python
+threads) and multiply through the sgemm MLX's own float32 passes use. FEW_ROWS = 16 is a choice,
+not a measured crossover.
 
-Everything here compiles on first use (a few seconds per block type); `available()` says whether
-numba and llvmlite import.
+The kernels compile at load (`compile_for`, ~1-2 s per block type and kind of pass; not cached
+across processes); `available()` says whether numba and llvmlite import.
 """
 from __future__ import annotations
 
