@@ -10,6 +10,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("numba")
 
+from engine.cpu import block_ir  # noqa: E402
 from engine.cpu import block_kernels as bk  # noqa: E402
 from engine.cpu import file_blocks as fb  # noqa: E402
 from engine.cpu.quant_blocks import Malformed, Unmapped  # noqa: E402
@@ -44,7 +45,7 @@ def test_a_large_tensor_converts_a_chunk_of_rows_at_a_time_to_the_same_values(ty
 
 
 def _recompile() -> None:
-    for cached in (bk._intrinsics, bk._rows_kernel, bk._dequantize_kernel):
+    for cached in (block_ir.intrinsics, bk._rows_kernel, bk._dequantize_kernel):
         cached.cache_clear()
 
 
@@ -52,7 +53,7 @@ def _recompile() -> None:
 @pytest.mark.parametrize("type_name", fb.MAPPED)
 def test_the_product_is_the_int8_rounded_rows_times_the_files_values(type_name, plain_ir, monkeypatch):
     if plain_ir:
-        monkeypatch.setattr(bk, "_vnni", lambda lanes: "")
+        monkeypatch.setattr(block_ir, "vnni_name", lambda lanes: "")
         _recompile()
     try:
         # k: for one-level types, whole fours of chunks (taken 4 at a time) and 3 chunks (a step at
