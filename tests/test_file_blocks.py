@@ -110,3 +110,18 @@ def test_malformed_blocks_are_refused_with_the_tensor_named(bad):
 def test_a_type_held_no_other_way_says_which_types_are():
     with pytest.raises(Unmapped, match="Q2_K.*Q6_K"):
         fb.from_gguf("t", "Q2_K", np.zeros((1, 84), np.uint8), 256)
+
+
+def test_a_tied_embedding_looks_up_and_multiplies_the_same_blocks_counted_once():
+    mx = pytest.importorskip("mlx.core")
+    from engine.cpu.quant_linear import QuantEmbedding
+
+    blocks = fb.from_gguf("token_embd", "Q8_0", _random_blocks("Q8_0", 40, 64, seed=4), 64)
+    embed = QuantEmbedding(blocks, tied=True)
+    assert embed.held_bytes == blocks.nbytes  # the head reads the table's own arrays
+    w = blocks.dequantize()
+    assert np.array_equal(np.array(embed(mx.array([[3, 39]])))[0], w[[3, 39]])
+    x = np.random.default_rng(3).standard_normal((1, 64)).astype(np.float32)
+    got = np.array(embed.as_linear(mx.array(x)))
+    want = _int8_rows(x) @ w.T.astype(np.float64)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

@@ -259,7 +259,8 @@ class QuantEmbedding(nn.Module):
             if not isinstance(table, (Blocks, FileBlocks)):
                 raise TypeError("a tied head needs the table as blocks")
             self._head = QuantLinear(table, None, accuracy, levels)
-            self.held_bytes += self._head.held_bytes
+            if not isinstance(table, FileBlocks):  # FileBlocks: the head multiplies the table's own arrays
+                self.held_bytes += self._head.held_bytes
 
     def __getitem__(self, token: int) -> np.ndarray:
         return self._blocks.dequantize(int(token))
