@@ -22,9 +22,7 @@ _F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q8_0": (0,), "Q4_K":
 def _random_blocks(type_name: str, rows: int, k: int, seed: int = 0) -> np.ndarray:
     """Random bytes in the layout of `type_name`, its float16 scales set to small finite values
     (also tests/test_file_blocks.py's)."""
-    from engine.cpu.file_blocks import _LAYOUT
-
-    size, per = _LAYOUT[type_name]
+    size, per = qb.GGML_LAYOUT[type_name]
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 256, (rows, k // per, size), dtype=np.uint8)
     for at in _F16_FIELDS[type_name]:

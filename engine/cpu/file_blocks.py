@@ -31,12 +31,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from engine.cpu.quant_blocks import FileRows, Malformed, Unmapped, _rows
+from engine.cpu.quant_blocks import (GGML_LAYOUT, FileRows, Malformed, Unmapped, _rows, ggml_blocks, ggml_values,
+                                     k_scales)
 
-# bytes of one block and values in it, per type name (ggml's layouts)
-_LAYOUT = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q5_0": (22, 32), "Q8_0": (34, 32), "Q4_K": (144, 256),
-           "Q5_K": (176, 256), "Q6_K": (210, 256)}
-MAPPED = tuple(_LAYOUT)
+MAPPED = tuple(GGML_LAYOUT)
 _CHUNK_ROWS = 8192  # rows converted at a time: the temporaries stay small on a 151936-row head
 
 
@@ -60,10 +58,6 @@ class FileBlocks:
     @property
     def shape(self) -> tuple[int, int]:
         return self.q.shape[0], self.q.shape[1] * self.chunk
-
-    @property
-    def block(self) -> int:
-        return self.chunk
 
     @property
     def nbytes(self) -> int:
@@ -139,7 +133,7 @@ def from_gguf(name: str, type_name: str, data: Any, k: int) -> FileBlocks:
     """FileBlocks for GGUF tensor `name` of `type_name`, whose rows (`data`: uint8 rows or FileRows,
     a row a matrix row of `k` values) are ggml blocks, converted `_CHUNK_ROWS` rows at a time."""
     data = _rows(data)
-    if type_name not in _LAYOUT:
+    if type_name not in GGML_LAYOUT:
         raise Unmapped(f"GGUF {type_name} (held in its own bytes: {', '.join(MAPPED)})")
     if data.ndim != 2 or data.shape[0] <= _CHUNK_ROWS:
         return _convert(name, type_name, data[:] if isinstance(data, FileRows) else data, k)
@@ -186,62 +180,25 @@ def _pack(q: np.ndarray, bits: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
 
 
 def _convert(name: str, type_name: str, data: Any, k: int) -> FileBlocks:
-    size, per_block = _LAYOUT[type_name]
-    data = np.asarray(data)
-    if data.dtype != np.uint8 or data.ndim != 2 or k % per_block or data.shape[1] != k // per_block * size:
-        raise Malformed(f"tensor {name}: {data.shape} bytes of {data.dtype} aren't rows of {k} {type_name} values "
-                        f"({size} bytes a block of {per_block})")
-    n, nb = data.shape[0], k // per_block
-    b = data.reshape(n, nb, size)
+    b = ggml_blocks(name, type_name, data, k)
+    q = ggml_values(type_name, b)
     if type_name in ("Q4_0", "Q4_1", "Q5_0", "Q8_0"):
         d = _f16_bits(b[..., 0:2])
-        mins = None
-        if type_name == "Q4_0":
-            q, bits, zero = _ggml_nibbles(b[..., 2:]), 4, 8
-        elif type_name == "Q4_1":
-            mins = (_f16_bits(b[..., 2:4]) ^ np.uint16(0x8000))  # −m, as float16 bits: exact
-            q, bits, zero = _ggml_nibbles(b[..., 4:]), 4, 0
-        elif type_name == "Q5_0":
-            high = np.unpackbits(b[..., 2:6], axis=-1, bitorder="little")
-            q, bits, zero = _ggml_nibbles(b[..., 6:]) | (high << 4), 5, 16
-        else:
-            q, bits, zero = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8), 8, 128
+        bits, zero = {"Q4_0": (4, 8), "Q4_1": (4, 0), "Q5_0": (5, 16), "Q8_0": (8, 128)}[type_name]
+        mins = (_f16_bits(b[..., 2:4]) ^ np.uint16(0x8000)) if type_name == "Q4_1" else None  # −m, float16 bits: exact
         _finite(name, d, *(() if mins is None else (mins,)))
         packed, high_bits = _pack(q, bits)
         return FileBlocks(packed, high_bits, np.ascontiguousarray(d), None, mins, None, zero, bits, 32, 1, True,
                           type_name)
     if type_name in ("Q4_K", "Q5_K"):
-        from gguf.quants import Q4_K
-
-        d = _f16_bits(b[..., 0:2]).view(np.float16).astype(np.float32)
-        dmin = _f16_bits(b[..., 2:4]).view(np.float16).astype(np.float32)
-        sc, mn = Q4_K.get_scale_min(np.ascontiguousarray(b[..., 4:16]).reshape(-1, 12))
-        sc, mn = sc.reshape(n, nb * 8).astype(np.uint8), mn.reshape(n, nb * 8).astype(np.uint8)
-        if type_name == "Q4_K":
-            qs = b[..., 16:].reshape(n, nb, 4, 32)  # 4 runs of 32 bytes: 32 values low, the next 32 high
-            q, bits = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, nb * 8, 32), 4
-        else:
-            qh, qs = b[..., 16:48], b[..., 48:].reshape(n, nb, 4, 32)
-            low = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, nb, 8, 32)
-            high = (qh.reshape(n, nb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1
-            q, bits = (low | (high << 4)).reshape(n, nb * 8, 32), 5
+        d, dmin, sc, mn = k_scales(b)
         _finite(name, d, dmin)
-        packed, high_bits = _pack(q, bits)
-        return FileBlocks(packed, high_bits, d, sc, dmin, mn, 0, bits, 32, 8, False, type_name)
+        packed, high_bits = _pack(q, 4 if type_name == "Q4_K" else 5)
+        return FileBlocks(packed, high_bits, d, sc, dmin, mn, 0, 4 if type_name == "Q4_K" else 5, 32, 8, False,
+                          type_name)
     # Q6_K: 16 chunks of 16 a block, an int8 scale each, one float16 d
-    ql, qh = b[..., 0:128], b[..., 128:192]
-    sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).reshape(n, nb * 16)
     d = _f16_bits(b[..., 208:210]).view(np.float16).astype(np.float32)
     _finite(name, d)
-    low = ql.reshape(n, nb, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
-    low = (low & 0x0F).reshape(n, nb, 2, 4, 32)
-    high = qh.reshape(n, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)
-    high = (high & 0x03).reshape(n, nb, 2, 4, 32)
-    q = (low | (high << 4)).reshape(n, nb * 16, 16)
+    sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).reshape(q.shape[:2])
     packed, high_bits = _pack(q, 6)
-    return FileBlocks(packed, high_bits, d, np.ascontiguousarray(sc), None, None, 32, 6, 16, 16, False, type_name)
-
-
-def _ggml_nibbles(qs: np.ndarray) -> np.ndarray:
-    """ggml's 32-value 4-bit layout: values 0-15 in the low nibbles of 16 bytes, 16-31 high."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    return FileBlocks(packed, high_bits, d, sc, None, None, 32, 6, 16, 16, False, type_name)

@@ -142,13 +142,14 @@ def from_mlx(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: i
     return from_affine(q, scales, biases, bits)
 
 
-# GGUF: bytes of one block and values in it, per type name
-_GGUF = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q5_0": (22, 32), "Q8_0": (34, 32), "Q4_K": (144, 256),
-         "Q6_K": (210, 256)}
-MAPPED_GGUF = tuple(_GGUF)
-# what each type becomes, per value: (bits, block, has a float offset a block); see the module docstring
+# ggml's block layouts: bytes of one block and values in it, per type name (read by `ggml_blocks`;
+# engine/cpu/file_blocks.py holds all of them, Blocks the ones in _AS_BLOCKS)
+GGML_LAYOUT = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q5_0": (22, 32), "Q8_0": (34, 32), "Q4_K": (144, 256),
+               "Q5_K": (176, 256), "Q6_K": (210, 256)}
+# what each type becomes as Blocks, per value: (bits, block, has a float offset a block); see the module docstring
 _AS_BLOCKS = {"Q4_0": (4, 32, False), "Q4_1": (4, 32, True), "Q4_K": (4, 32, True), "Q8_0": (8, 32, False),
               "Q5_0": (8, 32, False), "Q6_K": (8, 16, False)}
+MAPPED_GGUF = tuple(_AS_BLOCKS)
 
 
 def block_bytes(bits: int, block: int) -> float:
@@ -164,6 +165,60 @@ def _nibbles(qs: np.ndarray, half: int) -> np.ndarray:
 
 def _f16(b: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(b).view(np.float16).astype(np.float32)[..., 0]
+
+
+def ggml_blocks(name: str, type_name: str, data: Any, k: int) -> np.ndarray:
+    """Rows of ggml blocks of `type_name` (`data`: uint8, one row a matrix row of `k` values) as
+    (rows, blocks, block bytes); Malformed, naming tensor `name`, where the bytes aren't that."""
+    size, per = GGML_LAYOUT[type_name]
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 2 or k % per or data.shape[1] != k // per * size:
+        raise Malformed(f"tensor {name}: {data.shape} bytes of {data.dtype} aren't rows of {k} {type_name} values "
+                        f"({size} bytes a block of {per})")
+    return data.reshape(data.shape[0], k // per, size)
+
+
+def ggml_values(type_name: str, b: np.ndarray) -> np.ndarray:
+    """The unsigned values of ggml blocks `b` (rows, blocks, block bytes) as uint8 (rows, chunks,
+    chunk), a chunk being the values one scale covers: 32, Q6_K's 16. What a value is worth: the
+    type's scales (`k_scales` for Q4_K/Q5_K), less its whole zero (Q4_0 8, Q5_0 16, Q8_0 128, Q6_K 32)."""
+    n, nb = b.shape[:2]
+    if type_name == "Q4_0":
+        return _nibbles(b[..., 2:], 16)
+    if type_name == "Q4_1":
+        return _nibbles(b[..., 4:], 16)
+    if type_name == "Q8_0":
+        return (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    if type_name == "Q5_0":
+        high = np.unpackbits(b[..., 2:6], axis=-1, bitorder="little")  # bit j: value j's fifth bit
+        return _nibbles(b[..., 6:], 16) | (high << 4)
+    if type_name in ("Q4_K", "Q5_K"):
+        # 4 runs of 32 bytes: 32 values in the low nibbles, the next 32 in the high
+        qs = b[..., 16:].reshape(n, nb, 4, 32) if type_name == "Q4_K" else b[..., 48:].reshape(n, nb, 4, 32)
+        low = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, nb, 8, 32)
+        if type_name == "Q5_K":  # byte l of its 32 high-bit bytes: bit s is value l of chunk s's fifth bit
+            high = (b[..., 16:48].reshape(n, nb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1
+            low = low | (high << 4)
+        return low.reshape(n, nb * 8, 32)
+    if type_name == "Q6_K":
+        ql, qh = b[..., 0:128], b[..., 128:192]
+        low = ql.reshape(n, nb, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
+        low = (low & 0x0F).reshape(n, nb, 2, 4, 32)  # [half, quarter, 32]
+        high = qh.reshape(n, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)
+        high = (high & 0x03).reshape(n, nb, 2, 4, 32)
+        return (low | (high << 4)).reshape(n, nb * 16, 16)
+    raise Unmapped(f"GGUF {type_name}")
+
+
+def k_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K blocks' scales: d and dmin float32 (rows, blocks), and each chunk's 6-bit scale and
+    min as uint8 (rows, chunks): chunk c's values are worth d·sc[c]·q − dmin·mn[c]."""
+    from gguf.quants import Q4_K
+
+    n, nb = b.shape[:2]
+    sc, mn = Q4_K.get_scale_min(np.ascontiguousarray(b[..., 4:16]).reshape(-1, 12))
+    return (_f16(b[..., 0:2]), _f16(b[..., 2:4]), sc.reshape(n, nb * 8).astype(np.uint8),
+            mn.reshape(n, nb * 8).astype(np.uint8))
 
 
 _CHUNK_ROWS = 8192  # rows converted at a time: the unpacking's temporaries stay ~100 MB on a 151936-row head
@@ -267,53 +322,25 @@ def gguf_rows(name: str, type_name: str, data: Any, k: int) -> GGUFRows:
 
 
 def _from_gguf(name: str, type_name: str, data: np.ndarray, k: int) -> Blocks:
-    if type_name not in _GGUF:
+    if type_name not in _AS_BLOCKS:
         raise Unmapped(f"GGUF {type_name} (mapped: {', '.join(MAPPED_GGUF)})")
-    size, per = _GGUF[type_name]
-    data = np.asarray(data)
-    if data.dtype != np.uint8 or data.ndim != 2 or k % per or data.shape[1] != k // per * size:
-        raise Malformed(f"tensor {name}: {data.shape} bytes of {data.dtype} aren't rows of {k} {type_name} values "
-                        f"({size} bytes a block of {per})")
-    n, nb = data.shape[0], k // per
-    b = data.reshape(n, nb, size)
+    b = ggml_blocks(name, type_name, data, k)
+    q = ggml_values(type_name, b)
     try:
-        if type_name == "Q4_0":
+        if type_name in ("Q4_0", "Q8_0", "Q5_0"):
             d = _f16(b[..., 0:2])
-            return from_affine(_nibbles(b[..., 2:], 16), d, -8 * d, 4)
+            bits, zero = {"Q4_0": (4, 8), "Q8_0": (8, 128), "Q5_0": (8, 16)}[type_name]
+            return from_affine(q, d, -zero * d, bits)
         if type_name == "Q4_1":
-            d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-            return from_affine(_nibbles(b[..., 4:], 16), d, m, 4)
-        if type_name == "Q8_0":
-            d = _f16(b[..., 0:2])
-            q = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-            return from_affine(q, d, -128 * d, 8)
-        if type_name == "Q5_0":
-            d = _f16(b[..., 0:2])
-            high = np.unpackbits(b[..., 2:6], axis=-1, bitorder="little")  # bit j: value j's fifth bit
-            q = _nibbles(b[..., 6:], 16) | (high << 4)
-            return from_affine(q, d, -16 * d, 8)
+            return from_affine(q, _f16(b[..., 0:2]), _f16(b[..., 2:4]), 4)
         if type_name == "Q4_K":
-            from gguf.quants import Q4_K
-
-            d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-            sc, mn = Q4_K.get_scale_min(np.ascontiguousarray(b[..., 4:16]).reshape(-1, 12))
-            sc, mn = sc.reshape(n, nb, 8).astype(np.float32), mn.reshape(n, nb, 8).astype(np.float32)
-            # 4 chunks of 32 bytes: 32 values in the low nibbles, the next 32 in the high
-            qs = b[..., 16:].reshape(n, nb, 4, 32)
-            q = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, nb * 8, 32)
-            scale = (d[..., None] * sc).reshape(n, nb * 8)
-            bias = -(dmin[..., None] * mn).reshape(n, nb * 8)
+            d, dmin, sc, mn = k_scales(b)
+            scale = np.repeat(d, 8, axis=1) * sc.astype(np.float32)
+            bias = -(np.repeat(dmin, 8, axis=1) * mn.astype(np.float32))
             return from_affine(q, scale, bias, 4)
         if type_name == "Q6_K":
-            ql, qh = b[..., 0:128], b[..., 128:192]
             sc = b[..., 192:208].view(np.int8).astype(np.float32)
-            d = _f16(b[..., 208:210])
-            low = ql.reshape(n, nb, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
-            low = (low & 0x0F).reshape(n, nb, 2, 4, 32)  # [half, quarter, 32]
-            high = qh.reshape(n, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)
-            high = (high & 0x03).reshape(n, nb, 2, 4, 32)
-            q = (low | (high << 4)).reshape(n, nb * 16, 16)
-            scale = (d[..., None] * sc).reshape(n, nb * 16)
+            scale = (_f16(b[..., 208:210])[..., None] * sc).reshape(q.shape[:2])
             return from_affine(q, scale, -32 * scale, 8)
     except Malformed as e:
         raise Malformed(f"tensor {name} ({type_name}): {e}") from None
