@@ -87,7 +87,7 @@ def _rows_kernel(spec: Layout) -> Callable[..., Any]:
 @functools.lru_cache(maxsize=None)
 def _dequantize_kernel(spec: Layout) -> Callable[..., Any]:
     """Rows [start, start + out rows) of W as float32 into `out`, on the calling thread (the GIL
-    released: `dequantize_rows` runs one a thread)."""
+    released: `Product.dequantize_rows` runs one a thread)."""
     nb = _numba()
     dequantize_row = intrinsics(spec)[1]
     chunk = spec.chunk
@@ -157,7 +157,7 @@ class Product:
         x = np.ascontiguousarray(x, np.float32)
         m, k = x.shape
         if m > FEW_ROWS:
-            return _many_rows(self.w, x)
+            return self._many_rows(x)
         if self._rows is None:
             self._rows = _rows_kernel(self.layout)
         chunks = k // self.layout.chunk
@@ -168,6 +168,35 @@ class Product:
         with _lock:
             _quantize_kernel()(x, self.layout.chunk, xq, xd, xsum)
             self._rows(*self.fields, xq, xd, xsum, out)
+        return out
+
+    def dequantize_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of W as float32, split between `THREADS` Python threads. Not numba's
+        pool: libgomp's threads spin ~300k rounds after their work, and OpenBLAS's sgemm that
+        follows then ran on one core (a 256-row product 16 -> 24 ms here); with fewer rounds
+        (GOMP_SPINCOUNT) a decode step's products found the pool asleep instead (0.5B decode 37 -> 29
+        tok/s)."""
+        out = np.empty((stop - start, self.w.shape[1]), np.float32)
+        kernel = _dequantize_kernel(self.layout)
+        parts = np.linspace(0, stop - start, THREADS + 1).astype(int)
+        jobs = [(int(a), int(b)) for a, b in zip(parts[:-1], parts[1:]) if b > a]
+        if len(jobs) == 1:
+            kernel(*self.fields, start, out)
+            return out
+        list(_pool().map(lambda job: kernel(*self.fields, start + job[0], out[job[0]:job[1]]), jobs))
+        return out
+
+    def _many_rows(self, x: np.ndarray) -> np.ndarray:
+        """x Wᵀ, W dequantized `_TILE_ROWS` rows at a time, each tile's product by the sgemm MLX's
+        own float32 passes use (its OpenBLAS through cblas: numpy's bundled one ran ~2x slower here)."""
+        from engine.cpu import blas
+
+        n = self.w.shape[0]
+        out = np.empty((x.shape[0], n), np.float32)
+        gemm = blas.products().gemm
+        for at in range(0, n, _TILE_ROWS):
+            stop = min(n, at + _TILE_ROWS)
+            gemm(x, self.dequantize_rows(at, stop), out[:, at:stop], transpose_b=True)
         return out
 
 
@@ -190,38 +219,8 @@ def compile_for(matrices: list[FileBlocks]) -> int:
     return len(done)
 
 
-def dequantize_rows(w: FileBlocks, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of W as float32, split between `THREADS` Python threads. Not numba's
-    pool: libgomp's threads spin ~300k rounds after their work, and OpenBLAS's sgemm that follows
-    then ran on one core (a 256-row product 16 -> 24 ms here); with fewer rounds (GOMP_SPINCOUNT)
-    a decode step's products found the pool asleep instead (0.5B decode 37 -> 29 tok/s)."""
-    out = np.empty((stop - start, w.shape[1]), np.float32)
-    kernel, fields = _dequantize_kernel(layout(w)), _fields(w)
-    parts = np.linspace(0, stop - start, THREADS + 1).astype(int)
-    jobs = [(int(a), int(b)) for a, b in zip(parts[:-1], parts[1:]) if b > a]
-    if len(jobs) == 1:
-        kernel(*fields, start, out)
-        return out
-    list(_pool().map(lambda job: kernel(*fields, start + job[0], out[job[0]:job[1]]), jobs))
-    return out
-
-
 @functools.lru_cache(maxsize=1)
 def _pool() -> Any:
     from concurrent.futures import ThreadPoolExecutor
 
     return ThreadPoolExecutor(THREADS, thread_name_prefix="openmlx-dequantize")
-
-
-def _many_rows(w: FileBlocks, x: np.ndarray) -> np.ndarray:
-    """x Wᵀ, W dequantized `_TILE_ROWS` rows at a time, each tile's product by the sgemm MLX's
-    own float32 passes use (its OpenBLAS through cblas: numpy's bundled one ran ~2x slower here)."""
-    from engine.cpu import blas
-
-    n = w.shape[0]
-    out = np.empty((x.shape[0], n), np.float32)
-    gemm = blas.products().gemm
-    for at in range(0, n, _TILE_ROWS):
-        stop = min(n, at + _TILE_ROWS)
-        gemm(x, dequantize_rows(w, at, stop), out[:, at:stop], transpose_b=True)
-    return out
